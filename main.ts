@@ -1,0 +1,51 @@
+import { generateCommand } from "./src/cli/generate.ts";
+import { logitsCommand } from "./src/cli/logits.ts";
+import { serveCommand } from "./src/cli/serve.ts";
+import { InputError } from "./src/errors.ts";
+
+const USAGE = `fusedge: FFN Fusion inference for Llama-family models on WebGPU / WASM
+
+usage: fusedge <command> [flags]
+
+commands:
+  serve     --model DIR [--port 8000] [--host 127.0.0.1] [--plan FILE] [--device auto|webgpu|wasm]
+  generate  --model DIR --prompt TEXT [--max-tokens N] [--temperature T] [--top-k K] [--top-p P]
+            [--repetition-penalty R] [--seed S] [--stop STR]... [--plan FILE] [--device ...]
+  logits    --model DIR --prompt TEXT [--plan FILE] [--device ...]
+
+--model defaults to the embedded tiny-nas checkpoint.`;
+
+const COMMANDS: Record<string, (argv: string[]) => Promise<void>> = {
+  serve: serveCommand,
+  generate: generateCommand,
+  logits: logitsCommand,
+};
+
+async function main(args: string[]): Promise<number> {
+  const [name, ...rest] = args;
+  if (!name || name === "--help" || name === "-h" || name === "help") {
+    console.log(USAGE);
+    return name ? 0 : 2;
+  }
+  const command = COMMANDS[name];
+  if (!command) {
+    console.error(`error: unknown command "${name}"\n\n${USAGE}`);
+    return 2;
+  }
+  try {
+    await command(rest);
+    return 0;
+  } catch (e) {
+    if (e instanceof InputError) {
+      console.error(`error: ${e.message}`);
+      return 2;
+    }
+    console.error(e);
+    return 1;
+  }
+}
+
+if (import.meta.main) {
+  if (!Deno.env.get("XDG_RUNTIME_DIR")) Deno.env.set("XDG_RUNTIME_DIR", Deno.makeTempDirSync());
+  Deno.exit(await main(Deno.args));
+}

@@ -1,0 +1,4 @@
+import { fileURLToPath } from "node:url";
+
+/** The embedded default model; `deno compile` includes models/ so this resolves inside the binary too. */
+export const DEFAULT_MODEL_DIR = fileURLToPath(new URL("../../models/tiny-nas", import.meta.url));

@@ -1,0 +1,63 @@
+import type { AttentionWeights, Checkpoint, LinearWeights, SwigluWeights } from "./checkpoint.ts";
+import type { Tensor } from "./tensor.ts";
+
+/**
+ * A model as the sequence of residual updates `x += f(x)` it executes. Unfused, every layer gives
+ * an attention block and an FFN block; fusion merges runs of FFN blocks into one wide FFN block.
+ * `parallel_ffn` is the unfused parallel form `x + sum_j FFN_j(norm_j(x))`, member by member.
+ * The graph builder and the CPU reference both execute this list, so they cannot disagree on order.
+ */
+export type Block =
+  | { kind: "attention"; layer: number; kvHeads: number; weights: AttentionWeights }
+  | { kind: "linear"; layer: number; part: "attention" | "ffn"; weights: LinearWeights }
+  | FfnBlock
+  | { kind: "parallel_ffn"; members: FfnBlock[] };
+
+export interface FfnBlock {
+  kind: "ffn";
+  /** The checkpoint layers whose FFNs this block computes (one when unfused). */
+  layers: number[];
+  /** RMSNorm gain; null when the gains were folded into `gate`/`up` (a fused block). */
+  norm: Float32Array | null;
+  /** [intermediate, hidden] */
+  gate: Tensor;
+  /** [intermediate, hidden] */
+  up: Tensor;
+  /** [hidden, intermediate] */
+  down: Tensor;
+}
+
+export function isSwiglu(w: SwigluWeights | LinearWeights): w is SwigluWeights {
+  return "gate" in w;
+}
+
+export function isAttention(w: AttentionWeights | LinearWeights): w is AttentionWeights {
+  return "q" in w;
+}
+
+/** The checkpoint's own execution order, layer by layer, attention before FFN. */
+export function unfusedBlocks(ckpt: Checkpoint): Block[] {
+  const blocks: Block[] = [];
+  ckpt.layers.forEach((layer, i) => {
+    const spec = ckpt.config.layers[i];
+    if (layer.attention) {
+      if (isAttention(layer.attention) && spec.attention.kind === "full") {
+        blocks.push({ kind: "attention", layer: i, kvHeads: spec.attention.kvHeads, weights: layer.attention });
+      } else if (!isAttention(layer.attention)) {
+        blocks.push({ kind: "linear", layer: i, part: "attention", weights: layer.attention });
+      }
+    }
+    if (layer.ffn) {
+      if (isSwiglu(layer.ffn)) {
+        const { norm, gate, up, down } = layer.ffn;
+        blocks.push({ kind: "ffn", layers: [i], norm, gate, up, down });
+      } else blocks.push({ kind: "linear", layer: i, part: "ffn", weights: layer.ffn });
+    }
+  });
+  return blocks;
+}
+
+/** Layers whose attention has a KV cache, in order: these name the graph's past/present tensors. */
+export function cachedLayers(blocks: Block[]): { layer: number; kvHeads: number }[] {
+  return blocks.flatMap((b) => (b.kind === "attention" ? [{ layer: b.layer, kvHeads: b.kvHeads }] : []));
+}

@@ -1,0 +1,175 @@
+import { join } from "node:path";
+import { z } from "zod";
+import { formatZodError, InputError } from "../errors.ts";
+import { type ModelConfig, parseConfig } from "./config.ts";
+import { SafetensorsFile } from "./safetensors.ts";
+import type { Tensor } from "./tensor.ts";
+
+/** Linear weights stay in the checkpoint's [out, in] layout; consumers transpose where they need to. */
+export interface AttentionWeights {
+  norm: Float32Array;
+  q: Tensor;
+  k: Tensor;
+  v: Tensor;
+  o: Tensor;
+}
+
+export interface SwigluWeights {
+  norm: Float32Array;
+  gate: Tensor;
+  up: Tensor;
+  down: Tensor;
+}
+
+/** DeciLM's `replace_with_linear`: a single hidden x hidden projection after the norm. */
+export interface LinearWeights {
+  norm: Float32Array;
+  weight: Tensor;
+}
+
+export interface LayerWeights {
+  attention: AttentionWeights | LinearWeights | null;
+  ffn: SwigluWeights | LinearWeights | null;
+}
+
+export interface Checkpoint {
+  dir: string;
+  config: ModelConfig;
+  embed: Tensor;
+  finalNorm: Float32Array;
+  /** [vocab, hidden]; the embedding itself when the checkpoint ties them. */
+  lmHead: Tensor;
+  layers: LayerWeights[];
+}
+
+const indexSchema = z.object({ weight_map: z.record(z.string(), z.string()) }).loose();
+
+async function readJson(path: string): Promise<unknown> {
+  let text: string;
+  try {
+    text = await Deno.readTextFile(path);
+  } catch (e) {
+    throw new InputError(`cannot read ${path}: ${(e as Error).message}`);
+  }
+  try {
+    return JSON.parse(text);
+  } catch (e) {
+    throw new InputError(`${path} is not valid JSON: ${(e as Error).message}`);
+  }
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await Deno.stat(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Opens every shard once and returns a name -> file lookup over all of them. */
+async function openShards(dir: string): Promise<Map<string, SafetensorsFile>> {
+  const byTensor = new Map<string, SafetensorsFile>();
+  const indexPath = join(dir, "model.safetensors.index.json");
+  if (await exists(indexPath)) {
+    const parsed = indexSchema.safeParse(await readJson(indexPath));
+    if (!parsed.success) throw new InputError(`${indexPath}: ${formatZodError(parsed.error)}`);
+    const shards = new Map<string, SafetensorsFile>();
+    for (const [name, shard] of Object.entries(parsed.data.weight_map)) {
+      if (shard.includes("/") || shard.includes("\\")) throw new InputError(`${indexPath}: shard "${shard}" must be a file name`);
+      if (!shards.has(shard)) shards.set(shard, await SafetensorsFile.open(join(dir, shard)));
+      const file = shards.get(shard)!;
+      if (!file.entries.has(name)) throw new InputError(`${indexPath}: tensor "${name}" is mapped to ${shard}, which does not contain it`);
+      byTensor.set(name, file);
+    }
+    return byTensor;
+  }
+  const single = join(dir, "model.safetensors");
+  if (!(await exists(single))) {
+    throw new InputError(`${dir}: no model.safetensors or model.safetensors.index.json`);
+  }
+  const file = await SafetensorsFile.open(single);
+  for (const name of file.entries.keys()) byTensor.set(name, file);
+  return byTensor;
+}
+
+class TensorSource {
+  constructor(private readonly files: Map<string, SafetensorsFile>) {}
+
+  has(name: string): boolean {
+    return this.files.has(name);
+  }
+
+  get(name: string, shape: number[]): Tensor {
+    const file = this.files.get(name);
+    if (!file) throw new InputError(`checkpoint is missing tensor "${name}"`);
+    const entry = file.entries.get(name)!;
+    if (entry.shape.length !== shape.length || entry.shape.some((d, i) => d !== shape[i])) {
+      throw new InputError(`tensor "${name}" has shape [${entry.shape}] but the config implies [${shape}]`);
+    }
+    return file.read(name);
+  }
+
+  vector(name: string, size: number): Float32Array {
+    return this.get(name, [size]).data;
+  }
+}
+
+function loadLayer(src: TensorSource, cfg: ModelConfig, i: number): LayerWeights {
+  const p = `model.layers.${i}`;
+  const d = cfg.hidden;
+  const spec = cfg.layers[i];
+  let attention: LayerWeights["attention"] = null;
+  if (spec.attention.kind === "full") {
+    const qDim = cfg.numHeads * cfg.headDim;
+    const kvDim = spec.attention.kvHeads * cfg.headDim;
+    attention = {
+      norm: src.vector(`${p}.input_layernorm.weight`, d),
+      q: src.get(`${p}.self_attn.q_proj.weight`, [qDim, d]),
+      k: src.get(`${p}.self_attn.k_proj.weight`, [kvDim, d]),
+      v: src.get(`${p}.self_attn.v_proj.weight`, [kvDim, d]),
+      o: src.get(`${p}.self_attn.o_proj.weight`, [d, qDim]),
+    };
+  } else if (spec.attention.kind === "linear") {
+    attention = {
+      norm: src.vector(`${p}.input_layernorm.weight`, d),
+      weight: src.get(`${p}.self_attn.linear_attn.weight`, [d, d]),
+    };
+  }
+  let ffn: LayerWeights["ffn"] = null;
+  if (spec.ffn.kind === "swiglu") {
+    const n = spec.ffn.intermediate;
+    ffn = {
+      norm: src.vector(`${p}.post_attention_layernorm.weight`, d),
+      gate: src.get(`${p}.mlp.gate_proj.weight`, [n, d]),
+      up: src.get(`${p}.mlp.up_proj.weight`, [n, d]),
+      down: src.get(`${p}.mlp.down_proj.weight`, [d, n]),
+    };
+  } else if (spec.ffn.kind === "linear") {
+    ffn = {
+      norm: src.vector(`${p}.post_attention_layernorm.weight`, d),
+      weight: src.get(`${p}.mlp.linear_mlp.weight`, [d, d]),
+    };
+  }
+  return { attention, ffn };
+}
+
+/** Loads a Hugging Face checkpoint directory: config.json plus one or many safetensors shards. */
+export async function loadCheckpoint(dir: string): Promise<Checkpoint> {
+  if (!(await exists(dir))) throw new InputError(`model directory ${dir} does not exist`);
+  const config = parseConfig(await readJson(join(dir, "config.json")));
+  const src = new TensorSource(await openShards(dir));
+  const embed = src.get("model.embed_tokens.weight", [config.vocabSize, config.hidden]);
+  let lmHead: Tensor;
+  if (src.has("lm_head.weight")) lmHead = src.get("lm_head.weight", [config.vocabSize, config.hidden]);
+  else if (config.tieEmbeddings) lmHead = embed;
+  else throw new InputError(`checkpoint is missing tensor "lm_head.weight" (tie_word_embeddings is false)`);
+  return {
+    dir,
+    config,
+    embed,
+    finalNorm: src.vector("model.norm.weight", config.hidden),
+    lmHead,
+    layers: config.layers.map((_, i) => loadLayer(src, config, i)),
+  };
+}

@@ -1,0 +1,144 @@
+import onnxProto from "onnx-proto";
+
+const { onnx } = onnxProto;
+const DataType = onnx.TensorProto.DataType;
+const AttrType = onnx.AttributeProto.AttributeType;
+
+export type ElemType = "float32" | "float16" | "int64" | "bool";
+
+const ELEM: Record<ElemType, number> = {
+  float32: DataType.FLOAT,
+  float16: DataType.FLOAT16,
+  int64: DataType.INT64,
+  bool: DataType.BOOL,
+};
+
+/** A dimension is a fixed size or a named symbolic one (onnxruntime checks names for consistency). */
+export type Dim = number | string;
+
+export type AttrValue = number | number[] | string | { float: number } | { floats: number[] };
+
+function attribute(name: string, value: AttrValue): onnxProto.onnx.IAttributeProto {
+  if (typeof value === "string") return { name, type: AttrType.STRING, s: new TextEncoder().encode(value) };
+  if (Array.isArray(value)) return { name, type: AttrType.INTS, ints: value };
+  if (typeof value === "number") return { name, type: AttrType.INT, i: value };
+  if ("float" in value) return { name, type: AttrType.FLOAT, f: value.float };
+  return { name, type: AttrType.FLOATS, floats: value.floats };
+}
+
+function valueInfo(name: string, elem: ElemType, dims: Dim[]): onnxProto.onnx.IValueInfoProto {
+  return {
+    name,
+    type: {
+      tensorType: {
+        elemType: ELEM[elem],
+        shape: { dim: dims.map((d) => (typeof d === "number" ? { dimValue: d } : { dimParam: d })) },
+      },
+    },
+  };
+}
+
+/**
+ * A small imperative front end over onnx-proto: every node call returns the name(s) of its outputs,
+ * so graph code reads like the math it implements.
+ */
+export class GraphBuilder {
+  private readonly nodes: onnxProto.onnx.INodeProto[] = [];
+  private readonly initializers: onnxProto.onnx.ITensorProto[] = [];
+  private readonly inputs: onnxProto.onnx.IValueInfoProto[] = [];
+  private readonly outputs: onnxProto.onnx.IValueInfoProto[] = [];
+  private counter = 0;
+  private readonly constCache = new Map<string, string>();
+
+  private fresh(prefix: string): string {
+    return `${prefix}_${this.counter++}`;
+  }
+
+  input(name: string, elem: ElemType, dims: Dim[]): string {
+    this.inputs.push(valueInfo(name, elem, dims));
+    return name;
+  }
+
+  output(name: string, elem: ElemType, dims: Dim[]): void {
+    this.outputs.push(valueInfo(name, elem, dims));
+  }
+
+  /** Float weights; stored as float16 when `elem` says so (halving the model's bytes). */
+  weight(name: string, dims: number[], data: Float32Array | Uint16Array, elem: "float32" | "float16" = "float32"): string {
+    const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+    this.initializers.push({ name, dims, dataType: ELEM[elem], rawData: bytes });
+    return name;
+  }
+
+  /** An int64 constant, shared between all uses of the same values. */
+  ints(values: number[], scalar = false): string {
+    const key = `i64:${scalar}:${values.join(",")}`;
+    const hit = this.constCache.get(key);
+    if (hit) return hit;
+    const name = this.fresh("const_i64");
+    const data = new BigInt64Array(values.map((v) => BigInt(v)));
+    this.initializers.push({
+      name,
+      dims: scalar ? [] : [values.length],
+      dataType: DataType.INT64,
+      rawData: new Uint8Array(data.buffer),
+    });
+    this.constCache.set(key, name);
+    return name;
+  }
+
+  /** A float scalar constant (rank 0) for broadcasting. */
+  scalar(value: number): string {
+    const key = `f32:${value}`;
+    const hit = this.constCache.get(key);
+    if (hit) return hit;
+    const name = this.fresh("const_f32");
+    this.initializers.push({ name, dims: [], dataType: DataType.FLOAT, rawData: new Uint8Array(new Float32Array([value]).buffer) });
+    this.constCache.set(key, name);
+    return name;
+  }
+
+  node(op: string, inputs: string[], attrs: Record<string, AttrValue> = {}, outputs?: string[] | number, domain = ""): string[] {
+    const outs = Array.isArray(outputs)
+      ? outputs
+      : Array.from({ length: outputs ?? 1 }, () => this.fresh(op.toLowerCase()));
+    this.nodes.push({
+      opType: op,
+      domain,
+      name: this.fresh(`n_${op}`),
+      input: inputs,
+      output: outs,
+      attribute: Object.entries(attrs).map(([k, v]) => attribute(k, v)),
+    });
+    return outs;
+  }
+
+  /** Single-output shorthand; `name` pins the output name (graph outputs). */
+  op(op: string, inputs: string[], attrs: Record<string, AttrValue> = {}, name?: string): string {
+    return this.node(op, inputs, attrs, name ? [name] : 1)[0];
+  }
+
+  encode(graphName: string, opset = 17): Uint8Array {
+    const model = onnx.ModelProto.create({
+      irVersion: 8,
+      producerName: "fusedge",
+      opsetImport: [{ domain: "", version: opset }],
+      graph: {
+        name: graphName,
+        node: this.nodes,
+        initializer: this.initializers,
+        input: this.inputs,
+        output: this.outputs,
+      },
+    });
+    return onnx.ModelProto.encode(model).finish();
+  }
+
+  get nodeCount(): number {
+    return this.nodes.length;
+  }
+
+  countOps(op: string): number {
+    return this.nodes.filter((n) => n.opType === op).length;
+  }
+}

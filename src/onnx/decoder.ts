@@ -1,0 +1,175 @@
+import type { ModelConfig } from "../model/config.ts";
+import { type Block, cachedLayers, type FfnBlock } from "../model/blocks.ts";
+import type { Checkpoint, LinearWeights } from "../model/checkpoint.ts";
+import { ropeInvFreq } from "../model/rope.ts";
+import { type Tensor, transpose2d } from "../model/tensor.ts";
+import { GraphBuilder } from "./builder.ts";
+
+/** Optimum's names, so that tooling written for exported decoders recognises ours. */
+export const pastKey = (layer: number) => `past_key_values.${layer}.key`;
+export const pastValue = (layer: number) => `past_key_values.${layer}.value`;
+export const presentKey = (layer: number) => `present.${layer}.key`;
+export const presentValue = (layer: number) => `present.${layer}.value`;
+
+export interface DecoderGraph {
+  bytes: Uint8Array;
+  /** Layers with a KV cache, and their KV head counts, in graph order. */
+  cache: { layer: number; kvHeads: number }[];
+  headDim: number;
+  matmulCount: number;
+  nodeCount: number;
+}
+
+/** Values every block needs: the causal+padding bias and the rotary tables. */
+interface Shared {
+  bias: string;
+  cos: string;
+  sin: string;
+}
+
+class DecoderEmitter {
+  readonly g = new GraphBuilder();
+
+  constructor(private readonly cfg: ModelConfig) {}
+
+  /** x @ W^T with W in the checkpoint's [out, in] layout. */
+  linear(x: string, w: Tensor, name: string): string {
+    const t = transpose2d(w);
+    return this.g.op("MatMul", [x, this.g.weight(name, [...t.shape], t.data)]);
+  }
+
+  rmsNorm(x: string, gain: Float32Array, name: string): string {
+    return this.g.op("SimplifiedLayerNormalization", [x, this.g.weight(name, [gain.length], gain)], {
+      axis: -1,
+      epsilon: { float: this.cfg.rmsEps },
+      stash_type: 1,
+    });
+  }
+
+  shared(inputIds: string, mask: string, positions: string): Shared {
+    const g = this.g;
+    const seqLen = g.op("Gather", [g.op("Shape", [inputIds]), g.ints([1], true)], { axis: 0 });
+    const totalLen = g.op("Gather", [g.op("Shape", [mask]), g.ints([1], true)], { axis: 0 });
+    const pastLen = g.op("Sub", [totalLen, seqLen]);
+    const keyIdx = g.op("Range", [g.ints([0], true), totalLen, g.ints([1], true)]);
+    const queryIdx = g.op("Unsqueeze", [g.op("Range", [pastLen, totalLen, g.ints([1], true)]), g.ints([1])]);
+    const causal = g.op("LessOrEqual", [keyIdx, queryIdx]);
+    const padding = g.op("Unsqueeze", [g.op("Cast", [mask], { to: 9 }), g.ints([1, 2])]);
+    const allowed = g.op("And", [causal, padding]);
+    const bias = g.op("Unsqueeze", [g.op("Where", [allowed, g.scalar(0), g.scalar(-1e9)]), g.ints([1])]);
+
+    const inv = Float32Array.from(ropeInvFreq(this.cfg.rope, this.cfg.headDim));
+    const pos = g.op("Unsqueeze", [g.op("Cast", [positions], { to: 1 }), g.ints([-1])]);
+    const freqs = g.op("Mul", [pos, g.weight("rope.inv_freq", [inv.length], inv)]);
+    const angles = g.op("Concat", [freqs, freqs], { axis: -1 });
+    const cos = g.op("Unsqueeze", [g.op("Cos", [angles]), g.ints([1])]);
+    const sin = g.op("Unsqueeze", [g.op("Sin", [angles]), g.ints([1])]);
+    return { bias, cos, sin };
+  }
+
+  /** [B, T, heads*hd] -> [B, heads, T, hd] */
+  heads(x: string, n: number): string {
+    const g = this.g;
+    return g.op("Transpose", [g.op("Reshape", [x, g.ints([0, 0, n, this.cfg.headDim])])], { perm: [0, 2, 1, 3] });
+  }
+
+  rotary(x: string, s: Shared): string {
+    const g = this.g;
+    const half = this.cfg.headDim / 2;
+    const [x1, x2] = g.node("Split", [x, g.ints([half, half])], { axis: -1 }, 2);
+    const rotated = g.op("Concat", [g.op("Neg", [x2]), x1], { axis: -1 });
+    return g.op("Add", [g.op("Mul", [x, s.cos]), g.op("Mul", [rotated, s.sin])]);
+  }
+
+  attention(x: string, b: Extract<Block, { kind: "attention" }>, s: Shared): string {
+    const g = this.g;
+    const { numHeads: H, headDim: hd } = this.cfg;
+    const kvH = b.kvHeads;
+    const rep = H / kvH;
+    const p = `layers.${b.layer}.attn`;
+    const h = this.rmsNorm(x, b.weights.norm, `${p}.norm`);
+    const q = this.rotary(this.heads(this.linear(h, b.weights.q, `${p}.q`), H), s);
+    const k = this.rotary(this.heads(this.linear(h, b.weights.k, `${p}.k`), kvH), s);
+    const v = this.heads(this.linear(h, b.weights.v, `${p}.v`), kvH);
+    const presentK = g.op("Concat", [pastKey(b.layer), k], { axis: 2 }, presentKey(b.layer));
+    const presentV = g.op("Concat", [pastValue(b.layer), v], { axis: 2 }, presentValue(b.layer));
+    // Grouped-query attention without copying K/V: query heads are viewed as [kvH, rep] and
+    // K/V broadcast over the rep axis inside MatMul.
+    const q5 = g.op("Reshape", [g.op("Mul", [q, g.scalar(1 / Math.sqrt(hd))]), g.ints([0, kvH, rep, -1, hd])]);
+    const k5 = g.op("Unsqueeze", [g.op("Transpose", [presentK], { perm: [0, 1, 3, 2] }), g.ints([2])]);
+    const v5 = g.op("Unsqueeze", [presentV, g.ints([2])]);
+    const scores = g.op("Add", [g.op("MatMul", [q5, k5]), s.bias]);
+    const ctx5 = g.op("MatMul", [g.op("Softmax", [scores], { axis: -1 }), v5]);
+    const ctx = g.op("Reshape", [
+      g.op("Transpose", [g.op("Reshape", [ctx5, g.ints([0, H, -1, hd])])], { perm: [0, 2, 1, 3] }),
+      g.ints([0, 0, H * hd]),
+    ]);
+    return g.op("Add", [x, this.linear(ctx, b.weights.o, `${p}.o`)]);
+  }
+
+  /** FFN_b(norm(x)), without the residual. */
+  ffnDelta(x: string, b: FfnBlock): string {
+    const g = this.g;
+    const p = `ffn.${b.layers.join("_")}`;
+    const gain = b.norm ?? new Float32Array(this.cfg.hidden).fill(1);
+    const h = this.rmsNorm(x, gain, `${p}.norm`);
+    const gate = this.linear(h, b.gate, `${p}.gate`);
+    const up = this.linear(h, b.up, `${p}.up`);
+    const act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up]);
+    return this.linear(act, b.down, `${p}.down`);
+  }
+
+  ffn(x: string, b: FfnBlock): string {
+    return this.g.op("Add", [x, this.ffnDelta(x, b)]);
+  }
+
+  parallelFfn(x: string, members: FfnBlock[]): string {
+    const deltas = members.map((m) => this.ffnDelta(x, m));
+    return this.g.op("Add", [x, deltas.length === 1 ? deltas[0] : this.g.op("Sum", deltas)]);
+  }
+
+  linearBlock(x: string, w: LinearWeights, name: string): string {
+    return this.g.op("Add", [x, this.linear(this.rmsNorm(x, w.norm, `${name}.norm`), w.weight, name)]);
+  }
+}
+
+/**
+ * Builds the KV-cached decoder: inputs `input_ids`, `attention_mask`, `position_ids` and
+ * `past_key_values.{i}.key/value` for each layer with attention; outputs `logits` and `present.{i}.*`.
+ */
+export function buildDecoderGraph(ckpt: Checkpoint, blocks: Block[]): DecoderGraph {
+  const cfg = ckpt.config;
+  const e = new DecoderEmitter(cfg);
+  const g = e.g;
+  const inputIds = g.input("input_ids", "int64", ["batch_size", "sequence_length"]);
+  const mask = g.input("attention_mask", "int64", ["batch_size", "total_sequence_length"]);
+  const positions = g.input("position_ids", "int64", ["batch_size", "sequence_length"]);
+  const cache = cachedLayers(blocks);
+  for (const { layer, kvHeads } of cache) {
+    g.input(pastKey(layer), "float32", ["batch_size", kvHeads, "past_sequence_length", cfg.headDim]);
+    g.input(pastValue(layer), "float32", ["batch_size", kvHeads, "past_sequence_length", cfg.headDim]);
+  }
+  const shared = e.shared(inputIds, mask, positions);
+  let x = g.op("Gather", [g.weight("embed_tokens", [...ckpt.embed.shape], ckpt.embed.data), inputIds], { axis: 0 });
+  for (const b of blocks) {
+    if (b.kind === "attention") x = e.attention(x, b, shared);
+    else if (b.kind === "ffn") x = e.ffn(x, b);
+    else if (b.kind === "parallel_ffn") x = e.parallelFfn(x, b.members);
+    else x = e.linearBlock(x, b.weights, `layers.${b.layer}.${b.part}_linear`);
+  }
+  const h = e.rmsNorm(x, ckpt.finalNorm, "final_norm");
+  const lm = transpose2d(ckpt.lmHead);
+  g.op("MatMul", [h, g.weight("lm_head", [...lm.shape], lm.data)], {}, "logits");
+  g.output("logits", "float32", ["batch_size", "sequence_length", cfg.vocabSize]);
+  for (const { layer, kvHeads } of cache) {
+    g.output(presentKey(layer), "float32", ["batch_size", kvHeads, "total_sequence_length", cfg.headDim]);
+    g.output(presentValue(layer), "float32", ["batch_size", kvHeads, "total_sequence_length", cfg.headDim]);
+  }
+  return {
+    bytes: g.encode("fusedge_decoder"),
+    cache,
+    headDim: cfg.headDim,
+    matmulCount: g.countOps("MatMul"),
+    nodeCount: g.nodeCount,
+  };
+}

@@ -1,0 +1,51 @@
+import { applyPlan } from "../fusion/apply.ts";
+import { type FusionPlan, planId } from "../fusion/plan.ts";
+import { type Block, unfusedBlocks } from "../model/blocks.ts";
+import { type Checkpoint, loadCheckpoint } from "../model/checkpoint.ts";
+import { TextTokenizer } from "../model/tokenizer.ts";
+import { buildDecoderGraph } from "../onnx/decoder.ts";
+import type { Device } from "./ort.ts";
+import { ModelSession } from "./session.ts";
+
+/** What loading a checkpoint directory gives: everything plan-independent, loaded once. */
+export interface ModelAssets {
+  checkpoint: Checkpoint;
+  tokenizer: TextTokenizer;
+  /** The unfused block list the plans are applied to. */
+  blocks: Block[];
+  name: string;
+}
+
+/** A runnable model under one plan: fused weights, graph and onnxruntime session. */
+export interface ModelInstance {
+  plan: FusionPlan;
+  planId: string;
+  session: ModelSession;
+  device: Device;
+  /** FFN MatMul triples in the graph: one per unfused FFN, one per fused group. */
+  ffnBlocks: number;
+  buildMs: number;
+}
+
+export async function loadAssets(dir: string): Promise<ModelAssets> {
+  const checkpoint = await loadCheckpoint(dir);
+  const tokenizer = await TextTokenizer.load(dir);
+  const name = dir.replace(/\/+$/, "").split("/").pop() || dir;
+  return { checkpoint, tokenizer, blocks: unfusedBlocks(checkpoint), name };
+}
+
+/** Fuses the weights, builds the graph and creates the session: the whole load-time pipeline. */
+export async function buildInstance(assets: ModelAssets, plan: FusionPlan, device: Device): Promise<ModelInstance> {
+  const t0 = performance.now();
+  const blocks = applyPlan(assets.blocks, plan);
+  const graph = buildDecoderGraph(assets.checkpoint, blocks);
+  const session = await ModelSession.create(graph, device, assets.checkpoint.config.vocabSize);
+  return {
+    plan,
+    planId: planId(plan),
+    session,
+    device,
+    ffnBlocks: blocks.filter((b) => b.kind === "ffn").length,
+    buildMs: performance.now() - t0,
+  };
+}

@@ -1,0 +1,41 @@
+import { z } from "zod";
+import type { GenerateParams } from "./generate.ts";
+
+/** Upper bounds a request may not exceed, whatever the model's context allows. */
+export const LIMITS = {
+  maxTokens: 4096,
+  maxStopSequences: 4,
+  maxStopLength: 64,
+};
+
+/**
+ * Generation parameters under their OpenAI names: the HTTP body uses them as they are, and the CLI
+ * maps its --flags onto them, so both reject the same values with the same messages.
+ */
+export const generationFields = {
+  max_tokens: z.number().int().min(1).max(LIMITS.maxTokens).default(16),
+  temperature: z.number().min(0).max(5).default(1),
+  top_p: z.number().gt(0).max(1).default(1),
+  top_k: z.number().int().min(0).default(0),
+  repetition_penalty: z.number().gt(0).max(10).default(1),
+  seed: z.number().int().min(0).max(2 ** 32 - 1).optional(),
+  stop: z.union([
+    z.string().min(1).max(LIMITS.maxStopLength),
+    z.array(z.string().min(1).max(LIMITS.maxStopLength)).max(LIMITS.maxStopSequences),
+  ]).optional(),
+};
+
+export const generationSchema = z.object(generationFields);
+export type GenerationRequest = z.infer<typeof generationSchema>;
+
+export function toGenerateParams(r: GenerationRequest): GenerateParams {
+  return {
+    maxTokens: r.max_tokens,
+    temperature: r.temperature,
+    topP: r.top_p,
+    topK: r.top_k,
+    repetitionPenalty: r.repetition_penalty,
+    seed: r.seed,
+    stop: r.stop === undefined ? [] : typeof r.stop === "string" ? [r.stop] : r.stop,
+  };
+}

@@ -1,0 +1,84 @@
+/** How the next token is chosen from a row of logits. temperature 0 means greedy (argmax). */
+export interface SamplingParams {
+  temperature: number;
+  /** 0 disables top-k. */
+  topK: number;
+  /** 1 disables nucleus filtering. */
+  topP: number;
+  /** 1 disables the penalty; > 1 discourages tokens already in the context (CTRL-style). */
+  repetitionPenalty: number;
+  seed?: number;
+}
+
+export const DEFAULT_SAMPLING: SamplingParams = { temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1 };
+
+/** mulberry32: small, fast, and reproducible across runs for a given seed. */
+export function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+export function argmax(row: ArrayLike<number>): number {
+  let best = 0;
+  for (let i = 1; i < row.length; i++) if (row[i] > row[best]) best = i;
+  return best;
+}
+
+export class Sampler {
+  private readonly random: () => number;
+
+  constructor(readonly params: SamplingParams) {
+    this.random = rng(params.seed ?? Math.floor(Math.random() * 2 ** 32));
+  }
+
+  /** Picks the next id; `history` is every id in the context (prompt and generated) for the penalty. */
+  next(logits: Float32Array, history: Iterable<number>): number {
+    const p = this.params;
+    let row = logits;
+    if (p.repetitionPenalty !== 1) {
+      row = Float32Array.from(logits);
+      for (const id of new Set(history)) {
+        row[id] = row[id] > 0 ? row[id] / p.repetitionPenalty : row[id] * p.repetitionPenalty;
+      }
+    }
+    if (p.temperature === 0) return argmax(row);
+    return this.sample(row);
+  }
+
+  /** The filtered, renormalised distribution `next` samples from: exposed so tests can check it. */
+  distribution(row: Float32Array): { ids: number[]; probs: number[] } {
+    const p = this.params;
+    let ids = Array.from({ length: row.length }, (_, i) => i).sort((a, b) => row[b] - row[a]);
+    if (p.topK > 0 && p.topK < ids.length) ids = ids.slice(0, p.topK);
+    const max = row[ids[0]];
+    let probs = ids.map((id) => Math.exp((row[id] - max) / p.temperature));
+    let sum = probs.reduce((a, b) => a + b, 0);
+    probs = probs.map((x) => x / sum);
+    if (p.topP < 1) {
+      let cum = 0;
+      let keep = 0;
+      while (keep < probs.length && cum < p.topP) cum += probs[keep++];
+      ids = ids.slice(0, Math.max(1, keep));
+      probs = probs.slice(0, ids.length);
+      sum = probs.reduce((a, b) => a + b, 0);
+      probs = probs.map((x) => x / sum);
+    }
+    return { ids, probs };
+  }
+
+  private sample(row: Float32Array): number {
+    const { ids, probs } = this.distribution(row);
+    let u = this.random();
+    for (let i = 0; i < ids.length; i++) {
+      u -= probs[i];
+      if (u < 0) return ids[i];
+    }
+    return ids[ids.length - 1];
+  }
+}
