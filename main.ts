@@ -46,6 +46,5 @@ async function main(args: string[]): Promise<number> {
 }
 
 if (import.meta.main) {
-  if (!Deno.env.get("XDG_RUNTIME_DIR")) Deno.env.set("XDG_RUNTIME_DIR", Deno.makeTempDirSync());
   Deno.exit(await main(Deno.args));
 }

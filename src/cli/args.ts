@@ -26,7 +26,12 @@ export type RawFlags = Record<string, string | string[] | boolean | undefined>;
 
 export function parseFlags(argv: string[]): RawFlags {
   try {
-    const { values, positionals } = parseArgs({ args: argv, options: FLAG_SPEC, strict: true, allowPositionals: true });
+    const { values, positionals } = parseArgs({
+      args: argv,
+      options: FLAG_SPEC,
+      strict: true,
+      allowPositionals: true,
+    });
     if (positionals.length) throw new InputError(`unexpected argument "${positionals[0]}"`);
     return values as RawFlags;
   } catch (e) {
@@ -55,4 +60,3 @@ export function validateFlags<S extends z.ZodType>(schema: S, flags: RawFlags): 
   }
   return parsed.data;
 }
-

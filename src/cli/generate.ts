@@ -33,7 +33,9 @@ function generationParams(flags: z.infer<typeof flagSchema>) {
     stop: flags.stop,
   });
   if (!parsed.success) {
-    throw new InputError(parsed.error.issues.map((i) => `--${String(i.path[0]).replaceAll("_", "-")}: ${i.message}`).join("; "));
+    throw new InputError(
+      parsed.error.issues.map((i) => `--${String(i.path[0]).replaceAll("_", "-")}: ${i.message}`).join("; "),
+    );
   }
   return toGenerateParams(parsed.data);
 }

@@ -17,7 +17,9 @@ export interface LoadedModel {
   instance: ModelInstance;
 }
 
-export async function loadModel(flags: { model: string; plan?: string; device: "auto" | "webgpu" | "wasm" }): Promise<LoadedModel> {
+export async function loadModel(
+  flags: { model: string; plan?: string; device: "auto" | "webgpu" | "wasm" },
+): Promise<LoadedModel> {
   const device = await resolveDevice(flags.device);
   const assets = await loadAssets(flags.model);
   const plan = flags.plan ? await loadPlanFile(flags.plan, assets.checkpoint.config) : UNFUSED;

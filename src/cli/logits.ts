@@ -17,5 +17,7 @@ export async function logitsCommand(argv: string[]): Promise<void> {
   const last = Array.from(logits.subarray(logits.length - vocab));
   disposeCache(cache);
   await instance.session.release();
-  console.log(JSON.stringify({ input_ids: ids, last_logits: last, plan: instance.planId, device: instance.device }));
+  console.log(
+    JSON.stringify({ input_ids: ids, last_logits: last, plan: instance.planId, device: instance.device }),
+  );
 }

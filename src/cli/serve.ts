@@ -37,7 +37,15 @@ export async function serveCommand(argv: string[]): Promise<void> {
   console.log(JSON.stringify({ event: "listening", host: addr.hostname, port: addr.port }));
   await host.load(flags.model, plan, device);
   const inst = host.instance!;
-  console.log(JSON.stringify({ event: "ready", model: host.assets!.name, device, plan: inst.planId, load_ms: Math.round(host.loadMs) }));
+  console.log(
+    JSON.stringify({
+      event: "ready",
+      model: host.assets!.name,
+      device,
+      plan: inst.planId,
+      load_ms: Math.round(host.loadMs),
+    }),
+  );
   const stop = async () => {
     await server.shutdown();
     await host.close();

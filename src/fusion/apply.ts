@@ -77,4 +77,3 @@ export function applyPlan(blocks: Block[], plan: FusionPlan, form: FusionForm = 
   }
   return out;
 }
-

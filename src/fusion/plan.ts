@@ -34,13 +34,25 @@ export function validatePlan(raw: unknown, config: ModelConfig): FusionPlan {
       throw new InputError(`invalid plan: ${where}: ${rule}`);
     };
     group.forEach((layer, k) => {
-      if (layer >= config.numLayers) bad(`layer ${layer} is out of range (the model has ${config.numLayers} layers, 0..${config.numLayers - 1})`);
-      if (k > 0 && layer !== group[k - 1] + 1) bad(`layers must be consecutive and ascending (${group[k - 1]} is followed by ${layer})`);
+      if (layer >= config.numLayers) {
+        bad(
+          `layer ${layer} is out of range (the model has ${config.numLayers} layers, 0..${
+            config.numLayers - 1
+          })`,
+        );
+      }
+      if (k > 0 && layer !== group[k - 1] + 1) {
+        bad(`layers must be consecutive and ascending (${group[k - 1]} is followed by ${layer})`);
+      }
       const other = owner.get(layer);
-      if (other !== undefined) bad(`layer ${layer} is already in ffn_groups[${other}]; groups must not overlap`);
+      if (other !== undefined) {
+        bad(`layer ${layer} is already in ffn_groups[${other}]; groups must not overlap`);
+      }
       owner.set(layer, gi);
       const spec = config.layers[layer];
-      if (spec.ffn.kind !== "swiglu") bad(`layer ${layer} has no SwiGLU FFN (${spec.ffn.kind}); only SwiGLU FFNs can be fused`);
+      if (spec.ffn.kind !== "swiglu") {
+        bad(`layer ${layer} has no SwiGLU FFN (${spec.ffn.kind}); only SwiGLU FFNs can be fused`);
+      }
       if (k > 0 && spec.attention.kind !== "none") {
         bad(`layer ${layer} has attention; only the first layer of a group may have attention`);
       }

@@ -42,7 +42,12 @@ export function unfusedBlocks(ckpt: Checkpoint): Block[] {
     const spec = ckpt.config.layers[i];
     if (layer.attention) {
       if (isAttention(layer.attention) && spec.attention.kind === "full") {
-        blocks.push({ kind: "attention", layer: i, kvHeads: spec.attention.kvHeads, weights: layer.attention });
+        blocks.push({
+          kind: "attention",
+          layer: i,
+          kvHeads: spec.attention.kvHeads,
+          weights: layer.attention,
+        });
       } else if (!isAttention(layer.attention)) {
         blocks.push({ kind: "linear", layer: i, part: "attention", weights: layer.attention });
       }

@@ -76,10 +76,16 @@ async function openShards(dir: string): Promise<Map<string, SafetensorsFile>> {
     if (!parsed.success) throw new InputError(`${indexPath}: ${formatZodError(parsed.error)}`);
     const shards = new Map<string, SafetensorsFile>();
     for (const [name, shard] of Object.entries(parsed.data.weight_map)) {
-      if (shard.includes("/") || shard.includes("\\")) throw new InputError(`${indexPath}: shard "${shard}" must be a file name`);
+      if (shard.includes("/") || shard.includes("\\")) {
+        throw new InputError(`${indexPath}: shard "${shard}" must be a file name`);
+      }
       if (!shards.has(shard)) shards.set(shard, await SafetensorsFile.open(join(dir, shard)));
       const file = shards.get(shard)!;
-      if (!file.entries.has(name)) throw new InputError(`${indexPath}: tensor "${name}" is mapped to ${shard}, which does not contain it`);
+      if (!file.entries.has(name)) {
+        throw new InputError(
+          `${indexPath}: tensor "${name}" is mapped to ${shard}, which does not contain it`,
+        );
+      }
       byTensor.set(name, file);
     }
     return byTensor;

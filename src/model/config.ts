@@ -76,7 +76,13 @@ export interface RopeSpec {
   scaling:
     | { kind: "none" }
     | { kind: "linear"; factor: number }
-    | { kind: "llama3"; factor: number; lowFreqFactor: number; highFreqFactor: number; originalMaxPositions: number };
+    | {
+      kind: "llama3";
+      factor: number;
+      lowFreqFactor: number;
+      highFreqFactor: number;
+      originalMaxPositions: number;
+    };
 }
 
 /** The normalised architecture every later stage works from, whatever config dialect it came from. */
@@ -111,7 +117,10 @@ function ropeFrom(cfg: HfConfig): RopeSpec {
     case "default":
       return { theta, scaling: { kind: "none" } };
     case "linear":
-      return { theta, scaling: { kind: "linear", factor: params?.factor ?? fail("linear rope scaling needs factor") } };
+      return {
+        theta,
+        scaling: { kind: "linear", factor: params?.factor ?? fail("linear rope scaling needs factor") },
+      };
     case "llama3":
       return {
         theta,
@@ -156,7 +165,9 @@ function deciLayers(cfg: HfConfig): LayerSpec[] {
     else {
       const group = a.n_heads_in_group ?? fail(`block_configs[${i}].attention.n_heads_in_group is required`);
       if (cfg.num_attention_heads % group !== 0) {
-        fail(`block_configs[${i}].attention.n_heads_in_group ${group} does not divide ${cfg.num_attention_heads} heads`);
+        fail(
+          `block_configs[${i}].attention.n_heads_in_group ${group} does not divide ${cfg.num_attention_heads} heads`,
+        );
       }
       attention = { kind: "full", kvHeads: cfg.num_attention_heads / group };
     }
@@ -164,8 +175,9 @@ function deciLayers(cfg: HfConfig): LayerSpec[] {
     if (f.no_op) ffn = { kind: "none" };
     else if (f.replace_with_linear) ffn = { kind: "linear" };
     else if (f.intermediate_size) ffn = { kind: "swiglu", intermediate: f.intermediate_size };
-    else if (f.ffn_mult) ffn = { kind: "swiglu", intermediate: ffnMultToIntermediate(f.ffn_mult, cfg.hidden_size) };
-    else fail(`block_configs[${i}].ffn needs intermediate_size or ffn_mult`);
+    else if (f.ffn_mult) {
+      ffn = { kind: "swiglu", intermediate: ffnMultToIntermediate(f.ffn_mult, cfg.hidden_size) };
+    } else fail(`block_configs[${i}].ffn needs intermediate_size or ffn_mult`);
     return { attention, ffn };
   });
 }

@@ -14,7 +14,8 @@ export function ropeInvFreq(rope: RopeSpec, headDim: number): Float64Array {
       const wavelen = (2 * Math.PI) / f;
       if (wavelen < highWavelen) return f;
       if (wavelen > lowWavelen) return f / s.factor;
-      const smooth = (s.originalMaxPositions / wavelen - s.lowFreqFactor) / (s.highFreqFactor - s.lowFreqFactor);
+      const smooth = (s.originalMaxPositions / wavelen - s.lowFreqFactor) /
+        (s.highFreqFactor - s.lowFreqFactor);
       return (1 - smooth) * (f / s.factor) + smooth * f;
     });
   }

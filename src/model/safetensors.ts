@@ -58,7 +58,9 @@ export class SafetensorsFile {
     } catch (e) {
       bad(`header is not valid JSON: ${(e as Error).message}`);
     }
-    if (typeof header !== "object" || header === null || Array.isArray(header)) bad("header is not a JSON object");
+    if (typeof header !== "object" || header === null || Array.isArray(header)) {
+      bad("header is not a JSON object");
+    }
     const data = bytes.subarray(8 + headerLen);
     const entries = new Map<string, TensorEntry>();
     for (const [name, value] of Object.entries(header as Record<string, unknown>)) {
@@ -69,16 +71,24 @@ export class SafetensorsFile {
       if (!(dtype in DTYPE_SIZE)) bad(`tensor "${name}": dtype ${dtype} is not supported (F32, F16, BF16)`);
       const expected = numel(shape) * DTYPE_SIZE[dtype as Dtype];
       if (end < begin || end - begin !== expected) {
-        bad(`tensor "${name}": data_offsets [${begin}, ${end}] hold ${end - begin} bytes but ${dtype}[${shape}] needs ${expected}`);
+        bad(
+          `tensor "${name}": data_offsets [${begin}, ${end}] hold ${
+            end - begin
+          } bytes but ${dtype}[${shape}] needs ${expected}`,
+        );
       }
       if (end > data.length) {
-        bad(`tensor "${name}": data_offsets end ${end} is past the end of the data (${data.length} bytes; file truncated?)`);
+        bad(
+          `tensor "${name}": data_offsets end ${end} is past the end of the data (${data.length} bytes; file truncated?)`,
+        );
       }
       entries.set(name, { name, dtype: dtype as Dtype, shape, begin, end });
     }
     const sorted = [...entries.values()].sort((a, b) => a.begin - b.begin);
     for (let i = 1; i < sorted.length; i++) {
-      if (sorted[i].begin < sorted[i - 1].end) bad(`tensor "${sorted[i].name}" overlaps "${sorted[i - 1].name}"`);
+      if (sorted[i].begin < sorted[i - 1].end) {
+        bad(`tensor "${sorted[i].name}" overlaps "${sorted[i - 1].name}"`);
+      }
     }
     return new SafetensorsFile(path, entries, data);
   }
@@ -107,8 +117,9 @@ export function encodeSafetensors(tensors: Record<string, Tensor>, dtype: "F32" 
   let offset = 0;
   for (const [name, t] of Object.entries(tensors)) {
     let bytes: Uint8Array;
-    if (dtype === "F32") bytes = new Uint8Array(t.data.buffer.slice(t.data.byteOffset, t.data.byteOffset + t.data.byteLength));
-    else bytes = new Uint8Array(f32ToF16(t.data).buffer);
+    if (dtype === "F32") {
+      bytes = new Uint8Array(t.data.buffer.slice(t.data.byteOffset, t.data.byteOffset + t.data.byteLength));
+    } else bytes = new Uint8Array(f32ToF16(t.data).buffer);
     header[name] = { dtype, shape: t.shape, data_offsets: [offset, offset + bytes.length] };
     parts.push(bytes);
     offset += bytes.length;

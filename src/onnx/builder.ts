@@ -64,7 +64,12 @@ export class GraphBuilder {
   }
 
   /** Float weights; stored as float16 when `elem` says so (halving the model's bytes). */
-  weight(name: string, dims: number[], data: Float32Array | Uint16Array, elem: "float32" | "float16" = "float32"): string {
+  weight(
+    name: string,
+    dims: number[],
+    data: Float32Array | Uint16Array,
+    elem: "float32" | "float16" = "float32",
+  ): string {
     const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
     this.initializers.push({ name, dims, dataType: ELEM[elem], rawData: bytes });
     return name;
@@ -93,12 +98,23 @@ export class GraphBuilder {
     const hit = this.constCache.get(key);
     if (hit) return hit;
     const name = this.fresh("const_f32");
-    this.initializers.push({ name, dims: [], dataType: DataType.FLOAT, rawData: new Uint8Array(new Float32Array([value]).buffer) });
+    this.initializers.push({
+      name,
+      dims: [],
+      dataType: DataType.FLOAT,
+      rawData: new Uint8Array(new Float32Array([value]).buffer),
+    });
     this.constCache.set(key, name);
     return name;
   }
 
-  node(op: string, inputs: string[], attrs: Record<string, AttrValue> = {}, outputs?: string[] | number, domain = ""): string[] {
+  node(
+    op: string,
+    inputs: string[],
+    attrs: Record<string, AttrValue> = {},
+    outputs?: string[] | number,
+    domain = "",
+  ): string[] {
     const outs = Array.isArray(outputs)
       ? outputs
       : Array.from({ length: outputs ?? 1 }, () => this.fresh(op.toLowerCase()));

@@ -70,7 +70,9 @@ class DecoderEmitter {
   /** [B, T, heads*hd] -> [B, heads, T, hd] */
   heads(x: string, n: number): string {
     const g = this.g;
-    return g.op("Transpose", [g.op("Reshape", [x, g.ints([0, 0, n, this.cfg.headDim])])], { perm: [0, 2, 1, 3] });
+    return g.op("Transpose", [g.op("Reshape", [x, g.ints([0, 0, n, this.cfg.headDim])])], {
+      perm: [0, 2, 1, 3],
+    });
   }
 
   rotary(x: string, s: Shared): string {
@@ -95,7 +97,10 @@ class DecoderEmitter {
     const presentV = g.op("Concat", [pastValue(b.layer), v], { axis: 2 }, presentValue(b.layer));
     // Grouped-query attention without copying K/V: query heads are viewed as [kvH, rep] and
     // K/V broadcast over the rep axis inside MatMul.
-    const q5 = g.op("Reshape", [g.op("Mul", [q, g.scalar(1 / Math.sqrt(hd))]), g.ints([0, kvH, rep, -1, hd])]);
+    const q5 = g.op("Reshape", [
+      g.op("Mul", [q, g.scalar(1 / Math.sqrt(hd))]),
+      g.ints([0, kvH, rep, -1, hd]),
+    ]);
     const k5 = g.op("Unsqueeze", [g.op("Transpose", [presentK], { perm: [0, 1, 3, 2] }), g.ints([2])]);
     const v5 = g.op("Unsqueeze", [presentV, g.ints([2])]);
     const scores = g.op("Add", [g.op("MatMul", [q5, k5]), s.bias]);
@@ -150,7 +155,9 @@ export function buildDecoderGraph(ckpt: Checkpoint, blocks: Block[]): DecoderGra
     g.input(pastValue(layer), "float32", ["batch_size", kvHeads, "past_sequence_length", cfg.headDim]);
   }
   const shared = e.shared(inputIds, mask, positions);
-  let x = g.op("Gather", [g.weight("embed_tokens", [...ckpt.embed.shape], ckpt.embed.data), inputIds], { axis: 0 });
+  let x = g.op("Gather", [g.weight("embed_tokens", [...ckpt.embed.shape], ckpt.embed.data), inputIds], {
+    axis: 0,
+  });
   for (const b of blocks) {
     if (b.kind === "attention") x = e.attention(x, b, shared);
     else if (b.kind === "ffn") x = e.ffn(x, b);

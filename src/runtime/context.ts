@@ -4,6 +4,10 @@ import { InputError } from "../errors.ts";
 export function checkPromptFits(promptTokens: number, maxPositions: number): void {
   if (promptTokens === 0) throw new InputError("prompt encodes to no tokens");
   if (promptTokens >= maxPositions) {
-    throw new InputError(`prompt is ${promptTokens} tokens; the context window is ${maxPositions} (at most ${maxPositions - 1} prompt tokens)`);
+    throw new InputError(
+      `prompt is ${promptTokens} tokens; the context window is ${maxPositions} (at most ${
+        maxPositions - 1
+      } prompt tokens)`,
+    );
   }
 }

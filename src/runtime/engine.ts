@@ -35,7 +35,11 @@ export async function loadAssets(dir: string): Promise<ModelAssets> {
 }
 
 /** Fuses the weights, builds the graph and creates the session: the whole load-time pipeline. */
-export async function buildInstance(assets: ModelAssets, plan: FusionPlan, device: Device): Promise<ModelInstance> {
+export async function buildInstance(
+  assets: ModelAssets,
+  plan: FusionPlan,
+  device: Device,
+): Promise<ModelInstance> {
   const t0 = performance.now();
   const blocks = applyPlan(assets.blocks, plan);
   const graph = buildDecoderGraph(assets.checkpoint, blocks);

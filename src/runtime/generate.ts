@@ -21,6 +21,8 @@ export interface GenerationSummary {
   promptTokens: number;
   completionTokens: number;
   text: string;
+  /** The generated ids, end-of-sequence included when it ended the run. */
+  ids: number[];
 }
 
 /**
@@ -87,6 +89,7 @@ export async function* generate(opts: GenerateOptions): AsyncGenerator<Generatio
   const stops = new StopMatcher(params.stop);
   const eos = new Set(params.ignoreEos ? [] : opts.eosTokenIds);
   const history = [...promptIds];
+  const ids: number[] = [];
   const vocab = session.vocabSize;
   let text = "";
   let generated = 0;
@@ -102,6 +105,7 @@ export async function* generate(opts: GenerateOptions): AsyncGenerator<Generatio
       }
       const id = sampler.next(row, history);
       generated++;
+      ids.push(id);
       if (eos.has(id)) {
         finishReason = "stop";
         break;
@@ -133,5 +137,5 @@ export async function* generate(opts: GenerateOptions): AsyncGenerator<Generatio
   } finally {
     disposeCache(cache);
   }
-  return { finishReason, promptTokens: promptIds.length, completionTokens: generated, text };
+  return { finishReason, promptTokens: promptIds.length, completionTokens: generated, text, ids };
 }

@@ -38,7 +38,12 @@ export class ModelHost {
       this.device = device;
       this.assets = await loadAssets(dir);
       const valid = validatePlan(plan, this.assets.checkpoint.config);
-      this.active = { instance: await buildInstance(this.assets, valid, device), users: 0, retired: false, freed: false };
+      this.active = {
+        instance: await buildInstance(this.assets, valid, device),
+        users: 0,
+        retired: false,
+        freed: false,
+      };
       this.loadMs = performance.now() - t0;
       this.state = "ready";
     } catch (e) {
@@ -77,7 +82,9 @@ export class ModelHost {
    * leaves the active one untouched; one swap runs at a time.
    */
   async swap(raw: unknown): Promise<ModelInstance> {
-    if (this.state !== "ready" || !this.assets || !this.device) throw new InputError("model is not loaded yet", 409);
+    if (this.state !== "ready" || !this.assets || !this.device) {
+      throw new InputError("model is not loaded yet", 409);
+    }
     const plan: FusionPlan = validatePlan(raw, this.assets.checkpoint.config);
     if (this.swapping) throw new InputError("a plan swap is already in progress", 409);
     const build = buildInstance(this.assets, plan, this.device);

@@ -12,7 +12,12 @@ function planView(host: ModelHost) {
 }
 
 export function getFuseHandler(host: ModelHost) {
-  return (c: Context) => c.json({ active: host.instance ? planView(host) : null, swaps: host.swaps, swapping: host.swapInProgress });
+  return (c: Context) =>
+    c.json({
+      active: host.instance ? planView(host) : null,
+      swaps: host.swaps,
+      swapping: host.swapInProgress,
+    });
 }
 
 /** Builds the new plan's session in the background of serving, then swaps; answers once live. */

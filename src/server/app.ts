@@ -31,7 +31,13 @@ export function createApp(host: ModelHost, opts: AppOptions): Hono {
 
   app.get("/v1/models", (c) => {
     const data = host.assets
-      ? [{ id: host.assets.name, object: "model", created: 0, owned_by: "fusedge", plan: host.instance?.planId ?? null }]
+      ? [{
+        id: host.assets.name,
+        object: "model",
+        created: 0,
+        owned_by: "fusedge",
+        plan: host.instance?.planId ?? null,
+      }]
       : [];
     return c.json({ object: "list", data });
   });

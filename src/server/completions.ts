@@ -3,7 +3,7 @@ import { streamSSE } from "hono/streaming";
 import { z } from "zod";
 import { InputError } from "../errors.ts";
 import { checkPromptFits } from "../runtime/context.ts";
-import { type GenerationSummary, generate } from "../runtime/generate.ts";
+import { generate, type GenerationSummary } from "../runtime/generate.ts";
 import type { ModelHost } from "../runtime/host.ts";
 import { generationFields, toGenerateParams } from "../runtime/params.ts";
 import { readBody } from "./errors.ts";
@@ -32,16 +32,26 @@ type CompletionRequest = z.infer<typeof completionSchema>;
 function promptIds(host: ModelHost, body: CompletionRequest): number[] {
   const { tokenizer, checkpoint } = host.assets!;
   const p = body.prompt;
-  const ids = typeof p === "string" ? tokenizer.encode(p) : typeof p[0] === "string" ? tokenizer.encode(p[0] as string) : (p as number[]);
+  const ids = typeof p === "string"
+    ? tokenizer.encode(p)
+    : typeof p[0] === "string"
+    ? tokenizer.encode(p[0] as string)
+    : (p as number[]);
   const vocab = checkpoint.config.vocabSize;
   const bad = ids.find((id) => id >= vocab);
-  if (bad !== undefined) throw new InputError(`prompt: token id ${bad} is out of range (vocabulary size ${vocab})`);
+  if (bad !== undefined) {
+    throw new InputError(`prompt: token id ${bad} is out of range (vocabulary size ${vocab})`);
+  }
   checkPromptFits(ids.length, checkpoint.config.maxPositions);
   return ids;
 }
 
 function usage(s: GenerationSummary) {
-  return { prompt_tokens: s.promptTokens, completion_tokens: s.completionTokens, total_tokens: s.promptTokens + s.completionTokens };
+  return {
+    prompt_tokens: s.promptTokens,
+    completion_tokens: s.completionTokens,
+    total_tokens: s.promptTokens + s.completionTokens,
+  };
 }
 
 /** "cancelled" is ours alone; OpenAI clients only know stop and length. */
@@ -98,7 +108,9 @@ export function completionsHandler(host: ModelHost) {
           r = await run.next();
         }
         if (!stream.aborted) {
-          await stream.writeSSE({ data: JSON.stringify(chunk("", finishReason(r.value), { usage: usage(r.value) })) });
+          await stream.writeSSE({
+            data: JSON.stringify(chunk("", finishReason(r.value), { usage: usage(r.value) })),
+          });
           await stream.writeSSE({ data: "[DONE]" });
         }
       } finally {
@@ -107,7 +119,9 @@ export function completionsHandler(host: ModelHost) {
       }
     }, async (err, stream) => {
       console.error(`stream ${id} failed:`, err);
-      await stream.writeSSE({ data: JSON.stringify({ error: { message: err.message, type: "server_error" } }) });
+      await stream.writeSSE({
+        data: JSON.stringify({ error: { message: err.message, type: "server_error" } }),
+      });
     });
   };
 }

@@ -8,7 +8,12 @@ export function errorBody(message: string, type = "invalid_request_error") {
   return { error: { message, type, code: null } };
 }
 
-export function errorResponse(c: Context, status: ContentfulStatusCode, message: string, type?: string): Response {
+export function errorResponse(
+  c: Context,
+  status: ContentfulStatusCode,
+  message: string,
+  type?: string,
+): Response {
   return c.json(errorBody(message, type), status);
 }
 

@@ -1,0 +1,160 @@
+import type { Block, FfnBlock } from "./blocks.ts";
+import type { Checkpoint } from "./checkpoint.ts";
+import { ropeInvFreq } from "./rope.ts";
+import type { Tensor } from "./tensor.ts";
+
+/**
+ * A plain float64 forward pass over a block list, on the CPU. It is the independent reference the
+ * ONNX graph is tested against, and the instrument the fusion analysis uses: it can skip a block
+ * and report every block's contribution `f_j(x) - x`.
+ */
+
+type Vecs = Float64Array; // [T, width] row-major
+
+/** y[T, out] = x[T, in] @ W^T, W in [out, in] layout. */
+function linear(x: Vecs, w: Tensor, t: number): Vecs {
+  const [out, inn] = w.shape;
+  const y = new Float64Array(t * out);
+  const wd = w.data;
+  for (let r = 0; r < t; r++) {
+    const xo = r * inn;
+    for (let o = 0; o < out; o++) {
+      const wo = o * inn;
+      let s = 0;
+      for (let i = 0; i < inn; i++) s += x[xo + i] * wd[wo + i];
+      y[r * out + o] = s;
+    }
+  }
+  return y;
+}
+
+function rmsNorm(x: Vecs, gain: Float32Array | null, t: number, d: number, eps: number): Vecs {
+  const y = new Float64Array(t * d);
+  for (let r = 0; r < t; r++) {
+    let ss = 0;
+    for (let i = 0; i < d; i++) ss += x[r * d + i] ** 2;
+    const inv = 1 / Math.sqrt(ss / d + eps);
+    for (let i = 0; i < d; i++) y[r * d + i] = x[r * d + i] * inv * (gain ? gain[i] : 1);
+  }
+  return y;
+}
+
+function ffnDelta(x: Vecs, b: FfnBlock, t: number, d: number, eps: number): Vecs {
+  const h = rmsNorm(x, b.norm, t, d, eps);
+  const gate = linear(h, b.gate, t);
+  const up = linear(h, b.up, t);
+  for (let i = 0; i < gate.length; i++) gate[i] = (gate[i] / (1 + Math.exp(-gate[i]))) * up[i];
+  return linear(gate, b.down, t);
+}
+
+export interface ForwardOptions {
+  /** Index into the block list of a block to leave out (the residual passes through unchanged). */
+  skipBlock?: number;
+  /** Called with each executed block's index and its contribution f(x) - x, [T, hidden]. */
+  onDelta?: (block: number, delta: Float64Array) => void;
+  /** Only the last position's logits (saves the T x vocab head matmul). */
+  lastOnly?: boolean;
+}
+
+export interface ForwardResult {
+  /** [T or 1, vocab] */
+  logits: Float64Array;
+  /** Final residual stream before the last norm, [T, hidden]. */
+  hidden: Float64Array;
+}
+
+export function referenceForward(
+  ckpt: Pick<Checkpoint, "config" | "embed" | "finalNorm" | "lmHead">,
+  blocks: Block[],
+  ids: number[],
+  opts: ForwardOptions = {},
+): ForwardResult {
+  const cfg = ckpt.config;
+  const d = cfg.hidden;
+  const t = ids.length;
+  const hd = cfg.headDim;
+  const eps = cfg.rmsEps;
+  let x = new Float64Array(t * d);
+  ids.forEach((id, r) => {
+    for (let i = 0; i < d; i++) x[r * d + i] = ckpt.embed.data[id * d + i];
+  });
+  const inv = ropeInvFreq(cfg.rope, hd);
+  const half = hd / 2;
+  const rope = (v: Vecs, heads: number) => {
+    for (let r = 0; r < t; r++) {
+      for (let h = 0; h < heads; h++) {
+        const base = r * heads * hd + h * hd;
+        for (let i = 0; i < half; i++) {
+          const a = r * inv[i];
+          const c = Math.cos(a);
+          const s = Math.sin(a);
+          const x1 = v[base + i];
+          const x2 = v[base + half + i];
+          v[base + i] = x1 * c - x2 * s;
+          v[base + half + i] = x2 * c + x1 * s;
+        }
+      }
+    }
+  };
+
+  blocks.forEach((b, bi) => {
+    if (bi === opts.skipBlock) return;
+    let delta: Vecs;
+    if (b.kind === "attention") {
+      const H = cfg.numHeads;
+      const kvH = b.kvHeads;
+      const rep = H / kvH;
+      const h = rmsNorm(x, b.weights.norm, t, d, eps);
+      const q = linear(h, b.weights.q, t);
+      const k = linear(h, b.weights.k, t);
+      const v = linear(h, b.weights.v, t);
+      rope(q, H);
+      rope(k, kvH);
+      const ctx = new Float64Array(t * H * hd);
+      const scale = 1 / Math.sqrt(hd);
+      const scores = new Float64Array(t);
+      for (let head = 0; head < H; head++) {
+        const kvHead = Math.floor(head / rep);
+        for (let qi = 0; qi < t; qi++) {
+          let max = -Infinity;
+          for (let ki = 0; ki <= qi; ki++) {
+            let s = 0;
+            for (let i = 0; i < hd; i++) {
+              s += q[qi * H * hd + head * hd + i] * k[ki * kvH * hd + kvHead * hd + i];
+            }
+            scores[ki] = s * scale;
+            if (scores[ki] > max) max = scores[ki];
+          }
+          let sum = 0;
+          for (let ki = 0; ki <= qi; ki++) sum += scores[ki] = Math.exp(scores[ki] - max);
+          for (let ki = 0; ki <= qi; ki++) {
+            const p = scores[ki] / sum;
+            for (let i = 0; i < hd; i++) {
+              ctx[qi * H * hd + head * hd + i] += p * v[ki * kvH * hd + kvHead * hd + i];
+            }
+          }
+        }
+      }
+      delta = linear(ctx, b.weights.o, t);
+    } else if (b.kind === "linear") {
+      delta = linear(rmsNorm(x, b.weights.norm, t, d, eps), b.weights.weight, t);
+    } else if (b.kind === "ffn") {
+      delta = ffnDelta(x, b, t, d, eps);
+    } else {
+      delta = new Float64Array(t * d);
+      for (const m of b.members) {
+        const part = ffnDelta(x, m, t, d, eps);
+        for (let i = 0; i < delta.length; i++) delta[i] += part[i];
+      }
+    }
+    opts.onDelta?.(bi, delta);
+    const next = new Float64Array(t * d);
+    for (let i = 0; i < next.length; i++) next[i] = x[i] + delta[i];
+    x = next;
+  });
+
+  const rows = opts.lastOnly ? 1 : t;
+  const tail = x.subarray((t - rows) * d);
+  const h = rmsNorm(tail, ckpt.finalNorm, rows, d, eps);
+  return { logits: linear(h, ckpt.lmHead, rows), hidden: x };
+}

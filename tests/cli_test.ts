@@ -1,0 +1,67 @@
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { TextTokenizer } from "../src/model/tokenizer.ts";
+import { golden, relL2, ROOT, TINY_LLAMA } from "./helpers.ts";
+
+async function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", join(ROOT, "main.ts"), ...args],
+    stdout: "piped",
+    stderr: "piped",
+  })
+    .output();
+  const dec = new TextDecoder();
+  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
+}
+
+Deno.test("cli logits: JSON with input_ids and last_logits matching golden (tiny-llama, wasm)", async () => {
+  const c = (await golden(TINY_LLAMA)).cases[0];
+  const r = await cli(["logits", "--model", TINY_LLAMA, "--prompt", c.prompt, "--device", "wasm"]);
+  assert.equal(r.code, 0, r.stderr);
+  const out = JSON.parse(r.stdout);
+  assert.deepEqual(out.input_ids, c.input_ids);
+  assert.ok(relL2(out.last_logits, c.last_logits) < 1e-3);
+  assert.equal(out.plan, "unfused");
+});
+
+Deno.test("cli generate: streams the greedy continuation of the default model to stdout", async () => {
+  const c = (await golden(join(ROOT, "models", "tiny-nas"))).cases[1];
+  const r = await cli(["generate", "--prompt", c.prompt, "--max-tokens", "8", "--device", "wasm"]);
+  assert.equal(r.code, 0, r.stderr);
+  const summary = JSON.parse(r.stderr.trim().split("\n").at(-1)!);
+  assert.equal(summary.completion_tokens, 8);
+  const tok = await TextTokenizer.load(join(ROOT, "models", "tiny-nas"));
+  assert.equal(r.stdout, tok.decode(c.greedy_ids.slice(0, 8)) + "\n");
+});
+
+Deno.test("cli: bad input exits 2 with a message, never a stack trace", async () => {
+  const dir = await Deno.makeTempDir();
+  await Deno.writeTextFile(join(dir, "plan.json"), JSON.stringify({ ffn_groups: [[1, 2]] }));
+  await Deno.writeTextFile(join(dir, "broken.json"), "{");
+  const cases: [string[], RegExp][] = [
+    [["frobnicate"], /unknown command "frobnicate"/],
+    [
+      ["logits", "--prompt", "x", "--model", "/no/such/model"],
+      /model directory \/no\/such\/model does not exist/,
+    ],
+    [["logits", "--prompt", "x", "--model", dir], /config.json/],
+    [["logits"], /--prompt/],
+    [
+      ["logits", "--prompt", "x", "--plan", join(dir, "plan.json"), "--device", "wasm"],
+      /ffn_groups\[0\] \[1,2\]: layer 2 has attention/,
+    ],
+    [["logits", "--prompt", "x", "--plan", join(dir, "broken.json"), "--device", "wasm"], /cannot read plan/],
+    [["logits", "--prompt", "x", "--device", "tpu"], /--device/],
+    [["logits", "--prompt", "x", "--port", "1"], /--port is not a flag of this command/],
+    [["generate", "--prompt", "x", "--max-tokens", "0"], /--max-tokens: .*>=1/],
+    [["generate", "--prompt", "x", "--temperature", "hot"], /--temperature/],
+    [["serve", "--port", "70000"], /--port/],
+  ];
+  for (const [args, re] of cases) {
+    const r = await cli(args);
+    assert.equal(r.code, 2, `${args.join(" ")}: exit ${r.code} ${r.stderr}`);
+    assert.match(r.stderr, re, args.join(" "));
+    assert.doesNotMatch(r.stderr, /^\s+at /m, `${args.join(" ")} printed a stack trace`);
+  }
+  await Deno.remove(dir, { recursive: true });
+});

@@ -1,0 +1,65 @@
+import assert from "node:assert/strict";
+import { TextTokenizer } from "../src/model/tokenizer.ts";
+import { StopMatcher } from "../src/runtime/generate.ts";
+import { argmax, DEFAULT_SAMPLING, Sampler } from "../src/runtime/sampling.ts";
+import { TINY_NAS } from "./helpers.ts";
+
+Deno.test("tokenizer: streaming decode emits whole characters and reassembles the text exactly", async () => {
+  const tok = await TextTokenizer.load(TINY_NAS);
+  const text = "def naïve(x):\n    return '→ 日本' + x  # ünïcode ✓\n";
+  const ids = tok.encode(text);
+  assert.equal(tok.decode(ids), text);
+  const dec = tok.streamDecoder();
+  const parts = ids.map((id) => dec.push(id));
+  parts.push(dec.flush());
+  assert.equal(parts.join(""), text);
+  assert.ok(parts.every((p) => !p.includes("\uFFFD")), "no replacement characters mid-stream");
+});
+
+Deno.test("sampling: greedy is argmax; repetition penalty divides positive and multiplies negative logits", () => {
+  const row = Float32Array.from([1, 3, 2, -1]);
+  assert.equal(new Sampler(DEFAULT_SAMPLING).next(row, []), 1);
+  const pen = new Sampler({ ...DEFAULT_SAMPLING, repetitionPenalty: 2 });
+  assert.equal(pen.next(row, [1]), 2); // 3/2 = 1.5 < 2
+  assert.equal(pen.next(Float32Array.from([-1, -0.6, -2]), [0]), 1); // -1*2 = -2 < -0.6
+  assert.equal(argmax([0, 5, 5]), 1);
+});
+
+Deno.test("sampling: top-k and top-p really restrict the support, and the distribution is softmax(l/T)", () => {
+  const row = Float32Array.from([2, 1, 0, -1, -3]);
+  const s = new Sampler({ ...DEFAULT_SAMPLING, temperature: 0.5, topK: 3 });
+  const d = s.distribution(row);
+  assert.deepEqual(d.ids, [0, 1, 2]);
+  const z = [2, 1, 0].map((l) => Math.exp(l / 0.5));
+  const sum = z.reduce((a, b) => a + b);
+  d.probs.forEach((p, i) => assert.ok(Math.abs(p - z[i] / sum) < 1e-12));
+  const p = new Sampler({ ...DEFAULT_SAMPLING, temperature: 1, topP: 0.7 }).distribution(row);
+  assert.deepEqual(p.ids, [0, 1]); // 0.64 < 0.7 <= 0.64 + 0.24
+  for (let seed = 0; seed < 200; seed++) {
+    const id = new Sampler({ ...DEFAULT_SAMPLING, temperature: 1, topP: 0.7, seed }).next(row, []);
+    assert.ok(id === 0 || id === 1, `top-p sampled ${id}`);
+  }
+});
+
+Deno.test("sampling: a seed makes sampling reproducible; frequencies follow the distribution", () => {
+  const row = Float32Array.from([0, Math.log(3)]);
+  const draw = (seed: number) => {
+    const s = new Sampler({ ...DEFAULT_SAMPLING, temperature: 1, seed });
+    return Array.from({ length: 4000 }, () => s.next(row, []));
+  };
+  assert.deepEqual(draw(42), draw(42));
+  const ones = draw(7).filter((x) => x === 1).length / 4000;
+  assert.ok(Math.abs(ones - 0.75) < 0.03, `P(1) = ${ones}`);
+});
+
+Deno.test("stop sequences: text is held back while it may still become a stop, and cut before it", () => {
+  const m = new StopMatcher(["\n\n", "END"]);
+  assert.deepEqual(m.push("abc\n"), { emit: "abc", stopped: false });
+  assert.deepEqual(m.push("x E"), { emit: "\nx ", stopped: false });
+  assert.deepEqual(m.push("NDtail"), { emit: "", stopped: true });
+  const n = new StopMatcher(["\n\n"]);
+  assert.deepEqual(n.push("a\n"), { emit: "a", stopped: false });
+  assert.deepEqual(n.push("\nb"), { emit: "", stopped: true });
+  const none = new StopMatcher([]);
+  assert.deepEqual(none.push("free"), { emit: "free", stopped: false });
+});

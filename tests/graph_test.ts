@@ -1,0 +1,72 @@
+import assert from "node:assert/strict";
+import { unfusedBlocks } from "../src/model/blocks.ts";
+import { loadCheckpoint } from "../src/model/checkpoint.ts";
+import { referenceForward } from "../src/model/forward.ts";
+import { buildDecoderGraph } from "../src/onnx/decoder.ts";
+import { resolveDevice } from "../src/runtime/ort.ts";
+import { disposeCache, ModelSession } from "../src/runtime/session.ts";
+import { HAS_WEBGPU, NAS_LIKE, type RandomModelSpec, relL2, writeRandomModel } from "./helpers.ts";
+
+const LLAMA_LIKE: RandomModelSpec = {
+  modelType: "llama",
+  hidden: 48,
+  heads: 6,
+  kvHeads: 3,
+  intermediate: 40,
+  layers: Array.from({ length: 3 }, () => ({ attention: "full", ffn: "swiglu" })),
+};
+
+const IDS = [5, 900, 17, 2048, 3, 77, 4095, 12, 600];
+
+/** Random architectures (GQA ratios 1/2/4, linear and no-op blocks) against the float64 reference. */
+for (const [name, spec] of [["nas-like", NAS_LIKE], ["llama-like", LLAMA_LIKE]] as const) {
+  for (const device of ["wasm", "webgpu"] as const) {
+    Deno.test({
+      name:
+        `graph: random ${name} model on ${device} matches the float64 reference, with and without KV cache`,
+      ignore: device === "webgpu" && !HAS_WEBGPU,
+      sanitizeResources: false,
+      sanitizeOps: false,
+      fn: async () => {
+        const dir = await writeRandomModel({ ...spec, seed: 7 });
+        const ck = await loadCheckpoint(dir);
+        const blocks = unfusedBlocks(ck);
+        const graph = buildDecoderGraph(ck, blocks);
+        const session = await ModelSession.create(graph, await resolveDevice(device), ck.config.vocabSize);
+        const ref = referenceForward(ck, blocks, IDS).logits;
+        const full = await session.step(IDS, session.emptyCache());
+        disposeCache(full.cache);
+        assert.ok(relL2(full.logits, ref) < 1e-5, `prefill rel err ${relL2(full.logits, ref)}`);
+        // Same positions fed as prefix + single steps through the cache.
+        let { cache } = await session.step(IDS.slice(0, 4), session.emptyCache());
+        const V = ck.config.vocabSize;
+        for (let i = 4; i < IDS.length; i++) {
+          const r = await session.step([IDS[i]], cache);
+          cache = r.cache;
+          const want = ref.subarray(i * V, (i + 1) * V);
+          assert.ok(relL2(r.logits, want) < 1e-5, `cached step ${i} rel err ${relL2(r.logits, want)}`);
+        }
+        disposeCache(cache);
+        await session.release();
+        await Deno.remove(dir, { recursive: true });
+      },
+    });
+  }
+}
+
+Deno.test("graph: only layers with attention get past/present tensors, named as Optimum does", async () => {
+  const dir = await writeRandomModel(NAS_LIKE);
+  const ck = await loadCheckpoint(dir);
+  const graph = buildDecoderGraph(ck, unfusedBlocks(ck));
+  assert.deepEqual(graph.cache.map((c) => c.layer), [0, 1, 6, 7]);
+  assert.deepEqual(graph.cache.map((c) => c.kvHeads), [2, 1, 4, 2]);
+  const session = await ModelSession.create(graph, await resolveDevice("wasm"), ck.config.vocabSize);
+  const { cache } = await session.step([1, 2], session.emptyCache());
+  assert.deepEqual(
+    [...cache.tensors.keys()].sort(),
+    [0, 1, 6, 7].flatMap((l) => [`past_key_values.${l}.key`, `past_key_values.${l}.value`]).sort(),
+  );
+  assert.deepEqual(cache.tensors.get("past_key_values.1.key")!.dims, [1, 1, 2, 8]);
+  await session.release();
+  await Deno.remove(dir, { recursive: true });
+});

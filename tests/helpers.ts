@@ -1,0 +1,176 @@
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { encodeSafetensors } from "../src/model/safetensors.ts";
+import { type Tensor, tensor } from "../src/model/tensor.ts";
+import { rng } from "../src/runtime/sampling.ts";
+import { webgpuAvailable } from "../src/runtime/ort.ts";
+
+export const ROOT = fileURLToPath(new URL("..", import.meta.url));
+export const MODELS = join(ROOT, "models");
+export const TINY_NAS = join(MODELS, "tiny-nas");
+export const TINY_LLAMA = join(MODELS, "tiny-llama");
+export const EVAL_TEXT = join(ROOT, "data", "eval.py.txt");
+
+export interface GoldenCase {
+  prompt: string;
+  input_ids: number[];
+  last_logits: number[];
+  first_logits: number[];
+  greedy_ids: number[];
+}
+
+export async function golden(dir: string): Promise<{ cases: GoldenCase[] }> {
+  return JSON.parse(await Deno.readTextFile(join(dir, "golden.json")));
+}
+
+/** ||a - b|| / ||b|| */
+export function relL2(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  if (a.length !== b.length) throw new Error(`length ${a.length} != ${b.length}`);
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < a.length; i++) {
+    num += (a[i] - b[i]) ** 2;
+    den += b[i] ** 2;
+  }
+  return Math.sqrt(num / den);
+}
+
+/** WebGPU tests run wherever an adapter exists (lavapipe in CI); they are ignored, loudly, elsewhere. */
+export const HAS_WEBGPU = await webgpuAvailable();
+if (!HAS_WEBGPU) console.warn("no WebGPU adapter: WebGPU tests are skipped (install mesa-vulkan-drivers)");
+
+export type LayerDesc = {
+  attention: "full" | "none" | "linear";
+  ffn: "swiglu" | "none" | "linear";
+  kvGroup?: number;
+  intermediate?: number;
+};
+
+export interface RandomModelSpec {
+  modelType: "llama" | "nemotron-nas";
+  hidden: number;
+  heads: number;
+  kvHeads: number;
+  intermediate: number;
+  layers: LayerDesc[];
+  dtype?: "F32" | "F16";
+  sharded?: boolean;
+  tie?: boolean;
+  seed?: number;
+}
+
+/** Writes a complete random checkpoint directory (config, safetensors, the shipped tokenizer). */
+export async function writeRandomModel(spec: RandomModelSpec): Promise<string> {
+  const dir = await Deno.makeTempDir({ prefix: "fusedge-model-" });
+  const r = rng(spec.seed ?? 1);
+  const normal = () => {
+    const u = Math.max(r(), 1e-12);
+    return Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * r());
+  };
+  const vocab = 4096;
+  const d = spec.hidden;
+  const hd = d / spec.heads;
+  const rand = (shape: number[], scale: number): Tensor => {
+    const n = shape.reduce((a, b) => a * b, 1);
+    return tensor(shape, Float32Array.from({ length: n }, () => normal() * scale));
+  };
+  const gain = () => tensor([d], Float32Array.from({ length: d }, () => 1 + 0.2 * normal()));
+  const w: Record<string, Tensor> = {};
+  w["model.embed_tokens.weight"] = rand([vocab, d], 1);
+  spec.layers.forEach((l, i) => {
+    const p = `model.layers.${i}`;
+    const kvHeads = l.kvGroup ? spec.heads / l.kvGroup : spec.kvHeads;
+    if (l.attention !== "none") w[`${p}.input_layernorm.weight`] = gain();
+    if (l.attention === "full") {
+      w[`${p}.self_attn.q_proj.weight`] = rand([spec.heads * hd, d], 1 / Math.sqrt(d));
+      w[`${p}.self_attn.k_proj.weight`] = rand([kvHeads * hd, d], 1 / Math.sqrt(d));
+      w[`${p}.self_attn.v_proj.weight`] = rand([kvHeads * hd, d], 1 / Math.sqrt(d));
+      w[`${p}.self_attn.o_proj.weight`] = rand([d, spec.heads * hd], 0.5 / Math.sqrt(d));
+    } else if (l.attention === "linear") {
+      w[`${p}.self_attn.linear_attn.weight`] = rand([d, d], 0.5 / Math.sqrt(d));
+    }
+    if (l.ffn !== "none") w[`${p}.post_attention_layernorm.weight`] = gain();
+    const n = l.intermediate ?? spec.intermediate;
+    if (l.ffn === "swiglu") {
+      w[`${p}.mlp.gate_proj.weight`] = rand([n, d], 1 / Math.sqrt(d));
+      w[`${p}.mlp.up_proj.weight`] = rand([n, d], 1 / Math.sqrt(d));
+      w[`${p}.mlp.down_proj.weight`] = rand([d, n], 0.5 / Math.sqrt(n));
+    } else if (l.ffn === "linear") {
+      w[`${p}.mlp.linear_mlp.weight`] = rand([d, d], 0.5 / Math.sqrt(d));
+    }
+  });
+  w["model.norm.weight"] = gain();
+  if (spec.tie === false) w["lm_head.weight"] = rand([vocab, d], 1 / Math.sqrt(d));
+
+  const config: Record<string, unknown> = {
+    model_type: spec.modelType,
+    vocab_size: vocab,
+    hidden_size: d,
+    intermediate_size: spec.intermediate,
+    num_hidden_layers: spec.layers.length,
+    num_attention_heads: spec.heads,
+    num_key_value_heads: spec.kvHeads,
+    max_position_embeddings: 256,
+    rms_norm_eps: 1e-5,
+    rope_theta: 10000,
+    tie_word_embeddings: spec.tie !== false,
+    bos_token_id: 0,
+    eos_token_id: 0,
+  };
+  if (spec.modelType === "nemotron-nas") {
+    config.block_configs = spec.layers.map((l) => ({
+      attention: {
+        no_op: l.attention === "none",
+        replace_with_linear: l.attention === "linear",
+        n_heads_in_group: l.attention === "full" ? (l.kvGroup ?? spec.heads / spec.kvHeads) : null,
+      },
+      ffn: {
+        no_op: l.ffn === "none",
+        replace_with_linear: l.ffn === "linear",
+        intermediate_size: l.ffn === "swiglu" ? (l.intermediate ?? spec.intermediate) : null,
+      },
+    }));
+  }
+  await Deno.writeTextFile(join(dir, "config.json"), JSON.stringify(config));
+  await Deno.copyFile(join(TINY_NAS, "tokenizer.json"), join(dir, "tokenizer.json"));
+  const names = Object.keys(w);
+  if (spec.sharded) {
+    const half = Math.ceil(names.length / 2);
+    const shards = [names.slice(0, half), names.slice(half)];
+    const weightMap: Record<string, string> = {};
+    for (const [k, shard] of shards.entries()) {
+      const file = `model-0000${k + 1}-of-00002.safetensors`;
+      await Deno.writeFile(
+        join(dir, file),
+        encodeSafetensors(Object.fromEntries(shard.map((n) => [n, w[n]])), spec.dtype),
+      );
+      shard.forEach((n) => (weightMap[n] = file));
+    }
+    await Deno.writeTextFile(
+      join(dir, "model.safetensors.index.json"),
+      JSON.stringify({ metadata: {}, weight_map: weightMap }),
+    );
+  } else {
+    await Deno.writeFile(join(dir, "model.safetensors"), encodeSafetensors(w, spec.dtype));
+  }
+  return dir;
+}
+
+/** A small DeciLM-style model with an attention-free run, the shape fusion is for. */
+export const NAS_LIKE: RandomModelSpec = {
+  modelType: "nemotron-nas",
+  hidden: 32,
+  heads: 4,
+  kvHeads: 2,
+  intermediate: 48,
+  layers: [
+    { attention: "full", ffn: "swiglu" },
+    { attention: "full", ffn: "swiglu", kvGroup: 4 },
+    { attention: "none", ffn: "swiglu", intermediate: 64 },
+    { attention: "none", ffn: "swiglu" },
+    { attention: "none", ffn: "swiglu", intermediate: 32 },
+    { attention: "linear", ffn: "swiglu" },
+    { attention: "full", ffn: "linear", kvGroup: 1 },
+    { attention: "full", ffn: "none" },
+  ],
+};

@@ -1,0 +1,58 @@
+import assert from "node:assert/strict";
+import { generate } from "../src/runtime/generate.ts";
+import { DEFAULT_SAMPLING } from "../src/runtime/sampling.ts";
+import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
+import { UNFUSED } from "../src/fusion/plan.ts";
+import { type Device, resolveDevice } from "../src/runtime/ort.ts";
+import { disposeCache } from "../src/runtime/session.ts";
+import { golden, HAS_WEBGPU, relL2, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
+
+/** The engine against golden.json (float64 reference of the same fp16 weights), on both EPs. */
+for (const dir of [TINY_NAS, TINY_LLAMA]) {
+  for (const device of ["wasm", "webgpu"] as Device[]) {
+    const name = dir.split("/").pop();
+    Deno.test({
+      name: `golden parity: ${name} on ${device}: logits within 1e-3, greedy ids exact`,
+      ignore: device === "webgpu" && !HAS_WEBGPU,
+      sanitizeResources: false,
+      sanitizeOps: false,
+      fn: async () => {
+        const assets = await loadAssets(dir);
+        const inst = await buildInstance(assets, UNFUSED, await resolveDevice(device));
+        const vocab = assets.checkpoint.config.vocabSize;
+        try {
+          for (const c of (await golden(dir)).cases) {
+            assert.deepEqual(assets.tokenizer.encode(c.prompt), c.input_ids, "tokenizer ids");
+            const { logits, cache } = await inst.session.step(c.input_ids, inst.session.emptyCache());
+            disposeCache(cache);
+            const last = logits.subarray(logits.length - vocab);
+            const first = logits.subarray(0, vocab);
+            assert.ok(relL2(last, c.last_logits) < 1e-3, `last logits rel err ${relL2(last, c.last_logits)}`);
+            assert.ok(
+              relL2(first, c.first_logits) < 1e-3,
+              `first logits rel err ${relL2(first, c.first_logits)}`,
+            );
+            const run = generate({
+              session: inst.session,
+              tokenizer: assets.tokenizer,
+              promptIds: c.input_ids,
+              params: { ...DEFAULT_SAMPLING, maxTokens: c.greedy_ids.length, stop: [], ignoreEos: true },
+              eosTokenIds: assets.checkpoint.config.eosTokenIds,
+              maxPositions: assets.checkpoint.config.maxPositions,
+            });
+            let r = await run.next();
+            while (!r.done) r = await run.next();
+            assert.deepEqual(r.value.ids, c.greedy_ids);
+            assert.equal(r.value.text, assets.tokenizer.decode(c.greedy_ids));
+          }
+        } finally {
+          await inst.session.release();
+        }
+      },
+    });
+  }
+}
+
+Deno.test("CI has a WebGPU adapter (lavapipe), so the WebGPU tests above really ran", () => {
+  if (Deno.env.get("CI")) assert.ok(HAS_WEBGPU, "no WebGPU adapter in CI: is mesa-vulkan-drivers installed?");
+});

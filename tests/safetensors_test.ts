@@ -1,0 +1,81 @@
+import assert from "node:assert/strict";
+import { encodeSafetensors, SafetensorsFile } from "../src/model/safetensors.ts";
+import { tensor } from "../src/model/tensor.ts";
+import { f16ToF32, f32ToF16 } from "../src/model/dtype.ts";
+import { InputError } from "../src/errors.ts";
+
+const sample = () => ({
+  a: tensor([2, 3], Float32Array.from([1, -2, 3.5, 0, 1e-3, 65504])),
+  b: tensor([4], Float32Array.from([0.25, -0.5, 7, 9])),
+});
+
+function withHeader(header: unknown, dataBytes: number): Uint8Array {
+  const json = new TextEncoder().encode(JSON.stringify(header));
+  const out = new Uint8Array(8 + json.length + dataBytes);
+  new DataView(out.buffer).setBigUint64(0, BigInt(json.length), true);
+  out.set(json, 8);
+  return out;
+}
+
+Deno.test("safetensors: F32 and F16 round trips", () => {
+  const f32 = SafetensorsFile.parse("x", encodeSafetensors(sample(), "F32"));
+  assert.deepEqual([...f32.read("a").data], [...sample().a.data]);
+  assert.deepEqual(f32.read("a").shape, [2, 3]);
+  const f16 = SafetensorsFile.parse("x", encodeSafetensors(sample(), "F16"));
+  assert.deepEqual([...f16.read("b").data], [0.25, -0.5, 7, 9]);
+  assert.equal(f16.read("a").data[5], 65504);
+});
+
+Deno.test("safetensors: BF16 decodes by bit shift", () => {
+  const bits = new Uint16Array([0x3f80, 0xc000, 0x4049]); // 1, -2, 3.140625
+  const bytes = withHeader({ t: { dtype: "BF16", shape: [3], data_offsets: [0, 6] } }, 6);
+  bytes.set(new Uint8Array(bits.buffer), bytes.length - 6);
+  assert.deepEqual([...SafetensorsFile.parse("x", bytes).read("t").data], [1, -2, 3.140625]);
+});
+
+Deno.test("dtype: half conversion is round-to-nearest-even and exact on all finite halves", () => {
+  const all = new Uint16Array(65536).map((_, i) => i);
+  const back = f32ToF16(f16ToF32(all));
+  for (let i = 0; i < 65536; i++) {
+    const exp = (i >> 10) & 0x1f;
+    if (exp === 0x1f && (i & 0x3ff)) continue; // NaN payloads need not survive
+    assert.equal(back[i], i, `half ${i}`);
+  }
+  assert.equal(f32ToF16(Float32Array.from([1e6]))[0], 0x7c00);
+});
+
+Deno.test("safetensors: truncated or lying files fail with the tensor named", () => {
+  const good = encodeSafetensors(sample(), "F32");
+  const expect = (bytes: Uint8Array, re: RegExp) =>
+    assert.throws(
+      () => SafetensorsFile.parse("m.safetensors", bytes),
+      (e: unknown) => e instanceof InputError && re.test(e.message),
+      String(re),
+    );
+  expect(good.slice(0, 5), /too short/);
+  expect(good.slice(0, 40), /header length \d+ exceeds the file size/);
+  expect(good.slice(0, good.length - 4), /tensor "b": data_offsets end 40 is past the end of the data/);
+  expect(
+    withHeader({ t: { dtype: "F32", shape: [3], data_offsets: [0, 8] } }, 8),
+    /tensor "t": data_offsets \[0, 8\] hold 8 bytes but F32\[3\] needs 12/,
+  );
+  expect(
+    withHeader({ t: { dtype: "I8", shape: [1], data_offsets: [0, 1] } }, 1),
+    /tensor "t": dtype I8 is not supported/,
+  );
+  expect(
+    withHeader({ t: { dtype: "F32", shape: "x", data_offsets: [0, 4] } }, 4),
+    /tensor "t": malformed entry/,
+  );
+  expect(
+    withHeader({
+      t: { dtype: "F32", shape: [2], data_offsets: [0, 8] },
+      u: { dtype: "F32", shape: [1], data_offsets: [4, 8] },
+    }, 8),
+    /overlaps/,
+  );
+  expect(withHeader([1, 2], 0), /not a JSON object/);
+  const notJson = withHeader({}, 0);
+  notJson[8] = 0x7b + 1;
+  expect(notJson, /not valid JSON/);
+});

@@ -1,0 +1,103 @@
+import { join } from "node:path";
+import { ROOT } from "./helpers.ts";
+
+export interface RunningServer {
+  base: string;
+  port: number;
+  process: Deno.ChildProcess;
+  /** Resolves once the model is loaded ("ready" on stdout). */
+  ready: Promise<void>;
+  stop(): Promise<void>;
+}
+
+/** Starts `main.ts serve` (or the compiled binary) on a free port and reads its address from stdout. */
+export async function startServer(args: string[], binary?: string): Promise<RunningServer> {
+  const cmd = binary
+    ? new Deno.Command(binary, {
+      args: ["serve", "--port", "0", ...args],
+      stdout: "piped",
+      stderr: "inherit",
+      cwd: "/",
+    })
+    : new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", join(ROOT, "main.ts"), "serve", "--port", "0", ...args],
+      stdout: "piped",
+      stderr: "inherit",
+    });
+  const process = cmd.spawn();
+  const lines = process.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let buffered = "";
+  const nextEvent = async (): Promise<Record<string, unknown>> => {
+    while (!buffered.includes("\n")) {
+      const { value, done } = await lines.read();
+      if (done) throw new Error("server exited before printing its address");
+      buffered += value;
+    }
+    const at = buffered.indexOf("\n");
+    const line = buffered.slice(0, at);
+    buffered = buffered.slice(at + 1);
+    return JSON.parse(line);
+  };
+  const listening = await nextEvent();
+  const port = listening.port as number;
+  const ready = nextEvent().then((e) => {
+    if (e.event !== "ready") throw new Error(`unexpected event ${JSON.stringify(e)}`);
+    (async () => {
+      while (!(await lines.read()).done) { /* drain */ }
+    })();
+  });
+  return {
+    base: `http://127.0.0.1:${port}`,
+    port,
+    process,
+    ready,
+    stop: async () => {
+      try {
+        process.kill("SIGTERM");
+      } catch { /* already gone */ }
+      await process.status;
+    },
+  };
+}
+
+export interface SseResult {
+  events: Record<string, unknown>[];
+  done: boolean;
+  text: string;
+  /** Milliseconds from the request to each event. */
+  arrivals: number[];
+}
+
+/** Reads an SSE completion stream event by event as it arrives on the socket. */
+export async function readSse(res: Response): Promise<SseResult> {
+  const t0 = performance.now();
+  const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
+  const events: Record<string, unknown>[] = [];
+  const arrivals: number[] = [];
+  let buf = "";
+  let done = false;
+  for (;;) {
+    const { value, done: end } = await reader.read();
+    if (end) break;
+    buf += value;
+    let at;
+    while ((at = buf.indexOf("\n\n")) >= 0) {
+      const frame = buf.slice(0, at);
+      buf = buf.slice(at + 2);
+      const data = frame.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+      arrivals.push(performance.now() - t0);
+      if (data === "[DONE]") done = true;
+      else events.push(JSON.parse(data));
+    }
+  }
+  const text = events.map((e) => (e.choices as { text: string }[])[0].text).join("");
+  return { events, done, text, arrivals };
+}
+
+export function post(base: string, path: string, body: unknown, raw = false): Promise<Response> {
+  return fetch(`${base}${path}`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: raw ? (body as string) : JSON.stringify(body),
+  });
+}

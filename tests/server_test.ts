@@ -1,0 +1,123 @@
+import assert from "node:assert/strict";
+import { post, readSse, startServer } from "./server_helpers.ts";
+
+Deno.test({
+  name: "server: health while loading, streamed completion over a real socket, errors as 4xx JSON",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async (t) => {
+    const server = await startServer(["--device", "wasm"]);
+    const { base } = server;
+    try {
+      await t.step("GET /health is 503 while the model loads, 200 after", async () => {
+        const early = await fetch(`${base}/health`);
+        assert.equal(early.status, 503);
+        assert.equal((await early.json()).status, "loading");
+        await server.ready;
+        const ok = await fetch(`${base}/health`);
+        assert.equal(ok.status, 200);
+        assert.deepEqual(await ok.json(), {
+          status: "ok",
+          model: "tiny-nas",
+          device: "wasm",
+          plan: "unfused",
+        });
+      });
+
+      await t.step("GET /v1/models lists the embedded model", async () => {
+        const body = await (await fetch(`${base}/v1/models`)).json();
+        assert.equal(body.object, "list");
+        assert.equal(body.data[0].id, "tiny-nas");
+      });
+
+      const prompt = "import os\nimport sys\n\ndef main(";
+      let whole = "";
+      await t.step("non-streamed completion returns text, finish_reason and usage", async () => {
+        const res = await post(base, "/v1/completions", { prompt, max_tokens: 24, temperature: 0 });
+        assert.equal(res.status, 200);
+        assert.equal(res.headers.get("x-fusedge-plan"), "unfused");
+        const body = await res.json();
+        assert.equal(body.object, "text_completion");
+        assert.equal(body.choices[0].finish_reason, "length");
+        assert.deepEqual(body.usage, { prompt_tokens: 10, completion_tokens: 24, total_tokens: 34 });
+        whole = body.choices[0].text;
+        assert.ok(whole.length > 10);
+      });
+
+      await t.step(
+        "stream: true gives SSE chunks as tokens are produced, usage last, then [DONE]",
+        async () => {
+          const res = await post(base, "/v1/completions", {
+            prompt,
+            max_tokens: 24,
+            temperature: 0,
+            stream: true,
+          });
+          assert.equal(res.status, 200);
+          assert.match(res.headers.get("content-type") ?? "", /text\/event-stream/);
+          const sse = await readSse(res);
+          assert.ok(sse.done, "ends with data: [DONE]");
+          assert.ok(sse.events.length >= 10, `${sse.events.length} events`);
+          assert.equal(sse.text, whole, "streamed text equals the non-streamed completion");
+          const last = sse.events.at(-1)!;
+          assert.deepEqual(last.usage, { prompt_tokens: 10, completion_tokens: 24, total_tokens: 34 });
+          assert.equal((last.choices as { finish_reason: string }[])[0].finish_reason, "length");
+          assert.ok(
+            sse.events.slice(0, -1).every((e) =>
+              (e.choices as { finish_reason: null }[])[0].finish_reason === null
+            ),
+          );
+          assert.ok(sse.arrivals[0] < sse.arrivals.at(-1)!, "chunks arrive over time, not in one write");
+        },
+      );
+
+      await t.step("stop sequences and seeded sampling", async () => {
+        const stopped = await (await post(base, "/v1/completions", {
+          prompt,
+          max_tokens: 24,
+          temperature: 0,
+          stop: ["\n"],
+        })).json();
+        assert.equal(stopped.choices[0].finish_reason, "stop");
+        assert.equal(stopped.choices[0].text, whole.split("\n")[0]);
+        const req = { prompt, max_tokens: 16, temperature: 0.9, top_k: 40, top_p: 0.95, seed: 1234 };
+        const a = await (await post(base, "/v1/completions", req)).json();
+        const b = await (await post(base, "/v1/completions", req)).json();
+        assert.equal(a.choices[0].text, b.choices[0].text);
+      });
+
+      await t.step("malformed requests get 4xx with a JSON error naming the problem", async () => {
+        const cases: [unknown, number, RegExp, boolean?][] = [
+          ["{not json", 400, /not valid JSON/, true],
+          [{}, 400, /prompt/],
+          [{ prompt: 42 }, 400, /prompt/],
+          [{ prompt: "x", max_tokens: 0 }, 400, /max_tokens/],
+          [{ prompt: "x", max_tokens: 100000 }, 400, /max_tokens.*4096/],
+          [{ prompt: "x", temperature: -1 }, 400, /temperature/],
+          [{ prompt: "x", top_p: 0 }, 400, /top_p/],
+          [{ prompt: "x", top_k: 1.5 }, 400, /top_k/],
+          [{ prompt: "x", n: 2 }, 400, /n = 1/],
+          [{ prompt: "x", stop: ["a", "b", "c", "d", "e"] }, 400, /stop/],
+          [{ prompt: "x", bogus: true }, 400, /bogus/],
+          [{ prompt: [1, 99999] }, 400, /token id 99999 is out of range/],
+          [{ prompt: "x ".repeat(1100) }, 400, /context window is 1024/],
+          [{ prompt: "x", presence_penalty: 1 }, 400, /presence_penalty is not supported/],
+        ];
+        for (const [body, status, re, raw] of cases) {
+          const res = await post(base, "/v1/completions", body, raw);
+          assert.equal(res.status, status, JSON.stringify(body).slice(0, 80));
+          const err = await res.json();
+          assert.match(err.error.message, re);
+        }
+        const big = await post(base, "/v1/completions", { prompt: "x".repeat(2 << 20) });
+        assert.equal(big.status, 413);
+        assert.match((await big.json()).error.message, /exceeds/);
+        const missing = await fetch(`${base}/nope`);
+        assert.equal(missing.status, 404);
+        await missing.body?.cancel();
+      });
+    } finally {
+      await server.stop();
+    }
+  },
+});
