@@ -1,3 +1,5 @@
+import { analyzeCommand } from "./src/cli/analyze.ts";
+import { evalCommand } from "./src/cli/eval.ts";
 import { generateCommand } from "./src/cli/generate.ts";
 import { logitsCommand } from "./src/cli/logits.ts";
 import { serveCommand } from "./src/cli/serve.ts";
@@ -12,6 +14,9 @@ commands:
   generate  --model DIR --prompt TEXT [--max-tokens N] [--temperature T] [--top-k K] [--top-p P]
             [--repetition-penalty R] [--seed S] [--stop STR]... [--plan FILE] [--device ...]
   logits    --model DIR --prompt TEXT [--plan FILE] [--device ...]
+  analyze   --model DIR --text FILE [--max-tokens 256] [--skip-tokens 0] [--window 256]
+            [--max-width 4] [--threshold 0.2] [--svg FILE]
+  eval      --model DIR --text FILE [--plan FILE] [--max-tokens 256] [--skip-tokens 0] [--window 256]
 
 --model defaults to the embedded tiny-nas checkpoint.`;
 
@@ -19,6 +24,8 @@ const COMMANDS: Record<string, (argv: string[]) => Promise<void>> = {
   serve: serveCommand,
   generate: generateCommand,
   logits: logitsCommand,
+  analyze: analyzeCommand,
+  eval: evalCommand,
 };
 
 async function main(args: string[]): Promise<number> {

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { TextTokenizer } from "../src/model/tokenizer.ts";
-import { golden, relL2, ROOT, TINY_LLAMA } from "./helpers.ts";
+import { EVAL_TEXT, golden, relL2, ROOT, TINY_LLAMA } from "./helpers.ts";
 
 async function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
   const out = await new Deno.Command(Deno.execPath(), {
@@ -64,4 +64,74 @@ Deno.test("cli: bad input exits 2 with a message, never a stack trace", async ()
     assert.doesNotMatch(r.stderr, /^\s+at /m, `${args.join(" ")} printed a stack trace`);
   }
   await Deno.remove(dir, { recursive: true });
+});
+
+Deno.test("cli analyze: matrix, ratios, runs and a valid suggested plan; heatmap written", async () => {
+  const dir = await Deno.makeTempDir();
+  const svg = join(dir, "heat.svg");
+  const r = await cli(["analyze", "--text", EVAL_TEXT, "--max-tokens", "48", "--window", "24", "--svg", svg]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stderr, /analyze: forward passes: 38\/38 \(100%/);
+  const report = JSON.parse(r.stdout);
+  assert.equal(report.analysis.matrix.length, 18);
+  assert.equal(report.analysis.ratios.length, 18);
+  assert.equal(report.analysis.tokens, 48);
+  assert.deepEqual(report.runs, [[2, 3, 4, 5, 6, 7, 8]]);
+  assert.ok(report.trials.length >= 1 && report.trials.every((t: { loss: number }) => t.loss > 0));
+  assert.ok(report.suggested_plan.ffn_groups.length >= 1);
+  assert.match(await Deno.readTextFile(svg), /^<svg/);
+  const planFile = join(dir, "plan.json");
+  await Deno.writeTextFile(planFile, JSON.stringify(report.suggested_plan));
+  const e = await cli([
+    "eval",
+    "--text",
+    EVAL_TEXT,
+    "--max-tokens",
+    "128",
+    "--skip-tokens",
+    "48",
+    "--plan",
+    planFile,
+    "--device",
+    "wasm",
+  ]);
+  assert.equal(e.code, 0, e.stderr);
+  const q = JSON.parse(e.stdout);
+  assert.equal(q.tokens, 127);
+  assert.ok(q.kl > 0 && q.kl < 1, `kl ${q.kl}`);
+  assert.ok(q.top1_agreement > 0.5 && q.top1_agreement <= 1);
+  assert.ok(Math.abs(q.ppl - Math.exp(q.loss)) < 1e-9);
+  const u = JSON.parse(
+    (await cli([
+      "eval",
+      "--text",
+      EVAL_TEXT,
+      "--max-tokens",
+      "128",
+      "--skip-tokens",
+      "48",
+      "--device",
+      "wasm",
+    ])).stdout,
+  );
+  assert.equal(u.plan, "unfused");
+  assert.equal(u.kl, undefined);
+  assert.ok(u.loss > 0.5 && u.loss < 4, `unfused loss ${u.loss}`);
+  await Deno.remove(dir, { recursive: true });
+});
+
+Deno.test("cli analyze/eval: bad flags exit 2", async () => {
+  for (
+    const [args, re] of [
+      [["analyze"], /--text: is required/],
+      [["eval", "--text", "/no/file"], /cannot read text \/no\/file/],
+      [["analyze", "--text", EVAL_TEXT, "--max-tokens", "1"], /--max-tokens/],
+      [["analyze", "--text", EVAL_TEXT, "--threshold", "-1"], /--threshold/],
+      [["eval", "--text", EVAL_TEXT, "--skip-tokens", "99999999"], /fewer than 2 tokens/],
+    ] as [string[], RegExp][]
+  ) {
+    const r = await cli(args);
+    assert.equal(r.code, 2, `${args.join(" ")}: ${r.stderr}`);
+    assert.match(r.stderr, re);
+  }
 });

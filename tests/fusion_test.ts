@@ -146,7 +146,7 @@ Deno.test("fusion: tiny-nas fused logits match an independent float64 evaluation
   const graph = buildDecoderGraph(ck, applyPlan(base, plan, "fused"));
   const s = await ModelSession.create(graph, await resolveDevice("wasm"), ck.config.vocabSize);
   for (const c of (await golden(TINY_NAS)).cases) {
-    const ref = referenceForward(ck, parallel, c.input_ids, { lastOnly: true }).logits;
+    const ref = referenceForward(ck, parallel, c.input_ids, { logits: "last" }).logits;
     const r = await s.step(c.input_ids, s.emptyCache());
     disposeCache(r.cache);
     const last = r.logits.subarray(r.logits.length - ck.config.vocabSize);

@@ -5,12 +5,15 @@ import { resolveDevice } from "../runtime/ort.ts";
 import { createApp } from "../server/app.ts";
 import { int, parseFlags, validateFlags } from "./args.ts";
 import { modelFlags } from "./load.ts";
+import { DEFAULT_CALIBRATION_TEXT } from "./defaults.ts";
+import { AnalysisRunner } from "../server/analysis.ts";
 import { InputError } from "../errors.ts";
 
 const schema = z.strictObject({
   ...modelFlags,
   port: int().min(0).max(65535).default(8000),
   host: z.string().default("127.0.0.1"),
+  text: z.string().default(DEFAULT_CALIBRATION_TEXT),
 });
 
 async function readPlan(path: string | undefined): Promise<unknown> {
@@ -31,7 +34,8 @@ export async function serveCommand(argv: string[]): Promise<void> {
   const device = await resolveDevice(flags.device);
   const plan = await readPlan(flags.plan);
   const host = new ModelHost();
-  const app = createApp(host, { maxBodyBytes: 1 << 20 });
+  const analysis = new AnalysisRunner(() => (host.state === "ready" ? flags.model : null), flags.text);
+  const app = createApp(host, analysis, { maxBodyBytes: 1 << 20 });
   const server = Deno.serve({ hostname: flags.host, port: flags.port, onListen: () => {} }, app.fetch);
   const addr = server.addr as Deno.NetAddr;
   console.log(JSON.stringify({ event: "listening", host: addr.hostname, port: addr.port }));
@@ -47,6 +51,7 @@ export async function serveCommand(argv: string[]): Promise<void> {
     }),
   );
   const stop = async () => {
+    analysis.stop();
     await server.shutdown();
     await host.close();
     Deno.exit(0);

@@ -20,9 +20,17 @@ function linear(x: Vecs, w: Tensor, t: number): Vecs {
     const xo = r * inn;
     for (let o = 0; o < out; o++) {
       const wo = o * inn;
-      let s = 0;
-      for (let i = 0; i < inn; i++) s += x[xo + i] * wd[wo + i];
-      y[r * out + o] = s;
+      // Four independent accumulators let the JIT overlap the multiply-adds.
+      let s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+      let i = 0;
+      for (; i + 3 < inn; i += 4) {
+        s0 += x[xo + i] * wd[wo + i];
+        s1 += x[xo + i + 1] * wd[wo + i + 1];
+        s2 += x[xo + i + 2] * wd[wo + i + 2];
+        s3 += x[xo + i + 3] * wd[wo + i + 3];
+      }
+      for (; i < inn; i++) s0 += x[xo + i] * wd[wo + i];
+      y[r * out + o] = s0 + s1 + s2 + s3;
     }
   }
   return y;
@@ -50,10 +58,12 @@ function ffnDelta(x: Vecs, b: FfnBlock, t: number, d: number, eps: number): Vecs
 export interface ForwardOptions {
   /** Index into the block list of a block to leave out (the residual passes through unchanged). */
   skipBlock?: number;
-  /** Called with each executed block's index and its contribution f(x) - x, [T, hidden]. */
-  onDelta?: (block: number, delta: Float64Array) => void;
-  /** Only the last position's logits (saves the T x vocab head matmul). */
-  lastOnly?: boolean;
+  /** Resume at block `block` from its recorded input `x` [T, hidden] instead of the embeddings. */
+  start?: { block: number; x: Float64Array };
+  /** Called with each executed block's index, its input x and its contribution f(x) - x, [T, hidden]. */
+  onDelta?: (block: number, delta: Float64Array, input: Float64Array) => void;
+  /** Which logits to compute: all positions (default), the last one, or none (analysis passes). */
+  logits?: "all" | "last" | "none";
 }
 
 export interface ForwardResult {
@@ -74,10 +84,13 @@ export function referenceForward(
   const t = ids.length;
   const hd = cfg.headDim;
   const eps = cfg.rmsEps;
-  let x = new Float64Array(t * d);
-  ids.forEach((id, r) => {
-    for (let i = 0; i < d; i++) x[r * d + i] = ckpt.embed.data[id * d + i];
-  });
+  let x: Float64Array = new Float64Array(t * d);
+  if (opts.start) x = opts.start.x;
+  else {
+    ids.forEach((id, r) => {
+      for (let i = 0; i < d; i++) x[r * d + i] = ckpt.embed.data[id * d + i];
+    });
+  }
   const inv = ropeInvFreq(cfg.rope, hd);
   const half = hd / 2;
   const rope = (v: Vecs, heads: number) => {
@@ -98,7 +111,7 @@ export function referenceForward(
   };
 
   blocks.forEach((b, bi) => {
-    if (bi === opts.skipBlock) return;
+    if (bi === opts.skipBlock || bi < (opts.start?.block ?? 0)) return;
     let delta: Vecs;
     if (b.kind === "attention") {
       const H = cfg.numHeads;
@@ -147,13 +160,15 @@ export function referenceForward(
         for (let i = 0; i < delta.length; i++) delta[i] += part[i];
       }
     }
-    opts.onDelta?.(bi, delta);
+    opts.onDelta?.(bi, delta, x);
     const next = new Float64Array(t * d);
     for (let i = 0; i < next.length; i++) next[i] = x[i] + delta[i];
     x = next;
   });
 
-  const rows = opts.lastOnly ? 1 : t;
+  const mode = opts.logits ?? "all";
+  if (mode === "none") return { logits: new Float64Array(0), hidden: x };
+  const rows = mode === "last" ? 1 : t;
   const tail = x.subarray((t - rows) * d);
   const h = rmsNorm(tail, ckpt.finalNorm, rows, d, eps);
   return { logits: linear(h, ckpt.lmHead, rows), hidden: x };

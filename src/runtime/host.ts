@@ -30,6 +30,8 @@ export class ModelHost {
   loadMs = 0;
   swaps = 0;
   private active: Slot | null = null;
+  /** Replaced instances still finishing requests; freed when their last lease ends. */
+  private retiring = new Set<Slot>();
   private swapping: Promise<ModelInstance> | null = null;
 
   async load(dir: string, plan: unknown, device: Device): Promise<void> {
@@ -55,6 +57,11 @@ export class ModelHost {
 
   get instance(): ModelInstance | null {
     return this.active?.instance ?? null;
+  }
+
+  /** Old instances kept alive by requests that started before a swap. */
+  get retiringCount(): number {
+    return this.retiring.size;
   }
 
   get swapInProgress(): boolean {
@@ -96,6 +103,7 @@ export class ModelHost {
       this.swaps++;
       if (old) {
         old.retired = true;
+        this.retiring.add(old);
         this.freeIfIdle(old);
       }
       return instance;
@@ -107,6 +115,7 @@ export class ModelHost {
   private freeIfIdle(slot: Slot): void {
     if (slot.retired && slot.users === 0 && !slot.freed) {
       slot.freed = true;
+      this.retiring.delete(slot);
       slot.instance.session.release().catch((e) => console.error(`releasing session failed: ${e}`));
     }
   }

@@ -1,5 +1,6 @@
 import { type DecoderGraph, pastKey, pastValue, presentKey, presentValue } from "../onnx/decoder.ts";
 import { type Device, ort } from "./ort.ts";
+import { yieldIfBusy } from "./yield.ts";
 
 /** One sequence's attention cache: on the GPU between steps under WebGPU, in WASM memory otherwise. */
 export interface KvCache {
@@ -64,6 +65,7 @@ export class ModelSession {
   }
 
   private async runStep(ids: number[], cache: KvCache): Promise<StepResult> {
+    await yieldIfBusy();
     if (this.released) throw new Error("session was released");
     const t = ids.length;
     const total = cache.length + t;

@@ -16,6 +16,7 @@ export function getFuseHandler(host: ModelHost) {
     c.json({
       active: host.instance ? planView(host) : null,
       swaps: host.swaps,
+      retiring: host.retiringCount,
       swapping: host.swapInProgress,
     });
 }

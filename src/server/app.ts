@@ -2,6 +2,7 @@ import { Hono } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import type { ModelHost } from "../runtime/host.ts";
 import { getFuseHandler, postFuseHandler } from "./admin.ts";
+import { analysisRoutes, type AnalysisRunner } from "./analysis.ts";
 import { completionsHandler } from "./completions.ts";
 import { errorResponse, onError } from "./errors.ts";
 
@@ -10,7 +11,7 @@ export interface AppOptions {
   maxBodyBytes: number;
 }
 
-export function createApp(host: ModelHost, opts: AppOptions): Hono {
+export function createApp(host: ModelHost, analysis: AnalysisRunner, opts: AppOptions): Hono {
   const app = new Hono();
   app.onError(onError);
   app.notFound((c) => errorResponse(c, 404, `no route ${c.req.method} ${c.req.path}`));
@@ -45,5 +46,9 @@ export function createApp(host: ModelHost, opts: AppOptions): Hono {
   app.post("/v1/completions", completionsHandler(host));
   app.get("/fuse", getFuseHandler(host));
   app.post("/fuse", postFuseHandler(host));
+  const analyses = analysisRoutes(analysis);
+  app.get("/analysis", analyses.get);
+  app.get("/analysis/heatmap.svg", analyses.heatmap);
+  app.post("/analysis", analyses.post);
   return app;
 }

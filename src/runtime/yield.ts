@@ -1,0 +1,16 @@
+/** Longest stretch of back-to-back session runs before the event loop gets a turn. */
+const MAX_BUSY_MS = 15;
+
+let lastYield = performance.now();
+
+/**
+ * A WASM session run resolves through microtasks alone, so a busy decode loop would starve the
+ * event loop (new requests, /fuse, client disconnects) until it ends. Only a timer turn lets Deno
+ * poll sockets (a MessageChannel round trip does not), and `setTimeout(0)` costs ~2 ms here, so the
+ * turn is taken once per MAX_BUSY_MS of work rather than once per step.
+ */
+export async function yieldIfBusy(): Promise<void> {
+  if (performance.now() - lastYield < MAX_BUSY_MS) return;
+  await new Promise((resolve) => setTimeout(resolve, 0));
+  lastYield = performance.now();
+}

@@ -1,0 +1,145 @@
+import assert from "node:assert/strict";
+import { post, readSse, startServer } from "./server_helpers.ts";
+
+Deno.test({
+  name: "server: hot swap under load, plan validation, and analyses in the background",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async (t) => {
+    const server = await startServer(["--device", "wasm"]);
+    const { base } = server;
+    await server.ready;
+    const greedy = async () =>
+      (await (await post(base, "/v1/completions", { prompt: "def main(", max_tokens: 12, temperature: 0 }))
+        .json()).choices[0].text;
+    try {
+      const baseline = await greedy();
+      await t.step(
+        "concurrent streams survive two /fuse swaps; each is served by one plan; later requests use the new one",
+        async () => {
+          const prompts = [
+            "import os\n",
+            "def main(",
+            "class Stack:\n",
+            "for i in range(",
+            "return self.",
+            "while True:\n",
+          ];
+          const ends: number[] = [];
+          const streams = prompts.map((prompt) =>
+            post(base, "/v1/completions", {
+              prompt,
+              max_tokens: 160,
+              temperature: 0.7,
+              seed: 3,
+              stream: true,
+              stop: [],
+            })
+              .then(readSse)
+              .then((r) => (ends.push(performance.now()), r))
+          );
+          await new Promise((r) => setTimeout(r, 150));
+          const first = await post(base, "/fuse", { ffn_groups: [[3, 4, 5], [6, 7, 8]] });
+          assert.equal(first.status, 200, await first.clone().text());
+          assert.equal((await first.json()).active.id, "ffn[3-5,6-8]");
+          const second = await post(base, "/fuse", { version: 1, ffn_groups: [[2, 3, 4, 5]] });
+          assert.equal(second.status, 200);
+          await second.body?.cancel();
+          const swappedAt = performance.now();
+          assert.equal(ends.length, 0, "both swaps landed while every stream was still in flight");
+          const inFlight = await (await fetch(`${base}/fuse`)).json();
+          assert.ok(inFlight.retiring >= 1, "the replaced session is kept alive for its streams");
+          const results = await Promise.all(streams);
+          assert.ok(ends.every((e) => e > swappedAt));
+          for (const r of results) {
+            assert.ok(r.done, "every stream ends with [DONE]");
+            assert.ok(r.events.every((e) => !("error" in e)), "no stream errors");
+            assert.equal((r.events.at(-1)!.usage as { completion_tokens: number }).completion_tokens, 160);
+            const plans = new Set(r.events.map((e) => e.plan));
+            assert.deepEqual([...plans], ["unfused"], "a stream finishes on the session it started on");
+          }
+          const later = await post(base, "/v1/completions", { prompt: "x = ", max_tokens: 2 });
+          assert.equal((await later.json()).plan, "ffn[2-5]");
+          const state = await (await fetch(`${base}/fuse`)).json();
+          assert.equal(state.active.id, "ffn[2-5]");
+          assert.equal(state.swaps, 2);
+          assert.equal(state.retiring, 0, "old sessions are freed once their streams end");
+          assert.equal(state.active.ffn_blocks, 12 - 4 + 1);
+        },
+      );
+
+      await t.step("bad plans are 400 with a precise message and the active plan stays", async () => {
+        const bad: [unknown, RegExp][] = [
+          [{ ffn_groups: [[8, 9]] }, /ffn_groups\[0\] \[8,9\]: layer 9 has attention/],
+          [{ ffn_groups: [[3, 4], [4, 5]] }, /layer 4 is already in ffn_groups\[0\]/],
+          [{ ffn_groups: [[11, 12]] }, /layer 12 is out of range/],
+          [{ ffn_groups: [[3, 5]] }, /consecutive/],
+          [{ groups: [] }, /groups/],
+          ["nope", /invalid plan/],
+        ];
+        for (const [plan, re] of bad) {
+          const res = await post(base, "/fuse", plan);
+          assert.equal(res.status, 400, JSON.stringify(plan));
+          assert.match((await res.json()).error.message, re);
+        }
+        const raw = await post(base, "/fuse", "{oops", true);
+        assert.equal(raw.status, 400);
+        await raw.body?.cancel();
+        assert.equal((await (await fetch(`${base}/fuse`)).json()).active.id, "ffn[2-5]");
+      });
+
+      await t.step(
+        "an empty plan returns to the unfused model, which reproduces the unfused greedy text",
+        async () => {
+          const back = await post(base, "/fuse", { ffn_groups: [] });
+          assert.equal((await back.json()).active.id, "unfused");
+          assert.equal(await greedy(), baseline);
+        },
+      );
+
+      await t.step(
+        "POST /analysis runs in a worker while completions keep being served; GET returns the report",
+        async () => {
+          const none = await fetch(`${base}/analysis`);
+          assert.equal(none.status, 404);
+          assert.match((await none.json()).error.message, /no analysis yet/);
+          const bad = await post(base, "/analysis", { max_tokens: 1 });
+          assert.equal(bad.status, 400);
+          await bad.body?.cancel();
+          const started = await post(base, "/analysis", { max_tokens: 48, window: 24 });
+          assert.equal(started.status, 202);
+          await started.body?.cancel();
+          const busy = await post(base, "/analysis", {});
+          assert.equal(busy.status, 409);
+          await busy.body?.cancel();
+          const during = await post(base, "/v1/completions", {
+            prompt: "def f(",
+            max_tokens: 4,
+            temperature: 0,
+          });
+          assert.equal(during.status, 200);
+          await during.body?.cancel();
+          let body;
+          for (let i = 0; i < 600; i++) {
+            body = await (await fetch(`${base}/analysis`)).json();
+            if (body.status !== "running") break;
+            await new Promise((r) => setTimeout(r, 100));
+          }
+          assert.equal(body.status, "done", JSON.stringify(body).slice(0, 300));
+          const report = body.report;
+          assert.equal(report.analysis.blocks.length, 18);
+          assert.equal(report.analysis.tokens, 48);
+          assert.deepEqual(report.runs, [[2, 3, 4, 5, 6, 7, 8]]);
+          const applied = await post(base, "/fuse", report.suggested_plan);
+          assert.equal(applied.status, 200, "the suggested plan is a valid plan");
+          await applied.body?.cancel();
+          const svg = await fetch(`${base}/analysis/heatmap.svg`);
+          assert.equal(svg.headers.get("content-type"), "image/svg+xml");
+          assert.match(await svg.text(), /^<svg[\s\S]*attn 0[\s\S]*<\/svg>$/);
+        },
+      );
+    } finally {
+      await server.stop();
+    }
+  },
+});
