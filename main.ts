@@ -1,4 +1,5 @@
 import { analyzeCommand } from "./src/cli/analyze.ts";
+import { benchCommand } from "./src/cli/bench.ts";
 import { evalCommand } from "./src/cli/eval.ts";
 import { generateCommand } from "./src/cli/generate.ts";
 import { logitsCommand } from "./src/cli/logits.ts";
@@ -18,7 +19,10 @@ commands:
             [--max-width 4] [--threshold 0.2] [--svg FILE]
   eval      --model DIR --text FILE [--plan FILE] [--max-tokens 256] [--skip-tokens 0] [--window 256]
 
---model defaults to the embedded tiny-nas checkpoint.`;
+  bench     [--model DIR | --preset tiny-nas|llama-1b|llama-8b] [--device ...] [--k 4]
+            [--tokens 1,8,32,128] [--dtype f16|f32] [--decode-tokens 64] [--json]
+
+--model defaults to the embedded tiny-nas checkpoint (bench: a preset shape unless --model is given).`;
 
 const COMMANDS: Record<string, (argv: string[]) => Promise<void>> = {
   serve: serveCommand,
@@ -26,6 +30,7 @@ const COMMANDS: Record<string, (argv: string[]) => Promise<void>> = {
   logits: logitsCommand,
   analyze: analyzeCommand,
   eval: evalCommand,
+  bench: benchCommand,
 };
 
 async function main(args: string[]): Promise<number> {

@@ -138,6 +138,27 @@ Deno.test({
           assert.match(await svg.text(), /^<svg[\s\S]*attn 0[\s\S]*<\/svg>$/);
         },
       );
+
+      await t.step("POST /bench runs one benchmark at a time and GET /bench returns the last", async () => {
+        const none = await fetch(`${base}/bench`);
+        assert.equal(none.status, 404);
+        await none.body?.cancel();
+        const bad = await post(base, "/bench", { tokens: [0] });
+        assert.equal(bad.status, 400);
+        await bad.body?.cancel();
+        const first = post(base, "/bench", { k: 2, tokens: [1], decode_tokens: 4 });
+        await new Promise((r) => setTimeout(r, 50));
+        const second = await post(base, "/bench", { k: 2, tokens: [1] });
+        assert.equal(second.status, 409);
+        assert.match((await second.json()).error.message, /already running/);
+        const done = await first;
+        assert.equal(done.status, 200);
+        const body = await done.json();
+        assert.equal(body.report.device, "wasm");
+        assert.equal(body.report.decode.length, 2);
+        assert.match(body.table, /onnxruntime-web FFN graphs/);
+        assert.equal((await (await fetch(`${base}/bench`)).json()).report.date, body.report.date);
+      });
     } finally {
       await server.stop();
     }

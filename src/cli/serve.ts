@@ -7,6 +7,7 @@ import { int, parseFlags, validateFlags } from "./args.ts";
 import { modelFlags } from "./load.ts";
 import { DEFAULT_CALIBRATION_TEXT } from "./defaults.ts";
 import { AnalysisRunner } from "../server/analysis.ts";
+import { BenchRunner } from "../server/bench.ts";
 import { InputError } from "../errors.ts";
 
 const schema = z.strictObject({
@@ -34,8 +35,10 @@ export async function serveCommand(argv: string[]): Promise<void> {
   const device = await resolveDevice(flags.device);
   const plan = await readPlan(flags.plan);
   const host = new ModelHost();
-  const analysis = new AnalysisRunner(() => (host.state === "ready" ? flags.model : null), flags.text);
-  const app = createApp(host, analysis, { maxBodyBytes: 1 << 20 });
+  const ready = () => (host.state === "ready" ? flags.model : null);
+  const analysis = new AnalysisRunner(ready, flags.text);
+  const bench = new BenchRunner(ready, () => host.device);
+  const app = createApp({ host, analysis, bench }, { maxBodyBytes: 1 << 20 });
   const server = Deno.serve({ hostname: flags.host, port: flags.port, onListen: () => {} }, app.fetch);
   const addr = server.addr as Deno.NetAddr;
   console.log(JSON.stringify({ event: "listening", host: addr.hostname, port: addr.port }));

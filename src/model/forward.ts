@@ -47,7 +47,8 @@ function rmsNorm(x: Vecs, gain: Float32Array | null, t: number, d: number, eps: 
   return y;
 }
 
-function ffnDelta(x: Vecs, b: FfnBlock, t: number, d: number, eps: number): Vecs {
+/** FFN_b(norm(x)) for T rows of width d, without the residual: the float64 reference of one FFN block. */
+export function ffnDelta(x: Float64Array, b: FfnBlock, t: number, d: number, eps: number): Float64Array {
   const h = rmsNorm(x, b.norm, t, d, eps);
   const gate = linear(h, b.gate, t);
   const up = linear(h, b.up, t);

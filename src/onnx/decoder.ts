@@ -27,6 +27,9 @@ interface Shared {
   sin: string;
 }
 
+/** What the FFN-only graphs need of a model config. */
+type FfnConfig = Pick<ModelConfig, "hidden" | "rmsEps">;
+
 class DecoderEmitter {
   readonly g = new GraphBuilder();
 
@@ -179,4 +182,22 @@ export function buildDecoderGraph(ckpt: Checkpoint, blocks: Block[]): DecoderGra
     matmulCount: g.countOps("MatMul"),
     nodeCount: g.nodeCount,
   };
+}
+
+/**
+ * A graph of FFN blocks alone, `x [T, hidden] -> y`: k narrow blocks in sequence, or a fused block,
+ * for comparing the two forms through onnxruntime with the same weights.
+ */
+export function buildFfnStackGraph(
+  cfg: FfnConfig,
+  blocks: FfnBlock[],
+): { bytes: Uint8Array; matmulCount: number } {
+  // FFN blocks read only hidden and rmsEps of the config; nothing attention-related is emitted.
+  const e = new DecoderEmitter(cfg as ModelConfig);
+  const g = e.g;
+  let x = g.input("x", "float32", ["tokens", cfg.hidden]);
+  for (const b of blocks) x = e.ffn(x, b);
+  g.op("Identity", [x], {}, "y");
+  g.output("y", "float32", ["tokens", cfg.hidden]);
+  return { bytes: g.encode("fusedge_ffn_stack"), matmulCount: g.countOps("MatMul") };
 }

@@ -3,6 +3,7 @@ import { bodyLimit } from "hono/body-limit";
 import type { ModelHost } from "../runtime/host.ts";
 import { getFuseHandler, postFuseHandler } from "./admin.ts";
 import { analysisRoutes, type AnalysisRunner } from "./analysis.ts";
+import { benchRoutes, type BenchRunner } from "./bench.ts";
 import { completionsHandler } from "./completions.ts";
 import { errorResponse, onError } from "./errors.ts";
 
@@ -11,7 +12,13 @@ export interface AppOptions {
   maxBodyBytes: number;
 }
 
-export function createApp(host: ModelHost, analysis: AnalysisRunner, opts: AppOptions): Hono {
+export interface Services {
+  host: ModelHost;
+  analysis: AnalysisRunner;
+  bench: BenchRunner;
+}
+
+export function createApp({ host, analysis, bench }: Services, opts: AppOptions): Hono {
   const app = new Hono();
   app.onError(onError);
   app.notFound((c) => errorResponse(c, 404, `no route ${c.req.method} ${c.req.path}`));
@@ -50,5 +57,8 @@ export function createApp(host: ModelHost, analysis: AnalysisRunner, opts: AppOp
   app.get("/analysis", analyses.get);
   app.get("/analysis/heatmap.svg", analyses.heatmap);
   app.post("/analysis", analyses.post);
+  const benches = benchRoutes(bench);
+  app.get("/bench", benches.get);
+  app.post("/bench", benches.post);
   return app;
 }

@@ -1,0 +1,77 @@
+import { fuseFfns } from "../fusion/apply.ts";
+import { buildFfnStackGraph } from "../onnx/decoder.ts";
+import type { Device } from "../runtime/ort.ts";
+import { ort } from "../runtime/ort.ts";
+import { rng } from "../runtime/sampling.ts";
+import type { FfnRun } from "./shapes.ts";
+
+export interface OnnxFfnCase {
+  tokens: number;
+  sequential_ms: number;
+  fused_ms: number;
+  speedup: number;
+  /** MatMul nodes in each graph: 3k against 3. */
+  matmuls: { sequential: number; fused: number };
+}
+
+export interface OnnxFfnReport {
+  device: Device;
+  cases: OnnxFfnCase[];
+}
+
+async function session(bytes: Uint8Array, device: Device): Promise<ort.InferenceSession> {
+  return await ort.InferenceSession.create(bytes, {
+    executionProviders: [device],
+    graphOptimizationLevel: "all",
+    preferredOutputLocation: device === "webgpu" ? "gpu-buffer" : "cpu",
+    logSeverityLevel: 3,
+  });
+}
+
+/** Wall time per session.run, outputs left on the GPU under WebGPU (no readback in the loop). */
+async function timeRuns(s: ort.InferenceSession, x: ort.Tensor, minMs = 300): Promise<number> {
+  const once = async () => {
+    const out = await s.run({ x });
+    out.y.dispose();
+  };
+  await once();
+  let runs = 0;
+  const t0 = performance.now();
+  while (performance.now() - t0 < minMs || runs < 5) {
+    await once();
+    runs++;
+  }
+  return (performance.now() - t0) / runs;
+}
+
+/** The sequential-vs-fused FFN comparison through onnxruntime-web graphs with the same weights. */
+export async function benchOnnxFfn(run: FfnRun, device: Device, tokens: number[]): Promise<OnnxFfnReport> {
+  const cfg = { hidden: run.d, rmsEps: run.eps };
+  const seqGraph = buildFfnStackGraph(cfg, run.blocks);
+  const fusedGraph = buildFfnStackGraph(cfg, [fuseFfns(run.blocks)]);
+  const seq = await session(seqGraph.bytes, device);
+  const fused = await session(fusedGraph.bytes, device);
+  const random = rng(7);
+  const cases: OnnxFfnCase[] = [];
+  try {
+    for (const t of tokens) {
+      const x = new ort.Tensor("float32", Float32Array.from({ length: t * run.d }, () => random() * 2 - 1), [
+        t,
+        run.d,
+      ]);
+      const s = await timeRuns(seq, x);
+      const f = await timeRuns(fused, x);
+      cases.push({
+        tokens: t,
+        sequential_ms: s,
+        fused_ms: f,
+        speedup: s / f,
+        matmuls: { sequential: seqGraph.matmulCount, fused: fusedGraph.matmulCount },
+      });
+    }
+  } finally {
+    await seq.release();
+    await fused.release();
+  }
+  return { device, cases };
+}

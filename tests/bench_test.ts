@@ -1,0 +1,108 @@
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { benchFfn } from "../src/bench/ffn_bench.ts";
+import { checkpointRun, presetRun } from "../src/bench/shapes.ts";
+import { loadCheckpoint } from "../src/model/checkpoint.ts";
+import { requestGpu } from "../src/webgpu/device.ts";
+import { HAS_WEBGPU, NAS_LIKE, ROOT, TINY_NAS, writeRandomModel } from "./helpers.ts";
+
+const gpuTest = (name: string, fn: () => Promise<void>) =>
+  Deno.test({ name, ignore: !HAS_WEBGPU, sanitizeResources: false, sanitizeOps: false, fn });
+
+gpuTest(
+  "WGSL FFN kernels: sequential and fused runs match float64 (gemv and tiled gemm, ragged widths)",
+  async () => {
+    const gpu = await requestGpu();
+    const dir = await writeRandomModel(NAS_LIKE);
+    const ragged = checkpointRun(await loadCheckpoint(dir), 3); // widths 64, 48, 32: fused n = 144
+    assert.deepEqual(ragged.layers, [2, 3, 4]);
+    const r = await benchFfn(gpu, ragged, { tokens: [1, 19], weightType: "f32", tolerance: 1e-5 });
+    assert.deepEqual(r.n_per_layer, [64, 48, 32]);
+    for (const c of r.cases) {
+      assert.ok(c.sequential_rel_err < 1e-5 && c.fused_rel_err < 1e-5, JSON.stringify(c));
+      assert.ok(c.sequential_ms > 0 && c.fused_ms > 0 && c.fused_gbps > 0);
+    }
+    assert.ok(r.streaming_read_gbps > 0);
+    if (gpu.hasF16) {
+      const h = await benchFfn(gpu, checkpointRun(await loadCheckpoint(TINY_NAS), 2), {
+        tokens: [1],
+        weightType: "f16",
+        tolerance: 2e-3,
+      });
+      assert.ok(h.cases[0].fused_rel_err < 2e-3);
+    }
+    gpu.device.destroy();
+    await Deno.remove(dir, { recursive: true });
+  },
+);
+
+gpuTest("WGSL FFN kernels: a wrong result fails the check instead of being timed", async () => {
+  const gpu = await requestGpu();
+  await assert.rejects(
+    benchFfn(gpu, presetRun("tiny-nas", 2), { tokens: [1], weightType: "f32", tolerance: 1e-12 }),
+    /sequential FFN run, T=1: relative error .* vs float64/,
+  );
+  gpu.device.destroy();
+});
+
+async function bench(args: string[]) {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", join(ROOT, "main.ts"), "bench", ...args],
+    stdout: "piped",
+    stderr: "piped",
+  })
+    .output();
+  return {
+    code: out.code,
+    stdout: new TextDecoder().decode(out.stdout),
+    stderr: new TextDecoder().decode(out.stderr),
+  };
+}
+
+gpuTest("cli bench on WebGPU: kernels, onnxruntime graphs and decode, as JSON and as a table", async () => {
+  const r = await bench([
+    "--model",
+    TINY_NAS,
+    "--device",
+    "webgpu",
+    "--k",
+    "2",
+    "--tokens",
+    "1,4",
+    "--decode-tokens",
+    "4",
+    "--json",
+  ]);
+  assert.equal(r.code, 0, r.stderr);
+  const report = JSON.parse(r.stdout);
+  assert.equal(report.device, "webgpu");
+  assert.equal(report.source, "tiny-nas layers 7..8");
+  assert.deepEqual(report.ffn_kernels.cases.map((c: { tokens: number }) => c.tokens), [1, 4]);
+  assert.deepEqual(report.ffn_onnx.cases[0].matmuls, { sequential: 6, fused: 3 });
+  assert.deepEqual(report.decode.map((d: { plan: string }) => d.plan), ["unfused", "ffn[7-8]"]);
+  const table = await bench(["--preset", "tiny-nas", "--device", "webgpu", "--k", "2", "--tokens", "1"]);
+  assert.equal(table.code, 0, table.stderr);
+  assert.match(table.stdout, /WGSL FFN kernels/);
+  assert.match(table.stdout, /fused\/seq/);
+});
+
+Deno.test("cli bench on WASM and bad bench flags", async () => {
+  const r = await bench(["--preset", "tiny-nas", "--device", "wasm", "--k", "3", "--tokens", "1", "--json"]);
+  assert.equal(r.code, 0, r.stderr);
+  const report = JSON.parse(r.stdout);
+  assert.equal(report.ffn_kernels, null);
+  assert.equal(report.ffn_onnx.cases[0].matmuls.sequential, 9);
+  for (
+    const [args, re] of [
+      [["--preset", "gpt-5"], /--preset/],
+      [["--tokens", "1,x"], /--tokens/],
+      [["--tokens", "0"], /--tokens/],
+      [["--k", "1"], /--k/],
+      [["--model", TINY_NAS, "--preset", "tiny-nas"], /exclusive/],
+    ] as [string[], RegExp][]
+  ) {
+    const bad = await bench(args);
+    assert.equal(bad.code, 2, `${args}: ${bad.stderr}`);
+    assert.match(bad.stderr, re);
+  }
+});
