@@ -7,6 +7,8 @@ import { DEFAULT_SAMPLING } from "../runtime/sampling.ts";
 export interface DecodeCase {
   device: Device;
   plan: string;
+  /** Where tokens were chosen: on the GPU with batched readback (WebGPU), or on the host. */
+  sampling: "gpu" | "host";
   tokens: number;
   prefill_ms: number;
   tokens_per_second: number;
@@ -42,6 +44,7 @@ export async function benchDecode(
       out.push({
         device,
         plan: inst.planId,
+        sampling: device === "webgpu" ? "gpu" : "host",
         tokens: r.value.completionTokens,
         prefill_ms: first - t0,
         tokens_per_second: (r.value.completionTokens - 1) / ((end - first) / 1000),

@@ -49,9 +49,11 @@ class DecoderEmitter {
     });
   }
 
-  shared(inputIds: string, mask: string, positions: string): Shared {
+  shared(mask: string, positions: string): Shared {
     const g = this.g;
-    const seqLen = g.op("Gather", [g.op("Shape", [inputIds]), g.ints([1], true)], { axis: 0 });
+    // T comes from position_ids, a host input: taking the Shape of input_ids, which the GPU-resident
+    // decode loop passes as a GPU buffer, makes onnxruntime copy it to the host, a readback per step.
+    const seqLen = g.op("Gather", [g.op("Shape", [positions]), g.ints([1], true)], { axis: 0 });
     const totalLen = g.op("Gather", [g.op("Shape", [mask]), g.ints([1], true)], { axis: 0 });
     const pastLen = g.op("Sub", [totalLen, seqLen]);
     const keyIdx = g.op("Range", [g.ints([0], true), totalLen, g.ints([1], true)]);
@@ -157,7 +159,7 @@ export function buildDecoderGraph(ckpt: Checkpoint, blocks: Block[]): DecoderGra
     g.input(pastKey(layer), "float32", ["batch_size", kvHeads, "past_sequence_length", cfg.headDim]);
     g.input(pastValue(layer), "float32", ["batch_size", kvHeads, "past_sequence_length", cfg.headDim]);
   }
-  const shared = e.shared(inputIds, mask, positions);
+  const shared = e.shared(mask, positions);
   let x = g.op("Gather", [g.weight("embed_tokens", [...ckpt.embed.shape], ckpt.embed.data), inputIds], {
     axis: 0,
   });

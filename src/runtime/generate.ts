@@ -1,4 +1,5 @@
 import type { TextTokenizer } from "../model/tokenizer.ts";
+import { DEFAULT_READBACK_BATCH, GpuTokenPicker } from "./gpu_decode.ts";
 import { Sampler, type SamplingParams } from "./sampling.ts";
 import { disposeCache, type ModelSession } from "./session.ts";
 
@@ -75,67 +76,174 @@ export interface GenerateOptions {
   eosTokenIds: number[];
   maxPositions: number;
   signal?: AbortSignal;
+  /** WebGPU only: tokens per readback in the GPU-resident loop (default 8); 0 forces host sampling. */
+  readbackBatch?: number;
+}
+
+/**
+ * Everything that happens to a chosen token on the host: end-of-sequence, detokenisation, stop
+ * sequences, accounting. Both decode loops feed it, whichever device chose the token.
+ */
+class TokenSink {
+  private readonly decoder;
+  private readonly stops;
+  private readonly eos;
+  readonly ids: number[] = [];
+  text = "";
+  finishReason: FinishReason = "length";
+  private hitStopSequence = false;
+  done = false;
+
+  constructor(tokenizer: TextTokenizer, private readonly params: GenerateParams, eosTokenIds: number[]) {
+    this.decoder = tokenizer.streamDecoder();
+    this.stops = new StopMatcher(params.stop);
+    this.eos = new Set(params.ignoreEos ? [] : eosTokenIds);
+  }
+
+  /** Takes one token; returns the text that became final (possibly empty). */
+  push(id: number): string {
+    this.ids.push(id);
+    if (this.eos.has(id)) {
+      this.finish("stop");
+      return "";
+    }
+    const { emit, stopped } = this.stops.push(this.decoder.push(id));
+    this.text += emit;
+    if (stopped) {
+      this.hitStopSequence = true;
+      this.finish("stop");
+    } else if (this.ids.length >= this.params.maxTokens) this.finish("length");
+    return emit;
+  }
+
+  finish(reason: FinishReason): void {
+    if (!this.done) this.finishReason = reason;
+    this.done = true;
+  }
+
+  /** Text still held back (an incomplete character, a possible stop prefix) once the run is over. */
+  tail(): string {
+    if (this.hitStopSequence || this.finishReason === "cancelled") return "";
+    const { emit } = this.stops.push(this.decoder.flush());
+    const rest = emit + this.stops.flush();
+    this.text += rest;
+    return rest;
+  }
+
+  summary(promptTokens: number): GenerationSummary {
+    return {
+      finishReason: this.finishReason,
+      promptTokens,
+      completionTokens: this.ids.length,
+      text: this.text,
+      ids: this.ids,
+    };
+  }
+}
+
+/** Sampling the GPU can do by itself: greedy, or plain temperature (Gumbel-max). */
+function gpuSamplable(p: GenerateParams): boolean {
+  return p.topK === 0 && p.topP === 1 && p.repetitionPenalty === 1;
 }
 
 /**
  * Prefills the prompt, then decodes one token per step, yielding text as it becomes final. Each step
- * is its own session run, so concurrent generations interleave on one session.
+ * is its own session run, so concurrent generations interleave on one session. Under WebGPU, when
+ * the sampling allows it, tokens are chosen on the GPU and read back in batches (no readback per step).
  */
 export async function* generate(opts: GenerateOptions): AsyncGenerator<GenerationChunk, GenerationSummary> {
-  const { session, tokenizer, promptIds, params, signal } = opts;
-  if (promptIds.length === 0) throw new Error("generate needs at least one prompt token");
+  if (opts.promptIds.length === 0) throw new Error("generate needs at least one prompt token");
+  const sink = new TokenSink(opts.tokenizer, opts.params, opts.eosTokenIds);
+  const batch = opts.readbackBatch ?? DEFAULT_READBACK_BATCH;
+  const onGpu = opts.session.device === "webgpu" && batch > 0 && gpuSamplable(opts.params);
+  yield* onGpu ? gpuLoop(opts, sink, batch) : hostLoop(opts, sink);
+  const tail = sink.tail();
+  if (tail) yield { text: tail, tokenId: -1 };
+  return sink.summary(opts.promptIds.length);
+}
+
+/** Logits to the host every step; the host samples (any sampling parameters). */
+async function* hostLoop(opts: GenerateOptions, sink: TokenSink): AsyncGenerator<GenerationChunk> {
+  const { session, params, signal } = opts;
   const sampler = new Sampler(params);
-  const decoder = tokenizer.streamDecoder();
-  const stops = new StopMatcher(params.stop);
-  const eos = new Set(params.ignoreEos ? [] : opts.eosTokenIds);
-  const history = [...promptIds];
-  const ids: number[] = [];
+  const history = [...opts.promptIds];
   const vocab = session.vocabSize;
-  let text = "";
-  let generated = 0;
-  let finishReason: FinishReason = "length";
-  let hitStopSequence = false;
-  let { logits, cache } = await session.step(promptIds, session.emptyCache());
+  let { logits, cache } = await session.step(opts.promptIds, session.emptyCache());
   let row = logits.subarray(logits.length - vocab);
   try {
-    while (generated < params.maxTokens) {
-      if (signal?.aborted) {
-        finishReason = "cancelled";
-        break;
-      }
+    for (;;) {
+      if (signal?.aborted) return sink.finish("cancelled");
       const id = sampler.next(row, history);
-      generated++;
-      ids.push(id);
-      if (eos.has(id)) {
-        finishReason = "stop";
-        break;
-      }
       history.push(id);
-      const { emit, stopped } = stops.push(decoder.push(id));
-      if (emit) {
-        text += emit;
-        yield { text: emit, tokenId: id };
-      }
-      if (stopped) {
-        finishReason = "stop";
-        hitStopSequence = true;
-        break;
-      }
-      if (generated >= params.maxTokens || cache.length + 1 >= opts.maxPositions) break;
+      const emit = sink.push(id);
+      if (emit) yield { text: emit, tokenId: id };
+      if (sink.done || cache.length + 1 >= opts.maxPositions) return;
       const next = await session.step([id], cache);
       cache = next.cache;
       row = next.logits;
     }
-    if (!hitStopSequence && finishReason !== "cancelled") {
-      const { emit } = stops.push(decoder.flush());
-      const tail = emit + stops.flush();
-      if (tail) {
-        text += tail;
-        yield { text: tail, tokenId: -1 };
-      }
-    }
   } finally {
     disposeCache(cache);
   }
-  return { finishReason, promptTokens: promptIds.length, completionTokens: generated, text, ids };
+}
+
+/**
+ * Logits stay on the GPU; a kernel picks each token and feeds it to the next step as a GPU tensor.
+ * Ids come back `batch` at a time, each readback overlapped with the next batch's decoding; a run
+ * that ends mid-batch (EOS, stop sequence) discards the few tokens computed past its end.
+ */
+async function* gpuLoop(
+  opts: GenerateOptions,
+  sink: TokenSink,
+  batch: number,
+): AsyncGenerator<GenerationChunk> {
+  const { session, params, signal } = opts;
+  const vocab = session.vocabSize;
+  const picker = await GpuTokenPicker.create(session, {
+    temperature: params.temperature,
+    seed: params.seed ?? Math.floor(Math.random() * 2 ** 32),
+    maxSteps: params.maxTokens,
+  });
+  const room = opts.maxPositions - opts.promptIds.length;
+  const total = Math.min(params.maxTokens, room);
+  let cache = session.emptyCache();
+  let pending: Promise<number[]> | null = null;
+  let readFrom = 0;
+  const consume = function* (ids: number[]): Generator<GenerationChunk> {
+    for (const id of ids) {
+      if (sink.done) return;
+      const emit = sink.push(id);
+      if (emit) yield { text: emit, tokenId: id };
+    }
+  };
+  try {
+    const first = await session.stepTensor(opts.promptIds, cache);
+    cache = first.cache;
+    picker.pick(first.logits.gpuBuffer as GPUBuffer, opts.promptIds.length - 1, vocab);
+    first.logits.dispose();
+    while (!sink.done) {
+      if (signal?.aborted) return sink.finish("cancelled");
+      const flush = picker.steps - readFrom >= batch || picker.steps >= total;
+      if (flush && picker.steps > readFrom) {
+        const ready = pending;
+        pending = picker.readBack(readFrom, picker.steps);
+        readFrom = picker.steps;
+        if (ready) yield* consume(await ready);
+      }
+      if (picker.steps >= total) {
+        if (pending) yield* consume(await pending);
+        pending = null;
+        if (!sink.done) sink.finish("length");
+        return;
+      }
+      const next = await session.stepTensor(picker.nextIds, cache);
+      cache = next.cache;
+      picker.pick(next.logits.gpuBuffer as GPUBuffer, 0, vocab);
+      next.logits.dispose();
+    }
+  } finally {
+    if (pending) await pending.catch(() => {});
+    disposeCache(cache);
+    picker.destroy();
+  }
 }

@@ -14,6 +14,16 @@ export interface StepResult {
   cache: KvCache;
 }
 
+/** A step whose logits stay where the session left them: in a GPU buffer under WebGPU. */
+export interface TensorStepResult {
+  /** [1, tokens, vocab]; the caller disposes it. */
+  logits: ort.Tensor;
+  cache: KvCache;
+}
+
+/** Step input: token ids from the host, or one id already on the GPU (an int64 written by a kernel). */
+export type StepInput = number[] | GPUBuffer;
+
 /**
  * A decoder graph loaded into onnxruntime-web. onnxruntime-web sessions must not run concurrently,
  * so runs are chained: callers may interleave steps of many sequences, each with its own cache.
@@ -30,7 +40,9 @@ export class ModelSession {
   ) {}
 
   static async create(graph: DecoderGraph, device: Device, vocabSize: number): Promise<ModelSession> {
-    const preferred: Record<string, "gpu-buffer" | "cpu"> = { logits: "cpu" };
+    const preferred: Record<string, "gpu-buffer" | "cpu"> = {
+      logits: device === "webgpu" ? "gpu-buffer" : "cpu",
+    };
     if (device === "webgpu") {
       for (const { layer } of graph.cache) {
         preferred[presentKey(layer)] = "gpu-buffer";
@@ -58,19 +70,35 @@ export class ModelSession {
   }
 
   /** Runs `ids` after the cached prefix; the old cache is consumed and must not be used again. */
-  step(ids: number[], cache: KvCache): Promise<StepResult> {
-    const run = this.chain.then(() => this.runStep(ids, cache));
+  async step(ids: number[], cache: KvCache): Promise<StepResult> {
+    const r = await this.stepTensor(ids, cache);
+    // Under WebGPU this download is the step's one readback (~11 ms under Deno).
+    const logits = (await r.logits.getData(true)) as Float32Array;
+    return { logits, cache: r.cache };
+  }
+
+  /** Like `step`, but leaves the logits in place (a GPU buffer under WebGPU) for on-device sampling. */
+  stepTensor(input: StepInput, cache: KvCache): Promise<TensorStepResult> {
+    const run = this.chain.then(() => this.runStep(input, cache));
     this.chain = run.catch(() => {});
     return run;
   }
 
-  private async runStep(ids: number[], cache: KvCache): Promise<StepResult> {
+  /** The WebGPU device onnxruntime runs on, for kernels that read its buffers. */
+  async gpuDevice(): Promise<GPUDevice> {
+    if (this.device !== "webgpu") throw new Error("not a WebGPU session");
+    return await ort.env.webgpu.device as GPUDevice;
+  }
+
+  private async runStep(input: StepInput, cache: KvCache): Promise<TensorStepResult> {
     await yieldIfBusy();
     if (this.released) throw new Error("session was released");
-    const t = ids.length;
+    const t = Array.isArray(input) ? input.length : 1;
     const total = cache.length + t;
     const feeds: Record<string, ort.Tensor> = {
-      input_ids: new ort.Tensor("int64", BigInt64Array.from(ids, BigInt), [1, t]),
+      input_ids: Array.isArray(input)
+        ? new ort.Tensor("int64", BigInt64Array.from(input, BigInt), [1, t])
+        : ort.Tensor.fromGpuBuffer(input, { dataType: "int64", dims: [1, 1] }),
       attention_mask: new ort.Tensor("int64", new BigInt64Array(total).fill(1n), [1, total]),
       position_ids: new ort.Tensor(
         "int64",
@@ -86,8 +114,7 @@ export class ModelSession {
       tensors.set(pastKey(layer), out[presentKey(layer)]);
       tensors.set(pastValue(layer), out[presentValue(layer)]);
     }
-    const logits = (await out.logits.getData()) as Float32Array;
-    return { logits, cache: { length: total, tensors } };
+    return { logits: out.logits, cache: { length: total, tensors } };
   }
 
   /** Waits for runs in flight, then frees the session's memory (GPU buffers included). */
