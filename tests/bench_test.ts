@@ -79,7 +79,15 @@ gpuTest("cli bench on WebGPU: kernels, onnxruntime graphs and decode, as JSON an
   assert.equal(report.source, "tiny-nas layers 7..8");
   assert.deepEqual(report.ffn_kernels.cases.map((c: { tokens: number }) => c.tokens), [1, 4]);
   assert.deepEqual(report.ffn_onnx.cases[0].matmuls, { sequential: 6, fused: 3 });
-  assert.deepEqual(report.decode.map((d: { plan: string }) => d.plan), ["unfused", "ffn[7-8]"]);
+  const decode = report.decode.map((d: { device: string; plan: string; sampling: string }) =>
+    `${d.device} ${d.plan} ${d.sampling}`
+  );
+  assert.deepEqual(decode, [
+    "webgpu unfused gpu",
+    "webgpu ffn[7-8] gpu",
+    "wasm unfused host",
+    "wasm ffn[7-8] host",
+  ]);
   const table = await bench(["--preset", "tiny-nas", "--device", "webgpu", "--k", "2", "--tokens", "1"]);
   assert.equal(table.code, 0, table.stderr);
   assert.match(table.stdout, /WGSL FFN kernels/);

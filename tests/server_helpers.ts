@@ -7,6 +7,9 @@ export interface RunningServer {
   process: Deno.ChildProcess;
   /** Resolves once the model is loaded ("ready" on stdout). */
   ready: Promise<void>;
+  /** The JSON lines the server printed after `listening`, as they arrive. */
+  events: Record<string, unknown>[];
+  readonly exited: boolean;
   stop(): Promise<void>;
 }
 
@@ -40,17 +43,33 @@ export async function startServer(args: string[], binary?: string): Promise<Runn
   };
   const listening = await nextEvent();
   const port = listening.port as number;
-  const ready = nextEvent().then((e) => {
-    if (e.event !== "ready") throw new Error(`unexpected event ${JSON.stringify(e)}`);
+  const events: Record<string, unknown>[] = [];
+  let exited = false;
+  // Every later stdout line is kept: request logs, ready, draining, stopped.
+  const ready = (async () => {
+    for (;;) {
+      const e = await nextEvent();
+      events.push(e);
+      if (e.event === "ready") break;
+      if (e.event === "stopped") throw new Error("server stopped before it was ready");
+    }
     (async () => {
-      while (!(await lines.read()).done) { /* drain */ }
+      try {
+        for (;;) events.push(await nextEvent());
+      } catch {
+        exited = true;
+      }
     })();
-  });
+  })();
   return {
     base: `http://127.0.0.1:${port}`,
     port,
     process,
     ready,
+    events,
+    get exited() {
+      return exited;
+    },
     stop: async () => {
       try {
         process.kill("SIGTERM");

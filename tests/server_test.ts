@@ -21,6 +21,8 @@ Deno.test({
           model: "tiny-nas",
           device: "wasm",
           plan: "unfused",
+          active: 0,
+          queued: 0,
         });
       });
 

@@ -56,12 +56,15 @@ export async function runBench(
   const onnx = await benchOnnxFfn(run, device, opts.tokens);
   const decode: DecodeCase[] = [];
   if (assets) {
-    log(`decode on ${device}`);
     const plans = [{ version: 1 as const, ffn_groups: [] }, {
       version: 1 as const,
       ffn_groups: [run.layers],
     }];
-    decode.push(...await benchDecode(assets, plans, device, opts.decodeTokens));
+    // WASM always exists, so a WebGPU run also reports the CPU fallback for comparison.
+    for (const d of device === "webgpu" ? ["webgpu", "wasm"] as const : [device]) {
+      log(`decode on ${d}`);
+      decode.push(...await benchDecode(assets, plans, d, opts.decodeTokens));
+    }
   }
   return {
     date: new Date().toISOString(),
@@ -110,11 +113,19 @@ export function formatBench(r: BenchReport): string {
     );
   }
   if (r.decode.length) {
-    lines.push("", "decode (greedy, after the first token)", "plan                 tokens/s  prefill ms");
+    lines.push(
+      "",
+      "decode (greedy, after the first token)",
+      "device  plan                 sampling  tokens/s  prefill ms",
+    );
     for (const c of r.decode) {
-      lines.push(
-        `${c.plan.padEnd(20)} ${f(c.tokens_per_second, 1).padStart(9)}  ${f(c.prefill_ms, 1).padStart(10)}`,
-      );
+      const cols = [
+        c.device.padEnd(7),
+        c.plan.padEnd(20),
+        c.sampling.padEnd(8),
+        f(c.tokens_per_second, 1).padStart(9),
+      ];
+      lines.push(`${cols.join(" ")}  ${f(c.prefill_ms, 1).padStart(10)}`);
     }
   }
   return lines.join("\n");

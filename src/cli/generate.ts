@@ -18,7 +18,7 @@ const flagSchema = z.strictObject({
   stop: z.array(z.string()).optional(),
 });
 
-const paramSchema = z.object(generationFields);
+const paramSchema = z.object(generationFields());
 
 /** --flag strings -> the shared generation schema, with errors named by flag. */
 function generationParams(flags: z.infer<typeof flagSchema>) {

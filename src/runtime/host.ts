@@ -24,6 +24,8 @@ export type HostState = "loading" | "ready" | "failed";
  */
 export class ModelHost {
   state: HostState = "loading";
+  /** Set on shutdown: /health turns 503 so load balancers stop routing here while streams drain. */
+  draining = false;
   error: string | null = null;
   assets: ModelAssets | null = null;
   device: Device | null = null;

@@ -3,6 +3,7 @@ import type { GenerateParams } from "./generate.ts";
 
 /** Upper bounds a request may not exceed, whatever the model's context allows. */
 export const LIMITS = {
+  /** Default cap on max_tokens; `serve --max-tokens-cap` changes it. */
   maxTokens: 4096,
   maxStopSequences: 4,
   maxStopLength: 64,
@@ -12,8 +13,8 @@ export const LIMITS = {
  * Generation parameters under their OpenAI names: the HTTP body uses them as they are, and the CLI
  * maps its --flags onto them, so both reject the same values with the same messages.
  */
-export const generationFields = {
-  max_tokens: z.number().int().min(1).max(LIMITS.maxTokens).default(16),
+export const generationFields = (maxTokensCap = LIMITS.maxTokens) => ({
+  max_tokens: z.number().int().min(1).max(maxTokensCap).default(Math.min(16, maxTokensCap)),
   temperature: z.number().min(0).max(5).default(1),
   top_p: z.number().gt(0).max(1).default(1),
   top_k: z.number().int().min(0).default(0),
@@ -23,9 +24,9 @@ export const generationFields = {
     z.string().min(1).max(LIMITS.maxStopLength),
     z.array(z.string().min(1).max(LIMITS.maxStopLength)).max(LIMITS.maxStopSequences),
   ]).optional(),
-};
+});
 
-export const generationSchema = z.object(generationFields);
+export const generationSchema = z.object(generationFields());
 export type GenerationRequest = z.infer<typeof generationSchema>;
 
 export function toGenerateParams(r: GenerationRequest): GenerateParams {

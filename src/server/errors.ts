@@ -2,6 +2,7 @@ import type { Context } from "hono";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 import type { z } from "zod";
 import { formatZodError, InputError } from "../errors.ts";
+import { QueueFullError } from "../runtime/scheduler.ts";
 
 /** OpenAI's error envelope, so OpenAI clients surface our messages as they are. */
 export function errorBody(message: string, type = "invalid_request_error") {
@@ -32,6 +33,7 @@ export async function readBody<S extends z.ZodType>(c: Context, schema: S): Prom
 
 /** The app's one error handler: InputErrors map to their status, anything else is logged as ours. */
 export function onError(err: Error, c: Context): Response {
+  if (err instanceof QueueFullError) c.header("retry-after", String(err.retryAfterSeconds));
   if (err instanceof InputError) return errorResponse(c, err.status, err.message);
   console.error(`internal error on ${c.req.method} ${c.req.path}:`, err);
   return errorResponse(c, 500, `internal error: ${err.message}`, "server_error");

@@ -1,0 +1,127 @@
+import type { Context } from "hono";
+import type { BenchReport } from "../bench/run.ts";
+import { heatmapSvg } from "../fusion/heatmap.ts";
+import type { Services } from "./app.ts";
+
+const esc = (s: string) =>
+  s.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;").replace(/"/g, "&quot;");
+
+/** Sequential vs fused ms per token count, as grouped bars (kernels when measured, else onnxruntime). */
+export function benchChartSvg(r: BenchReport): string {
+  const source = r.ffn_kernels ? "WGSL kernels" : `onnxruntime-web (${r.ffn_onnx.device})`;
+  const cases = r.ffn_kernels?.cases ?? r.ffn_onnx.cases;
+  const max = Math.max(...cases.flatMap((c) => [c.sequential_ms, c.fused_ms]));
+  const w = 120 + cases.length * 110;
+  const h = 260;
+  const scale = (v: number) => (v / max) * 170;
+  const parts = [
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${w}" height="${h}" font-family="sans-serif" font-size="11" role="img" aria-label="benchmark chart">`,
+    `<text x="10" y="16" font-size="13">FFN run, sequential vs fused (${esc(source)}, ms per run)</text>`,
+    `<rect x="10" y="26" width="10" height="10" fill="#8899aa"/><text x="24" y="35">sequential</text>`,
+    `<rect x="100" y="26" width="10" height="10" fill="#d0553a"/><text x="114" y="35">fused</text>`,
+  ];
+  cases.forEach((c, i) => {
+    const x = 40 + i * 110;
+    const base = 225;
+    parts.push(
+      `<rect x="${x}" y="${base - scale(c.sequential_ms)}" width="36" height="${
+        scale(c.sequential_ms)
+      }" fill="#8899aa"><title>${c.sequential_ms.toFixed(3)} ms</title></rect>`,
+      `<rect x="${x + 40}" y="${base - scale(c.fused_ms)}" width="36" height="${
+        scale(c.fused_ms)
+      }" fill="#d0553a"><title>${c.fused_ms.toFixed(3)} ms</title></rect>`,
+      `<text x="${x}" y="${base + 14}">T=${c.tokens}: ${c.speedup.toFixed(2)}x</text>`,
+    );
+  });
+  parts.push("</svg>");
+  return parts.join("\n");
+}
+
+function page(s: Services): string {
+  const { host, analysis, bench } = s;
+  const assets = host.assets;
+  const inst = host.instance;
+  const cfg = assets?.checkpoint.config;
+  const free = cfg?.layers.flatMap((l, i) => (l.attention.kind === "none" ? [i] : [])) ?? [];
+  const suggested = analysis.last?.suggested_plan ?? inst?.plan ?? { version: 1, ffn_groups: [] };
+  const decode = bench.last?.decode ?? [];
+  return `<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>fusedge</title>
+<style>
+body { font-family: sans-serif; margin: 24px; color: #222; max-width: 1100px; }
+h1 { margin: 0 0 4px; } h2 { margin-top: 28px; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; } td, th { padding: 2px 10px; text-align: left; }
+code, textarea { font-family: monospace; } textarea { width: 100%; height: 60px; }
+.muted { color: #777; } #fuse-result.ok { color: #2a7; } #fuse-result.err { color: #c33; }
+</style></head>
+<body>
+<h1>fusedge</h1>
+<div class="muted">FFN Fusion inference on WebGPU / WASM</div>
+<h2>Model</h2>
+<table id="model">
+<tr><th>model</th><td>${esc(assets?.name ?? "loading")}</td></tr>
+<tr><th>state</th><td>${esc(host.draining ? "draining" : host.state)}</td></tr>
+<tr><th>device</th><td id="device">${esc(inst?.device ?? "-")}</td></tr>
+<tr><th>architecture</th><td>${
+    cfg ? `${esc(cfg.modelType)}, ${cfg.numLayers} layers, hidden ${cfg.hidden}, vocab ${cfg.vocabSize}` : "-"
+  }</td></tr>
+<tr><th>attention-free layers</th><td>${free.length ? free.join(", ") : "none"}</td></tr>
+<tr><th>load time</th><td>${(host.loadMs / 1000).toFixed(2)} s</td></tr>
+<tr><th>generations</th><td>${s.scheduler.active} active, ${s.scheduler.queued} queued</td></tr>
+</table>
+<h2>Active plan</h2>
+<p><code id="active-plan">${esc(inst?.planId ?? "-")}</code> ${
+    inst ? `<span class="muted">${inst.ffnBlocks} FFN blocks, ${host.swaps} swaps</span>` : ""
+  }</p>
+<form id="fuse-form">
+<label for="plan">Plan (JSON)</label>
+<textarea id="plan" name="plan">${esc(JSON.stringify(suggested))}</textarea>
+<label for="token">Admin token</label> <input id="token" type="password" autocomplete="off">
+<button type="submit" id="apply">Apply plan</button> <span id="fuse-result"></span>
+</form>
+<h2>Dependency analysis</h2>
+<div id="heatmap">${
+    analysis.last
+      ? heatmapSvg(analysis.last.analysis, `${analysis.last.model}: block dependency`) +
+        `<p>suggested plan: <code>${esc(JSON.stringify(analysis.last.suggested_plan.ffn_groups))}</code></p>`
+      : `<p class="muted">${
+        analysis.running ? "analysis running…" : "no analysis yet: POST /analysis runs one"
+      }</p>`
+  }</div>
+<h2>Benchmark</h2>
+<div id="bench">${
+    bench.last
+      ? benchChartSvg(bench.last) +
+        (decode.length
+          ? `<table><tr><th>device</th><th>plan</th><th>tokens/s</th></tr>${
+            decode.map((d) =>
+              `<tr><td>${d.device}</td><td>${esc(d.plan)}</td><td>${d.tokens_per_second.toFixed(1)}</td></tr>`
+            ).join("")
+          }</table>`
+          : "")
+      : '<p class="muted">no benchmark yet: POST /bench runs one</p>'
+  }</div>
+<script>
+document.getElementById("fuse-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const out = document.getElementById("fuse-result");
+  out.textContent = "building…"; out.className = "";
+  const headers = { "content-type": "application/json" };
+  const token = document.getElementById("token").value;
+  if (token) headers.authorization = "Bearer " + token;
+  try {
+    const res = await fetch("/fuse", { method: "POST", headers, body: document.getElementById("plan").value });
+    const body = await res.json();
+    if (res.ok) {
+      out.textContent = "active: " + body.active.id; out.className = "ok";
+      document.getElementById("active-plan").textContent = body.active.id;
+    } else { out.textContent = body.error.message; out.className = "err"; }
+  } catch (err) { out.textContent = String(err); out.className = "err"; }
+});
+</script>
+</body></html>`;
+}
+
+export function dashboardHandler(services: Services) {
+  return (c: Context) => c.html(page(services));
+}
