@@ -6,7 +6,7 @@ import { checkPromptFits } from "../runtime/context.ts";
 import { generate, type GenerationSummary } from "../runtime/generate.ts";
 import type { ModelHost } from "../runtime/host.ts";
 import { generationFields, toGenerateParams } from "../runtime/params.ts";
-import type { Scheduler } from "../runtime/scheduler.ts";
+import { QueueFullError, type Scheduler } from "../runtime/scheduler.ts";
 import { readBody } from "./errors.ts";
 import type { RequestLog } from "./logging.ts";
 import type { Metrics } from "./metrics.ts";
@@ -85,9 +85,15 @@ export function completionsHandler({ host, scheduler, metrics, limits }: Complet
     if (host.state !== "ready") throw new InputError("model is still loading", 409);
     const ids = promptIds(host, body);
     const abort = new AbortController();
+    // A non-streamed request learns of a disconnect from the request's signal; the listener goes
+    // once the answer is ready, since Deno also aborts that signal after a successful response.
     const clientGone = c.req.raw.signal;
-    clientGone.addEventListener("abort", () => abort.abort(), { once: true });
-    const freeSlot = await scheduler.acquire(abort.signal);
+    const onGone = () => abort.abort();
+    if (!body.stream) clientGone.addEventListener("abort", onGone, { once: true });
+    const freeSlot = await scheduler.acquire(abort.signal).catch((e) => {
+      if (e instanceof QueueFullError) metrics.rejected.inc();
+      throw e;
+    });
     const lease = host.lease();
     const timer = setTimeout(() => abort.abort(), limits.requestTimeoutMs);
     const { instance } = lease;
@@ -115,6 +121,7 @@ export function completionsHandler({ host, scheduler, metrics, limits }: Complet
       signal: abort.signal,
     });
     const finish = (summary: GenerationSummary | null) => {
+      clientGone.removeEventListener("abort", onGone);
       clearTimeout(timer);
       lease.release();
       freeSlot();

@@ -11,7 +11,7 @@ export function benchChartSvg(r: BenchReport): string {
   const source = r.ffn_kernels ? "WGSL kernels" : `onnxruntime-web (${r.ffn_onnx.device})`;
   const cases = r.ffn_kernels?.cases ?? r.ffn_onnx.cases;
   const max = Math.max(...cases.flatMap((c) => [c.sequential_ms, c.fused_ms]));
-  const w = 120 + cases.length * 110;
+  const w = Math.max(460, 120 + cases.length * 110);
   const h = 260;
   const scale = (v: number) => (v / max) * 170;
   const parts = [

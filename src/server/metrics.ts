@@ -128,6 +128,11 @@ export class Metrics {
     "gauge",
   );
 
+  constructor() {
+    // Counters exist from the start, so a rate() over the first increment sees it.
+    for (const c of [this.tokens, this.rejected, this.cancelled, this.swaps]) c.inc({}, 0);
+  }
+
   render(): string {
     this.rss.set({}, Deno.memoryUsage().rss);
     const all: Metric[] = [

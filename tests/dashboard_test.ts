@@ -1,0 +1,94 @@
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { chromium } from "playwright-core";
+import { post, startServer } from "./server_helpers.ts";
+
+const CHROMIUM = ["/usr/bin/chromium", "/usr/bin/chromium-browser"].find((p) => {
+  try {
+    return Deno.statSync(p).isFile;
+  } catch {
+    return false;
+  }
+});
+if (!CHROMIUM) console.warn("dashboard test skipped: no Chromium (apt-get install chromium)");
+
+/** Width and height from a PNG's IHDR chunk. */
+function pngSize(png: Uint8Array): [number, number] {
+  assert.deepEqual([...png.subarray(0, 8)], [137, 80, 78, 71, 13, 10, 26, 10], "a PNG signature");
+  const v = new DataView(png.buffer, png.byteOffset);
+  return [v.getUint32(16), v.getUint32(20)];
+}
+
+Deno.test({
+  name: "dashboard in headless Chromium: model, plan, heatmap, benchmark chart, and a form that swaps the plan",
+  ignore: !CHROMIUM,
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const ADMIN = "dash-admin-token";
+    const server = await startServer(["--device", "wasm", "--admin-token", ADMIN]);
+    await server.ready;
+    const auth = { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" };
+    const browser = await chromium.launch({
+      executablePath: CHROMIUM,
+      args: [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+      ],
+    });
+    try {
+      const started = await fetch(`${server.base}/analysis`, { method: "POST", headers: auth, body: JSON.stringify({ max_tokens: 32, window: 16 }) });
+      assert.equal(started.status, 202);
+      await started.body?.cancel();
+      for (let i = 0; i < 300; i++) {
+        if ((await (await fetch(`${server.base}/analysis`)).json()).status === "done") break;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      const bench = await fetch(`${server.base}/bench`, { method: "POST", headers: auth, body: JSON.stringify({ k: 2, tokens: [1, 4], decode_tokens: 4 }) });
+      assert.equal(bench.status, 200);
+      await bench.body?.cancel();
+
+      const page = await (await browser.newContext({ viewport: { width: 1200, height: 900 } })).newPage();
+      await page.goto(server.base + "/");
+      assert.equal(await page.title(), "fusedge");
+      assert.match(await page.textContent("#model") ?? "", /tiny-nas[\s\S]*wasm[\s\S]*3, 4, 5, 6, 7, 8/);
+      assert.equal(await page.textContent("#active-plan"), "unfused");
+      assert.ok(await page.isVisible("#heatmap svg"), "the dependency heatmap is drawn");
+      assert.equal(await page.locator("#heatmap svg rect[fill^='rgb']").count(), (18 * 17) / 2, "one coloured cell per block pair j > i");
+      assert.ok(await page.isVisible("#bench svg[aria-label='benchmark chart']"));
+      assert.equal(await page.locator("#bench svg rect[fill='#d0553a']").count(), 3, "legend + one fused bar per T");
+
+      const shot = await page.screenshot({ fullPage: true });
+      const [w, h] = pngSize(shot);
+      assert.equal(w, 1200);
+      assert.ok(h >= 900, `page height ${h}`);
+      assert.ok(shot.length > 30_000, `a screenshot of a real page, not a blank one (${shot.length} bytes)`);
+      // Kept for a look by eye: FUSEDGE_SCREENSHOT_DIR=... scripts/deno task test
+      await Deno.writeFile(join(Deno.env.get("FUSEDGE_SCREENSHOT_DIR") ?? await Deno.makeTempDir(), "dashboard.png"), shot);
+
+      // The form: a wrong token is refused and shown; the right one swaps the plan.
+      await page.fill("#plan", JSON.stringify({ ffn_groups: [[3, 4, 5]] }));
+      await page.fill("#token", "wrong-token");
+      await page.click("#apply");
+      await page.waitForSelector("#fuse-result.err");
+      assert.match(await page.textContent("#fuse-result") ?? "", /bearer token/);
+      await page.fill("#token", ADMIN);
+      await page.click("#apply");
+      await page.waitForSelector("#fuse-result.ok", { timeout: 20_000 });
+      assert.equal(await page.textContent("#active-plan"), "ffn[3-5]");
+      assert.equal((await (await fetch(`${server.base}/fuse`)).json()).active.id, "ffn[3-5]");
+      const bad = await post(server.base, "/fuse", { ffn_groups: [[8, 9]] });
+      assert.equal(bad.status, 401, "the API still requires the token outside the page");
+      await bad.body?.cancel();
+    } finally {
+      await browser.close();
+      await server.stop();
+    }
+  },
+});

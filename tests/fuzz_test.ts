@@ -1,0 +1,87 @@
+import assert from "node:assert/strict";
+import fc from "fast-check";
+import { startServer } from "./server_helpers.ts";
+
+/** Whatever the body, the answer is a JSON document with a status below 500. */
+async function expectHandled(res: Response, what: string): Promise<void> {
+  const text = await res.text();
+  assert.ok(res.status < 500, `${what}: status ${res.status} ${text.slice(0, 200)}`);
+  const body = JSON.parse(text);
+  if (res.status >= 400) assert.equal(typeof body.error.message, "string", `${what}: 4xx without an error message`);
+}
+
+const anyScalar = fc.oneof(
+  fc.string({ maxLength: 20 }),
+  fc.integer(),
+  fc.double(),
+  fc.boolean(),
+  fc.constant(null),
+  fc.array(fc.integer({ min: -5, max: 5000 }), { maxLength: 4 }),
+);
+
+/** Completion bodies near the schema: right keys, values often of the wrong type or out of range. */
+const completionBody = fc.record({
+  prompt: fc.oneof(fc.string({ maxLength: 40 }), fc.array(fc.integer({ min: -2, max: 5000 }), { maxLength: 5 }), anyScalar),
+  max_tokens: fc.oneof(fc.integer({ min: -3, max: 6 }), anyScalar),
+  temperature: fc.oneof(fc.double({ min: -1, max: 6, noNaN: true }), anyScalar),
+  top_p: fc.oneof(fc.double({ min: -0.5, max: 1.5, noNaN: true }), anyScalar),
+  top_k: fc.oneof(fc.integer({ min: -3, max: 5000 }), anyScalar),
+  repetition_penalty: fc.oneof(fc.double({ min: -1, max: 12, noNaN: true }), anyScalar),
+  seed: fc.oneof(fc.integer(), anyScalar),
+  stop: fc.oneof(fc.string({ maxLength: 80 }), fc.array(fc.string({ maxLength: 70 }), { maxLength: 6 }), anyScalar),
+  stream: fc.oneof(fc.boolean(), anyScalar),
+  n: anyScalar,
+  extra: anyScalar,
+}, { requiredKeys: [] });
+
+const planBody = fc.record({
+  version: fc.oneof(fc.constant(1), anyScalar),
+  ffn_groups: fc.oneof(fc.array(fc.array(fc.integer({ min: -2, max: 14 }), { maxLength: 5 }), { maxLength: 4 }), anyScalar),
+  other: anyScalar,
+}, { requiredKeys: [] });
+
+Deno.test({
+  name: "fuzz: malformed completion, plan and raw bodies always get a 2xx/4xx JSON answer, never a 5xx",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const server = await startServer(["--device", "wasm", "--max-tokens-cap", "6", "--request-timeout", "10"]);
+    await server.ready;
+    const send = (path: string, body: string) =>
+      fetch(`${server.base}${path}`, { method: "POST", headers: { "content-type": "application/json" }, body });
+    try {
+      await fc.assert(
+        fc.asyncProperty(completionBody, async (b) => {
+          await expectHandled(await send("/v1/completions", JSON.stringify(b)), JSON.stringify(b));
+        }),
+        { numRuns: 250, seed: 20261124 },
+      );
+      await fc.assert(
+        fc.asyncProperty(fc.jsonValue({ maxDepth: 3 }), async (b) => {
+          await expectHandled(await send("/v1/completions", JSON.stringify(b)), JSON.stringify(b));
+        }),
+        { numRuns: 150, seed: 1 },
+      );
+      await fc.assert(
+        fc.asyncProperty(fc.string({ maxLength: 60 }), async (raw) => {
+          for (const path of ["/v1/completions", "/fuse", "/analysis", "/bench"]) await expectHandled(await send(path, raw), `${path} ${raw}`);
+        }),
+        { numRuns: 100, seed: 2 },
+      );
+      await fc.assert(
+        fc.asyncProperty(planBody, async (b) => {
+          await expectHandled(await send("/fuse", JSON.stringify(b)), JSON.stringify(b));
+        }),
+        { numRuns: 120, seed: 3 },
+      );
+      const health = await fetch(`${server.base}/health`);
+      assert.equal(health.status, 200, "still serving after the fuzzing");
+      await health.body?.cancel();
+      const statuses = server.events.filter((e) => e.event === "request").map((e) => e.status as number);
+      assert.ok(statuses.length >= 600);
+      assert.ok(statuses.every((s) => s < 500), "no 5xx in the request log");
+    } finally {
+      await server.stop();
+    }
+  },
+});
