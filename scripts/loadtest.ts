@@ -30,9 +30,18 @@ const concurrency = Number(values.concurrency);
 const maxTokens = Number(values["max-tokens"]);
 const swaps = Number(values.swaps);
 const PLANS = [{ ffn_groups: [[3, 4, 5], [6, 7, 8]] }, { ffn_groups: [[2, 3, 4]] }, { ffn_groups: [] }];
-const PROMPTS = ["def main(", "import os\n", "class Node:\n    def __init__(self", "for i in range(", "with open(path) as f:\n"];
+const PROMPTS = [
+  "def main(",
+  "import os\n",
+  "class Node:\n    def __init__(self",
+  "for i in range(",
+  "with open(path) as f:\n",
+];
 
-const headers = (token?: string) => ({ "content-type": "application/json", ...(token ? { authorization: `Bearer ${token}` } : {}) });
+const headers = (token?: string) => ({
+  "content-type": "application/json",
+  ...(token ? { authorization: `Bearer ${token}` } : {}),
+});
 const ttft: number[] = [];
 const errors: string[] = [];
 let tokens = 0;
@@ -46,7 +55,13 @@ async function one(i: number): Promise<void> {
     const res = await fetch(new URL("/v1/completions", url), {
       method: "POST",
       headers: headers(values["api-key"]),
-      body: JSON.stringify({ prompt: PROMPTS[i % PROMPTS.length], max_tokens: maxTokens, temperature: 0.8, seed: i, stream: true }),
+      body: JSON.stringify({
+        prompt: PROMPTS[i % PROMPTS.length],
+        max_tokens: maxTokens,
+        temperature: 0.8,
+        seed: i,
+        stream: true,
+      }),
     });
     if (res.status !== 200) throw new Error(`status ${res.status}: ${await res.text()}`);
     const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();

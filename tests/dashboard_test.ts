@@ -20,7 +20,8 @@ function pngSize(png: Uint8Array): [number, number] {
 }
 
 Deno.test({
-  name: "dashboard in headless Chromium: model, plan, heatmap, benchmark chart, and a form that swaps the plan",
+  name:
+    "dashboard in headless Chromium: model, plan, heatmap, benchmark chart, and a form that swaps the plan",
   ignore: !CHROMIUM,
   sanitizeResources: false,
   sanitizeOps: false,
@@ -43,14 +44,22 @@ Deno.test({
       ],
     });
     try {
-      const started = await fetch(`${server.base}/analysis`, { method: "POST", headers: auth, body: JSON.stringify({ max_tokens: 32, window: 16 }) });
+      const started = await fetch(`${server.base}/analysis`, {
+        method: "POST",
+        headers: auth,
+        body: JSON.stringify({ max_tokens: 32, window: 16 }),
+      });
       assert.equal(started.status, 202);
       await started.body?.cancel();
       for (let i = 0; i < 300; i++) {
         if ((await (await fetch(`${server.base}/analysis`)).json()).status === "done") break;
         await new Promise((r) => setTimeout(r, 100));
       }
-      const bench = await fetch(`${server.base}/bench`, { method: "POST", headers: auth, body: JSON.stringify({ k: 2, tokens: [1, 4], decode_tokens: 4 }) });
+      const bench = await fetch(`${server.base}/bench`, {
+        method: "POST",
+        headers: auth,
+        body: JSON.stringify({ k: 2, tokens: [1, 4], decode_tokens: 4 }),
+      });
       assert.equal(bench.status, 200);
       await bench.body?.cancel();
 
@@ -60,9 +69,17 @@ Deno.test({
       assert.match(await page.textContent("#model") ?? "", /tiny-nas[\s\S]*wasm[\s\S]*3, 4, 5, 6, 7, 8/);
       assert.equal(await page.textContent("#active-plan"), "unfused");
       assert.ok(await page.isVisible("#heatmap svg"), "the dependency heatmap is drawn");
-      assert.equal(await page.locator("#heatmap svg rect[fill^='rgb']").count(), (18 * 17) / 2, "one coloured cell per block pair j > i");
+      assert.equal(
+        await page.locator("#heatmap svg rect[fill^='rgb']").count(),
+        (18 * 17) / 2,
+        "one coloured cell per block pair j > i",
+      );
       assert.ok(await page.isVisible("#bench svg[aria-label='benchmark chart']"));
-      assert.equal(await page.locator("#bench svg rect[fill='#d0553a']").count(), 3, "legend + one fused bar per T");
+      assert.equal(
+        await page.locator("#bench svg rect[fill='#d0553a']").count(),
+        3,
+        "legend + one fused bar per T",
+      );
 
       const shot = await page.screenshot({ fullPage: true });
       const [w, h] = pngSize(shot);
@@ -70,7 +87,10 @@ Deno.test({
       assert.ok(h >= 900, `page height ${h}`);
       assert.ok(shot.length > 30_000, `a screenshot of a real page, not a blank one (${shot.length} bytes)`);
       // Kept for a look by eye: FUSEDGE_SCREENSHOT_DIR=... scripts/deno task test
-      await Deno.writeFile(join(Deno.env.get("FUSEDGE_SCREENSHOT_DIR") ?? await Deno.makeTempDir(), "dashboard.png"), shot);
+      await Deno.writeFile(
+        join(Deno.env.get("FUSEDGE_SCREENSHOT_DIR") ?? await Deno.makeTempDir(), "dashboard.png"),
+        shot,
+      );
 
       // The form: a wrong token is refused and shown; the right one swaps the plan.
       await page.fill("#plan", JSON.stringify({ ffn_groups: [[3, 4, 5]] }));
@@ -91,4 +111,8 @@ Deno.test({
       await server.stop();
     }
   },
+});
+
+Deno.test("CI has Chromium, so the dashboard test above really ran", () => {
+  if (Deno.env.get("CI")) assert.ok(CHROMIUM, "no Chromium in CI: scripts/test installs Debian's chromium");
 });

@@ -7,7 +7,9 @@ async function expectHandled(res: Response, what: string): Promise<void> {
   const text = await res.text();
   assert.ok(res.status < 500, `${what}: status ${res.status} ${text.slice(0, 200)}`);
   const body = JSON.parse(text);
-  if (res.status >= 400) assert.equal(typeof body.error.message, "string", `${what}: 4xx without an error message`);
+  if (res.status >= 400) {
+    assert.equal(typeof body.error.message, "string", `${what}: 4xx without an error message`);
+  }
 }
 
 const anyScalar = fc.oneof(
@@ -21,14 +23,22 @@ const anyScalar = fc.oneof(
 
 /** Completion bodies near the schema: right keys, values often of the wrong type or out of range. */
 const completionBody = fc.record({
-  prompt: fc.oneof(fc.string({ maxLength: 40 }), fc.array(fc.integer({ min: -2, max: 5000 }), { maxLength: 5 }), anyScalar),
+  prompt: fc.oneof(
+    fc.string({ maxLength: 40 }),
+    fc.array(fc.integer({ min: -2, max: 5000 }), { maxLength: 5 }),
+    anyScalar,
+  ),
   max_tokens: fc.oneof(fc.integer({ min: -3, max: 6 }), anyScalar),
   temperature: fc.oneof(fc.double({ min: -1, max: 6, noNaN: true }), anyScalar),
   top_p: fc.oneof(fc.double({ min: -0.5, max: 1.5, noNaN: true }), anyScalar),
   top_k: fc.oneof(fc.integer({ min: -3, max: 5000 }), anyScalar),
   repetition_penalty: fc.oneof(fc.double({ min: -1, max: 12, noNaN: true }), anyScalar),
   seed: fc.oneof(fc.integer(), anyScalar),
-  stop: fc.oneof(fc.string({ maxLength: 80 }), fc.array(fc.string({ maxLength: 70 }), { maxLength: 6 }), anyScalar),
+  stop: fc.oneof(
+    fc.string({ maxLength: 80 }),
+    fc.array(fc.string({ maxLength: 70 }), { maxLength: 6 }),
+    anyScalar,
+  ),
   stream: fc.oneof(fc.boolean(), anyScalar),
   n: anyScalar,
   extra: anyScalar,
@@ -36,7 +46,10 @@ const completionBody = fc.record({
 
 const planBody = fc.record({
   version: fc.oneof(fc.constant(1), anyScalar),
-  ffn_groups: fc.oneof(fc.array(fc.array(fc.integer({ min: -2, max: 14 }), { maxLength: 5 }), { maxLength: 4 }), anyScalar),
+  ffn_groups: fc.oneof(
+    fc.array(fc.array(fc.integer({ min: -2, max: 14 }), { maxLength: 5 }), { maxLength: 4 }),
+    anyScalar,
+  ),
   other: anyScalar,
 }, { requiredKeys: [] });
 
@@ -45,10 +58,21 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   fn: async () => {
-    const server = await startServer(["--device", "wasm", "--max-tokens-cap", "6", "--request-timeout", "10"]);
+    const server = await startServer([
+      "--device",
+      "wasm",
+      "--max-tokens-cap",
+      "6",
+      "--request-timeout",
+      "10",
+    ]);
     await server.ready;
     const send = (path: string, body: string) =>
-      fetch(`${server.base}${path}`, { method: "POST", headers: { "content-type": "application/json" }, body });
+      fetch(`${server.base}${path}`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body,
+      });
     try {
       await fc.assert(
         fc.asyncProperty(completionBody, async (b) => {
@@ -64,7 +88,9 @@ Deno.test({
       );
       await fc.assert(
         fc.asyncProperty(fc.string({ maxLength: 60 }), async (raw) => {
-          for (const path of ["/v1/completions", "/fuse", "/analysis", "/bench"]) await expectHandled(await send(path, raw), `${path} ${raw}`);
+          for (const path of ["/v1/completions", "/fuse", "/analysis", "/bench"]) {
+            await expectHandled(await send(path, raw), `${path} ${raw}`);
+          }
         }),
         { numRuns: 100, seed: 2 },
       );

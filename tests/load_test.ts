@@ -4,7 +4,8 @@ import { ROOT } from "./helpers.ts";
 import { startServer } from "./server_helpers.ts";
 
 Deno.test({
-  name: "load: 200 streamed completions at concurrency 16 with two plan swaps, from a separate process: 0 errors",
+  name:
+    "load: 200 streamed completions at concurrency 16 with two plan swaps, from a separate process: 0 errors",
   sanitizeResources: false,
   sanitizeOps: false,
   fn: async () => {
@@ -12,15 +13,29 @@ Deno.test({
     await server.ready;
     try {
       const out = await new Deno.Command(Deno.execPath(), {
-        args: ["run", "-A", join(ROOT, "scripts", "loadtest.ts"), "--url", server.base, "--requests", "200", "--concurrency", "16", "--max-tokens", "16"],
+        args: [
+          "run",
+          "-A",
+          join(ROOT, "scripts", "loadtest.ts"),
+          "--url",
+          server.base,
+          "--requests",
+          "200",
+          "--concurrency",
+          "16",
+          "--max-tokens",
+          "16",
+        ],
         stdout: "piped",
         stderr: "inherit",
       }).output();
       assert.equal(out.code, 0);
       const report = JSON.parse(new TextDecoder().decode(out.stdout));
-      console.log(`load: ${report.requests_per_second.toFixed(1)} req/s, ${report.tokens_per_second.toFixed(0)} tok/s, TTFT p50 ${
-        report.ttft_p50_ms.toFixed(0)
-      } ms, p99 ${report.ttft_p99_ms.toFixed(0)} ms`);
+      console.log(
+        `load: ${report.requests_per_second.toFixed(1)} req/s, ${
+          report.tokens_per_second.toFixed(0)
+        } tok/s, TTFT p50 ${report.ttft_p50_ms.toFixed(0)} ms, p99 ${report.ttft_p99_ms.toFixed(0)} ms`,
+      );
       assert.equal(report.errors, 0, JSON.stringify(report.error_samples));
       assert.equal(report.completed, 200);
       assert.equal(report.swaps, 2);
