@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { post, readSse, startServer } from "./server_helpers.ts";
+import { readSse, startServer } from "./server_helpers.ts";
 
 const ADMIN = "admin-secret-123";
 const KEY = "api-key-456789";
