@@ -1,4 +1,5 @@
 import * as ort from "onnxruntime-web";
+import { ensureXdgRuntimeDir } from "../webgpu/device.ts";
 
 export { ort };
 
@@ -26,10 +27,7 @@ let adapterProbe: Promise<boolean> | null = null;
 /** Whether this process can get a WebGPU adapter (a real GPU, or lavapipe on a CPU machine). */
 export function webgpuAvailable(): Promise<boolean> {
   adapterProbe ??= (async () => {
-    // The Vulkan loader complains on every device open without it (headless servers, CI).
-    if (!Deno.env.get("XDG_RUNTIME_DIR")) {
-      Deno.env.set("XDG_RUNTIME_DIR", Deno.makeTempDirSync({ prefix: "fusedge-xdg-" }));
-    }
+    ensureXdgRuntimeDir();
     try {
       return (await navigator.gpu?.requestAdapter()) != null;
     } catch {

@@ -6,10 +6,15 @@ export interface Gpu {
   description: string;
 }
 
-export async function requestGpu(): Promise<Gpu> {
+/** The Vulkan loader complains on every device open without XDG_RUNTIME_DIR (headless servers, CI). */
+export function ensureXdgRuntimeDir(): void {
   if (!Deno.env.get("XDG_RUNTIME_DIR")) {
     Deno.env.set("XDG_RUNTIME_DIR", Deno.makeTempDirSync({ prefix: "fusedge-xdg-" }));
   }
+}
+
+export async function requestGpu(): Promise<Gpu> {
+  ensureXdgRuntimeDir();
   const adapter = await navigator.gpu?.requestAdapter({ powerPreference: "high-performance" });
   if (!adapter) throw new Error("no WebGPU adapter is available");
   const hasF16 = adapter.features.has("shader-f16");
