@@ -7,6 +7,7 @@
  *     [--concurrency 16] [--max-tokens 16] [--swaps 2] [--admin-token T] [--api-key K]
  */
 import { parseArgs } from "node:util";
+import { sseData } from "../src/client/sse.ts";
 
 const { values } = parseArgs({
   args: Deno.args,
@@ -64,30 +65,20 @@ async function one(i: number): Promise<void> {
       }),
     });
     if (res.status !== 200) throw new Error(`status ${res.status}: ${await res.text()}`);
-    const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
-    let buf = "";
     let first = true;
     let sawDone = false;
-    for (;;) {
-      const { value, done: end } = await reader.read();
-      if (end) break;
-      buf += value;
-      let at;
-      while ((at = buf.indexOf("\n\n")) >= 0) {
-        const data = buf.slice(0, at).replace(/^data: /, "");
-        buf = buf.slice(at + 2);
-        if (data === "[DONE]") {
-          sawDone = true;
-          continue;
-        }
-        const event = JSON.parse(data);
-        if (event.error) throw new Error(event.error.message);
-        if (first) {
-          ttft.push(performance.now() - t0);
-          first = false;
-        }
-        if (event.usage) tokens += event.usage.completion_tokens;
+    for await (const data of sseData(res.body!)) {
+      if (data === "[DONE]") {
+        sawDone = true;
+        continue;
       }
+      const event = JSON.parse(data);
+      if (event.error) throw new Error(event.error.message);
+      if (first) {
+        ttft.push(performance.now() - t0);
+        first = false;
+      }
+      if (event.usage) tokens += event.usage.completion_tokens;
     }
     if (!sawDone) throw new Error("stream ended without [DONE]");
   } catch (e) {

@@ -14,6 +14,16 @@ async function cli(args: string[]): Promise<{ code: number; stdout: string; stde
   return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
 }
 
+/** Each command line exits 2 with a message matching its pattern, and no stack trace. */
+async function expectExit2(cases: [string[], RegExp][]): Promise<void> {
+  for (const [args, re] of cases) {
+    const r = await cli(args);
+    assert.equal(r.code, 2, `${args.join(" ")}: exit ${r.code} ${r.stderr}`);
+    assert.match(r.stderr, re, args.join(" "));
+    assert.doesNotMatch(r.stderr, /^\s+at /m, `${args.join(" ")} printed a stack trace`);
+  }
+}
+
 Deno.test("cli logits: JSON with input_ids and last_logits matching golden (tiny-llama, wasm)", async () => {
   const c = (await golden(TINY_LLAMA)).cases[0];
   const r = await cli(["logits", "--model", TINY_LLAMA, "--prompt", c.prompt, "--device", "wasm"]);
@@ -56,13 +66,13 @@ Deno.test("cli: bad input exits 2 with a message, never a stack trace", async ()
     [["generate", "--prompt", "x", "--max-tokens", "0"], /--max-tokens: .*>=1/],
     [["generate", "--prompt", "x", "--temperature", "hot"], /--temperature/],
     [["serve", "--port", "70000"], /--port/],
+    [["serve", "--max-active", "0"], /--max-active/],
+    [["serve", "--max-queue", "-1"], /--max-queue/],
+    [["serve", "--request-timeout", "0"], /--request-timeout/],
+    [["serve", "--max-tokens-cap", "99999"], /--max-tokens-cap/],
+    [["serve", "--admin-token", "short"], /--admin-token: must be at least 8 characters/],
   ];
-  for (const [args, re] of cases) {
-    const r = await cli(args);
-    assert.equal(r.code, 2, `${args.join(" ")}: exit ${r.code} ${r.stderr}`);
-    assert.match(r.stderr, re, args.join(" "));
-    assert.doesNotMatch(r.stderr, /^\s+at /m, `${args.join(" ")} printed a stack trace`);
-  }
+  await expectExit2(cases);
   await Deno.remove(dir, { recursive: true });
 });
 
@@ -121,17 +131,11 @@ Deno.test("cli analyze: matrix, ratios, runs and a valid suggested plan; heatmap
 });
 
 Deno.test("cli analyze/eval: bad flags exit 2", async () => {
-  for (
-    const [args, re] of [
-      [["analyze"], /--text: is required/],
-      [["eval", "--text", "/no/file"], /cannot read text \/no\/file/],
-      [["analyze", "--text", EVAL_TEXT, "--max-tokens", "1"], /--max-tokens/],
-      [["analyze", "--text", EVAL_TEXT, "--threshold", "-1"], /--threshold/],
-      [["eval", "--text", EVAL_TEXT, "--skip-tokens", "99999999"], /fewer than 2 tokens/],
-    ] as [string[], RegExp][]
-  ) {
-    const r = await cli(args);
-    assert.equal(r.code, 2, `${args.join(" ")}: ${r.stderr}`);
-    assert.match(r.stderr, re);
-  }
+  await expectExit2([
+    [["analyze"], /--text: is required/],
+    [["eval", "--text", "/no/file"], /cannot read text \/no\/file/],
+    [["analyze", "--text", EVAL_TEXT, "--max-tokens", "1"], /--max-tokens/],
+    [["analyze", "--text", EVAL_TEXT, "--threshold", "-1"], /--threshold/],
+    [["eval", "--text", EVAL_TEXT, "--skip-tokens", "99999999"], /fewer than 2 tokens/],
+  ]);
 });

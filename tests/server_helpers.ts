@@ -1,4 +1,5 @@
 import { join } from "node:path";
+import { sseData } from "../src/client/sse.ts";
 import { ROOT } from "./helpers.ts";
 
 export interface RunningServer {
@@ -90,24 +91,13 @@ export interface SseResult {
 /** Reads an SSE completion stream event by event as it arrives on the socket. */
 export async function readSse(res: Response): Promise<SseResult> {
   const t0 = performance.now();
-  const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
   const events: Record<string, unknown>[] = [];
   const arrivals: number[] = [];
-  let buf = "";
   let done = false;
-  for (;;) {
-    const { value, done: end } = await reader.read();
-    if (end) break;
-    buf += value;
-    let at;
-    while ((at = buf.indexOf("\n\n")) >= 0) {
-      const frame = buf.slice(0, at);
-      buf = buf.slice(at + 2);
-      const data = frame.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
-      arrivals.push(performance.now() - t0);
-      if (data === "[DONE]") done = true;
-      else events.push(JSON.parse(data));
-    }
+  for await (const data of sseData(res.body!)) {
+    arrivals.push(performance.now() - t0);
+    if (data === "[DONE]") done = true;
+    else events.push(JSON.parse(data));
   }
   const text = events.map((e) => (e.choices as { text: string }[])[0].text).join("");
   return { events, done, text, arrivals };

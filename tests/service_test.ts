@@ -80,7 +80,7 @@ Deno.test({
       await t.step(
         "a full queue answers 429 with Retry-After; queued requests run when a slot frees",
         async () => {
-          const long = complete({ prompt: "def main(", max_tokens: 100, temperature: 0, stream: true }).then(
+          const long = complete({ prompt: "def main(", max_tokens: 300, temperature: 0, stream: true }).then(
             readSse,
           );
           await waitFor(async () => (await (await fetch(`${base}/health`)).json()).active === 1);
