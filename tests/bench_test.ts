@@ -79,6 +79,7 @@ gpuTest("cli bench on WebGPU: kernels, onnxruntime graphs and decode, as JSON an
   assert.equal(report.source, "tiny-nas layers 7..8");
   assert.deepEqual(report.ffn_kernels.cases.map((c: { tokens: number }) => c.tokens), [1, 4]);
   assert.deepEqual(report.ffn_onnx.cases[0].matmuls, { sequential: 6, fused: 3 });
+  assert.ok(report.ffn_onnx.graph_mb > 3 && report.ffn_onnx.session_create_ms.fused > 0);
   const decode = report.decode.map((d: { device: string; plan: string; sampling: string }) =>
     `${d.device} ${d.plan} ${d.sampling}`
   );

@@ -16,6 +16,9 @@ export interface OnnxFfnCase {
 
 export interface OnnxFfnReport {
   device: Device;
+  /** Size of each graph (weights included) and how long onnxruntime took to create its session. */
+  graph_mb: number;
+  session_create_ms: { sequential: number; fused: number };
   cases: OnnxFfnCase[];
 }
 
@@ -49,8 +52,11 @@ export async function benchOnnxFfn(run: FfnRun, device: Device, tokens: number[]
   const cfg = { hidden: run.d, rmsEps: run.eps };
   const seqGraph = buildFfnStackGraph(cfg, run.blocks);
   const fusedGraph = buildFfnStackGraph(cfg, [fuseFfns(run.blocks)]);
+  const t0 = performance.now();
   const seq = await session(seqGraph.bytes, device);
+  const t1 = performance.now();
   const fused = await session(fusedGraph.bytes, device);
+  const t2 = performance.now();
   const random = rng(7);
   const cases: OnnxFfnCase[] = [];
   try {
@@ -73,5 +79,10 @@ export async function benchOnnxFfn(run: FfnRun, device: Device, tokens: number[]
     await seq.release();
     await fused.release();
   }
-  return { device, cases };
+  return {
+    device,
+    graph_mb: seqGraph.bytes.length / 1e6,
+    session_create_ms: { sequential: t1 - t0, fused: t2 - t1 },
+    cases,
+  };
 }

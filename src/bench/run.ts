@@ -100,9 +100,11 @@ export function formatBench(r: BenchReport): string {
       );
     }
   }
+  const o = r.ffn_onnx;
+  const created = `${f(o.session_create_ms.sequential, 0)} / ${f(o.session_create_ms.fused, 0)} ms`;
   lines.push(
     "",
-    `onnxruntime-web FFN graphs (${r.ffn_onnx.device})`,
+    `onnxruntime-web FFN graphs (${o.device}; ${f(o.graph_mb, 1)} MB each, sessions created in ${created})`,
     "T      sequential ms  fused ms  fused/seq",
   );
   for (const c of r.ffn_onnx.cases) {

@@ -1,5 +1,6 @@
 import * as ort from "onnxruntime-web";
 import { ensureXdgRuntimeDir } from "../webgpu/device.ts";
+import { installFastUploads } from "../webgpu/upload_shim.ts";
 
 export { ort };
 
@@ -43,5 +44,6 @@ export async function resolveDevice(request: DeviceRequest): Promise<Device> {
   if (request === "wasm") return "wasm";
   const gpu = await webgpuAvailable();
   if (request === "webgpu" && !gpu) throw new Error("--device webgpu: no WebGPU adapter is available");
+  if (gpu) installFastUploads();
   return gpu ? "webgpu" : "wasm";
 }
