@@ -3,7 +3,7 @@ import { generate } from "../src/runtime/generate.ts";
 import { DEFAULT_SAMPLING } from "../src/runtime/sampling.ts";
 import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
 import { UNFUSED } from "../src/fusion/plan.ts";
-import { type Device, resolveDevice } from "../src/runtime/ort.ts";
+import { type Device, probeAdapter, resolveDevice } from "../src/runtime/ort.ts";
 import { disposeCache } from "../src/runtime/session.ts";
 import { golden, HAS_WEBGPU, relL2, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
 
@@ -55,4 +55,11 @@ for (const dir of [TINY_NAS, TINY_LLAMA]) {
 
 Deno.test("CI has a WebGPU adapter (lavapipe), so the WebGPU tests above really ran", () => {
   if (Deno.env.get("CI")) assert.ok(HAS_WEBGPU, "no WebGPU adapter in CI: is mesa-vulkan-drivers installed?");
+});
+
+Deno.test("device auto: WebGPU on hardware only; a software adapter (lavapipe) falls back to WASM", async () => {
+  const kind = await probeAdapter();
+  assert.equal(await resolveDevice("auto"), kind === "hardware" ? "webgpu" : "wasm");
+  if (kind === "none") await assert.rejects(resolveDevice("webgpu"), /no WebGPU adapter/);
+  else assert.equal(await resolveDevice("webgpu"), "webgpu");
 });
