@@ -8,6 +8,7 @@
 import { parseArgs } from "node:util";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { modelName } from "../src/model/checkpoint.ts";
 
 const root = fileURLToPath(new URL("..", import.meta.url));
 const { values } = parseArgs({
@@ -20,7 +21,7 @@ const { values } = parseArgs({
   },
 });
 const text = join(root, "data", "eval.py.txt");
-const name = values.model!.replace(/\/+$/, "").split("/").pop()!;
+const name = modelName(values.model!);
 
 async function cli(args: string[]): Promise<Record<string, unknown>> {
   const out = await new Deno.Command(Deno.execPath(), {

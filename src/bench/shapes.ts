@@ -1,6 +1,6 @@
 import { fusableRuns } from "../fusion/analyze.ts";
 import { type Block, type FfnBlock, unfusedBlocks } from "../model/blocks.ts";
-import type { Checkpoint } from "../model/checkpoint.ts";
+import { type Checkpoint, modelName } from "../model/checkpoint.ts";
 import { tensor } from "../model/tensor.ts";
 import { rng } from "../runtime/sampling.ts";
 
@@ -50,9 +50,8 @@ export function checkpointRun(ckpt: Checkpoint, k: number): FfnRun {
     blocks.find((b: Block) => b.kind === "ffn" && b.layers[0] === l) as FfnBlock | undefined
   );
   if (ffn.some((b) => !b)) throw new Error(`layers ${layers} do not all have SwiGLU FFNs`);
-  const name = ckpt.dir.replace(/\/+$/, "").split("/").pop();
   return {
-    source: `${name} layers ${layers[0]}..${layers.at(-1)}`,
+    source: `${modelName(ckpt.dir)} layers ${layers[0]}..${layers.at(-1)}`,
     d: ckpt.config.hidden,
     eps: ckpt.config.rmsEps,
     layers,

@@ -1,5 +1,5 @@
 import type { Block } from "../model/blocks.ts";
-import type { Checkpoint } from "../model/checkpoint.ts";
+import { type Checkpoint, modelName } from "../model/checkpoint.ts";
 import type { ModelConfig } from "../model/config.ts";
 import { referenceForward } from "../model/forward.ts";
 import { applyPlan } from "./apply.ts";
@@ -261,7 +261,7 @@ export async function analyzeModel(
     (p) => Promise.resolve(referenceLoss(ckpt, applyPlan(blocks, p), sequences)),
   );
   return {
-    model: ckpt.dir.replace(/\/+$/, "").split("/").pop() ?? ckpt.dir,
+    model: modelName(ckpt.dir),
     analysis,
     runs: fusableRuns(ckpt.config),
     options: opts,

@@ -160,6 +160,11 @@ function loadLayer(src: TensorSource, cfg: ModelConfig, i: number): LayerWeights
   return { attention, ffn };
 }
 
+/** A checkpoint's display name: its directory's last path component. */
+export function modelName(dir: string): string {
+  return dir.replace(/\/+$/, "").split("/").pop() || dir;
+}
+
 /** Loads a Hugging Face checkpoint directory: config.json plus one or many safetensors shards. */
 export async function loadCheckpoint(dir: string): Promise<Checkpoint> {
   if (!(await exists(dir))) throw new InputError(`model directory ${dir} does not exist`);

@@ -1,7 +1,7 @@
 import { applyPlan } from "../fusion/apply.ts";
 import { type FusionPlan, planId } from "../fusion/plan.ts";
 import { type Block, unfusedBlocks } from "../model/blocks.ts";
-import { type Checkpoint, loadCheckpoint } from "../model/checkpoint.ts";
+import { type Checkpoint, loadCheckpoint, modelName } from "../model/checkpoint.ts";
 import { TextTokenizer } from "../model/tokenizer.ts";
 import { buildDecoderGraph } from "../onnx/decoder.ts";
 import type { Device } from "./ort.ts";
@@ -30,8 +30,7 @@ export interface ModelInstance {
 export async function loadAssets(dir: string): Promise<ModelAssets> {
   const checkpoint = await loadCheckpoint(dir);
   const tokenizer = await TextTokenizer.load(dir);
-  const name = dir.replace(/\/+$/, "").split("/").pop() || dir;
-  return { checkpoint, tokenizer, blocks: unfusedBlocks(checkpoint), name };
+  return { checkpoint, tokenizer, blocks: unfusedBlocks(checkpoint), name: modelName(dir) };
 }
 
 /** Fuses the weights, builds the graph and creates the session: the whole load-time pipeline. */
