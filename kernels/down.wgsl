@@ -10,7 +10,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<storage, read> h: array<f32>;
-@group(0) @binding(1) var<storage, read> wd: array<WT>;
+// Weights are read four at a time (8 or 16 bytes per load); rows have n % 4 == 0 elements.
+@group(0) @binding(1) var<storage, read> wd: array<vec4<WT>>;
 @group(0) @binding(2) var<storage, read> res: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 @group(0) @binding(4) var<uniform> p: Params;
@@ -20,12 +21,11 @@ var<workgroup> partial: array<f32, 64>;
 @compute @workgroup_size(64)
 fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
   let j = wid.x;
-  let wbase = j * p.n;
+  let wbase = j * (p.n / 4u);
   var acc = 0.0;
-  for (var i = lid * 4u; i < p.n; i += 256u) {
-    let hv = vec4<f32>(h[i], h[i + 1u], h[i + 2u], h[i + 3u]);
-    let wv = vec4<f32>(f32(wd[wbase + i]), f32(wd[wbase + i + 1u]), f32(wd[wbase + i + 2u]), f32(wd[wbase + i + 3u]));
-    acc += dot(hv, wv);
+  for (var i = lid; i < p.n / 4u; i += 64u) {
+    let hv = vec4<f32>(h[4u * i], h[4u * i + 1u], h[4u * i + 2u], h[4u * i + 3u]);
+    acc += dot(hv, vec4<f32>(wd[wbase + i]));
   }
   partial[lid] = acc;
   workgroupBarrier();
@@ -52,7 +52,8 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l: 
     let ht = wid.y * 16u + l.y;
     let wr = wid.x * 16u + l.y;
     hs[l.y][l.x] = select(0.0, h[ht * p.n + k0 + l.x], ht < p.tokens && k0 + l.x < p.n);
-    ws[l.y][l.x] = select(0.0, f32(wd[wr * p.n + k0 + l.x]), wr < p.d && k0 + l.x < p.n);
+    let wi = min(wr * p.n + k0 + l.x, p.d * p.n - 1u);
+    ws[l.y][l.x] = select(0.0, f32(wd[wi / 4u][wi % 4u]), wr < p.d && k0 + l.x < p.n);
     workgroupBarrier();
     for (var k = 0u; k < 16u; k++) {
       acc += hs[l.y][k] * ws[l.x][k];

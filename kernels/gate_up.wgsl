@@ -12,8 +12,9 @@ struct Params {
 }
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;
-@group(0) @binding(1) var<storage, read> wg: array<WT>;
-@group(0) @binding(2) var<storage, read> wu: array<WT>;
+// Weights are read four at a time (8 or 16 bytes per load); rows have d % 4 == 0 elements.
+@group(0) @binding(1) var<storage, read> wg: array<vec4<WT>>;
+@group(0) @binding(2) var<storage, read> wu: array<vec4<WT>>;
 @group(0) @binding(3) var<storage, read_write> h: array<f32>;
 @group(0) @binding(4) var<uniform> p: Params;
 
@@ -30,15 +31,13 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   if (row >= p.n) {
     return;
   }
-  let wbase = row * p.d;
+  let wbase = row * (p.d / 4u);
   var ag = 0.0;
   var au = 0.0;
-  for (var i = lid * 4u; i < p.d; i += 256u) {
-    let xv = vec4<f32>(x[i], x[i + 1u], x[i + 2u], x[i + 3u]);
-    let gv = vec4<f32>(f32(wg[wbase + i]), f32(wg[wbase + i + 1u]), f32(wg[wbase + i + 2u]), f32(wg[wbase + i + 3u]));
-    let uv = vec4<f32>(f32(wu[wbase + i]), f32(wu[wbase + i + 1u]), f32(wu[wbase + i + 2u]), f32(wu[wbase + i + 3u]));
-    ag += dot(xv, gv);
-    au += dot(xv, uv);
+  for (var i = lid; i < p.d / 4u; i += 64u) {
+    let xv = vec4<f32>(x[4u * i], x[4u * i + 1u], x[4u * i + 2u], x[4u * i + 3u]);
+    ag += dot(xv, vec4<f32>(wg[wbase + i]));
+    au += dot(xv, vec4<f32>(wu[wbase + i]));
   }
   pg[lid] = ag;
   pu[lid] = au;
@@ -71,8 +70,9 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l: 
     let wr = wid.x * 16u + l.y;
     xs[l.y][l.x] = select(0.0, x[xt * p.d + k0 + l.x], xt < p.tokens && k0 + l.x < p.d);
     let inside = wr < p.n && k0 + l.x < p.d;
-    gs[l.y][l.x] = select(0.0, f32(wg[wr * p.d + k0 + l.x]), inside);
-    us[l.y][l.x] = select(0.0, f32(wu[wr * p.d + k0 + l.x]), inside);
+    let wi = min(wr * p.d + k0 + l.x, p.n * p.d - 1u);
+    gs[l.y][l.x] = select(0.0, f32(wg[wi / 4u][wi % 4u]), inside);
+    us[l.y][l.x] = select(0.0, f32(wu[wi / 4u][wi % 4u]), inside);
     workgroupBarrier();
     for (var k = 0u; k < 16u; k++) {
       ag += xs[l.y][k] * gs[l.x][k];

@@ -26,7 +26,18 @@ export class FfnKernels {
   static async create(gpu: Gpu, weightType: WeightType): Promise<FfnKernels> {
     if (weightType === "f16" && !gpu.hasF16) throw new Error("the adapter has no shader-f16");
     const { device } = gpu;
-    const module = async (name: string) => device.createShaderModule({ code: await wgsl(name, weightType) });
+    const module = async (name: string) => {
+      const m = device.createShaderModule({ code: await wgsl(name, weightType) });
+      const errors = (await m.getCompilationInfo()).messages.filter((msg) => msg.type === "error");
+      if (errors.length) {
+        throw new Error(
+          `${name} (${weightType}): ${
+            errors.map((e) => `${e.lineNum}:${e.linePos} ${e.message}`).join("; ")
+          }`,
+        );
+      }
+      return m;
+    };
     const norm = await module("rmsnorm.wgsl");
     const gateUp = await module("gate_up.wgsl");
     const down = await module("down.wgsl");
