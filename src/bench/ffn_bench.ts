@@ -152,8 +152,7 @@ export async function benchFfn(gpu: Gpu, run: FfnRun, opts: FfnBenchOptions): Pr
       };
       const seqErr = await check(encodeSeq, seqOut, "sequential");
       const fusedErr = await check(encodeFused, bufA, "parallel");
-      const seqMs = await timePerRun(device, encodeSeq);
-      const fusedMs = await timePerRun(device, encodeFused);
+      const [seqMs, fusedMs] = await timePerRun(device, [encodeSeq, encodeFused]);
       const bytes = fused.weightBytes;
       cases.push({
         tokens,

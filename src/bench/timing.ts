@@ -15,25 +15,44 @@ async function timeBatch(
   return performance.now() - t0;
 }
 
-/**
- * Milliseconds of GPU work per run. Many runs go into one submit, and the time of R runs is taken
- * away from that of 2R, so the fixed cost of a submit and of Deno's ~11 ms completion wait cancels.
- */
-export async function timePerRun(
-  device: GPUDevice,
-  encode: (pass: GPUComputePassEncoder) => void,
-  targetMs = 60,
-): Promise<number> {
+type Encode = (pass: GPUComputePassEncoder) => void;
+
+/** Runs per submit such that one submit takes about `targetMs` of GPU time. */
+async function calibrate(device: GPUDevice, encode: Encode, targetMs: number): Promise<number> {
   await timeBatch(device, encode, 2);
   let runs = 4;
   while (runs < 4096 && (await timeBatch(device, encode, runs)) < targetMs) runs *= 2;
-  const estimates: number[] = [];
-  for (let i = 0; i < 3; i++) {
-    const one = await timeBatch(device, encode, runs);
-    const two = await timeBatch(device, encode, 2 * runs);
-    estimates.push(Math.max(two - one, 1e-6) / runs);
+  return runs;
+}
+
+/** One estimate: R runs taken away from 2R cancels the fixed cost of a submit and its completion wait. */
+async function estimate(device: GPUDevice, encode: Encode, runs: number): Promise<number> {
+  const one = await timeBatch(device, encode, runs);
+  const two = await timeBatch(device, encode, 2 * runs);
+  return Math.max(two - one, 1e-6) / runs;
+}
+
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+
+/**
+ * Milliseconds of GPU work per run for each encoder. Many runs go into one submit, and the variants
+ * are measured in alternating rounds (at least 3, up to 9, within about `budgetMs`) so that drift in
+ * the machine's load hits them alike; each result is the median of its rounds.
+ */
+export async function timePerRun(
+  device: GPUDevice,
+  encoders: Encode[],
+  targetMs = 60,
+  budgetMs = 3000,
+): Promise<number[]> {
+  const runs: number[] = [];
+  for (const e of encoders) runs.push(await calibrate(device, e, targetMs));
+  const samples: number[][] = encoders.map(() => []);
+  const t0 = performance.now();
+  for (let round = 0; round < 9 && (round < 3 || performance.now() - t0 < budgetMs); round++) {
+    for (const [i, e] of encoders.entries()) samples[i].push(await estimate(device, e, runs[i]));
   }
-  return estimates.sort((a, b) => a - b)[1];
+  return samples.map(median);
 }
 
 const STREAM_KERNEL = new URL("../../kernels/stream_read.wgsl", import.meta.url);
@@ -52,11 +71,11 @@ export async function streamingReadGBps(device: GPUDevice, maxBytes = 256 << 20)
     layout: pipeline.getBindGroupLayout(0),
     entries: [src, sink, params].map((buffer, binding) => ({ binding, resource: { buffer } })),
   });
-  const ms = await timePerRun(device, (pass) => {
+  const [ms] = await timePerRun(device, [(pass) => {
     pass.setPipeline(pipeline);
     pass.setBindGroup(0, group);
     pass.dispatchWorkgroups(workgroups);
-  });
+  }]);
   for (const b of [src, sink, params]) b.destroy();
   return bytes / ms / 1e6;
 }
