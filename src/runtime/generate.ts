@@ -1,4 +1,4 @@
-import type { TextTokenizer } from "../model/tokenizer.ts";
+import type { StreamDecoder, TextTokenizer } from "../model/tokenizer.ts";
 import { DEFAULT_READBACK_BATCH, GpuTokenPicker } from "./gpu_decode.ts";
 import { Sampler, type SamplingParams } from "./sampling.ts";
 import { disposeCache, type ModelSession } from "./session.ts";
@@ -85,9 +85,9 @@ export interface GenerateOptions {
  * sequences, accounting. Both decode loops feed it, whichever device chose the token.
  */
 class TokenSink {
-  private readonly decoder;
-  private readonly stops;
-  private readonly eos;
+  private readonly decoder: StreamDecoder;
+  private readonly stops: StopMatcher;
+  private readonly eos: Set<number>;
   readonly ids: number[] = [];
   text = "";
   finishReason: FinishReason = "length";
