@@ -92,7 +92,7 @@ Deno.test("cli analyze: matrix, ratios, runs and a valid suggested plan; heatmap
   assert.match(await Deno.readTextFile(svg), /^<svg/);
   const planFile = join(dir, "plan.json");
   await Deno.writeTextFile(planFile, JSON.stringify(report.suggested_plan));
-  const e = await cli([
+  const evalArgs = [
     "eval",
     "--text",
     EVAL_TEXT,
@@ -100,11 +100,10 @@ Deno.test("cli analyze: matrix, ratios, runs and a valid suggested plan; heatmap
     "128",
     "--skip-tokens",
     "48",
-    "--plan",
-    planFile,
     "--device",
     "wasm",
-  ]);
+  ];
+  const e = await cli([...evalArgs, "--plan", planFile]);
   assert.equal(e.code, 0, e.stderr);
   const q = JSON.parse(e.stdout);
   assert.equal(q.tokens, 127);
@@ -112,17 +111,7 @@ Deno.test("cli analyze: matrix, ratios, runs and a valid suggested plan; heatmap
   assert.ok(q.top1_agreement > 0.5 && q.top1_agreement <= 1);
   assert.ok(Math.abs(q.ppl - Math.exp(q.loss)) < 1e-9);
   const u = JSON.parse(
-    (await cli([
-      "eval",
-      "--text",
-      EVAL_TEXT,
-      "--max-tokens",
-      "128",
-      "--skip-tokens",
-      "48",
-      "--device",
-      "wasm",
-    ])).stdout,
+    (await cli(evalArgs)).stdout,
   );
   assert.equal(u.plan, "unfused");
   assert.equal(u.kl, undefined);

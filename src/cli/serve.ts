@@ -1,6 +1,5 @@
 import { z } from "zod";
-import { InputError } from "../errors.ts";
-import { UNFUSED } from "../fusion/plan.ts";
+import { readPlanFile, UNFUSED } from "../fusion/plan.ts";
 import { ModelHost } from "../runtime/host.ts";
 import { resolveDevice } from "../runtime/ort.ts";
 import { LIMITS } from "../runtime/params.ts";
@@ -27,15 +26,6 @@ const schema = z.strictObject({
   "api-key": z.string().min(8, "must be at least 8 characters").optional(),
 });
 
-async function readPlan(path: string | undefined): Promise<unknown> {
-  if (!path) return UNFUSED;
-  try {
-    return JSON.parse(await Deno.readTextFile(path));
-  } catch (e) {
-    throw new InputError(`cannot read plan ${path}: ${(e as Error).message}`);
-  }
-}
-
 const emit = (event: Record<string, unknown>) => console.log(JSON.stringify(event));
 
 /**
@@ -49,7 +39,7 @@ export async function serveCommand(argv: string[]): Promise<void> {
   raw["api-key"] ??= Deno.env.get("FUSEDGE_API_KEY");
   const flags = validateFlags(schema, raw);
   const device = await resolveDevice(flags.device);
-  const plan = await readPlan(flags.plan);
+  const plan = flags.plan ? await readPlanFile(flags.plan) : UNFUSED;
   const host = new ModelHost();
   const metrics = new Metrics();
   const scheduler = new Scheduler(flags["max-active"], flags["max-queue"]);

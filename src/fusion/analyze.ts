@@ -3,6 +3,7 @@ import { type Checkpoint, modelName } from "../model/checkpoint.ts";
 import type { ModelConfig } from "../model/config.ts";
 import { referenceForward } from "../model/forward.ts";
 import { applyPlan } from "./apply.ts";
+import { evaluateQuality } from "./evaluate.ts";
 import { type FusionPlan, planId } from "./plan.ts";
 
 export interface BlockLabel {
@@ -213,23 +214,13 @@ export async function suggestPlan(
 }
 
 /** Mean next-token negative log-likelihood of the float64 reference under a block list. */
-export function referenceLoss(ckpt: Checkpoint, blocks: Block[], sequences: number[][]): number {
-  const v = ckpt.config.vocabSize;
-  let nll = 0;
-  let count = 0;
-  for (const ids of sequences) {
-    const { logits } = referenceForward(ckpt, blocks, ids);
-    for (let t = 0; t + 1 < ids.length; t++) {
-      const row = logits.subarray(t * v, (t + 1) * v);
-      let max = -Infinity;
-      for (let i = 0; i < v; i++) if (row[i] > max) max = row[i];
-      let sum = 0;
-      for (let i = 0; i < v; i++) sum += Math.exp(row[i] - max);
-      nll += max + Math.log(sum) - row[ids[t + 1]];
-      count++;
-    }
-  }
-  return nll / count;
+export async function referenceLoss(
+  ckpt: Checkpoint,
+  blocks: Block[],
+  sequences: number[][],
+): Promise<number> {
+  const scorer = (ids: number[]) => Promise.resolve(referenceForward(ckpt, blocks, ids).logits);
+  return (await evaluateQuality(sequences, ckpt.config.vocabSize, scorer)).loss;
 }
 
 export interface AnalysisReport {
@@ -253,12 +244,12 @@ export async function analyzeModel(
   onProgress?: Progress,
 ): Promise<AnalysisReport> {
   const analysis = dependencyMatrix(ckpt, blocks, sequences, onProgress);
-  const unfusedLoss = referenceLoss(ckpt, blocks, sequences);
+  const unfusedLoss = await referenceLoss(ckpt, blocks, sequences);
   const { plan, trials } = await suggestPlan(
     analysis,
     ckpt.config,
     opts,
-    (p) => Promise.resolve(referenceLoss(ckpt, applyPlan(blocks, p), sequences)),
+    (p) => referenceLoss(ckpt, applyPlan(blocks, p), sequences),
   );
   return {
     model: modelName(ckpt.dir),

@@ -4,8 +4,8 @@
  * Models are passed in as scorers, so the numbers come from whatever engine actually serves them.
  */
 
-/** Logits [T, vocab] for a whole sequence. */
-export type Scorer = (ids: number[]) => Promise<Float32Array>;
+/** Logits [T, vocab] for a whole sequence (float32 from a session, float64 from the reference). */
+export type Scorer = (ids: number[]) => Promise<Float32Array | Float64Array>;
 
 export interface QualityReport {
   tokens: number;
@@ -22,7 +22,7 @@ export function windows(ids: number[], length: number): number[][] {
   return out.filter((w) => w.length >= 2);
 }
 
-function logSoftmax(row: Float32Array, out: Float64Array): void {
+function logSoftmax(row: Float32Array | Float64Array, out: Float64Array): void {
   let max = -Infinity;
   for (let i = 0; i < row.length; i++) if (row[i] > max) max = row[i];
   let sum = 0;

@@ -1,6 +1,5 @@
+import { escapeXml as esc } from "../markup.ts";
 import type { DependencyAnalysis } from "./analyze.ts";
-
-const esc = (s: string) => s.replace(/&/g, "&amp;").replace(/</g, "&lt;");
 
 /** White (independent) to dark red (dependent), on a square-root scale so small values stay visible. */
 function color(v: number, max: number): string {

@@ -61,13 +61,16 @@ export function validatePlan(raw: unknown, config: ModelConfig): FusionPlan {
   return plan;
 }
 
-/** Reads and validates a plan file. */
-export async function loadPlanFile(path: string, config: ModelConfig): Promise<FusionPlan> {
-  let raw: unknown;
+/** A plan file's JSON, not yet validated (the server validates it once the model is loaded). */
+export async function readPlanFile(path: string): Promise<unknown> {
   try {
-    raw = JSON.parse(await Deno.readTextFile(path));
+    return JSON.parse(await Deno.readTextFile(path));
   } catch (e) {
     throw new InputError(`cannot read plan ${path}: ${(e as Error).message}`);
   }
-  return validatePlan(raw, config);
+}
+
+/** Reads and validates a plan file. */
+export async function loadPlanFile(path: string, config: ModelConfig): Promise<FusionPlan> {
+  return validatePlan(await readPlanFile(path), config);
 }

@@ -1,10 +1,10 @@
 import type { Context } from "hono";
 import type { BenchReport } from "../bench/run.ts";
 import { heatmapSvg } from "../fusion/heatmap.ts";
+import { escapeXml } from "../markup.ts";
 import type { Services } from "./app.ts";
 
-const esc = (s: string) =>
-  s.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;").replace(/"/g, "&quot;");
+const esc = escapeXml;
 
 /** Sequential vs fused ms per token count, as grouped bars (kernels when measured, else onnxruntime). */
 export function benchChartSvg(r: BenchReport): string {
