@@ -1,55 +1,54 @@
 import { analyzeCommand } from "./src/cli/analyze.ts";
 import { benchCommand } from "./src/cli/bench.ts";
 import { evalCommand } from "./src/cli/eval.ts";
+import { type Command, commandUsage, parseCommandFlags } from "./src/cli/flags.ts";
 import { generateCommand } from "./src/cli/generate.ts";
 import { logitsCommand } from "./src/cli/logits.ts";
 import { serveCommand } from "./src/cli/serve.ts";
-import { InputError } from "./src/errors.ts";
+import { InputError, UserError } from "./src/errors.ts";
 
-const USAGE = `fusedge: FFN Fusion inference for Llama-family models on WebGPU / WASM
+const COMMANDS: Command[] = [
+  serveCommand,
+  generateCommand,
+  logitsCommand,
+  analyzeCommand,
+  evalCommand,
+  benchCommand,
+];
 
-usage: fusedge <command> [flags]
+const HEADER = `fusedge: FFN Fusion inference for Llama-family models on WebGPU / WASM
 
-commands:
-  serve     --model DIR [--port 8000] [--host 127.0.0.1] [--plan FILE] [--device auto|webgpu|wasm]
-  generate  --model DIR --prompt TEXT [--max-tokens N] [--temperature T] [--top-k K] [--top-p P]
-            [--repetition-penalty R] [--seed S] [--stop STR]... [--plan FILE] [--device ...]
-  logits    --model DIR --prompt TEXT [--plan FILE] [--device ...]
-  analyze   --model DIR --text FILE [--max-tokens 256] [--skip-tokens 0] [--window 256]
-            [--max-width 4] [--threshold 0.2] [--svg FILE]
-  eval      --model DIR --text FILE [--plan FILE] [--max-tokens 256] [--skip-tokens 0] [--window 256]
+usage: fusedge <command> [flags]      (fusedge <command> --help for one command)`;
 
-  bench     [--model DIR | --preset tiny-nas|llama-1b|llama-8b] [--device ...] [--k 4]
-            [--tokens 1,8,32,128] [--dtype f16|f32] [--decode-tokens 64] [--json]
+/** The whole usage text, generated from the commands' schemas. */
+export function usage(): string {
+  return [HEADER, "", "commands:", ...COMMANDS.map(commandUsage)].join("\n");
+}
 
---model defaults to the embedded tiny-nas checkpoint (bench: a preset shape unless --model is given).`;
+const wantsHelp = (args: string[]) => args.some((a) => a === "--help" || a === "-h");
 
-const COMMANDS: Record<string, (argv: string[]) => Promise<void>> = {
-  serve: serveCommand,
-  generate: generateCommand,
-  logits: logitsCommand,
-  analyze: analyzeCommand,
-  eval: evalCommand,
-  bench: benchCommand,
-};
-
-async function main(args: string[]): Promise<number> {
+export async function main(args: string[]): Promise<number> {
   const [name, ...rest] = args;
   if (!name || name === "--help" || name === "-h" || name === "help") {
-    console.log(USAGE);
+    console.log(usage());
     return name ? 0 : 2;
   }
-  const command = COMMANDS[name];
+  const command = COMMANDS.find((c) => c.name === name);
   if (!command) {
-    console.error(`error: unknown command "${name}"\n\n${USAGE}`);
+    console.error(`error: unknown command "${name}"\n\n${usage()}`);
     return 2;
   }
+  if (wantsHelp(rest)) {
+    console.log(`usage: fusedge ${command.name} [flags]\n\n${commandUsage(command)}`);
+    return 0;
+  }
   try {
-    await command(rest);
+    await command.run(parseCommandFlags(command, rest));
     return 0;
   } catch (e) {
-    if (e instanceof InputError) {
-      console.error(`error: ${e.message}`);
+    if (e instanceof UserError) {
+      const field = e instanceof InputError && e.field ? `--${e.field.replaceAll("_", "-")}: ` : "";
+      console.error(`error: ${field}${e.message}`);
       return 2;
     }
     console.error(e);

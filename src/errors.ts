@@ -1,21 +1,62 @@
 import type { z } from "zod";
 
 /**
- * An error caused by what the caller gave us (a file, a flag, a request body): the CLI exits 2 on it
- * and the server answers 4xx. Anything else is our bug.
+ * Errors caused by what a caller gave or asked for. The CLI exits 2 on every one; `src/server/`
+ * maps each kind to its HTTP status. Anything that is not a UserError is our bug.
  */
-export class InputError extends Error {
-  constructor(message: string, readonly status: 400 | 404 | 409 | 413 | 422 | 429 = 400) {
+export class UserError extends Error {
+  constructor(message: string) {
     super(message);
-    this.name = "InputError";
+    this.name = new.target.name;
   }
 }
 
+/**
+ * A value that is wrong as given: a flag, a body field, a prompt, a file. `field` names the request
+ * field (its wire name, e.g. `max_tokens`); each edge shows it its own way (`--max-tokens` on the CLI).
+ */
+export class InputError extends UserError {
+  constructor(message: string, readonly field?: string) {
+    super(message);
+  }
+}
+
+/** A checkpoint directory that cannot be loaded as it is. */
+export class BadCheckpointError extends InputError {}
+
+/** A fusion plan that breaks a rule for this model; the active plan stays. */
+export class InvalidPlanError extends InputError {}
+
+/** Something asked for that does not exist (yet): no analysis run, no benchmark. */
+export class NotFoundError extends UserError {}
+
+/** A single-flight job of this kind is already running, or a newer request replaced this one. */
+export class BusyError extends UserError {}
+
+/** Admission refused for now: every slot and queue place is taken. */
+export class CapacityError extends UserError {
+  constructor(message: string, readonly retryAfterSeconds: number) {
+    super(message);
+  }
+}
+
+/** The service cannot take work at the moment: loading, failed, or draining for shutdown. */
+export class UnavailableError extends UserError {}
+
+/** The caller went away (or cancelled) before the work was done. */
+export class CancelledError extends UserError {}
+
 /** One line per issue, each prefixed with the path of the offending field. */
-export function formatZodError(error: z.ZodError): string {
+export function formatZodError(
+  error: z.ZodError,
+  name = (path: PropertyKey[]) => path.map(String).join("."),
+): string {
   return error.issues
     .map((issue) => {
-      const path = issue.path.length ? issue.path.map(String).join(".") : "(root)";
+      if (issue.code === "unrecognized_keys") {
+        return `${issue.keys.map((k) => name([k])).join(", ")}: unknown`;
+      }
+      const path = issue.path.length ? name(issue.path) : "(root)";
       return `${path}: ${issue.message}`;
     })
     .join("; ");

@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
-import { dependencyMatrix, fusableRuns, groupRuns, suggestPlan } from "../src/fusion/analyze.ts";
+import { dependencyMatrix, groupRuns, suggestPlan } from "../src/fusion/analyze.ts";
+import { fusableRuns } from "../src/fusion/plan.ts";
 import { evaluateQuality, windows } from "../src/fusion/evaluate.ts";
 import { unfusedBlocks } from "../src/model/blocks.ts";
 import { loadCheckpoint } from "../src/model/checkpoint.ts";

@@ -62,7 +62,13 @@ Deno.test("cli: bad input exits 2 with a message, never a stack trace", async ()
     ],
     [["logits", "--prompt", "x", "--plan", join(dir, "broken.json"), "--device", "wasm"], /cannot read plan/],
     [["logits", "--prompt", "x", "--device", "tpu"], /--device/],
-    [["logits", "--prompt", "x", "--port", "1"], /--port is not a flag of this command/],
+    [["logits", "--prompt", "x", "--port", "1"], /Unknown option '--port'/],
+    [["serve", "--admin-token", "has space!"], /--admin-token: may use letters/],
+    [
+      ["analyze", "--text", "data/eval.py.txt", "--window", "4096"],
+      /--window: 4096 exceeds the model's context/,
+    ],
+    [["bench", "--preset", "llama-8b", "--device", "wasm"], /do not fit WASM's 4.3 GB heap/],
     [["generate", "--prompt", "x", "--max-tokens", "0"], /--max-tokens: .*>=1/],
     [["generate", "--prompt", "x", "--temperature", "hot"], /--temperature/],
     [["serve", "--port", "70000"], /--port/],
@@ -127,4 +133,26 @@ Deno.test("cli analyze/eval: bad flags exit 2", async () => {
     [["analyze", "--text", EVAL_TEXT, "--threshold", "-1"], /--threshold/],
     [["eval", "--text", EVAL_TEXT, "--skip-tokens", "99999999"], /fewer than 2 tokens/],
   ]);
+});
+
+Deno.test("cli: usage and --help come from the commands' schemas, every flag listed", async () => {
+  const { main } = await import("../main.ts");
+  const { serveCommand } = await import("../src/cli/serve.ts");
+  const lines: string[] = [];
+  const log = console.log;
+  console.log = (s: string) => lines.push(s);
+  try {
+    assert.equal(await main(["serve", "--help"]), 0);
+    assert.equal(await main(["--help"]), 0);
+  } finally {
+    console.log = log;
+  }
+  const [serveHelp, all] = lines;
+  for (const key of Object.keys(serveCommand.schema.shape)) {
+    assert.ok(serveHelp.includes(`--${key.replaceAll("_", "-")}`), `serve --help lists --${key}`);
+  }
+  for (const name of ["serve", "generate", "logits", "analyze", "eval", "bench"]) {
+    assert.match(all, new RegExp(`^  ${name}: `, "m"));
+  }
+  assert.match(all, /--max-tokens N\]\s+tokens to generate at most \(default 64\)/);
 });

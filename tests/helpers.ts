@@ -2,7 +2,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { encodeSafetensors } from "../src/model/safetensors.ts";
 import { type Tensor, tensor } from "../src/model/tensor.ts";
-import { rng } from "../src/runtime/sampling.ts";
+import { rng } from "../src/numeric.ts";
 import { webgpuAvailable } from "../src/runtime/ort.ts";
 
 export const ROOT = fileURLToPath(new URL("..", import.meta.url));

@@ -110,3 +110,92 @@ export function post(base: string, path: string, body: unknown, raw = false): Pr
     body: raw ? (body as string) : JSON.stringify(body),
   });
 }
+
+/** Sends one raw HTTP/1.1 request (for headers fetch will not send as given, such as Host). */
+export async function rawRequest(
+  port: number,
+  head: string,
+  body = "",
+): Promise<{ status: number; text: string }> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  try {
+    const bytes = new TextEncoder().encode(body);
+    const extra = body ? `content-length: ${bytes.length}\r\n` : "";
+    await conn.write(new TextEncoder().encode(`${head}\r\n${extra}connection: close\r\n\r\n`));
+    if (body) await conn.write(bytes);
+    const chunks: Uint8Array[] = [];
+    const buf = new Uint8Array(65536);
+    for (;;) {
+      const n = await conn.read(buf);
+      if (n === null) break;
+      chunks.push(buf.slice(0, n));
+    }
+    const text = new TextDecoder().decode(new Uint8Array(chunks.flatMap((c) => [...c])));
+    return { status: Number(text.split(" ")[1]), text };
+  } finally {
+    try {
+      conn.close();
+    } catch { /* closed by the server */ }
+  }
+}
+
+/**
+ * Keeps streaming completions, one after another, for as long as `during` runs, and reports the
+ * largest gap between two consecutive tokens of a stream (after its first): the measure of "a stream
+ * must never pause because of another request".
+ */
+export async function streamWhile(
+  base: string,
+  during: () => Promise<unknown>,
+): Promise<{ maxGapMs: number; tokens: number; streams: number; allDone: boolean }> {
+  let finished = false;
+  const action = during().finally(() => (finished = true));
+  let maxGapMs = 0;
+  let tokens = 0;
+  let streams = 0;
+  let allDone = true;
+  do {
+    const res = await post(base, "/v1/completions", {
+      prompt: "def main(",
+      max_tokens: 200,
+      temperature: 0,
+      stream: true,
+    });
+    let last = 0;
+    let n = 0;
+    let done = false;
+    for await (const data of sseData(res.body!)) {
+      const now = performance.now();
+      if (data === "[DONE]") done = true;
+      else if (n++ > 0) maxGapMs = Math.max(maxGapMs, now - last);
+      last = now;
+    }
+    tokens += n;
+    streams++;
+    allDone &&= done;
+  } while (!finished);
+  await action;
+  return { maxGapMs, tokens, streams, allDone };
+}
+
+/** Polls /health every 50 ms until stopped; returns the slowest answer in ms. */
+export function healthProbe(base: string): { stop(): Promise<number> } {
+  let running = true;
+  let worst = 0;
+  const loop = (async () => {
+    while (running) {
+      const t0 = performance.now();
+      const res = await fetch(`${base}/health`);
+      await res.body?.cancel();
+      worst = Math.max(worst, performance.now() - t0);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  })();
+  return {
+    stop: async () => {
+      running = false;
+      await loop;
+      return worst;
+    },
+  };
+}

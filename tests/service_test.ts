@@ -19,8 +19,7 @@ async function waitFor(check: () => Promise<boolean>, ms = 3000): Promise<boolea
 }
 
 Deno.test({
-  name:
-    "service: auth, 429 with Retry-After, cancellation, timeouts, metrics, logs, memory across swaps, SIGTERM drain",
+  name: "service: auth, 429 with Retry-After, cancellation, timeouts, metrics, logs, memory across swaps",
   sanitizeResources: false,
   sanitizeOps: false,
   fn: async (t) => {
@@ -66,7 +65,7 @@ Deno.test({
           }
           const fused = await fetch(`${base}/fuse`, {
             method: "POST",
-            headers: { authorization: `Bearer ${ADMIN}` },
+            headers: { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" },
             body: JSON.stringify({ ffn_groups: [[3, 4]] }),
           });
           assert.equal(fused.status, 200);
@@ -183,7 +182,7 @@ Deno.test({
         const swap = async (groups: number[][]) => {
           const res = await fetch(`${base}/fuse`, {
             method: "POST",
-            headers: { authorization: `Bearer ${ADMIN}` },
+            headers: { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" },
             body: JSON.stringify({ ffn_groups: groups }),
           });
           assert.equal(res.status, 200);
@@ -199,21 +198,6 @@ Deno.test({
         // Each session holds ~40 MB of weights: a leak would add ~500 MB over 12 swaps.
         assert.ok(after - warm < 120e6, `rss grew by ${((after - warm) / 1e6).toFixed(0)} MB over 12 swaps`);
         assert.equal((await (await fetch(`${base}/fuse`)).json()).retiring, 0);
-      });
-
-      await t.step("SIGTERM: stop accepting, let the stream in flight finish, exit 0", async () => {
-        const stream = complete({ prompt: "def main(", max_tokens: 60, temperature: 0, stream: true }).then(
-          readSse,
-        );
-        await waitFor(async () => (await (await fetch(`${base}/health`)).json()).active === 1);
-        server.process.kill("SIGTERM");
-        const drained = await stream;
-        assert.ok(drained.done, "the in-flight stream completed");
-        assert.equal((drained.events.at(-1)!.usage as { completion_tokens: number }).completion_tokens, 60);
-        const status = await server.process.status;
-        assert.equal(status.code, 0);
-        assert.ok(server.events.some((e) => e.event === "draining"));
-        await assert.rejects(fetch(`${base}/health`), "no longer accepting connections");
       });
     } finally {
       await server.stop();

@@ -3,7 +3,7 @@ import type { FfnBlock } from "../model/blocks.ts";
 import { f16ToF32, f32ToF16 } from "../model/dtype.ts";
 import { ffnDelta } from "../model/forward.ts";
 import { tensor } from "../model/tensor.ts";
-import { rng } from "../runtime/sampling.ts";
+import { rng } from "../numeric.ts";
 import { type Gpu, readFloats, storage, upload } from "../webgpu/device.ts";
 import { FfnKernels, GpuFfn, type HostFfn, type WeightType } from "../webgpu/ffn.ts";
 import type { FfnRun } from "./shapes.ts";

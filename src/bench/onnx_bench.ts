@@ -2,14 +2,18 @@ import { fuseFfns } from "../fusion/apply.ts";
 import { buildFfnStackGraph } from "../onnx/decoder.ts";
 import type { Device } from "../runtime/ort.ts";
 import { ort } from "../runtime/ort.ts";
-import { rng } from "../runtime/sampling.ts";
+import { rng, spread } from "../numeric.ts";
 import type { FfnRun } from "./shapes.ts";
 
 export interface OnnxFfnCase {
   tokens: number;
+  /** Medians over the rounds; the ranges below. */
   sequential_ms: number;
   fused_ms: number;
   speedup: number;
+  sequential_range_ms: [number, number];
+  fused_range_ms: [number, number];
+  rounds: number;
   /** MatMul nodes in each graph: 3k against 3. */
   matmuls: { sequential: number; fused: number };
 }
@@ -31,24 +35,25 @@ async function session(bytes: Uint8Array, device: Device): Promise<ort.Inference
   });
 }
 
-/** Wall time per session.run, outputs left on the GPU under WebGPU (no readback in the loop). */
-async function timeRuns(s: ort.InferenceSession, x: ort.Tensor, minMs = 300): Promise<number> {
-  const once = async () => {
-    const out = await s.run({ x });
-    out.y.dispose();
-  };
-  await once();
+/** Wall time per session.run over at least `minMs`, outputs left on the GPU under WebGPU. */
+async function timeRuns(s: ort.InferenceSession, x: ort.Tensor, minMs: number): Promise<number> {
   let runs = 0;
   const t0 = performance.now();
-  while (performance.now() - t0 < minMs || runs < 5) {
-    await once();
+  while (performance.now() - t0 < minMs || runs < 3) {
+    const out = await s.run({ x });
+    out.y.dispose();
     runs++;
   }
   return (performance.now() - t0) / runs;
 }
 
 /** The sequential-vs-fused FFN comparison through onnxruntime-web graphs with the same weights. */
-export async function benchOnnxFfn(run: FfnRun, device: Device, tokens: number[]): Promise<OnnxFfnReport> {
+export async function benchOnnxFfn(
+  run: FfnRun,
+  device: Device,
+  tokens: number[],
+  rounds: number,
+): Promise<OnnxFfnReport> {
   const cfg = { hidden: run.d, rmsEps: run.eps };
   const seqGraph = buildFfnStackGraph(cfg, run.blocks);
   const fusedGraph = buildFfnStackGraph(cfg, [fuseFfns(run.blocks)]);
@@ -65,13 +70,30 @@ export async function benchOnnxFfn(run: FfnRun, device: Device, tokens: number[]
         t,
         run.d,
       ]);
-      const s = await timeRuns(seq, x);
-      const f = await timeRuns(fused, x);
+      // Warm both, then alternate them in rounds (order flipping) so drift hits both alike.
+      await timeRuns(seq, x, 50);
+      await timeRuns(fused, x, 50);
+      const ss: number[] = [];
+      const fs: number[] = [];
+      for (let r = 0; r < rounds; r++) {
+        if (r % 2) {
+          fs.push(await timeRuns(fused, x, 60));
+          ss.push(await timeRuns(seq, x, 60));
+        } else {
+          ss.push(await timeRuns(seq, x, 60));
+          fs.push(await timeRuns(fused, x, 60));
+        }
+      }
+      const s = spread(ss);
+      const f = spread(fs);
       cases.push({
         tokens: t,
-        sequential_ms: s,
-        fused_ms: f,
-        speedup: s / f,
+        sequential_ms: s.median,
+        fused_ms: f.median,
+        speedup: s.median / f.median,
+        sequential_range_ms: [s.min, s.max],
+        fused_range_ms: [f.min, f.max],
+        rounds,
         matmuls: { sequential: seqGraph.matmulCount, fused: fusedGraph.matmulCount },
       });
     }

@@ -1,11 +1,13 @@
-import { loadAssets } from "../runtime/engine.ts";
+import { InputError } from "../errors.ts";
+import type { Checkpoint } from "../model/checkpoint.ts";
+import { assetsFrom, loadAssets } from "../runtime/engine.ts";
 import { type Device, resolveDevice } from "../runtime/ort.ts";
 import { requestGpu } from "../webgpu/device.ts";
 import type { WeightType } from "../webgpu/ffn.ts";
 import { benchDecode, type DecodeCase } from "./decode_bench.ts";
 import { benchFfn, type FfnBenchReport } from "./ffn_bench.ts";
 import { benchOnnxFfn, type OnnxFfnReport } from "./onnx_bench.ts";
-import { checkpointRun, type PresetName, presetRun } from "./shapes.ts";
+import { checkpointRun, type PresetName, presetRun, PRESETS } from "./shapes.ts";
 
 export interface BenchOptions {
   model?: string;
@@ -15,6 +17,50 @@ export interface BenchOptions {
   tokens: number[];
   weightType?: WeightType;
   decodeTokens: number;
+  /** Alternating rounds per measurement. */
+  rounds: number;
+  /** The model's weights when already in memory (the server's shared copy). */
+  checkpoint?: Checkpoint;
+}
+
+/** Where a benchmark's memory must fit: the host, and WASM's 32-bit heap. */
+export interface MemoryLimits {
+  hostAvailableBytes: number;
+  wasmHeapBytes: number;
+}
+
+const GiB = 2 ** 30;
+
+export function memoryLimits(): MemoryLimits {
+  return { hostAvailableBytes: Deno.systemMemoryInfo().available, wasmHeapBytes: 4 * GiB };
+}
+
+/**
+ * Refuses, before anything is allocated, a benchmark whose FFN graphs cannot fit. Each onnxruntime
+ * graph holds k x 3 fp32 matrices of d x n; onnxruntime-web keeps both sessions in one WASM heap and
+ * briefly a third copy while creating one; the host holds the random weights, the fused copy, both
+ * protobufs and the heap (about 10x one graph, measured: 8 GB RSS for llama-1b at k = 4).
+ */
+export function checkBenchFits(d: number, n: number, k: number, device: Device, limits: MemoryLimits): void {
+  const graph = k * 3 * d * n * 4;
+  const gb = (b: number) => `${(b / 1e9).toFixed(1)} GB`;
+  if (device === "wasm" && 3 * graph > limits.wasmHeapBytes) {
+    throw new InputError(
+      `two FFN graphs of ${gb(graph)} (k=${k}, ${d}x${n}) do not fit WASM's ${
+        gb(limits.wasmHeapBytes)
+      } heap (needs about ${gb(3 * graph)}); use a smaller k or preset, or --device webgpu`,
+      "preset",
+    );
+  }
+  const host = 10 * graph;
+  if (host > limits.hostAvailableBytes) {
+    throw new InputError(
+      `the FFN graphs (k=${k}, ${d}x${n}) need about ${gb(host)} of host memory; ${
+        gb(limits.hostAvailableBytes)
+      } is available (try a smaller k or preset)`,
+      "preset",
+    );
+  }
 }
 
 export interface BenchReport {
@@ -36,7 +82,13 @@ export async function runBench(
   log: (line: string) => void = () => {},
 ): Promise<BenchReport> {
   const device = await resolveDevice(opts.device);
-  const assets = opts.model ? await loadAssets(opts.model) : null;
+  if (!opts.model) {
+    const { d, n } = PRESETS[opts.preset ?? "tiny-nas"];
+    checkBenchFits(d, n, opts.k, device, memoryLimits());
+  }
+  const assets = opts.model
+    ? opts.checkpoint ? await assetsFrom(opts.checkpoint, opts.model) : await loadAssets(opts.model)
+    : null;
   const run = assets
     ? checkpointRun(assets.checkpoint, opts.k)
     : presetRun(opts.preset ?? "tiny-nas", opts.k);
@@ -53,7 +105,7 @@ export async function runBench(
     gpu.device.destroy();
   }
   log(`onnxruntime-web graphs on ${device}`);
-  const onnx = await benchOnnxFfn(run, device, opts.tokens);
+  const onnx = await benchOnnxFfn(run, device, opts.tokens, opts.rounds);
   const decode: DecodeCase[] = [];
   if (assets) {
     const plans = [{ version: 1 as const, ffn_groups: [] }, {
@@ -63,7 +115,7 @@ export async function runBench(
     // WASM always exists, so a WebGPU run also reports the CPU fallback for comparison.
     for (const d of device === "webgpu" ? ["webgpu", "wasm"] as const : [device]) {
       log(`decode on ${d}`);
-      decode.push(...await benchDecode(assets, plans, d, opts.decodeTokens));
+      decode.push(...await benchDecode(assets, plans, d, opts.decodeTokens, opts.rounds));
     }
   }
   return {
@@ -77,6 +129,7 @@ export async function runBench(
 }
 
 const f = (x: number, d = 3) => x.toFixed(d);
+type Spread = DecodeCase["tokens_per_second"];
 
 /** A readable summary of a report: one table per section. */
 export function formatBench(r: BenchReport): string {
@@ -104,30 +157,37 @@ export function formatBench(r: BenchReport): string {
   const created = `${f(o.session_create_ms.sequential, 0)} / ${f(o.session_create_ms.fused, 0)} ms`;
   lines.push(
     "",
-    `onnxruntime-web FFN graphs (${o.device}; ${f(o.graph_mb, 1)} MB each, sessions created in ${created})`,
-    "T      sequential ms  fused ms  fused/seq",
+    `onnxruntime-web FFN graphs (${o.device}; ${
+      f(o.graph_mb, 1)
+    } MB each, sessions created in ${created}; median [min-max] of alternating rounds)`,
+    "T      sequential ms          fused ms               fused/seq",
   );
+  const ranged = (m: number, [lo, hi]: [number, number]) => `${f(m)} [${f(lo)}-${f(hi)}]`.padEnd(22);
   for (const c of r.ffn_onnx.cases) {
     lines.push(
-      `${String(c.tokens).padEnd(6)} ${f(c.sequential_ms).padStart(13)}  ${f(c.fused_ms).padStart(8)}  ${
-        f(c.speedup, 2).padStart(8)
-      }x`,
+      `${String(c.tokens).padEnd(6)} ${ranged(c.sequential_ms, c.sequential_range_ms)} ${
+        ranged(c.fused_ms, c.fused_range_ms)
+      } ${f(c.speedup, 2)}x`,
     );
   }
   if (r.decode.length) {
+    const sp = (s: Spread, d = 1) => `${f(s.median, d)} [${f(s.min, d)}-${f(s.max, d)}]`;
     lines.push(
       "",
-      "decode (greedy, after the first token)",
-      "device  plan                 sampling  tokens/s  prefill ms",
+      `decode (greedy, warm sessions, plans alternated in ${r.decode[0].rounds} rounds; median [min-max])`,
+      "device  plan                 sampling  tokens/s                 vs first  tokens/CPU-s             prefill ms",
     );
     for (const c of r.decode) {
       const cols = [
         c.device.padEnd(7),
         c.plan.padEnd(20),
         c.sampling.padEnd(8),
-        f(c.tokens_per_second, 1).padStart(9),
+        sp(c.tokens_per_second).padEnd(24),
+        `${f(c.speedup, 2)}x`.padEnd(8),
+        (c.tokens_per_cpu_second ? sp(c.tokens_per_cpu_second) : "-").padEnd(24),
+        sp(c.prefill_ms),
       ];
-      lines.push(`${cols.join(" ")}  ${f(c.prefill_ms, 1).padStart(10)}`);
+      lines.push(cols.join(" "));
     }
   }
   return lines.join("\n");

@@ -1,8 +1,8 @@
-import { fusableRuns } from "../fusion/analyze.ts";
+import { fusableRuns } from "../fusion/plan.ts";
 import { type Block, type FfnBlock, unfusedBlocks } from "../model/blocks.ts";
 import { type Checkpoint, modelName } from "../model/checkpoint.ts";
 import { tensor } from "../model/tensor.ts";
-import { rng } from "../runtime/sampling.ts";
+import { rng } from "../numeric.ts";
 
 /** FFN shapes of common models: hidden x intermediate. */
 export const PRESETS = {

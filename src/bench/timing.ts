@@ -1,4 +1,6 @@
 import { storage, upload } from "../webgpu/device.ts";
+import { compileKernel } from "../webgpu/shader.ts";
+import { spread } from "../numeric.ts";
 
 async function timeBatch(
   device: GPUDevice,
@@ -32,8 +34,6 @@ async function estimate(device: GPUDevice, encode: Encode, runs: number): Promis
   return Math.max(two - one, 1e-6) / runs;
 }
 
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
-
 /**
  * Milliseconds of GPU work per run for each encoder. Many runs go into one submit, and the variants
  * are measured in alternating rounds (at least 3, up to 9, within about `budgetMs`) so that drift in
@@ -52,10 +52,8 @@ export async function timePerRun(
   for (let round = 0; round < 9 && (round < 3 || performance.now() - t0 < budgetMs); round++) {
     for (const [i, e] of encoders.entries()) samples[i].push(await estimate(device, e, runs[i]));
   }
-  return samples.map(median);
+  return samples.map((s) => spread(s).median);
 }
-
-const STREAM_KERNEL = new URL("../../kernels/stream_read.wgsl", import.meta.url);
 
 /** The adapter's streaming-read bandwidth in GB/s: a reduction over a buffer much larger than caches. */
 export async function streamingReadGBps(device: GPUDevice, maxBytes = 256 << 20): Promise<number> {
@@ -65,7 +63,7 @@ export async function streamingReadGBps(device: GPUDevice, maxBytes = 256 << 20)
   const sink = storage(device, 4 * 256 * 1024);
   const workgroups = 1024;
   const params = upload(device, new Uint32Array([bytes / 16, workgroups * 256, 0, 0]), "uniform");
-  const module = device.createShaderModule({ code: await Deno.readTextFile(STREAM_KERNEL) });
+  const module = await compileKernel(device, "stream_read.wgsl");
   const pipeline = device.createComputePipeline({ layout: "auto", compute: { module, entryPoint: "main" } });
   const group = device.createBindGroup({
     layout: pipeline.getBindGroupLayout(0),

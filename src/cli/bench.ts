@@ -1,38 +1,29 @@
 import { z } from "zod";
+import { benchRequest } from "../api/bench.ts";
 import { formatBench, runBench } from "../bench/run.ts";
-import { PRESETS } from "../bench/shapes.ts";
 import { InputError } from "../errors.ts";
-import { deviceFlag, int, parseFlags, validateFlags } from "./args.ts";
+import { defineCommand, deviceFlag } from "./flags.ts";
 
-export const tokenList = z.string().regex(/^\d+(,\d+)*$/, "must be a comma-separated list of token counts")
-  .transform((s) => s.split(",").map(Number)).refine(
-    (l) => l.every((t) => t >= 1 && t <= 512),
-    "token counts must be 1..512",
-  );
-
-const schema = z.strictObject({
-  model: z.string().optional(),
-  preset: z.enum(Object.keys(PRESETS) as [keyof typeof PRESETS]).optional(),
-  device: deviceFlag,
-  k: int().min(2).max(16).default(4),
-  tokens: tokenList.default([1, 8, 32, 128]),
-  dtype: z.enum(["f16", "f32"]).optional(),
-  "decode-tokens": int().min(2).max(1000).default(64),
-  json: z.boolean().optional(),
+export const benchCommand = defineCommand({
+  name: "bench",
+  summary: "the self-benchmark: a table, or JSON with --json (progress on stderr)",
+  schema: benchRequest.extend({
+    model: z.string().optional().describe("benchmark this checkpoint's layers (default: a preset shape)"),
+    device: deviceFlag,
+    json: z.boolean().optional().describe("print the report as JSON"),
+  }),
+  async run(flags) {
+    if (flags.model && flags.preset) throw new InputError("--model and --preset are exclusive");
+    const report = await runBench({
+      model: flags.model,
+      preset: flags.preset,
+      device: flags.device,
+      k: flags.k,
+      tokens: flags.tokens,
+      weightType: flags.dtype,
+      decodeTokens: flags.decode_tokens,
+      rounds: flags.rounds,
+    }, (line) => console.error(`bench: ${line}`));
+    console.log(flags.json ? JSON.stringify(report) : formatBench(report));
+  },
 });
-
-/** `bench`: JSON on stdout with --json, otherwise a readable table; progress on stderr. */
-export async function benchCommand(argv: string[]): Promise<void> {
-  const flags = validateFlags(schema, parseFlags(argv));
-  if (flags.model && flags.preset) throw new InputError("--model and --preset are exclusive");
-  const report = await runBench({
-    model: flags.model,
-    preset: flags.preset,
-    device: flags.device,
-    k: flags.k,
-    tokens: flags.tokens,
-    weightType: flags.dtype,
-    decodeTokens: flags["decode-tokens"],
-  }, (line) => console.error(`bench: ${line}`));
-  console.log(flags.json ? JSON.stringify(report) : formatBench(report));
-}

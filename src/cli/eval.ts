@@ -1,15 +1,14 @@
 import { z } from "zod";
 import { evaluateQuality, type Scorer } from "../fusion/evaluate.ts";
+import { textWindows } from "../fusion/calibration.ts";
 import { UNFUSED } from "../fusion/plan.ts";
+import { InputError } from "../errors.ts";
 import { buildInstance, type ModelInstance } from "../runtime/engine.ts";
 import { disposeCache } from "../runtime/session.ts";
-import { parseFlags, validateFlags } from "./args.ts";
-import { textFlags } from "./analyze.ts";
+import { textFlag } from "./analyze.ts";
+import { defineCommand } from "./flags.ts";
 import { loadModel, modelFlags } from "./load.ts";
-import { textWindows } from "../fusion/calibration.ts";
 import { progressPrinter } from "./progress.ts";
-
-const schema = z.strictObject({ ...modelFlags, ...textFlags });
 
 function scorer(inst: ModelInstance): Scorer {
   return async (ids) => {
@@ -19,32 +18,44 @@ function scorer(inst: ModelInstance): Scorer {
   };
 }
 
-/**
- * `eval`: loss and perplexity of the model (under --plan, if given) on a text, through the same
- * onnxruntime session that serves it; with a plan, KL and top-1 agreement against the unfused model.
- */
-export async function evalCommand(argv: string[]): Promise<void> {
-  const flags = validateFlags(schema, parseFlags(argv));
-  const { assets, instance } = await loadModel(flags);
-  const cfg = assets.checkpoint.config;
-  const window = Math.min(flags.window ?? 256, cfg.maxPositions);
-  const sequences = await textWindows(flags.text, assets.tokenizer, {
-    skip: flags["skip-tokens"],
-    max: flags["max-tokens"],
-    window,
-  });
-  const fused = flags.plan !== undefined;
-  const baseline = fused ? await buildInstance(assets, UNFUSED, instance.device) : null;
-  const report = await evaluateQuality(
-    sequences,
-    cfg.vocabSize,
-    scorer(instance),
-    baseline ? scorer(baseline) : undefined,
-    progressPrinter("eval: windows"),
-  );
-  await instance.session.release();
-  await baseline?.session.release();
-  console.log(
-    JSON.stringify({ model: assets.name, plan: instance.planId, device: instance.device, ...report }),
-  );
-}
+export const evalCommand = defineCommand({
+  name: "eval",
+  summary: "loss and perplexity through the serving session; with --plan, KL and top-1 agreement vs unfused",
+  schema: z.strictObject({
+    ...modelFlags,
+    text: textFlag,
+    max_tokens: z.number().int().min(2).max(1e7).default(256).describe("tokens evaluated"),
+    skip_tokens: z.number().int().min(0).max(1e9).default(0).describe(
+      "tokens of the text to pass over first",
+    ),
+    window: z.number().int().min(2).default(256).describe("tokens per forward pass, at most the context"),
+  }),
+  async run(flags) {
+    const { assets, instance } = await loadModel(flags);
+    const cfg = assets.checkpoint.config;
+    if (flags.window > cfg.maxPositions) {
+      throw new InputError(
+        `${flags.window} exceeds the model's context of ${cfg.maxPositions} tokens`,
+        "window",
+      );
+    }
+    const sequences = await textWindows(flags.text, assets.tokenizer, {
+      skip: flags.skip_tokens,
+      max: flags.max_tokens,
+      window: flags.window,
+    });
+    const baseline = flags.plan !== undefined ? await buildInstance(assets, UNFUSED, instance.device) : null;
+    const report = await evaluateQuality(
+      sequences,
+      cfg.vocabSize,
+      scorer(instance),
+      baseline ? scorer(baseline) : undefined,
+      progressPrinter("eval: windows"),
+    );
+    await instance.session.release();
+    await baseline?.session.release();
+    console.log(
+      JSON.stringify({ model: assets.name, plan: instance.planId, device: instance.device, ...report }),
+    );
+  },
+});

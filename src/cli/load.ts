@@ -2,13 +2,13 @@ import { z } from "zod";
 import { loadPlanFile, UNFUSED } from "../fusion/plan.ts";
 import { buildInstance, loadAssets, type ModelAssets, type ModelInstance } from "../runtime/engine.ts";
 import { resolveDevice } from "../runtime/ort.ts";
-import { deviceFlag } from "./args.ts";
 import { DEFAULT_MODEL_DIR } from "./defaults.ts";
+import { deviceFlag } from "./flags.ts";
 
-/** The flags that say which model to run and how: shared by logits, generate and serve. */
+/** The flags that say which model to run and how: shared by logits, generate, eval and serve. */
 export const modelFlags = {
-  model: z.string().default(DEFAULT_MODEL_DIR),
-  plan: z.string().optional(),
+  model: z.string().default(DEFAULT_MODEL_DIR).describe("checkpoint directory (default: embedded tiny-nas)"),
+  plan: z.string().optional().describe("fusion plan file (JSON)"),
   device: deviceFlag,
 };
 

@@ -1,23 +1,27 @@
 import { z } from "zod";
 import { checkPromptFits } from "../runtime/context.ts";
 import { disposeCache } from "../runtime/session.ts";
-import { parseFlags, validateFlags } from "./args.ts";
+import { defineCommand } from "./flags.ts";
 import { loadModel, modelFlags } from "./load.ts";
 
-const schema = z.strictObject({ ...modelFlags, prompt: z.string().min(1, "must not be empty") });
-
-/** `logits`: the next-token logits after the prompt, computed in float32 by the session. */
-export async function logitsCommand(argv: string[]): Promise<void> {
-  const flags = validateFlags(schema, parseFlags(argv));
-  const { assets, instance } = await loadModel(flags);
-  const ids = assets.tokenizer.encode(flags.prompt);
-  checkPromptFits(ids.length, assets.checkpoint.config.maxPositions);
-  const { logits, cache } = await instance.session.step(ids, instance.session.emptyCache());
-  const vocab = assets.checkpoint.config.vocabSize;
-  const last = Array.from(logits.subarray(logits.length - vocab));
-  disposeCache(cache);
-  await instance.session.release();
-  console.log(
-    JSON.stringify({ input_ids: ids, last_logits: last, plan: instance.planId, device: instance.device }),
-  );
-}
+export const logitsCommand = defineCommand({
+  name: "logits",
+  summary: "the next-token logits after the prompt, computed in float32: {input_ids, last_logits}",
+  schema: z.strictObject({
+    ...modelFlags,
+    prompt: z.string().min(1, "must not be empty").describe("the prompt"),
+  }),
+  async run(flags) {
+    const { assets, instance } = await loadModel(flags);
+    const ids = assets.tokenizer.encode(flags.prompt);
+    checkPromptFits(ids.length, assets.checkpoint.config.maxPositions);
+    const { logits, cache } = await instance.session.step(ids, instance.session.emptyCache());
+    const vocab = assets.checkpoint.config.vocabSize;
+    const last = Array.from(logits.subarray(logits.length - vocab));
+    disposeCache(cache);
+    await instance.session.release();
+    console.log(
+      JSON.stringify({ input_ids: ids, last_logits: last, plan: instance.planId, device: instance.device }),
+    );
+  },
+});

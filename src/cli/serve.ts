@@ -1,86 +1,104 @@
 import { z } from "zod";
-import { readPlanFile, UNFUSED } from "../fusion/plan.ts";
+import { LIMITS } from "../api/generation.ts";
+import { parsePlan, readPlanFile, UNFUSED } from "../fusion/plan.ts";
 import { ModelHost } from "../runtime/host.ts";
 import { resolveDevice } from "../runtime/ort.ts";
-import { LIMITS } from "../runtime/params.ts";
 import { Scheduler } from "../runtime/scheduler.ts";
-import { AnalysisRunner } from "../server/analysis.ts";
+import { waitAtMost } from "../runtime/yield.ts";
 import { createApp } from "../server/app.ts";
-import { BenchRunner } from "../server/bench.ts";
+import { allowedHosts } from "../server/guards.ts";
+import { analysisRunner, benchRunner } from "../server/jobs.ts";
 import { Metrics } from "../server/metrics.ts";
-import { int, num, parseFlags, validateFlags } from "./args.ts";
 import { DEFAULT_CALIBRATION_TEXT } from "./defaults.ts";
+import { defineCommand } from "./flags.ts";
 import { modelFlags } from "./load.ts";
 
-const schema = z.strictObject({
-  ...modelFlags,
-  port: int().min(0).max(65535).default(8000),
-  host: z.string().default("127.0.0.1"),
-  text: z.string().default(DEFAULT_CALIBRATION_TEXT),
-  "max-active": int().min(1).max(1024).default(8),
-  "max-queue": int().min(0).max(100000).default(64),
-  "request-timeout": num().gt(0).max(86400).default(300),
-  "max-tokens-cap": int().min(1).max(LIMITS.maxTokens).default(LIMITS.maxTokens),
-  "max-body-bytes": int().min(1024).max(64 << 20).default(1 << 20),
-  "admin-token": z.string().min(8, "must be at least 8 characters").optional(),
-  "api-key": z.string().min(8, "must be at least 8 characters").optional(),
-});
+/** Hono's bearer-auth accepts RFC 6750 token characters only; another token could never match. */
+const token = z.string().min(8, "must be at least 8 characters").regex(
+  /^[A-Za-z0-9._~+/-]+=*$/,
+  "may use letters, digits and . _ ~ + / - only",
+);
 
 const emit = (event: Record<string, unknown>) => console.log(JSON.stringify(event));
 
 /**
  * `serve`: listens at once (so /health can say 503 while loading), then loads the model. stdout
- * carries JSON lines: `listening` (with the bound port, for scripts and tests), `ready`, one line
- * per request, `draining` and `stopped`. SIGTERM/SIGINT stop accepting, let streams finish, exit 0.
+ * carries JSON lines: `listening` (with the bound port, for scripts and tests), `ready`, one line per
+ * request, `draining` and `stopped`. SIGTERM/SIGINT: /health turns 503 "draining" and new work is
+ * refused with 503 while the streams in flight finish (up to --drain-timeout), then the process exits 0.
  */
-export async function serveCommand(argv: string[]): Promise<void> {
-  const raw = parseFlags(argv);
-  raw["admin-token"] ??= Deno.env.get("FUSEDGE_ADMIN_TOKEN");
-  raw["api-key"] ??= Deno.env.get("FUSEDGE_API_KEY");
-  const flags = validateFlags(schema, raw);
-  const device = await resolveDevice(flags.device);
-  const plan = flags.plan ? await readPlanFile(flags.plan) : UNFUSED;
-  const host = new ModelHost();
-  const metrics = new Metrics();
-  const scheduler = new Scheduler(flags["max-active"], flags["max-queue"]);
-  const ready = () => (host.state === "ready" ? flags.model : null);
-  const analysis = new AnalysisRunner(ready, flags.text);
-  const bench = new BenchRunner(ready, () => host.device);
-  const app = createApp({ host, scheduler, metrics, analysis, bench }, {
-    maxBodyBytes: flags["max-body-bytes"],
-    maxTokensCap: flags["max-tokens-cap"],
-    requestTimeoutMs: flags["request-timeout"] * 1000,
-    adminToken: flags["admin-token"],
-    apiKey: flags["api-key"],
-    log: console.log,
-  });
-  const server = Deno.serve({ hostname: flags.host, port: flags.port, onListen: () => {} }, app.fetch);
-  const addr = server.addr as Deno.NetAddr;
-  emit({ event: "listening", host: addr.hostname, port: addr.port });
-  let stopping = false;
-  const stop = async () => {
-    if (stopping) return;
-    stopping = true;
-    host.draining = true;
-    emit({ event: "draining", active: scheduler.active, queued: scheduler.queued });
-    analysis.stop();
-    await server.shutdown();
-    await host.close();
-    emit({ event: "stopped" });
-    Deno.exit(0);
-  };
-  Deno.addSignalListener("SIGINT", stop);
-  Deno.addSignalListener("SIGTERM", stop);
-  await host.load(flags.model, plan, device);
-  const inst = host.instance!;
-  metrics.loadSeconds.set({}, host.loadMs / 1000);
-  metrics.activePlan.set({ plan: inst.planId }, 1);
-  emit({
-    event: "ready",
-    model: host.assets!.name,
-    device,
-    plan: inst.planId,
-    load_ms: Math.round(host.loadMs),
-  });
-  await server.finished;
-}
+export const serveCommand = defineCommand({
+  name: "serve",
+  summary: "the HTTP service (JSON lines on stdout: listening, ready, one per request, draining, stopped)",
+  schema: z.strictObject({
+    ...modelFlags,
+    port: z.number().int().min(0).max(65535).default(8000).describe("port (0 picks a free one)"),
+    host: z.string().default("127.0.0.1").describe("address to bind"),
+    allowed_host: z.array(z.string().min(1)).default([]).describe(
+      "another Host name to answer (DNS rebinding guard)",
+    ),
+    cors: z.array(z.string().url()).default([]).describe("an origin allowed to call from a browser"),
+    text: z.string().default(DEFAULT_CALIBRATION_TEXT).describe("calibration text for POST /analysis"),
+    max_active: z.number().int().min(1).max(1024).default(8).describe("generations decoding at once"),
+    max_queue: z.number().int().min(0).max(100000).default(64).describe(
+      "requests waiting for a slot (then 429)",
+    ),
+    request_timeout: z.number().gt(0).max(86400).default(300).describe("seconds one generation may take"),
+    drain_timeout: z.number().min(0).max(86400).default(30).describe("seconds shutdown waits for streams"),
+    max_tokens_cap: z.number().int().min(1).max(LIMITS.maxTokens).default(LIMITS.maxTokens)
+      .describe("largest max_tokens accepted"),
+    max_body_bytes: z.number().int().min(1024).max(64 << 20).default(1 << 20).describe(
+      "largest request body",
+    ),
+    admin_token: token.optional().describe("bearer token for POST/DELETE /fuse, /bench, /analysis"),
+    api_key: token.optional().describe("bearer token for /v1/*"),
+  }),
+  env: { admin_token: "FUSEDGE_ADMIN_TOKEN", api_key: "FUSEDGE_API_KEY" },
+  async run(flags) {
+    const device = await resolveDevice(flags.device);
+    const plan = flags.plan ? parsePlan(await readPlanFile(flags.plan)) : UNFUSED;
+    const host = new ModelHost();
+    const metrics = new Metrics();
+    const scheduler = new Scheduler(flags.max_active, flags.max_queue);
+    const lifecycle = { draining: false };
+    const analysis = analysisRunner();
+    const bench = benchRunner();
+    const app = createApp({ host, scheduler, metrics, analysis, bench, lifecycle }, {
+      maxBodyBytes: flags.max_body_bytes,
+      maxTokensCap: flags.max_tokens_cap,
+      requestTimeoutMs: flags.request_timeout * 1000,
+      adminToken: flags.admin_token,
+      apiKey: flags.api_key,
+      allowedHosts: allowedHosts(flags.host, flags.allowed_host),
+      corsOrigins: flags.cors,
+      textPath: flags.text,
+      log: console.log,
+    });
+    const server = Deno.serve({ hostname: flags.host, port: flags.port, onListen: () => {} }, app.fetch);
+    const addr = server.addr as Deno.NetAddr;
+    emit({ event: "listening", host: addr.hostname, port: addr.port });
+    const { promise: stopped, resolve: exit } = Promise.withResolvers<void>();
+    let stopping = false;
+    const stop = async () => {
+      if (stopping) return;
+      stopping = true;
+      lifecycle.draining = true;
+      emit({ event: "draining", active: scheduler.active, queued: scheduler.queued });
+      analysis.stop();
+      bench.stop();
+      await waitAtMost(scheduler.idle(), flags.drain_timeout * 1000);
+      await server.shutdown();
+      await host.close();
+      emit({ event: "stopped", active: scheduler.active });
+      exit();
+    };
+    Deno.addSignalListener("SIGINT", stop);
+    Deno.addSignalListener("SIGTERM", stop);
+    await host.load(flags.model, plan, device);
+    const inst = host.instance!;
+    metrics.loadSeconds.set({}, host.loadMs / 1000);
+    metrics.activePlan.set({ plan: inst.planId }, 1);
+    emit({ event: "ready", model: host.name, device, plan: inst.planId, load_ms: Math.round(host.loadMs) });
+    await stopped;
+  },
+});

@@ -4,7 +4,10 @@ import type { ModelConfig } from "../model/config.ts";
 import { referenceForward } from "../model/forward.ts";
 import { applyPlan } from "./apply.ts";
 import { evaluateQuality } from "./evaluate.ts";
-import { type FusionPlan, planId } from "./plan.ts";
+import { fusableRuns, type FusionPlan, planId } from "./plan.ts";
+import { type TextSlice, textWindows } from "./calibration.ts";
+import type { TextTokenizer } from "../model/tokenizer.ts";
+import { unfusedBlocks } from "../model/blocks.ts";
 
 export interface BlockLabel {
   index: number;
@@ -129,25 +132,6 @@ export interface SuggestOptions {
   threshold: number;
 }
 
-/**
- * Runs of layers whose FFNs may be fused: consecutive SwiGLU layers where every layer after the
- * first has no attention (the first may have attention: it runs, then the group's FFNs).
- */
-export function fusableRuns(config: ModelConfig): number[][] {
-  const runs: number[][] = [];
-  let run: number[] = [];
-  config.layers.forEach((layer, i) => {
-    const continues = run.length > 0 && layer.attention.kind === "none" && layer.ffn.kind === "swiglu";
-    if (continues) run.push(i);
-    else {
-      if (run.length >= 2) runs.push(run);
-      run = layer.ffn.kind === "swiglu" ? [i] : [];
-    }
-  });
-  if (run.length >= 2) runs.push(run);
-  return runs;
-}
-
 /** Greedy grouping: extend a group while every pairwise FFN dependency stays under the threshold. */
 export function groupRuns(
   analysis: DependencyAnalysis,
@@ -260,4 +244,17 @@ export async function analyzeModel(
     trials,
     unfused_loss: unfusedLoss,
   };
+}
+
+/** The analysis pipeline of `analyze` and of the server's analysis worker: text in, report out. */
+export async function analyzeText(
+  ckpt: Checkpoint,
+  tokenizer: TextTokenizer,
+  textPath: string,
+  slice: TextSlice,
+  opts: SuggestOptions,
+  onProgress?: Progress,
+): Promise<AnalysisReport> {
+  const sequences = await textWindows(textPath, tokenizer, slice);
+  return await analyzeModel(ckpt, unfusedBlocks(ckpt), sequences, opts, onProgress);
 }

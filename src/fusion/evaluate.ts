@@ -1,3 +1,5 @@
+import { argmax } from "../numeric.ts";
+
 /**
  * Quality of a model on text: next-token loss and perplexity, and against a baseline (the unfused
  * model) the KL divergence of next-token distributions and how often their top-1 tokens agree.
@@ -29,12 +31,6 @@ function logSoftmax(row: Float32Array | Float64Array, out: Float64Array): void {
   for (let i = 0; i < row.length; i++) sum += Math.exp(row[i] - max);
   const lse = max + Math.log(sum);
   for (let i = 0; i < row.length; i++) out[i] = row[i] - lse;
-}
-
-function argmax(row: Float64Array): number {
-  let best = 0;
-  for (let i = 1; i < row.length; i++) if (row[i] > row[best]) best = i;
-  return best;
 }
 
 export async function evaluateQuality(

@@ -1,6 +1,9 @@
 import { z } from "zod";
-import { formatZodError, InputError } from "../errors.ts";
+import { formatZodError, InvalidPlanError } from "../errors.ts";
 import type { ModelConfig } from "../model/config.ts";
+
+/** More layers than any checkpoint has: bounds what a plan body can make us allocate or check. */
+const MAX_LAYERS = 1024;
 
 /**
  * A fusion plan file. Version 1 knows `ffn_groups` only; it is strict so that a misspelt key fails
@@ -9,7 +12,11 @@ import type { ModelConfig } from "../model/config.ts";
  */
 export const planSchema = z.strictObject({
   version: z.literal(1).default(1),
-  ffn_groups: z.array(z.array(z.number().int().nonnegative()).min(2, "a group needs at least two layers")),
+  ffn_groups: z.array(
+    z.array(z.number().int().nonnegative().max(MAX_LAYERS)).min(2, "a group needs at least two layers").max(
+      MAX_LAYERS,
+    ),
+  ).max(MAX_LAYERS),
 });
 
 export type FusionPlan = z.infer<typeof planSchema>;
@@ -22,16 +29,25 @@ export function planId(plan: FusionPlan): string {
   return `ffn[${plan.ffn_groups.map((g) => `${g[0]}-${g[g.length - 1]}`).join(",")}]`;
 }
 
-/** Checks a plan against the model's layers; every message names the group and the rule it breaks. */
-export function validatePlan(raw: unknown, config: ModelConfig): FusionPlan {
+/** Parses a plan's JSON against the schema alone (no model needed). */
+export function parsePlan(raw: unknown): FusionPlan {
   const parsed = planSchema.safeParse(raw);
-  if (!parsed.success) throw new InputError(`invalid plan: ${formatZodError(parsed.error)}`);
-  const plan = parsed.data;
+  if (!parsed.success) throw new InvalidPlanError(`invalid plan: ${formatZodError(parsed.error)}`);
+  return parsed.data;
+}
+
+/** Parses a plan and checks it against the model. */
+export function validatePlan(raw: unknown, config: ModelConfig): FusionPlan {
+  return checkPlan(parsePlan(raw), config);
+}
+
+/** Checks a typed plan against the model's layers; every message names the group and the rule it breaks. */
+export function checkPlan(plan: FusionPlan, config: ModelConfig): FusionPlan {
   const owner = new Map<number, number>();
   plan.ffn_groups.forEach((group, gi) => {
     const where = `ffn_groups[${gi}] [${group.join(",")}]`;
     const bad = (rule: string): never => {
-      throw new InputError(`invalid plan: ${where}: ${rule}`);
+      throw new InvalidPlanError(`invalid plan: ${where}: ${rule}`);
     };
     group.forEach((layer, k) => {
       if (layer >= config.numLayers) {
@@ -66,11 +82,30 @@ export async function readPlanFile(path: string): Promise<unknown> {
   try {
     return JSON.parse(await Deno.readTextFile(path));
   } catch (e) {
-    throw new InputError(`cannot read plan ${path}: ${(e as Error).message}`);
+    throw new InvalidPlanError(`cannot read plan ${path}: ${(e as Error).message}`);
   }
 }
 
 /** Reads and validates a plan file. */
 export async function loadPlanFile(path: string, config: ModelConfig): Promise<FusionPlan> {
   return validatePlan(await readPlanFile(path), config);
+}
+
+/**
+ * Runs of layers whose FFNs may be fused: consecutive SwiGLU layers where every layer after the
+ * first has no attention (the first may have attention: it runs, then the group's FFNs).
+ */
+export function fusableRuns(config: ModelConfig): number[][] {
+  const runs: number[][] = [];
+  let run: number[] = [];
+  config.layers.forEach((layer, i) => {
+    const continues = run.length > 0 && layer.attention.kind === "none" && layer.ffn.kind === "swiglu";
+    if (continues) run.push(i);
+    else {
+      if (run.length >= 2) runs.push(run);
+      run = layer.ffn.kind === "swiglu" ? [i] : [];
+    }
+  });
+  if (run.length >= 2) runs.push(run);
+  return runs;
 }

@@ -1,6 +1,6 @@
 import { join } from "node:path";
 import { z } from "zod";
-import { formatZodError, InputError } from "../errors.ts";
+import { BadCheckpointError, formatZodError } from "../errors.ts";
 import { type ModelConfig, parseConfig } from "./config.ts";
 import { SafetensorsFile } from "./safetensors.ts";
 import type { Tensor } from "./tensor.ts";
@@ -49,12 +49,12 @@ async function readJson(path: string): Promise<unknown> {
   try {
     text = await Deno.readTextFile(path);
   } catch (e) {
-    throw new InputError(`cannot read ${path}: ${(e as Error).message}`);
+    throw new BadCheckpointError(`cannot read ${path}: ${(e as Error).message}`);
   }
   try {
     return JSON.parse(text);
   } catch (e) {
-    throw new InputError(`${path} is not valid JSON: ${(e as Error).message}`);
+    throw new BadCheckpointError(`${path} is not valid JSON: ${(e as Error).message}`);
   }
 }
 
@@ -73,16 +73,16 @@ async function openShards(dir: string): Promise<Map<string, SafetensorsFile>> {
   const indexPath = join(dir, "model.safetensors.index.json");
   if (await exists(indexPath)) {
     const parsed = indexSchema.safeParse(await readJson(indexPath));
-    if (!parsed.success) throw new InputError(`${indexPath}: ${formatZodError(parsed.error)}`);
+    if (!parsed.success) throw new BadCheckpointError(`${indexPath}: ${formatZodError(parsed.error)}`);
     const shards = new Map<string, SafetensorsFile>();
     for (const [name, shard] of Object.entries(parsed.data.weight_map)) {
       if (shard.includes("/") || shard.includes("\\")) {
-        throw new InputError(`${indexPath}: shard "${shard}" must be a file name`);
+        throw new BadCheckpointError(`${indexPath}: shard "${shard}" must be a file name`);
       }
       if (!shards.has(shard)) shards.set(shard, await SafetensorsFile.open(join(dir, shard)));
       const file = shards.get(shard)!;
       if (!file.entries.has(name)) {
-        throw new InputError(
+        throw new BadCheckpointError(
           `${indexPath}: tensor "${name}" is mapped to ${shard}, which does not contain it`,
         );
       }
@@ -92,7 +92,7 @@ async function openShards(dir: string): Promise<Map<string, SafetensorsFile>> {
   }
   const single = join(dir, "model.safetensors");
   if (!(await exists(single))) {
-    throw new InputError(`${dir}: no model.safetensors or model.safetensors.index.json`);
+    throw new BadCheckpointError(`${dir}: no model.safetensors or model.safetensors.index.json`);
   }
   const file = await SafetensorsFile.open(single);
   for (const name of file.entries.keys()) byTensor.set(name, file);
@@ -100,7 +100,7 @@ async function openShards(dir: string): Promise<Map<string, SafetensorsFile>> {
 }
 
 class TensorSource {
-  constructor(private readonly files: Map<string, SafetensorsFile>) {}
+  constructor(private readonly files: Map<string, SafetensorsFile>, private readonly shared: boolean) {}
 
   has(name: string): boolean {
     return this.files.has(name);
@@ -108,12 +108,18 @@ class TensorSource {
 
   get(name: string, shape: number[]): Tensor {
     const file = this.files.get(name);
-    if (!file) throw new InputError(`checkpoint is missing tensor "${name}"`);
+    if (!file) throw new BadCheckpointError(`checkpoint is missing tensor "${name}"`);
     const entry = file.entries.get(name)!;
     if (entry.shape.length !== shape.length || entry.shape.some((d, i) => d !== shape[i])) {
-      throw new InputError(`tensor "${name}" has shape [${entry.shape}] but the config implies [${shape}]`);
+      throw new BadCheckpointError(
+        `tensor "${name}" has shape [${entry.shape}] but the config implies [${shape}]`,
+      );
     }
-    return file.read(name);
+    const t = file.read(name);
+    if (!this.shared) return t;
+    const data = new Float32Array(new SharedArrayBuffer(t.data.byteLength));
+    data.set(t.data);
+    return { shape: t.shape, data };
   }
 
   vector(name: string, size: number): Float32Array {
@@ -165,16 +171,27 @@ export function modelName(dir: string): string {
   return dir.replace(/\/+$/, "").split("/").pop() || dir;
 }
 
-/** Loads a Hugging Face checkpoint directory: config.json plus one or many safetensors shards. */
-export async function loadCheckpoint(dir: string): Promise<Checkpoint> {
-  if (!(await exists(dir))) throw new InputError(`model directory ${dir} does not exist`);
-  const config = parseConfig(await readJson(join(dir, "config.json")));
-  const src = new TensorSource(await openShards(dir));
+/** Reads and checks a checkpoint's config.json alone (cheap: no weights). */
+export async function loadConfig(dir: string): Promise<ModelConfig> {
+  if (!(await exists(dir))) throw new BadCheckpointError(`model directory ${dir} does not exist`);
+  return parseConfig(await readJson(join(dir, "config.json")));
+}
+
+/**
+ * Loads a Hugging Face checkpoint directory: config.json plus one or many safetensors shards. With
+ * `shared`, every tensor lives in a SharedArrayBuffer, so the workers that build sessions and run
+ * analyses see the one copy instead of each reading and converting the checkpoint again.
+ */
+export async function loadCheckpoint(dir: string, opts: { shared?: boolean } = {}): Promise<Checkpoint> {
+  const config = await loadConfig(dir);
+  const src = new TensorSource(await openShards(dir), opts.shared ?? false);
   const embed = src.get("model.embed_tokens.weight", [config.vocabSize, config.hidden]);
   let lmHead: Tensor;
   if (src.has("lm_head.weight")) lmHead = src.get("lm_head.weight", [config.vocabSize, config.hidden]);
   else if (config.tieEmbeddings) lmHead = embed;
-  else throw new InputError(`checkpoint is missing tensor "lm_head.weight" (tie_word_embeddings is false)`);
+  else {throw new BadCheckpointError(
+      `checkpoint is missing tensor "lm_head.weight" (tie_word_embeddings is false)`,
+    );}
   return {
     dir,
     config,

@@ -1,5 +1,5 @@
 import { z } from "zod";
-import { formatZodError, InputError } from "../errors.ts";
+import { BadCheckpointError, formatZodError } from "../errors.ts";
 
 const positiveInt = z.number().int().positive();
 
@@ -106,7 +106,7 @@ const LLAMA_TYPES = new Set(["llama"]);
 const DECI_TYPES = new Set(["nemotron-nas", "deci", "decilm"]);
 
 function fail(message: string): never {
-  throw new InputError(`config.json: ${message}`);
+  throw new BadCheckpointError(`config.json: ${message}`);
 }
 
 function ropeFrom(cfg: HfConfig): RopeSpec {
@@ -187,7 +187,7 @@ function asList(v: number | number[] | null | undefined): number[] {
   return Array.isArray(v) ? v : [v];
 }
 
-/** Validates a parsed config.json and turns it into a ModelConfig, or throws an InputError naming the field. */
+/** Validates a parsed config.json and turns it into a ModelConfig, or throws an BadCheckpointError naming the field. */
 export function parseConfig(raw: unknown): ModelConfig {
   const parsed = hfConfigSchema.safeParse(raw);
   if (!parsed.success) fail(formatZodError(parsed.error));

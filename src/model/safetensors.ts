@@ -1,5 +1,5 @@
 import { z } from "zod";
-import { InputError } from "../errors.ts";
+import { BadCheckpointError } from "../errors.ts";
 import { bf16ToF32, f16ToF32, f32ToF16 } from "./dtype.ts";
 import { numel, type Tensor, tensor } from "./tensor.ts";
 
@@ -37,7 +37,7 @@ export class SafetensorsFile {
     try {
       bytes = await Deno.readFile(path);
     } catch (e) {
-      throw new InputError(`cannot read ${path}: ${(e as Error).message}`);
+      throw new BadCheckpointError(`cannot read ${path}: ${(e as Error).message}`);
     }
     return SafetensorsFile.parse(path, bytes);
   }
@@ -45,7 +45,7 @@ export class SafetensorsFile {
   /** Checks every header field against the file before any tensor is read: a lying header fails here. */
   static parse(path: string, bytes: Uint8Array): SafetensorsFile {
     const bad = (msg: string): never => {
-      throw new InputError(`${path}: ${msg}`);
+      throw new BadCheckpointError(`${path}: ${msg}`);
     };
     if (bytes.length < 8) bad(`file is ${bytes.length} bytes, too short for a safetensors header`);
     const headerLen = Number(new DataView(bytes.buffer, bytes.byteOffset, 8).getBigUint64(0, true));
@@ -96,7 +96,7 @@ export class SafetensorsFile {
   /** Decodes one tensor to float32 (copying: the result does not alias the file buffer). */
   read(name: string): Tensor {
     const e = this.entries.get(name);
-    if (!e) throw new InputError(`${this.path}: no tensor "${name}"`);
+    if (!e) throw new BadCheckpointError(`${this.path}: no tensor "${name}"`);
     const raw = this.data.slice(e.begin, e.end);
     const n = numel(e.shape);
     switch (e.dtype) {

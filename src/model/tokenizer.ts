@@ -1,6 +1,6 @@
 import { Tokenizer } from "@huggingface/tokenizers";
 import { join } from "node:path";
-import { InputError } from "../errors.ts";
+import { BadCheckpointError } from "../errors.ts";
 
 /** The checkpoint's tokenizer.json (byte-level BPE and friends) through @huggingface/tokenizers. */
 export class TextTokenizer {
@@ -12,7 +12,7 @@ export class TextTokenizer {
     try {
       json = JSON.parse(await Deno.readTextFile(path));
     } catch (e) {
-      throw new InputError(`cannot load ${path}: ${(e as Error).message}`);
+      throw new BadCheckpointError(`cannot load ${path}: ${(e as Error).message}`);
     }
     let configJson: Record<string, unknown> = {};
     try {
@@ -24,8 +24,19 @@ export class TextTokenizer {
       const tok = new Tokenizer(json, configJson);
       return new TextTokenizer(tok, tok.get_vocab(true).size);
     } catch (e) {
-      throw new InputError(`${path}: unsupported or malformed tokenizer (${(e as Error).message})`);
+      throw new BadCheckpointError(`${path}: unsupported or malformed tokenizer (${(e as Error).message})`);
     }
+  }
+
+  /**
+   * An upper bound on the characters one token stands for: the longest vocabulary entry (byte-level
+   * entries are one character a byte, and a byte is at least one UTF-16 unit of text or none).
+   * Added tokens count too, since they are matched in prompts as written.
+   */
+  maxTokenChars(): number {
+    let max = 1;
+    for (const token of this.tok.get_vocab(true).keys()) max = Math.max(max, token.length);
+    return max;
   }
 
   /** Encodes without adding special tokens: prompts are continued exactly as written. */

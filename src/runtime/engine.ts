@@ -28,7 +28,11 @@ export interface ModelInstance {
 }
 
 export async function loadAssets(dir: string): Promise<ModelAssets> {
-  const checkpoint = await loadCheckpoint(dir);
+  return await assetsFrom(await loadCheckpoint(dir), dir);
+}
+
+/** Assets around weights already in memory (shared by the serving process's workers). */
+export async function assetsFrom(checkpoint: Checkpoint, dir: string): Promise<ModelAssets> {
   const tokenizer = await TextTokenizer.load(dir);
   return { checkpoint, tokenizer, blocks: unfusedBlocks(checkpoint), name: modelName(dir) };
 }

@@ -1,6 +1,5 @@
+import { compileKernel } from "../webgpu/shader.ts";
 import type { ModelSession } from "./session.ts";
-
-const ARGMAX = new URL("../../kernels/argmax.wgsl", import.meta.url);
 
 /** How many tokens are generated between two readbacks of the token history. */
 export const DEFAULT_READBACK_BATCH = 8;
@@ -33,7 +32,7 @@ export class GpuTokenPicker {
 
   static async create(session: ModelSession, opts: GpuPickerOptions): Promise<GpuTokenPicker> {
     const device = await session.gpuDevice();
-    const module = device.createShaderModule({ code: await Deno.readTextFile(ARGMAX) });
+    const module = await compileKernel(device, "argmax.wgsl");
     const pipeline = device.createComputePipeline({
       layout: "auto",
       compute: { module, entryPoint: "main" },

@@ -1,3 +1,5 @@
+import { argmax, rng } from "../numeric.ts";
+
 /** How the next token is chosen from a row of logits. temperature 0 means greedy (argmax). */
 export interface SamplingParams {
   temperature: number;
@@ -11,24 +13,6 @@ export interface SamplingParams {
 }
 
 export const DEFAULT_SAMPLING: SamplingParams = { temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1 };
-
-/** mulberry32: small, fast, and reproducible across runs for a given seed. */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
-export function argmax(row: ArrayLike<number>): number {
-  let best = 0;
-  for (let i = 1; i < row.length; i++) if (row[i] > row[best]) best = i;
-  return best;
-}
 
 export class Sampler {
   private readonly random: () => number;

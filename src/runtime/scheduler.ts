@@ -1,11 +1,4 @@
-import { InputError } from "../errors.ts";
-
-/** Refused admission: the server is at capacity; Retry-After tells the client when to come back. */
-export class QueueFullError extends InputError {
-  constructor(readonly retryAfterSeconds: number) {
-    super("server is at capacity: too many requests are active and queued; retry later", 429);
-  }
-}
+import { CancelledError, CapacityError } from "../errors.ts";
 
 /**
  * Admission control in front of the shared session. Up to `maxActive` generations decode at once,
@@ -17,8 +10,15 @@ export class QueueFullError extends InputError {
 export class Scheduler {
   private running = 0;
   private readonly waiting: { grant: () => void; reject: (e: Error) => void }[] = [];
+  private readonly idleWaiters: (() => void)[] = [];
 
   constructor(readonly maxActive: number, readonly maxQueue: number) {}
+
+  /** Resolves once nothing is running or queued (shutdown waits on this to drain). */
+  idle(): Promise<void> {
+    if (this.running === 0 && this.waiting.length === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
 
   get active(): number {
     return this.running;
@@ -28,12 +28,16 @@ export class Scheduler {
     return this.waiting.length;
   }
 
-  /** Resolves with a release function once a slot is free; rejects at once when the queue is full. */
+  /**
+   * Resolves with a release function once a slot is free; rejects at once when the queue is full,
+   * and with a CancelledError, leaving the queue, when `signal` aborts while waiting.
+   */
   acquire(signal?: AbortSignal): Promise<() => void> {
     const release = () => {
       this.running--;
       const next = this.waiting.shift();
       if (next) next.grant();
+      else if (this.running === 0) { for (const wake of this.idleWaiters.splice(0)) wake(); }
     };
     let released = false;
     const once = () => {
@@ -42,11 +46,19 @@ export class Scheduler {
         release();
       }
     };
+    if (signal?.aborted) return Promise.reject(new CancelledError("request was cancelled before it started"));
     if (this.running < this.maxActive) {
       this.running++;
       return Promise.resolve(once);
     }
-    if (this.waiting.length >= this.maxQueue) return Promise.reject(new QueueFullError(this.retryAfter()));
+    if (this.waiting.length >= this.maxQueue) {
+      return Promise.reject(
+        new CapacityError(
+          "server is at capacity: too many requests are active and queued; retry later",
+          this.retryAfter(),
+        ),
+      );
+    }
     return new Promise((resolve, reject) => {
       const entry = {
         grant: () => {
@@ -60,7 +72,7 @@ export class Scheduler {
         const at = this.waiting.indexOf(entry);
         if (at >= 0) {
           this.waiting.splice(at, 1);
-          reject(new InputError("request was cancelled while queued", 409));
+          reject(new CancelledError("request was cancelled while queued"));
         }
       }, { once: true });
     });

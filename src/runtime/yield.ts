@@ -14,3 +14,10 @@ export async function yieldIfBusy(): Promise<void> {
   await new Promise((resolve) => setTimeout(resolve, 0));
   lastYield = performance.now();
 }
+
+/** Waits for `p`, but no longer than `ms`; the timer never outlives the wait. */
+export async function waitAtMost(p: Promise<unknown>, ms: number): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  await Promise.race([p, new Promise((r) => (timer = setTimeout(r, ms)))]);
+  clearTimeout(timer);
+}

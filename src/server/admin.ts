@@ -1,11 +1,10 @@
 import type { Context } from "hono";
+import { z } from "zod";
+import { parsePlan } from "../fusion/plan.ts";
 import type { ModelHost } from "../runtime/host.ts";
 import { readBody } from "./errors.ts";
+import type { AppEnv } from "./logging.ts";
 import type { Metrics } from "./metrics.ts";
-import { z } from "zod";
-
-/** The plan is validated by the host against the model, so the body is passed through as it came. */
-const anyJson = z.unknown();
 
 function planView(host: ModelHost) {
   const inst = host.instance!;
@@ -13,7 +12,7 @@ function planView(host: ModelHost) {
 }
 
 export function getFuseHandler(host: ModelHost) {
-  return (c: Context) =>
+  return (c: Context<AppEnv>) =>
     c.json({
       active: host.instance ? planView(host) : null,
       swaps: host.swaps,
@@ -22,16 +21,20 @@ export function getFuseHandler(host: ModelHost) {
     });
 }
 
-/** Builds the new plan's session in the background of serving, then swaps; answers once live. */
+/**
+ * POST /fuse: the plan is built in its own worker while serving goes on, then swapped in; the
+ * answer comes once it is live. A newer POST supersedes a build still in progress (409 for the
+ * older one).
+ */
 export function postFuseHandler(host: ModelHost, metrics: Metrics) {
-  return async (c: Context) => {
-    const body = await readBody(c, anyJson);
-    const t0 = performance.now();
-    const inst = await host.swap(body);
+  return async (c: Context<AppEnv>) => {
+    const plan = parsePlan(await readBody(c, z.unknown()));
+    const { instance, swapMs } = await host.swap(plan);
     metrics.swaps.inc();
-    metrics.swapSeconds.observe((performance.now() - t0) / 1000);
+    metrics.swapSeconds.observe(swapMs / 1000);
     metrics.activePlan.reset();
-    metrics.activePlan.set({ plan: inst.planId }, 1);
-    return c.json({ active: planView(host), swap_ms: Math.round(performance.now() - t0) });
+    metrics.activePlan.set({ plan: instance.planId }, 1);
+    c.get("log").set({ plan: instance.planId });
+    return c.json({ active: planView(host), swap_ms: Math.round(swapMs) });
   };
 }

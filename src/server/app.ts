@@ -1,15 +1,16 @@
 import { Hono } from "hono";
+import { UnavailableError } from "../errors.ts";
 import { bodyLimit } from "hono/body-limit";
+import { cors } from "hono/cors";
 import type { ModelHost } from "../runtime/host.ts";
 import type { Scheduler } from "../runtime/scheduler.ts";
 import { getFuseHandler, postFuseHandler } from "./admin.ts";
-import { analysisRoutes, type AnalysisRunner } from "./analysis.ts";
-import { requireBearer } from "./auth.ts";
-import { benchRoutes, type BenchRunner } from "./bench.ts";
 import { type CompletionLimits, completionsHandler } from "./completions.ts";
 import { dashboardHandler } from "./dashboard.ts";
 import { errorResponse, onError } from "./errors.ts";
-import { requestLogging } from "./logging.ts";
+import { checkHost, requireBearer, requireJson, sameSiteOnly } from "./guards.ts";
+import { analysisRoutes, type AnalysisRunner, benchRoutes, type BenchRunner } from "./jobs.ts";
+import { type AppEnv, requestLogging } from "./logging.ts";
 import type { Metrics } from "./metrics.ts";
 
 export interface AppOptions extends CompletionLimits {
@@ -19,16 +20,24 @@ export interface AppOptions extends CompletionLimits {
   adminToken?: string;
   /** Bearer token for /v1/*; open when unset. */
   apiKey?: string;
+  /** Host header names served; null serves any (see guards.ts). */
+  allowedHosts: Set<string> | null;
+  /** Origins allowed to call from a browser (CORS and the cross-site check); none by default. */
+  corsOrigins: string[];
+  /** Calibration text for POST /analysis. */
+  textPath: string;
   /** Where the one-line-per-request log goes. */
   log: (line: string) => void;
 }
 
+/** What the routes read and drive; `lifecycle.draining` is set by shutdown. */
 export interface Services {
   host: ModelHost;
   scheduler: Scheduler;
   metrics: Metrics;
   analysis: AnalysisRunner;
   bench: BenchRunner;
+  lifecycle: { draining: boolean };
 }
 
 const ROUTES = new Set([
@@ -43,12 +52,14 @@ const ROUTES = new Set([
   "/bench",
 ]);
 
-export function createApp(services: Services, opts: AppOptions): Hono {
-  const { host, scheduler, metrics, analysis, bench } = services;
-  const app = new Hono();
+export function createApp(services: Services, opts: AppOptions): Hono<AppEnv> {
+  const { host, scheduler, metrics, analysis, bench, lifecycle } = services;
+  const app = new Hono<AppEnv>();
   app.onError(onError);
-  app.notFound((c) => errorResponse(c, 404, `no route ${c.req.method} ${c.req.path}`));
+  app.notFound((c) => errorResponse(c, 404, `no route ${c.req.method} ${c.req.path.slice(0, 200)}`));
   app.use("*", requestLogging(metrics, ROUTES, opts.log));
+  app.use("*", checkHost(opts.allowedHosts));
+  if (opts.corsOrigins.length) app.use("*", cors({ origin: opts.corsOrigins, maxAge: 600 }));
   app.use(
     "*",
     bodyLimit({
@@ -56,17 +67,25 @@ export function createApp(services: Services, opts: AppOptions): Hono {
       onError: (c) => errorResponse(c, 413, `request body exceeds ${opts.maxBodyBytes} bytes`),
     }),
   );
-  app.use("/v1/*", requireBearer(opts.apiKey, "the API"));
+  // Every state-changing route: never from another site's page, JSON bodies only.
+  const sameSite = sameSiteOnly(opts.corsOrigins);
   const admin = requireBearer(opts.adminToken, "this admin route");
+  const notDraining = async (_c: unknown, next: () => Promise<void>) => {
+    if (lifecycle.draining) throw new UnavailableError("the service is shutting down and takes no new work");
+    await next();
+  };
+  app.use("/v1/*", requireBearer(opts.apiKey, "the API"));
 
   app.get("/health", (c) => {
-    if (host.draining) return c.json({ status: "draining" }, 503);
+    if (lifecycle.draining) {
+      return c.json({ status: "draining", active: scheduler.active, queued: scheduler.queued }, 503);
+    }
     if (host.state === "loading") return c.json({ status: "loading" }, 503);
     if (host.state === "failed") return c.json({ status: "failed", error: host.error }, 503);
     const inst = host.instance!;
     return c.json({
       status: "ok",
-      model: host.assets!.name,
+      model: host.name,
       device: inst.device,
       plan: inst.planId,
       active: scheduler.active,
@@ -82,9 +101,9 @@ export function createApp(services: Services, opts: AppOptions): Hono {
   });
 
   app.get("/v1/models", (c) => {
-    const data = host.assets
+    const data = host.state === "ready"
       ? [{
-        id: host.assets.name,
+        id: host.name,
         object: "model",
         created: 0,
         owned_by: "fusedge",
@@ -94,16 +113,24 @@ export function createApp(services: Services, opts: AppOptions): Hono {
     return c.json({ object: "list", data });
   });
 
-  app.post("/v1/completions", completionsHandler({ host, scheduler, metrics, limits: opts }));
+  app.post(
+    "/v1/completions",
+    sameSite,
+    requireJson,
+    notDraining,
+    completionsHandler({ host, scheduler, metrics, limits: opts, modelName: () => host.name }),
+  );
   app.get("/fuse", getFuseHandler(host));
-  app.post("/fuse", admin, postFuseHandler(host, metrics));
-  const analyses = analysisRoutes(analysis);
+  app.post("/fuse", sameSite, admin, requireJson, notDraining, postFuseHandler(host, metrics));
+  const analyses = analysisRoutes(analysis, host, opts.textPath);
   app.get("/analysis", analyses.get);
   app.get("/analysis/heatmap.svg", analyses.heatmap);
-  app.post("/analysis", admin, analyses.post);
-  const benches = benchRoutes(bench);
+  app.post("/analysis", sameSite, admin, requireJson, notDraining, analyses.post);
+  app.delete("/analysis", sameSite, admin, analyses.delete);
+  const benches = benchRoutes(bench, host);
   app.get("/bench", benches.get);
-  app.post("/bench", admin, benches.post);
+  app.post("/bench", sameSite, admin, requireJson, notDraining, benches.post);
+  app.delete("/bench", sameSite, admin, benches.delete);
   app.get("/", dashboardHandler(services));
   return app;
 }

@@ -1,14 +1,12 @@
 import type { Context } from "hono";
 import { streamSSE } from "hono/streaming";
 import { z } from "zod";
-import { InputError } from "../errors.ts";
-import { checkPromptFits } from "../runtime/context.ts";
-import { generate, type GenerationSummary } from "../runtime/generate.ts";
-import type { ModelHost } from "../runtime/host.ts";
-import { generationFields, toGenerateParams } from "../runtime/params.ts";
-import { QueueFullError, type Scheduler } from "../runtime/scheduler.ts";
-import { readBody } from "./errors.ts";
-import type { RequestLog } from "./logging.ts";
+import { generationFields, toGenerateParams } from "../api/generation.ts";
+import { CancelledError, CapacityError } from "../errors.ts";
+import { type CompletionContext, type CompletionJob, runCompletion } from "../runtime/completion.ts";
+import type { GenerationSummary } from "../runtime/generate.ts";
+import { CLIENT_CLOSED, errorResponse, readBody } from "./errors.ts";
+import type { AppEnv } from "./logging.ts";
 import type { Metrics } from "./metrics.ts";
 
 /** OpenAI's /v1/completions body, with top_k and repetition_penalty as the usual extensions. */
@@ -39,70 +37,48 @@ export interface CompletionLimits {
   requestTimeoutMs: number;
 }
 
-function promptIds(host: ModelHost, body: CompletionRequest): number[] {
-  const { tokenizer, checkpoint } = host.assets!;
-  const p = body.prompt;
-  const ids = typeof p === "string"
-    ? tokenizer.encode(p)
-    : typeof p[0] === "string"
-    ? tokenizer.encode(p[0] as string)
-    : (p as number[]);
-  const vocab = checkpoint.config.vocabSize;
-  const bad = ids.find((id) => id >= vocab);
-  if (bad !== undefined) {
-    throw new InputError(`prompt: token id ${bad} is out of range (vocabulary size ${vocab})`);
-  }
-  checkPromptFits(ids.length, checkpoint.config.maxPositions);
-  return ids;
-}
-
-function usage(s: GenerationSummary) {
-  return {
-    prompt_tokens: s.promptTokens,
-    completion_tokens: s.completionTokens,
-    total_tokens: s.promptTokens + s.completionTokens,
-  };
-}
-
-/** "cancelled" is ours alone; OpenAI clients only know stop and length. */
-const finishReason = (s: GenerationSummary) => (s.finishReason === "cancelled" ? "length" : s.finishReason);
-
-export interface CompletionDeps {
-  host: ModelHost;
-  scheduler: Scheduler;
+export interface CompletionDeps extends CompletionContext {
   metrics: Metrics;
   limits: CompletionLimits;
+  modelName: () => string;
 }
 
+function toJob(body: CompletionRequest, limits: CompletionLimits): CompletionJob {
+  const p = body.prompt;
+  const prompt = typeof p === "string"
+    ? { text: p }
+    : typeof p[0] === "string"
+    ? { text: p[0] as string }
+    : { ids: p as number[] };
+  return { prompt, params: toGenerateParams(body), timeoutMs: limits.requestTimeoutMs };
+}
+
+const usage = (s: GenerationSummary) => ({
+  prompt_tokens: s.promptTokens,
+  completion_tokens: s.completionTokens,
+  total_tokens: s.promptTokens + s.completionTokens,
+});
+
+/** "cancelled" is ours alone (a wall-clock limit here); OpenAI clients only know stop and length. */
+const finishReason = (s: GenerationSummary) => (s.finishReason === "cancelled" ? "length" : s.finishReason);
+
 /**
- * The request lifecycle: validate, admit (or 429), lease the active plan's session, generate with
- * the client's disconnect and the wall-clock limit both wired to one abort signal, then release.
+ * POST /v1/completions: parse the body into a typed job, run it through `runCompletion` (which owns
+ * admission, leases, abort, the time limit and every release), and render the events as one JSON
+ * answer or as SSE chunks. Until the first event the client's disconnect comes from the request's
+ * signal; once streaming, from the stream's.
  */
-export function completionsHandler({ host, scheduler, metrics, limits }: CompletionDeps) {
-  const schema = completionSchema(limits.maxTokensCap);
-  return async (c: Context) => {
+export function completionsHandler(deps: CompletionDeps) {
+  const schema = completionSchema(deps.limits.maxTokensCap);
+  const { metrics } = deps;
+  return async (c: Context<AppEnv>) => {
     const body = await readBody(c, schema);
-    if (host.state !== "ready") throw new InputError("model is still loading", 409);
-    const ids = promptIds(host, body);
-    const abort = new AbortController();
-    // A non-streamed request learns of a disconnect from the request's signal; the listener goes
-    // once the answer is ready, since Deno also aborts that signal after a successful response.
-    const clientGone = c.req.raw.signal;
-    const onGone = () => abort.abort();
-    if (!body.stream) clientGone.addEventListener("abort", onGone, { once: true });
-    const freeSlot = await scheduler.acquire(abort.signal).catch((e) => {
-      if (e instanceof QueueFullError) metrics.rejected.inc();
-      throw e;
-    });
-    const lease = host.lease();
-    const timer = setTimeout(() => abort.abort(), limits.requestTimeoutMs);
-    const { instance } = lease;
-    const cfg = host.assets!.checkpoint.config;
-    const id = `cmpl-${crypto.randomUUID()}`;
-    const created = Math.floor(Date.now() / 1000);
-    const model = host.assets!.name;
-    const log = c.get("log") as RequestLog;
-    log.set({ plan: instance.planId, prompt_tokens: ids.length, stream: body.stream });
+    const job = toJob(body, deps.limits);
+    const log = c.get("log");
+    const gone = new AbortController();
+    const clientSignal = c.req.raw.signal;
+    const onGone = () => gone.abort();
+    clientSignal.addEventListener("abort", onGone, { once: true });
     const start = performance.now();
     let last = 0;
     const onToken = () => {
@@ -111,79 +87,93 @@ export function completionsHandler({ host, scheduler, metrics, limits }: Complet
       else metrics.interToken.observe((now - last) / 1000);
       last = now;
     };
-    const run = generate({
-      session: instance.session,
-      tokenizer: host.assets!.tokenizer,
-      promptIds: ids,
-      params: toGenerateParams(body),
-      eosTokenIds: cfg.eosTokenIds,
-      maxPositions: cfg.maxPositions,
-      signal: abort.signal,
-    });
-    const finish = (summary: GenerationSummary | null) => {
-      clientGone.removeEventListener("abort", onGone);
-      clearTimeout(timer);
-      lease.release();
-      freeSlot();
-      if (summary) {
-        metrics.tokens.inc({}, summary.completionTokens);
-        if (summary.finishReason === "cancelled") metrics.cancelled.inc();
-        log.set({ completion_tokens: summary.completionTokens, finish_reason: summary.finishReason });
-      }
+    const finish = (s: GenerationSummary) => {
+      metrics.tokens.inc({}, s.completionTokens);
+      const left = gone.signal.aborted;
+      if (left) metrics.cancelled.inc();
+      log.set({
+        completion_tokens: s.completionTokens,
+        finish_reason: left ? "cancelled" : finishReason(s),
+        ...(left ? { status: CLIENT_CLOSED } : {}),
+      });
     };
+    const task = runCompletion(job, deps, gone.signal);
+    let first: IteratorResult<unknown>;
+    try {
+      first = await task.next();
+    } catch (e) {
+      clientSignal.removeEventListener("abort", onGone);
+      if (e instanceof CancelledError) metrics.cancelled.inc();
+      if (e instanceof CapacityError) metrics.rejected.inc();
+      throw e;
+    }
+    const started = first.value as { planId: string; promptTokens: number };
+    const id = `cmpl-${crypto.randomUUID()}`;
+    const created = Math.floor(Date.now() / 1000);
+    const model = deps.modelName();
+    log.set({ plan: started.planId, prompt_tokens: started.promptTokens, stream: body.stream });
+    c.header("x-fusedge-plan", started.planId);
     const chunk = (text: string, finish: string | null, extra: Record<string, unknown> = {}) => ({
       id,
       object: "text_completion",
       created,
       model,
-      plan: instance.planId,
+      plan: started.planId,
       choices: [{ text, index: 0, logprobs: null, finish_reason: finish }],
       ...extra,
     });
-    c.header("x-fusedge-plan", instance.planId);
 
     if (!body.stream) {
-      let summary: GenerationSummary | null = null;
       try {
-        let r = await run.next();
+        let text = "";
+        let r = await task.next();
         while (!r.done) {
           onToken();
-          r = await run.next();
+          text += (r.value as { text: string }).text;
+          r = await task.next();
         }
-        summary = r.value;
-        return c.json(chunk(summary.text, finishReason(summary), { usage: usage(summary) }));
-      } finally {
+        const summary = r.value;
         finish(summary);
+        if (gone.signal.aborted) {
+          return errorResponse(c, CLIENT_CLOSED as 400, "client closed request", "cancelled");
+        }
+        return c.json(chunk(text, finishReason(summary), { usage: usage(summary) }));
+      } finally {
+        clientSignal.removeEventListener("abort", onGone);
+        await task.return(undefined as never);
       }
     }
 
+    clientSignal.removeEventListener("abort", onGone);
     log.defer();
+    log.set({ status: 200 });
     return streamSSE(c, async (stream) => {
-      stream.onAbort(() => abort.abort());
-      let summary: GenerationSummary | null = null;
+      stream.onAbort(onGone);
       try {
-        // After a disconnect the loop keeps pulling: the generator sees the aborted signal at its
-        // next step and ends as "cancelled", so nothing is decoded for a client that is gone.
-        let r = await run.next();
+        let r = await task.next();
         while (!r.done) {
           onToken();
-          if (!stream.aborted) await stream.writeSSE({ data: JSON.stringify(chunk(r.value.text, null)) });
-          r = await run.next();
+          if (!stream.aborted) {
+            await stream.writeSSE({ data: JSON.stringify(chunk((r.value as { text: string }).text, null)) });
+          }
+          r = await task.next();
         }
-        summary = r.value;
+        const summary = r.value;
+        finish(summary);
         if (!stream.aborted) {
           await stream.writeSSE({
             data: JSON.stringify(chunk("", finishReason(summary), { usage: usage(summary) })),
           });
           await stream.writeSSE({ data: "[DONE]" });
         }
+        log.set({ status: gone.signal.aborted ? CLIENT_CLOSED : 200 });
       } finally {
-        if (!summary) await run.return(undefined as never);
-        finish(summary);
+        await task.return(undefined as never);
         log.emit();
       }
     }, async (err, stream) => {
       console.error(`stream ${id} failed:`, err);
+      log.set({ status: 500, error: err.message });
       await stream.writeSSE({
         data: JSON.stringify({ error: { message: err.message, type: "server_error" } }),
       });

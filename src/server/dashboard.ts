@@ -39,9 +39,8 @@ export function benchChartSvg(r: BenchReport): string {
 
 function page(s: Services): string {
   const { host, analysis, bench } = s;
-  const assets = host.assets;
   const inst = host.instance;
-  const cfg = assets?.checkpoint.config;
+  const cfg = host.config;
   const free = cfg?.layers.flatMap((l, i) => (l.attention.kind === "none" ? [i] : [])) ?? [];
   const suggested = analysis.last?.suggested_plan ?? inst?.plan ?? { version: 1, ffn_groups: [] };
   const decode = bench.last?.decode ?? [];
@@ -59,8 +58,8 @@ code, textarea { font-family: monospace; } textarea { width: 100%; height: 60px;
 <div class="muted">FFN Fusion inference on WebGPU / WASM</div>
 <h2>Model</h2>
 <table id="model">
-<tr><th>model</th><td>${esc(assets?.name ?? "loading")}</td></tr>
-<tr><th>state</th><td>${esc(host.draining ? "draining" : host.state)}</td></tr>
+<tr><th>model</th><td>${esc(host.name || "loading")}</td></tr>
+<tr><th>state</th><td>${esc(s.lifecycle.draining ? "draining" : host.state)}</td></tr>
 <tr><th>device</th><td id="device">${esc(inst?.device ?? "-")}</td></tr>
 <tr><th>architecture</th><td>${
     cfg ? `${esc(cfg.modelType)}, ${cfg.numLayers} layers, hidden ${cfg.hidden}, vocab ${cfg.vocabSize}` : "-"
@@ -85,7 +84,9 @@ code, textarea { font-family: monospace; } textarea { width: 100%; height: 60px;
       ? heatmapSvg(analysis.last.analysis, `${analysis.last.model}: block dependency`) +
         `<p>suggested plan: <code>${esc(JSON.stringify(analysis.last.suggested_plan.ffn_groups))}</code></p>`
       : `<p class="muted">${
-        analysis.running ? "analysis running…" : "no analysis yet: POST /analysis runs one"
+        analysis.running
+          ? `analysis running… ${analysis.progress?.done ?? 0}/${analysis.progress?.total ?? "?"}`
+          : "no analysis yet: POST /analysis runs one"
       }</p>`
   }</div>
 <h2>Benchmark</h2>
@@ -93,13 +94,20 @@ code, textarea { font-family: monospace; } textarea { width: 100%; height: 60px;
     bench.last
       ? benchChartSvg(bench.last) +
         (decode.length
-          ? `<table><tr><th>device</th><th>plan</th><th>tokens/s</th></tr>${
-            decode.map((d) =>
-              `<tr><td>${d.device}</td><td>${esc(d.plan)}</td><td>${d.tokens_per_second.toFixed(1)}</td></tr>`
-            ).join("")
+          ? `<table><tr><th>device</th><th>plan</th><th>tokens/s (median [min-max])</th></tr>${
+            decode.map((d) => {
+              const t = d.tokens_per_second;
+              return `<tr><td>${d.device}</td><td>${esc(d.plan)}</td><td>${t.median.toFixed(1)} [${
+                t.min.toFixed(1)
+              }-${t.max.toFixed(1)}]</td></tr>`;
+            }).join("")
           }</table>`
           : "")
-      : '<p class="muted">no benchmark yet: POST /bench runs one</p>'
+      : `<p class="muted">${
+        bench.running
+          ? `benchmark running: ${esc(bench.progress?.stage ?? "")}`
+          : "no benchmark yet: POST /bench runs one"
+      }</p>`
   }</div>
 <script>
 document.getElementById("fuse-form").addEventListener("submit", async (e) => {

@@ -1,9 +1,20 @@
 import type { Context, Next } from "hono";
 import type { Metrics } from "./metrics.ts";
 
+/** The context variables every handler may use (Hono's typed `c.get`). */
+export type AppEnv = { Variables: { log: RequestLog } };
+
+const METHODS = new Set(["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]);
+
+/** Metric labels come from fixed sets: a client's made-up method or path never becomes a series. */
+export function methodLabel(method: string): string {
+  return METHODS.has(method) ? method : "OTHER";
+}
+
 /**
- * One JSON line per request on stdout. Handlers add fields; a streaming handler defers the line to
- * the end of its stream, so the line carries the whole request (tokens, finish reason, duration).
+ * One JSON line per request on stdout, counted in the metrics when it is written. Handlers add
+ * fields; a streaming handler defers the line to the end of its stream, so the line (and the
+ * counted status, 499 for a client that left) carries the whole request.
  */
 export class RequestLog {
   private readonly fields: Record<string, unknown>;
@@ -11,8 +22,20 @@ export class RequestLog {
   private emitted = false;
   private readonly start = performance.now();
 
-  constructor(method: string, path: string, private readonly sink: (line: string) => void) {
-    this.fields = { event: "request", time: new Date().toISOString(), method, path };
+  constructor(
+    method: string,
+    path: string,
+    private readonly route: string,
+    private readonly sink: (line: string) => void,
+    private readonly metrics: Metrics,
+  ) {
+    this.fields = {
+      event: "request",
+      time: new Date().toISOString(),
+      method: methodLabel(method),
+      path: route,
+    };
+    if (route !== path) this.fields.path = path.slice(0, 200);
   }
 
   set(fields: Record<string, unknown>): void {
@@ -31,19 +54,25 @@ export class RequestLog {
     if (this.emitted) return;
     this.emitted = true;
     this.fields.ms = Math.round(performance.now() - this.start);
+    this.metrics.requests.inc({
+      route: this.route,
+      method: String(this.fields.method),
+      status: String(this.fields.status),
+    });
     this.sink(JSON.stringify(this.fields));
   }
 }
 
 /** Logs and counts every request, by route: unknown paths share one label, so clients cannot grow it. */
 export function requestLogging(metrics: Metrics, routes: Set<string>, sink: (line: string) => void) {
-  return async (c: Context, next: Next) => {
-    const log = new RequestLog(c.req.method, c.req.path, sink);
+  return async (c: Context<AppEnv>, next: Next) => {
+    const route = routes.has(c.req.path) ? c.req.path : "unmatched";
+    const log = new RequestLog(c.req.method, c.req.path, route, sink, metrics);
     c.set("log", log);
     await next();
-    const route = routes.has(c.req.path) ? c.req.path : "unmatched";
-    metrics.requests.inc({ route, method: c.req.method, status: String(c.res.status) });
-    log.set({ status: c.res.status });
-    if (!log.isDeferred) log.emit();
+    if (!log.isDeferred) {
+      log.set({ status: c.res.status });
+      log.emit();
+    }
   };
 }

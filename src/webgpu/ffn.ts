@@ -1,15 +1,14 @@
 import { f32ToF16 } from "../model/dtype.ts";
 import { type Gpu, storage, upload } from "./device.ts";
+import { compileKernel } from "./shader.ts";
 
 export type WeightType = "f32" | "f16";
 
-const KERNELS = new URL("../../kernels/", import.meta.url);
-
-async function wgsl(name: string, wt: WeightType): Promise<string> {
-  const source = await Deno.readTextFile(new URL(name, KERNELS));
-  const typed = source.replaceAll("WT", wt);
-  return wt === "f16" ? `enable f16;\n${typed}` : typed;
-}
+/** The kernels are written once over a weight type WT; f16 needs the extension enabled. */
+const typed = (wt: WeightType) => (source: string) => {
+  const body = source.replaceAll("WT", wt);
+  return wt === "f16" ? `enable f16;\n${body}` : body;
+};
 
 /** The compiled pipelines for one weight type; shared by every FFN on the device. */
 export class FfnKernels {
@@ -26,18 +25,7 @@ export class FfnKernels {
   static async create(gpu: Gpu, weightType: WeightType): Promise<FfnKernels> {
     if (weightType === "f16" && !gpu.hasF16) throw new Error("the adapter has no shader-f16");
     const { device } = gpu;
-    const module = async (name: string) => {
-      const m = device.createShaderModule({ code: await wgsl(name, weightType) });
-      const errors = (await m.getCompilationInfo()).messages.filter((msg) => msg.type === "error");
-      if (errors.length) {
-        throw new Error(
-          `${name} (${weightType}): ${
-            errors.map((e) => `${e.lineNum}:${e.linePos} ${e.message}`).join("; ")
-          }`,
-        );
-      }
-      return m;
-    };
+    const module = (name: string) => compileKernel(device, name, typed(weightType));
     const norm = await module("rmsnorm.wgsl");
     const gateUp = await module("gate_up.wgsl");
     const down = await module("down.wgsl");

@@ -1,0 +1,35 @@
+import { z } from "zod";
+import { InputError } from "../errors.ts";
+import { DEFAULT_SUGGEST } from "../fusion/analyze.ts";
+import type { ModelConfig } from "../model/config.ts";
+
+/**
+ * The float64 analysis costs about 2 x layers forward passes over every calibration token, plus one
+ * per candidate group: minutes for a few thousand tokens of a small model, so the count is capped.
+ */
+export const MAX_ANALYSIS_TOKENS = 4096;
+
+/** An analysis request: the body of POST /analysis and the flags of `analyze`. */
+export const analysisRequest = z.strictObject({
+  max_tokens: z.number().int().min(2).max(MAX_ANALYSIS_TOKENS).default(256).describe("calibration tokens"),
+  skip_tokens: z.number().int().min(0).max(1e9).default(0).describe("tokens of the text to pass over first"),
+  window: z.number().int().min(2).default(256).describe("tokens per forward pass, at most the context"),
+  max_width: z.number().int().min(2).max(64).default(DEFAULT_SUGGEST.maxWidth).describe(
+    "largest fused group",
+  ),
+  threshold: z.number().min(0).max(2).default(DEFAULT_SUGGEST.threshold).describe(
+    "largest dependency in a group",
+  ),
+});
+
+export type AnalysisRequest = z.infer<typeof analysisRequest>;
+
+/** The limits that depend on the model, checked before any work starts. */
+export function checkAnalysisRequest(req: { window: number }, config: ModelConfig): void {
+  if (req.window > config.maxPositions) {
+    throw new InputError(
+      `${req.window} exceeds the model's context of ${config.maxPositions} tokens`,
+      "window",
+    );
+  }
+}

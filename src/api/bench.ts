@@ -1,0 +1,16 @@
+import { z } from "zod";
+import { PRESETS } from "../bench/shapes.ts";
+
+/** A benchmark request: the body of POST /bench and the flags of `bench`. */
+export const benchRequest = z.strictObject({
+  preset: z.enum(Object.keys(PRESETS) as [keyof typeof PRESETS]).optional()
+    .describe("a preset FFN shape instead of the model's own layers"),
+  k: z.number().int().min(2).max(16).default(4).describe("FFN layers fused"),
+  tokens: z.array(z.number().int().min(1).max(512)).min(1).max(8).default([1, 8, 32, 128])
+    .describe("tokens per FFN run"),
+  dtype: z.enum(["f16", "f32"]).optional().describe("WGSL kernel weights (default f16 when offered)"),
+  decode_tokens: z.number().int().min(2).max(1000).default(64).describe("tokens per decode round"),
+  rounds: z.number().int().min(3).max(50).default(5).describe("alternating rounds per measurement"),
+});
+
+export type BenchRequest = z.infer<typeof benchRequest>;

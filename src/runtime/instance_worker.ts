@@ -1,0 +1,108 @@
+/// <reference lib="deno.worker" />
+/**
+ * One plan's model, owned by one worker: it fuses the weights, builds the graph, creates the
+ * onnxruntime session and then runs every generation leased to that plan. Building and decoding
+ * here keeps the serving thread free: a swap builds in a new worker while the old one keeps
+ * decoding, and a retired plan is freed whole by ending its worker.
+ */
+import "./worker_location.ts";
+import { UserError } from "../errors.ts";
+import type { FusionPlan } from "../fusion/plan.ts";
+import { type Checkpoint, loadCheckpoint } from "../model/checkpoint.ts";
+import type { TextTokenizer } from "../model/tokenizer.ts";
+import { assetsFrom, buildInstance, type ModelInstance } from "./engine.ts";
+import { generate, type GenerateParams, type GenerationChunk, type GenerationSummary } from "./generate.ts";
+import { type Device, resolveDevice } from "./ort.ts";
+
+export type InstanceRequest =
+  | { type: "build"; modelDir: string; checkpoint: Checkpoint | null; plan: FusionPlan; device: Device }
+  | { type: "generate"; id: number; promptIds: number[]; params: GenerateParams }
+  | { type: "cancel"; id: number }
+  | { type: "close" };
+
+export type InstanceReply =
+  | { type: "built"; buildMs: number; ffnBlocks: number; planId: string; checkpoint: Checkpoint | null }
+  | { type: "chunk"; id: number; chunk: GenerationChunk }
+  | { type: "done"; id: number; summary: GenerationSummary }
+  | { type: "failed"; id: number | null; message: string; user: boolean }
+  | { type: "closed" };
+
+let instance: ModelInstance | null = null;
+let tokenizer: TextTokenizer | null = null;
+let maxPositions = 0;
+let eos: number[] = [];
+const running = new Map<number, AbortController>();
+const post = (m: InstanceReply) => self.postMessage(m);
+const failure = (id: number | null, e: unknown): InstanceReply => ({
+  type: "failed",
+  id,
+  message: (e as Error).message ?? String(e),
+  user: e instanceof UserError,
+});
+
+async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<void> {
+  const device = await resolveDevice(req.device);
+  const loaded = req.checkpoint ? null : await loadCheckpoint(req.modelDir, { shared: true });
+  const assets = await assetsFrom(req.checkpoint ?? loaded!, req.modelDir);
+  instance = await buildInstance(assets, req.plan, device);
+  maxPositions = assets.checkpoint.config.maxPositions;
+  eos = assets.checkpoint.config.eosTokenIds;
+  tokenizer = assets.tokenizer;
+  post({
+    type: "built",
+    buildMs: instance.buildMs,
+    ffnBlocks: instance.ffnBlocks,
+    planId: instance.planId,
+    checkpoint: loaded,
+  });
+}
+
+async function run(req: Extract<InstanceRequest, { type: "generate" }>): Promise<void> {
+  const abort = new AbortController();
+  running.set(req.id, abort);
+  try {
+    const it = generate({
+      session: instance!.session,
+      tokenizer: tokenizer!,
+      promptIds: req.promptIds,
+      params: req.params,
+      eosTokenIds: eos,
+      maxPositions,
+      signal: abort.signal,
+    });
+    let r = await it.next();
+    while (!r.done) {
+      post({ type: "chunk", id: req.id, chunk: r.value });
+      r = await it.next();
+    }
+    post({ type: "done", id: req.id, summary: r.value });
+  } catch (e) {
+    post(failure(req.id, e));
+  } finally {
+    running.delete(req.id);
+  }
+}
+
+self.onmessage = async (e: MessageEvent<InstanceRequest>) => {
+  const m = e.data;
+  switch (m.type) {
+    case "build":
+      try {
+        await build(m);
+      } catch (err) {
+        post(failure(null, err));
+      }
+      break;
+    case "generate":
+      await run(m);
+      break;
+    case "cancel":
+      running.get(m.id)?.abort();
+      break;
+    case "close":
+      for (const a of running.values()) a.abort();
+      await instance?.session.release().catch(() => {});
+      post({ type: "closed" });
+      break;
+  }
+};

@@ -1,0 +1,205 @@
+import { BusyError, InputError } from "../errors.ts";
+import type { FusionPlan } from "../fusion/plan.ts";
+import type { Checkpoint } from "../model/checkpoint.ts";
+import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
+import type { InstanceReply, InstanceRequest } from "./instance_worker.ts";
+import type { Device } from "./ort.ts";
+import { waitAtMost } from "./yield.ts";
+
+export interface BuildSpec {
+  modelDir: string;
+  /** Weights already loaded (shared memory); null makes the worker load them and hand them back. */
+  checkpoint: Checkpoint | null;
+  plan: FusionPlan;
+  planId: string;
+  device: Device;
+}
+
+/** A runnable model under one plan, as the serving thread sees it. */
+export interface PlanInstance {
+  readonly plan: FusionPlan;
+  readonly planId: string;
+  readonly device: Device;
+  /** FFN MatMul triples in the graph: one per unfused FFN, one per fused group. */
+  readonly ffnBlocks: number;
+  readonly buildMs: number;
+  generate(promptIds: number[], params: GenerateParams, signal: AbortSignal): AsyncGenerator<
+    GenerationChunk,
+    GenerationSummary
+  >;
+  close(): Promise<void>;
+}
+
+/** A build in progress: `cancel` ends its worker at once, wherever the build is. */
+export interface PendingBuild {
+  ready: Promise<{ instance: PlanInstance; checkpoint: Checkpoint | null }>;
+  cancel(reason: string): void;
+}
+
+interface Stream {
+  push(m: InstanceReply): void;
+}
+
+/** Items handed from the worker's messages to an async generator, in order. */
+class Channel<T> {
+  private readonly items: T[] = [];
+  private wake: (() => void) | null = null;
+
+  put(item: T): void {
+    this.items.push(item);
+    this.wake?.();
+    this.wake = null;
+  }
+
+  async take(): Promise<T> {
+    while (this.items.length === 0) await new Promise<void>((r) => (this.wake = r));
+    return this.items.shift()!;
+  }
+}
+
+/**
+ * The serving thread's handle on one plan's worker (see instance_worker.ts): generations are
+ * messages in and out, so nothing about building or decoding runs on the serving thread.
+ */
+export class RemoteInstance implements PlanInstance {
+  private nextId = 1;
+  private readonly streams = new Map<number, Stream>();
+  private dead: string | null = null;
+
+  private constructor(
+    private readonly worker: Worker,
+    readonly plan: FusionPlan,
+    readonly planId: string,
+    readonly device: Device,
+    readonly ffnBlocks: number,
+    readonly buildMs: number,
+  ) {
+    worker.onmessage = (e: MessageEvent<InstanceReply>) => {
+      const m = e.data;
+      if ("id" in m && m.id !== null) this.streams.get(m.id)?.push(m);
+    };
+    worker.onerror = (e) => {
+      e.preventDefault();
+      this.fail(`model worker crashed: ${e.message}`);
+    };
+  }
+
+  static build(spec: BuildSpec): PendingBuild {
+    const worker = new Worker(new URL("./instance_worker.ts", import.meta.url).href, { type: "module" });
+    let settle: { reject: (e: Error) => void } | null = null;
+    const ready = new Promise<{ instance: PlanInstance; checkpoint: Checkpoint | null }>(
+      (resolve, reject) => {
+        settle = { reject };
+        worker.onmessage = (e: MessageEvent<InstanceReply>) => {
+          const m = e.data;
+          if (m.type === "built") {
+            settle = null;
+            const instance = new RemoteInstance(
+              worker,
+              spec.plan,
+              m.planId,
+              spec.device,
+              m.ffnBlocks,
+              m.buildMs,
+            );
+            resolve({ instance, checkpoint: m.checkpoint });
+          } else if (m.type === "failed") {
+            settle = null;
+            worker.terminate();
+            reject(
+              m.user ? new InputError(m.message) : new Error(`building ${spec.planId} failed: ${m.message}`),
+            );
+          }
+        };
+        worker.onerror = (e) => {
+          e.preventDefault();
+          settle = null;
+          worker.terminate();
+          reject(new Error(`building ${spec.planId} failed: ${e.message}`));
+        };
+      },
+    );
+    const request: InstanceRequest = {
+      type: "build",
+      modelDir: spec.modelDir,
+      checkpoint: spec.checkpoint,
+      plan: spec.plan,
+      device: spec.device,
+    };
+    worker.postMessage(request);
+    return {
+      ready,
+      cancel: (reason) => {
+        if (!settle) return;
+        worker.terminate();
+        settle.reject(new BusyError(reason));
+        settle = null;
+      },
+    };
+  }
+
+  /** Streams one generation; aborting `signal` stops it at its next decode step. */
+  async *generate(
+    promptIds: number[],
+    params: GenerateParams,
+    signal: AbortSignal,
+  ): AsyncGenerator<GenerationChunk, GenerationSummary> {
+    if (this.dead) throw new Error(this.dead);
+    const id = this.nextId++;
+    const channel = new Channel<InstanceReply>();
+    this.streams.set(id, { push: (m) => channel.put(m) });
+    const cancel = () => this.send({ type: "cancel", id });
+    signal.addEventListener("abort", cancel, { once: true });
+    let finished = false;
+    try {
+      this.send({ type: "generate", id, promptIds, params });
+      if (signal.aborted) cancel();
+      for (;;) {
+        const m = await channel.take();
+        if (m.type === "chunk") yield m.chunk;
+        else if (m.type === "done") {
+          finished = true;
+          return m.summary;
+        } else if (m.type === "failed") {
+          finished = true;
+          throw m.user ? new InputError(m.message) : new Error(m.message);
+        }
+      }
+    } finally {
+      signal.removeEventListener("abort", cancel);
+      // A consumer that stops early (a client gone mid-stream) must not leave the worker decoding.
+      if (!finished && !this.dead) cancel();
+      this.streams.delete(id);
+    }
+  }
+
+  get activeGenerations(): number {
+    return this.streams.size;
+  }
+
+  private send(m: InstanceRequest): void {
+    if (!this.dead) this.worker.postMessage(m);
+  }
+
+  private fail(message: string): void {
+    this.dead = message;
+    for (const [id, s] of this.streams) s.push({ type: "failed", id, message, user: false });
+    this.worker.terminate();
+  }
+
+  /** Releases the session (GPU buffers included), then ends the worker and all of its memory. */
+  async close(): Promise<void> {
+    if (this.dead) return;
+    const closed = new Promise<void>((resolve) => {
+      const prev = this.worker.onmessage;
+      this.worker.onmessage = (e: MessageEvent<InstanceReply>) => {
+        if (e.data.type === "closed") resolve();
+        else prev?.call(this.worker, e);
+      };
+    });
+    this.send({ type: "close" });
+    await waitAtMost(closed, 5000);
+    this.dead = "instance was closed";
+    this.worker.terminate();
+  }
+}

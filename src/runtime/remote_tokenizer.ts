@@ -1,0 +1,62 @@
+import { InputError } from "../errors.ts";
+import type { TokenizerReply, TokenizerRequest } from "./tokenizer_worker.ts";
+
+/** The serving thread's tokenizer: encoding happens in a worker, one prompt at a time, in order. */
+export class RemoteTokenizer {
+  private nextId = 1;
+  private readonly waiting = new Map<
+    number,
+    { resolve: (ids: number[]) => void; reject: (e: Error) => void }
+  >();
+
+  private constructor(
+    private readonly worker: Worker,
+    /** The longest text one token stands for: a prompt longer than context x this cannot fit. */
+    readonly maxTokenChars: number,
+    readonly vocabSize: number,
+  ) {
+    worker.onmessage = (e: MessageEvent<TokenizerReply>) => {
+      const m = e.data;
+      if (m.type === "loaded" || m.id === null) return;
+      const w = this.waiting.get(m.id);
+      this.waiting.delete(m.id);
+      if (m.type === "encoded") w?.resolve(m.ids);
+      else w?.reject(m.user ? new InputError(m.message) : new Error(m.message));
+    };
+  }
+
+  static async load(dir: string): Promise<RemoteTokenizer> {
+    const worker = new Worker(new URL("./tokenizer_worker.ts", import.meta.url).href, { type: "module" });
+    const loaded = await new Promise<Extract<TokenizerReply, { type: "loaded" }>>((resolve, reject) => {
+      worker.onmessage = (e: MessageEvent<TokenizerReply>) => {
+        if (e.data.type === "loaded") resolve(e.data);
+        else if (e.data.type === "failed") {
+          reject(e.data.user ? new InputError(e.data.message) : new Error(e.data.message));
+        }
+      };
+      worker.onerror = (e) => {
+        e.preventDefault();
+        reject(new Error(`tokenizer worker failed: ${e.message}`));
+      };
+      worker.postMessage({ type: "load", dir } satisfies TokenizerRequest);
+    }).catch((e) => {
+      worker.terminate();
+      throw e;
+    });
+    return new RemoteTokenizer(worker, loaded.maxTokenChars, loaded.vocabSize);
+  }
+
+  encode(text: string): Promise<number[]> {
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      this.waiting.set(id, { resolve, reject });
+      this.worker.postMessage({ type: "encode", id, text } satisfies TokenizerRequest);
+    });
+  }
+
+  close(): void {
+    this.worker.terminate();
+    for (const w of this.waiting.values()) w.reject(new Error("tokenizer closed"));
+    this.waiting.clear();
+  }
+}

@@ -1,0 +1,30 @@
+/// <reference lib="deno.worker" />
+/**
+ * Prompt tokenisation off the serving thread: a long prompt costs ~5 us a character, so a prompt
+ * of a few hundred kilobytes would otherwise hold the event loop for seconds.
+ */
+import { UserError } from "../errors.ts";
+import { TextTokenizer } from "../model/tokenizer.ts";
+
+export type TokenizerRequest = { type: "load"; dir: string } | { type: "encode"; id: number; text: string };
+
+export type TokenizerReply =
+  | { type: "loaded"; maxTokenChars: number; vocabSize: number }
+  | { type: "encoded"; id: number; ids: number[] }
+  | { type: "failed"; id: number | null; message: string; user: boolean };
+
+let tokenizer: TextTokenizer | null = null;
+const post = (m: TokenizerReply) => self.postMessage(m);
+
+self.onmessage = async (e: MessageEvent<TokenizerRequest>) => {
+  const m = e.data;
+  const id = m.type === "encode" ? m.id : null;
+  try {
+    if (m.type === "load") {
+      tokenizer = await TextTokenizer.load(m.dir);
+      post({ type: "loaded", maxTokenChars: tokenizer.maxTokenChars(), vocabSize: tokenizer.vocabSize });
+    } else post({ type: "encoded", id: m.id, ids: tokenizer!.encode(m.text) });
+  } catch (err) {
+    post({ type: "failed", id, message: (err as Error).message, user: err instanceof UserError });
+  }
+};

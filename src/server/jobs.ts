@@ -1,0 +1,110 @@
+import type { Context } from "hono";
+import { analysisRequest, checkAnalysisRequest } from "../api/analysis.ts";
+import { benchRequest } from "../api/bench.ts";
+import { PRESETS } from "../bench/shapes.ts";
+import {
+  type BenchOptions,
+  type BenchReport,
+  checkBenchFits,
+  formatBench,
+  memoryLimits,
+} from "../bench/run.ts";
+import { NotFoundError, UnavailableError } from "../errors.ts";
+import type { AnalysisReport } from "../fusion/analyze.ts";
+import type { AnalysisJob } from "../fusion/analysis_worker.ts";
+import { heatmapSvg } from "../fusion/heatmap.ts";
+import { BackgroundJob } from "../runtime/background.ts";
+import type { ModelHost } from "../runtime/host.ts";
+import { readBody } from "./errors.ts";
+import type { AppEnv } from "./logging.ts";
+
+export type AnalysisRunner = BackgroundJob<AnalysisJob, AnalysisReport>;
+export type BenchRunner = BackgroundJob<BenchOptions, BenchReport>;
+
+export const analysisRunner = (): AnalysisRunner =>
+  new BackgroundJob("an analysis", new URL("../fusion/analysis_worker.ts", import.meta.url));
+
+export const benchRunner = (): BenchRunner =>
+  new BackgroundJob("a benchmark", new URL("../bench/bench_worker.ts", import.meta.url));
+
+function requireModel(host: ModelHost) {
+  if (host.state !== "ready" || !host.config || !host.checkpoint) {
+    throw new UnavailableError("model is still loading");
+  }
+  return { config: host.config, checkpoint: host.checkpoint };
+}
+
+/** GET answers the job's state, progress and last result; 404 before the first one. */
+function status<R>(
+  job: BackgroundJob<unknown, R>,
+  c: Context<AppEnv>,
+  render: (r: R) => Record<string, unknown>,
+) {
+  if (job.status === "none") {
+    throw new NotFoundError(`no ${job.kind.replace(/^an? /, "")} yet: POST runs one`);
+  }
+  return c.json({
+    status: job.status,
+    progress: job.progress,
+    error: job.error,
+    ...(job.last ? render(job.last) : { report: null }),
+  });
+}
+
+export function analysisRoutes(job: AnalysisRunner, host: ModelHost, textPath: string) {
+  return {
+    get: (c: Context<AppEnv>) => status(job, c, (report) => ({ report })),
+    heatmap: (c: Context<AppEnv>) => {
+      if (!job.last) throw new NotFoundError("no analysis yet: POST /analysis runs one");
+      c.header("content-type", "image/svg+xml");
+      return c.body(heatmapSvg(job.last.analysis, `${job.last.model}: block dependency`));
+    },
+    post: async (c: Context<AppEnv>) => {
+      const req = await readBody(c, analysisRequest);
+      const { config, checkpoint } = requireModel(host);
+      checkAnalysisRequest(req, config);
+      job.start({
+        checkpoint,
+        modelDir: host.modelDir,
+        textPath,
+        slice: { skip: req.skip_tokens, max: req.max_tokens, window: req.window },
+        suggest: { maxWidth: req.max_width, threshold: req.threshold },
+      });
+      return c.json({ status: "running" }, 202);
+    },
+    delete: (c: Context<AppEnv>) => {
+      job.cancel();
+      return c.json({ status: "cancelled" });
+    },
+  };
+}
+
+export function benchRoutes(job: BenchRunner, host: ModelHost) {
+  return {
+    get: (c: Context<AppEnv>) => status(job, c, (report) => ({ report, table: formatBench(report) })),
+    post: async (c: Context<AppEnv>) => {
+      const req = await readBody(c, benchRequest);
+      const { checkpoint } = requireModel(host);
+      if (req.preset) {
+        const { d, n } = PRESETS[req.preset];
+        checkBenchFits(d, n, req.k, host.device!, memoryLimits());
+      }
+      job.start({
+        model: req.preset ? undefined : host.modelDir,
+        checkpoint: req.preset ? undefined : checkpoint,
+        preset: req.preset,
+        device: host.device!,
+        k: req.k,
+        tokens: req.tokens,
+        weightType: req.dtype,
+        decodeTokens: req.decode_tokens,
+        rounds: req.rounds,
+      });
+      return c.json({ status: "running" }, 202);
+    },
+    delete: (c: Context<AppEnv>) => {
+      job.cancel();
+      return c.json({ status: "cancelled" });
+    },
+  };
+}

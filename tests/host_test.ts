@@ -1,0 +1,136 @@
+import assert from "node:assert/strict";
+import {
+  BusyError,
+  CancelledError,
+  CapacityError,
+  InvalidPlanError,
+  UnavailableError,
+} from "../src/errors.ts";
+import { type FusionPlan, planId, UNFUSED } from "../src/fusion/plan.ts";
+import { type InstanceBuilder, ModelHost } from "../src/runtime/host.ts";
+import type { PendingBuild, PlanInstance } from "../src/runtime/remote_instance.ts";
+import type { RemoteTokenizer } from "../src/runtime/remote_tokenizer.ts";
+import { Scheduler } from "../src/runtime/scheduler.ts";
+import { ROOT } from "./helpers.ts";
+
+const MODEL = `${ROOT}/models/tiny-nas`;
+
+Deno.test("scheduler: slots, FIFO queue, 429 past the queue, cancellation while queued, idle", async () => {
+  const s = new Scheduler(2, 1);
+  const a = await s.acquire();
+  const b = await s.acquire();
+  assert.equal(s.active, 2);
+  const order: string[] = [];
+  const queued = s.acquire().then((r) => (order.push("queued"), r));
+  assert.equal(s.queued, 1);
+  const full = s.acquire();
+  await assert.rejects(full, (e) => e instanceof CapacityError && e.retryAfterSeconds >= 1);
+  a();
+  a(); // a second release of the same slot is a no-op
+  const c = await queued;
+  assert.deepEqual(order, ["queued"]);
+  assert.equal(s.active, 2);
+  const abort = new AbortController();
+  const waiting = s.acquire(abort.signal);
+  abort.abort();
+  await assert.rejects(waiting, CancelledError);
+  assert.equal(s.queued, 0, "a cancelled request leaves the queue without running");
+  await assert.rejects(s.acquire(AbortSignal.abort()), CancelledError);
+  let idle = false;
+  const whenIdle = s.idle().then(() => (idle = true));
+  b();
+  await Promise.resolve();
+  assert.equal(idle, false);
+  c();
+  await whenIdle;
+  assert.equal(s.active, 0);
+});
+
+/** A plan instance that records whether it was closed; generations are not needed here. */
+function fakeInstance(plan: FusionPlan, log: string[]): PlanInstance {
+  return {
+    plan,
+    planId: planId(plan),
+    device: "wasm",
+    ffnBlocks: 9,
+    buildMs: 1,
+    generate: () => {
+      throw new Error("not used");
+    },
+    close: () => {
+      log.push(`closed ${planId(plan)}`);
+      return Promise.resolve();
+    },
+  };
+}
+
+/** Builds finish when the test says so; cancellation is recorded. */
+function controlledBuilder(log: string[]) {
+  const finish = new Map<string, () => void>();
+  const builder: InstanceBuilder = (_dir, checkpoint, plan) => {
+    const id = planId(plan);
+    log.push(`build ${id}${checkpoint ? " (shared weights)" : ""}`);
+    let reject: (e: Error) => void = () => {};
+    const ready = new Promise<Awaited<PendingBuild["ready"]>>((res, rej) => {
+      reject = rej;
+      finish.set(id, () => res({ instance: fakeInstance(plan, log), checkpoint: null }));
+    });
+    return {
+      ready,
+      cancel: (reason) => {
+        log.push(`cancel ${id}`);
+        reject(new BusyError(reason));
+      },
+    };
+  };
+  return { builder, finish: (plan: FusionPlan) => finish.get(planId(plan))!() };
+}
+
+const fakeTokenizer = { maxTokenChars: 8, close() {} } as unknown as RemoteTokenizer;
+const plan = (...groups: number[][]): FusionPlan => ({ version: 1, ffn_groups: groups });
+
+Deno.test("model host: leases, retire after the last lease, invalid plans, superseded builds", async () => {
+  const log: string[] = [];
+  const { builder, finish } = controlledBuilder(log);
+  const host = new ModelHost(builder);
+  assert.throws(() => host.lease(), UnavailableError);
+  const loading = host.load(MODEL, UNFUSED, "wasm", fakeTokenizer);
+  await new Promise((r) => setTimeout(r, 50));
+  finish(UNFUSED);
+  await loading;
+  assert.equal(host.state, "ready");
+  assert.equal(host.instance!.planId, "unfused");
+
+  // An invalid plan is refused before anything is built, and the active plan stays.
+  await assert.rejects(host.swap(plan([1, 2])), InvalidPlanError);
+  assert.equal(log.filter((l) => l.startsWith("build")).length, 1);
+
+  // A request holds the old instance across a swap; it is closed after its last lease only.
+  const lease = host.lease();
+  const swap = host.swap(plan([3, 4]));
+  assert.equal(host.swapInProgress, true);
+  // A newer swap supersedes the pending build: the older call fails with BusyError.
+  const newer = host.swap(plan([5, 6, 7]));
+  await assert.rejects(swap, BusyError);
+  finish(plan([5, 6, 7]));
+  const { instance } = await newer;
+  assert.equal(instance.planId, "ffn[5-7]");
+  assert.equal(host.instance!.planId, "ffn[5-7]");
+  assert.equal(host.swapInProgress, false);
+  assert.equal(lease.instance.planId, "unfused");
+  assert.equal(host.retiringCount, 1);
+  assert.ok(!log.includes("closed unfused"), "still leased");
+  lease.release();
+  lease.release(); // twice is harmless
+  assert.equal(host.retiringCount, 0);
+  assert.ok(log.includes("closed unfused"));
+  assert.deepEqual(log.filter((l) => l.startsWith("build") || l.startsWith("cancel")), [
+    "build unfused",
+    "build ffn[3-4]",
+    "cancel ffn[3-4]",
+    "build ffn[5-7]",
+  ]);
+  assert.equal(host.swaps, 1);
+  await host.close();
+  assert.ok(log.includes("closed ffn[5-7]"));
+});

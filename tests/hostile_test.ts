@@ -1,0 +1,309 @@
+import assert from "node:assert/strict";
+import { healthProbe, post, rawRequest, readSse, startServer, streamWhile } from "./server_helpers.ts";
+
+const ADMIN = "admin-secret-123";
+const MAX_GAP_MS = 250;
+const admin = { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" };
+
+function metric(text: string, name: string): number {
+  const line = text.split("\n").find((l) => l.startsWith(name + " ") || l.startsWith(name + "{"));
+  return line ? Number(line.split(" ").at(-1)) : NaN;
+}
+
+async function waitFor(check: () => Promise<boolean>, ms = 5000): Promise<boolean> {
+  const end = performance.now() + ms;
+  while (performance.now() < end) {
+    if (await check()) return true;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return false;
+}
+
+const json = async (res: Response) => ({ status: res.status, body: await res.json() });
+
+/**
+ * Each step is a row of issue 8's table: what a hostile or careless client did, and what must hold
+ * now. Streams are measured while it happens: no gap between two tokens longer than 250 ms, and
+ * /health answers within 250 ms.
+ */
+Deno.test({
+  name:
+    "hostile clients: no request stalls the streams of others; heavy jobs are single-flight and cancellable",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async (t) => {
+    const server = await startServer([
+      "--device",
+      "wasm",
+      "--max-active",
+      "4",
+      "--max-queue",
+      "32",
+      "--admin-token",
+      ADMIN,
+    ]);
+    const { base, port } = server;
+    await server.ready;
+    const jobPost = (path: string, body: unknown) =>
+      fetch(`${base}${path}`, { method: "POST", headers: admin, body: JSON.stringify(body) });
+    try {
+      await t.step(
+        "1. 16 one-megabyte prompts are refused at once, before tokenising, streams unaffected",
+        async () => {
+          const probe = healthProbe(base);
+          const prompt = "x = 1; ".repeat(140_000);
+          const statuses: number[] = [];
+          const r = await streamWhile(base, async () => {
+            const answers = await Promise.all(
+              Array.from(
+                { length: 16 },
+                () => post(base, "/v1/completions", { prompt, max_tokens: 4 }).then(json),
+              ),
+            );
+            for (const a of answers) {
+              statuses.push(a.status);
+              assert.match(a.body.error.message, /cannot fit the context of 1024 tokens/);
+            }
+          });
+          const worstHealth = await probe.stop();
+          assert.deepEqual(new Set(statuses), new Set([400]));
+          assert.ok(r.allDone && r.tokens > 10, JSON.stringify(r));
+          assert.ok(r.maxGapMs < MAX_GAP_MS, `largest token gap ${r.maxGapMs.toFixed(0)} ms`);
+          assert.ok(worstHealth < MAX_GAP_MS, `slowest /health ${worstHealth.toFixed(0)} ms`);
+        },
+      );
+
+      await t.step(
+        "2. /fuse in a loop builds in the background; concurrent swaps: the newest wins, the rest 409",
+        async () => {
+          const plans = [[[3, 4, 5]], [[6, 7, 8]], [], [[2, 3, 4, 5]]];
+          const probe = healthProbe(base);
+          const r = await streamWhile(base, async () => {
+            for (const groups of plans) {
+              const res = await jobPost("/fuse", { ffn_groups: groups });
+              assert.equal(res.status, 200, await res.clone().text());
+              await res.body?.cancel();
+            }
+          });
+          const worstHealth = await probe.stop();
+          assert.ok(r.allDone && r.tokens > 10, JSON.stringify(r));
+          assert.ok(r.maxGapMs < MAX_GAP_MS, `largest token gap during swaps ${r.maxGapMs.toFixed(0)} ms`);
+          assert.ok(worstHealth < MAX_GAP_MS, `slowest /health ${worstHealth.toFixed(0)} ms`);
+
+          const storm = await Promise.all(
+            [[[3, 4]], [[5, 6]], [[7, 8]]].map((groups) =>
+              jobPost("/fuse", { ffn_groups: groups }).then(json)
+            ),
+          );
+          const ok = storm.filter((s) => s.status === 200);
+          assert.equal(ok.length, 1, JSON.stringify(storm));
+          assert.equal(storm.filter((s) => s.status === 409).length, 2);
+          for (const s of storm.filter((s) => s.status === 409)) {
+            assert.match(s.body.error.message, /superseded/);
+          }
+          const active = (await (await fetch(`${base}/fuse`)).json()).active.id;
+          assert.equal(active, ok[0].body.active.id, "the plan that answered 200 is the one serving");
+          const after = await post(base, "/v1/completions", { prompt: "x", max_tokens: 2 });
+          assert.equal(after.headers.get("x-fusedge-plan"), active);
+          await after.body?.cancel();
+        },
+      );
+
+      await t.step(
+        "3. /bench runs in a worker: streams flow, a second is 409, DELETE cancels, oversize is 400",
+        async () => {
+          const huge = await jobPost("/bench", { preset: "llama-8b" }).then(json);
+          assert.equal(huge.status, 400);
+          assert.match(huge.body.error.message, /GB/);
+          const probe = healthProbe(base);
+          let second = 0;
+          const r = await streamWhile(base, async () => {
+            const started = await jobPost("/bench", { k: 2, tokens: [1, 8], decode_tokens: 16, rounds: 3 });
+            assert.equal(started.status, 202);
+            await started.body?.cancel();
+            second = (await jobPost("/bench", { k: 2 }).then(json)).status;
+            await waitFor(
+              async () => (await (await fetch(`${base}/bench`)).json()).status !== "running",
+              120_000,
+            );
+          });
+          const worstHealth = await probe.stop();
+          assert.equal(second, 409);
+          const done = await (await fetch(`${base}/bench`)).json();
+          assert.equal(done.status, "done", JSON.stringify(done).slice(0, 300));
+          assert.equal(done.report.decode.length, 2);
+          assert.ok(r.maxGapMs < MAX_GAP_MS, `largest token gap during /bench ${r.maxGapMs.toFixed(0)} ms`);
+          assert.ok(worstHealth < MAX_GAP_MS, `slowest /health ${worstHealth.toFixed(0)} ms`);
+
+          assert.equal((await jobPost("/bench", { k: 2, tokens: [1] })).status, 202);
+          const cancelled = await fetch(`${base}/bench`, { method: "DELETE", headers: admin });
+          assert.equal(cancelled.status, 200);
+          await cancelled.body?.cancel();
+          assert.equal((await (await fetch(`${base}/bench`)).json()).status, "cancelled");
+          const nothing = await fetch(`${base}/bench`, { method: "DELETE", headers: admin });
+          assert.equal(nothing.status, 404);
+          await nothing.body?.cancel();
+        },
+      );
+
+      await t.step("4. /analysis: limits from the model, one at a time, DELETE cancels", async () => {
+        const wide = await jobPost("/analysis", { max_tokens: 2048, window: 8192 }).then(json);
+        assert.equal(wide.status, 400);
+        assert.match(wide.body.error.message, /window: 8192 exceeds the model's context of 1024/);
+        const many = await jobPost("/analysis", { max_tokens: 16384 }).then(json);
+        assert.equal(many.status, 400);
+        assert.match(many.body.error.message, /max_tokens/);
+        const probe = healthProbe(base);
+        const r = await streamWhile(base, async () => {
+          assert.equal((await jobPost("/analysis", { max_tokens: 1024, window: 256 })).status, 202);
+          assert.equal((await jobPost("/analysis", {})).status, 409);
+          await new Promise((res) => setTimeout(res, 1500));
+          const del = await fetch(`${base}/analysis`, { method: "DELETE", headers: admin });
+          assert.equal(del.status, 200);
+          await del.body?.cancel();
+        });
+        const worstHealth = await probe.stop();
+        assert.equal((await (await fetch(`${base}/analysis`)).json()).status, "cancelled");
+        assert.ok(r.maxGapMs < MAX_GAP_MS, `largest token gap during /analysis ${r.maxGapMs.toFixed(0)} ms`);
+        assert.ok(worstHealth < MAX_GAP_MS, `slowest /health ${worstHealth.toFixed(0)} ms`);
+      });
+
+      await t.step("5. made-up methods and paths do not grow /metrics", async () => {
+        const before = (await (await fetch(`${base}/metrics`)).text()).length;
+        for (let i = 0; i < 300; i++) {
+          const res = await fetch(`${base}/v1/${"p".repeat(i)}`, { method: `M${i}${"X".repeat(200)}` });
+          await res.body?.cancel();
+        }
+        const text = await (await fetch(`${base}/metrics`)).text();
+        assert.ok(text.length - before < 2000, `/metrics grew by ${text.length - before} bytes`);
+        assert.match(text, /method="OTHER"/);
+        assert.ok(!text.includes("XXXX"));
+      });
+
+      await t.step("6. browsers: JSON only, same site only, and only the Host names served", async () => {
+        const plain = await fetch(`${base}/fuse`, {
+          method: "POST",
+          headers: { authorization: `Bearer ${ADMIN}`, "content-type": "text/plain" },
+          body: JSON.stringify({ ffn_groups: [] }),
+        });
+        assert.equal(plain.status, 415);
+        await plain.body?.cancel();
+        const cross = await fetch(`${base}/fuse`, {
+          method: "POST",
+          headers: { ...admin, origin: "http://evil.example" },
+          body: JSON.stringify({ ffn_groups: [] }),
+        });
+        assert.equal(cross.status, 403);
+        assert.match((await cross.json()).error.message, /cross-site/);
+        const same = await fetch(`${base}/fuse`, {
+          method: "POST",
+          headers: { ...admin, origin: base },
+          body: JSON.stringify({ ffn_groups: [] }),
+        });
+        assert.equal(same.status, 200);
+        await same.body?.cancel();
+        const rebound = await rawRequest(port, "GET /health HTTP/1.1\r\nhost: attacker.example:80");
+        assert.equal(rebound.status, 403, rebound.text);
+        const local = await rawRequest(port, `GET /health HTTP/1.1\r\nhost: localhost:${port}`);
+        assert.equal(local.status, 200, local.text);
+        const noCors = await fetch(`${base}/v1/models`, { headers: { origin: "http://evil.example" } });
+        assert.equal(noCors.headers.get("access-control-allow-origin"), null);
+        await noCors.body?.cancel();
+      });
+
+      await t.step("8. the bearer scheme is case-insensitive", async () => {
+        const res = await fetch(`${base}/fuse`, {
+          method: "POST",
+          headers: { authorization: `bearer ${ADMIN}`, "content-type": "application/json" },
+          body: JSON.stringify({ ffn_groups: [] }),
+        });
+        assert.equal(res.status, 200);
+        await res.body?.cancel();
+        const wrong = await fetch(`${base}/fuse`, {
+          method: "POST",
+          headers: { authorization: "BEARER wrong-token", "content-type": "application/json" },
+          body: "{}",
+        });
+        assert.equal(wrong.status, 401);
+        assert.match((await wrong.json()).error.message, /bearer token/);
+      });
+
+      await t.step(
+        "9. a queued client that leaves is removed without running, logged and counted as 499",
+        async () => {
+          const cancelledBefore = metric(
+            await (await fetch(`${base}/metrics`)).text(),
+            "fusedge_cancelled_total",
+          );
+          const blockers = Array.from({ length: 4 }, () =>
+            post(base, "/v1/completions", {
+              prompt: "def main(",
+              max_tokens: 300,
+              temperature: 0,
+              stream: true,
+            })
+              .then(readSse));
+          await waitFor(async () => (await (await fetch(`${base}/health`)).json()).active === 4);
+          const abort = new AbortController();
+          const queued = fetch(`${base}/v1/completions`, {
+            method: "POST",
+            headers: { "content-type": "application/json" },
+            body: JSON.stringify({ prompt: "queued and gone", max_tokens: 50, stream: true, user: "leaver" }),
+            signal: abort.signal,
+          }).catch(() => null);
+          await waitFor(async () => (await (await fetch(`${base}/health`)).json()).queued === 1);
+          abort.abort();
+          await queued;
+          await waitFor(async () => (await (await fetch(`${base}/health`)).json()).queued === 0);
+          for (const b of await Promise.all(blockers)) assert.ok(b.done);
+          const logged = await waitFor(() =>
+            Promise.resolve(server.events.some((e) => e.event === "request" && e.status === 499))
+          );
+          assert.ok(logged, "a 499 request line");
+          const line = server.events.find((e) => e.event === "request" && e.status === 499)!;
+          assert.equal(line.completion_tokens, undefined, "it never ran");
+          const m = await (await fetch(`${base}/metrics`)).text();
+          assert.equal(metric(m, "fusedge_cancelled_total"), cancelledBefore + 1);
+          assert.match(m, /status="499"/);
+        },
+      );
+    } finally {
+      await server.stop();
+    }
+  },
+});
+
+Deno.test({
+  name: "7. SIGTERM: draining is observable (503), streams finish, then `stopped` and exit 0",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const server = await startServer(["--device", "wasm"]);
+    await server.ready;
+    const { base } = server;
+    const stream = post(base, "/v1/completions", {
+      prompt: "def main(",
+      max_tokens: 300,
+      temperature: 0,
+      stream: true,
+    })
+      .then(readSse);
+    await waitFor(async () => (await (await fetch(`${base}/health`)).json()).active === 1);
+    server.process.kill("SIGTERM");
+    await waitFor(() => Promise.resolve(server.events.some((e) => e.event === "draining")));
+    const health = await fetch(`${base}/health`);
+    assert.equal(health.status, 503);
+    assert.equal((await health.json()).status, "draining");
+    const refused = await post(base, "/v1/completions", { prompt: "x", max_tokens: 2 });
+    assert.equal(refused.status, 503);
+    assert.match((await refused.json()).error.message, /shutting down/);
+    const drained = await stream;
+    assert.ok(drained.done, "the stream in flight completed");
+    assert.equal((drained.events.at(-1)!.usage as { completion_tokens: number }).completion_tokens, 300);
+    const status = await server.process.status;
+    assert.equal(status.code, 0);
+    await waitFor(() => Promise.resolve(server.exited));
+    const order = server.events.map((e) => e.event).filter((e) => e === "draining" || e === "stopped");
+    assert.deepEqual(order, ["draining", "stopped"]);
+  },
+});
