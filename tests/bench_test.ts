@@ -71,6 +71,8 @@ gpuTest("cli bench on WebGPU: kernels, onnxruntime graphs and decode, as JSON an
     "1,4",
     "--decode-tokens",
     "4",
+    "--rounds",
+    "3",
     "--json",
   ]);
   assert.equal(r.code, 0, r.stderr);
@@ -101,6 +103,9 @@ Deno.test("cli bench on WASM and bad bench flags", async () => {
   const report = JSON.parse(r.stdout);
   assert.equal(report.ffn_kernels, null);
   assert.equal(report.ffn_onnx.cases[0].matmuls.sequential, 9);
+  const c = report.ffn_onnx.cases[0];
+  assert.equal(c.rounds, 5);
+  assert.ok(c.sequential_range_ms[0] <= c.sequential_ms && c.sequential_ms <= c.sequential_range_ms[1]);
   for (
     const [args, re] of [
       [["--preset", "gpt-5"], /--preset/],
@@ -114,4 +119,52 @@ Deno.test("cli bench on WASM and bad bench flags", async () => {
     assert.equal(bad.code, 2, `${args}: ${bad.stderr}`);
     assert.match(bad.stderr, re);
   }
+});
+
+Deno.test("cli bench decode: warm sessions in alternating rounds, median with range, native onnxruntime beside WASM", async () => {
+  const r = await bench([
+    "--model",
+    TINY_NAS,
+    "--device",
+    "wasm",
+    "--k",
+    "2",
+    "--tokens",
+    "1",
+    "--decode-tokens",
+    "8",
+    "--rounds",
+    "3",
+    "--native",
+    "--json",
+  ]);
+  assert.equal(r.code, 0, r.stderr);
+  const report = JSON.parse(r.stdout);
+  const rows = report.decode.map((d: { device: string; plan: string }) => `${d.device} ${d.plan}`);
+  assert.deepEqual(rows, ["wasm unfused", "wasm ffn[7-8]", "native unfused", "native ffn[7-8]"]);
+  for (const d of report.decode) {
+    assert.equal(d.rounds, 3);
+    for (const s of [d.tokens_per_second, d.prefill_ms, d.tokens_per_cpu_second]) {
+      assert.ok(s.min > 0 && s.min <= s.median && s.median <= s.max, JSON.stringify(d));
+    }
+  }
+  assert.equal(report.decode[0].speedup, 1);
+  assert.equal(report.decode[2].speedup, 1);
+  const table = await bench([
+    "--model",
+    TINY_NAS,
+    "--device",
+    "wasm",
+    "--k",
+    "2",
+    "--tokens",
+    "1",
+    "--decode-tokens",
+    "8",
+    "--rounds",
+    "3",
+    "--native",
+  ]);
+  assert.equal(table.code, 0, table.stderr);
+  assert.match(table.stdout, /native\/wasm unfused: decode \d+\.\d+x, prefill \d+\.\d+x/);
 });

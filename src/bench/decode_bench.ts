@@ -3,11 +3,12 @@ import type { FusionPlan } from "../fusion/plan.ts";
 import { type Spread, spread } from "../numeric.ts";
 import { buildInstance, type ModelAssets, type ModelInstance } from "../runtime/engine.ts";
 import { generate } from "../runtime/generate.ts";
-import type { Device } from "../runtime/ort.ts";
+import type { Backend } from "../runtime/ort.ts";
 import { DEFAULT_SAMPLING } from "../runtime/sampling.ts";
 
 export interface DecodeCase {
-  device: Device;
+  /** `native` is onnxruntime-node on the CPU running the identical graph: the reference for WASM. */
+  device: Backend;
   plan: string;
   /** Where tokens were chosen: on the GPU with batched readback (WebGPU), or on the host. */
   sampling: "gpu" | "host";
@@ -19,8 +20,14 @@ export interface DecodeCase {
   tokens_per_second: Spread;
   /** Decode tokens per second of this process's CPU time (WASM: the work itself, not the machine's load). */
   tokens_per_cpu_second: Spread | null;
-  /** This plan's median decode rate over the first plan's (1 for the first). */
+  /** This plan's median decode rate over the first plan's on the same device (1 for the first). */
   speedup: number;
+}
+
+export interface DecodeBench {
+  cases: DecodeCase[];
+  /** Devices that could not run here, with the reason (e.g. no native onnxruntime binary). */
+  skipped: { device: Backend; reason: string }[];
 }
 
 const PROMPT = "import os\nimport sys\n\ndef main(";
@@ -76,22 +83,30 @@ async function onePass(
 }
 
 /**
- * End-to-end greedy decode speed of the served engine for each plan. Every plan's session is built
- * and warmed first (a cold WASM session runs several times slower while V8 tiers up), then the
- * plans are timed in alternating rounds inside this one process, the order flipping each round, so
- * drift in the machine's load falls on all of them alike. Each figure is a median with its range.
+ * End-to-end greedy decode speed of the served engine for each device and plan. Every session is
+ * built and warmed first (a cold WASM session runs several times slower while V8 tiers up), then all
+ * of them are timed in alternating rounds inside this one process, the order flipping each round,
+ * so drift in the machine's load falls on all alike. Each figure is a median with its range.
  */
 export async function benchDecode(
   assets: ModelAssets,
   plans: FusionPlan[],
-  device: Device,
+  devices: Backend[],
   tokens: number,
   rounds: number,
-): Promise<DecodeCase[]> {
+): Promise<DecodeBench> {
   const prompt = assets.tokenizer.encode(PROMPT);
   const instances: ModelInstance[] = [];
+  const skipped: DecodeBench["skipped"] = [];
   try {
-    for (const plan of plans) instances.push(await buildInstance(assets, plan, device));
+    for (const device of devices) {
+      try {
+        for (const plan of plans) instances.push(await buildInstance(assets, plan, device));
+      } catch (e) {
+        if (device !== "native") throw e;
+        skipped.push({ device, reason: (e as Error).message.split("\n")[0] });
+      }
+    }
     for (const inst of instances) for (let w = 0; w < 2; w++) await onePass(assets, inst, prompt, tokens);
     const samples: Sample[][] = instances.map(() => []);
     for (let round = 0; round < rounds; round++) {
@@ -100,17 +115,23 @@ export async function benchDecode(
       for (const i of order) samples[i].push(await onePass(assets, instances[i], prompt, tokens));
     }
     const rate = samples.map((s) => spread(s.map((x) => x.tokensPerSecond)));
-    return instances.map((inst, i) => ({
-      device,
-      plan: inst.planId,
-      sampling: device === "webgpu" ? "gpu" : "host",
-      tokens,
-      rounds,
-      prefill_ms: spread(samples[i].map((x) => x.prefillMs)),
-      tokens_per_second: rate[i],
-      tokens_per_cpu_second: device === "wasm" ? spread(samples[i].map((x) => x.tokensPerCpuSecond)) : null,
-      speedup: rate[i].median / rate[0].median,
-    }));
+    const cases = instances.map((inst, i): DecodeCase => {
+      const first = instances.findIndex((x) => x.device === inst.device);
+      return {
+        device: inst.device,
+        plan: inst.planId,
+        sampling: inst.device === "webgpu" ? "gpu" : "host",
+        tokens,
+        rounds,
+        prefill_ms: spread(samples[i].map((x) => x.prefillMs)),
+        tokens_per_second: rate[i],
+        tokens_per_cpu_second: inst.device === "webgpu"
+          ? null
+          : spread(samples[i].map((x) => x.tokensPerCpuSecond)),
+        speedup: rate[i].median / rate[first].median,
+      };
+    });
+    return { cases, skipped };
   } finally {
     for (const inst of instances) await inst.session.release();
   }

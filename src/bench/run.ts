@@ -1,7 +1,7 @@
 import { InputError } from "../errors.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
 import { assetsFrom, loadAssets } from "../runtime/engine.ts";
-import { type Device, resolveDevice } from "../runtime/ort.ts";
+import { type Backend, type Device, resolveDevice } from "../runtime/ort.ts";
 import { requestGpu } from "../webgpu/device.ts";
 import type { WeightType } from "../webgpu/ffn.ts";
 import { benchDecode, type DecodeCase } from "./decode_bench.ts";
@@ -19,6 +19,8 @@ export interface BenchOptions {
   decodeTokens: number;
   /** Alternating rounds per measurement. */
   rounds: number;
+  /** Also decode with native onnxruntime on the CPU (onnxruntime-node), the reference for WASM. */
+  native?: boolean;
   /** The model's weights when already in memory (the server's shared copy). */
   checkpoint?: Checkpoint;
 }
@@ -70,6 +72,8 @@ export interface BenchReport {
   ffn_kernels: FfnBenchReport | null;
   ffn_onnx: OnnxFfnReport;
   decode: DecodeCase[];
+  /** Decode devices that could not run here, and why. */
+  decode_skipped: { device: string; reason: string }[];
 }
 
 /**
@@ -107,15 +111,21 @@ export async function runBench(
   log(`onnxruntime-web graphs on ${device}`);
   const onnx = await benchOnnxFfn(run, device, opts.tokens, opts.rounds);
   const decode: DecodeCase[] = [];
+  const skipped: BenchReport["decode_skipped"] = [];
   if (assets) {
     const plans = [{ version: 1 as const, ffn_groups: [] }, {
       version: 1 as const,
       ffn_groups: [run.layers],
     }];
-    // WASM always exists, so a WebGPU run also reports the CPU fallback for comparison.
-    for (const d of device === "webgpu" ? ["webgpu", "wasm"] as const : [device]) {
-      log(`decode on ${d}`);
-      decode.push(...await benchDecode(assets, plans, d, opts.decodeTokens, opts.rounds));
+    // WASM always exists, so a WebGPU run also reports the CPU fallback; the GPU is timed on its own
+    // (its rounds would otherwise wait on the CPU ones), the CPU backends alternated together.
+    const groups: Backend[][] = device === "webgpu" ? [["webgpu"], ["wasm"]] : [["wasm"]];
+    if (opts.native) groups.at(-1)!.push("native");
+    for (const devices of groups) {
+      log(`decode on ${devices.join(" and ")}`);
+      const r = await benchDecode(assets, plans, devices, opts.decodeTokens, opts.rounds);
+      decode.push(...r.cases);
+      skipped.push(...r.skipped);
     }
   }
   return {
@@ -125,6 +135,7 @@ export async function runBench(
     ffn_kernels: kernels,
     ffn_onnx: onnx,
     decode,
+    decode_skipped: skipped,
   };
 }
 
@@ -189,6 +200,15 @@ export function formatBench(r: BenchReport): string {
       ];
       lines.push(cols.join(" "));
     }
+    for (const n of r.decode.filter((c) => c.device === "native")) {
+      const w = r.decode.find((c) => c.device === "wasm" && c.plan === n.plan);
+      if (!w) continue;
+      lines.push(
+        `native/wasm ${n.plan}: decode ${f(n.tokens_per_second.median / w.tokens_per_second.median, 2)}x, ` +
+          `prefill ${f(w.prefill_ms.median / n.prefill_ms.median, 2)}x`,
+      );
+    }
   }
+  for (const s of r.decode_skipped ?? []) lines.push(`(${s.device} skipped: ${s.reason})`);
   return lines.join("\n");
 }

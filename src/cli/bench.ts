@@ -23,6 +23,7 @@ export const benchCommand = defineCommand({
       weightType: flags.dtype,
       decodeTokens: flags.decode_tokens,
       rounds: flags.rounds,
+      native: flags.native,
     }, (line) => console.error(`bench: ${line}`));
     console.log(flags.json ? JSON.stringify(report) : formatBench(report));
   },

@@ -4,7 +4,7 @@ import { type Block, unfusedBlocks } from "../model/blocks.ts";
 import { type Checkpoint, loadCheckpoint, modelName } from "../model/checkpoint.ts";
 import { TextTokenizer } from "../model/tokenizer.ts";
 import { buildDecoderGraph } from "../onnx/decoder.ts";
-import type { Device } from "./ort.ts";
+import type { Backend } from "./ort.ts";
 import { ModelSession } from "./session.ts";
 
 /** What loading a checkpoint directory gives: everything plan-independent, loaded once. */
@@ -21,7 +21,7 @@ export interface ModelInstance {
   plan: FusionPlan;
   planId: string;
   session: ModelSession;
-  device: Device;
+  device: Backend;
   /** FFN MatMul triples in the graph: one per unfused FFN, one per fused group. */
   ffnBlocks: number;
   buildMs: number;
@@ -41,7 +41,7 @@ export async function assetsFrom(checkpoint: Checkpoint, dir: string): Promise<M
 export async function buildInstance(
   assets: ModelAssets,
   plan: FusionPlan,
-  device: Device,
+  device: Backend,
 ): Promise<ModelInstance> {
   const t0 = performance.now();
   const blocks = applyPlan(assets.blocks, plan);

@@ -8,6 +8,34 @@ export { ort };
 export type Device = "webgpu" | "wasm";
 export type DeviceRequest = Device | "auto";
 
+/**
+ * Where a session runs: a serving device, or native onnxruntime on the CPU (onnxruntime-node), which
+ * the benchmark runs on the identical graph to show how far the WASM fallback is from native.
+ */
+export type Backend = Device | "native";
+
+/** The onnxruntime API (web and node share it, from onnxruntime-common). */
+export type OrtApi = Pick<typeof ort, "InferenceSession" | "Tensor">;
+
+// The specifier is computed so that Deno fetches the 110 MB native package only when a benchmark
+// asks for it, never for serving or tests that do not.
+const NATIVE_PACKAGE = ["npm:onnxruntime-node", "1.30.0"].join("@");
+let native: Promise<OrtApi> | null = null;
+
+/** onnxruntime-node, loaded on first use; rejects where its binary does not run. */
+export function nativeOrt(): Promise<OrtApi> {
+  native ??= import(NATIVE_PACKAGE).then((m) => (m.default ?? m) as OrtApi);
+  return native;
+}
+
+export async function runtimeFor(backend: Backend): Promise<OrtApi> {
+  if (backend !== "native") {
+    await configure();
+    return ort;
+  }
+  return await nativeOrt();
+}
+
 let configured = false;
 
 /**

@@ -1,5 +1,5 @@
 import { type DecoderGraph, pastKey, pastValue, presentKey, presentValue } from "../onnx/decoder.ts";
-import { type Device, ort } from "./ort.ts";
+import { type Backend, ort, type OrtApi, runtimeFor } from "./ort.ts";
 import { yieldIfBusy } from "./yield.ts";
 
 /** One sequence's attention cache: on the GPU between steps under WebGPU, in WASM memory otherwise. */
@@ -35,11 +35,13 @@ export class ModelSession {
   private constructor(
     private readonly session: ort.InferenceSession,
     readonly graph: DecoderGraph,
-    readonly device: Device,
+    readonly device: Backend,
     readonly vocabSize: number,
+    private readonly rt: OrtApi,
   ) {}
 
-  static async create(graph: DecoderGraph, device: Device, vocabSize: number): Promise<ModelSession> {
+  static async create(graph: DecoderGraph, device: Backend, vocabSize: number): Promise<ModelSession> {
+    const rt = await runtimeFor(device);
     const preferred: Record<string, "gpu-buffer" | "cpu"> = {
       logits: device === "webgpu" ? "gpu-buffer" : "cpu",
     };
@@ -49,22 +51,24 @@ export class ModelSession {
         preferred[presentValue(layer)] = "gpu-buffer";
       }
     }
-    const session = await ort.InferenceSession.create(graph.bytes, {
-      executionProviders: [device],
+    const session = await rt.InferenceSession.create(graph.bytes, {
+      executionProviders: [device === "native" ? "cpu" : device],
+      // One thread, like the WASM build under Deno: the comparison is of the kernels, not of cores.
+      ...(device === "native" ? { intraOpNumThreads: 1, interOpNumThreads: 1 } : {}),
       graphOptimizationLevel: "all",
       preferredOutputLocation: preferred,
       // Warnings such as "shape ops assigned to CPU" are expected for this graph; errors still show.
       logSeverityLevel: 3,
     });
-    return new ModelSession(session, graph, device, vocabSize);
+    return new ModelSession(session as ort.InferenceSession, graph, device, vocabSize, rt);
   }
 
   emptyCache(): KvCache {
     const tensors = new Map<string, ort.Tensor>();
     for (const { layer, kvHeads } of this.graph.cache) {
       const dims = [1, kvHeads, 0, this.graph.headDim];
-      tensors.set(pastKey(layer), new ort.Tensor("float32", new Float32Array(0), dims));
-      tensors.set(pastValue(layer), new ort.Tensor("float32", new Float32Array(0), dims));
+      tensors.set(pastKey(layer), new this.rt.Tensor("float32", new Float32Array(0), dims));
+      tensors.set(pastValue(layer), new this.rt.Tensor("float32", new Float32Array(0), dims));
     }
     return { length: 0, tensors };
   }
@@ -97,10 +101,10 @@ export class ModelSession {
     const total = cache.length + t;
     const feeds: Record<string, ort.Tensor> = {
       input_ids: Array.isArray(input)
-        ? new ort.Tensor("int64", BigInt64Array.from(input, BigInt), [1, t])
+        ? new this.rt.Tensor("int64", BigInt64Array.from(input, BigInt), [1, t])
         : ort.Tensor.fromGpuBuffer(input, { dataType: "int64", dims: [1, 1] }),
-      attention_mask: new ort.Tensor("int64", new BigInt64Array(total).fill(1n), [1, total]),
-      position_ids: new ort.Tensor(
+      attention_mask: new this.rt.Tensor("int64", new BigInt64Array(total).fill(1n), [1, total]),
+      position_ids: new this.rt.Tensor(
         "int64",
         BigInt64Array.from({ length: t }, (_, i) => BigInt(cache.length + i)),
         [1, t],

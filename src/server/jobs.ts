@@ -99,6 +99,7 @@ export function benchRoutes(job: BenchRunner, host: ModelHost) {
         weightType: req.dtype,
         decodeTokens: req.decode_tokens,
         rounds: req.rounds,
+        native: req.native,
       });
       return c.json({ status: "running" }, 202);
     },
