@@ -11,8 +11,11 @@ import { streamingReadGBps, timePerRun } from "./timing.ts";
 
 export interface FfnCase {
   tokens: number;
+  /** Medians over alternating rounds; the ranges below. */
   sequential_ms: number;
   fused_ms: number;
+  sequential_range_ms: [number, number];
+  fused_range_ms: [number, number];
   speedup: number;
   sequential_gbps: number;
   fused_gbps: number;
@@ -152,12 +155,16 @@ export async function benchFfn(gpu: Gpu, run: FfnRun, opts: FfnBenchOptions): Pr
       };
       const seqErr = await check(encodeSeq, seqOut, "sequential");
       const fusedErr = await check(encodeFused, bufA, "parallel");
-      const [seqMs, fusedMs] = await timePerRun(device, [encodeSeq, encodeFused]);
+      const [seq, fusedTime] = await timePerRun(device, [encodeSeq, encodeFused]);
+      const seqMs = seq.median;
+      const fusedMs = fusedTime.median;
       const bytes = fused.weightBytes;
       cases.push({
         tokens,
         sequential_ms: seqMs,
         fused_ms: fusedMs,
+        sequential_range_ms: [seq.min, seq.max],
+        fused_range_ms: [fusedTime.min, fusedTime.max],
         speedup: seqMs / fusedMs,
         sequential_gbps: bytes / seqMs / 1e6,
         fused_gbps: bytes / fusedMs / 1e6,

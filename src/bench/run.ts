@@ -145,20 +145,23 @@ type Spread = DecodeCase["tokens_per_second"];
 /** A readable summary of a report: one table per section. */
 export function formatBench(r: BenchReport): string {
   const lines: string[] = [`fusedge bench ${r.date} on ${r.device}: ${r.source}`];
+  // Results written before ranges were recorded show the median alone.
+  const ranged = (m: number, range?: [number, number]) =>
+    (range ? `${f(m)} [${f(range[0])}-${f(range[1])}]` : f(m)).padEnd(22);
   const k = r.ffn_kernels;
   if (k) {
     lines.push(
       "",
       `WGSL FFN kernels (${k.adapter}, ${k.weight_type} weights, d=${k.d}, k=${k.k} x n=${
         k.n_per_layer[0]
-      }); streaming read ${f(k.streaming_read_gbps, 1)} GB/s`,
-      "T      sequential ms  fused ms  fused/seq  fused GB/s  of read bw  max rel err",
+      }); streaming read ${f(k.streaming_read_gbps, 1)} GB/s; median [min-max] of alternating rounds`,
+      "T      sequential ms          fused ms               fused/seq  fused GB/s  of read bw  max rel err",
     );
     for (const c of k.cases) {
       lines.push(
-        `${String(c.tokens).padEnd(6)} ${f(c.sequential_ms).padStart(13)}  ${f(c.fused_ms).padStart(8)}  ${
-          f(c.speedup, 2).padStart(8)
-        }x  ${f(c.fused_gbps, 1).padStart(10)}  ${
+        `${String(c.tokens).padEnd(6)} ${ranged(c.sequential_ms, c.sequential_range_ms)} ${
+          ranged(c.fused_ms, c.fused_range_ms)
+        } ${f(c.speedup, 2).padStart(8)}x  ${f(c.fused_gbps, 1).padStart(10)}  ${
           (100 * c.fused_fraction_of_read_bw).toFixed(1).padStart(9)
         }%  ${Math.max(c.sequential_rel_err, c.fused_rel_err).toExponential(1)}`,
       );
@@ -173,7 +176,6 @@ export function formatBench(r: BenchReport): string {
     } MB each, sessions created in ${created}; median [min-max] of alternating rounds)`,
     "T      sequential ms          fused ms               fused/seq",
   );
-  const ranged = (m: number, [lo, hi]: [number, number]) => `${f(m)} [${f(lo)}-${f(hi)}]`.padEnd(22);
   for (const c of r.ffn_onnx.cases) {
     lines.push(
       `${String(c.tokens).padEnd(6)} ${ranged(c.sequential_ms, c.sequential_range_ms)} ${

@@ -1,6 +1,6 @@
 import { storage, upload } from "../webgpu/device.ts";
 import { compileKernel } from "../webgpu/shader.ts";
-import { spread } from "../numeric.ts";
+import { type Spread, spread } from "../numeric.ts";
 
 async function timeBatch(
   device: GPUDevice,
@@ -37,14 +37,14 @@ async function estimate(device: GPUDevice, encode: Encode, runs: number): Promis
 /**
  * Milliseconds of GPU work per run for each encoder. Many runs go into one submit, and the variants
  * are measured in alternating rounds (at least 3, up to 9, within about `budgetMs`) so that drift in
- * the machine's load hits them alike; each result is the median of its rounds.
+ * the machine's load hits them alike; each result is the median and range of its rounds.
  */
 export async function timePerRun(
   device: GPUDevice,
   encoders: Encode[],
   targetMs = 60,
   budgetMs = 3000,
-): Promise<number[]> {
+): Promise<Spread[]> {
   const runs: number[] = [];
   for (const e of encoders) runs.push(await calibrate(device, e, targetMs));
   const samples: number[][] = encoders.map(() => []);
@@ -52,7 +52,7 @@ export async function timePerRun(
   for (let round = 0; round < 9 && (round < 3 || performance.now() - t0 < budgetMs); round++) {
     for (const [i, e] of encoders.entries()) samples[i].push(await estimate(device, e, runs[i]));
   }
-  return samples.map((s) => spread(s).median);
+  return samples.map(spread);
 }
 
 /** The adapter's streaming-read bandwidth in GB/s: a reduction over a buffer much larger than caches. */
@@ -69,7 +69,7 @@ export async function streamingReadGBps(device: GPUDevice, maxBytes = 256 << 20)
     layout: pipeline.getBindGroupLayout(0),
     entries: [src, sink, params].map((buffer, binding) => ({ binding, resource: { buffer } })),
   });
-  const [ms] = await timePerRun(device, [(pass) => {
+  const [{ median: ms }] = await timePerRun(device, [(pass) => {
     pass.setPipeline(pipeline);
     pass.setBindGroup(0, group);
     pass.dispatchWorkgroups(workgroups);

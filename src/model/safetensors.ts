@@ -110,7 +110,7 @@ export class SafetensorsFile {
   }
 }
 
-/** Writes a safetensors file; used to build test fixtures and to export fused checkpoints. */
+/** Writes a safetensors file (test fixtures are built with it). */
 export function encodeSafetensors(tensors: Record<string, Tensor>, dtype: "F32" | "F16" = "F32"): Uint8Array {
   const header: Record<string, unknown> = { __metadata__: { format: "pt" } };
   const parts: Uint8Array[] = [];
