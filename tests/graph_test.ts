@@ -5,7 +5,7 @@ import { referenceForward } from "../src/model/forward.ts";
 import { buildDecoderGraph } from "../src/onnx/decoder.ts";
 import { resolveDevice } from "../src/runtime/ort.ts";
 import { disposeCache, ModelSession } from "../src/runtime/session.ts";
-import { HAS_WEBGPU, NAS_LIKE, type RandomModelSpec, relL2, writeRandomModel } from "./helpers.ts";
+import { HAS_WEBGPU, NAS_LIKE, type RandomModelSpec, relL2, TINY_NAS, writeRandomModel } from "./helpers.ts";
 
 const LLAMA_LIKE: RandomModelSpec = {
   modelType: "llama",
@@ -69,4 +69,24 @@ Deno.test("graph: only layers with attention get past/present tensors, named as 
   assert.deepEqual(cache.tensors.get("past_key_values.1.key")!.dims, [1, 1, 2, 8]);
   await session.release();
   await Deno.remove(dir, { recursive: true });
+});
+
+Deno.test("graph: weights are external data, so the protobuf stays small whatever the model's size", async () => {
+  const onnxProto = (await import("onnx-proto")).default;
+  const ckpt = await loadCheckpoint(TINY_NAS);
+  const { model } = buildDecoderGraph(ckpt, unfusedBlocks(ckpt));
+  assert.ok(model.graph.length < 200_000, `graph protobuf is ${model.graph.length} bytes`);
+  const decoded = onnxProto.onnx.ModelProto.decode(model.graph);
+  const external = decoded.graph!.initializer!.filter((t) => t.dataLocation === 1);
+  let end = 0;
+  for (const t of external) {
+    const kv = Object.fromEntries(t.externalData!.map((e) => [e.key, e.value]));
+    assert.equal(kv.location, "weights.bin");
+    assert.equal(Number(kv.offset) % 64, 0, "aligned");
+    end = Math.max(end, Number(kv.offset) + Number(kv.length));
+  }
+  assert.ok(external.length > 50);
+  assert.equal(end, model.weights.length);
+  // tiny-nas has about 9.3M parameters, stored as fp32.
+  assert.ok(model.weights.length > 30e6 && model.weights.length < 45e6, `${model.weights.length} bytes`);
 });

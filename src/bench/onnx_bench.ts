@@ -1,7 +1,8 @@
 import { fuseFfns } from "../fusion/apply.ts";
 import { buildFfnStackGraph } from "../onnx/decoder.ts";
 import type { Device } from "../runtime/ort.ts";
-import { ort } from "../runtime/ort.ts";
+import { createSession, ort } from "../runtime/ort.ts";
+import type { EncodedModel } from "../onnx/builder.ts";
 import { rng, spread } from "../numeric.ts";
 import type { FfnRun } from "./shapes.ts";
 
@@ -26,8 +27,8 @@ export interface OnnxFfnReport {
   cases: OnnxFfnCase[];
 }
 
-async function session(bytes: Uint8Array, device: Device): Promise<ort.InferenceSession> {
-  return await ort.InferenceSession.create(bytes, {
+async function session(model: EncodedModel, device: Device): Promise<ort.InferenceSession> {
+  return await createSession(device, model, {
     executionProviders: [device],
     graphOptimizationLevel: "all",
     preferredOutputLocation: device === "webgpu" ? "gpu-buffer" : "cpu",
@@ -58,9 +59,9 @@ export async function benchOnnxFfn(
   const seqGraph = buildFfnStackGraph(cfg, run.blocks);
   const fusedGraph = buildFfnStackGraph(cfg, [fuseFfns(run.blocks)]);
   const t0 = performance.now();
-  const seq = await session(seqGraph.bytes, device);
+  const seq = await session(seqGraph.model, device);
   const t1 = performance.now();
-  const fused = await session(fusedGraph.bytes, device);
+  const fused = await session(fusedGraph.model, device);
   const t2 = performance.now();
   const random = rng(7);
   const cases: OnnxFfnCase[] = [];
@@ -103,7 +104,7 @@ export async function benchOnnxFfn(
   }
   return {
     device,
-    graph_mb: seqGraph.bytes.length / 1e6,
+    graph_mb: (seqGraph.model.graph.length + seqGraph.model.weights.length) / 1e6,
     session_create_ms: { sequential: t1 - t0, fused: t2 - t1 },
     cases,
   };

@@ -13,6 +13,22 @@ const ELEM: Record<ElemType, number> = {
   bool: DataType.BOOL,
 };
 
+/**
+ * The external-data file the weights are stored in, beside the graph: a protobuf is capped at 2 GiB,
+ * so a model of any real size keeps its initializers outside it (onnxruntime's `externalData`).
+ */
+export const WEIGHTS_FILE = "weights.bin";
+
+/** A graph and its weights, as onnxruntime takes them. */
+export interface EncodedModel {
+  /** The ModelProto: nodes, small constants, and references into `weights`. */
+  graph: Uint8Array;
+  /** Every weight initializer's bytes, 64-byte aligned, at the offsets the graph names. */
+  weights: Uint8Array;
+}
+
+const ALIGN = 64;
+
 /** A dimension is a fixed size or a named symbolic one (onnxruntime checks names for consistency). */
 export type Dim = number | string;
 
@@ -49,6 +65,8 @@ export class GraphBuilder {
   private readonly outputs: onnxProto.onnx.IValueInfoProto[] = [];
   private counter = 0;
   private readonly constCache = new Map<string, string>();
+  private readonly external: { offset: number; bytes: Uint8Array }[] = [];
+  private externalBytes = 0;
 
   private fresh(prefix: string): string {
     return `${prefix}_${this.counter++}`;
@@ -71,7 +89,20 @@ export class GraphBuilder {
     elem: "float32" | "float16" = "float32",
   ): string {
     const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
-    this.initializers.push({ name, dims, dataType: ELEM[elem], rawData: bytes });
+    const offset = Math.ceil(this.externalBytes / ALIGN) * ALIGN;
+    this.external.push({ offset, bytes });
+    this.externalBytes = offset + bytes.byteLength;
+    this.initializers.push({
+      name,
+      dims,
+      dataType: ELEM[elem],
+      dataLocation: onnx.TensorProto.DataLocation.EXTERNAL,
+      externalData: [
+        { key: "location", value: WEIGHTS_FILE },
+        { key: "offset", value: String(offset) },
+        { key: "length", value: String(bytes.byteLength) },
+      ],
+    });
     return name;
   }
 
@@ -134,7 +165,14 @@ export class GraphBuilder {
     return this.node(op, inputs, attrs, name ? [name] : 1)[0];
   }
 
-  encode(graphName: string, opset = 17): Uint8Array {
+  /** The graph and its external weights. */
+  encode(graphName: string, opset = 17): EncodedModel {
+    const weights = new Uint8Array(this.externalBytes);
+    for (const { offset, bytes } of this.external) weights.set(bytes, offset);
+    return { graph: this.encodeGraph(graphName, opset), weights };
+  }
+
+  private encodeGraph(graphName: string, opset: number): Uint8Array {
     const model = onnx.ModelProto.create({
       irVersion: 8,
       producerName: "fusedge",

@@ -3,7 +3,7 @@ import { type Block, cachedLayers, type FfnBlock } from "../model/blocks.ts";
 import type { Checkpoint, LinearWeights } from "../model/checkpoint.ts";
 import { ropeInvFreq } from "../model/rope.ts";
 import { type Tensor, transpose2d } from "../model/tensor.ts";
-import { GraphBuilder } from "./builder.ts";
+import { type EncodedModel, GraphBuilder } from "./builder.ts";
 
 /** Optimum's names, so that tooling written for exported decoders recognises ours. */
 export const pastKey = (layer: number) => `past_key_values.${layer}.key`;
@@ -12,7 +12,7 @@ export const presentKey = (layer: number) => `present.${layer}.key`;
 export const presentValue = (layer: number) => `present.${layer}.value`;
 
 export interface DecoderGraph {
-  bytes: Uint8Array;
+  model: EncodedModel;
   /** Layers with a KV cache, and their KV head counts, in graph order. */
   cache: { layer: number; kvHeads: number }[];
   headDim: number;
@@ -178,7 +178,7 @@ export function buildDecoderGraph(ckpt: Checkpoint, blocks: Block[]): DecoderGra
     g.output(presentValue(layer), "float32", ["batch_size", kvHeads, "total_sequence_length", cfg.headDim]);
   }
   return {
-    bytes: g.encode("fusedge_decoder"),
+    model: g.encode("fusedge_decoder"),
     cache,
     headDim: cfg.headDim,
     matmulCount: g.countOps("MatMul"),
@@ -193,7 +193,7 @@ export function buildDecoderGraph(ckpt: Checkpoint, blocks: Block[]): DecoderGra
 export function buildFfnStackGraph(
   cfg: FfnConfig,
   blocks: FfnBlock[],
-): { bytes: Uint8Array; matmulCount: number } {
+): { model: EncodedModel; matmulCount: number } {
   // FFN blocks read only hidden and rmsEps of the config; nothing attention-related is emitted.
   const e = new DecoderEmitter(cfg as ModelConfig);
   const g = e.g;
@@ -201,5 +201,5 @@ export function buildFfnStackGraph(
   for (const b of blocks) x = e.ffn(x, b);
   g.op("Identity", [x], {}, "y");
   g.output("y", "float32", ["tokens", cfg.hidden]);
-  return { bytes: g.encode("fusedge_ffn_stack"), matmulCount: g.countOps("MatMul") };
+  return { model: g.encode("fusedge_ffn_stack"), matmulCount: g.countOps("MatMul") };
 }

@@ -1,4 +1,6 @@
+import { join } from "node:path";
 import * as ort from "onnxruntime-web";
+import { type EncodedModel, WEIGHTS_FILE } from "../onnx/builder.ts";
 import { InputError } from "../errors.ts";
 import { ensureXdgRuntimeDir } from "../webgpu/device.ts";
 import { installFastUploads } from "../webgpu/upload_shim.ts";
@@ -26,6 +28,33 @@ let native: Promise<OrtApi> | null = null;
 export function nativeOrt(): Promise<OrtApi> {
   native ??= import(NATIVE_PACKAGE).then((m) => (m.default ?? m) as OrtApi);
   return native;
+}
+
+/**
+ * Creates a session for a graph whose weights are external data. onnxruntime-web takes the weights
+ * as bytes; onnxruntime-node reads them from a file beside the graph, so they are written to a
+ * temporary directory for the creation and removed after.
+ */
+export async function createSession(
+  backend: Backend,
+  model: EncodedModel,
+  options: ort.InferenceSession.SessionOptions,
+): Promise<ort.InferenceSession> {
+  const rt = await runtimeFor(backend);
+  if (backend !== "native") {
+    return await rt.InferenceSession.create(model.graph, {
+      ...options,
+      externalData: [{ path: WEIGHTS_FILE, data: model.weights }],
+    });
+  }
+  const dir = await Deno.makeTempDir({ prefix: "fusedge-native-" });
+  try {
+    await Deno.writeFile(join(dir, WEIGHTS_FILE), model.weights);
+    await Deno.writeFile(join(dir, "model.onnx"), model.graph);
+    return await rt.InferenceSession.create(join(dir, "model.onnx"), options);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 }
 
 export async function runtimeFor(backend: Backend): Promise<OrtApi> {

@@ -1,5 +1,5 @@
 import { type DecoderGraph, pastKey, pastValue, presentKey, presentValue } from "../onnx/decoder.ts";
-import { type Backend, ort, type OrtApi, runtimeFor } from "./ort.ts";
+import { type Backend, createSession, ort, type OrtApi, runtimeFor } from "./ort.ts";
 import { yieldIfBusy } from "./yield.ts";
 
 /** One sequence's attention cache: on the GPU between steps under WebGPU, in WASM memory otherwise. */
@@ -51,7 +51,7 @@ export class ModelSession {
         preferred[presentValue(layer)] = "gpu-buffer";
       }
     }
-    const session = await rt.InferenceSession.create(graph.bytes, {
+    const session = await createSession(device, graph.model, {
       executionProviders: [device === "native" ? "cpu" : device],
       // One thread, like the WASM build under Deno: the comparison is of the kernels, not of cores.
       ...(device === "native" ? { intraOpNumThreads: 1, interOpNumThreads: 1 } : {}),
@@ -60,7 +60,7 @@ export class ModelSession {
       // Warnings such as "shape ops assigned to CPU" are expected for this graph; errors still show.
       logSeverityLevel: 3,
     });
-    return new ModelSession(session as ort.InferenceSession, graph, device, vocabSize, rt);
+    return new ModelSession(session, graph, device, vocabSize, rt);
   }
 
   emptyCache(): KvCache {
