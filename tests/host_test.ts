@@ -54,6 +54,8 @@ function fakeInstance(plan: FusionPlan, log: string[]): PlanInstance {
     device: "wasm",
     ffnBlocks: 9,
     buildMs: 1,
+    graph: { quantize: "none" },
+    weightBytes: 1,
     generate: () => {
       throw new Error("not used");
     },
@@ -94,7 +96,7 @@ Deno.test("model host: leases, retire after the last lease, invalid plans, super
   const { builder, finish } = controlledBuilder(log);
   const host = new ModelHost(builder);
   assert.throws(() => host.lease(), UnavailableError);
-  const loading = host.load(MODEL, UNFUSED, "wasm", fakeTokenizer);
+  const loading = host.load(MODEL, UNFUSED, "wasm", undefined, fakeTokenizer);
   await new Promise((r) => setTimeout(r, 50));
   finish(UNFUSED);
   await loading;
@@ -123,6 +125,7 @@ Deno.test("model host: leases, retire after the last lease, invalid plans, super
   lease.release();
   lease.release(); // twice is harmless
   assert.equal(host.retiringCount, 0);
+  assert.equal(host.liveInstances, 1);
   assert.ok(log.includes("closed unfused"));
   assert.deepEqual(log.filter((l) => l.startsWith("build") || l.startsWith("cancel")), [
     "build unfused",

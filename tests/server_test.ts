@@ -16,11 +16,15 @@ Deno.test({
         await server.ready;
         const ok = await fetch(`${base}/health`);
         assert.equal(ok.status, 200);
-        assert.deepEqual(await ok.json(), {
+        const health = await ok.json();
+        assert.ok(health.weight_bytes > 30e6, "fp32 weights of tiny-nas");
+        assert.deepEqual({ ...health, weight_bytes: 0 }, {
           status: "ok",
           model: "tiny-nas",
           device: "wasm",
           plan: "unfused",
+          quantize: "none",
+          weight_bytes: 0,
           active: 0,
           queued: 0,
         });

@@ -11,6 +11,9 @@ export const benchRequest = z.strictObject({
   dtype: z.enum(["f16", "f32"]).optional().describe("WGSL kernel weights (default f16 when offered)"),
   decode_tokens: z.number().int().min(2).max(1000).default(64).describe("tokens per decode round"),
   rounds: z.number().int().min(3).max(50).default(5).describe("alternating rounds per measurement"),
+  quantize: z.enum(["none", "int8", "int4"]).default("none").describe(
+    "weight format of the onnxruntime graphs",
+  ),
   native: z.boolean().default(false).describe(
     "also decode with native onnxruntime on the CPU (fetches onnxruntime-node)",
   ),

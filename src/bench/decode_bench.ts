@@ -1,5 +1,6 @@
 import process from "node:process";
 import type { FusionPlan } from "../fusion/plan.ts";
+import { FLOAT_WEIGHTS, type GraphOptions } from "../onnx/decoder.ts";
 import { type Spread, spread } from "../numeric.ts";
 import { buildInstance, type ModelAssets, type ModelInstance } from "../runtime/engine.ts";
 import { generate } from "../runtime/generate.ts";
@@ -94,6 +95,7 @@ export async function benchDecode(
   devices: Backend[],
   tokens: number,
   rounds: number,
+  graph: GraphOptions = FLOAT_WEIGHTS,
 ): Promise<DecodeBench> {
   const prompt = assets.tokenizer.encode(PROMPT);
   const instances: ModelInstance[] = [];
@@ -101,7 +103,7 @@ export async function benchDecode(
   try {
     for (const device of devices) {
       try {
-        for (const plan of plans) instances.push(await buildInstance(assets, plan, device));
+        for (const plan of plans) instances.push(await buildInstance(assets, plan, device, graph));
       } catch (e) {
         if (device !== "native") throw e;
         skipped.push({ device, reason: (e as Error).message.split("\n")[0] });

@@ -1,5 +1,5 @@
 import { fuseFfns } from "../fusion/apply.ts";
-import { buildFfnStackGraph } from "../onnx/decoder.ts";
+import { buildFfnStackGraph, FLOAT_WEIGHTS, type GraphOptions } from "../onnx/decoder.ts";
 import type { Device } from "../runtime/ort.ts";
 import { createSession, ort } from "../runtime/ort.ts";
 import type { EncodedModel } from "../onnx/builder.ts";
@@ -54,10 +54,11 @@ export async function benchOnnxFfn(
   device: Device,
   tokens: number[],
   rounds: number,
+  graph: GraphOptions = FLOAT_WEIGHTS,
 ): Promise<OnnxFfnReport> {
   const cfg = { hidden: run.d, rmsEps: run.eps };
-  const seqGraph = buildFfnStackGraph(cfg, run.blocks);
-  const fusedGraph = buildFfnStackGraph(cfg, [fuseFfns(run.blocks)]);
+  const seqGraph = buildFfnStackGraph(cfg, run.blocks, graph);
+  const fusedGraph = buildFfnStackGraph(cfg, [fuseFfns(run.blocks)], graph);
   const t0 = performance.now();
   const seq = await session(seqGraph.model, device);
   const t1 = performance.now();

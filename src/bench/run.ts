@@ -1,5 +1,6 @@
 import { InputError } from "../errors.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
+import type { Quantization } from "../onnx/quantize.ts";
 import { assetsFrom, loadAssets } from "../runtime/engine.ts";
 import { type Backend, type Device, resolveDevice } from "../runtime/ort.ts";
 import { requestGpu } from "../webgpu/device.ts";
@@ -21,6 +22,8 @@ export interface BenchOptions {
   rounds: number;
   /** Also decode with native onnxruntime on the CPU (onnxruntime-node), the reference for WASM. */
   native?: boolean;
+  /** Weight format of the onnxruntime graphs (FFN stacks and decode); the WGSL kernels use --dtype. */
+  quantize?: Quantization;
   /** The model's weights when already in memory (the server's shared copy). */
   checkpoint?: Checkpoint;
 }
@@ -68,6 +71,8 @@ export function checkBenchFits(d: number, n: number, k: number, device: Device, 
 export interface BenchReport {
   date: string;
   device: Device;
+  /** Weight format of the onnxruntime graphs (absent in reports from before it existed: none). */
+  quantize?: Quantization;
   source: string;
   ffn_kernels: FfnBenchReport | null;
   ffn_onnx: OnnxFfnReport;
@@ -109,7 +114,8 @@ export async function runBench(
     gpu.device.destroy();
   }
   log(`onnxruntime-web graphs on ${device}`);
-  const onnx = await benchOnnxFfn(run, device, opts.tokens, opts.rounds);
+  const graph = { quantize: opts.quantize ?? "none" };
+  const onnx = await benchOnnxFfn(run, device, opts.tokens, opts.rounds, graph);
   const decode: DecodeCase[] = [];
   const skipped: BenchReport["decode_skipped"] = [];
   if (assets) {
@@ -123,7 +129,7 @@ export async function runBench(
     if (opts.native) groups.at(-1)!.push("native");
     for (const devices of groups) {
       log(`decode on ${devices.join(" and ")}`);
-      const r = await benchDecode(assets, plans, devices, opts.decodeTokens, opts.rounds);
+      const r = await benchDecode(assets, plans, devices, opts.decodeTokens, opts.rounds, graph);
       decode.push(...r.cases);
       skipped.push(...r.skipped);
     }
@@ -131,6 +137,7 @@ export async function runBench(
   return {
     date: new Date().toISOString(),
     device,
+    quantize: graph.quantize,
     source: run.source,
     ffn_kernels: kernels,
     ffn_onnx: onnx,
@@ -144,7 +151,11 @@ type Spread = DecodeCase["tokens_per_second"];
 
 /** A readable summary of a report: one table per section. */
 export function formatBench(r: BenchReport): string {
-  const lines: string[] = [`fusedge bench ${r.date} on ${r.device}: ${r.source}`];
+  const lines: string[] = [
+    `fusedge bench ${r.date} on ${r.device}: ${r.source}${
+      r.quantize && r.quantize !== "none" ? `, ${r.quantize} weights in the onnxruntime graphs` : ""
+    }`,
+  ];
   // Results written before ranges were recorded show the median alone.
   const ranged = (m: number, range?: [number, number]) =>
     (range ? `${f(m)} [${f(range[0])}-${f(range[1])}]` : f(m)).padEnd(22);

@@ -24,6 +24,7 @@ export const benchCommand = defineCommand({
       decodeTokens: flags.decode_tokens,
       rounds: flags.rounds,
       native: flags.native,
+      quantize: flags.quantize,
     }, (line) => console.error(`bench: ${line}`));
     console.log(flags.json ? JSON.stringify(report) : formatBench(report));
   },

@@ -44,7 +44,10 @@ export const evalCommand = defineCommand({
       max: flags.max_tokens,
       window: flags.window,
     });
-    const baseline = flags.plan !== undefined ? await buildInstance(assets, UNFUSED, instance.device) : null;
+    // The baseline is the unfused model in the same weight format, so KL measures the plan alone.
+    const baseline = flags.plan !== undefined
+      ? await buildInstance(assets, UNFUSED, instance.device, instance.graph)
+      : null;
     const report = await evaluateQuality(
       sequences,
       cfg.vocabSize,

@@ -1,7 +1,10 @@
 import { z } from "zod";
 import { loadPlanFile, UNFUSED } from "../fusion/plan.ts";
 import { buildInstance, loadAssets, type ModelAssets, type ModelInstance } from "../runtime/engine.ts";
-import { resolveDevice } from "../runtime/ort.ts";
+import type { Quantization } from "../onnx/quantize.ts";
+import { loadConfig } from "../model/checkpoint.ts";
+import { checkModelFits } from "../runtime/memory.ts";
+import { adapterMaxBuffer, resolveDevice } from "../runtime/ort.ts";
 import { DEFAULT_MODEL_DIR } from "./defaults.ts";
 import { deviceFlag } from "./flags.ts";
 
@@ -10,6 +13,9 @@ export const modelFlags = {
   model: z.string().default(DEFAULT_MODEL_DIR).describe("checkpoint directory (default: embedded tiny-nas)"),
   plan: z.string().optional().describe("fusion plan file (JSON)"),
   device: deviceFlag,
+  quantize: z.enum(["none", "int8", "int4"]).default("none")
+    .describe("weight-only quantization of every MatMul weight (MatMulNBits, blocks of 32)"),
+  max_context: z.number().int().min(2).optional().describe("serve a shorter context than the model's"),
 };
 
 export interface LoadedModel {
@@ -18,10 +24,22 @@ export interface LoadedModel {
 }
 
 export async function loadModel(
-  flags: { model: string; plan?: string; device: "auto" | "webgpu" | "wasm" },
+  flags: {
+    model: string;
+    plan?: string;
+    device: "auto" | "webgpu" | "wasm";
+    quantize: Quantization;
+    max_context?: number;
+  },
 ): Promise<LoadedModel> {
   const device = await resolveDevice(flags.device);
-  const assets = await loadAssets(flags.model);
+  const maxContext = flags.max_context;
+  // Refused before a single weight is read when it cannot fit.
+  checkModelFits(await loadConfig(flags.model, { maxContext }), flags.quantize, device, {
+    sequences: 1,
+    maxBufferBytes: await adapterMaxBuffer(device),
+  });
+  const assets = await loadAssets(flags.model, { maxContext });
   const plan = flags.plan ? await loadPlanFile(flags.plan, assets.checkpoint.config) : UNFUSED;
-  return { assets, instance: await buildInstance(assets, plan, device) };
+  return { assets, instance: await buildInstance(assets, plan, device, { quantize: flags.quantize }) };
 }

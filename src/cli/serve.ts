@@ -2,7 +2,7 @@ import { z } from "zod";
 import { LIMITS } from "../api/generation.ts";
 import { parsePlan, readPlanFile, UNFUSED } from "../fusion/plan.ts";
 import { ModelHost } from "../runtime/host.ts";
-import { resolveDevice } from "../runtime/ort.ts";
+import { adapterMaxBuffer, resolveDevice } from "../runtime/ort.ts";
 import { Scheduler } from "../runtime/scheduler.ts";
 import { waitAtMost } from "../runtime/yield.ts";
 import { createApp } from "../server/app.ts";
@@ -94,7 +94,12 @@ export const serveCommand = defineCommand({
     };
     Deno.addSignalListener("SIGINT", stop);
     Deno.addSignalListener("SIGTERM", stop);
-    await host.load(flags.model, plan, device);
+    await host.load(flags.model, plan, device, {
+      graph: { quantize: flags.quantize },
+      maxContext: flags.max_context,
+      sequences: flags.max_active,
+      maxBufferBytes: await adapterMaxBuffer(device),
+    });
     const inst = host.instance!;
     metrics.loadSeconds.set({}, host.loadMs / 1000);
     metrics.activePlan.set({ plan: inst.planId }, 1);

@@ -171,10 +171,19 @@ export function modelName(dir: string): string {
   return dir.replace(/\/+$/, "").split("/").pop() || dir;
 }
 
+export interface LoadOptions {
+  /** Tensors in SharedArrayBuffers (see loadCheckpoint). */
+  shared?: boolean;
+  /** Serve a shorter context than the model's own (the KV cache grows with it). */
+  maxContext?: number;
+}
+
 /** Reads and checks a checkpoint's config.json alone (cheap: no weights). */
-export async function loadConfig(dir: string): Promise<ModelConfig> {
+export async function loadConfig(dir: string, opts: LoadOptions = {}): Promise<ModelConfig> {
   if (!(await exists(dir))) throw new BadCheckpointError(`model directory ${dir} does not exist`);
-  return parseConfig(await readJson(join(dir, "config.json")));
+  const config = parseConfig(await readJson(join(dir, "config.json")));
+  if (opts.maxContext) config.maxPositions = Math.min(config.maxPositions, opts.maxContext);
+  return config;
 }
 
 /**
@@ -182,8 +191,8 @@ export async function loadConfig(dir: string): Promise<ModelConfig> {
  * `shared`, every tensor lives in a SharedArrayBuffer, so the workers that build sessions and run
  * analyses see the one copy instead of each reading and converting the checkpoint again.
  */
-export async function loadCheckpoint(dir: string, opts: { shared?: boolean } = {}): Promise<Checkpoint> {
-  const config = await loadConfig(dir);
+export async function loadCheckpoint(dir: string, opts: LoadOptions = {}): Promise<Checkpoint> {
+  const config = await loadConfig(dir, opts);
   const src = new TensorSource(await openShards(dir), opts.shared ?? false);
   const embed = src.get("model.embed_tokens.weight", [config.vocabSize, config.hidden]);
   let lmHead: Tensor;

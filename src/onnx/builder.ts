@@ -4,13 +4,14 @@ const { onnx } = onnxProto;
 const DataType = onnx.TensorProto.DataType;
 const AttrType = onnx.AttributeProto.AttributeType;
 
-export type ElemType = "float32" | "float16" | "int64" | "bool";
+export type ElemType = "float32" | "float16" | "int64" | "bool" | "uint8";
 
 const ELEM: Record<ElemType, number> = {
   float32: DataType.FLOAT,
   float16: DataType.FLOAT16,
   int64: DataType.INT64,
   bool: DataType.BOOL,
+  uint8: DataType.UINT8,
 };
 
 /**
@@ -81,12 +82,17 @@ export class GraphBuilder {
     this.outputs.push(valueInfo(name, elem, dims));
   }
 
+  /** Packed quantized weights (uint8), stored as external data like every weight. */
+  weightBytes(name: string, dims: number[], data: Uint8Array): string {
+    return this.weight(name, dims, data, "uint8");
+  }
+
   /** Float weights; stored as float16 when `elem` says so (halving the model's bytes). */
   weight(
     name: string,
     dims: number[],
-    data: Float32Array | Uint16Array,
-    elem: "float32" | "float16" = "float32",
+    data: Float32Array | Uint16Array | Uint8Array,
+    elem: "float32" | "float16" | "uint8" = "float32",
   ): string {
     const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
     const offset = Math.ceil(this.externalBytes / ALIGN) * ALIGN;
@@ -176,7 +182,7 @@ export class GraphBuilder {
     const model = onnx.ModelProto.create({
       irVersion: 8,
       producerName: "fusedge",
-      opsetImport: [{ domain: "", version: opset }],
+      opsetImport: [{ domain: "", version: opset }, { domain: "com.microsoft", version: 1 }],
       graph: {
         name: graphName,
         node: this.nodes,

@@ -4,6 +4,7 @@ import type { Checkpoint, LinearWeights } from "../model/checkpoint.ts";
 import { ropeInvFreq } from "../model/rope.ts";
 import { type Tensor, transpose2d } from "../model/tensor.ts";
 import { type EncodedModel, GraphBuilder } from "./builder.ts";
+import { BITS, BLOCK, quantizable, type Quantization, quantize } from "./quantize.ts";
 
 /** Optimum's names, so that tooling written for exported decoders recognises ours. */
 export const pastKey = (layer: number) => `past_key_values.${layer}.key`;
@@ -30,13 +31,43 @@ interface Shared {
 /** What the FFN-only graphs need of a model config. */
 type FfnConfig = Pick<ModelConfig, "hidden" | "rmsEps">;
 
+/** How the graph stores its MatMul weights. */
+export interface GraphOptions {
+  quantize: Quantization;
+}
+
+export const FLOAT_WEIGHTS: GraphOptions = { quantize: "none" };
+
 class DecoderEmitter {
   readonly g = new GraphBuilder();
 
-  constructor(private readonly cfg: ModelConfig) {}
+  constructor(private readonly cfg: ModelConfig, private readonly opts: GraphOptions = FLOAT_WEIGHTS) {}
 
-  /** x @ W^T with W in the checkpoint's [out, in] layout. */
+  /**
+   * x @ W^T with W in the checkpoint's [out, in] layout: a MatMul of the transposed float weight, or,
+   * quantized, com.microsoft's MatMulNBits over W packed in its own layout (no transpose needed).
+   * Whatever reaches here is already fused, so a fused group is quantized as the one wide matrix.
+   */
   linear(x: string, w: Tensor, name: string): string {
+    const q = this.opts.quantize;
+    if (q !== "none" && quantizable(w)) {
+      const p = quantize(w, BITS[q]);
+      const blocks = p.k / BLOCK;
+      const b = this.g.weightBytes(`${name}.q${p.bits}`, [p.n, blocks, (BLOCK * p.bits) / 8], p.packed);
+      const scales = this.g.weight(`${name}.scales`, [p.n * blocks], p.scales);
+      return this.g.node(
+        "MatMulNBits",
+        [x, b, scales],
+        {
+          K: p.k,
+          N: p.n,
+          bits: p.bits,
+          block_size: BLOCK,
+        },
+        1,
+        "com.microsoft",
+      )[0];
+    }
     const t = transpose2d(w);
     return this.g.op("MatMul", [x, this.g.weight(name, [...t.shape], t.data)]);
   }
@@ -147,9 +178,13 @@ class DecoderEmitter {
  * Builds the KV-cached decoder: inputs `input_ids`, `attention_mask`, `position_ids` and
  * `past_key_values.{i}.key/value` for each layer with attention; outputs `logits` and `present.{i}.*`.
  */
-export function buildDecoderGraph(ckpt: Checkpoint, blocks: Block[]): DecoderGraph {
+export function buildDecoderGraph(
+  ckpt: Checkpoint,
+  blocks: Block[],
+  opts: GraphOptions = FLOAT_WEIGHTS,
+): DecoderGraph {
   const cfg = ckpt.config;
-  const e = new DecoderEmitter(cfg);
+  const e = new DecoderEmitter(cfg, opts);
   const g = e.g;
   const inputIds = g.input("input_ids", "int64", ["batch_size", "sequence_length"]);
   const mask = g.input("attention_mask", "int64", ["batch_size", "total_sequence_length"]);
@@ -170,8 +205,7 @@ export function buildDecoderGraph(ckpt: Checkpoint, blocks: Block[]): DecoderGra
     else x = e.linearBlock(x, b.weights, `layers.${b.layer}.${b.part}_linear`);
   }
   const h = e.rmsNorm(x, ckpt.finalNorm, "final_norm");
-  const lm = transpose2d(ckpt.lmHead);
-  g.op("MatMul", [h, g.weight("lm_head", [...lm.shape], lm.data)], {}, "logits");
+  g.op("Identity", [e.linear(h, ckpt.lmHead, "lm_head")], {}, "logits");
   g.output("logits", "float32", ["batch_size", "sequence_length", cfg.vocabSize]);
   for (const { layer, kvHeads } of cache) {
     g.output(presentKey(layer), "float32", ["batch_size", kvHeads, "total_sequence_length", cfg.headDim]);
@@ -193,13 +227,17 @@ export function buildDecoderGraph(ckpt: Checkpoint, blocks: Block[]): DecoderGra
 export function buildFfnStackGraph(
   cfg: FfnConfig,
   blocks: FfnBlock[],
+  opts: GraphOptions = FLOAT_WEIGHTS,
 ): { model: EncodedModel; matmulCount: number } {
   // FFN blocks read only hidden and rmsEps of the config; nothing attention-related is emitted.
-  const e = new DecoderEmitter(cfg as ModelConfig);
+  const e = new DecoderEmitter(cfg as ModelConfig, opts);
   const g = e.g;
   let x = g.input("x", "float32", ["tokens", cfg.hidden]);
   for (const b of blocks) x = e.ffn(x, b);
   g.op("Identity", [x], {}, "y");
   g.output("y", "float32", ["tokens", cfg.hidden]);
-  return { model: g.encode("fusedge_ffn_stack"), matmulCount: g.countOps("MatMul") };
+  return {
+    model: g.encode("fusedge_ffn_stack"),
+    matmulCount: g.countOps("MatMul") + g.countOps("MatMulNBits"),
+  };
 }

@@ -1,9 +1,9 @@
 import { applyPlan } from "../fusion/apply.ts";
 import { type FusionPlan, planId } from "../fusion/plan.ts";
 import { type Block, unfusedBlocks } from "../model/blocks.ts";
-import { type Checkpoint, loadCheckpoint, modelName } from "../model/checkpoint.ts";
+import { type Checkpoint, loadCheckpoint, type LoadOptions, modelName } from "../model/checkpoint.ts";
 import { TextTokenizer } from "../model/tokenizer.ts";
-import { buildDecoderGraph } from "../onnx/decoder.ts";
+import { buildDecoderGraph, FLOAT_WEIGHTS, type GraphOptions } from "../onnx/decoder.ts";
 import type { Backend } from "./ort.ts";
 import { ModelSession } from "./session.ts";
 
@@ -25,10 +25,13 @@ export interface ModelInstance {
   /** FFN MatMul triples in the graph: one per unfused FFN, one per fused group. */
   ffnBlocks: number;
   buildMs: number;
+  graph: GraphOptions;
+  /** Bytes of the graph's weights (after quantization), as handed to onnxruntime. */
+  weightBytes: number;
 }
 
-export async function loadAssets(dir: string): Promise<ModelAssets> {
-  return await assetsFrom(await loadCheckpoint(dir), dir);
+export async function loadAssets(dir: string, opts: LoadOptions = {}): Promise<ModelAssets> {
+  return await assetsFrom(await loadCheckpoint(dir, opts), dir);
 }
 
 /** Assets around weights already in memory (shared by the serving process's workers). */
@@ -42,10 +45,12 @@ export async function buildInstance(
   assets: ModelAssets,
   plan: FusionPlan,
   device: Backend,
+  options: GraphOptions = FLOAT_WEIGHTS,
 ): Promise<ModelInstance> {
   const t0 = performance.now();
   const blocks = applyPlan(assets.blocks, plan);
-  const graph = buildDecoderGraph(assets.checkpoint, blocks);
+  const graph = buildDecoderGraph(assets.checkpoint, blocks, options);
+  const weightBytes = graph.model.weights.length;
   const session = await ModelSession.create(graph, device, assets.checkpoint.config.vocabSize);
   return {
     plan,
@@ -54,5 +59,7 @@ export async function buildInstance(
     device,
     ffnBlocks: blocks.filter((b) => b.kind === "ffn").length,
     buildMs: performance.now() - t0,
+    graph: options,
+    weightBytes,
   };
 }

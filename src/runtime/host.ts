@@ -2,6 +2,8 @@ import { UnavailableError } from "../errors.ts";
 import { checkPlan, type FusionPlan, planId } from "../fusion/plan.ts";
 import { type Checkpoint, loadConfig, modelName } from "../model/checkpoint.ts";
 import type { ModelConfig } from "../model/config.ts";
+import { FLOAT_WEIGHTS, type GraphOptions } from "../onnx/decoder.ts";
+import { checkModelFits } from "./memory.ts";
 import type { Device } from "./ort.ts";
 import { type PendingBuild, type PlanInstance, RemoteInstance } from "./remote_instance.ts";
 import { RemoteTokenizer } from "./remote_tokenizer.ts";
@@ -31,10 +33,22 @@ export type InstanceBuilder = (
   checkpoint: Checkpoint | null,
   plan: FusionPlan,
   device: Device,
+  graph: GraphOptions,
+  maxContext?: number,
 ) => PendingBuild;
 
-const workerBuilder: InstanceBuilder = (modelDir, checkpoint, plan, device) =>
-  RemoteInstance.build({ modelDir, checkpoint, plan, planId: planId(plan), device });
+const workerBuilder: InstanceBuilder = (modelDir, checkpoint, plan, device, graph, maxContext) =>
+  RemoteInstance.build({ modelDir, checkpoint, plan, planId: planId(plan), device, graph, maxContext });
+
+/** How the served model is loaded: weight format, context cap, and how much it must hold at once. */
+export interface HostOptions {
+  graph: GraphOptions;
+  maxContext?: number;
+  /** Sequences decoding at once: the KV cache the memory check reserves. */
+  sequences: number;
+  /** The WebGPU adapter's largest buffer, when known. */
+  maxBufferBytes?: number;
+}
 
 /**
  * Owns the served model. Requests lease the active instance; a plan swap builds the new instance in
@@ -49,6 +63,8 @@ export class ModelHost {
   name = "";
   modelDir = "";
   device: Device | null = null;
+  /** How every plan's graph stores its weights (quantization); fixed for the process. */
+  graph: GraphOptions = FLOAT_WEIGHTS;
   loadMs = 0;
   swaps = 0;
   /** The loaded weights in shared memory: every later build and the analysis worker reuse them. */
@@ -60,16 +76,24 @@ export class ModelHost {
   constructor(private readonly builder: InstanceBuilder = workerBuilder) {}
 
   /** Reads the config, checks the plan against it, then builds the first instance. */
-  async load(dir: string, plan: FusionPlan, device: Device, tokenizer?: RemoteTokenizer): Promise<void> {
+  async load(
+    dir: string,
+    plan: FusionPlan,
+    device: Device,
+    opts: HostOptions = { graph: FLOAT_WEIGHTS, sequences: 1 },
+    tokenizer?: RemoteTokenizer,
+  ): Promise<void> {
     const t0 = performance.now();
     try {
       this.device = device;
+      this.graph = opts.graph;
       this.modelDir = dir;
       this.name = modelName(dir);
-      this.config = await loadConfig(dir);
+      this.config = await loadConfig(dir, { maxContext: opts.maxContext });
       checkPlan(plan, this.config);
+      checkModelFits(this.config, opts.graph.quantize, device, opts);
       this.tokenizer = tokenizer ?? await RemoteTokenizer.load(dir);
-      const built = await this.builder(dir, null, plan, device).ready;
+      const built = await this.builder(dir, null, plan, device, opts.graph, opts.maxContext).ready;
       this.checkpoint = built.checkpoint;
       this.active = { instance: built.instance, users: 0, retired: false };
       this.loadMs = performance.now() - t0;
@@ -88,6 +112,11 @@ export class ModelHost {
   /** Old instances kept alive by requests that started before a swap. */
   get retiringCount(): number {
     return this.retiring.size;
+  }
+
+  /** Plan instances alive (each a worker with its own session): active, retiring and being built. */
+  get liveInstances(): number {
+    return (this.active ? 1 : 0) + this.retiring.size + (this.pending ? 1 : 0);
   }
 
   get swapInProgress(): boolean {
@@ -125,7 +154,7 @@ export class ModelHost {
     checkPlan(plan, this.requireReady());
     const t0 = performance.now();
     this.pending?.cancel(`superseded by a newer plan (${planId(plan)}) before its build finished`);
-    const build = this.builder(this.modelDir, this.checkpoint, plan, this.device!);
+    const build = this.builder(this.modelDir, this.checkpoint, plan, this.device!, this.graph);
     this.pending = build;
     try {
       const { instance } = await build.ready;

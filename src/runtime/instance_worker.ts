@@ -10,18 +10,34 @@ import { UserError } from "../errors.ts";
 import type { FusionPlan } from "../fusion/plan.ts";
 import { type Checkpoint, loadCheckpoint } from "../model/checkpoint.ts";
 import type { TextTokenizer } from "../model/tokenizer.ts";
+import type { GraphOptions } from "../onnx/decoder.ts";
 import { assetsFrom, buildInstance, type ModelInstance } from "./engine.ts";
 import { generate, type GenerateParams, type GenerationChunk, type GenerationSummary } from "./generate.ts";
 import { type Device, resolveDevice } from "./ort.ts";
 
 export type InstanceRequest =
-  | { type: "build"; modelDir: string; checkpoint: Checkpoint | null; plan: FusionPlan; device: Device }
+  | {
+    type: "build";
+    modelDir: string;
+    checkpoint: Checkpoint | null;
+    plan: FusionPlan;
+    device: Device;
+    graph: GraphOptions;
+    maxContext?: number;
+  }
   | { type: "generate"; id: number; promptIds: number[]; params: GenerateParams }
   | { type: "cancel"; id: number }
   | { type: "close" };
 
 export type InstanceReply =
-  | { type: "built"; buildMs: number; ffnBlocks: number; planId: string; checkpoint: Checkpoint | null }
+  | {
+    type: "built";
+    buildMs: number;
+    ffnBlocks: number;
+    planId: string;
+    weightBytes: number;
+    checkpoint: Checkpoint | null;
+  }
   | { type: "chunk"; id: number; chunk: GenerationChunk }
   | { type: "done"; id: number; summary: GenerationSummary }
   | { type: "failed"; id: number | null; message: string; user: boolean }
@@ -42,9 +58,11 @@ const failure = (id: number | null, e: unknown): InstanceReply => ({
 
 async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<void> {
   const device = await resolveDevice(req.device);
-  const loaded = req.checkpoint ? null : await loadCheckpoint(req.modelDir, { shared: true });
+  const loaded = req.checkpoint
+    ? null
+    : await loadCheckpoint(req.modelDir, { shared: true, maxContext: req.maxContext });
   const assets = await assetsFrom(req.checkpoint ?? loaded!, req.modelDir);
-  instance = await buildInstance(assets, req.plan, device);
+  instance = await buildInstance(assets, req.plan, device, req.graph);
   maxPositions = assets.checkpoint.config.maxPositions;
   eos = assets.checkpoint.config.eosTokenIds;
   tokenizer = assets.tokenizer;
@@ -53,6 +71,7 @@ async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<
     buildMs: instance.buildMs,
     ffnBlocks: instance.ffnBlocks,
     planId: instance.planId,
+    weightBytes: instance.weightBytes,
     checkpoint: loaded,
   });
 }

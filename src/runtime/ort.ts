@@ -100,6 +100,14 @@ export function probeAdapter(): Promise<AdapterKind> {
   return adapterProbe;
 }
 
+/** The largest buffer the WebGPU adapter can bind (for the memory check); undefined off WebGPU. */
+export async function adapterMaxBuffer(device: Device): Promise<number | undefined> {
+  if (device !== "webgpu") return undefined;
+  const adapter = await navigator.gpu?.requestAdapter();
+  if (!adapter) return undefined;
+  return Math.min(adapter.limits.maxBufferSize, adapter.limits.maxStorageBufferBindingSize);
+}
+
 /** Whether this process can get a WebGPU adapter (a real GPU, or lavapipe on a CPU machine). */
 export async function webgpuAvailable(): Promise<boolean> {
   return (await probeAdapter()) !== "none";

@@ -1,6 +1,7 @@
 import { BusyError, InputError } from "../errors.ts";
 import type { FusionPlan } from "../fusion/plan.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
+import type { GraphOptions } from "../onnx/decoder.ts";
 import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
 import type { InstanceReply, InstanceRequest } from "./instance_worker.ts";
 import type { Device } from "./ort.ts";
@@ -13,6 +14,9 @@ export interface BuildSpec {
   plan: FusionPlan;
   planId: string;
   device: Device;
+  graph: GraphOptions;
+  /** With `checkpoint` null: the context cap applied while loading it. */
+  maxContext?: number;
 }
 
 /** A runnable model under one plan, as the serving thread sees it. */
@@ -23,6 +27,8 @@ export interface PlanInstance {
   /** FFN MatMul triples in the graph: one per unfused FFN, one per fused group. */
   readonly ffnBlocks: number;
   readonly buildMs: number;
+  readonly graph: GraphOptions;
+  readonly weightBytes: number;
   generate(promptIds: number[], params: GenerateParams, signal: AbortSignal): AsyncGenerator<
     GenerationChunk,
     GenerationSummary
@@ -73,6 +79,8 @@ export class RemoteInstance implements PlanInstance {
     readonly device: Device,
     readonly ffnBlocks: number,
     readonly buildMs: number,
+    readonly graph: GraphOptions,
+    readonly weightBytes: number,
   ) {
     worker.onmessage = (e: MessageEvent<InstanceReply>) => {
       const m = e.data;
@@ -101,6 +109,8 @@ export class RemoteInstance implements PlanInstance {
               spec.device,
               m.ffnBlocks,
               m.buildMs,
+              spec.graph,
+              m.weightBytes,
             );
             resolve({ instance, checkpoint: m.checkpoint });
           } else if (m.type === "failed") {
@@ -125,6 +135,8 @@ export class RemoteInstance implements PlanInstance {
       checkpoint: spec.checkpoint,
       plan: spec.plan,
       device: spec.device,
+      graph: spec.graph,
+      maxContext: spec.maxContext,
     };
     worker.postMessage(request);
     return {

@@ -88,6 +88,8 @@ export function createApp(services: Services, opts: AppOptions): Hono<AppEnv> {
       model: host.name,
       device: inst.device,
       plan: inst.planId,
+      quantize: inst.graph.quantize,
+      weight_bytes: inst.weightBytes,
       active: scheduler.active,
       queued: scheduler.queued,
     });
@@ -96,6 +98,7 @@ export function createApp(services: Services, opts: AppOptions): Hono<AppEnv> {
   app.get("/metrics", (c) => {
     metrics.queueDepth.set({}, scheduler.queued);
     metrics.active.set({}, scheduler.active);
+    metrics.instances.set({}, host.liveInstances);
     c.header("content-type", "text/plain; version=0.0.4; charset=utf-8");
     return c.body(metrics.render());
   });
@@ -108,6 +111,9 @@ export function createApp(services: Services, opts: AppOptions): Hono<AppEnv> {
         created: 0,
         owned_by: "fusedge",
         plan: host.instance?.planId ?? null,
+        device: host.device,
+        quantize: host.graph.quantize,
+        weight_bytes: host.instance?.weightBytes ?? null,
       }]
       : [];
     return c.json({ object: "list", data });

@@ -100,6 +100,7 @@ export function benchRoutes(job: BenchRunner, host: ModelHost) {
         decodeTokens: req.decode_tokens,
         rounds: req.rounds,
         native: req.native,
+        quantize: req.quantize,
       });
       return c.json({ status: "running" }, 202);
     },

@@ -110,6 +110,11 @@ export class Metrics {
     "gauge",
   );
   readonly swaps = new Counter("fusedge_plan_swaps_total", "Completed plan swaps");
+  readonly instances = new Counter(
+    "fusedge_plan_instances",
+    "Plan instances alive (active, retiring, being built), each a worker with its own session",
+    "gauge",
+  );
   readonly swapSeconds = new Histogram("fusedge_plan_swap_seconds", "Time to build and swap in a plan", [
     0.1,
     0.25,
@@ -146,6 +151,7 @@ export class Metrics {
       this.cancelled,
       this.activePlan,
       this.swaps,
+      this.instances,
       this.swapSeconds,
       this.loadSeconds,
       this.rss,

@@ -1,0 +1,104 @@
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { unfusedBlocks } from "../src/model/blocks.ts";
+import { loadCheckpoint } from "../src/model/checkpoint.ts";
+import { parseConfig } from "../src/model/config.ts";
+import { buildDecoderGraph } from "../src/onnx/decoder.ts";
+import { checkModelFits, estimateMemory } from "../src/runtime/memory.ts";
+import { InputError } from "../src/errors.ts";
+import { ROOT, TINY_NAS } from "./helpers.ts";
+
+/** Llama-3.2-1B's published config.json (shapes only; no weights are needed to refuse it). */
+export const LLAMA_32_1B = {
+  architectures: ["LlamaForCausalLM"],
+  model_type: "llama",
+  hidden_size: 2048,
+  intermediate_size: 8192,
+  num_hidden_layers: 16,
+  num_attention_heads: 32,
+  num_key_value_heads: 8,
+  head_dim: 64,
+  vocab_size: 128256,
+  max_position_embeddings: 131072,
+  rms_norm_eps: 1e-5,
+  rope_theta: 500000,
+  rope_scaling: {
+    factor: 32,
+    high_freq_factor: 4,
+    low_freq_factor: 1,
+    original_max_position_embeddings: 8192,
+    rope_type: "llama3",
+  },
+  tie_word_embeddings: true,
+  bos_token_id: 128000,
+  eos_token_id: 128001,
+  torch_dtype: "bfloat16",
+};
+
+Deno.test("memory estimate: matches the bytes of the graph actually built, per weight format", async () => {
+  const ckpt = await loadCheckpoint(TINY_NAS);
+  for (const q of ["none", "int8", "int4"] as const) {
+    const built = buildDecoderGraph(ckpt, unfusedBlocks(ckpt), { quantize: q }).model.weights.length;
+    const est = estimateMemory(ckpt.config, q).weightBytes;
+    // The graph aligns each tensor to 64 bytes and carries a few small tables (RoPE frequencies).
+    assert.ok(Math.abs(built - est) / built < 0.01, `${q}: built ${built}, estimated ${est}`);
+  }
+});
+
+Deno.test("memory check: a 1B model in fp32 is refused on WASM with the sizes and the options that fit", () => {
+  const cfg = parseConfig(LLAMA_32_1B);
+  assert.throws(
+    () => checkModelFits(cfg, "none", "wasm", { sequences: 1 }),
+    (e: Error) => {
+      assert.ok(e instanceof InputError);
+      assert.match(e.message, /needs 5\.\d\d GB of fp32 weights and 8\.59 GB of KV cache \(131072 tokens/);
+      assert.match(e.message, /more than WASM's 4\.03 GB heap/);
+      assert.match(e.message, /--device webgpu/);
+      return true;
+    },
+  );
+  const short = { ...cfg, maxPositions: 2048 };
+  assert.throws(
+    () => checkModelFits(short, "none", "wasm", { sequences: 1 }),
+    /--quantize int8 \(\d\.\d\d GB\), --quantize int4/,
+  );
+  checkModelFits(short, "int4", "wasm", { sequences: 1 });
+  checkModelFits(short, "int8", "wasm", { sequences: 1 });
+  checkModelFits(cfg, "none", "webgpu", { sequences: 1, maxBufferBytes: 2 ** 31 });
+  assert.throws(
+    () => checkModelFits(cfg, "none", "webgpu", { sequences: 1, maxBufferBytes: 2 ** 28 }),
+    /largest buffer/,
+  );
+});
+
+Deno.test("cli: a model that cannot fit is refused before any weight is read (exit 2)", async () => {
+  const dir = await Deno.makeTempDir();
+  // config.json alone: reaching the loader would fail differently ("no model.safetensors").
+  await Deno.writeTextFile(join(dir, "config.json"), JSON.stringify(LLAMA_32_1B));
+  const run = async (...args: string[]) => {
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "-A",
+        join(ROOT, "main.ts"),
+        "logits",
+        "--model",
+        dir,
+        "--prompt",
+        "x",
+        "--device",
+        "wasm",
+        ...args,
+      ],
+      stderr: "piped",
+      stdout: "null",
+    }).output();
+    return { code: out.code, stderr: new TextDecoder().decode(out.stderr) };
+  };
+  const refused = await run();
+  assert.equal(refused.code, 2);
+  assert.match(refused.stderr, /--model: the model needs 5\.\d\d GB of fp32 weights/);
+  const fits = await run("--quantize", "int4", "--max-context", "2048");
+  assert.equal(fits.code, 2);
+  assert.match(fits.stderr, /no model\.safetensors/, "past the memory check, on to loading");
+});

@@ -1,0 +1,95 @@
+import assert from "node:assert/strict";
+import { applyPlan } from "../src/fusion/apply.ts";
+import { validatePlan } from "../src/fusion/plan.ts";
+import { unfusedBlocks } from "../src/model/blocks.ts";
+import { loadCheckpoint } from "../src/model/checkpoint.ts";
+import { referenceForward } from "../src/model/forward.ts";
+import { tensor } from "../src/model/tensor.ts";
+import { buildDecoderGraph } from "../src/onnx/decoder.ts";
+import {
+  dequantize,
+  dequantizedBlocks,
+  dequantizedHead,
+  type Quantization,
+  quantize,
+  weightBytes,
+} from "../src/onnx/quantize.ts";
+import { resolveDevice } from "../src/runtime/ort.ts";
+import { disposeCache, ModelSession } from "../src/runtime/session.ts";
+import { golden, HAS_WEBGPU, relL2, TINY_NAS } from "./helpers.ts";
+import { rng } from "../src/numeric.ts";
+
+Deno.test("quantize: per-block symmetric int4/int8 in MatMulNBits' layout, error within half a step", () => {
+  const r = rng(3);
+  const w = tensor([3, 64], Float32Array.from({ length: 192 }, () => (r() - 0.5) * 2));
+  for (const bits of [4, 8] as const) {
+    const p = quantize(w, bits);
+    assert.equal(p.packed.length, (3 * 64 * bits) / 8);
+    assert.equal(p.scales.length, 3 * 2);
+    const back = dequantize(p);
+    for (let i = 0; i < w.data.length; i++) {
+      const scale = p.scales[Math.floor(i / 32)];
+      assert.ok(Math.abs(back.data[i] - w.data[i]) <= scale / 2 + 1e-7, `bits ${bits} element ${i}`);
+    }
+  }
+  // int4: low nibble first, zero point 8.
+  const one = tensor([1, 32], Float32Array.from({ length: 32 }, (_, i) => (i === 0 ? 7 : i === 1 ? -7 : 0)));
+  const p = quantize(one, 4);
+  assert.equal(p.scales[0], 1);
+  assert.equal(p.packed[0], 15 | (1 << 4));
+  assert.equal(p.packed[1], 8 | (8 << 4));
+  assert.equal(weightBytes(2048, 8192, "int4"), 2048 * 8192 / 2 + 2048 * 256 * 4);
+  assert.equal(weightBytes(10, 48, "int4"), 10 * 48 * 4, "a ragged K stays float");
+});
+
+async function lastLogits(session: ModelSession, ids: number[]): Promise<Float32Array> {
+  const { logits, cache } = await session.step(ids, session.emptyCache());
+  disposeCache(cache);
+  return logits.subarray(logits.length - session.vocabSize);
+}
+
+const cases: [Quantization, "wasm" | "webgpu", number[][]][] = [
+  ["int8", "wasm", []],
+  ["int4", "wasm", []],
+  ["int4", "wasm", [[3, 4, 5], [6, 7, 8]]],
+  ["int4", "webgpu", []],
+];
+
+for (const [q, device, groups] of cases) {
+  Deno.test({
+    name: `quantized ${q} on ${device}${
+      groups.length ? " with fused groups" : ""
+    }: last logits match the float64 forward of the dequantized weights`,
+    ignore: device === "webgpu" && !HAS_WEBGPU,
+    sanitizeResources: false,
+    sanitizeOps: false,
+    fn: async () => {
+      const ckpt = await loadCheckpoint(TINY_NAS);
+      const blocks = applyPlan(unfusedBlocks(ckpt), validatePlan({ ffn_groups: groups }, ckpt.config));
+      const graph = buildDecoderGraph(ckpt, blocks, { quantize: q });
+      const float = buildDecoderGraph(ckpt, blocks);
+      assert.ok(graph.nodeCount > 0);
+      const ratio = graph.model.weights.length / float.model.weights.length;
+      // The embedding (Gather) stays fp32; every MatMul weight shrinks.
+      assert.ok(ratio < (q === "int4" ? 0.45 : 0.55), `weights ${ratio.toFixed(2)} of fp32`);
+      const session = await ModelSession.create(graph, await resolveDevice(device), ckpt.config.vocabSize);
+      try {
+        const ids = (await golden(TINY_NAS)).cases[0].input_ids as number[];
+        const got = await lastLogits(session, ids);
+        const ref = referenceForward(
+          { ...ckpt, lmHead: dequantizedHead(ckpt.lmHead, q) },
+          dequantizedBlocks(blocks, q),
+          ids,
+          { logits: "last" },
+        ).logits;
+        const err = relL2(got, ref);
+        assert.ok(err < 5e-3, `relative L2 ${err}`);
+        // The check discriminates: against the unquantized weights the same logits are further off.
+        const float64 = referenceForward(ckpt, blocks, ids, { logits: "last" }).logits;
+        assert.ok(relL2(got, float64) > 3 * err, `vs float ${relL2(got, float64)}, vs dequantized ${err}`);
+      } finally {
+        await session.release();
+      }
+    },
+  });
+}
