@@ -1,0 +1,228 @@
+/**
+ * Writes a random-weight checkpoint in the exact Hugging Face layout of a named real model, for tests
+ * and benchmarks at real shapes where real weights cannot be downloaded: config.json as published,
+ * bf16 tensors under their HF names, sharded safetensors with model.safetensors.index.json,
+ * generation_config.json, and a byte-level BPE tokenizer.json covering the whole vocabulary (the
+ * shipped tokenizer, its vocabulary extended with placeholder tokens `<tN>` up to the model's size).
+ *
+ *   scripts/deno run -A scripts/synth_checkpoint.ts --model llama-3.2-1b --out DIR [--layers N]
+ *     [--shard-mb 2000] [--seed 1]
+ *
+ * Weights are random but scaled like a trained model's: projections N(0, 1/in), output projections
+ * (o_proj, down_proj) further scaled by 1/sqrt(2 * layers) so the residual stream stays bounded
+ * through every layer, norms 1, embeddings N(0, 0.02^2). Tensors are generated and written one at a
+ * time, so memory stays at one tensor whatever the model's size.
+ */
+import { parseArgs } from "node:util";
+import { join } from "node:path";
+import { rng } from "../src/numeric.ts";
+
+const LLAMA3_ROPE = {
+  rope_type: "llama3",
+  low_freq_factor: 1,
+  high_freq_factor: 4,
+  original_max_position_embeddings: 8192,
+};
+
+/** Published configs (shapes and the fields loaders read). */
+const MODELS: Record<string, Record<string, unknown>> = {
+  "llama-3.2-1b": {
+    architectures: ["LlamaForCausalLM"],
+    model_type: "llama",
+    hidden_size: 2048,
+    intermediate_size: 8192,
+    num_hidden_layers: 16,
+    num_attention_heads: 32,
+    num_key_value_heads: 8,
+    head_dim: 64,
+    vocab_size: 128256,
+    max_position_embeddings: 131072,
+    rms_norm_eps: 1e-5,
+    rope_theta: 500000,
+    rope_scaling: { ...LLAMA3_ROPE, factor: 32 },
+    tie_word_embeddings: true,
+    bos_token_id: 128000,
+    eos_token_id: 128001,
+    torch_dtype: "bfloat16",
+  },
+  "llama-3.1-8b": {
+    architectures: ["LlamaForCausalLM"],
+    model_type: "llama",
+    hidden_size: 4096,
+    intermediate_size: 14336,
+    num_hidden_layers: 32,
+    num_attention_heads: 32,
+    num_key_value_heads: 8,
+    head_dim: 128,
+    vocab_size: 128256,
+    max_position_embeddings: 131072,
+    rms_norm_eps: 1e-5,
+    rope_theta: 500000,
+    rope_scaling: { ...LLAMA3_ROPE, factor: 8 },
+    tie_word_embeddings: false,
+    bos_token_id: 128000,
+    eos_token_id: [128001, 128008, 128009],
+    torch_dtype: "bfloat16",
+  },
+};
+
+/**
+ * A Nemotron-NAS style model at the 1B shapes: attention removed from a run of layers in the middle
+ * (the paper's setting, an attention-free run for FFN Fusion), two-thirds of the way as in
+ * Llama-3.1-Nemotron-51B's pattern, with DeciLM block_configs.
+ */
+function nasConfig(layers: number): Record<string, unknown> {
+  const base = { ...MODELS["llama-3.2-1b"] };
+  const free = new Set(Array.from({ length: Math.floor(layers / 2) }, (_, i) => Math.floor(layers / 4) + i));
+  return {
+    ...base,
+    architectures: ["DeciLMForCausalLM"],
+    model_type: "nemotron-nas",
+    num_hidden_layers: layers,
+    block_configs: Array.from({ length: layers }, (_, i) => ({
+      attention: free.has(i)
+        ? { no_op: true, replace_with_linear: false, n_heads_in_group: null }
+        : { no_op: false, replace_with_linear: false, n_heads_in_group: 4 },
+      ffn: { no_op: false, replace_with_linear: false, ffn_mult: null, intermediate_size: 8192 },
+    })),
+  };
+}
+
+const { values } = parseArgs({
+  args: Deno.args,
+  options: {
+    model: { type: "string" },
+    out: { type: "string" },
+    layers: { type: "string" },
+    "shard-mb": { type: "string", default: "2000" },
+    seed: { type: "string", default: "1" },
+  },
+});
+const names = [...Object.keys(MODELS), "nemotron-nas-1b"];
+if (!values.model || !names.includes(values.model) || !values.out) {
+  console.error(
+    `usage: synth_checkpoint.ts --model ${names.join("|")} --out DIR [--layers N] [--shard-mb 2000]`,
+  );
+  Deno.exit(2);
+}
+const fullLayers = values.model === "nemotron-nas-1b" ? 16 : MODELS[values.model].num_hidden_layers as number;
+const layers = values.layers ? Number(values.layers) : fullLayers;
+if (!Number.isInteger(layers) || layers < 1) {
+  console.error("--layers must be a positive integer");
+  Deno.exit(2);
+}
+const config = values.model === "nemotron-nas-1b"
+  ? nasConfig(layers)
+  : { ...MODELS[values.model], num_hidden_layers: layers };
+const d = config.hidden_size as number;
+const heads = config.num_attention_heads as number;
+const hd = config.head_dim as number;
+const kvHeads = config.num_key_value_heads as number;
+const ffn = config.intermediate_size as number;
+const vocab = config.vocab_size as number;
+const blockConfigs = config.block_configs as { attention: { no_op: boolean } }[] | undefined;
+
+/** name, shape, standard deviation (0: a norm gain of ones). */
+const tensors: [string, number[], number][] = [["model.embed_tokens.weight", [vocab, d], 0.02]];
+const residual = 1 / Math.sqrt(2 * layers);
+for (let i = 0; i < layers; i++) {
+  const p = `model.layers.${i}`;
+  if (!blockConfigs?.[i].attention.no_op) {
+    const kv = blockConfigs ? heads / 4 : kvHeads;
+    tensors.push(
+      [`${p}.input_layernorm.weight`, [d], 0],
+      [`${p}.self_attn.q_proj.weight`, [heads * hd, d], 1 / Math.sqrt(d)],
+      [`${p}.self_attn.k_proj.weight`, [kv * hd, d], 1 / Math.sqrt(d)],
+      [`${p}.self_attn.v_proj.weight`, [kv * hd, d], 1 / Math.sqrt(d)],
+      [`${p}.self_attn.o_proj.weight`, [d, heads * hd], residual / Math.sqrt(heads * hd)],
+    );
+  }
+  tensors.push(
+    [`${p}.post_attention_layernorm.weight`, [d], 0],
+    [`${p}.mlp.gate_proj.weight`, [ffn, d], 1 / Math.sqrt(d)],
+    [`${p}.mlp.up_proj.weight`, [ffn, d], 1 / Math.sqrt(d)],
+    [`${p}.mlp.down_proj.weight`, [d, ffn], residual / Math.sqrt(ffn)],
+  );
+}
+tensors.push(["model.norm.weight", [d], 0]);
+if (!config.tie_word_embeddings) tensors.push(["lm_head.weight", [vocab, d], 1 / Math.sqrt(d)]);
+
+// Shards: consecutive tensors up to --shard-mb each.
+const shardBytes = Number(values["shard-mb"]) * 1e6;
+const shards: [string, number[], number][][] = [[]];
+let size = 0;
+for (const t of tensors) {
+  const bytes = t[1].reduce((a, b) => a * b, 1) * 2;
+  if (size > 0 && size + bytes > shardBytes) {
+    shards.push([]);
+    size = 0;
+  }
+  shards.at(-1)!.push(t);
+  size += bytes;
+}
+
+const out = values.out;
+await Deno.mkdir(out, { recursive: true });
+const random = rng(Number(values.seed));
+const f32 = new Float32Array(1);
+const u32 = new Uint32Array(f32.buffer);
+/** bf16 of a normal sample (Box-Muller; rounding to nearest even on the 16 dropped bits). */
+function bf16(std: number): number {
+  if (std === 0) return 0x3f80;
+  f32[0] = Math.sqrt(-2 * Math.log(Math.max(random(), 1e-12))) * Math.cos(2 * Math.PI * random()) * std;
+  const x = u32[0];
+  return ((x + 0x7fff + ((x >> 16) & 1)) >>> 16) & 0xffff;
+}
+
+const weightMap: Record<string, string> = {};
+let total = 0;
+for (const [k, shard] of shards.entries()) {
+  const file = `model-${String(k + 1).padStart(5, "0")}-of-${
+    String(shards.length).padStart(5, "0")
+  }.safetensors`;
+  const header: Record<string, unknown> = { __metadata__: { format: "pt" } };
+  let offset = 0;
+  for (const [name, shape] of shard) {
+    const bytes = shape.reduce((a, b) => a * b, 1) * 2;
+    header[name] = { dtype: "BF16", shape, data_offsets: [offset, offset + bytes] };
+    offset += bytes;
+    weightMap[name] = file;
+  }
+  total += offset;
+  let json = JSON.stringify(header);
+  while ((json.length + 8) % 8 !== 0) json += " ";
+  const f = await Deno.open(join(out, file), { write: true, create: true, truncate: true });
+  const head = new Uint8Array(8 + json.length);
+  new DataView(head.buffer).setBigUint64(0, BigInt(json.length), true);
+  head.set(new TextEncoder().encode(json), 8);
+  await f.write(head);
+  for (const [name, shape, std] of shard) {
+    const n = shape.reduce((a, b) => a * b, 1);
+    const chunk = new Uint16Array(Math.min(n, 1 << 22));
+    for (let done = 0; done < n; done += chunk.length) {
+      const m = Math.min(chunk.length, n - done);
+      for (let i = 0; i < m; i++) chunk[i] = bf16(std);
+      const bytes = new Uint8Array(chunk.buffer, 0, m * 2);
+      for (let w = 0; w < bytes.length;) w += await f.write(bytes.subarray(w));
+    }
+    console.error(`synth: ${name} [${shape}]`);
+  }
+  f.close();
+}
+await Deno.writeTextFile(
+  join(out, "model.safetensors.index.json"),
+  JSON.stringify({ metadata: { total_size: total }, weight_map: weightMap }, null, 1),
+);
+await Deno.writeTextFile(join(out, "config.json"), JSON.stringify(config, null, 1));
+await Deno.writeTextFile(
+  join(out, "generation_config.json"),
+  JSON.stringify({ bos_token_id: config.bos_token_id, eos_token_id: config.eos_token_id }, null, 1),
+);
+const tokenizer = JSON.parse(
+  await Deno.readTextFile(new URL("../models/tiny-nas/tokenizer.json", import.meta.url)),
+);
+const known = new Set(Object.values(tokenizer.model.vocab as Record<string, number>));
+for (const t of tokenizer.added_tokens as { id: number }[]) known.add(t.id);
+for (let id = 0; id < vocab; id++) if (!known.has(id)) tokenizer.model.vocab[`<t${id}>`] = id;
+await Deno.writeTextFile(join(out, "tokenizer.json"), JSON.stringify(tokenizer));
+console.log(JSON.stringify({ out, model: values.model, layers, shards: shards.length, bytes: total }));

@@ -1,0 +1,96 @@
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { applyPlan } from "../src/fusion/apply.ts";
+import { UNFUSED } from "../src/fusion/plan.ts";
+import { referenceForward } from "../src/model/forward.ts";
+import { dequantizedBlocks, dequantizedHead } from "../src/onnx/quantize.ts";
+import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
+import { generate } from "../src/runtime/generate.ts";
+import { DEFAULT_SAMPLING } from "../src/runtime/sampling.ts";
+import { disposeCache } from "../src/runtime/session.ts";
+import { relL2, ROOT } from "./helpers.ts";
+
+/**
+ * A Llama-3.2-1B-shaped checkpoint (hidden 2048, FFN 8192, 32/8 heads, vocab 128256, tied, llama3
+ * RoPE, bf16, sharded) with two layers: loads, matches the float64 forward of the weights each
+ * format computes with, and generates, in fp32, int8 and int4 on WASM.
+ */
+Deno.test({
+  name: "synthetic 1B-shaped checkpoint (2 layers, bf16, 2 shards): fp32, int8, int4 on WASM match float64",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const dir = await Deno.makeTempDir({ prefix: "fusedge-synth-" });
+    try {
+      const made = await new Deno.Command(Deno.execPath(), {
+        args: [
+          "run",
+          "-A",
+          join(ROOT, "scripts", "synth_checkpoint.ts"),
+          "--model",
+          "llama-3.2-1b",
+          "--layers",
+          "2",
+          "--shard-mb",
+          "600",
+          "--out",
+          dir,
+        ],
+        stdout: "piped",
+        stderr: "null",
+      }).output();
+      assert.equal(made.code, 0);
+      const summary = JSON.parse(new TextDecoder().decode(made.stdout));
+      assert.equal(summary.shards, 2);
+      const index = JSON.parse(await Deno.readTextFile(join(dir, "model.safetensors.index.json")));
+      assert.equal(index.weight_map["model.embed_tokens.weight"], "model-00001-of-00002.safetensors");
+      assert.equal(index.weight_map["lm_head.weight"], undefined, "tied embeddings");
+
+      const assets = await loadAssets(dir, { maxContext: 4096 });
+      const cfg = assets.checkpoint.config;
+      assert.deepEqual([cfg.hidden, cfg.vocabSize, cfg.numHeads, cfg.headDim, cfg.maxPositions], [
+        2048,
+        128256,
+        32,
+        64,
+        4096,
+      ]);
+      const ids = assets.tokenizer.encode("def main(args):\n    return 0\n");
+      const blocks = applyPlan(assets.blocks, UNFUSED);
+      for (const quantize of ["none", "int8", "int4"] as const) {
+        const inst = await buildInstance(assets, UNFUSED, "wasm", { quantize });
+        try {
+          const { logits, cache } = await inst.session.step(ids, inst.session.emptyCache());
+          disposeCache(cache);
+          const got = logits.subarray(logits.length - cfg.vocabSize);
+          assert.ok(got.every(Number.isFinite), `${quantize}: finite logits`);
+          const ref = referenceForward(
+            { ...assets.checkpoint, lmHead: dequantizedHead(assets.checkpoint.lmHead, quantize) },
+            dequantizedBlocks(blocks, quantize),
+            ids,
+            { logits: "last" },
+          ).logits;
+          const err = relL2(got, ref);
+          assert.ok(err < (quantize === "none" ? 1e-3 : 5e-3), `${quantize}: relative L2 ${err}`);
+          if (quantize === "int4") {
+            const run = generate({
+              session: inst.session,
+              tokenizer: assets.tokenizer,
+              promptIds: ids,
+              params: { ...DEFAULT_SAMPLING, maxTokens: 4, stop: [], ignoreEos: true },
+              eosTokenIds: cfg.eosTokenIds,
+              maxPositions: cfg.maxPositions,
+            });
+            let r = await run.next();
+            while (!r.done) r = await run.next();
+            assert.equal(r.value.completionTokens, 4);
+          }
+        } finally {
+          await inst.session.release();
+        }
+      }
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
