@@ -58,21 +58,33 @@ const evalArgs = [
 ];
 const rows = [await cli(["eval", ...evalArgs])];
 const dir = await Deno.makeTempDir();
+const planFiles: string[] = [];
 for (const [i, groups] of plans.entries()) {
   const file = join(dir, `plan${i}.json`);
+  planFiles.push(file);
   await Deno.writeTextFile(file, JSON.stringify({ version: 1, ffn_groups: groups }));
   rows.push({ ...(await cli(["eval", ...evalArgs, "--plan", file])), suggested: i === 0 });
 }
+// Quantization composes with fusion: each weight format unfused and under the suggested plan.
+for (const q of ["int8", "int4"]) {
+  rows.push(await cli(["eval", ...evalArgs, "--quantize", q]));
+  rows.push({
+    ...(await cli(["eval", ...evalArgs, "--quantize", q, "--plan", planFiles[0]])),
+    suggested: true,
+  });
+}
 await Deno.writeTextFile(join(values.out!, `${name}-quality.json`), JSON.stringify(rows, null, 1));
 const f = (x: unknown, d = 4) => (typeof x === "number" ? x.toFixed(d) : "");
-console.log(`| plan | FFN blocks | loss | ppl | KL to unfused | top-1 agreement |`);
-console.log(`| --- | --- | --- | --- | --- | --- |`);
+console.log(`| plan | weights | FFN blocks | loss | ppl | KL to unfused fp32 | top-1 agreement |`);
+console.log(`| --- | --- | --- | --- | --- | --- | --- |`);
 for (const r of rows) {
   const groups = r.plan === "unfused" ? [] : String(r.plan).slice(4, -1).split(",");
   const merged = groups.reduce((n, g) => n + Number(g.split("-")[1]) - Number(g.split("-")[0]), 0);
   const label = `\`${r.plan}\`${r.suggested ? " (suggested)" : ""}`;
   console.log(
-    `| ${label} | ${12 - merged} | ${f(r.loss)} | ${f(r.ppl, 3)} | ${f(r.kl)} | ${f(r.top1_agreement, 3)} |`,
+    `| ${label} | ${r.quantize === "none" ? "fp32" : r.quantize} (${
+      ((r.weight_bytes as number) / 1e6).toFixed(1)
+    } MB) | ${12 - merged} | ${f(r.loss)} | ${f(r.ppl, 3)} | ${f(r.kl)} | ${f(r.top1_agreement, 3)} |`,
   );
 }
 console.log(

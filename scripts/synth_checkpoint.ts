@@ -15,56 +15,8 @@
  */
 import { parseArgs } from "node:util";
 import { join } from "node:path";
+import { PUBLISHED_CONFIGS as MODELS } from "../src/model/published_configs.ts";
 import { rng } from "../src/numeric.ts";
-
-const LLAMA3_ROPE = {
-  rope_type: "llama3",
-  low_freq_factor: 1,
-  high_freq_factor: 4,
-  original_max_position_embeddings: 8192,
-};
-
-/** Published configs (shapes and the fields loaders read). */
-const MODELS: Record<string, Record<string, unknown>> = {
-  "llama-3.2-1b": {
-    architectures: ["LlamaForCausalLM"],
-    model_type: "llama",
-    hidden_size: 2048,
-    intermediate_size: 8192,
-    num_hidden_layers: 16,
-    num_attention_heads: 32,
-    num_key_value_heads: 8,
-    head_dim: 64,
-    vocab_size: 128256,
-    max_position_embeddings: 131072,
-    rms_norm_eps: 1e-5,
-    rope_theta: 500000,
-    rope_scaling: { ...LLAMA3_ROPE, factor: 32 },
-    tie_word_embeddings: true,
-    bos_token_id: 128000,
-    eos_token_id: 128001,
-    torch_dtype: "bfloat16",
-  },
-  "llama-3.1-8b": {
-    architectures: ["LlamaForCausalLM"],
-    model_type: "llama",
-    hidden_size: 4096,
-    intermediate_size: 14336,
-    num_hidden_layers: 32,
-    num_attention_heads: 32,
-    num_key_value_heads: 8,
-    head_dim: 128,
-    vocab_size: 128256,
-    max_position_embeddings: 131072,
-    rms_norm_eps: 1e-5,
-    rope_theta: 500000,
-    rope_scaling: { ...LLAMA3_ROPE, factor: 8 },
-    tie_word_embeddings: false,
-    bos_token_id: 128000,
-    eos_token_id: [128001, 128008, 128009],
-    torch_dtype: "bfloat16",
-  },
-};
 
 /**
  * A Nemotron-NAS style model at the 1B shapes: attention removed from a run of layers in the middle

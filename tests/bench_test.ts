@@ -122,22 +122,8 @@ Deno.test("cli bench on WASM and bad bench flags", async () => {
 });
 
 Deno.test("cli bench decode: warm sessions in alternating rounds, median with range, native onnxruntime beside WASM", async () => {
-  const r = await bench([
-    "--model",
-    TINY_NAS,
-    "--device",
-    "wasm",
-    "--k",
-    "2",
-    "--tokens",
-    "1",
-    "--decode-tokens",
-    "8",
-    "--rounds",
-    "3",
-    "--native",
-    "--json",
-  ]);
+  const args = ["--model", TINY_NAS, "--device", "wasm", "--k", "2", "--tokens", "1", "--decode-tokens", "8"];
+  const r = await bench([...args, "--rounds", "3", "--native", "--json"]);
   assert.equal(r.code, 0, r.stderr);
   const report = JSON.parse(r.stdout);
   const rows = report.decode.map((d: { device: string; plan: string }) => `${d.device} ${d.plan}`);
@@ -150,21 +136,7 @@ Deno.test("cli bench decode: warm sessions in alternating rounds, median with ra
   }
   assert.equal(report.decode[0].speedup, 1);
   assert.equal(report.decode[2].speedup, 1);
-  const table = await bench([
-    "--model",
-    TINY_NAS,
-    "--device",
-    "wasm",
-    "--k",
-    "2",
-    "--tokens",
-    "1",
-    "--decode-tokens",
-    "8",
-    "--rounds",
-    "3",
-    "--native",
-  ]);
+  const table = await bench([...args, "--rounds", "3", "--native"]);
   assert.equal(table.code, 0, table.stderr);
   assert.match(table.stdout, /native\/wasm unfused: decode \d+\.\d+x, prefill \d+\.\d+x/);
 });

@@ -1,23 +1,18 @@
 import assert from "node:assert/strict";
-import { healthProbe, post, rawRequest, readSse, startServer, streamWhile } from "./server_helpers.ts";
+import {
+  healthProbe,
+  metric,
+  post,
+  rawRequest,
+  readSse,
+  startServer,
+  streamWhile,
+  waitFor,
+} from "./server_helpers.ts";
 
 const ADMIN = "admin-secret-123";
 const MAX_GAP_MS = 250;
 const admin = { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" };
-
-function metric(text: string, name: string): number {
-  const line = text.split("\n").find((l) => l.startsWith(name + " ") || l.startsWith(name + "{"));
-  return line ? Number(line.split(" ").at(-1)) : NaN;
-}
-
-async function waitFor(check: () => Promise<boolean>, ms = 5000): Promise<boolean> {
-  const end = performance.now() + ms;
-  while (performance.now() < end) {
-    if (await check()) return true;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  return false;
-}
 
 const json = async (res: Response) => ({ status: res.status, body: await res.json() });
 

@@ -3,37 +3,13 @@ import { join } from "node:path";
 import { unfusedBlocks } from "../src/model/blocks.ts";
 import { loadCheckpoint } from "../src/model/checkpoint.ts";
 import { parseConfig } from "../src/model/config.ts";
+import { PUBLISHED_CONFIGS } from "../src/model/published_configs.ts";
 import { buildDecoderGraph } from "../src/onnx/decoder.ts";
 import { checkModelFits, estimateMemory } from "../src/runtime/memory.ts";
 import { InputError } from "../src/errors.ts";
 import { ROOT, TINY_NAS } from "./helpers.ts";
 
-/** Llama-3.2-1B's published config.json (shapes only; no weights are needed to refuse it). */
-export const LLAMA_32_1B = {
-  architectures: ["LlamaForCausalLM"],
-  model_type: "llama",
-  hidden_size: 2048,
-  intermediate_size: 8192,
-  num_hidden_layers: 16,
-  num_attention_heads: 32,
-  num_key_value_heads: 8,
-  head_dim: 64,
-  vocab_size: 128256,
-  max_position_embeddings: 131072,
-  rms_norm_eps: 1e-5,
-  rope_theta: 500000,
-  rope_scaling: {
-    factor: 32,
-    high_freq_factor: 4,
-    low_freq_factor: 1,
-    original_max_position_embeddings: 8192,
-    rope_type: "llama3",
-  },
-  tie_word_embeddings: true,
-  bos_token_id: 128000,
-  eos_token_id: 128001,
-  torch_dtype: "bfloat16",
-};
+const LLAMA_32_1B = PUBLISHED_CONFIGS["llama-3.2-1b"];
 
 Deno.test("memory estimate: matches the bytes of the graph actually built, per weight format", async () => {
   const ckpt = await loadCheckpoint(TINY_NAS);

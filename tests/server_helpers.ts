@@ -199,3 +199,19 @@ export function healthProbe(base: string): { stop(): Promise<number> } {
     },
   };
 }
+
+/** One sample of a Prometheus metric (the first series of that name), NaN when absent. */
+export function metric(text: string, name: string): number {
+  const line = text.split("\n").find((l) => l.startsWith(name + " ") || l.startsWith(name + "{"));
+  return line ? Number(line.split(" ").at(-1)) : NaN;
+}
+
+/** Polls `check` every 20 ms until it holds or `ms` pass; whether it held. */
+export async function waitFor(check: () => Promise<boolean>, ms = 5000): Promise<boolean> {
+  const end = performance.now() + ms;
+  while (performance.now() < end) {
+    if (await check()) return true;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return false;
+}

@@ -1,22 +1,8 @@
 import assert from "node:assert/strict";
-import { readSse, startServer } from "./server_helpers.ts";
+import { metric, readSse, startServer, waitFor } from "./server_helpers.ts";
 
 const ADMIN = "admin-secret-123";
 const KEY = "api-key-456789";
-
-function metric(text: string, name: string): number {
-  const line = text.split("\n").find((l) => l.startsWith(name + " ") || l.startsWith(name + "{"));
-  return line ? Number(line.split(" ").at(-1)) : NaN;
-}
-
-async function waitFor(check: () => Promise<boolean>, ms = 3000): Promise<boolean> {
-  const end = performance.now() + ms;
-  while (performance.now() < end) {
-    if (await check()) return true;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  return false;
-}
 
 Deno.test({
   name: "service: auth, 429 with Retry-After, cancellation, timeouts, metrics, logs, memory across swaps",

@@ -7,16 +7,9 @@ import { rng } from "../numeric.ts";
 import { type Gpu, readFloats, storage, upload } from "../webgpu/device.ts";
 import { FfnKernels, GpuFfn, type HostFfn, type WeightType } from "../webgpu/ffn.ts";
 import type { FfnRun } from "./shapes.ts";
-import { streamingReadGBps, timePerRun } from "./timing.ts";
+import { type SequentialVsFused, streamingReadGBps, timePerRun } from "./timing.ts";
 
-export interface FfnCase {
-  tokens: number;
-  /** Medians over alternating rounds; the ranges below. */
-  sequential_ms: number;
-  fused_ms: number;
-  sequential_range_ms: [number, number];
-  fused_range_ms: [number, number];
-  speedup: number;
+export interface FfnCase extends SequentialVsFused {
   sequential_gbps: number;
   fused_gbps: number;
   /** Fused kernel bandwidth over the adapter's measured streaming-read bandwidth. */

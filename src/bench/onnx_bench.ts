@@ -5,15 +5,9 @@ import { createSession, ort } from "../runtime/ort.ts";
 import type { EncodedModel } from "../onnx/builder.ts";
 import { rng, spread } from "../numeric.ts";
 import type { FfnRun } from "./shapes.ts";
+import type { SequentialVsFused } from "./timing.ts";
 
-export interface OnnxFfnCase {
-  tokens: number;
-  /** Medians over the rounds; the ranges below. */
-  sequential_ms: number;
-  fused_ms: number;
-  speedup: number;
-  sequential_range_ms: [number, number];
-  fused_range_ms: [number, number];
+export interface OnnxFfnCase extends SequentialVsFused {
   rounds: number;
   /** MatMul nodes in each graph: 3k against 3. */
   matmuls: { sequential: number; fused: number };

@@ -2,6 +2,16 @@ import { storage, upload } from "../webgpu/device.ts";
 import { compileKernel } from "../webgpu/shader.ts";
 import { type Spread, spread } from "../numeric.ts";
 
+/** One token count of a sequential-against-fused comparison: medians over rounds, and their ranges. */
+export interface SequentialVsFused {
+  tokens: number;
+  sequential_ms: number;
+  fused_ms: number;
+  sequential_range_ms: [number, number];
+  fused_range_ms: [number, number];
+  speedup: number;
+}
+
 async function timeBatch(
   device: GPUDevice,
   encode: (pass: GPUComputePassEncoder) => void,

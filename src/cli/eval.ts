@@ -20,7 +20,8 @@ function scorer(inst: ModelInstance): Scorer {
 
 export const evalCommand = defineCommand({
   name: "eval",
-  summary: "loss and perplexity through the serving session; with --plan, KL and top-1 agreement vs unfused",
+  summary:
+    "loss and perplexity through the serving session; with --plan or --quantize, KL and top-1 agreement vs unfused fp32",
   schema: z.strictObject({
     ...modelFlags,
     text: textFlag,
@@ -44,9 +45,10 @@ export const evalCommand = defineCommand({
       max: flags.max_tokens,
       window: flags.window,
     });
-    // The baseline is the unfused model in the same weight format, so KL measures the plan alone.
-    const baseline = flags.plan !== undefined
-      ? await buildInstance(assets, UNFUSED, instance.device, instance.graph)
+    // The baseline is the unfused fp32 model: KL and top-1 agreement measure what the plan and the
+    // weight format together cost against the model as trained.
+    const baseline = flags.plan !== undefined || flags.quantize !== "none"
+      ? await buildInstance(assets, UNFUSED, instance.device)
       : null;
     const report = await evaluateQuality(
       sequences,
@@ -58,7 +60,14 @@ export const evalCommand = defineCommand({
     await instance.session.release();
     await baseline?.session.release();
     console.log(
-      JSON.stringify({ model: assets.name, plan: instance.planId, device: instance.device, ...report }),
+      JSON.stringify({
+        model: assets.name,
+        plan: instance.planId,
+        device: instance.device,
+        quantize: flags.quantize,
+        weight_bytes: instance.weightBytes,
+        ...report,
+      }),
     );
   },
 });
