@@ -46,6 +46,29 @@ Deno.test({
       assert.equal(index.weight_map["model.embed_tokens.weight"], "model-00001-of-00002.safetensors");
       assert.equal(index.weight_map["lm_head.weight"], undefined, "tied embeddings");
 
+      // Loading reads one tensor at a time: peak resident memory stays near the fp32 weights it serves.
+      const probe = `
+        import { loadCheckpoint } from "${new URL("../src/model/checkpoint.ts", import.meta.url).href}";
+        const ckpt = await loadCheckpoint(${JSON.stringify(dir)}, { shared: true });
+        const bytes = [ckpt.embed, ...ckpt.layers.flatMap((l) => [
+          ...Object.values(l.attention ?? {}), ...Object.values(l.ffn ?? {}),
+        ])].reduce((n, t) => n + (t.data ?? t).byteLength, 0);
+        const peak = Number(/VmHWM:\\s+(\\d+)/.exec(Deno.readTextFileSync("/proc/self/status"))[1]) * 1024;
+        console.log(JSON.stringify({ bytes, peak }));
+      `;
+      const loaded = await new Deno.Command(Deno.execPath(), {
+        args: ["eval", "--config", join(ROOT, "deno.json"), probe],
+        stdout: "piped",
+        stderr: "inherit",
+      }).output();
+      assert.equal(loaded.code, 0);
+      const { bytes, peak } = JSON.parse(new TextDecoder().decode(loaded.stdout));
+      assert.ok(bytes > 1.4e9, `fp32 weights ${bytes}`);
+      assert.ok(
+        peak < 1.5 * bytes,
+        `peak RSS ${(peak / 1e9).toFixed(2)} GB for ${(bytes / 1e9).toFixed(2)} GB`,
+      );
+
       const assets = await loadAssets(dir, { maxContext: 4096 });
       const cfg = assets.checkpoint.config;
       assert.deepEqual([cfg.hidden, cfg.vocabSize, cfg.numHeads, cfg.headDim, cfg.maxPositions], [

@@ -115,11 +115,7 @@ class TensorSource {
         `tensor "${name}" has shape [${entry.shape}] but the config implies [${shape}]`,
       );
     }
-    const t = file.read(name);
-    if (!this.shared) return t;
-    const data = new Float32Array(new SharedArrayBuffer(t.data.byteLength));
-    data.set(t.data);
-    return { shape: t.shape, data };
+    return file.read(name, this.shared ? (n) => new Float32Array(new SharedArrayBuffer(n * 4)) : undefined);
   }
 
   vector(name: string, size: number): Float32Array {

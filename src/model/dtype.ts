@@ -20,17 +20,18 @@ function table(): Float32Array {
   return halfTable;
 }
 
-export function f16ToF32(src: Uint16Array): Float32Array {
+/** Half -> float32, into `out` when given (so a caller can decode straight into shared memory). */
+export function f16ToF32(src: Uint16Array, out: Float32Array = new Float32Array(src.length)): Float32Array {
   const t = table();
-  const out = new Float32Array(src.length);
   for (let i = 0; i < src.length; i++) out[i] = t[src[i]];
   return out;
 }
 
-export function bf16ToF32(src: Uint16Array): Float32Array {
-  const bits = new Uint32Array(src.length);
+/** bfloat16 -> float32 (the top half of the float's bits), into `out` when given. */
+export function bf16ToF32(src: Uint16Array, out: Float32Array = new Float32Array(src.length)): Float32Array {
+  const bits = new Uint32Array(out.buffer, out.byteOffset, src.length);
   for (let i = 0; i < src.length; i++) bits[i] = src[i] << 16;
-  return new Float32Array(bits.buffer);
+  return out;
 }
 
 const f32 = new Float32Array(1);

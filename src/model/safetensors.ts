@@ -7,6 +7,8 @@ import { numel, type Tensor, tensor } from "./tensor.ts";
 const DTYPE_SIZE = { F32: 4, F16: 2, BF16: 2 } as const;
 type Dtype = keyof typeof DTYPE_SIZE;
 
+const READ_SLICE_BYTES = 16 << 20;
+
 /** A header larger than this is a corrupt length field, not a real index. */
 const MAX_HEADER_BYTES = 100 * 1024 * 1024;
 
@@ -24,44 +26,91 @@ export interface TensorEntry {
   end: number;
 }
 
-/** One parsed .safetensors file: a validated index over the raw bytes, decoded tensor by tensor. */
+/** Where a file's tensor bytes come from: memory (tests, fixtures) or the file, a range at a time. */
+type ByteSource = (begin: number, end: number) => Uint8Array;
+
+/** Allocates a tensor's float32 storage (plain or shared memory). */
+export type Allocate = (elements: number) => Float32Array;
+
+const plain: Allocate = (n) => new Float32Array(n);
+
+/**
+ * One .safetensors file: a validated index over its bytes, decoded tensor by tensor. Opened from a
+ * path, only the header is read up front and each tensor's bytes are read when it is decoded, so a
+ * checkpoint of any size is never held whole in memory.
+ */
 export class SafetensorsFile {
   private constructor(
     readonly path: string,
     readonly entries: Map<string, TensorEntry>,
-    private readonly data: Uint8Array,
+    private readonly source: ByteSource,
   ) {}
 
   static async open(path: string): Promise<SafetensorsFile> {
-    let bytes: Uint8Array;
+    let file: Deno.FsFile;
     try {
-      bytes = await Deno.readFile(path);
+      file = await Deno.open(path);
     } catch (e) {
       throw new BadCheckpointError(`cannot read ${path}: ${(e as Error).message}`);
     }
-    return SafetensorsFile.parse(path, bytes);
+    const size = (await file.stat()).size;
+    const readAt = (at: number, n: number): Uint8Array => {
+      const out = new Uint8Array(n);
+      file.seekSync(at, Deno.SeekMode.Start);
+      for (let got = 0; got < n;) {
+        const k = file.readSync(out.subarray(got));
+        if (k === null) throw new BadCheckpointError(`${path}: file ended at byte ${at + got} of ${at + n}`);
+        got += k;
+      }
+      return out;
+    };
+    try {
+      // The handle stays open for the tensor reads; the process (or worker) ending closes it.
+      return SafetensorsFile.fromReader(path, size, readAt);
+    } catch (e) {
+      file.close();
+      throw e;
+    }
+  }
+
+  /** The same over bytes in memory (fixtures, tests). */
+  static parse(path: string, bytes: Uint8Array): SafetensorsFile {
+    return SafetensorsFile.fromReader(path, bytes.length, (at, n) => bytes.slice(at, at + n));
   }
 
   /** Checks every header field against the file before any tensor is read: a lying header fails here. */
-  static parse(path: string, bytes: Uint8Array): SafetensorsFile {
+  private static fromReader(
+    path: string,
+    size: number,
+    readAt: (at: number, n: number) => Uint8Array,
+  ): SafetensorsFile {
+    if (size < 8) {
+      throw new BadCheckpointError(`${path}: file is ${size} bytes, too short for a safetensors header`);
+    }
+    const headerLen = Number(new DataView(readAt(0, 8).buffer).getBigUint64(0, true));
+    if (headerLen > MAX_HEADER_BYTES || 8 + headerLen > size) {
+      throw new BadCheckpointError(
+        `${path}: header length ${headerLen} exceeds the file size ${size} (truncated or not safetensors)`,
+      );
+    }
+    const entries = SafetensorsFile.index(path, readAt(8, headerLen), size - 8 - headerLen);
+    const base = 8 + headerLen;
+    return new SafetensorsFile(path, entries, (begin, end) => readAt(base + begin, end - begin));
+  }
+
+  private static index(path: string, headerBytes: Uint8Array, dataLength: number): Map<string, TensorEntry> {
     const bad = (msg: string): never => {
       throw new BadCheckpointError(`${path}: ${msg}`);
     };
-    if (bytes.length < 8) bad(`file is ${bytes.length} bytes, too short for a safetensors header`);
-    const headerLen = Number(new DataView(bytes.buffer, bytes.byteOffset, 8).getBigUint64(0, true));
-    if (headerLen > MAX_HEADER_BYTES || 8 + headerLen > bytes.length) {
-      bad(`header length ${headerLen} exceeds the file size ${bytes.length} (truncated or not safetensors)`);
-    }
     let header: unknown;
     try {
-      header = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes.subarray(8, 8 + headerLen)));
+      header = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(headerBytes));
     } catch (e) {
       bad(`header is not valid JSON: ${(e as Error).message}`);
     }
     if (typeof header !== "object" || header === null || Array.isArray(header)) {
       bad("header is not a JSON object");
     }
-    const data = bytes.subarray(8 + headerLen);
     const entries = new Map<string, TensorEntry>();
     for (const [name, value] of Object.entries(header as Record<string, unknown>)) {
       if (name === "__metadata__") continue;
@@ -77,9 +126,9 @@ export class SafetensorsFile {
           } bytes but ${dtype}[${shape}] needs ${expected}`,
         );
       }
-      if (end > data.length) {
+      if (end > dataLength) {
         bad(
-          `tensor "${name}": data_offsets end ${end} is past the end of the data (${data.length} bytes; file truncated?)`,
+          `tensor "${name}": data_offsets end ${end} is past the end of the data (${dataLength} bytes; file truncated?)`,
         );
       }
       entries.set(name, { name, dtype: dtype as Dtype, shape, begin, end });
@@ -90,23 +139,27 @@ export class SafetensorsFile {
         bad(`tensor "${sorted[i].name}" overlaps "${sorted[i - 1].name}"`);
       }
     }
-    return new SafetensorsFile(path, entries, data);
+    return entries;
   }
 
-  /** Decodes one tensor to float32 (copying: the result does not alias the file buffer). */
-  read(name: string): Tensor {
+  /** Decodes one tensor to float32 into storage from `alloc` (it does not alias the file's bytes). */
+  read(name: string, alloc: Allocate = plain): Tensor {
     const e = this.entries.get(name);
     if (!e) throw new BadCheckpointError(`${this.path}: no tensor "${name}"`);
-    const raw = this.data.slice(e.begin, e.end);
     const n = numel(e.shape);
-    switch (e.dtype) {
-      case "F32":
-        return tensor(e.shape, new Float32Array(raw.buffer, 0, n));
-      case "F16":
-        return tensor(e.shape, f16ToF32(new Uint16Array(raw.buffer, 0, n)));
-      case "BF16":
-        return tensor(e.shape, bf16ToF32(new Uint16Array(raw.buffer, 0, n)));
+    const out = alloc(n);
+    const size = DTYPE_SIZE[e.dtype];
+    // In slices, so the raw bytes held at once are one slice, not a whole 128k-vocabulary embedding.
+    const step = Math.max(1, Math.floor(READ_SLICE_BYTES / size));
+    for (let at = 0; at < n; at += step) {
+      const m = Math.min(step, n - at);
+      const raw = this.source(e.begin + at * size, e.begin + (at + m) * size);
+      const dst = out.subarray(at, at + m);
+      if (e.dtype === "F32") dst.set(new Float32Array(raw.buffer, raw.byteOffset, m));
+      else if (e.dtype === "F16") f16ToF32(new Uint16Array(raw.buffer, raw.byteOffset, m), dst);
+      else bf16ToF32(new Uint16Array(raw.buffer, raw.byteOffset, m), dst);
     }
+    return tensor(e.shape, out);
   }
 }
 
