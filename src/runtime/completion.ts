@@ -42,8 +42,7 @@ export async function* runCompletion(
   signal: AbortSignal,
 ): AsyncGenerator<CompletionEvent, GenerationSummary> {
   const { host, scheduler } = ctx;
-  host.lease().release(); // fails fast, before queueing, when the model is not ready
-  const config = host.config!;
+  const config = host.requireReady(); // before queueing: a model still loading answers at once
   if ("text" in job.prompt && job.prompt.text.length > maxPromptChars(host)) {
     throw new InputError(
       `${job.prompt.text.length} characters cannot fit the context of ${config.maxPositions} tokens ` +

@@ -123,7 +123,8 @@ export class ModelHost {
     return this.pending !== null;
   }
 
-  private requireReady(): ModelConfig {
+  /** The model's config once it serves; an UnavailableError while loading or after a failed load. */
+  requireReady(): ModelConfig {
     if (this.state === "failed") throw new UnavailableError(`model failed to load: ${this.error}`);
     if (this.state !== "ready" || !this.config) throw new UnavailableError("model is still loading");
     return this.config;

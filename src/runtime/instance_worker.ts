@@ -6,7 +6,6 @@
  * decoding, and a retired plan is freed whole by ending its worker.
  */
 import "./worker_location.ts";
-import { UserError } from "../errors.ts";
 import type { FusionPlan } from "../fusion/plan.ts";
 import { type Checkpoint, loadCheckpoint } from "../model/checkpoint.ts";
 import type { TextTokenizer } from "../model/tokenizer.ts";
@@ -14,6 +13,7 @@ import type { GraphOptions } from "../onnx/decoder.ts";
 import { assetsFrom, buildInstance, type ModelInstance } from "./engine.ts";
 import { generate, type GenerateParams, type GenerationChunk, type GenerationSummary } from "./generate.ts";
 import { type Device, resolveDevice } from "./ort.ts";
+import { toWorkerError, type WorkerError } from "./worker_error.ts";
 
 export type InstanceRequest =
   | {
@@ -40,7 +40,7 @@ export type InstanceReply =
   }
   | { type: "chunk"; id: number; chunk: GenerationChunk }
   | { type: "done"; id: number; summary: GenerationSummary }
-  | { type: "failed"; id: number | null; message: string; user: boolean }
+  | { type: "failed"; id: number | null } & WorkerError
   | { type: "closed" };
 
 let instance: ModelInstance | null = null;
@@ -52,8 +52,7 @@ const post = (m: InstanceReply) => self.postMessage(m);
 const failure = (id: number | null, e: unknown): InstanceReply => ({
   type: "failed",
   id,
-  message: (e as Error).message ?? String(e),
-  user: e instanceof UserError,
+  ...toWorkerError(e),
 });
 
 async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<void> {

@@ -1,10 +1,11 @@
-import { BusyError, InputError } from "../errors.ts";
+import { BusyError } from "../errors.ts";
 import type { FusionPlan } from "../fusion/plan.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
 import type { GraphOptions } from "../onnx/decoder.ts";
 import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
 import type { InstanceReply, InstanceRequest } from "./instance_worker.ts";
 import type { Device } from "./ort.ts";
+import { fromWorkerError } from "./worker_error.ts";
 import { waitAtMost } from "./yield.ts";
 
 export interface BuildSpec {
@@ -42,10 +43,6 @@ export interface PendingBuild {
   cancel(reason: string): void;
 }
 
-interface Stream {
-  push(m: InstanceReply): void;
-}
-
 /** Items handed from the worker's messages to an async generator, in order. */
 class Channel<T> {
   private readonly items: T[] = [];
@@ -69,7 +66,7 @@ class Channel<T> {
  */
 export class RemoteInstance implements PlanInstance {
   private nextId = 1;
-  private readonly streams = new Map<number, Stream>();
+  private readonly streams = new Map<number, Channel<InstanceReply>>();
   private dead: string | null = null;
 
   private constructor(
@@ -84,7 +81,7 @@ export class RemoteInstance implements PlanInstance {
   ) {
     worker.onmessage = (e: MessageEvent<InstanceReply>) => {
       const m = e.data;
-      if ("id" in m && m.id !== null) this.streams.get(m.id)?.push(m);
+      if ("id" in m && m.id !== null) this.streams.get(m.id)?.put(m);
     };
     worker.onerror = (e) => {
       e.preventDefault();
@@ -116,9 +113,7 @@ export class RemoteInstance implements PlanInstance {
           } else if (m.type === "failed") {
             settle = null;
             worker.terminate();
-            reject(
-              m.user ? new InputError(m.message) : new Error(`building ${spec.planId} failed: ${m.message}`),
-            );
+            reject(fromWorkerError(m, `building ${spec.planId} failed`));
           }
         };
         worker.onerror = (e) => {
@@ -159,7 +154,7 @@ export class RemoteInstance implements PlanInstance {
     if (this.dead) throw new Error(this.dead);
     const id = this.nextId++;
     const channel = new Channel<InstanceReply>();
-    this.streams.set(id, { push: (m) => channel.put(m) });
+    this.streams.set(id, channel);
     const cancel = () => this.send({ type: "cancel", id });
     signal.addEventListener("abort", cancel, { once: true });
     let finished = false;
@@ -174,7 +169,7 @@ export class RemoteInstance implements PlanInstance {
           return m.summary;
         } else if (m.type === "failed") {
           finished = true;
-          throw m.user ? new InputError(m.message) : new Error(m.message);
+          throw fromWorkerError(m);
         }
       }
     } finally {
@@ -185,17 +180,13 @@ export class RemoteInstance implements PlanInstance {
     }
   }
 
-  get activeGenerations(): number {
-    return this.streams.size;
-  }
-
   private send(m: InstanceRequest): void {
     if (!this.dead) this.worker.postMessage(m);
   }
 
   private fail(message: string): void {
     this.dead = message;
-    for (const [id, s] of this.streams) s.push({ type: "failed", id, message, user: false });
+    for (const [id, s] of this.streams) s.put({ type: "failed", id, message, user: false });
     this.worker.terminate();
   }
 

@@ -1,4 +1,4 @@
-import { InputError } from "../errors.ts";
+import { fromWorkerError } from "./worker_error.ts";
 import type { TokenizerReply, TokenizerRequest } from "./tokenizer_worker.ts";
 
 /** The serving thread's tokenizer: encoding happens in a worker, one prompt at a time, in order. */
@@ -21,7 +21,7 @@ export class RemoteTokenizer {
       const w = this.waiting.get(m.id);
       this.waiting.delete(m.id);
       if (m.type === "encoded") w?.resolve(m.ids);
-      else w?.reject(m.user ? new InputError(m.message) : new Error(m.message));
+      else w?.reject(fromWorkerError(m));
     };
   }
 
@@ -31,7 +31,7 @@ export class RemoteTokenizer {
       worker.onmessage = (e: MessageEvent<TokenizerReply>) => {
         if (e.data.type === "loaded") resolve(e.data);
         else if (e.data.type === "failed") {
-          reject(e.data.user ? new InputError(e.data.message) : new Error(e.data.message));
+          reject(fromWorkerError(e.data));
         }
       };
       worker.onerror = (e) => {

@@ -3,7 +3,7 @@
  * Prompt tokenisation off the serving thread: a long prompt costs ~5 us a character, so a prompt
  * of a few hundred kilobytes would otherwise hold the event loop for seconds.
  */
-import { UserError } from "../errors.ts";
+import { toWorkerError, type WorkerError } from "./worker_error.ts";
 import { TextTokenizer } from "../model/tokenizer.ts";
 
 export type TokenizerRequest = { type: "load"; dir: string } | { type: "encode"; id: number; text: string };
@@ -11,7 +11,7 @@ export type TokenizerRequest = { type: "load"; dir: string } | { type: "encode";
 export type TokenizerReply =
   | { type: "loaded"; maxTokenChars: number; vocabSize: number }
   | { type: "encoded"; id: number; ids: number[] }
-  | { type: "failed"; id: number | null; message: string; user: boolean };
+  | { type: "failed"; id: number | null } & WorkerError;
 
 let tokenizer: TextTokenizer | null = null;
 const post = (m: TokenizerReply) => self.postMessage(m);
@@ -25,6 +25,6 @@ self.onmessage = async (e: MessageEvent<TokenizerRequest>) => {
       post({ type: "loaded", maxTokenChars: tokenizer.maxTokenChars(), vocabSize: tokenizer.vocabSize });
     } else post({ type: "encoded", id: m.id, ids: tokenizer!.encode(m.text) });
   } catch (err) {
-    post({ type: "failed", id, message: (err as Error).message, user: err instanceof UserError });
+    post({ type: "failed", id, ...toWorkerError(err) });
   }
 };

@@ -9,7 +9,7 @@ import {
   formatBench,
   memoryLimits,
 } from "../bench/run.ts";
-import { NotFoundError, UnavailableError } from "../errors.ts";
+import { NotFoundError } from "../errors.ts";
 import type { AnalysisReport } from "../fusion/analyze.ts";
 import type { AnalysisJob } from "../fusion/analysis_worker.ts";
 import { heatmapSvg } from "../fusion/heatmap.ts";
@@ -27,11 +27,9 @@ export const analysisRunner = (): AnalysisRunner =>
 export const benchRunner = (): BenchRunner =>
   new BackgroundJob("a benchmark", new URL("../bench/bench_worker.ts", import.meta.url));
 
+/** The served model's config and shared weights (a ready host always has both). */
 function requireModel(host: ModelHost) {
-  if (host.state !== "ready" || !host.config || !host.checkpoint) {
-    throw new UnavailableError("model is still loading");
-  }
-  return { config: host.config, checkpoint: host.checkpoint };
+  return { config: host.requireReady(), checkpoint: host.checkpoint! };
 }
 
 /** GET answers the job's state, progress and last result; 404 before the first one. */
