@@ -98,6 +98,29 @@ Deno.test({
       );
 
       await t.step(
+        "a swap converts only the groups it changes: bytes rebuilt and reused in /fuse and /metrics",
+        async () => {
+          // tiny-nas: hidden 256, FFN 768; a fused group of three is 3 fp32 matrices of 2304 x 256
+          // and its unit RMS gain.
+          const group = 3 * 3 * 768 * 256 * 4 + 256 * 4;
+          const first = await (await post(base, "/fuse", { ffn_groups: [[3, 4, 5]] })).json();
+          assert.equal(first.rebuilt_bytes, group, "only group 3-5 is built; every other weight is reused");
+          const total = first.rebuilt_bytes + first.reused_bytes;
+          const second = await (await post(base, "/fuse", { ffn_groups: [[3, 4, 5], [6, 7, 8]] })).json();
+          assert.equal(second.rebuilt_bytes, group, "group 3-5 comes from the previous plan; 6-8 is new");
+          // Fusing 6-8 trades their three RMS gains for one unit gain.
+          assert.equal(second.rebuilt_bytes + second.reused_bytes, total - 2 * 256 * 4);
+          const metrics = await (await fetch(`${base}/metrics`)).text();
+          const value = (name: string) => Number(metrics.match(new RegExp(`^${name} (\\S+)$`, "m"))![1]);
+          assert.ok(value("fusedge_plan_swap_rebuilt_bytes_total") >= 2 * group);
+          assert.ok(
+            value("fusedge_plan_swap_reused_bytes_total") >= first.reused_bytes + second.reused_bytes,
+          );
+          assert.ok(value("fusedge_weight_cache_bytes") >= total - 2 * 256 * 4);
+        },
+      );
+
+      await t.step(
         "POST /analysis runs in a worker while completions keep being served; GET returns the report",
         async () => {
           const none = await fetch(`${base}/analysis`);

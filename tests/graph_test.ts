@@ -1,8 +1,14 @@
 import assert from "node:assert/strict";
+import { storedBytes } from "../src/onnx/builder.ts";
 import { unfusedBlocks } from "../src/model/blocks.ts";
 import { loadCheckpoint } from "../src/model/checkpoint.ts";
 import { referenceForward } from "../src/model/forward.ts";
 import { buildDecoderGraph } from "../src/onnx/decoder.ts";
+import { FLOAT_WEIGHTS, formatName } from "../src/onnx/format.ts";
+import { WeightCache } from "../src/onnx/weight_cache.ts";
+import type { Tensor } from "../src/model/tensor.ts";
+import { applyPlan } from "../src/fusion/apply.ts";
+import { validatePlan } from "../src/fusion/plan.ts";
 import { resolveDevice } from "../src/runtime/ort.ts";
 import { disposeCache, ModelSession } from "../src/runtime/session.ts";
 import { HAS_WEBGPU, NAS_LIKE, type RandomModelSpec, relL2, TINY_NAS, writeRandomModel } from "./helpers.ts";
@@ -78,15 +84,51 @@ Deno.test("graph: weights are external data, so the protobuf stays small whateve
   assert.ok(model.graph.length < 200_000, `graph protobuf is ${model.graph.length} bytes`);
   const decoded = onnxProto.onnx.ModelProto.decode(model.graph);
   const external = decoded.graph!.initializer!.filter((t) => t.dataLocation === 1);
-  let end = 0;
+  const files = new Map(model.weights.map((f) => [f.path, f.data]));
   for (const t of external) {
     const kv = Object.fromEntries(t.externalData!.map((e) => [e.key, e.value]));
-    assert.equal(kv.location, "weights.bin");
-    assert.equal(Number(kv.offset) % 64, 0, "aligned");
-    end = Math.max(end, Number(kv.offset) + Number(kv.length));
+    assert.equal(kv.location, `${t.name}.bin`, "one file per weight, named after it");
+    assert.equal(Number(kv.offset), 0);
+    assert.equal(Number(kv.length), files.get(kv.location)?.byteLength);
   }
   assert.ok(external.length > 50);
-  assert.equal(end, model.weights.length);
+  assert.equal(external.length, files.size);
   // tiny-nas has about 9.3M parameters, stored as fp32.
-  assert.ok(model.weights.length > 30e6 && model.weights.length < 45e6, `${model.weights.length} bytes`);
+  const bytes = storedBytes(model);
+  assert.ok(bytes > 30e6 && bytes < 45e6, `${bytes} bytes`);
+});
+
+Deno.test("graph: a weight cache kept across plans converts only changed groups, and the bytes are identical", async () => {
+  const ckpt = await loadCheckpoint(TINY_NAS);
+  const blocks = unfusedBlocks(ckpt);
+  for (const format of [FLOAT_WEIGHTS, { dtype: "fp16", quantize: "int4" }] as const) {
+    const plan = (...groups: number[][]) =>
+      applyPlan(blocks, validatePlan({ ffn_groups: groups }, ckpt.config));
+    const first = new WeightCache(formatName(format), new Map(), true);
+    buildDecoderGraph(ckpt, plan([3, 4, 5]), format, first);
+    let fusedTouched = 0;
+    const a = plan([3, 4, 5], [6, 7, 8]);
+    const watch = (t: Tensor): Tensor => ({
+      shape: t.shape,
+      get data() {
+        fusedTouched++;
+        return t.data;
+      },
+    });
+    const spy = a.map((b) =>
+      b.kind === "ffn" && b.layers.join() === "3,4,5"
+        ? { ...b, gate: watch(b.gate), up: watch(b.up), down: watch(b.down) }
+        : b
+    );
+    const second = new WeightCache(formatName(format), first.added, true);
+    const cached = buildDecoderGraph(ckpt, spy, format, second);
+    assert.equal(fusedTouched, 0, "a cached group's fused weights are never computed again");
+    const fresh = buildDecoderGraph(ckpt, a, format);
+    assert.equal(second.builtBytes + second.reusedBytes, storedBytes(fresh.model));
+    const group = [...second.added.keys()];
+    assert.ok(group.length > 0 && group.every((k) => k.includes("/ffn.6_7_8.")), group.join());
+    const files = new Map(fresh.model.weights.map((f) => [f.path, f.data]));
+    for (const f of cached.model.weights) assert.deepEqual(f.data, files.get(f.path), f.path);
+    assert.ok(first.added.values().next().value!.bytes.buffer instanceof SharedArrayBuffer);
+  }
 });

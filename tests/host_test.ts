@@ -11,6 +11,7 @@ import { type InstanceBuilder, ModelHost } from "../src/runtime/host.ts";
 import type { PendingBuild, PlanInstance } from "../src/runtime/remote_instance.ts";
 import type { RemoteTokenizer } from "../src/runtime/remote_tokenizer.ts";
 import { Scheduler } from "../src/runtime/scheduler.ts";
+import { FLOAT_WEIGHTS } from "../src/onnx/format.ts";
 import { ROOT } from "./helpers.ts";
 
 const MODEL = `${ROOT}/models/tiny-nas`;
@@ -54,7 +55,7 @@ function fakeInstance(plan: FusionPlan, log: string[]): PlanInstance {
     device: "wasm",
     ffnBlocks: 9,
     buildMs: 1,
-    graph: { quantize: "none" },
+    graph: FLOAT_WEIGHTS,
     weightBytes: 1,
     generate: () => {
       throw new Error("not used");
@@ -69,13 +70,14 @@ function fakeInstance(plan: FusionPlan, log: string[]): PlanInstance {
 /** Builds finish when the test says so; cancellation is recorded. */
 function controlledBuilder(log: string[]) {
   const finish = new Map<string, () => void>();
-  const builder: InstanceBuilder = (_dir, checkpoint, plan) => {
+  const builder: InstanceBuilder = ({ checkpoint, plan }) => {
     const id = planId(plan);
     log.push(`build ${id}${checkpoint ? " (shared weights)" : ""}`);
     let reject: (e: Error) => void = () => {};
     const ready = new Promise<Awaited<PendingBuild["ready"]>>((res, rej) => {
       reject = rej;
-      finish.set(id, () => res({ instance: fakeInstance(plan, log), checkpoint: null }));
+      const weights = { rebuiltBytes: 0, reusedBytes: 0, added: new Map(), keys: [] };
+      finish.set(id, () => res({ instance: fakeInstance(plan, log), checkpoint: null, weights }));
     });
     return {
       ready,

@@ -4,27 +4,36 @@ import { unfusedBlocks } from "../src/model/blocks.ts";
 import { loadCheckpoint } from "../src/model/checkpoint.ts";
 import { parseConfig } from "../src/model/config.ts";
 import { PUBLISHED_CONFIGS } from "../src/model/published_configs.ts";
+import { storedBytes } from "../src/onnx/builder.ts";
 import { buildDecoderGraph } from "../src/onnx/decoder.ts";
+import { FLOAT_WEIGHTS } from "../src/onnx/format.ts";
 import { checkModelFits, estimateMemory } from "../src/runtime/memory.ts";
 import { InputError } from "../src/errors.ts";
 import { ROOT, TINY_NAS } from "./helpers.ts";
 
 const LLAMA_32_1B = PUBLISHED_CONFIGS["llama-3.2-1b"];
+const FP32 = FLOAT_WEIGHTS;
 
 Deno.test("memory estimate: matches the bytes of the graph actually built, per weight format", async () => {
   const ckpt = await loadCheckpoint(TINY_NAS);
-  for (const q of ["none", "int8", "int4"] as const) {
-    const built = buildDecoderGraph(ckpt, unfusedBlocks(ckpt), { quantize: q }).model.weights.length;
-    const est = estimateMemory(ckpt.config, q).weightBytes;
-    // The graph aligns each tensor to 64 bytes and carries a few small tables (RoPE frequencies).
-    assert.ok(Math.abs(built - est) / built < 0.01, `${q}: built ${built}, estimated ${est}`);
+  for (const dtype of ["fp32", "fp16"] as const) {
+    for (const quantize of ["none", "int8", "int4"] as const) {
+      const g = { dtype, quantize };
+      const built = storedBytes(buildDecoderGraph(ckpt, unfusedBlocks(ckpt), g).model);
+      const est = estimateMemory(ckpt.config, g).weightBytes;
+      // The graph carries a few small tables besides (RoPE frequencies).
+      assert.ok(
+        Math.abs(built - est) / built < 0.01,
+        `${dtype}+${quantize}: built ${built}, estimated ${est}`,
+      );
+    }
   }
 });
 
 Deno.test("memory check: a 1B model in fp32 is refused on WASM with the sizes and the options that fit", () => {
   const cfg = parseConfig(LLAMA_32_1B);
   assert.throws(
-    () => checkModelFits(cfg, "none", "wasm", { sequences: 1 }),
+    () => checkModelFits(cfg, FP32, "wasm", { sequences: 1 }),
     (e: Error) => {
       assert.ok(e instanceof InputError);
       assert.match(e.message, /needs 5\.\d\d GB of fp32 weights and 8\.59 GB of KV cache \(131072 tokens/);
@@ -35,16 +44,21 @@ Deno.test("memory check: a 1B model in fp32 is refused on WASM with the sizes an
   );
   const short = { ...cfg, maxPositions: 2048 };
   assert.throws(
-    () => checkModelFits(short, "none", "wasm", { sequences: 1 }),
+    () => checkModelFits(short, FP32, "wasm", { sequences: 1 }),
     /--quantize int8 \(\d\.\d\d GB\), --quantize int4/,
   );
-  checkModelFits(short, "int4", "wasm", { sequences: 1 });
-  checkModelFits(short, "int8", "wasm", { sequences: 1 });
-  checkModelFits(cfg, "none", "webgpu", { sequences: 1, maxBufferBytes: 2 ** 31 });
+  checkModelFits(short, { dtype: "fp32", quantize: "int4" }, "wasm", { sequences: 1 });
+  checkModelFits(short, { dtype: "fp32", quantize: "int8" }, "wasm", { sequences: 1 });
+  checkModelFits(cfg, FP32, "webgpu", { sequences: 1, maxBufferBytes: 2 ** 31 });
   assert.throws(
-    () => checkModelFits(cfg, "none", "webgpu", { sequences: 1, maxBufferBytes: 2 ** 28 }),
-    /largest buffer/,
+    () => checkModelFits(cfg, FP32, "webgpu", { sequences: 1, maxBufferBytes: 2 ** 28 }),
+    /largest buffer.*try --dtype fp16, --quantize int8 or int4/,
   );
+  // fp16 halves the 1 GB embedding: it fits a 512 MiB buffer where fp32 did not.
+  checkModelFits(cfg, { dtype: "fp16", quantize: "none" }, "webgpu", {
+    sequences: 1,
+    maxBufferBytes: 2 ** 29,
+  });
 });
 
 Deno.test("cli: a model that cannot fit is refused before any weight is read (exit 2)", async () => {

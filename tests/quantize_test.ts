@@ -5,6 +5,7 @@ import { unfusedBlocks } from "../src/model/blocks.ts";
 import { loadCheckpoint } from "../src/model/checkpoint.ts";
 import { referenceForward } from "../src/model/forward.ts";
 import { tensor } from "../src/model/tensor.ts";
+import { storedBytes } from "../src/onnx/builder.ts";
 import { buildDecoderGraph } from "../src/onnx/decoder.ts";
 import {
   dequantize,
@@ -38,8 +39,15 @@ Deno.test("quantize: per-block symmetric int4/int8 in MatMulNBits' layout, error
   assert.equal(p.scales[0], 1);
   assert.equal(p.packed[0], 15 | (1 << 4));
   assert.equal(p.packed[1], 8 | (8 << 4));
-  assert.equal(weightBytes(2048, 8192, "int4"), 2048 * 8192 / 2 + 2048 * 256 * 4);
-  assert.equal(weightBytes(10, 48, "int4"), 10 * 48 * 4, "a ragged K stays float");
+  assert.equal(
+    weightBytes(2048, 8192, { dtype: "fp32", quantize: "int4" }),
+    2048 * 8192 / 2 + 2048 * 256 * 4,
+  );
+  assert.equal(
+    weightBytes(10, 48, { dtype: "fp32", quantize: "int4" }),
+    10 * 48 * 4,
+    "a ragged K stays float",
+  );
 });
 
 async function lastLogits(session: ModelSession, ids: number[]): Promise<Float32Array> {
@@ -66,10 +74,10 @@ for (const [q, device, groups] of cases) {
     fn: async () => {
       const ckpt = await loadCheckpoint(TINY_NAS);
       const blocks = applyPlan(unfusedBlocks(ckpt), validatePlan({ ffn_groups: groups }, ckpt.config));
-      const graph = buildDecoderGraph(ckpt, blocks, { quantize: q });
+      const graph = buildDecoderGraph(ckpt, blocks, { dtype: "fp32", quantize: q });
       const float = buildDecoderGraph(ckpt, blocks);
       assert.ok(graph.nodeCount > 0);
-      const ratio = graph.model.weights.length / float.model.weights.length;
+      const ratio = storedBytes(graph.model) / storedBytes(float.model);
       // The embedding (Gather) stays fp32; every MatMul weight shrinks.
       assert.ok(ratio < (q === "int4" ? 0.45 : 0.55), `weights ${ratio.toFixed(2)} of fp32`);
       const session = await ModelSession.create(graph, await resolveDevice(device), ckpt.config.vocabSize);

@@ -81,7 +81,7 @@ Deno.test({
       const ids = assets.tokenizer.encode("def main(args):\n    return 0\n");
       const blocks = applyPlan(assets.blocks, UNFUSED);
       for (const quantize of ["none", "int8", "int4"] as const) {
-        const inst = await buildInstance(assets, UNFUSED, "wasm", { quantize });
+        const inst = await buildInstance(assets, UNFUSED, "wasm", { dtype: "fp32", quantize });
         try {
           const { logits, cache } = await inst.session.step(ids, inst.session.emptyCache());
           disposeCache(cache);

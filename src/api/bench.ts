@@ -8,7 +8,9 @@ export const benchRequest = z.strictObject({
   k: z.number().int().min(2).max(16).default(4).describe("FFN layers fused"),
   tokens: z.array(z.number().int().min(1).max(512)).min(1).max(8).default([1, 8, 32, 128])
     .describe("tokens per FFN run"),
-  dtype: z.enum(["f16", "f32"]).optional().describe("WGSL kernel weights (default f16 when offered)"),
+  dtype: z.enum(["auto", "fp32", "fp16"]).default("auto").describe(
+    "float type of the WGSL kernels' and WebGPU graphs' weights (auto: fp16 with shader-f16)",
+  ),
   decode_tokens: z.number().int().min(2).max(1000).default(64).describe("tokens per decode round"),
   rounds: z.number().int().min(3).max(50).default(5).describe("alternating rounds per measurement"),
   quantize: z.enum(["none", "int8", "int4"]).default("none").describe(

@@ -1,6 +1,6 @@
 import process from "node:process";
 import type { FusionPlan } from "../fusion/plan.ts";
-import { FLOAT_WEIGHTS, type GraphOptions } from "../onnx/decoder.ts";
+import { FLOAT_WEIGHTS, type GraphOptions } from "../onnx/format.ts";
 import { type Spread, spread } from "../numeric.ts";
 import { buildInstance, type ModelAssets, type ModelInstance } from "../runtime/engine.ts";
 import { generate } from "../runtime/generate.ts";

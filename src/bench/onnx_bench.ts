@@ -1,8 +1,10 @@
 import { fuseFfns } from "../fusion/apply.ts";
-import { buildFfnStackGraph, FLOAT_WEIGHTS, type GraphOptions } from "../onnx/decoder.ts";
+import { buildFfnStackGraph } from "../onnx/decoder.ts";
+import { FLOAT_WEIGHTS, type GraphOptions } from "../onnx/format.ts";
 import type { Device } from "../runtime/ort.ts";
 import { createSession, ort } from "../runtime/ort.ts";
-import type { EncodedModel } from "../onnx/builder.ts";
+import { type EncodedModel, storedBytes } from "../onnx/builder.ts";
+import { f32ToF16 } from "../model/dtype.ts";
 import { rng, spread } from "../numeric.ts";
 import type { FfnRun } from "./shapes.ts";
 import type { SequentialVsFused } from "./timing.ts";
@@ -62,10 +64,10 @@ export async function benchOnnxFfn(
   const cases: OnnxFfnCase[] = [];
   try {
     for (const t of tokens) {
-      const x = new ort.Tensor("float32", Float32Array.from({ length: t * run.d }, () => random() * 2 - 1), [
-        t,
-        run.d,
-      ]);
+      const values = Float32Array.from({ length: t * run.d }, () => random() * 2 - 1);
+      const x = seqGraph.floatType === "float16"
+        ? new ort.Tensor("float16", f32ToF16(values), [t, run.d])
+        : new ort.Tensor("float32", values, [t, run.d]);
       // Warm both, then alternate them in rounds (order flipping) so drift hits both alike.
       await timeRuns(seq, x, 50);
       await timeRuns(fused, x, 50);
@@ -99,7 +101,7 @@ export async function benchOnnxFfn(
   }
   return {
     device,
-    graph_mb: (seqGraph.model.graph.length + seqGraph.model.weights.length) / 1e6,
+    graph_mb: (seqGraph.model.graph.length + storedBytes(seqGraph.model)) / 1e6,
     session_create_ms: { sequential: t1 - t0, fused: t2 - t1 },
     cases,
   };

@@ -1,10 +1,10 @@
 import { InputError } from "../errors.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
+import { type FloatType, formatName, type GraphOptions } from "../onnx/format.ts";
 import type { Quantization } from "../onnx/quantize.ts";
 import { assetsFrom, loadAssets } from "../runtime/engine.ts";
-import { type Backend, type Device, resolveDevice } from "../runtime/ort.ts";
+import { type Backend, type Device, resolveDevice, resolveGraphOptions } from "../runtime/ort.ts";
 import { requestGpu } from "../webgpu/device.ts";
-import type { WeightType } from "../webgpu/ffn.ts";
 import { benchDecode, type DecodeCase } from "./decode_bench.ts";
 import { benchFfn, type FfnBenchReport } from "./ffn_bench.ts";
 import { benchOnnxFfn, type OnnxFfnReport } from "./onnx_bench.ts";
@@ -16,7 +16,8 @@ export interface BenchOptions {
   device: Device | "auto";
   k: number;
   tokens: number[];
-  weightType?: WeightType;
+  /** Float type of the WGSL kernels and the WebGPU graphs (CPU graphs are fp32). */
+  dtype: FloatType | "auto";
   decodeTokens: number;
   /** Alternating rounds per measurement. */
   rounds: number;
@@ -71,7 +72,8 @@ export function checkBenchFits(d: number, n: number, k: number, device: Device, 
 export interface BenchReport {
   date: string;
   device: Device;
-  /** Weight format of the onnxruntime graphs (absent in reports from before it existed: none). */
+  /** Weight format of the onnxruntime graphs (absent in reports from before it existed: fp32, none). */
+  dtype?: FloatType;
   quantize?: Quantization;
   source: string;
   ffn_kernels: FfnBenchReport | null;
@@ -101,11 +103,12 @@ export async function runBench(
   const run = assets
     ? checkpointRun(assets.checkpoint, opts.k)
     : presetRun(opts.preset ?? "tiny-nas", opts.k);
+  const graph = await resolveGraphOptions(opts.dtype, opts.quantize ?? "none", device);
   let kernels: FfnBenchReport | null = null;
   if (device === "webgpu") {
     log(`WGSL kernels: ${run.source}`);
     const gpu = await requestGpu();
-    const weightType = opts.weightType ?? (gpu.hasF16 ? "f16" : "f32");
+    const weightType = graph.dtype === "fp16" ? "f16" : "f32";
     kernels = await benchFfn(gpu, run, {
       tokens: opts.tokens,
       weightType,
@@ -114,7 +117,6 @@ export async function runBench(
     gpu.device.destroy();
   }
   log(`onnxruntime-web graphs on ${device}`);
-  const graph = { quantize: opts.quantize ?? "none" };
   const onnx = await benchOnnxFfn(run, device, opts.tokens, opts.rounds, graph);
   const decode: DecodeCase[] = [];
   const skipped: BenchReport["decode_skipped"] = [];
@@ -129,7 +131,8 @@ export async function runBench(
     if (opts.native) groups.at(-1)!.push("native");
     for (const devices of groups) {
       log(`decode on ${devices.join(" and ")}`);
-      const r = await benchDecode(assets, plans, devices, opts.decodeTokens, opts.rounds, graph);
+      const format: GraphOptions = devices[0] === "webgpu" ? graph : { ...graph, dtype: "fp32" };
+      const r = await benchDecode(assets, plans, devices, opts.decodeTokens, opts.rounds, format);
       decode.push(...r.cases);
       skipped.push(...r.skipped);
     }
@@ -137,6 +140,7 @@ export async function runBench(
   return {
     date: new Date().toISOString(),
     device,
+    dtype: graph.dtype,
     quantize: graph.quantize,
     source: run.source,
     ffn_kernels: kernels,
@@ -153,7 +157,11 @@ type Spread = DecodeCase["tokens_per_second"];
 export function formatBench(r: BenchReport): string {
   const lines: string[] = [
     `fusedge bench ${r.date} on ${r.device}: ${r.source}${
-      r.quantize && r.quantize !== "none" ? `, ${r.quantize} weights in the onnxruntime graphs` : ""
+      r.dtype === "fp16" || (r.quantize && r.quantize !== "none")
+        ? `, ${
+          formatName({ dtype: r.dtype ?? "fp32", quantize: r.quantize ?? "none" })
+        } weights in the ${r.device} graphs`
+        : ""
     }`,
   ];
   // Results written before ranges were recorded show the median alone.

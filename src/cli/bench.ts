@@ -20,7 +20,7 @@ export const benchCommand = defineCommand({
       device: flags.device,
       k: flags.k,
       tokens: flags.tokens,
-      weightType: flags.dtype,
+      dtype: flags.dtype,
       decodeTokens: flags.decode_tokens,
       rounds: flags.rounds,
       native: flags.native,

@@ -21,7 +21,7 @@ function scorer(inst: ModelInstance): Scorer {
 export const evalCommand = defineCommand({
   name: "eval",
   summary:
-    "loss and perplexity through the serving session; with --plan or --quantize, KL and top-1 agreement vs unfused fp32",
+    "loss and perplexity through the serving session; with --plan, fp16 or --quantize, KL and top-1 agreement vs unfused fp32",
   schema: z.strictObject({
     ...modelFlags,
     text: textFlag,
@@ -47,7 +47,8 @@ export const evalCommand = defineCommand({
     });
     // The baseline is the unfused fp32 model: KL and top-1 agreement measure what the plan and the
     // weight format together cost against the model as trained.
-    const baseline = flags.plan !== undefined || flags.quantize !== "none"
+    const baseline = flags.plan !== undefined || instance.graph.quantize !== "none" ||
+        instance.graph.dtype !== "fp32"
       ? await buildInstance(assets, UNFUSED, instance.device)
       : null;
     const report = await evaluateQuality(
@@ -64,7 +65,8 @@ export const evalCommand = defineCommand({
         model: assets.name,
         plan: instance.planId,
         device: instance.device,
-        quantize: flags.quantize,
+        dtype: instance.graph.dtype,
+        quantize: instance.graph.quantize,
         weight_bytes: instance.weightBytes,
         ...report,
       }),

@@ -1,20 +1,21 @@
 import { z } from "zod";
 import { loadPlanFile, UNFUSED } from "../fusion/plan.ts";
 import { buildInstance, loadAssets, type ModelAssets, type ModelInstance } from "../runtime/engine.ts";
+import type { FloatType } from "../onnx/format.ts";
 import type { Quantization } from "../onnx/quantize.ts";
 import { loadConfig } from "../model/checkpoint.ts";
 import { checkModelFits } from "../runtime/memory.ts";
-import { adapterMaxBuffer, resolveDevice } from "../runtime/ort.ts";
+import { adapterMaxBuffer, resolveDevice, resolveGraphOptions } from "../runtime/ort.ts";
 import { DEFAULT_MODEL_DIR } from "./defaults.ts";
-import { deviceFlag } from "./flags.ts";
+import { deviceFlag, dtypeFlag, quantizeFlag } from "./flags.ts";
 
 /** The flags that say which model to run and how: shared by logits, generate, eval and serve. */
 export const modelFlags = {
   model: z.string().default(DEFAULT_MODEL_DIR).describe("checkpoint directory (default: embedded tiny-nas)"),
   plan: z.string().optional().describe("fusion plan file (JSON)"),
   device: deviceFlag,
-  quantize: z.enum(["none", "int8", "int4"]).default("none")
-    .describe("weight-only quantization of every MatMul weight (MatMulNBits, blocks of 32)"),
+  dtype: dtypeFlag,
+  quantize: quantizeFlag,
   max_context: z.number().int().min(2).optional().describe("serve a shorter context than the model's"),
 };
 
@@ -28,18 +29,20 @@ export async function loadModel(
     model: string;
     plan?: string;
     device: "auto" | "webgpu" | "wasm";
+    dtype: FloatType | "auto";
     quantize: Quantization;
     max_context?: number;
   },
 ): Promise<LoadedModel> {
   const device = await resolveDevice(flags.device);
+  const graph = await resolveGraphOptions(flags.dtype, flags.quantize, device);
   const maxContext = flags.max_context;
   // Refused before a single weight is read when it cannot fit.
-  checkModelFits(await loadConfig(flags.model, { maxContext }), flags.quantize, device, {
+  checkModelFits(await loadConfig(flags.model, { maxContext }), graph, device, {
     sequences: 1,
     maxBufferBytes: await adapterMaxBuffer(device),
   });
   const assets = await loadAssets(flags.model, { maxContext });
   const plan = flags.plan ? await loadPlanFile(flags.plan, assets.checkpoint.config) : UNFUSED;
-  return { assets, instance: await buildInstance(assets, plan, device, { quantize: flags.quantize }) };
+  return { assets, instance: await buildInstance(assets, plan, device, graph) };
 }

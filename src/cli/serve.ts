@@ -2,7 +2,7 @@ import { z } from "zod";
 import { LIMITS } from "../api/generation.ts";
 import { parsePlan, readPlanFile, UNFUSED } from "../fusion/plan.ts";
 import { ModelHost } from "../runtime/host.ts";
-import { adapterMaxBuffer, resolveDevice } from "../runtime/ort.ts";
+import { adapterMaxBuffer, resolveDevice, resolveGraphOptions } from "../runtime/ort.ts";
 import { Scheduler } from "../runtime/scheduler.ts";
 import { waitAtMost } from "../runtime/yield.ts";
 import { createApp } from "../server/app.ts";
@@ -56,6 +56,7 @@ export const serveCommand = defineCommand({
   env: { admin_token: "FUSEDGE_ADMIN_TOKEN", api_key: "FUSEDGE_API_KEY" },
   async run(flags) {
     const device = await resolveDevice(flags.device);
+    const graph = await resolveGraphOptions(flags.dtype, flags.quantize, device);
     const plan = flags.plan ? parsePlan(await readPlanFile(flags.plan)) : UNFUSED;
     const host = new ModelHost();
     const metrics = new Metrics();
@@ -95,7 +96,7 @@ export const serveCommand = defineCommand({
     Deno.addSignalListener("SIGINT", stop);
     Deno.addSignalListener("SIGTERM", stop);
     await host.load(flags.model, plan, device, {
-      graph: { quantize: flags.quantize },
+      graph,
       maxContext: flags.max_context,
       sequences: flags.max_active,
       maxBufferBytes: await adapterMaxBuffer(device),

@@ -1,5 +1,5 @@
 import type { Block, FfnBlock } from "../model/blocks.ts";
-import { type Tensor, tensor } from "../model/tensor.ts";
+import { lazyTensor, type Tensor } from "../model/tensor.ts";
 import type { FusionPlan } from "./plan.ts";
 
 /** Rows of [n, d] scaled column-wise by the RMSNorm gain: norm(x)*g @ W^T == norm(x) @ (W*g)^T. */
@@ -14,36 +14,41 @@ function foldGain(w: Tensor, gain: Float32Array | null): Float32Array {
   return out;
 }
 
-/**
- * `x + sum_j FFN_j(norm_j(x))` as ONE wide FFN: gate/up rows of every member stacked along the
- * intermediate axis with that member's RMSNorm gain folded in, down columns stacked along the same
- * axis, and a shared unit-gain RMS normalisation. Exact: the wide SwiGLU's intermediate units are
- * the members' units side by side, and down sums their contributions.
- */
-export function fuseFfns(members: FfnBlock[]): FfnBlock {
-  const hidden = members[0].gate.shape[1];
-  const widths = members.map((m) => m.gate.shape[0]);
-  const total = widths.reduce((a, b) => a + b, 0);
+function stack(members: FfnBlock[], hidden: number, total: number) {
   const gate = new Float32Array(total * hidden);
   const up = new Float32Array(total * hidden);
   const down = new Float32Array(hidden * total);
   let offset = 0;
-  members.forEach((m, k) => {
-    const n = widths[k];
+  for (const m of members) {
+    const n = m.gate.shape[0];
     gate.set(foldGain(m.gate, m.norm), offset * hidden);
     up.set(foldGain(m.up, m.norm), offset * hidden);
-    for (let r = 0; r < hidden; r++) {
-      down.set(m.down.data.subarray(r * n, (r + 1) * n), r * total + offset);
-    }
+    const src = m.down.data;
+    for (let r = 0; r < hidden; r++) down.set(src.subarray(r * n, (r + 1) * n), r * total + offset);
     offset += n;
-  });
+  }
+  return { gate, up, down };
+}
+
+/**
+ * `x + sum_j FFN_j(norm_j(x))` as ONE wide FFN: gate/up rows of every member stacked along the
+ * intermediate axis with that member's RMSNorm gain folded in, down columns stacked along the same
+ * axis, and a shared unit-gain RMS normalisation. Exact: the wide SwiGLU's intermediate units are
+ * the members' units side by side, and down sums their contributions. The stacking happens on first
+ * read of a weight, so a plan swap that finds a group's converted weights cached never redoes it.
+ */
+export function fuseFfns(members: FfnBlock[]): FfnBlock {
+  const hidden = members[0].gate.shape[1];
+  const total = members.reduce((sum, m) => sum + m.gate.shape[0], 0);
+  let weights: ReturnType<typeof stack> | null = null;
+  const fused = () => (weights ??= stack(members, hidden, total));
   return {
     kind: "ffn",
     layers: members.flatMap((m) => m.layers),
     norm: null,
-    gate: tensor([total, hidden], gate),
-    up: tensor([total, hidden], up),
-    down: tensor([hidden, total], down),
+    gate: lazyTensor([total, hidden], () => fused().gate),
+    up: lazyTensor([total, hidden], () => fused().up),
+    down: lazyTensor([hidden, total], () => fused().down),
   };
 }
 

@@ -15,13 +15,38 @@ export function tensor(shape: readonly number[], data: Float32Array): Tensor {
   return { shape: [...shape], data };
 }
 
-/** [rows, cols] -> [cols, rows]: HF stores linear weights as [out, in]; the graph multiplies x @ W. */
-export function transpose2d(t: Tensor): Tensor {
+/**
+ * A tensor whose data is computed on first read (and kept): its shape is known for free, so a graph
+ * can be laid out around weights that are never materialised when converted copies are cached.
+ */
+export function lazyTensor(shape: readonly number[], compute: () => Float32Array): Tensor {
+  let data: Float32Array | null = null;
+  return {
+    shape: [...shape],
+    get data() {
+      return (data ??= compute());
+    },
+  };
+}
+
+const TILE = 64;
+
+/**
+ * [rows, cols] -> [cols, rows]: HF stores linear weights as [out, in]; the graph multiplies x @ W.
+ * Tiled, so that reads and writes both stay within cache lines (a 128256 x 2048 LM head is 1 GB).
+ */
+export function transpose2d(t: Tensor, out: Float32Array = new Float32Array(t.data.length)): Tensor {
   const [rows, cols] = t.shape;
-  const out = new Float32Array(rows * cols);
-  for (let r = 0; r < rows; r++) {
-    const base = r * cols;
-    for (let c = 0; c < cols; c++) out[c * rows + r] = t.data[base + c];
+  const src = t.data;
+  for (let r0 = 0; r0 < rows; r0 += TILE) {
+    const r1 = Math.min(rows, r0 + TILE);
+    for (let c0 = 0; c0 < cols; c0 += TILE) {
+      const c1 = Math.min(cols, c0 + TILE);
+      for (let r = r0; r < r1; r++) {
+        const base = r * cols;
+        for (let c = c0; c < c1; c++) out[c * rows + r] = src[base + c];
+      }
+    }
   }
   return tensor([cols, rows], out);
 }

@@ -1,4 +1,5 @@
 import onnxProto from "onnx-proto";
+import type { StoredWeight } from "./weight_cache.ts";
 
 const { onnx } = onnxProto;
 const DataType = onnx.TensorProto.DataType;
@@ -14,21 +15,26 @@ const ELEM: Record<ElemType, number> = {
   uint8: DataType.UINT8,
 };
 
-/**
- * The external-data file the weights are stored in, beside the graph: a protobuf is capped at 2 GiB,
- * so a model of any real size keeps its initializers outside it (onnxruntime's `externalData`).
- */
-export const WEIGHTS_FILE = "weights.bin";
-
-/** A graph and its weights, as onnxruntime takes them. */
-export interface EncodedModel {
-  /** The ModelProto: nodes, small constants, and references into `weights`. */
-  graph: Uint8Array;
-  /** Every weight initializer's bytes, 64-byte aligned, at the offsets the graph names. */
-  weights: Uint8Array;
+/** One external-data file: a weight's bytes under the path its initializer names. */
+export interface ExternalFile {
+  path: string;
+  data: Uint8Array;
 }
 
-const ALIGN = 64;
+/**
+ * A graph and its weights, as onnxruntime takes them. A protobuf is capped at 2 GiB, so every weight
+ * lives outside it as external data, one file per weight: each file is a view of the weight's own
+ * bytes (kept by the weight cache), so creating a session never concatenates a copy of the model.
+ */
+export interface EncodedModel {
+  /** The ModelProto: nodes, small constants, and references to the files in `weights`. */
+  graph: Uint8Array;
+  weights: ExternalFile[];
+}
+
+export function storedBytes(model: EncodedModel): number {
+  return model.weights.reduce((sum, f) => sum + f.data.byteLength, 0);
+}
 
 /** A dimension is a fixed size or a named symbolic one (onnxruntime checks names for consistency). */
 export type Dim = number | string;
@@ -66,8 +72,7 @@ export class GraphBuilder {
   private readonly outputs: onnxProto.onnx.IValueInfoProto[] = [];
   private counter = 0;
   private readonly constCache = new Map<string, string>();
-  private readonly external: { offset: number; bytes: Uint8Array }[] = [];
-  private externalBytes = 0;
+  private readonly external: ExternalFile[] = [];
 
   private fresh(prefix: string): string {
     return `${prefix}_${this.counter++}`;
@@ -82,31 +87,19 @@ export class GraphBuilder {
     this.outputs.push(valueInfo(name, elem, dims));
   }
 
-  /** Packed quantized weights (uint8), stored as external data like every weight. */
-  weightBytes(name: string, dims: number[], data: Uint8Array): string {
-    return this.weight(name, dims, data, "uint8");
-  }
-
-  /** Float weights; stored as float16 when `elem` says so (halving the model's bytes). */
-  weight(
-    name: string,
-    dims: number[],
-    data: Float32Array | Uint16Array | Uint8Array,
-    elem: "float32" | "float16" | "uint8" = "float32",
-  ): string {
-    const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
-    const offset = Math.ceil(this.externalBytes / ALIGN) * ALIGN;
-    this.external.push({ offset, bytes });
-    this.externalBytes = offset + bytes.byteLength;
+  /** A weight initializer stored as its own external-data file, named after it. */
+  weight(name: string, w: StoredWeight): string {
+    const path = `${name}.bin`;
+    this.external.push({ path, data: w.bytes });
     this.initializers.push({
       name,
-      dims,
-      dataType: ELEM[elem],
+      dims: w.dims,
+      dataType: ELEM[w.elem],
       dataLocation: onnx.TensorProto.DataLocation.EXTERNAL,
       externalData: [
-        { key: "location", value: WEIGHTS_FILE },
-        { key: "offset", value: String(offset) },
-        { key: "length", value: String(bytes.byteLength) },
+        { key: "location", value: path },
+        { key: "offset", value: "0" },
+        { key: "length", value: String(w.bytes.byteLength) },
       ],
     });
     return name;
@@ -129,17 +122,18 @@ export class GraphBuilder {
     return name;
   }
 
-  /** A float scalar constant (rank 0) for broadcasting. */
-  scalar(value: number): string {
-    const key = `f32:${value}`;
+  /** A float scalar constant (rank 0) for broadcasting, in the activations' type. */
+  scalar(value: number, elem: "float32" | "float16" = "float32"): string {
+    const key = `${elem}:${value}`;
     const hit = this.constCache.get(key);
     if (hit) return hit;
-    const name = this.fresh("const_f32");
+    const name = this.fresh("const_f");
+    const data = elem === "float32" ? new Float32Array([value]) : new Float16Array([value]);
     this.initializers.push({
       name,
       dims: [],
-      dataType: DataType.FLOAT,
-      rawData: new Uint8Array(new Float32Array([value]).buffer),
+      dataType: ELEM[elem],
+      rawData: new Uint8Array(data.buffer),
     });
     this.constCache.set(key, name);
     return name;
@@ -173,9 +167,7 @@ export class GraphBuilder {
 
   /** The graph and its external weights. */
   encode(graphName: string, opset = 17): EncodedModel {
-    const weights = new Uint8Array(this.externalBytes);
-    for (const { offset, bytes } of this.external) weights.set(bytes, offset);
-    return { graph: this.encodeGraph(graphName, opset), weights };
+    return { graph: this.encodeGraph(graphName, opset), weights: [...this.external] };
   }
 
   private encodeGraph(graphName: string, opset: number): Uint8Array {

@@ -2,9 +2,12 @@ import type { ModelConfig } from "../model/config.ts";
 import { type Block, cachedLayers, type FfnBlock } from "../model/blocks.ts";
 import type { Checkpoint, LinearWeights } from "../model/checkpoint.ts";
 import { ropeInvFreq } from "../model/rope.ts";
+import { f32ToF16 } from "../model/dtype.ts";
 import { type Tensor, transpose2d } from "../model/tensor.ts";
 import { type EncodedModel, GraphBuilder } from "./builder.ts";
-import { BITS, BLOCK, quantizable, type Quantization, quantize } from "./quantize.ts";
+import { FLOAT_WEIGHTS, formatName, type GraphOptions } from "./format.ts";
+import { BITS, BLOCK, quantizable, quantize } from "./quantize.ts";
+import { type Allocator, type StoredWeight, WeightCache } from "./weight_cache.ts";
 
 /** Optimum's names, so that tooling written for exported decoders recognises ours. */
 export const pastKey = (layer: number) => `past_key_values.${layer}.key`;
@@ -14,6 +17,8 @@ export const presentValue = (layer: number) => `present.${layer}.value`;
 
 export interface DecoderGraph {
   model: EncodedModel;
+  /** The activations' and KV cache's element type. */
+  floatType: "float32" | "float16";
   /** Layers with a KV cache, and their KV head counts, in graph order. */
   cache: { layer: number; kvHeads: number }[];
   headDim: number;
@@ -31,49 +36,82 @@ interface Shared {
 /** What the FFN-only graphs need of a model config. */
 type FfnConfig = Pick<ModelConfig, "hidden" | "rmsEps">;
 
-/** How the graph stores its MatMul weights. */
-export interface GraphOptions {
-  quantize: Quantization;
-}
+/** ONNX TensorProto type numbers, for Cast. */
+const CAST_TO = { float32: 1, float16: 10 } as const;
 
-export const FLOAT_WEIGHTS: GraphOptions = { quantize: "none" };
+/** Float data in the graph's float type, allocated where the cache keeps it. */
+function asFloat(data: Float32Array, half: boolean, alloc: Allocator) {
+  return half ? { elem: "float16" as const, data: f32ToF16(data, alloc.u16(data.length)) } : {
+    elem: "float32" as const,
+    data,
+  };
+}
 
 class DecoderEmitter {
   readonly g = new GraphBuilder();
+  /** The activations' element type: fp16 graphs compute in fp16 end to end (logits are cast to fp32). */
+  readonly act: "float32" | "float16";
 
-  constructor(private readonly cfg: ModelConfig, private readonly opts: GraphOptions = FLOAT_WEIGHTS) {}
+  constructor(
+    private readonly cfg: ModelConfig,
+    private readonly opts: GraphOptions,
+    private readonly cache: WeightCache,
+  ) {
+    this.act = opts.dtype === "fp16" ? "float16" : "float32";
+  }
+
+  private get half(): boolean {
+    return this.act === "float16";
+  }
+
+  /** A float weight stored as it is laid out (no transpose), in the graph's float type. */
+  floatWeight(name: string, t: Tensor): StoredWeight {
+    return this.cache.get(name, (alloc) => ({ dims: [...t.shape], ...asFloat(t.data, this.half, alloc) }));
+  }
 
   /**
    * x @ W^T with W in the checkpoint's [out, in] layout: a MatMul of the transposed float weight, or,
    * quantized, com.microsoft's MatMulNBits over W packed in its own layout (no transpose needed).
    * Whatever reaches here is already fused, so a fused group is quantized as the one wide matrix.
+   * `w.data` is read only when the cache misses: a cached group is never fused or converted again.
    */
   linear(x: string, w: Tensor, name: string): string {
     const q = this.opts.quantize;
+    const [n, k] = w.shape;
     if (q !== "none" && quantizable(w)) {
-      const p = quantize(w, BITS[q]);
-      const blocks = p.k / BLOCK;
-      const b = this.g.weightBytes(`${name}.q${p.bits}`, [p.n, blocks, (BLOCK * p.bits) / 8], p.packed);
-      const scales = this.g.weight(`${name}.scales`, [p.n * blocks], p.scales);
+      const bits = BITS[q];
+      const blocks = k / BLOCK;
+      let packed: ReturnType<typeof quantize> | null = null;
+      const pack = (alloc: Allocator) => (packed ??= quantize(w, bits, alloc));
+      const b = this.cache.get(`${name}.q${bits}`, (alloc) => ({
+        elem: "uint8",
+        dims: [n, blocks, (BLOCK * bits) / 8],
+        data: pack(alloc).packed,
+      }));
+      // MatMulNBits takes its scales in the activations' type.
+      const scales = this.cache.get(`${name}.scales`, (alloc) => ({
+        dims: [n * blocks],
+        ...asFloat(pack(alloc).scales, this.half, alloc),
+      }));
       return this.g.node(
         "MatMulNBits",
-        [x, b, scales],
-        {
-          K: p.k,
-          N: p.n,
-          bits: p.bits,
-          block_size: BLOCK,
-        },
+        [x, this.g.weight(`${name}.q${bits}`, b), this.g.weight(`${name}.scales`, scales)],
+        { K: k, N: n, bits, block_size: BLOCK },
         1,
         "com.microsoft",
       )[0];
     }
-    const t = transpose2d(w);
-    return this.g.op("MatMul", [x, this.g.weight(name, [...t.shape], t.data)]);
+    const t = this.cache.get(name, (alloc) => {
+      // fp16 goes through a transient fp32 transpose: one tensor, never the model.
+      const transposed = transpose2d(w, this.half ? new Float32Array(n * k) : alloc.f32(n * k)).data;
+      return { dims: [k, n], ...asFloat(transposed, this.half, alloc) };
+    });
+    return this.g.op("MatMul", [x, this.g.weight(name, t)]);
   }
 
   rmsNorm(x: string, gain: Float32Array, name: string): string {
-    return this.g.op("SimplifiedLayerNormalization", [x, this.g.weight(name, [gain.length], gain)], {
+    const w = this.floatWeight(name, { shape: [gain.length], data: gain });
+    return this.g.op("SimplifiedLayerNormalization", [x, this.g.weight(name, w)], {
       axis: -1,
       epsilon: { float: this.cfg.rmsEps },
       stash_type: 1,
@@ -92,15 +130,24 @@ class DecoderEmitter {
     const causal = g.op("LessOrEqual", [keyIdx, queryIdx]);
     const padding = g.op("Unsqueeze", [g.op("Cast", [mask], { to: 9 }), g.ints([1, 2])]);
     const allowed = g.op("And", [causal, padding]);
-    const bias = g.op("Unsqueeze", [g.op("Where", [allowed, g.scalar(0), g.scalar(-1e9)]), g.ints([1])]);
+    // fp16's most negative finite value: -1e9 would be -inf, and a row of -inf is NaN after softmax.
+    const masked = g.scalar(-65504, this.act);
+    const bias = g.op("Unsqueeze", [g.op("Where", [allowed, g.scalar(0, this.act), masked]), g.ints([1])]);
 
+    // Rotary angles reach thousands of radians at long context: computed in fp32 whatever the graph's type.
     const inv = Float32Array.from(ropeInvFreq(this.cfg.rope, this.cfg.headDim));
+    const invFreq = this.cache.get(
+      "rope.inv_freq",
+      () => ({ elem: "float32", dims: [inv.length], data: inv }),
+    );
     const pos = g.op("Unsqueeze", [g.op("Cast", [positions], { to: 1 }), g.ints([-1])]);
-    const freqs = g.op("Mul", [pos, g.weight("rope.inv_freq", [inv.length], inv)]);
+    const freqs = g.op("Mul", [pos, g.weight("rope.inv_freq", invFreq)]);
     const angles = g.op("Concat", [freqs, freqs], { axis: -1 });
-    const cos = g.op("Unsqueeze", [g.op("Cos", [angles]), g.ints([1])]);
-    const sin = g.op("Unsqueeze", [g.op("Sin", [angles]), g.ints([1])]);
-    return { bias, cos, sin };
+    const table = (op: "Cos" | "Sin") => {
+      const t = g.op(op, [angles]);
+      return g.op("Unsqueeze", [this.half ? g.op("Cast", [t], { to: CAST_TO.float16 }) : t, g.ints([1])]);
+    };
+    return { bias, cos: table("Cos"), sin: table("Sin") };
   }
 
   /** [B, T, heads*hd] -> [B, heads, T, hd] */
@@ -134,7 +181,7 @@ class DecoderEmitter {
     // Grouped-query attention without copying K/V: query heads are viewed as [kvH, rep] and
     // K/V broadcast over the rep axis inside MatMul.
     const q5 = g.op("Reshape", [
-      g.op("Mul", [q, g.scalar(1 / Math.sqrt(hd))]),
+      g.op("Mul", [q, g.scalar(1 / Math.sqrt(hd), this.act)]),
       g.ints([0, kvH, rep, -1, hd]),
     ]);
     const k5 = g.op("Unsqueeze", [g.op("Transpose", [presentK], { perm: [0, 1, 3, 2] }), g.ints([2])]);
@@ -182,22 +229,23 @@ export function buildDecoderGraph(
   ckpt: Checkpoint,
   blocks: Block[],
   opts: GraphOptions = FLOAT_WEIGHTS,
+  weights: WeightCache = new WeightCache(formatName(opts)),
 ): DecoderGraph {
   const cfg = ckpt.config;
-  const e = new DecoderEmitter(cfg, opts);
+  const e = new DecoderEmitter(cfg, opts, weights);
   const g = e.g;
+  const act = e.act;
   const inputIds = g.input("input_ids", "int64", ["batch_size", "sequence_length"]);
   const mask = g.input("attention_mask", "int64", ["batch_size", "total_sequence_length"]);
   const positions = g.input("position_ids", "int64", ["batch_size", "sequence_length"]);
   const cache = cachedLayers(blocks);
   for (const { layer, kvHeads } of cache) {
-    g.input(pastKey(layer), "float32", ["batch_size", kvHeads, "past_sequence_length", cfg.headDim]);
-    g.input(pastValue(layer), "float32", ["batch_size", kvHeads, "past_sequence_length", cfg.headDim]);
+    g.input(pastKey(layer), act, ["batch_size", kvHeads, "past_sequence_length", cfg.headDim]);
+    g.input(pastValue(layer), act, ["batch_size", kvHeads, "past_sequence_length", cfg.headDim]);
   }
   const shared = e.shared(mask, positions);
-  let x = g.op("Gather", [g.weight("embed_tokens", [...ckpt.embed.shape], ckpt.embed.data), inputIds], {
-    axis: 0,
-  });
+  const embed = e.floatWeight("embed_tokens", ckpt.embed);
+  let x = g.op("Gather", [g.weight("embed_tokens", embed), inputIds], { axis: 0 });
   for (const b of blocks) {
     if (b.kind === "attention") x = e.attention(x, b, shared);
     else if (b.kind === "ffn") x = e.ffn(x, b);
@@ -205,14 +253,22 @@ export function buildDecoderGraph(
     else x = e.linearBlock(x, b.weights, `layers.${b.layer}.${b.part}_linear`);
   }
   const h = e.rmsNorm(x, ckpt.finalNorm, "final_norm");
-  g.op("Identity", [e.linear(h, ckpt.lmHead, "lm_head")], {}, "logits");
+  const logits = e.linear(h, ckpt.lmHead, "lm_head");
+  // Sampling reads fp32 logits whatever the graph computes in.
+  g.op(
+    act === "float16" ? "Cast" : "Identity",
+    [logits],
+    act === "float16" ? { to: CAST_TO.float32 } : {},
+    "logits",
+  );
   g.output("logits", "float32", ["batch_size", "sequence_length", cfg.vocabSize]);
   for (const { layer, kvHeads } of cache) {
-    g.output(presentKey(layer), "float32", ["batch_size", kvHeads, "total_sequence_length", cfg.headDim]);
-    g.output(presentValue(layer), "float32", ["batch_size", kvHeads, "total_sequence_length", cfg.headDim]);
+    g.output(presentKey(layer), act, ["batch_size", kvHeads, "total_sequence_length", cfg.headDim]);
+    g.output(presentValue(layer), act, ["batch_size", kvHeads, "total_sequence_length", cfg.headDim]);
   }
   return {
     model: g.encode("fusedge_decoder"),
+    floatType: act,
     cache,
     headDim: cfg.headDim,
     matmulCount: g.countOps("MatMul"),
@@ -221,23 +277,24 @@ export function buildDecoderGraph(
 }
 
 /**
- * A graph of FFN blocks alone, `x [T, hidden] -> y`: k narrow blocks in sequence, or a fused block,
- * for comparing the two forms through onnxruntime with the same weights.
+ * A graph of FFN blocks alone, `x [T, hidden] -> y` in the graph's float type: k narrow blocks in
+ * sequence, or a fused block, for comparing the two forms through onnxruntime with the same weights.
  */
 export function buildFfnStackGraph(
   cfg: FfnConfig,
   blocks: FfnBlock[],
   opts: GraphOptions = FLOAT_WEIGHTS,
-): { model: EncodedModel; matmulCount: number } {
+): { model: EncodedModel; matmulCount: number; floatType: "float32" | "float16" } {
   // FFN blocks read only hidden and rmsEps of the config; nothing attention-related is emitted.
-  const e = new DecoderEmitter(cfg as ModelConfig, opts);
+  const e = new DecoderEmitter(cfg as ModelConfig, opts, new WeightCache(formatName(opts)));
   const g = e.g;
-  let x = g.input("x", "float32", ["tokens", cfg.hidden]);
+  let x = g.input("x", e.act, ["tokens", cfg.hidden]);
   for (const b of blocks) x = e.ffn(x, b);
   g.op("Identity", [x], {}, "y");
-  g.output("y", "float32", ["tokens", cfg.hidden]);
+  g.output("y", e.act, ["tokens", cfg.hidden]);
   return {
     model: g.encode("fusedge_ffn_stack"),
     matmulCount: g.countOps("MatMul") + g.countOps("MatMulNBits"),
+    floatType: e.act,
   };
 }

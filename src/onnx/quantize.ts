@@ -1,5 +1,6 @@
 import type { Block, FfnBlock } from "../model/blocks.ts";
 import type { Tensor } from "../model/tensor.ts";
+import type { GraphOptions } from "./format.ts";
 
 /** Weight-only quantization of the MatMul weights: none (the float type), or 8 / 4 bits a weight. */
 export type Quantization = "none" | "int8" | "int4";
@@ -28,24 +29,32 @@ export function quantizable(w: Tensor): boolean {
  * is MatMulNBits' own: each block of 32 inputs of one output gets scale max|w| / qmax, values
  * round(w / scale) stored with the implicit zero point 2^(bits-1) (8 for int4, low nibble first).
  */
-export function quantize(w: Tensor, bits: 4 | 8): PackedWeight {
+export function quantize(
+  w: Tensor,
+  bits: 4 | 8,
+  alloc: { u8(n: number): Uint8Array; f32(n: number): Float32Array } = {
+    u8: (n) => new Uint8Array(n),
+    f32: (n) => new Float32Array(n),
+  },
+): PackedWeight {
   const [n, k] = w.shape;
   const blocks = k / BLOCK;
   const qmax = bits === 4 ? 7 : 127;
   const zero = 1 << (bits - 1);
   const blob = (BLOCK * bits) / 8;
-  const packed = new Uint8Array(n * blocks * blob);
-  const scales = new Float32Array(n * blocks);
+  const packed = alloc.u8(n * blocks * blob);
+  const scales = alloc.f32(n * blocks);
+  const data = w.data;
   for (let row = 0; row < n; row++) {
     for (let b = 0; b < blocks; b++) {
       const base = row * k + b * BLOCK;
       let amax = 0;
-      for (let i = 0; i < BLOCK; i++) amax = Math.max(amax, Math.abs(w.data[base + i]));
+      for (let i = 0; i < BLOCK; i++) amax = Math.max(amax, Math.abs(data[base + i]));
       const scale = Math.fround(amax / qmax) || 1;
       scales[row * blocks + b] = scale;
       const out = (row * blocks + b) * blob;
       for (let i = 0; i < BLOCK; i++) {
-        const q = Math.max(-zero, Math.min(qmax, Math.round(w.data[base + i] / scale))) + zero;
+        const q = Math.max(-zero, Math.min(qmax, Math.round(data[base + i] / scale))) + zero;
         if (bits === 8) packed[out + i] = q;
         else packed[out + (i >> 1)] |= i & 1 ? q << 4 : q;
       }
@@ -73,10 +82,11 @@ export function dequantize(p: PackedWeight): Tensor {
   return { shape: [p.n, p.k], data };
 }
 
-/** Bytes a [N, K] weight takes in the graph under a quantization. */
-export function weightBytes(n: number, k: number, q: Quantization): number {
-  if (q === "none" || k % BLOCK !== 0) return n * k * 4;
-  return (n * k * BITS[q]) / 8 + (n * k / BLOCK) * 4;
+/** Bytes a [N, K] weight takes in the graph in a weight format (scales are in the float type). */
+export function weightBytes(n: number, k: number, g: GraphOptions): number {
+  const f = g.dtype === "fp16" ? 2 : 4;
+  if (g.quantize === "none" || k % BLOCK !== 0) return n * k * f;
+  return (n * k * BITS[g.quantize]) / 8 + (n * k / BLOCK) * f;
 }
 
 /**

@@ -3,7 +3,10 @@ import { type FusionPlan, planId } from "../fusion/plan.ts";
 import { type Block, unfusedBlocks } from "../model/blocks.ts";
 import { type Checkpoint, loadCheckpoint, type LoadOptions, modelName } from "../model/checkpoint.ts";
 import { TextTokenizer } from "../model/tokenizer.ts";
-import { buildDecoderGraph, FLOAT_WEIGHTS, type GraphOptions } from "../onnx/decoder.ts";
+import { storedBytes } from "../onnx/builder.ts";
+import { buildDecoderGraph } from "../onnx/decoder.ts";
+import { FLOAT_WEIGHTS, formatName, type GraphOptions } from "../onnx/format.ts";
+import { WeightCache } from "../onnx/weight_cache.ts";
 import type { Backend } from "./ort.ts";
 import { ModelSession } from "./session.ts";
 
@@ -28,6 +31,9 @@ export interface ModelInstance {
   graph: GraphOptions;
   /** Bytes of the graph's weights (after quantization), as handed to onnxruntime. */
   weightBytes: number;
+  /** Of those, the bytes this build converted, and the bytes it found converted by earlier builds. */
+  rebuiltBytes: number;
+  reusedBytes: number;
 }
 
 export async function loadAssets(dir: string, opts: LoadOptions = {}): Promise<ModelAssets> {
@@ -40,17 +46,20 @@ export async function assetsFrom(checkpoint: Checkpoint, dir: string): Promise<M
   return { checkpoint, tokenizer, blocks: unfusedBlocks(checkpoint), name: modelName(dir) };
 }
 
-/** Fuses the weights, builds the graph and creates the session: the whole load-time pipeline. */
+/**
+ * Fuses the weights, builds the graph and creates the session: the whole load-time pipeline. Weights
+ * go through `weights`, so that a cache kept across builds spares a later plan every unchanged group.
+ */
 export async function buildInstance(
   assets: ModelAssets,
   plan: FusionPlan,
   device: Backend,
   options: GraphOptions = FLOAT_WEIGHTS,
+  weights: WeightCache = new WeightCache(formatName(options)),
 ): Promise<ModelInstance> {
   const t0 = performance.now();
   const blocks = applyPlan(assets.blocks, plan);
-  const graph = buildDecoderGraph(assets.checkpoint, blocks, options);
-  const weightBytes = graph.model.weights.length;
+  const graph = buildDecoderGraph(assets.checkpoint, blocks, options, weights);
   const session = await ModelSession.create(graph, device, assets.checkpoint.config.vocabSize);
   return {
     plan,
@@ -60,6 +69,8 @@ export async function buildInstance(
     ffnBlocks: blocks.filter((b) => b.kind === "ffn").length,
     buildMs: performance.now() - t0,
     graph: options,
-    weightBytes,
+    weightBytes: storedBytes(graph.model),
+    rebuiltBytes: weights.builtBytes,
+    reusedBytes: weights.reusedBytes,
   };
 }

@@ -2,10 +2,11 @@ import { UnavailableError } from "../errors.ts";
 import { checkPlan, type FusionPlan, planId } from "../fusion/plan.ts";
 import { type Checkpoint, loadConfig, modelName } from "../model/checkpoint.ts";
 import type { ModelConfig } from "../model/config.ts";
-import { FLOAT_WEIGHTS, type GraphOptions } from "../onnx/decoder.ts";
+import { FLOAT_WEIGHTS, type GraphOptions } from "../onnx/format.ts";
 import { checkModelFits } from "./memory.ts";
 import type { Device } from "./ort.ts";
-import { type PendingBuild, type PlanInstance, RemoteInstance } from "./remote_instance.ts";
+import type { WeightEntries } from "../onnx/weight_cache.ts";
+import { type BuildSpec, type PendingBuild, type PlanInstance, RemoteInstance } from "./remote_instance.ts";
 import { RemoteTokenizer } from "./remote_tokenizer.ts";
 
 /** A counted reference to the instance a request started on; the request keeps it until it ends. */
@@ -18,6 +19,8 @@ interface Slot {
   instance: PlanInstance;
   users: number;
   retired: boolean;
+  /** The converted weights its graph uses (kept while the slot lives). */
+  weightKeys: string[];
 }
 
 export type HostState = "loading" | "ready" | "failed";
@@ -25,20 +28,15 @@ export type HostState = "loading" | "ready" | "failed";
 export interface SwapResult {
   instance: PlanInstance;
   swapMs: number;
+  /** Weight bytes the swap converted (the groups that changed) and reused from earlier plans. */
+  rebuiltBytes: number;
+  reusedBytes: number;
 }
 
 /** How plan instances come to exist; a test gives fakes, the service gives workers. */
-export type InstanceBuilder = (
-  modelDir: string,
-  checkpoint: Checkpoint | null,
-  plan: FusionPlan,
-  device: Device,
-  graph: GraphOptions,
-  maxContext?: number,
-) => PendingBuild;
+export type InstanceBuilder = (spec: BuildSpec) => PendingBuild;
 
-const workerBuilder: InstanceBuilder = (modelDir, checkpoint, plan, device, graph, maxContext) =>
-  RemoteInstance.build({ modelDir, checkpoint, plan, planId: planId(plan), device, graph, maxContext });
+const workerBuilder: InstanceBuilder = (spec) => RemoteInstance.build(spec);
 
 /** How the served model is loaded: weight format, context cap, and how much it must hold at once. */
 export interface HostOptions {
@@ -69,6 +67,11 @@ export class ModelHost {
   swaps = 0;
   /** The loaded weights in shared memory: every later build and the analysis worker reuse them. */
   checkpoint: Checkpoint | null = null;
+  /**
+   * Converted weights (transposed, fused, fp16, quantized) of the live instances, in shared memory:
+   * a swap converts only the groups its plan changes. Entries no live instance uses are dropped.
+   */
+  private readonly weights: WeightEntries = new Map();
   private active: Slot | null = null;
   private readonly retiring = new Set<Slot>();
   private pending: PendingBuild | null = null;
@@ -91,11 +94,11 @@ export class ModelHost {
       this.name = modelName(dir);
       this.config = await loadConfig(dir, { maxContext: opts.maxContext });
       checkPlan(plan, this.config);
-      checkModelFits(this.config, opts.graph.quantize, device, opts);
+      checkModelFits(this.config, opts.graph, device, opts);
       this.tokenizer = tokenizer ?? await RemoteTokenizer.load(dir);
-      const built = await this.builder(dir, null, plan, device, opts.graph, opts.maxContext).ready;
+      const built = await this.builder(this.spec(null, plan, opts.maxContext)).ready;
       this.checkpoint = built.checkpoint;
-      this.active = { instance: built.instance, users: 0, retired: false };
+      this.active = this.keep(built);
       this.loadMs = performance.now() - t0;
       this.state = "ready";
     } catch (e) {
@@ -103,6 +106,38 @@ export class ModelHost {
       this.error = (e as Error).message;
       throw e;
     }
+  }
+
+  private spec(checkpoint: Checkpoint | null, plan: FusionPlan, maxContext?: number): BuildSpec {
+    return {
+      modelDir: this.modelDir,
+      checkpoint,
+      plan,
+      planId: planId(plan),
+      device: this.device!,
+      graph: this.graph,
+      maxContext,
+      weights: this.weights,
+    };
+  }
+
+  /** A new slot for a built instance; the weights it converted join the cache. */
+  private keep(built: Awaited<PendingBuild["ready"]>): Slot {
+    for (const [key, w] of built.weights.added) this.weights.set(key, w);
+    return { instance: built.instance, users: 0, retired: false, weightKeys: built.weights.keys };
+  }
+
+  /** Bytes of converted weights kept for reuse. */
+  get weightCacheBytes(): number {
+    let sum = 0;
+    for (const w of this.weights.values()) sum += w.bytes.byteLength;
+    return sum;
+  }
+
+  /** Drops converted weights that no live instance uses. */
+  private pruneWeights(): void {
+    const live = new Set([this.active, ...this.retiring].flatMap((s) => s?.weightKeys ?? []));
+    for (const key of this.weights.keys()) if (!live.has(key)) this.weights.delete(key);
   }
 
   get instance(): PlanInstance | null {
@@ -155,19 +190,21 @@ export class ModelHost {
     checkPlan(plan, this.requireReady());
     const t0 = performance.now();
     this.pending?.cancel(`superseded by a newer plan (${planId(plan)}) before its build finished`);
-    const build = this.builder(this.modelDir, this.checkpoint, plan, this.device!, this.graph);
+    const build = this.builder(this.spec(this.checkpoint, plan));
     this.pending = build;
     try {
-      const { instance } = await build.ready;
+      const built = await build.ready;
       const old = this.active;
-      this.active = { instance, users: 0, retired: false };
+      this.active = this.keep(built);
       this.swaps++;
       if (old) {
         old.retired = true;
         this.retiring.add(old);
         this.freeIfIdle(old);
       }
-      return { instance, swapMs: performance.now() - t0 };
+      this.pruneWeights();
+      const { rebuiltBytes, reusedBytes } = built.weights;
+      return { instance: built.instance, swapMs: performance.now() - t0, rebuiltBytes, reusedBytes };
     } finally {
       if (this.pending === build) this.pending = null;
     }
@@ -175,6 +212,7 @@ export class ModelHost {
 
   private freeIfIdle(slot: Slot): void {
     if (slot.retired && slot.users === 0 && this.retiring.delete(slot)) {
+      this.pruneWeights();
       slot.instance.close().catch((e) => console.error(`closing a retired instance failed: ${e}`));
     }
   }
@@ -184,6 +222,7 @@ export class ModelHost {
     await Promise.all([this.active, ...this.retiring].map((s) => s?.instance.close()));
     this.active = null;
     this.retiring.clear();
+    this.weights.clear();
     this.tokenizer?.close();
   }
 }

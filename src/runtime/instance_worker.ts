@@ -9,7 +9,8 @@ import "./worker_location.ts";
 import type { FusionPlan } from "../fusion/plan.ts";
 import { type Checkpoint, loadCheckpoint } from "../model/checkpoint.ts";
 import type { TextTokenizer } from "../model/tokenizer.ts";
-import type { GraphOptions } from "../onnx/decoder.ts";
+import { formatName, type GraphOptions } from "../onnx/format.ts";
+import { WeightCache, type WeightEntries } from "../onnx/weight_cache.ts";
 import { assetsFrom, buildInstance, type ModelInstance } from "./engine.ts";
 import { generate, type GenerateParams, type GenerationChunk, type GenerationSummary } from "./generate.ts";
 import { type Device, resolveDevice } from "./ort.ts";
@@ -24,6 +25,8 @@ export type InstanceRequest =
     device: Device;
     graph: GraphOptions;
     maxContext?: number;
+    /** Weights converted by earlier builds (shared memory): this build converts only what they lack. */
+    weights: WeightEntries;
   }
   | { type: "generate"; id: number; promptIds: number[]; params: GenerateParams }
   | { type: "cancel"; id: number }
@@ -36,6 +39,11 @@ export type InstanceReply =
     ffnBlocks: number;
     planId: string;
     weightBytes: number;
+    rebuiltBytes: number;
+    reusedBytes: number;
+    /** The weights this build converted, for later builds, and every weight key its graph uses. */
+    addedWeights: WeightEntries;
+    weightKeys: string[];
     checkpoint: Checkpoint | null;
   }
   | { type: "chunk"; id: number; chunk: GenerationChunk }
@@ -61,7 +69,8 @@ async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<
     ? null
     : await loadCheckpoint(req.modelDir, { shared: true, maxContext: req.maxContext });
   const assets = await assetsFrom(req.checkpoint ?? loaded!, req.modelDir);
-  instance = await buildInstance(assets, req.plan, device, req.graph);
+  const weights = new WeightCache(formatName(req.graph), req.weights, true);
+  instance = await buildInstance(assets, req.plan, device, req.graph, weights);
   maxPositions = assets.checkpoint.config.maxPositions;
   eos = assets.checkpoint.config.eosTokenIds;
   tokenizer = assets.tokenizer;
@@ -71,6 +80,10 @@ async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<
     ffnBlocks: instance.ffnBlocks,
     planId: instance.planId,
     weightBytes: instance.weightBytes,
+    rebuiltBytes: instance.rebuiltBytes,
+    reusedBytes: instance.reusedBytes,
+    addedWeights: weights.added,
+    weightKeys: [...weights.used],
     checkpoint: loaded,
   });
 }

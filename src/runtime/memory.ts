@@ -1,27 +1,29 @@
 import { InputError } from "../errors.ts";
 import type { ModelConfig } from "../model/config.ts";
-import { type Quantization, weightBytes } from "../onnx/quantize.ts";
+import { formatName, type GraphOptions } from "../onnx/format.ts";
+import { weightBytes } from "../onnx/quantize.ts";
 import type { Device } from "./ort.ts";
 
 /** What a model needs in memory under one weight format, from its config alone (nothing loaded). */
 export interface MemoryEstimate {
-  /** The graph's weights: fp32 embedding (a Gather) and norms, the MatMul weights as stored. */
+  /** The graph's weights: embedding (a Gather) and norms in the float type, MatMul weights as stored. */
   weightBytes: number;
-  /** The KV cache of one sequence per token of context (fp32 keys and values of every attention). */
+  /** The KV cache of one sequence per token of context (keys and values of every attention). */
   kvBytesPerToken: number;
   /** The largest single weight tensor: what one GPU buffer must hold. */
   largestTensorBytes: number;
 }
 
-export function estimateMemory(cfg: ModelConfig, q: Quantization): MemoryEstimate {
+export function estimateMemory(cfg: ModelConfig, g: GraphOptions): MemoryEstimate {
   const d = cfg.hidden;
-  const embed = cfg.vocabSize * d * 4;
-  const head = weightBytes(cfg.vocabSize, d, q);
-  let total = embed + head + d * 4;
+  const f = g.dtype === "fp16" ? 2 : 4;
+  const embed = cfg.vocabSize * d * f;
+  const head = weightBytes(cfg.vocabSize, d, g);
+  let total = embed + head + d * f;
   let kv = 0;
   let largest = Math.max(embed, head);
   const add = (n: number, k: number) => {
-    const b = weightBytes(n, k, q);
+    const b = weightBytes(n, k, g);
     total += b;
     largest = Math.max(largest, b);
   };
@@ -31,13 +33,13 @@ export function estimateMemory(cfg: ModelConfig, q: Quantization): MemoryEstimat
       const qDim = cfg.numHeads * cfg.headDim;
       const kvDim = a.kvHeads * cfg.headDim;
       add(qDim, d), add(kvDim, d), add(kvDim, d), add(d, qDim);
-      total += d * 4;
-      kv += 2 * kvDim * 4;
-    } else if (a.kind === "linear") add(d, d), total += d * 4;
-    const f = layer.ffn;
-    if (f.kind === "swiglu") {
-      add(f.intermediate, d), add(f.intermediate, d), add(d, f.intermediate), total += d * 4;
-    } else if (f.kind === "linear") add(d, d), total += d * 4;
+      total += d * f;
+      kv += 2 * kvDim * f;
+    } else if (a.kind === "linear") add(d, d), total += d * f;
+    const ffn = layer.ffn;
+    if (ffn.kind === "swiglu") {
+      add(ffn.intermediate, d), add(ffn.intermediate, d), add(d, ffn.intermediate), total += d * f;
+    } else if (ffn.kind === "linear") add(d, d), total += d * f;
   }
   return { weightBytes: total, kvBytesPerToken: kv, largestTensorBytes: largest };
 }
@@ -54,21 +56,21 @@ const gb = (b: number) => `${(b / 1e9).toFixed(2)} GB`;
  */
 export function checkModelFits(
   cfg: ModelConfig,
-  q: Quantization,
+  g: GraphOptions,
   device: Device,
   opts: { sequences: number; maxBufferBytes?: number },
 ): MemoryEstimate {
-  const est = estimateMemory(cfg, q);
+  const est = estimateMemory(cfg, g);
   const kv = est.kvBytesPerToken * cfg.maxPositions * opts.sequences;
   if (device === "wasm" && est.weightBytes + kv > WASM_USABLE_BYTES) {
     const options = (["int8", "int4"] as const)
-      .filter((alt) => alt !== q)
-      .map((alt) => ({ alt, need: estimateMemory(cfg, alt).weightBytes + kv }))
+      .filter((alt) => alt !== g.quantize)
+      .map((alt) => ({ alt, need: estimateMemory(cfg, { ...g, quantize: alt }).weightBytes + kv }))
       .filter((o) => o.need <= WASM_USABLE_BYTES)
       .map((o) => `--quantize ${o.alt} (${gb(o.need)})`);
     options.push("--device webgpu");
     throw new InputError(
-      `the model needs ${gb(est.weightBytes)} of ${q === "none" ? "fp32" : q} weights and ${
+      `the model needs ${gb(est.weightBytes)} of ${formatName(g)} weights and ${
         gb(kv)
       } of KV cache (${cfg.maxPositions} tokens x ${opts.sequences} sequence${
         opts.sequences > 1 ? "s" : ""
@@ -80,7 +82,7 @@ export function checkModelFits(
     throw new InputError(
       `the model's largest weight is ${gb(est.largestTensorBytes)}, more than the adapter's largest buffer (${
         gb(opts.maxBufferBytes)
-      }); try --quantize int8 or int4`,
+      }); try ${g.dtype === "fp32" ? "--dtype fp16, " : ""}--quantize int8 or int4`,
       "model",
     );
   }

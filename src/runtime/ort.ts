@@ -1,7 +1,9 @@
 import { join } from "node:path";
 import * as ort from "onnxruntime-web";
-import { type EncodedModel, WEIGHTS_FILE } from "../onnx/builder.ts";
+import type { EncodedModel } from "../onnx/builder.ts";
 import { InputError } from "../errors.ts";
+import type { FloatType, GraphOptions } from "../onnx/format.ts";
+import type { Quantization } from "../onnx/quantize.ts";
 import { ensureXdgRuntimeDir } from "../webgpu/device.ts";
 import { installFastUploads } from "../webgpu/upload_shim.ts";
 
@@ -31,9 +33,9 @@ export function nativeOrt(): Promise<OrtApi> {
 }
 
 /**
- * Creates a session for a graph whose weights are external data. onnxruntime-web takes the weights
- * as bytes; onnxruntime-node reads them from a file beside the graph, so they are written to a
- * temporary directory for the creation and removed after.
+ * Creates a session for a graph whose weights are external data. onnxruntime-web takes each weight
+ * file as bytes (views of the weights, not a copy); onnxruntime-node reads them from files beside the
+ * graph, so they are written to a temporary directory for the creation and removed after.
  */
 export async function createSession(
   backend: Backend,
@@ -44,12 +46,12 @@ export async function createSession(
   if (backend !== "native") {
     return await rt.InferenceSession.create(model.graph, {
       ...options,
-      externalData: [{ path: WEIGHTS_FILE, data: model.weights }],
+      externalData: model.weights,
     });
   }
   const dir = await Deno.makeTempDir({ prefix: "fusedge-native-" });
   try {
-    await Deno.writeFile(join(dir, WEIGHTS_FILE), model.weights);
+    for (const f of model.weights) await Deno.writeFile(join(dir, f.path), f.data);
     await Deno.writeFile(join(dir, "model.onnx"), model.graph);
     return await rt.InferenceSession.create(join(dir, "model.onnx"), options);
   } finally {
@@ -128,4 +130,26 @@ export async function resolveDevice(request: DeviceRequest): Promise<Device> {
   const device = request === "webgpu" || kind === "hardware" ? "webgpu" : "wasm";
   if (device === "webgpu") installFastUploads();
   return device;
+}
+
+/**
+ * `--dtype auto` is fp16 on WebGPU when the adapter has `shader-f16` and fp32 otherwise: onnxruntime's
+ * WASM kernels compute in fp32, so fp16 there would only add casts.
+ */
+export async function resolveGraphOptions(
+  dtype: FloatType | "auto",
+  quantize: Quantization,
+  device: Backend,
+): Promise<GraphOptions> {
+  const f16 = device === "webgpu" &&
+    ((await navigator.gpu?.requestAdapter())?.features.has("shader-f16") ?? false);
+  if (dtype === "fp16" && !f16) {
+    throw new InputError(
+      device === "webgpu"
+        ? "--dtype fp16: this WebGPU adapter has no shader-f16; use --dtype fp32"
+        : "--dtype fp16 runs on WebGPU only (the WASM and native CPU kernels compute in fp32); use --dtype fp32 or --device webgpu",
+      "dtype",
+    );
+  }
+  return { dtype: dtype === "auto" ? (f16 ? "fp16" : "fp32") : dtype, quantize };
 }

@@ -1,7 +1,8 @@
 import { BusyError } from "../errors.ts";
 import type { FusionPlan } from "../fusion/plan.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
-import type { GraphOptions } from "../onnx/decoder.ts";
+import type { GraphOptions } from "../onnx/format.ts";
+import type { WeightEntries } from "../onnx/weight_cache.ts";
 import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
 import type { InstanceReply, InstanceRequest } from "./instance_worker.ts";
 import type { Device } from "./ort.ts";
@@ -18,6 +19,17 @@ export interface BuildSpec {
   graph: GraphOptions;
   /** With `checkpoint` null: the context cap applied while loading it. */
   maxContext?: number;
+  /** Converted weights of earlier builds, reused where this plan has the same groups. */
+  weights: WeightEntries;
+}
+
+/** What a build converted and reused, and the converted weights it leaves for later builds. */
+export interface BuildWeights {
+  rebuiltBytes: number;
+  reusedBytes: number;
+  added: WeightEntries;
+  /** Every weight the instance's graph uses: the keeper frees entries no live instance uses. */
+  keys: string[];
 }
 
 /** A runnable model under one plan, as the serving thread sees it. */
@@ -37,9 +49,15 @@ export interface PlanInstance {
   close(): Promise<void>;
 }
 
+export interface BuiltInstance {
+  instance: PlanInstance;
+  checkpoint: Checkpoint | null;
+  weights: BuildWeights;
+}
+
 /** A build in progress: `cancel` ends its worker at once, wherever the build is. */
 export interface PendingBuild {
-  ready: Promise<{ instance: PlanInstance; checkpoint: Checkpoint | null }>;
+  ready: Promise<BuiltInstance>;
   cancel(reason: string): void;
 }
 
@@ -92,7 +110,7 @@ export class RemoteInstance implements PlanInstance {
   static build(spec: BuildSpec): PendingBuild {
     const worker = new Worker(new URL("./instance_worker.ts", import.meta.url).href, { type: "module" });
     let settle: { reject: (e: Error) => void } | null = null;
-    const ready = new Promise<{ instance: PlanInstance; checkpoint: Checkpoint | null }>(
+    const ready = new Promise<BuiltInstance>(
       (resolve, reject) => {
         settle = { reject };
         worker.onmessage = (e: MessageEvent<InstanceReply>) => {
@@ -109,7 +127,16 @@ export class RemoteInstance implements PlanInstance {
               spec.graph,
               m.weightBytes,
             );
-            resolve({ instance, checkpoint: m.checkpoint });
+            resolve({
+              instance,
+              checkpoint: m.checkpoint,
+              weights: {
+                rebuiltBytes: m.rebuiltBytes,
+                reusedBytes: m.reusedBytes,
+                added: m.addedWeights,
+                keys: m.weightKeys,
+              },
+            });
           } else if (m.type === "failed") {
             settle = null;
             worker.terminate();
@@ -132,6 +159,7 @@ export class RemoteInstance implements PlanInstance {
       device: spec.device,
       graph: spec.graph,
       maxContext: spec.maxContext,
+      weights: spec.weights,
     };
     worker.postMessage(request);
     return {

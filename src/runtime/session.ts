@@ -67,8 +67,12 @@ export class ModelSession {
     const tensors = new Map<string, ort.Tensor>();
     for (const { layer, kvHeads } of this.graph.cache) {
       const dims = [1, kvHeads, 0, this.graph.headDim];
-      tensors.set(pastKey(layer), new this.rt.Tensor("float32", new Float32Array(0), dims));
-      tensors.set(pastValue(layer), new this.rt.Tensor("float32", new Float32Array(0), dims));
+      const empty = () =>
+        this.graph.floatType === "float16"
+          ? new this.rt.Tensor("float16", new Uint16Array(0), dims)
+          : new this.rt.Tensor("float32", new Float32Array(0), dims);
+      tensors.set(pastKey(layer), empty());
+      tensors.set(pastValue(layer), empty());
     }
     return { length: 0, tensors };
   }

@@ -29,12 +29,19 @@ export function getFuseHandler(host: ModelHost) {
 export function postFuseHandler(host: ModelHost, metrics: Metrics) {
   return async (c: Context<AppEnv>) => {
     const plan = parsePlan(await readBody(c, z.unknown()));
-    const { instance, swapMs } = await host.swap(plan);
+    const { instance, swapMs, rebuiltBytes, reusedBytes } = await host.swap(plan);
     metrics.swaps.inc();
     metrics.swapSeconds.observe(swapMs / 1000);
+    metrics.swapRebuiltBytes.inc({}, rebuiltBytes);
+    metrics.swapReusedBytes.inc({}, reusedBytes);
     metrics.activePlan.reset();
     metrics.activePlan.set({ plan: instance.planId }, 1);
     c.get("log").set({ plan: instance.planId });
-    return c.json({ active: planView(host), swap_ms: Math.round(swapMs) });
+    return c.json({
+      active: planView(host),
+      swap_ms: Math.round(swapMs),
+      rebuilt_bytes: rebuiltBytes,
+      reused_bytes: reusedBytes,
+    });
   };
 }

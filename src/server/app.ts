@@ -88,6 +88,7 @@ export function createApp(services: Services, opts: AppOptions): Hono<AppEnv> {
       model: host.name,
       device: inst.device,
       plan: inst.planId,
+      dtype: inst.graph.dtype,
       quantize: inst.graph.quantize,
       weight_bytes: inst.weightBytes,
       active: scheduler.active,
@@ -99,6 +100,7 @@ export function createApp(services: Services, opts: AppOptions): Hono<AppEnv> {
     metrics.queueDepth.set({}, scheduler.queued);
     metrics.active.set({}, scheduler.active);
     metrics.instances.set({}, host.liveInstances);
+    metrics.weightCache.set({}, host.weightCacheBytes);
     c.header("content-type", "text/plain; version=0.0.4; charset=utf-8");
     return c.body(metrics.render());
   });
@@ -112,6 +114,7 @@ export function createApp(services: Services, opts: AppOptions): Hono<AppEnv> {
         owned_by: "fusedge",
         plan: host.instance?.planId ?? null,
         device: host.device,
+        dtype: host.graph.dtype,
         quantize: host.graph.quantize,
         weight_bytes: host.instance?.weightBytes ?? null,
       }]

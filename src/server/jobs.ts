@@ -94,7 +94,7 @@ export function benchRoutes(job: BenchRunner, host: ModelHost) {
         device: host.device!,
         k: req.k,
         tokens: req.tokens,
-        weightType: req.dtype,
+        dtype: req.dtype,
         decodeTokens: req.decode_tokens,
         rounds: req.rounds,
         native: req.native,

@@ -126,6 +126,19 @@ export class Metrics {
     30,
     60,
   ]);
+  readonly swapRebuiltBytes = new Counter(
+    "fusedge_plan_swap_rebuilt_bytes_total",
+    "Weight bytes plan swaps converted (fused, transposed, cast, quantized): the groups that changed",
+  );
+  readonly swapReusedBytes = new Counter(
+    "fusedge_plan_swap_reused_bytes_total",
+    "Weight bytes plan swaps took unchanged from earlier plans",
+  );
+  readonly weightCache = new Counter(
+    "fusedge_weight_cache_bytes",
+    "Converted weights kept for reuse by later plan swaps",
+    "gauge",
+  );
   readonly loadSeconds = new Counter("fusedge_model_load_seconds", "Time the model took to load", "gauge");
   readonly rss = new Counter(
     "fusedge_process_resident_memory_bytes",
@@ -135,7 +148,18 @@ export class Metrics {
 
   constructor() {
     // Counters exist from the start, so a rate() over the first increment sees it.
-    for (const c of [this.tokens, this.rejected, this.cancelled, this.swaps]) c.inc({}, 0);
+    for (
+      const c of [
+        this.tokens,
+        this.rejected,
+        this.cancelled,
+        this.swaps,
+        this.swapRebuiltBytes,
+        this.swapReusedBytes,
+      ]
+    ) {
+      c.inc({}, 0);
+    }
   }
 
   render(): string {
@@ -153,6 +177,9 @@ export class Metrics {
       this.swaps,
       this.instances,
       this.swapSeconds,
+      this.swapRebuiltBytes,
+      this.swapReusedBytes,
+      this.weightCache,
       this.loadSeconds,
       this.rss,
     ];
