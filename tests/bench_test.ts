@@ -81,7 +81,8 @@ gpuTest("cli bench on WebGPU: kernels, onnxruntime graphs and decode, as JSON an
   assert.equal(report.source, "tiny-nas layers 7..8");
   assert.deepEqual(report.ffn_kernels.cases.map((c: { tokens: number }) => c.tokens), [1, 4]);
   assert.deepEqual(report.ffn_onnx.cases[0].matmuls, { sequential: 6, fused: 3 });
-  assert.ok(report.ffn_onnx.graph_mb > 3 && report.ffn_onnx.session_create_ms.fused > 0);
+  assert.equal(report.dtype, "fp16", "auto: fp16 on an adapter with shader-f16");
+  assert.ok(report.ffn_onnx.graph_mb > 1.5 && report.ffn_onnx.session_create_ms.fused > 0);
   const decode = report.decode.map((d: { device: string; plan: string; sampling: string }) =>
     `${d.device} ${d.plan} ${d.sampling}`
   );
@@ -139,4 +140,33 @@ Deno.test("cli bench decode: warm sessions in alternating rounds, median with ra
   const table = await bench([...args, "--rounds", "3", "--native"]);
   assert.equal(table.code, 0, table.stderr);
   assert.match(table.stdout, /native\/wasm unfused: decode \d+\.\d+x, prefill \d+\.\d+x/);
+});
+
+Deno.test("cli bench --formats: each format served end to end in workers, the fused plan built as a swap", async () => {
+  const args = ["--model", TINY_NAS, "--device", "wasm", "--k", "3", "--tokens", "1", "--decode-tokens", "4"];
+  const formats = ["--formats", "fp32", "--formats", "fp32+int4", "--formats", "fp16"];
+  const r = await bench([...args, "--rounds", "3", ...formats, "--json"]);
+  assert.equal(r.code, 0, r.stderr);
+  const report = JSON.parse(r.stdout);
+  assert.ok(report.load.ms > 0 && report.load.peak_rss_mb > 0);
+  const sv = report.serving;
+  assert.equal(sv.fused_plan, "ffn[6-8]");
+  assert.deepEqual(sv.cases.map((c: { format: string }) => c.format), ["fp32", "fp32+int4"]);
+  assert.deepEqual(sv.skipped.map((s: { format: string }) => s.format), ["fp16"], "fp16 needs WebGPU");
+  for (const c of sv.cases) {
+    assert.ok(c.build_ms >= c.session_create_ms && c.session_create_ms > 0);
+    assert.ok(c.peak_rss_mb > 0);
+    assert.deepEqual(c.decode.map((d: { plan: string }) => d.plan), ["unfused", "ffn[6-8]"]);
+    for (const d of c.decode) {
+      assert.ok(d.tokens_per_second.min > 0 && d.tokens_per_second.min <= d.tokens_per_second.median);
+    }
+  }
+  // The swap converts only the fused group: 3 fp32 matrices of 2304 x 256 and a unit gain.
+  assert.equal(sv.cases[0].swap.rebuilt_mb, (3 * 2304 * 256 * 4 + 256 * 4) / 1e6);
+  const table = await bench([...args, "--rounds", "3", "--formats", "fp32+int8"]);
+  assert.equal(table.code, 0, table.stderr);
+  assert.match(table.stdout, /served end to end on wasm[\s\S]*fp32\+int8 .* unfused/);
+  const bad = await bench(["--formats", "int3"]);
+  assert.equal(bad.code, 2);
+  assert.match(bad.stderr, /--formats/);
 });

@@ -1,15 +1,18 @@
 import assert from "node:assert/strict";
-import { storedBytes } from "../src/onnx/builder.ts";
+import { GraphBuilder, storedBytes } from "../src/onnx/builder.ts";
 import { unfusedBlocks } from "../src/model/blocks.ts";
 import { loadCheckpoint } from "../src/model/checkpoint.ts";
 import { referenceForward } from "../src/model/forward.ts";
 import { buildDecoderGraph } from "../src/onnx/decoder.ts";
 import { FLOAT_WEIGHTS, formatName } from "../src/onnx/format.ts";
 import { WeightCache } from "../src/onnx/weight_cache.ts";
-import type { Tensor } from "../src/model/tensor.ts";
+import { type Tensor, tensor, transpose2d } from "../src/model/tensor.ts";
+import { dequantize, quantize } from "../src/onnx/quantize.ts";
+import { f16ToF32, f32ToF16 } from "../src/model/dtype.ts";
+import { rng } from "../src/numeric.ts";
 import { applyPlan } from "../src/fusion/apply.ts";
 import { validatePlan } from "../src/fusion/plan.ts";
-import { resolveDevice } from "../src/runtime/ort.ts";
+import { createSession, ort, resolveDevice } from "../src/runtime/ort.ts";
 import { disposeCache, ModelSession } from "../src/runtime/session.ts";
 import { HAS_WEBGPU, NAS_LIKE, type RandomModelSpec, relL2, TINY_NAS, writeRandomModel } from "./helpers.ts";
 
@@ -131,4 +134,60 @@ Deno.test("graph: a weight cache kept across plans converts only changed groups,
     for (const f of cached.model.weights) assert.deepEqual(f.data, files.get(f.path), f.path);
     assert.ok(first.added.values().next().value!.bytes.buffer instanceof SharedArrayBuffer);
   }
+});
+
+Deno.test({
+  name:
+    "webgpu fp16 precision: MatMul and multi-row MatMulNBits accumulate in fp16, one-row MatMulNBits in fp32",
+  ignore: !HAS_WEBGPU,
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    // Why plain fp16 graphs get a wider tolerance at 1B widths than fp16 activations with int8 weights.
+    const device = await resolveDevice("webgpu");
+    const random = rng(3);
+    const n = 256;
+    const relErr = async (k: number, op: "MatMul" | "MatMulNBits", rows = 1) => {
+      const w = tensor([n, k], Float32Array.from({ length: n * k }, () => (random() * 2 - 1) / Math.sqrt(k)));
+      const x = f16ToF32(f32ToF16(Float32Array.from({ length: rows * k }, () => random() * 2 - 1)));
+      const g = new GraphBuilder();
+      const input = g.input("x", "float16", [rows, k]);
+      let used: Tensor;
+      if (op === "MatMul") {
+        used = tensor([n, k], f16ToF32(f32ToF16(w.data)));
+        const t = transpose2d(used);
+        const bytes = new Uint8Array(f32ToF16(t.data).buffer);
+        g.op("MatMul", [input, g.weight("w", { elem: "float16", dims: [k, n], bytes })], {}, "y");
+      } else {
+        const p = quantize(w, 8);
+        used = dequantize({ ...p, scales: f16ToF32(f32ToF16(p.scales)) });
+        const b = g.weight("b", { elem: "uint8", dims: [n, k / 32, 32], bytes: p.packed });
+        const s = g.weight("s", {
+          elem: "float16",
+          dims: [n * k / 32],
+          bytes: new Uint8Array(f32ToF16(p.scales).buffer),
+        });
+        g.node("MatMulNBits", [input, b, s], { K: k, N: n, bits: 8, block_size: 32 }, ["y"], "com.microsoft");
+      }
+      g.output("y", "float16", [rows, n]);
+      const session = await createSession(device, g.encode("precision"), { executionProviders: [device] });
+      const out = await session.run({ x: new ort.Tensor("float16", f32ToF16(x), [rows, k]) });
+      const y = Float32Array.from(out.y.data as unknown as ArrayLike<number>);
+      await session.release();
+      const ref = Float64Array.from({ length: rows * n }, (_, j) => {
+        const [r, o] = [Math.floor(j / n), j % n];
+        let sum = 0;
+        for (let i = 0; i < k; i++) sum += x[r * k + i] * used.data[o * k + i];
+        return sum;
+      });
+      return relL2(y, ref);
+    };
+    const short = await relErr(256, "MatMul");
+    const long = await relErr(8192, "MatMul");
+    assert.ok(long > 3 * short && long > 5e-3, `fp16 MatMul: ${short} at K=256, ${long} at K=8192`);
+    const nbits = await relErr(8192, "MatMulNBits");
+    assert.ok(nbits < 2e-3, `MatMulNBits with fp16 activations: ${nbits} at K=8192`);
+    const prefill = await relErr(8192, "MatMulNBits", 12);
+    assert.ok(prefill > 2 * nbits, `MatMulNBits, 12 rows: ${prefill} at K=8192 (one row: ${nbits})`);
+  },
 });

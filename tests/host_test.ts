@@ -77,7 +77,10 @@ function controlledBuilder(log: string[]) {
     const ready = new Promise<Awaited<PendingBuild["ready"]>>((res, rej) => {
       reject = rej;
       const weights = { rebuiltBytes: 0, reusedBytes: 0, added: new Map(), keys: [] };
-      finish.set(id, () => res({ instance: fakeInstance(plan, log), checkpoint: null, weights }));
+      finish.set(
+        id,
+        () => res({ instance: fakeInstance(plan, log), checkpoint: null, weights, sessionMs: 1 }),
+      );
     });
     return {
       ready,

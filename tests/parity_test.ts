@@ -3,7 +3,9 @@ import { generate } from "../src/runtime/generate.ts";
 import { DEFAULT_SAMPLING } from "../src/runtime/sampling.ts";
 import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
 import { UNFUSED } from "../src/fusion/plan.ts";
-import { type Device, probeAdapter, resolveDevice } from "../src/runtime/ort.ts";
+import { type Device, probeAdapter, resolveDevice, resolveGraphOptions } from "../src/runtime/ort.ts";
+import { validatePlan } from "../src/fusion/plan.ts";
+import { InputError } from "../src/errors.ts";
 import { disposeCache } from "../src/runtime/session.ts";
 import { golden, HAS_WEBGPU, relL2, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
 
@@ -52,6 +54,59 @@ for (const dir of [TINY_NAS, TINY_LLAMA]) {
     });
   }
 }
+
+/** fp16 graphs on WebGPU (weights, activations and KV cache in fp16) against the same float64 reference. */
+for (const dir of [TINY_NAS, TINY_LLAMA]) {
+  for (const groups of [[], [[3, 4, 5], [6, 7, 8]]]) {
+    const name = dir.split("/").pop();
+    if (groups.length && dir === TINY_LLAMA) continue;
+    Deno.test({
+      name: `golden parity: ${name} in fp16 on webgpu${groups.length ? " (fused)" : ""}: logits within 5e-3`,
+      ignore: !HAS_WEBGPU,
+      sanitizeResources: false,
+      sanitizeOps: false,
+      fn: async () => {
+        const assets = await loadAssets(dir);
+        const device = await resolveDevice("webgpu");
+        const graph = await resolveGraphOptions("auto", "none", device);
+        assert.equal(graph.dtype, "fp16", "auto is fp16 on an adapter with shader-f16");
+        const plan = validatePlan({ ffn_groups: groups }, assets.checkpoint.config);
+        const inst = await buildInstance(assets, plan, device, graph);
+        const fp32 = await buildInstance(assets, plan, device);
+        const vocab = assets.checkpoint.config.vocabSize;
+        try {
+          assert.ok(inst.weightBytes < 0.51 * fp32.weightBytes, "fp16 halves the weights");
+          for (const c of (await golden(dir)).cases) {
+            const { logits, cache } = await inst.session.step(c.input_ids, inst.session.emptyCache());
+            const ref = await fp32.session.step(c.input_ids, fp32.session.emptyCache());
+            disposeCache(ref.cache);
+            // The fused plan is compared with its own fp32 graph (fusion changes the function);
+            // the unfused one with the float64 reference.
+            const want = groups.length ? ref.logits.subarray(ref.logits.length - vocab) : c.last_logits;
+            const last = logits.subarray(logits.length - vocab);
+            assert.ok(relL2(last, want) < 5e-3, `last logits rel err ${relL2(last, want)}`);
+            // A decode step on the fp16 cache.
+            const next = await inst.session.step([c.greedy_ids[0]], cache);
+            disposeCache(next.cache);
+            assert.ok(next.logits.every(Number.isFinite));
+          }
+        } finally {
+          await inst.session.release();
+          await fp32.session.release();
+        }
+      },
+    });
+  }
+}
+
+Deno.test("dtype: fp16 is refused on WASM, naming the flag", async () => {
+  await assert.rejects(resolveGraphOptions("fp16", "none", "wasm"), (e: Error) => {
+    assert.ok(e instanceof InputError && e.field === "dtype");
+    assert.match(e.message, /--dtype fp16 runs on WebGPU only/);
+    return true;
+  });
+  assert.deepEqual(await resolveGraphOptions("auto", "int4", "wasm"), { dtype: "fp32", quantize: "int4" });
+});
 
 Deno.test("CI has a WebGPU adapter (lavapipe), so the WebGPU tests above really ran", () => {
   if (Deno.env.get("CI")) assert.ok(HAS_WEBGPU, "no WebGPU adapter in CI: is mesa-vulkan-drivers installed?");

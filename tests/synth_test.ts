@@ -8,15 +8,19 @@ import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
 import { generate } from "../src/runtime/generate.ts";
 import { DEFAULT_SAMPLING } from "../src/runtime/sampling.ts";
 import { disposeCache } from "../src/runtime/session.ts";
-import { relL2, ROOT } from "./helpers.ts";
+import { formatName, type GraphOptions } from "../src/onnx/format.ts";
+import { type Device, resolveDevice } from "../src/runtime/ort.ts";
+import { HAS_WEBGPU, relL2, ROOT } from "./helpers.ts";
 
 /**
  * A Llama-3.2-1B-shaped checkpoint (hidden 2048, FFN 8192, 32/8 heads, vocab 128256, tied, llama3
  * RoPE, bf16, sharded) with two layers: loads, matches the float64 forward of the weights each
- * format computes with, and generates, in fp32, int8 and int4 on WASM.
+ * format computes with, and generates, in fp32, int8 and int4 on WASM and in fp16 (with fp16, int8 and
+ * int4 weights) on WebGPU (lavapipe).
  */
 Deno.test({
-  name: "synthetic 1B-shaped checkpoint (2 layers, bf16, 2 shards): fp32, int8, int4 on WASM match float64",
+  name:
+    "synthetic 1B-shaped checkpoint (2 layers, bf16, 2 shards): fp32, int8, int4 on WASM, fp16 on WebGPU match float64",
   sanitizeResources: false,
   sanitizeOps: false,
   fn: async () => {
@@ -69,6 +73,31 @@ Deno.test({
         `peak RSS ${(peak / 1e9).toFixed(2)} GB for ${(bytes / 1e9).toFixed(2)} GB`,
       );
 
+      // Creating a session adds about one copy of the weights it is given (onnxruntime's own), never
+      // a concatenated blob beside it: each external-data file is a view of the converted weight.
+      const session = `
+        import { loadAssets } from "${new URL("../src/runtime/engine.ts", import.meta.url).href}";
+        import { buildDecoderGraph } from "${new URL("../src/onnx/decoder.ts", import.meta.url).href}";
+        import { storedBytes } from "${new URL("../src/onnx/builder.ts", import.meta.url).href}";
+        import { ModelSession } from "${new URL("../src/runtime/session.ts", import.meta.url).href}";
+        import { resolveDevice } from "${new URL("../src/runtime/ort.ts", import.meta.url).href}";
+        const status = (k) => Number(new RegExp(k + ":\\\\s+(\\\\d+)").exec(Deno.readTextFileSync("/proc/self/status"))[1]) * 1024;
+        const device = await resolveDevice("wasm");
+        const assets = await loadAssets(${JSON.stringify(dir)}, { maxContext: 4096 });
+        const graph = buildDecoderGraph(assets.checkpoint, assets.blocks, { dtype: "fp32", quantize: "int8" });
+        const before = status("VmRSS");
+        await ModelSession.create(graph, device, assets.checkpoint.config.vocabSize);
+        console.log(JSON.stringify({ bytes: storedBytes(graph.model), extra: status("VmHWM") - before }));
+      `;
+      const created = await new Deno.Command(Deno.execPath(), {
+        args: ["eval", "--config", join(ROOT, "deno.json"), session],
+        stdout: "piped",
+        stderr: "inherit",
+      }).output();
+      assert.equal(created.code, 0);
+      const c = JSON.parse(new TextDecoder().decode(created.stdout));
+      assert.ok(c.extra < 1.3 * c.bytes, `session creation added ${c.extra} for ${c.bytes} bytes of weights`);
+
       const assets = await loadAssets(dir, { maxContext: 4096 });
       const cfg = assets.checkpoint.config;
       assert.deepEqual([cfg.hidden, cfg.vocabSize, cfg.numHeads, cfg.headDim, cfg.maxPositions], [
@@ -80,13 +109,26 @@ Deno.test({
       ]);
       const ids = assets.tokenizer.encode("def main(args):\n    return 0\n");
       const blocks = applyPlan(assets.blocks, UNFUSED);
-      for (const quantize of ["none", "int8", "int4"] as const) {
-        const inst = await buildInstance(assets, UNFUSED, "wasm", { dtype: "fp32", quantize });
+      const formats: [Device, GraphOptions][] = [
+        ["wasm", { dtype: "fp32", quantize: "none" }],
+        ["wasm", { dtype: "fp32", quantize: "int8" }],
+        ["wasm", { dtype: "fp32", quantize: "int4" }],
+        ...(HAS_WEBGPU
+          ? (["none", "int8", "int4"] as const).map((quantize): [Device, GraphOptions] => [
+            "webgpu",
+            { dtype: "fp16", quantize },
+          ])
+          : []),
+      ];
+      for (const [device, format] of formats) {
+        const { quantize } = format;
+        const name = `${device} ${formatName(format)}`;
+        const inst = await buildInstance(assets, UNFUSED, await resolveDevice(device), format);
         try {
           const { logits, cache } = await inst.session.step(ids, inst.session.emptyCache());
           disposeCache(cache);
           const got = logits.subarray(logits.length - cfg.vocabSize);
-          assert.ok(got.every(Number.isFinite), `${quantize}: finite logits`);
+          assert.ok(got.every(Number.isFinite), `${name}: finite logits`);
           const ref = referenceForward(
             { ...assets.checkpoint, lmHead: dequantizedHead(assets.checkpoint.lmHead, quantize) },
             dequantizedBlocks(blocks, quantize),
@@ -94,7 +136,12 @@ Deno.test({
             { logits: "last" },
           ).logits;
           const err = relL2(got, ref);
-          assert.ok(err < (quantize === "none" ? 1e-3 : 5e-3), `${quantize}: relative L2 ${err}`);
+          // onnxruntime-web's fp16 kernels on WebGPU accumulate in fp16 (MatMul always, MatMulNBits
+          // for more than one row, as a prefill is: tests/graph_test.ts measures both), an error that
+          // grows with the square root of the 2048-8192 inner widths; fp16 is held to 3e-2 here and
+          // to 5e-3 on the shipped models' widths (tests/parity_test.ts).
+          const tolerance = format.dtype === "fp16" ? 3e-2 : quantize !== "none" ? 5e-3 : 1e-3;
+          assert.ok(err < tolerance, `${name}: relative L2 ${err}`);
           if (quantize === "int4") {
             const run = generate({
               session: inst.session,

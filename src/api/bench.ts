@@ -1,5 +1,6 @@
 import { z } from "zod";
 import { PRESETS } from "../bench/shapes.ts";
+import { FORMAT_NAMES } from "../onnx/format.ts";
 
 /** A benchmark request: the body of POST /bench and the flags of `bench`. */
 export const benchRequest = z.strictObject({
@@ -15,6 +16,10 @@ export const benchRequest = z.strictObject({
   rounds: z.number().int().min(3).max(50).default(5).describe("alternating rounds per measurement"),
   quantize: z.enum(["none", "int8", "int4"]).default("none").describe(
     "weight format of the onnxruntime graphs",
+  ),
+  formats: z.array(z.enum([...FORMAT_NAMES, "all"])).max(7).optional().describe(
+    "serve the model end to end in these weight formats (all: every one the device supports): " +
+      "build, swap to the fused group, decode both, peak memory",
   ),
   native: z.boolean().default(false).describe(
     "also decode with native onnxruntime on the CPU (fetches onnxruntime-node)",

@@ -31,7 +31,8 @@ export interface DecodeBench {
   skipped: { device: Backend; reason: string }[];
 }
 
-const PROMPT = "import os\nimport sys\n\ndef main(";
+/** The prompt every decode measurement starts from. */
+export const BENCH_PROMPT = "import os\nimport sys\n\ndef main(";
 
 interface Sample {
   prefillMs: number;
@@ -97,7 +98,7 @@ export async function benchDecode(
   rounds: number,
   graph: GraphOptions = FLOAT_WEIGHTS,
 ): Promise<DecodeBench> {
-  const prompt = assets.tokenizer.encode(PROMPT);
+  const prompt = assets.tokenizer.encode(BENCH_PROMPT);
   const instances: ModelInstance[] = [];
   const skipped: DecodeBench["skipped"] = [];
   try {

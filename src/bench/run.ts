@@ -1,14 +1,28 @@
 import { InputError } from "../errors.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
-import { type FloatType, formatName, type GraphOptions } from "../onnx/format.ts";
+import {
+  type FloatType,
+  type FormatName,
+  formatName,
+  type GraphOptions,
+  parseFormatName,
+} from "../onnx/format.ts";
 import type { Quantization } from "../onnx/quantize.ts";
 import { assetsFrom, loadAssets } from "../runtime/engine.ts";
-import { type Backend, type Device, resolveDevice, resolveGraphOptions } from "../runtime/ort.ts";
+import {
+  adapterMaxBuffer,
+  type Backend,
+  type Device,
+  resolveDevice,
+  resolveGraphOptions,
+} from "../runtime/ort.ts";
 import { requestGpu } from "../webgpu/device.ts";
-import { benchDecode, type DecodeCase } from "./decode_bench.ts";
+import { BENCH_PROMPT, benchDecode, type DecodeCase } from "./decode_bench.ts";
 import { benchFfn, type FfnBenchReport } from "./ffn_bench.ts";
 import { benchOnnxFfn, type OnnxFfnReport } from "./onnx_bench.ts";
 import { checkpointRun, type PresetName, presetRun, PRESETS } from "./shapes.ts";
+import { benchServing, type ServingBench, servingFormats } from "./serving_bench.ts";
+import { checkModelFits } from "../runtime/memory.ts";
 
 export interface BenchOptions {
   model?: string;
@@ -27,6 +41,9 @@ export interface BenchOptions {
   quantize?: Quantization;
   /** The model's weights when already in memory (the server's shared copy). */
   checkpoint?: Checkpoint;
+  /** Weight formats to serve the model in end to end (`all`: every one the device supports). */
+  formats?: (FormatName | "all")[];
+  signal?: AbortSignal;
 }
 
 /** Where a benchmark's memory must fit: the host, and WASM's 32-bit heap. */
@@ -36,6 +53,18 @@ export interface MemoryLimits {
 }
 
 const GiB = 2 ** 30;
+
+/** The context a benchmark's model is loaded with: its KV cache need not cover the model's whole window. */
+const BENCH_CONTEXT = 4096;
+
+/** The process's peak resident memory so far (Linux), or its current one elsewhere. */
+function peakRss(): number {
+  try {
+    return Number(/VmHWM:\s+(\d+)/.exec(Deno.readTextFileSync("/proc/self/status"))![1]) * 1024;
+  } catch {
+    return Deno.memoryUsage().rss;
+  }
+}
 
 export function memoryLimits(): MemoryLimits {
   return { hostAvailableBytes: Deno.systemMemoryInfo().available, wasmHeapBytes: 4 * GiB };
@@ -81,6 +110,10 @@ export interface BenchReport {
   decode: DecodeCase[];
   /** Decode devices that could not run here, and why. */
   decode_skipped: { device: string; reason: string }[];
+  /** The checkpoint read from disk (absent when the server's copy was used). */
+  load?: { ms: number; peak_rss_mb: number };
+  /** The model served end to end per weight format (with --formats). */
+  serving?: ServingBench;
 }
 
 /**
@@ -97,9 +130,16 @@ export async function runBench(
     const { d, n } = PRESETS[opts.preset ?? "tiny-nas"];
     checkBenchFits(d, n, opts.k, device, memoryLimits());
   }
+  // A checkpoint read here goes to shared memory, where the serving section's workers read it.
+  const t0 = performance.now();
   const assets = opts.model
-    ? opts.checkpoint ? await assetsFrom(opts.checkpoint, opts.model) : await loadAssets(opts.model)
+    ? opts.checkpoint
+      ? await assetsFrom(opts.checkpoint, opts.model)
+      : await loadAssets(opts.model, { shared: true, maxContext: BENCH_CONTEXT })
     : null;
+  const load = opts.model && !opts.checkpoint
+    ? { ms: performance.now() - t0, peak_rss_mb: peakRss() / 1e6 }
+    : undefined;
   const run = assets
     ? checkpointRun(assets.checkpoint, opts.k)
     : presetRun(opts.preset ?? "tiny-nas", opts.k);
@@ -120,6 +160,15 @@ export async function runBench(
   const onnx = await benchOnnxFfn(run, device, opts.tokens, opts.rounds, graph);
   const decode: DecodeCase[] = [];
   const skipped: BenchReport["decode_skipped"] = [];
+  const fits = (format: GraphOptions, on: Device) => {
+    try {
+      checkModelFits(assets!.checkpoint.config, format, on, { sequences: 2 });
+      return true;
+    } catch (e) {
+      skipped.push({ device: on, reason: (e as Error).message });
+      return false;
+    }
+  };
   if (assets) {
     const plans = [{ version: 1 as const, ffn_groups: [] }, {
       version: 1 as const,
@@ -130,12 +179,35 @@ export async function runBench(
     const groups: Backend[][] = device === "webgpu" ? [["webgpu"], ["wasm"]] : [["wasm"]];
     if (opts.native) groups.at(-1)!.push("native");
     for (const devices of groups) {
-      log(`decode on ${devices.join(" and ")}`);
       const format: GraphOptions = devices[0] === "webgpu" ? graph : { ...graph, dtype: "fp32" };
+      // Both plans' sessions share one WASM heap here: a model too big for that is left to --formats.
+      if (!fits(format, devices[0] as Device)) continue;
+      log(`decode on ${devices.join(" and ")}`);
       const r = await benchDecode(assets, plans, devices, opts.decodeTokens, opts.rounds, format);
       decode.push(...r.cases);
       skipped.push(...r.skipped);
     }
+  }
+  let serving: ServingBench | undefined;
+  if (assets && opts.formats?.length) {
+    const f16 = graph.dtype === "fp16" ||
+      (await resolveGraphOptions("auto", "none", device)).dtype === "fp16";
+    const formats = opts.formats.includes("all")
+      ? servingFormats(device, f16)
+      : (opts.formats as FormatName[]).map(parseFormatName);
+    serving = await benchServing({
+      modelDir: opts.model!,
+      checkpoint: assets.checkpoint,
+      promptIds: assets.tokenizer.encode(BENCH_PROMPT),
+      device,
+      formats,
+      fused: { version: 1, ffn_groups: [run.layers] },
+      tokens: opts.decodeTokens,
+      rounds: opts.rounds,
+      maxBufferBytes: await adapterMaxBuffer(device),
+      signal: opts.signal,
+      log,
+    });
   }
   return {
     date: new Date().toISOString(),
@@ -147,6 +219,8 @@ export async function runBench(
     ffn_onnx: onnx,
     decode,
     decode_skipped: skipped,
+    load,
+    serving,
   };
 }
 
@@ -230,6 +304,45 @@ export function formatBench(r: BenchReport): string {
       );
     }
   }
-  for (const s of r.decode_skipped ?? []) lines.push(`(${s.device} skipped: ${s.reason})`);
+  for (const s of r.decode_skipped ?? []) lines.push(`(${s.device} decode skipped: ${s.reason})`);
+  if (r.load) {
+    lines.push(
+      "",
+      `checkpoint loaded in ${f(r.load.ms / 1000, 1)} s, peak RSS ${f(r.load.peak_rss_mb / 1000, 2)} GB`,
+    );
+  }
+  const sv = r.serving;
+  if (sv) {
+    const sp = (s: Spread, d = 2) => `${f(s.median, d)} [${f(s.min, d)}-${f(s.max, d)}]`;
+    lines.push(
+      "",
+      `served end to end on ${sv.device}, each plan in its own worker: unfused, then ${sv.fused_plan} built as a swap ` +
+        `through the unfused plan's converted weights; ${sv.tokens}-token greedy decode, ${sv.rounds} alternating rounds`,
+      "format      weights MB  build s  session s  swap s  rebuilt MB  plan                tokens/s                 vs unfused  tokens/CPU-s             peak RSS GB",
+    );
+    for (const c of sv.cases) {
+      c.decode.forEach((d, i) => {
+        const head = i === 0
+          ? [
+            c.format.padEnd(11),
+            f(c.weight_mb, 0).padStart(10),
+            f(c.build_ms / 1000, 1).padStart(7),
+            f(c.session_create_ms / 1000, 1).padStart(9),
+            f(c.swap.ms / 1000, 1).padStart(6),
+            f(c.swap.rebuilt_mb, 0).padStart(10),
+          ]
+          : ["".padEnd(11), "".padStart(10), "".padStart(7), "".padStart(9), "".padStart(6), "".padStart(10)];
+        lines.push([
+          ...head,
+          d.plan.padEnd(19),
+          sp(d.tokens_per_second).padEnd(24),
+          `${f(d.speedup, 2)}x`.padEnd(10),
+          (d.tokens_per_cpu_second ? sp(d.tokens_per_cpu_second) : "-").padEnd(24),
+          i === 0 ? f(c.peak_rss_mb / 1000, 2) : "",
+        ].join(" "));
+      });
+    }
+    for (const s of sv.skipped) lines.push(`(${s.format} skipped: ${s.reason})`);
+  }
   return lines.join("\n");
 }

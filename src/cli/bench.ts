@@ -25,6 +25,7 @@ export const benchCommand = defineCommand({
       rounds: flags.rounds,
       native: flags.native,
       quantize: flags.quantize,
+      formats: flags.formats,
     }, (line) => console.error(`bench: ${line}`));
     console.log(flags.json ? JSON.stringify(report) : formatBench(report));
   },

@@ -15,3 +15,12 @@ export const FLOAT_WEIGHTS: GraphOptions = { dtype: "fp32", quantize: "none" };
 export function formatName(g: GraphOptions): string {
   return g.quantize === "none" ? g.dtype : `${g.dtype}+${g.quantize}`;
 }
+
+/** Every format by name, as `bench --formats` takes them. */
+export const FORMAT_NAMES = ["fp32", "fp16", "fp32+int8", "fp32+int4", "fp16+int8", "fp16+int4"] as const;
+export type FormatName = typeof FORMAT_NAMES[number];
+
+export function parseFormatName(name: FormatName): GraphOptions {
+  const [dtype, quantize = "none"] = name.split("+") as [FloatType, Quantization?];
+  return { dtype, quantize };
+}

@@ -28,6 +28,8 @@ export interface ModelInstance {
   /** FFN MatMul triples in the graph: one per unfused FFN, one per fused group. */
   ffnBlocks: number;
   buildMs: number;
+  /** Of buildMs, the time onnxruntime took to create the session (the rest: fusing and converting). */
+  sessionMs: number;
   graph: GraphOptions;
   /** Bytes of the graph's weights (after quantization), as handed to onnxruntime. */
   weightBytes: number;
@@ -60,6 +62,7 @@ export async function buildInstance(
   const t0 = performance.now();
   const blocks = applyPlan(assets.blocks, plan);
   const graph = buildDecoderGraph(assets.checkpoint, blocks, options, weights);
+  const t1 = performance.now();
   const session = await ModelSession.create(graph, device, assets.checkpoint.config.vocabSize);
   return {
     plan,
@@ -68,6 +71,7 @@ export async function buildInstance(
     device,
     ffnBlocks: blocks.filter((b) => b.kind === "ffn").length,
     buildMs: performance.now() - t0,
+    sessionMs: performance.now() - t1,
     graph: options,
     weightBytes: storedBytes(graph.model),
     rebuiltBytes: weights.builtBytes,

@@ -36,6 +36,7 @@ export type InstanceReply =
   | {
     type: "built";
     buildMs: number;
+    sessionMs: number;
     ffnBlocks: number;
     planId: string;
     weightBytes: number;
@@ -77,6 +78,7 @@ async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<
   post({
     type: "built",
     buildMs: instance.buildMs,
+    sessionMs: instance.sessionMs,
     ffnBlocks: instance.ffnBlocks,
     planId: instance.planId,
     weightBytes: instance.weightBytes,

@@ -53,6 +53,8 @@ export interface BuiltInstance {
   instance: PlanInstance;
   checkpoint: Checkpoint | null;
   weights: BuildWeights;
+  /** Of the build, the time onnxruntime took to create the session. */
+  sessionMs: number;
 }
 
 /** A build in progress: `cancel` ends its worker at once, wherever the build is. */
@@ -130,6 +132,7 @@ export class RemoteInstance implements PlanInstance {
             resolve({
               instance,
               checkpoint: m.checkpoint,
+              sessionMs: m.sessionMs,
               weights: {
                 rebuiltBytes: m.rebuiltBytes,
                 reusedBytes: m.reusedBytes,

@@ -99,6 +99,7 @@ export function benchRoutes(job: BenchRunner, host: ModelHost) {
         rounds: req.rounds,
         native: req.native,
         quantize: req.quantize,
+        formats: req.formats,
       });
       return c.json({ status: "running" }, 202);
     },
