@@ -54,7 +54,7 @@ export function formatZodError(
   return error.issues
     .map((issue) => {
       if (issue.code === "unrecognized_keys") {
-        return `${issue.keys.map((k) => name([k])).join(", ")}: unknown`;
+        return `${issue.keys.map((k) => name([...issue.path, k])).join(", ")}: unknown`;
       }
       const path = issue.path.length ? name(issue.path) : "(root)";
       return `${path}: ${issue.message}`;

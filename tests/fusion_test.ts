@@ -22,7 +22,7 @@ Deno.test("plan: valid plans pass; bad ones name the group and the rule", async 
     ],
     [
       { ffn_groups: [[3, 4], [4, 5]] },
-      /ffn_groups\[1\] \[4,5\]: layer 4 is already in ffn_groups\[0\]; groups must not overlap/,
+      /ffn_groups\[1\] \[4,5\]: layer 4 is already in ffn_groups\[0\] \[3,4\]; no layer may be in two groups/,
     ],
     [
       { ffn_groups: [[11, 12]] },
@@ -33,7 +33,7 @@ Deno.test("plan: valid plans pass; bad ones name the group and the rule", async 
     [{ ffn_groups: [[3]] }, /ffn_groups.0: a group needs at least two layers/],
     [{ ffn_groups: [[3, -4]] }, /ffn_groups.0.1/],
     [{ ffn_groups: "3-5" }, /ffn_groups/],
-    [{ version: 2, ffn_groups: [] }, /version/],
+    [{ version: 3, ffn_groups: [] }, /version/],
     [{ ffn_group: [[3, 4]] }, /ffn_group/],
     [null, /invalid plan/],
   ];

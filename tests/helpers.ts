@@ -174,3 +174,44 @@ export const NAS_LIKE: RandomModelSpec = {
     { attention: "full", ffn: "none" },
   ],
 };
+
+/** Writes a synthetic checkpoint (scripts/synth_checkpoint.ts) into `dir`; returns the script's summary. */
+export async function synthCheckpoint(dir: string, model: string, ...args: string[]) {
+  const made = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      join(ROOT, "scripts", "synth_checkpoint.ts"),
+      "--model",
+      model,
+      "--out",
+      dir,
+      ...args,
+    ],
+    stdout: "piped",
+    stderr: "null",
+  }).output();
+  if (made.code !== 0) throw new Error(`synth_checkpoint.ts exited ${made.code}`);
+  return JSON.parse(new TextDecoder().decode(made.stdout)) as { shards: number; bytes: number };
+}
+
+/**
+ * Runs `code` in a fresh Deno process (so its resident memory is its own) and parses the JSON it prints
+ * last; `VmHWM`/`VmRSS` read /proc/self/status there. stderr is returned for error-message checks.
+ */
+export async function probe<T>(code: string): Promise<{ value: T; stderr: string }> {
+  const prelude = `const status = (k) => Number(new RegExp(k + ":\\\\s+(\\\\d+)")
+    .exec(Deno.readTextFileSync("/proc/self/status"))[1]) * 1024;\n`;
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["eval", "--config", join(ROOT, "deno.json"), prelude + code],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const stderr = new TextDecoder().decode(out.stderr);
+  if (out.code !== 0) throw new Error(`probe exited ${out.code}: ${stderr}`);
+  const lines = new TextDecoder().decode(out.stdout).trim().split("\n");
+  return { value: JSON.parse(lines.at(-1)!) as T, stderr };
+}
+
+/** An import specifier for a project module, for probe code. */
+export const moduleUrl = (path: string) => new URL(`../${path}`, import.meta.url).href;

@@ -1,8 +1,7 @@
 import assert from "node:assert/strict";
-import { join } from "node:path";
 import { loadConfig } from "../src/model/checkpoint.ts";
 import { estimateMemory } from "../src/runtime/memory.ts";
-import { ROOT } from "./helpers.ts";
+import { moduleUrl, probe, synthCheckpoint } from "./helpers.ts";
 import { post, startServer } from "./server_helpers.ts";
 
 /**
@@ -22,40 +21,19 @@ Deno.test({
   fn: async (t) => {
     const dir = await Deno.makeTempDir({ prefix: "fusedge-1b-" });
     try {
-      const made = await new Deno.Command(Deno.execPath(), {
-        args: [
-          "run",
-          "-A",
-          join(ROOT, "scripts", "synth_checkpoint.ts"),
-          "--model",
-          "llama-3.2-1b",
-          "--out",
-          dir,
-        ],
-        stdout: "piped",
-        stderr: "null",
-      }).output();
-      assert.equal(made.code, 0);
-      assert.ok(JSON.parse(new TextDecoder().decode(made.stdout)).bytes > 2 ** 31, "over the protobuf cap");
+      const made = await synthCheckpoint(dir, "llama-3.2-1b");
+      assert.ok(made.bytes > 2 ** 31, "over the protobuf cap");
 
       await t.step(
         "fp32 on WASM: exit 2 naming the sizes and options, before any weight is read",
         async () => {
-          const probe = `
-          import { main } from "${new URL("../main.ts", import.meta.url).href}";
-          const code = await main(["generate", "--model", ${
+          const { value: { code, peak }, stderr } = await probe<{ code: number; peak: number }>(`
+            import { main } from "${moduleUrl("main.ts")}";
+            const code = await main(["generate", "--model", ${
             JSON.stringify(dir)
           }, "--device", "wasm", "--prompt", "x"]);
-          const peak = Number(/VmHWM:\\s+(\\d+)/.exec(Deno.readTextFileSync("/proc/self/status"))[1]) * 1024;
-          console.log(JSON.stringify({ code, peak }));
-        `;
-          const out = await new Deno.Command(Deno.execPath(), {
-            args: ["eval", "--config", join(ROOT, "deno.json"), probe],
-            stdout: "piped",
-            stderr: "piped",
-          }).output();
-          const { code, peak } = JSON.parse(new TextDecoder().decode(out.stdout));
-          const stderr = new TextDecoder().decode(out.stderr);
+            console.log(JSON.stringify({ code, peak: status("VmHWM") }));
+          `);
           assert.equal(code, 2);
           assert.match(
             stderr,

@@ -10,7 +10,7 @@ import { DEFAULT_SAMPLING } from "../src/runtime/sampling.ts";
 import { disposeCache } from "../src/runtime/session.ts";
 import { formatName, type GraphOptions } from "../src/onnx/format.ts";
 import { type Device, resolveDevice } from "../src/runtime/ort.ts";
-import { HAS_WEBGPU, relL2, ROOT } from "./helpers.ts";
+import { HAS_WEBGPU, moduleUrl, probe, relL2, synthCheckpoint } from "./helpers.ts";
 
 /**
  * A Llama-3.2-1B-shaped checkpoint (hidden 2048, FFN 8192, 32/8 heads, vocab 128256, tied, llama3
@@ -26,47 +26,21 @@ Deno.test({
   fn: async () => {
     const dir = await Deno.makeTempDir({ prefix: "fusedge-synth-" });
     try {
-      const made = await new Deno.Command(Deno.execPath(), {
-        args: [
-          "run",
-          "-A",
-          join(ROOT, "scripts", "synth_checkpoint.ts"),
-          "--model",
-          "llama-3.2-1b",
-          "--layers",
-          "2",
-          "--shard-mb",
-          "600",
-          "--out",
-          dir,
-        ],
-        stdout: "piped",
-        stderr: "null",
-      }).output();
-      assert.equal(made.code, 0);
-      const summary = JSON.parse(new TextDecoder().decode(made.stdout));
+      const summary = await synthCheckpoint(dir, "llama-3.2-1b", "--layers", "2", "--shard-mb", "600");
       assert.equal(summary.shards, 2);
       const index = JSON.parse(await Deno.readTextFile(join(dir, "model.safetensors.index.json")));
       assert.equal(index.weight_map["model.embed_tokens.weight"], "model-00001-of-00002.safetensors");
       assert.equal(index.weight_map["lm_head.weight"], undefined, "tied embeddings");
 
       // Loading reads one tensor at a time: peak resident memory stays near the fp32 weights it serves.
-      const probe = `
-        import { loadCheckpoint } from "${new URL("../src/model/checkpoint.ts", import.meta.url).href}";
+      const { value: { bytes, peak } } = await probe<{ bytes: number; peak: number }>(`
+        import { loadCheckpoint } from "${moduleUrl("src/model/checkpoint.ts")}";
         const ckpt = await loadCheckpoint(${JSON.stringify(dir)}, { shared: true });
         const bytes = [ckpt.embed, ...ckpt.layers.flatMap((l) => [
           ...Object.values(l.attention ?? {}), ...Object.values(l.ffn ?? {}),
         ])].reduce((n, t) => n + (t.data ?? t).byteLength, 0);
-        const peak = Number(/VmHWM:\\s+(\\d+)/.exec(Deno.readTextFileSync("/proc/self/status"))[1]) * 1024;
-        console.log(JSON.stringify({ bytes, peak }));
-      `;
-      const loaded = await new Deno.Command(Deno.execPath(), {
-        args: ["eval", "--config", join(ROOT, "deno.json"), probe],
-        stdout: "piped",
-        stderr: "inherit",
-      }).output();
-      assert.equal(loaded.code, 0);
-      const { bytes, peak } = JSON.parse(new TextDecoder().decode(loaded.stdout));
+        console.log(JSON.stringify({ bytes, peak: status("VmHWM") }));
+      `);
       assert.ok(bytes > 1.4e9, `fp32 weights ${bytes}`);
       assert.ok(
         peak < 1.5 * bytes,
@@ -75,27 +49,19 @@ Deno.test({
 
       // Creating a session adds about one copy of the weights it is given (onnxruntime's own), never
       // a concatenated blob beside it: each external-data file is a view of the converted weight.
-      const session = `
-        import { loadAssets } from "${new URL("../src/runtime/engine.ts", import.meta.url).href}";
-        import { buildDecoderGraph } from "${new URL("../src/onnx/decoder.ts", import.meta.url).href}";
-        import { storedBytes } from "${new URL("../src/onnx/builder.ts", import.meta.url).href}";
-        import { ModelSession } from "${new URL("../src/runtime/session.ts", import.meta.url).href}";
-        import { resolveDevice } from "${new URL("../src/runtime/ort.ts", import.meta.url).href}";
-        const status = (k) => Number(new RegExp(k + ":\\\\s+(\\\\d+)").exec(Deno.readTextFileSync("/proc/self/status"))[1]) * 1024;
+      const { value: c } = await probe<{ bytes: number; extra: number }>(`
+        import { loadAssets } from "${moduleUrl("src/runtime/engine.ts")}";
+        import { buildDecoderGraph } from "${moduleUrl("src/onnx/decoder.ts")}";
+        import { storedBytes } from "${moduleUrl("src/onnx/builder.ts")}";
+        import { ModelSession } from "${moduleUrl("src/runtime/session.ts")}";
+        import { resolveDevice } from "${moduleUrl("src/runtime/ort.ts")}";
         const device = await resolveDevice("wasm");
         const assets = await loadAssets(${JSON.stringify(dir)}, { maxContext: 4096 });
         const graph = buildDecoderGraph(assets.checkpoint, assets.blocks, { dtype: "fp32", quantize: "int8" });
         const before = status("VmRSS");
         await ModelSession.create(graph, device, assets.checkpoint.config.vocabSize);
         console.log(JSON.stringify({ bytes: storedBytes(graph.model), extra: status("VmHWM") - before }));
-      `;
-      const created = await new Deno.Command(Deno.execPath(), {
-        args: ["eval", "--config", join(ROOT, "deno.json"), session],
-        stdout: "piped",
-        stderr: "inherit",
-      }).output();
-      assert.equal(created.code, 0);
-      const c = JSON.parse(new TextDecoder().decode(created.stdout));
+      `);
       assert.ok(c.extra < 1.3 * c.bytes, `session creation added ${c.extra} for ${c.bytes} bytes of weights`);
 
       const assets = await loadAssets(dir, { maxContext: 4096 });

@@ -1,6 +1,6 @@
-import type { Block, FfnBlock } from "../model/blocks.ts";
+import { type Block, type FfnBlock, layerOf } from "../model/blocks.ts";
 import { lazyTensor, type Tensor } from "../model/tensor.ts";
-import type { FusionPlan } from "./plan.ts";
+import { blockGroups, type FusionPlan, removedAttention } from "./plan.ts";
 
 /** Rows of [n, d] scaled column-wise by the RMSNorm gain: norm(x)*g @ W^T == norm(x) @ (W*g)^T. */
 function foldGain(w: Tensor, gain: Float32Array | null): Float32Array {
@@ -59,13 +59,42 @@ export function fuseFfns(members: FfnBlock[]): FfnBlock {
 export type FusionForm = "fused" | "parallel";
 
 /**
- * Replaces each planned group's consecutive FFN blocks by their fused block. The plan must already
- * be validated against the model (validatePlan): groups are then attention-free after their first
- * layer, so their FFN blocks are adjacent in execution order.
+ * Applies a plan to the unfused block list: the removed attentions are dropped, each block group's
+ * layers become one `parallel_blocks`, and each FFN group's blocks their fused block. The plan must
+ * already be validated against the model (checkPlan): an FFN group is then attention-free after its
+ * first layer once the removals are applied, so its FFN blocks are adjacent in execution order.
  */
 export function applyPlan(blocks: Block[], plan: FusionPlan, form: FusionForm = "fused"): Block[] {
+  const removed = new Set(removedAttention(plan));
+  const kept = blocks.filter((b) => !(b.kind === "attention" && removed.has(b.layer)));
+  return fuseFfnGroups(parallelizeBlocks(kept, blockGroups(plan)), plan.ffn_groups, form);
+}
+
+/** Collects the blocks of each group's layers, in order, into one `parallel_blocks` at the group's end. */
+function parallelizeBlocks(blocks: Block[], groups: number[][]): Block[] {
+  if (groups.length === 0) return blocks;
+  const groupOf = new Map<number, number[]>();
+  for (const g of groups) for (const l of g) groupOf.set(l, g);
+  const out: Block[] = [];
+  let members = new Map<number, Block[]>();
+  blocks.forEach((b, i) => {
+    const layer = layerOf(b);
+    const group = layer === undefined ? undefined : groupOf.get(layer);
+    if (!group) return out.push(b);
+    members.set(layer!, [...(members.get(layer!) ?? []), b]);
+    const next = blocks[i + 1];
+    const nextLayer = next ? layerOf(next) : undefined;
+    if (layer === group.at(-1) && nextLayer !== layer) {
+      out.push({ kind: "parallel_blocks", members: group.map((l) => members.get(l) ?? []) });
+      members = new Map();
+    }
+  });
+  return out;
+}
+
+function fuseFfnGroups(blocks: Block[], groups: number[][], form: FusionForm): Block[] {
   const groupOf = new Map<number, number>();
-  plan.ffn_groups.forEach((g, gi) => g.forEach((layer) => groupOf.set(layer, gi)));
+  groups.forEach((g, gi) => g.forEach((layer) => groupOf.set(layer, gi)));
   const out: Block[] = [];
   const pending = new Map<number, FfnBlock[]>();
   for (const b of blocks) {
@@ -76,7 +105,7 @@ export function applyPlan(blocks: Block[], plan: FusionPlan, form: FusionForm = 
     }
     const members = [...(pending.get(gi) ?? []), b];
     pending.set(gi, members);
-    if (members.length === plan.ffn_groups[gi].length) {
+    if (members.length === groups[gi].length) {
       out.push(form === "fused" ? fuseFfns(members) : { kind: "parallel_ffn", members });
     }
   }

@@ -5,33 +5,55 @@ import type { ModelConfig } from "../model/config.ts";
 /** More layers than any checkpoint has: bounds what a plan body can make us allocate or check. */
 const MAX_LAYERS = 1024;
 
+const layer = z.number().int().nonnegative().max(MAX_LAYERS);
+const groups = z.array(z.array(layer).min(2, "a group needs at least two layers").max(MAX_LAYERS)).max(MAX_LAYERS);
+
+/** Version 1: FFN groups alone. Strict, so that a misspelt key fails loudly. */
+const planV1 = z.strictObject({ version: z.literal(1).default(1), ffn_groups: groups });
+
 /**
- * A fusion plan file. Version 1 knows `ffn_groups` only; it is strict so that a misspelt key fails
- * loudly, and later capabilities (parallel attention blocks, attention removal) arrive as new
- * optional keys, so every version 1 file stays valid.
+ * Version 2 adds the transformations that make a plain Llama fusable: attention sublayers removed
+ * (DeciLM `no_op`: the KV cache goes with them), and whole blocks computed in parallel from the same
+ * input, `x + sum_b (block_b(x) - x)`, each block keeping its own KV cache.
  */
-export const planSchema = z.strictObject({
-  version: z.literal(1).default(1),
-  ffn_groups: z.array(
-    z.array(z.number().int().nonnegative().max(MAX_LAYERS)).min(2, "a group needs at least two layers").max(
-      MAX_LAYERS,
-    ),
-  ).max(MAX_LAYERS),
+const planV2 = z.strictObject({
+  version: z.literal(2),
+  attention: z.strictObject({ remove: z.array(layer).max(MAX_LAYERS).default([]) }).default({ remove: [] }),
+  ffn_groups: groups.default([]),
+  block_groups: groups.default([]),
 });
 
-export type FusionPlan = z.infer<typeof planSchema>;
+/** A plan as the runtime takes it: version 1 plans simply have no attention changes or block groups. */
+export type FusionPlan = z.infer<typeof planV1> | z.infer<typeof planV2>;
 
 export const UNFUSED: FusionPlan = { version: 1, ffn_groups: [] };
 
-/** A stable, human-readable name for a plan: "unfused" or e.g. "ffn[3-5,6-8]". */
+/** The layers whose attention the plan removes. */
+export const removedAttention = (plan: FusionPlan): number[] => (plan.version === 2 ? plan.attention.remove : []);
+
+/** The plan's groups of whole blocks computed in parallel. */
+export const blockGroups = (plan: FusionPlan): number[][] => (plan.version === 2 ? plan.block_groups : []);
+
+const span = (g: number[]) => `${g[0]}-${g[g.length - 1]}`;
+
+/** A stable, human-readable name for a plan: "unfused", "ffn[3-5,6-8]", "-attn[4,6]+ffn[3-6]+blk[9-10]". */
 export function planId(plan: FusionPlan): string {
-  if (plan.ffn_groups.length === 0) return "unfused";
-  return `ffn[${plan.ffn_groups.map((g) => `${g[0]}-${g[g.length - 1]}`).join(",")}]`;
+  const parts: string[] = [];
+  const removed = removedAttention(plan);
+  if (removed.length) parts.push(`-attn[${[...removed].sort((a, b) => a - b).join(",")}]`);
+  if (plan.ffn_groups.length) parts.push(`ffn[${plan.ffn_groups.map(span).join(",")}]`);
+  const blocks = blockGroups(plan);
+  if (blocks.length) parts.push(`blk[${blocks.map(span).join(",")}]`);
+  return parts.length ? parts.join("+") : "unfused";
 }
 
-/** Parses a plan's JSON against the schema alone (no model needed). */
+/**
+ * Parses a plan's JSON against the schema of its version alone (no model needed); a file without a
+ * version is version 1, so every version 1 file stays valid.
+ */
 export function parsePlan(raw: unknown): FusionPlan {
-  const parsed = planSchema.safeParse(raw);
+  const v2 = typeof raw === "object" && raw !== null && (raw as { version?: unknown }).version === 2;
+  const parsed = (v2 ? planV2 : planV1).safeParse(raw);
   if (!parsed.success) throw new InvalidPlanError(`invalid plan: ${formatZodError(parsed.error)}`);
   return parsed.data;
 }
@@ -41,38 +63,61 @@ export function validatePlan(raw: unknown, config: ModelConfig): FusionPlan {
   return checkPlan(parsePlan(raw), config);
 }
 
-/** Checks a typed plan against the model's layers; every message names the group and the rule it breaks. */
+/**
+ * Checks a typed plan against the model's layers; every message names the rule and the layer that
+ * breaks it. FFN groups are checked against the model after the plan's attention removals: a layer
+ * whose attention is removed counts as attention-free, exactly as a DeciLM `no_op` layer does.
+ */
 export function checkPlan(plan: FusionPlan, config: ModelConfig): FusionPlan {
-  const owner = new Map<number, number>();
+  const bad = (where: string, rule: string): never => {
+    throw new InvalidPlanError(`invalid plan: ${where}: ${rule}`);
+  };
+  const inRange = (where: string, l: number) => {
+    if (l >= config.numLayers) {
+      bad(where, `layer ${l} is out of range (the model has ${config.numLayers} layers, 0..${config.numLayers - 1})`);
+    }
+  };
+  const removed = new Set<number>();
+  removedAttention(plan).forEach((l, i) => {
+    const where = `attention.remove[${i}] (${l})`;
+    inRange(where, l);
+    if (removed.has(l)) bad(where, `layer ${l} is listed twice`);
+    if (config.layers[l].attention.kind !== "full") {
+      bad(where, `layer ${l} has no attention to remove (${config.layers[l].attention.kind})`);
+    }
+    removed.add(l);
+  });
+  const owner = new Map<number, string>();
+  const claim = (where: string, group: number[]) => {
+    group.forEach((l, k) => {
+      inRange(where, l);
+      if (k > 0 && l !== group[k - 1] + 1) {
+        bad(where, `layers must be consecutive and ascending (${group[k - 1]} is followed by ${l})`);
+      }
+      const other = owner.get(l);
+      if (other !== undefined) bad(where, `layer ${l} is already in ${other}; no layer may be in two groups`);
+      owner.set(l, where);
+    });
+  };
   plan.ffn_groups.forEach((group, gi) => {
     const where = `ffn_groups[${gi}] [${group.join(",")}]`;
-    const bad = (rule: string): never => {
-      throw new InvalidPlanError(`invalid plan: ${where}: ${rule}`);
-    };
-    group.forEach((layer, k) => {
-      if (layer >= config.numLayers) {
+    claim(where, group);
+    group.forEach((l, k) => {
+      const spec = config.layers[l];
+      if (spec.ffn.kind !== "swiglu") {
+        bad(where, `layer ${l} has no SwiGLU FFN (${spec.ffn.kind}); only SwiGLU FFNs can be fused`);
+      }
+      if (k > 0 && spec.attention.kind !== "none" && !removed.has(l)) {
         bad(
-          `layer ${layer} is out of range (the model has ${config.numLayers} layers, 0..${
-            config.numLayers - 1
-          })`,
+          where,
+          `layer ${l} has attention; only the first layer of a group may have attention (remove it with attention.remove)`,
         );
       }
-      if (k > 0 && layer !== group[k - 1] + 1) {
-        bad(`layers must be consecutive and ascending (${group[k - 1]} is followed by ${layer})`);
-      }
-      const other = owner.get(layer);
-      if (other !== undefined) {
-        bad(`layer ${layer} is already in ffn_groups[${other}]; groups must not overlap`);
-      }
-      owner.set(layer, gi);
-      const spec = config.layers[layer];
-      if (spec.ffn.kind !== "swiglu") {
-        bad(`layer ${layer} has no SwiGLU FFN (${spec.ffn.kind}); only SwiGLU FFNs can be fused`);
-      }
-      if (k > 0 && spec.attention.kind !== "none") {
-        bad(`layer ${layer} has attention; only the first layer of a group may have attention`);
-      }
     });
+  });
+  blockGroups(plan).forEach((group, gi) => {
+    const where = `block_groups[${gi}] [${group.join(",")}]`;
+    claim(where, group);
   });
   return plan;
 }

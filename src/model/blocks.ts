@@ -4,14 +4,17 @@ import type { Tensor } from "./tensor.ts";
 /**
  * A model as the sequence of residual updates `x += f(x)` it executes. Unfused, every layer gives
  * an attention block and an FFN block; fusion merges runs of FFN blocks into one wide FFN block.
- * `parallel_ffn` is the unfused parallel form `x + sum_j FFN_j(norm_j(x))`, member by member.
+ * `parallel_ffn` is the unfused parallel form `x + sum_j FFN_j(norm_j(x))`, member by member;
+ * `parallel_blocks` computes whole layers (attention and FFN, each attention with its own KV cache)
+ * from the same input, `x + sum_m (layer_m(x) - x)`, each member a sequence of blocks.
  * The graph builder and the CPU reference both execute this list, so they cannot disagree on order.
  */
 export type Block =
   | { kind: "attention"; layer: number; kvHeads: number; weights: AttentionWeights }
   | { kind: "linear"; layer: number; part: "attention" | "ffn"; weights: LinearWeights }
   | FfnBlock
-  | { kind: "parallel_ffn"; members: FfnBlock[] };
+  | { kind: "parallel_ffn"; members: FfnBlock[] }
+  | { kind: "parallel_blocks"; members: Block[][] };
 
 export interface FfnBlock {
   kind: "ffn";
@@ -64,5 +67,16 @@ export function unfusedBlocks(ckpt: Checkpoint): Block[] {
 
 /** Layers whose attention has a KV cache, in order: these name the graph's past/present tensors. */
 export function cachedLayers(blocks: Block[]): { layer: number; kvHeads: number }[] {
-  return blocks.flatMap((b) => (b.kind === "attention" ? [{ layer: b.layer, kvHeads: b.kvHeads }] : []));
+  return blocks.flatMap((b): { layer: number; kvHeads: number }[] => {
+    if (b.kind === "attention") return [{ layer: b.layer, kvHeads: b.kvHeads }];
+    if (b.kind === "parallel_blocks") return b.members.flatMap(cachedLayers);
+    return [];
+  });
+}
+
+/** The checkpoint layer an unfused block belongs to. */
+export function layerOf(b: Block): number | undefined {
+  if (b.kind === "attention" || b.kind === "linear") return b.layer;
+  if (b.kind === "ffn" && b.layers.length === 1) return b.layers[0];
+  return undefined;
 }

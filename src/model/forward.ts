@@ -111,9 +111,13 @@ export function referenceForward(
     }
   };
 
-  blocks.forEach((b, bi) => {
-    if (bi === opts.skipBlock || bi < (opts.start?.block ?? 0)) return;
-    let delta: Vecs;
+  const add = (a: Vecs, b: Vecs) => {
+    const y = new Float64Array(a.length);
+    for (let i = 0; i < y.length; i++) y[i] = a[i] + b[i];
+    return y;
+  };
+  // f(x) - x of one block, read from the residual stream x [T, hidden].
+  const deltaOf = (x: Vecs, b: Block): Vecs => {
     if (b.kind === "attention") {
       const H = cfg.numHeads;
       const kvH = b.kvHeads;
@@ -149,22 +153,32 @@ export function referenceForward(
           }
         }
       }
-      delta = linear(ctx, b.weights.o, t);
-    } else if (b.kind === "linear") {
-      delta = linear(rmsNorm(x, b.weights.norm, t, d, eps), b.weights.weight, t);
-    } else if (b.kind === "ffn") {
-      delta = ffnDelta(x, b, t, d, eps);
-    } else {
-      delta = new Float64Array(t * d);
+      return linear(ctx, b.weights.o, t);
+    }
+    if (b.kind === "linear") return linear(rmsNorm(x, b.weights.norm, t, d, eps), b.weights.weight, t);
+    if (b.kind === "ffn") return ffnDelta(x, b, t, d, eps);
+    const delta = new Float64Array(t * d);
+    if (b.kind === "parallel_ffn") {
       for (const m of b.members) {
         const part = ffnDelta(x, m, t, d, eps);
         for (let i = 0; i < delta.length; i++) delta[i] += part[i];
       }
+      return delta;
     }
+    // Whole layers from the same input: each member runs its blocks in sequence, contributing y_m - x.
+    for (const member of b.members) {
+      let y = x;
+      for (const mb of member) y = add(y, deltaOf(y, mb));
+      for (let i = 0; i < delta.length; i++) delta[i] += y[i] - x[i];
+    }
+    return delta;
+  };
+
+  blocks.forEach((b, bi) => {
+    if (bi === opts.skipBlock || bi < (opts.start?.block ?? 0)) return;
+    const delta = deltaOf(x, b);
     opts.onDelta?.(bi, delta, x);
-    const next = new Float64Array(t * d);
-    for (let i = 0; i < next.length; i++) next[i] = x[i] + delta[i];
-    x = next;
+    x = add(x, delta);
   });
 
   const mode = opts.logits ?? "all";

@@ -219,6 +219,30 @@ class DecoderEmitter {
   linearBlock(x: string, w: LinearWeights, name: string): string {
     return this.g.op("Add", [x, this.linear(this.rmsNorm(x, w.norm, `${name}.norm`), w.weight, name)]);
   }
+
+  /** Whole layers from the same input: x + sum_m (layer_m(x) - x), each attention with its own cache. */
+  parallelBlocks(x: string, members: Block[][], s: Shared): string {
+    const deltas = members.map((member) => {
+      const y = member.reduce((h, b) => this.block(h, b, s), x);
+      return this.g.op("Sub", [y, x]);
+    });
+    return this.g.op("Add", [x, deltas.length === 1 ? deltas[0] : this.g.op("Sum", deltas)]);
+  }
+
+  block(x: string, b: Block, s: Shared): string {
+    switch (b.kind) {
+      case "attention":
+        return this.attention(x, b, s);
+      case "ffn":
+        return this.ffn(x, b);
+      case "parallel_ffn":
+        return this.parallelFfn(x, b.members);
+      case "parallel_blocks":
+        return this.parallelBlocks(x, b.members, s);
+      case "linear":
+        return this.linearBlock(x, b.weights, `layers.${b.layer}.${b.part}_linear`);
+    }
+  }
 }
 
 /**
@@ -246,12 +270,7 @@ export function buildDecoderGraph(
   const shared = e.shared(mask, positions);
   const embed = e.floatWeight("embed_tokens", ckpt.embed);
   let x = g.op("Gather", [g.weight("embed_tokens", embed), inputIds], { axis: 0 });
-  for (const b of blocks) {
-    if (b.kind === "attention") x = e.attention(x, b, shared);
-    else if (b.kind === "ffn") x = e.ffn(x, b);
-    else if (b.kind === "parallel_ffn") x = e.parallelFfn(x, b.members);
-    else x = e.linearBlock(x, b.weights, `layers.${b.layer}.${b.part}_linear`);
-  }
+  for (const b of blocks) x = e.block(x, b, shared);
   const h = e.rmsNorm(x, ckpt.finalNorm, "final_norm");
   const logits = e.linear(h, ckpt.lmHead, "lm_head");
   // Sampling reads fp32 logits whatever the graph computes in.

@@ -97,7 +97,7 @@ export function dequantizedBlocks(blocks: Block[], q: Quantization): Block[] {
   if (q === "none") return blocks;
   const dq = (w: Tensor) => (quantizable(w) ? dequantize(quantize(w, BITS[q])) : w);
   const ffn = (b: FfnBlock): FfnBlock => ({ ...b, gate: dq(b.gate), up: dq(b.up), down: dq(b.down) });
-  return blocks.map((b): Block => {
+  const each = (b: Block): Block => {
     switch (b.kind) {
       case "attention": {
         const { q: wq, k, v, o } = b.weights;
@@ -109,8 +109,11 @@ export function dequantizedBlocks(blocks: Block[], q: Quantization): Block[] {
         return ffn(b);
       case "parallel_ffn":
         return { ...b, members: b.members.map(ffn) };
+      case "parallel_blocks":
+        return { ...b, members: b.members.map((m) => m.map(each)) };
     }
-  });
+  };
+  return blocks.map(each);
 }
 
 /** The LM head as the quantized graph computes with it. */

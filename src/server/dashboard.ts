@@ -1,5 +1,6 @@
 import type { Context } from "hono";
 import type { BenchReport } from "../bench/run.ts";
+import { formatName } from "../onnx/format.ts";
 import { heatmapSvg } from "../fusion/heatmap.ts";
 import { escapeXml } from "../markup.ts";
 import type { Services } from "./app.ts";
@@ -61,6 +62,9 @@ code, textarea { font-family: monospace; } textarea { width: 100%; height: 60px;
 <tr><th>model</th><td>${esc(host.name || "loading")}</td></tr>
 <tr><th>state</th><td>${esc(s.lifecycle.draining ? "draining" : host.state)}</td></tr>
 <tr><th>device</th><td id="device">${esc(inst?.device ?? "-")}</td></tr>
+<tr><th>weights</th><td id="weights">${
+    inst ? `${esc(formatName(inst.graph))}, ${(inst.weightBytes / 1e6).toFixed(1)} MB` : "-"
+  }</td></tr>
 <tr><th>architecture</th><td>${
     cfg ? `${esc(cfg.modelType)}, ${cfg.numLayers} layers, hidden ${cfg.hidden}, vocab ${cfg.vocabSize}` : "-"
   }</td></tr>
