@@ -70,7 +70,10 @@ Deno.test({
       const page = await (await browser.newContext({ viewport: { width: 1200, height: 900 } })).newPage();
       await page.goto(server.base + "/");
       assert.equal(await page.title(), "fusedge");
-      assert.match(await page.textContent("#model") ?? "", /tiny-nas[\s\S]*wasm[\s\S]*fp32, 41\.4 MB[\s\S]*3, 4, 5, 6, 7, 8/);
+      assert.match(
+        await page.textContent("#model") ?? "",
+        /tiny-nas[\s\S]*wasm[\s\S]*fp32, 41\.4 MB[\s\S]*3, 4, 5, 6, 7, 8/,
+      );
       assert.equal(await page.textContent("#active-plan"), "unfused");
       assert.ok(await page.isVisible("#heatmap svg"), "the dependency heatmap is drawn");
       assert.equal(

@@ -123,19 +123,38 @@ Deno.test({
       await t.step(
         "version 2 plans swap live: attention removed, FFNs fused across it, whole blocks in parallel",
         async () => {
-          const plan = { version: 2, attention: { remove: [9] }, ffn_groups: [[8, 9]], block_groups: [[10, 11]] };
+          const plan = {
+            version: 2,
+            attention: { remove: [9] },
+            ffn_groups: [[8, 9]],
+            block_groups: [[10, 11]],
+          };
           const swap = await post(base, "/fuse", plan);
           assert.equal(swap.status, 200, await swap.clone().text());
           const body = await swap.json();
           assert.equal(body.active.id, "-attn[9]+ffn[8-9]+blk[10-11]");
-          assert.deepEqual(body.active.plan, plan);
+          assert.deepEqual(body.active.plan, { ...plan, attention: { remove: [9], linear: [] } });
           const res = await (await post(base, "/v1/completions", { prompt: "def f(", max_tokens: 6 })).json();
           assert.equal(res.plan, "-attn[9]+ffn[8-9]+blk[10-11]");
           assert.equal(res.usage.completion_tokens, 6);
           const refused = await post(base, "/fuse", { version: 2, ffn_groups: [[8, 9]] });
           assert.equal(refused.status, 400);
           assert.match((await refused.json()).error.message, /layer 9 has attention.*attention\.remove/);
-          assert.equal((await (await fetch(`${base}/fuse`)).json()).active.id, "-attn[9]+ffn[8-9]+blk[10-11]");
+          assert.equal(
+            (await (await fetch(`${base}/fuse`)).json()).active.id,
+            "-attn[9]+ffn[8-9]+blk[10-11]",
+          );
+          // A linear attention is fitted on the calibration text in the build worker, then served.
+          const linear = await post(base, "/fuse", {
+            version: 2,
+            attention: { linear: [9, 10] },
+            ffn_groups: [[8, 9, 10]],
+          });
+          assert.equal(linear.status, 200, await linear.clone().text());
+          assert.equal((await linear.json()).active.id, "lin[9,10]+ffn[8-10]");
+          const served = await (await post(base, "/v1/completions", { prompt: "x = ", max_tokens: 4 }))
+            .json();
+          assert.equal(served.plan, "lin[9,10]+ffn[8-10]");
           await (await post(base, "/fuse", { ffn_groups: [] })).body?.cancel();
         },
       );

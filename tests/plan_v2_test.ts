@@ -7,7 +7,17 @@ import { referenceForward } from "../src/model/forward.ts";
 import { buildDecoderGraph } from "../src/onnx/decoder.ts";
 import { resolveDevice } from "../src/runtime/ort.ts";
 import { disposeCache, ModelSession } from "../src/runtime/session.ts";
-import { golden, relL2, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
+import { EVAL_TEXT, golden, relL2, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
+import {
+  attentionData,
+  FIT_SLICE,
+  fitLinearAttention,
+  residual,
+  ridgeFit,
+} from "../src/fusion/linear_fit.ts";
+import { textWindows } from "../src/fusion/calibration.ts";
+import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
+import { rng } from "../src/numeric.ts";
 
 Deno.test("plan v2: attention removal, FFN groups over removed attention, block groups; rules named", async () => {
   const llama = (await loadCheckpoint(TINY_LLAMA)).config;
@@ -29,7 +39,7 @@ Deno.test("plan v2: attention removal, FFN groups over removed attention, block 
     [
       { version: 2, ffn_groups: [[3, 4]] },
       llama,
-      /layer 4 has attention; .*\(remove it with attention\.remove\)/,
+      /layer 4 has attention; .*\(remove it with attention\.remove or attention\.linear\)/,
     ],
     [
       { version: 2, attention: { remove: [4] } },
@@ -44,7 +54,12 @@ Deno.test("plan v2: attention removal, FFN groups over removed attention, block 
       /block_groups\[0\] \[4,5\]: layer 4 is already in ffn_groups\[0\] \[3,4\]; no layer may be in two groups/,
     ],
     [{ version: 2, block_groups: [[5, 7]] }, llama, /consecutive and ascending \(5 is followed by 7\)/],
-    [{ version: 2, attention: { remove: [1], linear: [2] } }, llama, /attention.*linear/],
+    [
+      { version: 2, attention: { remove: [1], linear: [1] } },
+      llama,
+      /attention\.linear\[0\] \(1\): layer 1 is listed twice/,
+    ],
+    [{ version: 2, attention: { lineer: [1] } }, llama, /attention\.lineer: unknown/],
     [{ version: 2, block_group: [[1, 2]] }, llama, /block_group/],
   ];
   for (const [raw, cfg, re] of bad) assert.throws(() => validatePlan(raw, cfg), re, JSON.stringify(raw));
@@ -118,6 +133,82 @@ Deno.test({
     await check(
       { version: 2, attention: { remove: [4, 5, 6] }, ffn_groups: [[3, 4, 5, 6]] },
       referenceForward(ckpt, parallel, ids, { logits: "last" }).logits,
+    );
+  },
+});
+
+Deno.test("linear fit: recovers an exactly linear map to 1e-6; on calibration data beats no-op and identity", async () => {
+  const random = rng(11);
+  const n = 400, dIn = 24, dOut = 16;
+  const truth = Float64Array.from({ length: dOut * dIn }, () => random() * 2 - 1);
+  const h = Float64Array.from({ length: n * dIn }, () => random() * 2 - 1);
+  const y = new Float64Array(n * dOut);
+  for (let r = 0; r < n; r++) {
+    for (let o = 0; o < dOut; o++) {
+      for (let i = 0; i < dIn; i++) y[r * dOut + o] += h[r * dIn + i] * truth[o * dIn + i];
+    }
+  }
+  const w = ridgeFit({ n, dIn, dOut, h, y });
+  assert.ok(relL2(w, truth) < 1e-6, `recovered to ${relL2(w, truth)}`);
+
+  const ckpt = await loadCheckpoint(TINY_LLAMA);
+  const assets = await loadAssets(TINY_LLAMA);
+  const windows = await textWindows(EVAL_TEXT, assets.tokenizer, FIT_SLICE);
+  const data = attentionData(ckpt, [2, 5], windows);
+  const d = ckpt.config.hidden;
+  const identity = new Float64Array(d * d).map((_, i) => (i % (d + 1) === 0 ? 1 : 0));
+  for (const [layer, fit] of data) {
+    assert.equal(fit.n, 512, "one row per calibration token");
+    const fitted = residual(fit, ridgeFit(fit));
+    assert.ok(fitted < residual(fit, new Float64Array(d * d)), `layer ${layer}: below the no-op map`);
+    assert.ok(fitted < residual(fit, identity), `layer ${layer}: below the identity map`);
+  }
+});
+
+Deno.test({
+  name:
+    "plan v2 linear attention: the graph equals the float64 reference with the fitted map (1e-5), and fuses",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const ckpt = await loadCheckpoint(TINY_LLAMA);
+    const assets = await loadAssets(TINY_LLAMA, {}, EVAL_TEXT);
+    const ids = (await golden(TINY_LLAMA)).cases[0].input_ids as number[];
+    const windows = await textWindows(EVAL_TEXT, assets.tokenizer, FIT_SLICE);
+    const fits = fitLinearAttention(ckpt, [4, 5], windows);
+    // The reference: attention 4 and 5 replaced by y = W . input_layernorm(x), built by hand.
+    const replaced = unfusedBlocks(ckpt).map((b): Block =>
+      b.kind === "attention" && fits.has(b.layer)
+        ? { kind: "linear", layer: b.layer, part: "attention", weights: fits.get(b.layer)! }
+        : b
+    );
+    const plan = validatePlan({ version: 2, attention: { linear: [4, 5] } }, ckpt.config);
+    assert.equal(planId(plan), "lin[4,5]");
+    const inst = await buildInstance(assets, plan, await resolveDevice("wasm"));
+    try {
+      const { logits, cache } = await inst.session.step(ids, inst.session.emptyCache());
+      disposeCache(cache);
+      const want = referenceForward(ckpt, replaced, ids, { logits: "last" }).logits;
+      const err = relL2(logits.subarray(logits.length - ckpt.config.vocabSize), want);
+      assert.ok(err < 1e-5, `linear attention: ${err}`);
+    } finally {
+      await inst.session.release();
+    }
+    // With attention 4 and 5 linear, FFNs 3..5 fuse; the linear maps run beside them from the same input.
+    const fused = validatePlan(
+      { version: 2, attention: { linear: [4, 5] }, ffn_groups: [[3, 4, 5]] },
+      ckpt.config,
+    );
+    const blocks = applyPlan(unfusedBlocks(ckpt), fused, "fused", fits);
+    const parallel = applyPlan(unfusedBlocks(ckpt), fused, "parallel", fits);
+    const got = await graphLogits(ckpt, blocks, ids);
+    const want = referenceForward(ckpt, parallel, ids, { logits: "last" }).logits;
+    for (const [name, l] of Object.entries(got)) {
+      assert.ok(relL2(l, want) < 1e-5, `${name}: ${relL2(l, want)}`);
+    }
+    await assert.rejects(
+      buildInstance(await loadAssets(TINY_LLAMA), plan, "wasm"),
+      /attention\.linear needs calibration text/,
     );
   },
 });

@@ -23,6 +23,7 @@ Deno.test({
           model: "tiny-nas",
           device: "wasm",
           plan: "unfused",
+          dtype: "fp32",
           quantize: "none",
           weight_bytes: 0,
           active: 0,
@@ -34,6 +35,8 @@ Deno.test({
         const body = await (await fetch(`${base}/v1/models`)).json();
         assert.equal(body.object, "list");
         assert.equal(body.data[0].id, "tiny-nas");
+        assert.equal(body.data[0].dtype, "fp32");
+        assert.equal(body.data[0].quantize, "none");
       });
 
       const prompt = "import os\nimport sys\n\ndef main(";

@@ -6,7 +6,7 @@ import type { Quantization } from "../onnx/quantize.ts";
 import { loadConfig } from "../model/checkpoint.ts";
 import { checkModelFits } from "../runtime/memory.ts";
 import { adapterMaxBuffer, resolveDevice, resolveGraphOptions } from "../runtime/ort.ts";
-import { DEFAULT_MODEL_DIR } from "./defaults.ts";
+import { DEFAULT_CALIBRATION_TEXT, DEFAULT_MODEL_DIR } from "./defaults.ts";
 import { deviceFlag, dtypeFlag, quantizeFlag } from "./flags.ts";
 
 /** The flags that say which model to run and how: shared by logits, generate, eval and serve. */
@@ -17,6 +17,9 @@ export const modelFlags = {
   dtype: dtypeFlag,
   quantize: quantizeFlag,
   max_context: z.number().int().min(2).optional().describe("serve a shorter context than the model's"),
+  calibration: z.string().default(DEFAULT_CALIBRATION_TEXT).describe(
+    "text a version 2 plan's linear attentions are fitted on (its first 512 tokens)",
+  ),
 };
 
 export interface LoadedModel {
@@ -32,6 +35,7 @@ export async function loadModel(
     dtype: FloatType | "auto";
     quantize: Quantization;
     max_context?: number;
+    calibration?: string;
   },
 ): Promise<LoadedModel> {
   const device = await resolveDevice(flags.device);
@@ -42,7 +46,7 @@ export async function loadModel(
     sequences: 1,
     maxBufferBytes: await adapterMaxBuffer(device),
   });
-  const assets = await loadAssets(flags.model, { maxContext });
+  const assets = await loadAssets(flags.model, { maxContext }, flags.calibration);
   const plan = flags.plan ? await loadPlanFile(flags.plan, assets.checkpoint.config) : UNFUSED;
   return { assets, instance: await buildInstance(assets, plan, device, graph) };
 }

@@ -100,6 +100,7 @@ export const serveCommand = defineCommand({
       maxContext: flags.max_context,
       sequences: flags.max_active,
       maxBufferBytes: await adapterMaxBuffer(device),
+      calibrationText: flags.calibration,
     });
     const inst = host.instance!;
     metrics.loadSeconds.set({}, host.loadMs / 1000);

@@ -1,6 +1,7 @@
 import { type Block, type FfnBlock, layerOf } from "../model/blocks.ts";
 import { lazyTensor, type Tensor } from "../model/tensor.ts";
-import { blockGroups, type FusionPlan, removedAttention } from "./plan.ts";
+import type { LinearWeights } from "../model/checkpoint.ts";
+import { blockGroups, type FusionPlan, linearAttention, removedAttention } from "./plan.ts";
 
 /** Rows of [n, d] scaled column-wise by the RMSNorm gain: norm(x)*g @ W^T == norm(x) @ (W*g)^T. */
 function foldGain(w: Tensor, gain: Float32Array | null): Float32Array {
@@ -59,15 +60,28 @@ export function fuseFfns(members: FfnBlock[]): FfnBlock {
 export type FusionForm = "fused" | "parallel";
 
 /**
- * Applies a plan to the unfused block list: the removed attentions are dropped, each block group's
- * layers become one `parallel_blocks`, and each FFN group's blocks their fused block. The plan must
- * already be validated against the model (checkPlan): an FFN group is then attention-free after its
- * first layer once the removals are applied, so its FFN blocks are adjacent in execution order.
+ * Applies a plan to the unfused block list: removed attentions are dropped, linear ones replaced by
+ * their fitted maps (`fits`, from fitLinearAttention), each block group's layers become one
+ * `parallel_blocks`, and each FFN group's blocks their fused block. The plan must already be checked
+ * against the model (checkPlan): an FFN group is then free of full attention after its first layer.
  */
-export function applyPlan(blocks: Block[], plan: FusionPlan, form: FusionForm = "fused"): Block[] {
+export function applyPlan(
+  blocks: Block[],
+  plan: FusionPlan,
+  form: FusionForm = "fused",
+  fits: Map<number, LinearWeights> = new Map(),
+): Block[] {
   const removed = new Set(removedAttention(plan));
-  const kept = blocks.filter((b) => !(b.kind === "attention" && removed.has(b.layer)));
-  return fuseFfnGroups(parallelizeBlocks(kept, blockGroups(plan)), plan.ffn_groups, form);
+  const linear = new Set(linearAttention(plan));
+  const changed = blocks.flatMap((b): Block[] => {
+    if (b.kind !== "attention") return [b];
+    if (removed.has(b.layer)) return [];
+    if (!linear.has(b.layer)) return [b];
+    const weights = fits.get(b.layer);
+    if (!weights) throw new Error(`no fitted linear map for the attention of layer ${b.layer}`);
+    return [{ kind: "linear", layer: b.layer, part: "attention", weights }];
+  });
+  return fuseFfnGroups(parallelizeBlocks(changed, blockGroups(plan)), plan.ffn_groups, form);
 }
 
 /** Collects the blocks of each group's layers, in order, into one `parallel_blocks` at the group's end. */
@@ -92,21 +106,40 @@ function parallelizeBlocks(blocks: Block[], groups: number[][]): Block[] {
   return out;
 }
 
+/**
+ * Each group's FFNs become one block; a linear attention inside a group (after its first layer) is
+ * computed from the group's input too, beside the FFNs, so the group stays one parallel step.
+ */
 function fuseFfnGroups(blocks: Block[], groups: number[][], form: FusionForm): Block[] {
   const groupOf = new Map<number, number>();
   groups.forEach((g, gi) => g.forEach((layer) => groupOf.set(layer, gi)));
   const out: Block[] = [];
-  const pending = new Map<number, FfnBlock[]>();
+  const pending = new Map<number, { ffns: FfnBlock[]; linear: Block[] }>();
   for (const b of blocks) {
-    const gi = b.kind === "ffn" && b.layers.length === 1 ? groupOf.get(b.layers[0]) : undefined;
-    if (b.kind !== "ffn" || gi === undefined) {
+    const layer = layerOf(b);
+    const gi = layer === undefined ? undefined : groupOf.get(layer);
+    const inner = b.kind === "linear" && b.part === "attention" && gi !== undefined &&
+      groups[gi][0] !== layer;
+    if (!inner && (b.kind !== "ffn" || gi === undefined)) {
       out.push(b);
       continue;
     }
-    const members = [...(pending.get(gi) ?? []), b];
-    pending.set(gi, members);
-    if (members.length === groups[gi].length) {
-      out.push(form === "fused" ? fuseFfns(members) : { kind: "parallel_ffn", members });
+    const members = pending.get(gi!) ?? { ffns: [], linear: [] };
+    pending.set(gi!, members);
+    if (inner) {
+      members.linear.push(b);
+      continue;
+    }
+    members.ffns.push(b as FfnBlock);
+    if (members.ffns.length === groups[gi!].length) {
+      const ffn: Block = form === "fused"
+        ? fuseFfns(members.ffns)
+        : { kind: "parallel_ffn", members: members.ffns };
+      out.push(
+        members.linear.length
+          ? { kind: "parallel_blocks", members: [[ffn], ...members.linear.map((l) => [l])] }
+          : ffn,
+      );
     }
   }
   return out;

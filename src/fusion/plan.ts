@@ -6,19 +6,25 @@ import type { ModelConfig } from "../model/config.ts";
 const MAX_LAYERS = 1024;
 
 const layer = z.number().int().nonnegative().max(MAX_LAYERS);
-const groups = z.array(z.array(layer).min(2, "a group needs at least two layers").max(MAX_LAYERS)).max(MAX_LAYERS);
+const groups = z.array(z.array(layer).min(2, "a group needs at least two layers").max(MAX_LAYERS)).max(
+  MAX_LAYERS,
+);
 
 /** Version 1: FFN groups alone. Strict, so that a misspelt key fails loudly. */
 const planV1 = z.strictObject({ version: z.literal(1).default(1), ffn_groups: groups });
 
 /**
  * Version 2 adds the transformations that make a plain Llama fusable: attention sublayers removed
- * (DeciLM `no_op`: the KV cache goes with them), and whole blocks computed in parallel from the same
- * input, `x + sum_b (block_b(x) - x)`, each block keeping its own KV cache.
+ * (DeciLM `no_op`: the KV cache goes with them) or replaced by one linear map of their normalised
+ * input fitted to reproduce them (DeciLM `replace_with_linear`), and whole blocks computed in parallel
+ * from the same input, `x + sum_b (block_b(x) - x)`, each block keeping its own KV cache.
  */
 const planV2 = z.strictObject({
   version: z.literal(2),
-  attention: z.strictObject({ remove: z.array(layer).max(MAX_LAYERS).default([]) }).default({ remove: [] }),
+  attention: z.strictObject({
+    remove: z.array(layer).max(MAX_LAYERS).default([]),
+    linear: z.array(layer).max(MAX_LAYERS).default([]),
+  }).default({ remove: [], linear: [] }),
   ffn_groups: groups.default([]),
   block_groups: groups.default([]),
 });
@@ -29,18 +35,28 @@ export type FusionPlan = z.infer<typeof planV1> | z.infer<typeof planV2>;
 export const UNFUSED: FusionPlan = { version: 1, ffn_groups: [] };
 
 /** The layers whose attention the plan removes. */
-export const removedAttention = (plan: FusionPlan): number[] => (plan.version === 2 ? plan.attention.remove : []);
+export const removedAttention = (
+  plan: FusionPlan,
+): number[] => (plan.version === 2 ? plan.attention.remove : []);
+
+/** The layers whose attention the plan replaces by a fitted linear map. */
+export const linearAttention = (
+  plan: FusionPlan,
+): number[] => (plan.version === 2 ? plan.attention.linear : []);
 
 /** The plan's groups of whole blocks computed in parallel. */
 export const blockGroups = (plan: FusionPlan): number[][] => (plan.version === 2 ? plan.block_groups : []);
 
 const span = (g: number[]) => `${g[0]}-${g[g.length - 1]}`;
 
-/** A stable, human-readable name for a plan: "unfused", "ffn[3-5,6-8]", "-attn[4,6]+ffn[3-6]+blk[9-10]". */
+/** A stable, human-readable name: "unfused", "ffn[3-5,6-8]", "-attn[4,6]+lin[5]+ffn[3-6]+blk[9-10]". */
 export function planId(plan: FusionPlan): string {
   const parts: string[] = [];
+  const list = (ls: number[]) => [...ls].sort((a, b) => a - b).join(",");
   const removed = removedAttention(plan);
-  if (removed.length) parts.push(`-attn[${[...removed].sort((a, b) => a - b).join(",")}]`);
+  if (removed.length) parts.push(`-attn[${list(removed)}]`);
+  const linear = linearAttention(plan);
+  if (linear.length) parts.push(`lin[${list(linear)}]`);
   if (plan.ffn_groups.length) parts.push(`ffn[${plan.ffn_groups.map(span).join(",")}]`);
   const blocks = blockGroups(plan);
   if (blocks.length) parts.push(`blk[${blocks.map(span).join(",")}]`);
@@ -65,8 +81,9 @@ export function validatePlan(raw: unknown, config: ModelConfig): FusionPlan {
 
 /**
  * Checks a typed plan against the model's layers; every message names the rule and the layer that
- * breaks it. FFN groups are checked against the model after the plan's attention removals: a layer
- * whose attention is removed counts as attention-free, exactly as a DeciLM `no_op` layer does.
+ * breaks it. FFN groups are checked against the model after the plan's attention changes: a layer
+ * whose attention is removed or linear counts as attention-free, exactly as a DeciLM `no_op` layer
+ * does (a group computes its linear attentions from its input too, beside its FFNs).
  */
 export function checkPlan(plan: FusionPlan, config: ModelConfig): FusionPlan {
   const bad = (where: string, rule: string): never => {
@@ -74,19 +91,30 @@ export function checkPlan(plan: FusionPlan, config: ModelConfig): FusionPlan {
   };
   const inRange = (where: string, l: number) => {
     if (l >= config.numLayers) {
-      bad(where, `layer ${l} is out of range (the model has ${config.numLayers} layers, 0..${config.numLayers - 1})`);
+      bad(
+        where,
+        `layer ${l} is out of range (the model has ${config.numLayers} layers, 0..${config.numLayers - 1})`,
+      );
     }
   };
-  const removed = new Set<number>();
-  removedAttention(plan).forEach((l, i) => {
-    const where = `attention.remove[${i}] (${l})`;
-    inRange(where, l);
-    if (removed.has(l)) bad(where, `layer ${l} is listed twice`);
-    if (config.layers[l].attention.kind !== "full") {
-      bad(where, `layer ${l} has no attention to remove (${config.layers[l].attention.kind})`);
-    }
-    removed.add(l);
-  });
+  const changed = new Set<number>();
+  const change = (key: "remove" | "linear", ls: number[]) =>
+    ls.forEach((l, i) => {
+      const where = `attention.${key}[${i}] (${l})`;
+      inRange(where, l);
+      if (changed.has(l)) bad(where, `layer ${l} is listed twice in attention.remove and attention.linear`);
+      if (config.layers[l].attention.kind !== "full") {
+        bad(
+          where,
+          `layer ${l} has no attention to ${key === "remove" ? "remove" : "replace"} (${
+            config.layers[l].attention.kind
+          })`,
+        );
+      }
+      changed.add(l);
+    });
+  change("remove", removedAttention(plan));
+  change("linear", linearAttention(plan));
   const owner = new Map<number, string>();
   const claim = (where: string, group: number[]) => {
     group.forEach((l, k) => {
@@ -107,10 +135,10 @@ export function checkPlan(plan: FusionPlan, config: ModelConfig): FusionPlan {
       if (spec.ffn.kind !== "swiglu") {
         bad(where, `layer ${l} has no SwiGLU FFN (${spec.ffn.kind}); only SwiGLU FFNs can be fused`);
       }
-      if (k > 0 && spec.attention.kind !== "none" && !removed.has(l)) {
+      if (k > 0 && spec.attention.kind !== "none" && !changed.has(l)) {
         bad(
           where,
-          `layer ${l} has attention; only the first layer of a group may have attention (remove it with attention.remove)`,
+          `layer ${l} has attention; only the first layer of a group may have attention (remove it with attention.remove or attention.linear)`,
         );
       }
     });

@@ -36,7 +36,8 @@ function linear(x: Vecs, w: Tensor, t: number): Vecs {
   return y;
 }
 
-function rmsNorm(x: Vecs, gain: Float32Array | null, t: number, d: number, eps: number): Vecs {
+/** RMSNorm of T rows of width d, with the gain when given. */
+export function rmsNorm(x: Vecs, gain: Float32Array | null, t: number, d: number, eps: number): Vecs {
   const y = new Float64Array(t * d);
   for (let r = 0; r < t; r++) {
     let ss = 0;

@@ -1,7 +1,16 @@
 import { applyPlan } from "../fusion/apply.ts";
-import { type FusionPlan, planId } from "../fusion/plan.ts";
+import { type FusionPlan, linearAttention, planId } from "../fusion/plan.ts";
+import { FIT_SLICE, lazyLinearAttention } from "../fusion/linear_fit.ts";
+import { textWindows } from "../fusion/calibration.ts";
+import { InputError } from "../errors.ts";
 import { type Block, unfusedBlocks } from "../model/blocks.ts";
-import { type Checkpoint, loadCheckpoint, type LoadOptions, modelName } from "../model/checkpoint.ts";
+import {
+  type Checkpoint,
+  type LinearWeights,
+  loadCheckpoint,
+  type LoadOptions,
+  modelName,
+} from "../model/checkpoint.ts";
 import { TextTokenizer } from "../model/tokenizer.ts";
 import { storedBytes } from "../onnx/builder.ts";
 import { buildDecoderGraph } from "../onnx/decoder.ts";
@@ -14,6 +23,8 @@ import { ModelSession } from "./session.ts";
 export interface ModelAssets {
   checkpoint: Checkpoint;
   tokenizer: TextTokenizer;
+  /** Text the linear maps of a plan's `attention.linear` layers are fitted on. */
+  calibrationText?: string;
   /** The unfused block list the plans are applied to. */
   blocks: Block[];
   name: string;
@@ -38,14 +49,37 @@ export interface ModelInstance {
   reusedBytes: number;
 }
 
-export async function loadAssets(dir: string, opts: LoadOptions = {}): Promise<ModelAssets> {
-  return await assetsFrom(await loadCheckpoint(dir, opts), dir);
+export async function loadAssets(
+  dir: string,
+  opts: LoadOptions = {},
+  calibrationText?: string,
+): Promise<ModelAssets> {
+  return await assetsFrom(await loadCheckpoint(dir, opts), dir, calibrationText);
 }
 
 /** Assets around weights already in memory (shared by the serving process's workers). */
-export async function assetsFrom(checkpoint: Checkpoint, dir: string): Promise<ModelAssets> {
+export async function assetsFrom(
+  checkpoint: Checkpoint,
+  dir: string,
+  calibrationText?: string,
+): Promise<ModelAssets> {
   const tokenizer = await TextTokenizer.load(dir);
-  return { checkpoint, tokenizer, blocks: unfusedBlocks(checkpoint), name: modelName(dir) };
+  return { checkpoint, tokenizer, calibrationText, blocks: unfusedBlocks(checkpoint), name: modelName(dir) };
+}
+
+/** The fitted maps a plan's linear attentions need, fitted lazily (see lazyLinearAttention). */
+async function planFits(assets: ModelAssets, plan: FusionPlan): Promise<Map<number, LinearWeights>> {
+  const layers = linearAttention(plan);
+  if (layers.length === 0) return new Map();
+  if (!assets.calibrationText) {
+    throw new InputError("attention.linear needs calibration text to fit the maps on (--text)", "text");
+  }
+  const cfg = assets.checkpoint.config;
+  const windows = await textWindows(assets.calibrationText, assets.tokenizer, {
+    ...FIT_SLICE,
+    window: Math.min(FIT_SLICE.window, cfg.maxPositions),
+  });
+  return lazyLinearAttention(assets.checkpoint, layers, () => windows);
 }
 
 /**
@@ -60,7 +94,7 @@ export async function buildInstance(
   weights: WeightCache = new WeightCache(formatName(options)),
 ): Promise<ModelInstance> {
   const t0 = performance.now();
-  const blocks = applyPlan(assets.blocks, plan);
+  const blocks = applyPlan(assets.blocks, plan, "fused", await planFits(assets, plan));
   const graph = buildDecoderGraph(assets.checkpoint, blocks, options, weights);
   const t1 = performance.now();
   const session = await ModelSession.create(graph, device, assets.checkpoint.config.vocabSize);

@@ -46,6 +46,8 @@ export interface HostOptions {
   sequences: number;
   /** The WebGPU adapter's largest buffer, when known. */
   maxBufferBytes?: number;
+  /** Text the linear attentions of version 2 plans are fitted on. */
+  calibrationText?: string;
 }
 
 /**
@@ -72,6 +74,7 @@ export class ModelHost {
    * a swap converts only the groups its plan changes. Entries no live instance uses are dropped.
    */
   private readonly weights: WeightEntries = new Map();
+  private calibrationText?: string;
   private active: Slot | null = null;
   private readonly retiring = new Set<Slot>();
   private pending: PendingBuild | null = null;
@@ -90,6 +93,7 @@ export class ModelHost {
     try {
       this.device = device;
       this.graph = opts.graph;
+      this.calibrationText = opts.calibrationText;
       this.modelDir = dir;
       this.name = modelName(dir);
       this.config = await loadConfig(dir, { maxContext: opts.maxContext });
@@ -118,6 +122,7 @@ export class ModelHost {
       graph: this.graph,
       maxContext,
       weights: this.weights,
+      calibrationText: this.calibrationText,
     };
   }
 

@@ -27,6 +27,7 @@ export type InstanceRequest =
     maxContext?: number;
     /** Weights converted by earlier builds (shared memory): this build converts only what they lack. */
     weights: WeightEntries;
+    calibrationText?: string;
   }
   | { type: "generate"; id: number; promptIds: number[]; params: GenerateParams }
   | { type: "cancel"; id: number }
@@ -69,7 +70,7 @@ async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<
   const loaded = req.checkpoint
     ? null
     : await loadCheckpoint(req.modelDir, { shared: true, maxContext: req.maxContext });
-  const assets = await assetsFrom(req.checkpoint ?? loaded!, req.modelDir);
+  const assets = await assetsFrom(req.checkpoint ?? loaded!, req.modelDir, req.calibrationText);
   const weights = new WeightCache(formatName(req.graph), req.weights, true);
   instance = await buildInstance(assets, req.plan, device, req.graph, weights);
   maxPositions = assets.checkpoint.config.maxPositions;

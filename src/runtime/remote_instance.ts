@@ -21,6 +21,8 @@ export interface BuildSpec {
   maxContext?: number;
   /** Converted weights of earlier builds, reused where this plan has the same groups. */
   weights: WeightEntries;
+  /** Text a plan's linear attentions are fitted on. */
+  calibrationText?: string;
 }
 
 /** What a build converted and reused, and the converted weights it leaves for later builds. */
@@ -163,6 +165,7 @@ export class RemoteInstance implements PlanInstance {
       graph: spec.graph,
       maxContext: spec.maxContext,
       weights: spec.weights,
+      calibrationText: spec.calibrationText,
     };
     worker.postMessage(request);
     return {

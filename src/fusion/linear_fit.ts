@@ -1,0 +1,181 @@
+import type { AttentionWeights, LinearWeights } from "../model/checkpoint.ts";
+import { type Block, unfusedBlocks } from "../model/blocks.ts";
+import type { Checkpoint } from "../model/checkpoint.ts";
+import { referenceForward, rmsNorm } from "../model/forward.ts";
+import { lazyTensor, tensor } from "../model/tensor.ts";
+
+/**
+ * Relative ridge: lambda = RIDGE x mean(diag(H^T H)). Small enough that an exactly linear target is
+ * recovered to 1e-6, large enough to keep the solve defined when calibration rows are fewer than the
+ * hidden width.
+ */
+export const RIDGE = 1e-9;
+
+/** Rows of inputs and targets gathered for one fit: n rows of dIn and dOut values, row-major. */
+export interface FitData {
+  n: number;
+  dIn: number;
+  dOut: number;
+  h: Float64Array;
+  y: Float64Array;
+}
+
+/**
+ * Ridge least squares in closed form, float64: the W [dOut, dIn] minimising ||H W^T - Y||^2 +
+ * lambda ||W||^2, from the normal equations (H^T H + lambda I) W^T = H^T Y solved by Cholesky.
+ */
+export function ridgeFit({ n, dIn, dOut, h, y }: FitData, ridge = RIDGE): Float64Array {
+  const a = new Float64Array(dIn * dIn);
+  const b = new Float64Array(dIn * dOut);
+  for (let r = 0; r < n; r++) {
+    const hr = r * dIn;
+    const yr = r * dOut;
+    for (let i = 0; i < dIn; i++) {
+      const hi = h[hr + i];
+      if (hi === 0) continue;
+      const ai = i * dIn;
+      for (let j = i; j < dIn; j++) a[ai + j] += hi * h[hr + j];
+      const bi = i * dOut;
+      for (let o = 0; o < dOut; o++) b[bi + o] += hi * y[yr + o];
+    }
+  }
+  let trace = 0;
+  for (let i = 0; i < dIn; i++) trace += a[i * dIn + i];
+  const lambda = ridge * (trace / dIn || 1);
+  for (let i = 0; i < dIn; i++) {
+    a[i * dIn + i] += lambda;
+    for (let j = 0; j < i; j++) a[i * dIn + j] = a[j * dIn + i];
+  }
+  // Cholesky A = L L^T in place (lower triangle).
+  for (let j = 0; j < dIn; j++) {
+    let d = a[j * dIn + j];
+    for (let k = 0; k < j; k++) d -= a[j * dIn + k] ** 2;
+    if (!(d > 0)) throw new Error("ridge fit: the normal equations are not positive definite");
+    const ljj = Math.sqrt(d);
+    a[j * dIn + j] = ljj;
+    for (let i = j + 1; i < dIn; i++) {
+      let s = a[i * dIn + j];
+      for (let k = 0; k < j; k++) s -= a[i * dIn + k] * a[j * dIn + k];
+      a[i * dIn + j] = s / ljj;
+    }
+  }
+  // Forward then back substitution for every output column at once: B becomes W^T [dIn, dOut].
+  for (let i = 0; i < dIn; i++) {
+    for (let k = 0; k < i; k++) {
+      const l = a[i * dIn + k];
+      for (let o = 0; o < dOut; o++) b[i * dOut + o] -= l * b[k * dOut + o];
+    }
+    const lii = a[i * dIn + i];
+    for (let o = 0; o < dOut; o++) b[i * dOut + o] /= lii;
+  }
+  for (let i = dIn - 1; i >= 0; i--) {
+    for (let k = i + 1; k < dIn; k++) {
+      const l = a[k * dIn + i];
+      for (let o = 0; o < dOut; o++) b[i * dOut + o] -= l * b[k * dOut + o];
+    }
+    const lii = a[i * dIn + i];
+    for (let o = 0; o < dOut; o++) b[i * dOut + o] /= lii;
+  }
+  const w = new Float64Array(dOut * dIn);
+  for (let i = 0; i < dIn; i++) for (let o = 0; o < dOut; o++) w[o * dIn + i] = b[i * dOut + o];
+  return w;
+}
+
+/** Sum of squared residuals of H W^T against Y. */
+export function residual({ n, dIn, dOut, h, y }: FitData, w: ArrayLike<number>): number {
+  let sum = 0;
+  for (let r = 0; r < n; r++) {
+    for (let o = 0; o < dOut; o++) {
+      let p = 0;
+      for (let i = 0; i < dIn; i++) p += h[r * dIn + i] * w[o * dIn + i];
+      sum += (p - y[r * dOut + o]) ** 2;
+    }
+  }
+  return sum;
+}
+
+/**
+ * The inputs and outputs of the attention sublayers of `layers` on calibration windows, as the
+ * unfused model computes them: H = input_layernorm(x) (gain included) and Y = the attention's
+ * contribution to the residual stream.
+ */
+export function attentionData(ckpt: Checkpoint, layers: number[], windows: number[][]): Map<number, FitData> {
+  const blocks = unfusedBlocks(ckpt);
+  const d = ckpt.config.hidden;
+  const eps = ckpt.config.rmsEps;
+  const rows = new Map<number, { h: Float64Array[]; y: Float64Array[] }>(
+    layers.map((l) => [l, { h: [], y: [] }]),
+  );
+  const index = new Map<number, { layer: number; weights: AttentionWeights }>();
+  blocks.forEach((b: Block, i) => {
+    if (b.kind === "attention" && rows.has(b.layer)) index.set(i, b);
+  });
+  const last = Math.max(...index.keys());
+  for (const ids of windows) {
+    referenceForward(ckpt, blocks.slice(0, last + 1), ids, {
+      logits: "none",
+      onDelta: (i, delta, input) => {
+        const b = index.get(i);
+        if (!b) return;
+        const r = rows.get(b.layer)!;
+        r.h.push(rmsNorm(input, b.weights.norm, ids.length, d, eps));
+        r.y.push(Float64Array.from(delta));
+      },
+    });
+  }
+  const concat = (parts: Float64Array[]) => {
+    const out = new Float64Array(parts.reduce((s, p) => s + p.length, 0));
+    let at = 0;
+    for (const p of parts) out.set(p, at), at += p.length;
+    return out;
+  };
+  return new Map(
+    [...rows].map(([l, r]) => {
+      const h = concat(r.h);
+      return [l, { n: h.length / d, dIn: d, dOut: d, h, y: concat(r.y) }];
+    }),
+  );
+}
+
+/**
+ * DeciLM's `replace_with_linear` for each layer's attention, fitted to reproduce the attention it
+ * replaces on the calibration windows: `y = W . input_layernorm(x)` with the layer's own norm gain.
+ */
+export function fitLinearAttention(
+  ckpt: Checkpoint,
+  layers: number[],
+  windows: number[][],
+): Map<number, LinearWeights> {
+  const fits = new Map<number, LinearWeights>();
+  if (layers.length === 0) return fits;
+  const data = attentionData(ckpt, layers, windows);
+  const d = ckpt.config.hidden;
+  for (const layer of layers) {
+    const attention = ckpt.layers[layer].attention as AttentionWeights;
+    const w = ridgeFit(data.get(layer)!);
+    fits.set(layer, { norm: attention.norm, weight: tensor([d, d], Float32Array.from(w)) });
+  }
+  return fits;
+}
+
+/** Calibration for the fits: the first 512 tokens of the text, in windows of up to 128. */
+export const FIT_SLICE = { skip: 0, max: 512, window: 128 };
+
+/**
+ * The linear maps of a plan's `attention.linear` layers, fitted on first read of any of them (all in
+ * one pass over the calibration windows): a swap that finds their converted weights cached never
+ * fits again.
+ */
+export function lazyLinearAttention(
+  ckpt: Checkpoint,
+  layers: number[],
+  windows: () => number[][],
+): Map<number, LinearWeights> {
+  let fitted: Map<number, LinearWeights> | null = null;
+  const fit = () => (fitted ??= fitLinearAttention(ckpt, layers, windows()));
+  const d = ckpt.config.hidden;
+  return new Map(layers.map((l) => [l, {
+    norm: (ckpt.layers[l].attention as AttentionWeights).norm,
+    weight: lazyTensor([d, d], () => fit().get(l)!.weight.data),
+  }]));
+}
