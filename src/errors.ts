@@ -46,12 +46,36 @@ export class UnavailableError extends UserError {}
 /** The caller went away (or cancelled) before the work was done. */
 export class CancelledError extends UserError {}
 
+/**
+ * A request body's schema failure as an InputError naming its first offending field (the `param` of an
+ * OpenAI error), the message listing every issue.
+ */
+export function bodyError(error: z.ZodError): InputError {
+  const [first, ...rest] = error.issues;
+  const field = first.path.length
+    ? first.path.map(String).join(".")
+    : first.code === "unrecognized_keys"
+    ? String(first.keys[0])
+    : undefined;
+  if (!field) return new InputError(formatZodError(error));
+  const head = first.code === "unrecognized_keys" ? "unknown" : first.message;
+  const tail = rest.length ? `; ${formatIssues(rest)}` : "";
+  return new InputError(head + tail, field);
+}
+
 /** One line per issue, each prefixed with the path of the offending field. */
 export function formatZodError(
   error: z.ZodError,
   name = (path: PropertyKey[]) => path.map(String).join("."),
 ): string {
-  return error.issues
+  return formatIssues(error.issues, name);
+}
+
+function formatIssues(
+  issues: z.core.$ZodIssue[],
+  name = (path: PropertyKey[]) => path.map(String).join("."),
+): string {
+  return issues
     .map((issue) => {
       if (issue.code === "unrecognized_keys") {
         return `${issue.keys.map((k) => name([...issue.path, k])).join(", ")}: unknown`;

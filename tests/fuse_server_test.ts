@@ -201,6 +201,32 @@ Deno.test({
         },
       );
 
+      await t.step(
+        "POST /analysis with remove_steps measures the frontier in the worker; its plan swaps in",
+        async () => {
+          const bad = await post(base, "/analysis", { remove_steps: -1 });
+          assert.equal(bad.status, 400);
+          assert.equal((await bad.json()).error.param, "remove_steps");
+          const started = await post(base, "/analysis", { max_tokens: 16, window: 16, remove_steps: 1 });
+          assert.equal(started.status, 202);
+          await started.body?.cancel();
+          let body;
+          for (let i = 0; i < 1200; i++) {
+            body = await (await fetch(`${base}/analysis`)).json();
+            if (body.status !== "running") break;
+            await new Promise((r) => setTimeout(r, 100));
+          }
+          assert.equal(body.status, "done", JSON.stringify(body).slice(0, 300));
+          const f = body.report.frontier;
+          assert.equal(f.attention.length, 2 * 6, "tiny-nas has six attention sublayers");
+          assert.equal(f.frontier[0].steps, 1);
+          const swap = await post(base, "/fuse", f.frontier[0].plan);
+          assert.equal(swap.status, 200, await swap.clone().text());
+          assert.equal((await swap.json()).active.id, f.frontier[0].id);
+          await (await post(base, "/fuse", { ffn_groups: [] })).body?.cancel();
+        },
+      );
+
       await t.step("POST /bench runs one benchmark at a time and GET /bench returns the last", async () => {
         const none = await fetch(`${base}/bench`);
         assert.equal(none.status, 404);

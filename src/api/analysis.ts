@@ -20,6 +20,12 @@ export const analysisRequest = z.strictObject({
   threshold: z.number().min(0).max(2).default(DEFAULT_SUGGEST.threshold).describe(
     "largest dependency in a group",
   ),
+  remove_steps: z.number().int().min(0).max(32).default(0).describe(
+    "also measure the speed/quality frontier up to this many sequential steps removed (attention removed or linear, FFNs fused)",
+  ),
+  max_loss_increase: z.number().min(0).max(1000).optional().describe(
+    "perplexity budget in percent for the frontier's suggested plan",
+  ),
 });
 
 export type AnalysisRequest = z.infer<typeof analysisRequest>;

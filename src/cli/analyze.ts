@@ -7,6 +7,7 @@ import { TextTokenizer } from "../model/tokenizer.ts";
 import { DEFAULT_MODEL_DIR } from "./defaults.ts";
 import { defineCommand } from "./flags.ts";
 import { progressPrinter } from "./progress.ts";
+import { frontierFromText } from "../runtime/plan_scorer.ts";
 
 export const textFlag = z.string({ error: "is required (a text file for calibration/evaluation)" })
   .describe("calibration/evaluation text file");
@@ -32,6 +33,16 @@ export const analyzeCommand = defineCommand({
       { maxWidth: flags.max_width, threshold: flags.threshold },
       progressPrinter("analyze: forward passes"),
     );
+    if (flags.remove_steps > 0) {
+      report.frontier = await frontierFromText(
+        ckpt,
+        tokenizer,
+        flags.text,
+        { skip: flags.skip_tokens, max: flags.max_tokens },
+        { steps: flags.remove_steps, maxLossIncrease: flags.max_loss_increase, maxWidth: flags.max_width },
+        progressPrinter("analyze: frontier plans"),
+      );
+    }
     if (flags.svg) {
       await Deno.writeTextFile(flags.svg, heatmapSvg(report.analysis, `${report.model}: block dependency`));
     }

@@ -4,9 +4,11 @@
  * thread would stall every stream in flight. The weights come from the serving process's shared
  * copy, so nothing is read from disk again.
  */
+import "../runtime/worker_location.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
 import { TextTokenizer } from "../model/tokenizer.ts";
 import { serveJob } from "../runtime/background.ts";
+import { frontierFromText, type FrontierRequest } from "../runtime/plan_scorer.ts";
 import { type AnalysisReport, analyzeText, type SuggestOptions } from "./analyze.ts";
 import type { TextSlice } from "./calibration.ts";
 
@@ -16,9 +18,22 @@ export interface AnalysisJob {
   textPath: string;
   slice: TextSlice;
   suggest: SuggestOptions;
+  /** Also measure the speed/quality frontier (sessions built here, in this worker). */
+  frontier?: FrontierRequest;
 }
 
 serveJob<AnalysisJob, AnalysisReport>(async (job, progress) => {
   const tokenizer = await TextTokenizer.load(job.modelDir);
-  return await analyzeText(job.checkpoint, tokenizer, job.textPath, job.slice, job.suggest, progress);
+  const report = await analyzeText(job.checkpoint, tokenizer, job.textPath, job.slice, job.suggest, progress);
+  if (job.frontier) {
+    report.frontier = await frontierFromText(
+      job.checkpoint,
+      tokenizer,
+      job.textPath,
+      job.slice,
+      job.frontier,
+      progress,
+    );
+  }
+  return report;
 });

@@ -3,10 +3,10 @@ import { HTTPException } from "hono/http-exception";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 import type { z } from "zod";
 import {
+  bodyError,
   BusyError,
   CancelledError,
   CapacityError,
-  formatZodError,
   InputError,
   NotFoundError,
   UnavailableError,
@@ -57,7 +57,7 @@ export async function readBody<S extends z.ZodType>(c: Context, schema: S): Prom
     throw new InputError(`request body is not valid JSON: ${(e as Error).message}`);
   }
   const parsed = schema.safeParse(raw);
-  if (!parsed.success) throw new InputError(formatZodError(parsed.error));
+  if (!parsed.success) throw bodyError(parsed.error);
   return parsed.data;
 }
 

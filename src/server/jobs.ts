@@ -67,6 +67,9 @@ export function analysisRoutes(job: AnalysisRunner, host: ModelHost, textPath: s
         textPath,
         slice: { skip: req.skip_tokens, max: req.max_tokens, window: req.window },
         suggest: { maxWidth: req.max_width, threshold: req.threshold },
+        frontier: req.remove_steps > 0
+          ? { steps: req.remove_steps, maxLossIncrease: req.max_loss_increase, maxWidth: req.max_width }
+          : undefined,
       });
       return c.json({ status: "running" }, 202);
     },

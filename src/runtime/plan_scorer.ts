@@ -1,0 +1,85 @@
+import { applyPlan } from "../fusion/apply.ts";
+import { textWindows } from "../fusion/calibration.ts";
+import { evaluateQuality, type Scorer } from "../fusion/evaluate.ts";
+import { type FrontierResult, planForBudget, type PlanScore, searchFrontier } from "../fusion/frontier.ts";
+import { FIT_SLICE, fitLinearAttention } from "../fusion/linear_fit.ts";
+import { type FusionPlan, UNFUSED } from "../fusion/plan.ts";
+import { unfusedBlocks } from "../model/blocks.ts";
+import type { Checkpoint } from "../model/checkpoint.ts";
+import type { TextTokenizer } from "../model/tokenizer.ts";
+import { buildDecoderGraph } from "../onnx/decoder.ts";
+import { disposeCache, ModelSession } from "./session.ts";
+
+/** Held-out tokens each candidate plan is measured on. */
+export const HELD_OUT_TOKENS = 256;
+
+export interface FrontierRequest {
+  /** The largest number of sequential steps to remove. */
+  steps: number;
+  /** A perplexity budget in percent for the suggested plan. */
+  maxLossIncrease?: number;
+  maxWidth: number;
+}
+
+const sessionScorer = (session: ModelSession): Scorer => async (ids) => {
+  const { logits, cache } = await session.step(ids, session.emptyCache());
+  disposeCache(cache);
+  return logits;
+};
+
+/**
+ * Measures plans through the engine that serves them (onnxruntime on WASM, fp32): each candidate gets
+ * a session, its held-out loss, and KL and top-1 agreement against the unfused model's logits.
+ * Linear attentions are fitted once per layer on the calibration text and shared by every plan.
+ */
+export async function frontierFromText(
+  ckpt: Checkpoint,
+  tokenizer: TextTokenizer,
+  textPath: string,
+  calibration: { skip: number; max: number },
+  req: FrontierRequest,
+  onProgress?: (done: number, total: number) => void,
+): Promise<FrontierResult> {
+  const cfg = ckpt.config;
+  const window = Math.min(128, cfg.maxPositions);
+  // Held out from both the analysis's calibration tokens and the tokens the linear maps are fitted on.
+  const heldOut = await textWindows(textPath, tokenizer, {
+    skip: Math.max(calibration.skip + calibration.max, FIT_SLICE.skip + FIT_SLICE.max),
+    max: HELD_OUT_TOKENS,
+    window,
+  });
+  const fitWindows = await textWindows(textPath, tokenizer, { ...FIT_SLICE, window });
+  const candidates = cfg.layers.flatMap((l, i) => (l.attention.kind === "full" ? [i] : []));
+  const fits = fitLinearAttention(ckpt, candidates, fitWindows);
+  const blocks = unfusedBlocks(ckpt);
+  const sessionFor = (plan: FusionPlan) =>
+    ModelSession.create(
+      buildDecoderGraph(ckpt, applyPlan(blocks, plan, "fused", fits)),
+      "wasm",
+      cfg.vocabSize,
+    );
+  const base = await sessionFor(UNFUSED);
+  const baseLogits = new Map<number[], Float32Array | Float64Array>();
+  const baseScorer = sessionScorer(base);
+  for (const ids of heldOut) baseLogits.set(ids, await baseScorer(ids));
+  await base.release();
+  const baseline: Scorer = (ids) => Promise.resolve(baseLogits.get(ids)!);
+  const unfused = await evaluateQuality(heldOut, cfg.vocabSize, baseline);
+  const score = async (plan: FusionPlan): Promise<PlanScore> => {
+    const session = await sessionFor(plan);
+    try {
+      return await evaluateQuality(heldOut, cfg.vocabSize, sessionScorer(session), baseline) as PlanScore;
+    } finally {
+      await session.release();
+    }
+  };
+  const report = await searchFrontier(
+    cfg,
+    { maxSteps: req.steps, maxWidth: req.maxWidth },
+    score,
+    { loss: unfused.loss, ppl: unfused.ppl },
+    onProgress,
+  );
+  const chosen = planForBudget(report, { steps: req.steps, maxLossIncrease: req.maxLossIncrease });
+  return { ...report, budget_plan: chosen?.plan ?? null, held_out_tokens: unfused.tokens };
+}

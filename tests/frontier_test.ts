@@ -1,0 +1,94 @@
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { type FrontierReport, planForBudget, runsAfter, stepsRemoved } from "../src/fusion/frontier.ts";
+import { checkPlan, type FusionPlan, planId } from "../src/fusion/plan.ts";
+import { loadConfig } from "../src/model/checkpoint.ts";
+import { EVAL_TEXT, ROOT, TINY_LLAMA } from "./helpers.ts";
+
+Deno.test("frontier: steps removed, runs opened by attention changes, the plan a budget allows", async () => {
+  const cfg = await loadConfig(TINY_LLAMA);
+  const plan: FusionPlan = {
+    version: 2,
+    attention: { remove: [4], linear: [5] },
+    ffn_groups: [[3, 4, 5]],
+    block_groups: [[6, 7]],
+  };
+  assert.equal(stepsRemoved(plan), 2 + 2 + 1);
+  assert.deepEqual(runsAfter(cfg, new Set([4, 5]), 4), [[3, 4, 5]]);
+  assert.deepEqual(runsAfter(cfg, new Set([1, 2, 3, 4, 5, 6]), 4), [[0, 1, 2, 3], [4, 5, 6]]);
+  assert.deepEqual(runsAfter(cfg, new Set(), 4), [], "a plain Llama has nothing to fuse");
+  const point = (steps: number, ppl: number) => ({
+    steps,
+    ppl,
+    id: `p${steps}`,
+    plan,
+    loss: Math.log(ppl),
+    kl: 0,
+    top1_agreement: 1,
+  });
+  const report: FrontierReport = {
+    unfused: { loss: Math.log(10), ppl: 10 },
+    attention: [],
+    frontier: [point(1, 10.1), point(2, 10.4), point(3, 11.5)],
+    plans: [],
+  };
+  assert.equal(planForBudget(report, { maxLossIncrease: 5 })!.steps, 2);
+  assert.equal(planForBudget(report, { steps: 1 })!.steps, 1);
+  assert.equal(planForBudget(report, { maxLossIncrease: 0.5 }), null);
+});
+
+Deno.test({
+  name:
+    "analyze --remove-steps on tiny-llama: a measured frontier; attention removed from consecutive layers, then their FFNs fused",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "-A",
+        join(ROOT, "main.ts"),
+        "analyze",
+        "--model",
+        TINY_LLAMA,
+        "--text",
+        EVAL_TEXT,
+        "--max-tokens",
+        "64",
+        "--window",
+        "64",
+        "--remove-steps",
+        "4",
+        "--max-loss-increase",
+        "50",
+      ],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
+    const report = JSON.parse(new TextDecoder().decode(out.stdout));
+    const f = report.frontier;
+    const cfg = await loadConfig(TINY_LLAMA);
+    assert.equal(f.held_out_tokens, 254, "256 held-out tokens in two windows of 128");
+    assert.equal(f.attention.length, 2 * 8, "every attention sublayer, removed and linear");
+    assert.deepEqual(f.frontier.map((p: { steps: number }) => p.steps), [1, 2, 3, 4]);
+    for (const p of f.frontier) {
+      checkPlan(p.plan, cfg);
+      assert.equal(p.id, planId(p.plan));
+      assert.ok(Number.isFinite(p.loss) && p.kl >= 0 && p.top1_agreement > 0 && p.top1_agreement <= 1);
+      assert.ok(p.loss > f.unfused.loss - 0.05, "no plan is much better than the model itself");
+    }
+    assert.ok(f.plans.length >= 4 * 8, `${f.plans.length} plans measured`);
+    const fusedAcross = f.plans.find((p: { plan: FusionPlan }) => {
+      const changed = [
+        ...(p.plan.version === 2 ? [...p.plan.attention.remove, ...p.plan.attention.linear] : []),
+      ];
+      return p.plan.ffn_groups.some((g) => g.slice(1).filter((l) => changed.includes(l)).length >= 2);
+    });
+    assert.ok(fusedAcross, "a plan removes attention from two consecutive layers and fuses their FFNs");
+    if (f.budget_plan) {
+      const chosen = f.frontier.find((p: { id: string }) => p.id === planId(f.budget_plan));
+      assert.ok(chosen.ppl <= f.unfused.ppl * 1.5);
+    }
+  },
+});
