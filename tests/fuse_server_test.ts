@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { post, readSse, startServer } from "./server_helpers.ts";
+import { post, readSse, startServer, waitForJob } from "./server_helpers.ts";
 
 Deno.test({
   name: "server: hot swap under load, plan validation, and analyses in the background",
@@ -181,12 +181,7 @@ Deno.test({
           });
           assert.equal(during.status, 200);
           await during.body?.cancel();
-          let body;
-          for (let i = 0; i < 600; i++) {
-            body = await (await fetch(`${base}/analysis`)).json();
-            if (body.status !== "running") break;
-            await new Promise((r) => setTimeout(r, 100));
-          }
+          const body = await waitForJob(base, "/analysis");
           assert.equal(body.status, "done", JSON.stringify(body).slice(0, 300));
           const report = body.report;
           assert.equal(report.analysis.blocks.length, 18);
@@ -210,12 +205,7 @@ Deno.test({
           const started = await post(base, "/analysis", { max_tokens: 16, window: 16, remove_steps: 1 });
           assert.equal(started.status, 202);
           await started.body?.cancel();
-          let body;
-          for (let i = 0; i < 1200; i++) {
-            body = await (await fetch(`${base}/analysis`)).json();
-            if (body.status !== "running") break;
-            await new Promise((r) => setTimeout(r, 100));
-          }
+          const body = await waitForJob(base, "/analysis");
           assert.equal(body.status, "done", JSON.stringify(body).slice(0, 300));
           const f = body.report.frontier;
           assert.equal(f.attention.length, 2 * 6, "tiny-nas has six attention sublayers");
@@ -240,12 +230,7 @@ Deno.test({
         const second = await post(base, "/bench", { k: 2, tokens: [1] });
         assert.equal(second.status, 409);
         assert.match((await second.json()).error.message, /already running/);
-        let body;
-        for (let i = 0; i < 1200; i++) {
-          body = await (await fetch(`${base}/bench`)).json();
-          if (body.status !== "running") break;
-          await new Promise((r) => setTimeout(r, 100));
-        }
+        const body = await waitForJob(base, "/bench");
         assert.equal(body.status, "done", JSON.stringify(body).slice(0, 300));
         assert.equal(body.report.device, "wasm");
         assert.equal(body.report.decode.length, 2);

@@ -215,3 +215,13 @@ export async function waitFor(check: () => Promise<boolean>, ms = 5000): Promise
   }
   return false;
 }
+
+/** Polls a background job's route (/analysis, /bench) until it stops running; returns its last state. */
+export async function waitForJob(base: string, path: string, timeoutMs = 120_000) {
+  const end = performance.now() + timeoutMs;
+  for (;;) {
+    const body = await (await fetch(`${base}${path}`)).json();
+    if (body.status !== "running" || performance.now() > end) return body;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
