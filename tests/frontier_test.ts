@@ -1,6 +1,12 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { type FrontierReport, planForBudget, runsAfter, stepsRemoved } from "../src/fusion/frontier.ts";
+import {
+  blockCandidates,
+  type FrontierReport,
+  planForBudget,
+  runsAfter,
+  stepsRemoved,
+} from "../src/fusion/frontier.ts";
 import { checkPlan, type FusionPlan, planId } from "../src/fusion/plan.ts";
 import { loadConfig } from "../src/model/checkpoint.ts";
 import { EVAL_TEXT, ROOT, TINY_LLAMA } from "./helpers.ts";
@@ -35,6 +41,27 @@ Deno.test("frontier: steps removed, runs opened by attention changes, the plan a
   assert.equal(planForBudget(report, { maxLossIncrease: 5 })!.steps, 2);
   assert.equal(planForBudget(report, { steps: 1 })!.steps, 1);
   assert.equal(planForBudget(report, { maxLossIncrease: 0.5 }), null);
+});
+
+Deno.test("frontier: block-parallel candidates are the windows of lowest pairwise dependency", () => {
+  // Four layers, blocks attn/ffn each; layers 1-2 barely depend on each other, 2-3 strongly.
+  const n = 8;
+  const matrix = Array.from({ length: n }, () => new Array<number>(n).fill(0.5));
+  const set = (a: number, b: number, v: number) => {
+    for (const i of [2 * a, 2 * a + 1]) for (const j of [2 * b, 2 * b + 1]) matrix[i][j] = v;
+  };
+  set(1, 2, 0.05);
+  set(0, 1, 0.3);
+  set(2, 3, 0.9);
+  const blocks = Array.from({ length: n }, (_, index) => ({
+    index,
+    kind: index % 2 ? "ffn" as const : "attention" as const,
+    layer: Math.floor(index / 2),
+    label: "",
+  }));
+  const candidates = blockCandidates({ blocks, matrix, ratios: [], tokens: 1 }, 3);
+  assert.deepEqual(candidates.slice(0, 2), [[1, 2], [0, 1]]);
+  assert.deepEqual(candidates.slice(2), [[0, 1, 2], [1, 2, 3]]);
 });
 
 Deno.test({
@@ -86,6 +113,15 @@ Deno.test({
       return p.plan.ffn_groups.some((g) => g.slice(1).filter((l) => changed.includes(l)).length >= 2);
     });
     assert.ok(fusedAcross, "a plan removes attention from two consecutive layers and fuses their FFNs");
+    const blockPlans = f.plans.filter((p: { plan: FusionPlan }) =>
+      p.plan.version === 2 && p.plan.block_groups.length
+    );
+    assert.ok(blockPlans.length >= 4, "block-parallel candidates of widths 2 to 4 were measured");
+    assert.ok(
+      blockPlans.every((p: { steps: number; plan: { block_groups: number[][] } }) =>
+        p.steps === p.plan.block_groups[0].length - 1
+      ),
+    );
     if (f.budget_plan) {
       const chosen = f.frontier.find((p: { id: string }) => p.id === planId(f.budget_plan));
       assert.ok(chosen.ppl <= f.unfused.ppl * 1.5);

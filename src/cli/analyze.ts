@@ -8,6 +8,7 @@ import { DEFAULT_MODEL_DIR } from "./defaults.ts";
 import { defineCommand } from "./flags.ts";
 import { progressPrinter } from "./progress.ts";
 import { frontierFromText } from "../runtime/plan_scorer.ts";
+import { blockCandidates } from "../fusion/frontier.ts";
 
 export const textFlag = z.string({ error: "is required (a text file for calibration/evaluation)" })
   .describe("calibration/evaluation text file");
@@ -39,7 +40,12 @@ export const analyzeCommand = defineCommand({
         tokenizer,
         flags.text,
         { skip: flags.skip_tokens, max: flags.max_tokens },
-        { steps: flags.remove_steps, maxLossIncrease: flags.max_loss_increase, maxWidth: flags.max_width },
+        {
+          steps: flags.remove_steps,
+          maxLossIncrease: flags.max_loss_increase,
+          maxWidth: flags.max_width,
+          blockGroups: blockCandidates(report.analysis, flags.max_width),
+        },
         progressPrinter("analyze: frontier plans"),
       );
     }

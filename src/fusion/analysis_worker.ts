@@ -10,6 +10,7 @@ import { TextTokenizer } from "../model/tokenizer.ts";
 import { serveJob } from "../runtime/background.ts";
 import { frontierFromText, type FrontierRequest } from "../runtime/plan_scorer.ts";
 import { type AnalysisReport, analyzeText, type SuggestOptions } from "./analyze.ts";
+import { blockCandidates } from "./frontier.ts";
 import type { TextSlice } from "./calibration.ts";
 
 export interface AnalysisJob {
@@ -31,7 +32,7 @@ serveJob<AnalysisJob, AnalysisReport>(async (job, progress) => {
       tokenizer,
       job.textPath,
       job.slice,
-      job.frontier,
+      { ...job.frontier, blockGroups: blockCandidates(report.analysis, job.frontier.maxWidth) },
       progress,
     );
   }

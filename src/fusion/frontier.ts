@@ -1,4 +1,5 @@
 import type { ModelConfig } from "../model/config.ts";
+import type { DependencyAnalysis } from "./analyze.ts";
 import type { QualityReport } from "./evaluate.ts";
 import { blockGroups, type FusionPlan, linearAttention, planId, removedAttention } from "./plan.ts";
 
@@ -97,7 +98,7 @@ export function runsAfter(config: ModelConfig, changed: Set<number>, maxWidth: n
  */
 export async function searchFrontier(
   config: ModelConfig,
-  opts: { maxSteps: number; maxWidth: number },
+  opts: { maxSteps: number; maxWidth: number; blockGroups?: number[][] },
   score: (plan: FusionPlan) => Promise<PlanScore>,
   unfused: { loss: number; ppl: number },
   onProgress?: (done: number, total: number) => void,
@@ -161,12 +162,48 @@ export async function searchFrontier(
       await measure(planOf(w.changes, [[w.changes[0].layer - 1, ...w.changes.map((c) => c.layer)]]));
     }
   }
+  // Whole blocks in parallel, from the dependency matrix's candidates.
+  for (const group of opts.blockGroups ?? []) {
+    if (group.length - 1 <= opts.maxSteps) {
+      await measure({
+        version: 2,
+        attention: { remove: [], linear: [] },
+        ffn_groups: [],
+        block_groups: [group],
+      });
+    }
+  }
   return {
     unfused,
     attention,
     frontier: [...best.values()].sort((a, b) => a.steps - b.steps),
     plans,
   };
+}
+
+/**
+ * Block-parallel candidates from the dependency matrix: windows of 2 to `maxWidth` consecutive layers,
+ * the dependency of layer b on layer a being the largest M[i][j] from a's blocks (attention, FFN) to
+ * b's; windows ranked by the largest, then the summed, pairwise dependency inside them (the paper's
+ * criterion), the best two of each width.
+ */
+export function blockCandidates(analysis: DependencyAnalysis, maxWidth: number): number[][] {
+  const byLayer = new Map<number, number[]>();
+  for (const b of analysis.blocks) byLayer.set(b.layer, [...(byLayer.get(b.layer) ?? []), b.index]);
+  const dep = (a: number, b: number) =>
+    Math.max(...byLayer.get(a)!.flatMap((i) => byLayer.get(b)!.map((j) => analysis.matrix[i][j])));
+  const layers = [...byLayer.keys()].sort((a, b) => a - b);
+  const out: number[][] = [];
+  for (let width = 2; width <= maxWidth; width++) {
+    const ranked = layers.slice(0, layers.length - width + 1).map((start) => {
+      const w = Array.from({ length: width }, (_, i) => start + i);
+      const pairs = w.flatMap((a, i) => w.slice(i + 1).map((b) => dep(a, b)));
+      return { w, max: Math.max(...pairs), sum: pairs.reduce((s, v) => s + v, 0) };
+    }).filter((c) => c.w.every((l) => byLayer.has(l)));
+    ranked.sort((a, b) => a.max - b.max || a.sum - b.sum);
+    out.push(...ranked.slice(0, 2).map((c) => c.w));
+  }
+  return out;
 }
 
 /**

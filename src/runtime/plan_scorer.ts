@@ -14,6 +14,8 @@ import { disposeCache, ModelSession } from "./session.ts";
 export const HELD_OUT_TOKENS = 256;
 
 export interface FrontierRequest {
+  /** Block-parallel candidates to measure (blockCandidates of the dependency analysis). */
+  blockGroups?: number[][];
   /** The largest number of sequential steps to remove. */
   steps: number;
   /** A perplexity budget in percent for the suggested plan. */
@@ -75,7 +77,7 @@ export async function frontierFromText(
   };
   const report = await searchFrontier(
     cfg,
-    { maxSteps: req.steps, maxWidth: req.maxWidth },
+    { maxSteps: req.steps, maxWidth: req.maxWidth, blockGroups: req.blockGroups },
     score,
     { loss: unfused.loss, ppl: unfused.ppl },
     onProgress,
