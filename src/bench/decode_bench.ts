@@ -34,32 +34,25 @@ export interface DecodeBench {
 /** The prompt every decode measurement starts from. */
 export const BENCH_PROMPT = "import os\nimport sys\n\ndef main(";
 
-interface Sample {
+export interface Sample {
   prefillMs: number;
   tokensPerSecond: number;
   tokensPerCpuSecond: number;
 }
+
+/** Greedy generation of exactly `tokens` tokens, prefill included, driven to its end. */
+export type GenerateTokens = (tokens: number) => Promise<void>;
 
 const cpuSeconds = () => {
   const u = process.cpuUsage();
   return (u.user + u.system) / 1e6;
 };
 
-/** Wall and CPU time of one greedy generation of exactly `tokens` tokens, prefill included. */
-async function timeGeneration(assets: ModelAssets, inst: ModelInstance, promptIds: number[], tokens: number) {
-  const cfg = assets.checkpoint.config;
+/** Wall and CPU time (the whole process's: workers included) of one generation. */
+async function timeGeneration(generateTokens: GenerateTokens, tokens: number) {
   const cpu0 = cpuSeconds();
   const t0 = performance.now();
-  const run = generate({
-    session: inst.session,
-    tokenizer: assets.tokenizer,
-    promptIds,
-    params: { ...DEFAULT_SAMPLING, maxTokens: tokens, stop: [], ignoreEos: true },
-    eosTokenIds: cfg.eosTokenIds,
-    maxPositions: cfg.maxPositions,
-  });
-  let r = await run.next();
-  while (!r.done) r = await run.next();
+  await generateTokens(tokens);
   return { ms: performance.now() - t0, cpu: cpuSeconds() - cpu0 };
 }
 
@@ -68,19 +61,31 @@ async function timeGeneration(assets: ModelAssets, inst: ModelInstance, promptId
  * rate is the difference. Timing whole generations keeps the GPU-resident loop honest: it hands
  * tokens over in batches, so the time of the first one to arrive is not the prefill's.
  */
-async function onePass(
-  assets: ModelAssets,
-  inst: ModelInstance,
-  promptIds: number[],
-  tokens: number,
-): Promise<Sample> {
-  const one = await timeGeneration(assets, inst, promptIds, 1);
-  const all = await timeGeneration(assets, inst, promptIds, tokens);
+export async function decodePass(generateTokens: GenerateTokens, tokens: number): Promise<Sample> {
+  const one = await timeGeneration(generateTokens, 1);
+  const all = await timeGeneration(generateTokens, tokens);
   const decoded = tokens - 1;
   return {
     prefillMs: one.ms,
     tokensPerSecond: decoded / (Math.max(all.ms - one.ms, 1e-3) / 1000),
     tokensPerCpuSecond: decoded / Math.max(all.cpu - one.cpu, 1e-6),
+  };
+}
+
+/** An in-process instance's generation, for decodePass. */
+function generator(assets: ModelAssets, inst: ModelInstance, promptIds: number[]): GenerateTokens {
+  const cfg = assets.checkpoint.config;
+  return async (tokens) => {
+    const run = generate({
+      session: inst.session,
+      tokenizer: assets.tokenizer,
+      promptIds,
+      params: { ...DEFAULT_SAMPLING, maxTokens: tokens, stop: [], ignoreEos: true },
+      eosTokenIds: cfg.eosTokenIds,
+      maxPositions: cfg.maxPositions,
+    });
+    let r = await run.next();
+    while (!r.done) r = await run.next();
   };
 }
 
@@ -110,12 +115,13 @@ export async function benchDecode(
         skipped.push({ device, reason: (e as Error).message.split("\n")[0] });
       }
     }
-    for (const inst of instances) for (let w = 0; w < 2; w++) await onePass(assets, inst, prompt, tokens);
+    const runs = instances.map((inst) => generator(assets, inst, prompt));
+    for (const run of runs) for (let w = 0; w < 2; w++) await decodePass(run, tokens);
     const samples: Sample[][] = instances.map(() => []);
     for (let round = 0; round < rounds; round++) {
       const order = instances.map((_, i) => i);
       if (round % 2) order.reverse();
-      for (const i of order) samples[i].push(await onePass(assets, instances[i], prompt, tokens));
+      for (const i of order) samples[i].push(await decodePass(runs[i], tokens));
     }
     const rate = samples.map((s) => spread(s.map((x) => x.tokensPerSecond)));
     const cases = instances.map((inst, i): DecodeCase => {

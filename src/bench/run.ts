@@ -43,7 +43,6 @@ export interface BenchOptions {
   checkpoint?: Checkpoint;
   /** Weight formats to serve the model in end to end (`all`: every one the device supports). */
   formats?: (FormatName | "all")[];
-  signal?: AbortSignal;
 }
 
 /** Where a benchmark's memory must fit: the host, and WASM's 32-bit heap. */
@@ -190,8 +189,7 @@ export async function runBench(
   }
   let serving: ServingBench | undefined;
   if (assets && opts.formats?.length) {
-    const f16 = graph.dtype === "fp16" ||
-      (await resolveGraphOptions("auto", "none", device)).dtype === "fp16";
+    const f16 = (await resolveGraphOptions("auto", "none", device)).dtype === "fp16";
     const formats = opts.formats.includes("all")
       ? servingFormats(device, f16)
       : (opts.formats as FormatName[]).map(parseFormatName);
@@ -205,7 +203,6 @@ export async function runBench(
       tokens: opts.decodeTokens,
       rounds: opts.rounds,
       maxBufferBytes: await adapterMaxBuffer(device),
-      signal: opts.signal,
       log,
     });
   }

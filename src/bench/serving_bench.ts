@@ -1,4 +1,3 @@
-import process from "node:process";
 import { type FusionPlan, planId, UNFUSED } from "../fusion/plan.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
 import { type Spread, spread } from "../numeric.ts";
@@ -8,6 +7,7 @@ import { checkModelFits } from "../runtime/memory.ts";
 import { type Device, resolveGraphOptions } from "../runtime/ort.ts";
 import { type PlanInstance, RemoteInstance } from "../runtime/remote_instance.ts";
 import { DEFAULT_SAMPLING } from "../runtime/sampling.ts";
+import { decodePass, type GenerateTokens, type Sample } from "./decode_bench.ts";
 
 /** One weight format served end to end: building, swapping to the fused plan, decoding both. */
 export interface ServingCase {
@@ -51,10 +51,6 @@ export function servingFormats(device: Device, f16: boolean): GraphOptions[] {
 }
 
 const mb = (bytes: number) => bytes / 1e6;
-const cpuSeconds = () => {
-  const u = process.cpuUsage();
-  return (u.user + u.system) / 1e6;
-};
 
 /** Peak resident memory between start() and stop(), sampled every 50 ms (the workers included). */
 class RssSampler {
@@ -72,17 +68,11 @@ class RssSampler {
   }
 }
 
-async function timeGeneration(inst: PlanInstance, promptIds: number[], tokens: number) {
-  const cpu0 = cpuSeconds();
-  const t0 = performance.now();
-  const run = inst.generate(
-    promptIds,
-    { ...DEFAULT_SAMPLING, maxTokens: tokens, stop: [], ignoreEos: true },
-    new AbortController().signal,
-  );
-  for await (const _ of run);
-  return { ms: performance.now() - t0, cpu: cpuSeconds() - cpu0 };
-}
+/** A worker instance's generation, for decodePass. */
+const generator = (inst: PlanInstance, promptIds: number[]): GenerateTokens => async (tokens) => {
+  const params = { ...DEFAULT_SAMPLING, maxTokens: tokens, stop: [], ignoreEos: true };
+  for await (const _ of inst.generate(promptIds, params, new AbortController().signal));
+};
 
 export interface ServingBenchOptions {
   modelDir: string;
@@ -95,8 +85,6 @@ export interface ServingBenchOptions {
   tokens: number;
   rounds: number;
   maxBufferBytes?: number;
-  /** Aborting stops between measurements and frees every instance. */
-  signal?: AbortSignal;
   log?: (line: string) => void;
 }
 
@@ -141,25 +129,15 @@ export async function benchServing(o: ServingBenchOptions): Promise<ServingBench
       const base = await build(UNFUSED, new Map());
       const fused = await build(o.fused, base.weights.added);
       const instances = [base.instance, fused.instance];
-      for (const inst of instances) await timeGeneration(inst, o.promptIds, o.tokens);
-      const samples = instances.map(() => ({
-        prefill: [] as number[],
-        rate: [] as number[],
-        cpu: [] as number[],
-      }));
+      const runs = instances.map((inst) => generator(inst, o.promptIds));
+      for (const run of runs) await run(o.tokens);
+      const samples: Sample[][] = instances.map(() => []);
       for (let round = 0; round < o.rounds; round++) {
-        if (o.signal?.aborted) throw o.signal.reason;
         o.log?.(`serving ${name}: round ${round + 1} of ${o.rounds}`);
         const order = round % 2 ? [1, 0] : [0, 1];
-        for (const i of order) {
-          const one = await timeGeneration(instances[i], o.promptIds, 1);
-          const all = await timeGeneration(instances[i], o.promptIds, o.tokens);
-          samples[i].prefill.push(one.ms);
-          samples[i].rate.push((o.tokens - 1) / (Math.max(all.ms - one.ms, 1e-3) / 1000));
-          samples[i].cpu.push((o.tokens - 1) / Math.max(all.cpu - one.cpu, 1e-6));
-        }
+        for (const i of order) samples[i].push(await decodePass(runs[i], o.tokens));
       }
-      const rates = samples.map((s) => spread(s.rate));
+      const rates = samples.map((s) => spread(s.map((x) => x.tokensPerSecond)));
       cases.push({
         format: name,
         weight_mb: mb(base.instance.weightBytes),
@@ -174,9 +152,11 @@ export async function benchServing(o: ServingBenchOptions): Promise<ServingBench
         },
         decode: instances.map((inst, i) => ({
           plan: inst.planId,
-          prefill_ms: spread(samples[i].prefill),
+          prefill_ms: spread(samples[i].map((x) => x.prefillMs)),
           tokens_per_second: rates[i],
-          tokens_per_cpu_second: o.device === "webgpu" ? null : spread(samples[i].cpu),
+          tokens_per_cpu_second: o.device === "webgpu"
+            ? null
+            : spread(samples[i].map((x) => x.tokensPerCpuSecond)),
           speedup: rates[i].median / rates[0].median,
         })),
         peak_rss_mb: mb(rss.stop()),

@@ -4,19 +4,12 @@ import { textWindows } from "../fusion/calibration.ts";
 import { UNFUSED } from "../fusion/plan.ts";
 import { InputError } from "../errors.ts";
 import { buildInstance, type ModelInstance } from "../runtime/engine.ts";
-import { disposeCache } from "../runtime/session.ts";
 import { textFlag } from "./analyze.ts";
 import { defineCommand } from "./flags.ts";
 import { loadModel, modelFlags } from "./load.ts";
 import { progressPrinter } from "./progress.ts";
 
-function scorer(inst: ModelInstance): Scorer {
-  return async (ids) => {
-    const { logits, cache } = await inst.session.step(ids, inst.session.emptyCache());
-    disposeCache(cache);
-    return logits;
-  };
-}
+const scorer = (inst: ModelInstance): Scorer => (ids) => inst.session.logitsOf(ids);
 
 export const evalCommand = defineCommand({
   name: "eval",

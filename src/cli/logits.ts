@@ -1,6 +1,5 @@
 import { z } from "zod";
 import { checkPromptFits } from "../runtime/context.ts";
-import { disposeCache } from "../runtime/session.ts";
 import { defineCommand } from "./flags.ts";
 import { loadModel, modelFlags } from "./load.ts";
 
@@ -15,10 +14,9 @@ export const logitsCommand = defineCommand({
     const { assets, instance } = await loadModel(flags);
     const ids = assets.tokenizer.encode(flags.prompt);
     checkPromptFits(ids.length, assets.checkpoint.config.maxPositions);
-    const { logits, cache } = await instance.session.step(ids, instance.session.emptyCache());
+    const logits = await instance.session.logitsOf(ids);
     const vocab = assets.checkpoint.config.vocabSize;
     const last = Array.from(logits.subarray(logits.length - vocab));
-    disposeCache(cache);
     await instance.session.release();
     console.log(
       JSON.stringify({ input_ids: ids, last_logits: last, plan: instance.planId, device: instance.device }),

@@ -1,7 +1,14 @@
 import type { ModelConfig } from "../model/config.ts";
 import type { DependencyAnalysis } from "./analyze.ts";
 import type { QualityReport } from "./evaluate.ts";
-import { blockGroups, type FusionPlan, linearAttention, planId, removedAttention } from "./plan.ts";
+import {
+  blockGroups,
+  fusableRuns,
+  type FusionPlan,
+  linearAttention,
+  planId,
+  removedAttention,
+} from "./plan.ts";
 
 /** How a plan scores: held-out loss and perplexity, KL and top-1 agreement against the unfused model. */
 export type PlanScore = Required<QualityReport>;
@@ -70,24 +77,14 @@ function planOf(changes: Change[], ffnGroups: number[][] = []): FusionPlan {
  * cut to `maxWidth`.
  */
 export function runsAfter(config: ModelConfig, changed: Set<number>, maxWidth: number): number[][] {
-  const runs: number[][] = [];
-  let run: number[] = [];
-  const flush = () => {
+  return fusableRuns(config, changed).flatMap((run) => {
+    const groups: number[][] = [];
     for (let i = 0; i + 1 < run.length; i += maxWidth) {
       const g = run.slice(i, i + maxWidth);
-      if (g.length >= 2) runs.push(g);
+      if (g.length >= 2) groups.push(g);
     }
-  };
-  config.layers.forEach((layer, i) => {
-    const free = layer.attention.kind === "none" || changed.has(i);
-    if (run.length > 0 && free && layer.ffn.kind === "swiglu") run.push(i);
-    else {
-      flush();
-      run = layer.ffn.kind === "swiglu" ? [i] : [];
-    }
+    return groups;
   });
-  flush();
-  return runs;
 }
 
 /**

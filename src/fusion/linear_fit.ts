@@ -119,7 +119,8 @@ export function attentionData(ckpt: Checkpoint, layers: number[], windows: numbe
         if (!b) return;
         const r = rows.get(b.layer)!;
         r.h.push(rmsNorm(input, b.weights.norm, ids.length, d, eps));
-        r.y.push(Float64Array.from(delta));
+        // The forward allocates every contribution afresh and never writes it again.
+        r.y.push(delta);
       },
     });
   }
@@ -169,10 +170,10 @@ export const FIT_SLICE = { skip: 0, max: 512, window: 128 };
 export function lazyLinearAttention(
   ckpt: Checkpoint,
   layers: number[],
-  windows: () => number[][],
+  windows: number[][],
 ): Map<number, LinearWeights> {
   let fitted: Map<number, LinearWeights> | null = null;
-  const fit = () => (fitted ??= fitLinearAttention(ckpt, layers, windows()));
+  const fit = () => (fitted ??= fitLinearAttention(ckpt, layers, windows));
   const d = ckpt.config.hidden;
   return new Map(layers.map((l) => [l, {
     norm: (ckpt.layers[l].attention as AttentionWeights).norm,

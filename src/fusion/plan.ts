@@ -166,13 +166,15 @@ export async function loadPlanFile(path: string, config: ModelConfig): Promise<F
 
 /**
  * Runs of layers whose FFNs may be fused: consecutive SwiGLU layers where every layer after the
- * first has no attention (the first may have attention: it runs, then the group's FFNs).
+ * first has no attention (the first may have attention: it runs, then the group's FFNs). Layers in
+ * `attentionGone` count as attention-free: a plan removes or linearises their attention.
  */
-export function fusableRuns(config: ModelConfig): number[][] {
+export function fusableRuns(config: ModelConfig, attentionGone: Set<number> = new Set()): number[][] {
   const runs: number[][] = [];
   let run: number[] = [];
   config.layers.forEach((layer, i) => {
-    const continues = run.length > 0 && layer.attention.kind === "none" && layer.ffn.kind === "swiglu";
+    const free = layer.attention.kind === "none" || attentionGone.has(i);
+    const continues = run.length > 0 && free && layer.ffn.kind === "swiglu";
     if (continues) run.push(i);
     else {
       if (run.length >= 2) runs.push(run);

@@ -72,14 +72,14 @@ async function planFits(assets: ModelAssets, plan: FusionPlan): Promise<Map<numb
   const layers = linearAttention(plan);
   if (layers.length === 0) return new Map();
   if (!assets.calibrationText) {
-    throw new InputError("attention.linear needs calibration text to fit the maps on (--text)", "text");
+    throw new InputError("attention.linear needs calibration text to fit the maps on", "calibration");
   }
   const cfg = assets.checkpoint.config;
   const windows = await textWindows(assets.calibrationText, assets.tokenizer, {
     ...FIT_SLICE,
     window: Math.min(FIT_SLICE.window, cfg.maxPositions),
   });
-  return lazyLinearAttention(assets.checkpoint, layers, () => windows);
+  return lazyLinearAttention(assets.checkpoint, layers, windows);
 }
 
 /**

@@ -86,28 +86,34 @@ async function configure(): Promise<void> {
 /** What adapter this process can get: none, a software one (lavapipe), or real hardware. */
 export type AdapterKind = "none" | "software" | "hardware";
 
-let adapterProbe: Promise<AdapterKind> | null = null;
+let adapterRequest: Promise<GPUAdapter | null> | null = null;
 
-export function probeAdapter(): Promise<AdapterKind> {
-  adapterProbe ??= (async () => {
+/**
+ * The process's WebGPU adapter, requested once and only read (kind, limits, features); null where
+ * there is none. onnxruntime and the WGSL benchmark request devices from adapters of their own.
+ */
+function adapter(): Promise<GPUAdapter | null> {
+  adapterRequest ??= (async () => {
     ensureXdgRuntimeDir();
     try {
-      const adapter = await navigator.gpu?.requestAdapter();
-      if (!adapter) return "none";
-      return adapter.info.isFallbackAdapter ? "software" : "hardware";
+      return (await navigator.gpu?.requestAdapter()) ?? null;
     } catch {
-      return "none";
+      return null;
     }
   })();
-  return adapterProbe;
+  return adapterRequest;
+}
+
+export async function probeAdapter(): Promise<AdapterKind> {
+  const a = await adapter();
+  if (!a) return "none";
+  return a.info.isFallbackAdapter ? "software" : "hardware";
 }
 
 /** The largest buffer the WebGPU adapter can bind (for the memory check); undefined off WebGPU. */
 export async function adapterMaxBuffer(device: Device): Promise<number | undefined> {
-  if (device !== "webgpu") return undefined;
-  const adapter = await navigator.gpu?.requestAdapter();
-  if (!adapter) return undefined;
-  return Math.min(adapter.limits.maxBufferSize, adapter.limits.maxStorageBufferBindingSize);
+  const a = device === "webgpu" ? await adapter() : null;
+  return a ? Math.min(a.limits.maxBufferSize, a.limits.maxStorageBufferBindingSize) : undefined;
 }
 
 /** Whether this process can get a WebGPU adapter (a real GPU, or lavapipe on a CPU machine). */
@@ -141,8 +147,7 @@ export async function resolveGraphOptions(
   quantize: Quantization,
   device: Backend,
 ): Promise<GraphOptions> {
-  const f16 = device === "webgpu" &&
-    ((await navigator.gpu?.requestAdapter())?.features.has("shader-f16") ?? false);
+  const f16 = device === "webgpu" && ((await adapter())?.features.has("shader-f16") ?? false);
   if (dtype === "fp16" && !f16) {
     throw new InputError(
       device === "webgpu"

@@ -8,7 +8,7 @@ import { unfusedBlocks } from "../model/blocks.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
 import type { TextTokenizer } from "../model/tokenizer.ts";
 import { buildDecoderGraph } from "../onnx/decoder.ts";
-import { disposeCache, ModelSession } from "./session.ts";
+import { ModelSession } from "./session.ts";
 
 /** Held-out tokens each candidate plan is measured on. */
 export const HELD_OUT_TOKENS = 256;
@@ -23,11 +23,7 @@ export interface FrontierRequest {
   maxWidth: number;
 }
 
-const sessionScorer = (session: ModelSession): Scorer => async (ids) => {
-  const { logits, cache } = await session.step(ids, session.emptyCache());
-  disposeCache(cache);
-  return logits;
-};
+const sessionScorer = (session: ModelSession): Scorer => (ids) => session.logitsOf(ids);
 
 /**
  * Measures plans through the engine that serves them (onnxruntime on WASM, fp32): each candidate gets

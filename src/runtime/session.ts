@@ -85,6 +85,13 @@ export class ModelSession {
     return { logits, cache: r.cache };
   }
 
+  /** Logits [tokens, vocab] of a whole sequence from an empty cache (scoring a window); the cache is freed. */
+  async logitsOf(ids: number[]): Promise<Float32Array> {
+    const { logits, cache } = await this.step(ids, this.emptyCache());
+    disposeCache(cache);
+    return logits;
+  }
+
   /** Like `step`, but leaves the logits in place (a GPU buffer under WebGPU) for on-device sampling. */
   stepTensor(input: StepInput, cache: KvCache): Promise<TensorStepResult> {
     const run = this.chain.then(() => this.runStep(input, cache));
