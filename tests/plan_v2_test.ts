@@ -7,7 +7,8 @@ import { referenceForward } from "../src/model/forward.ts";
 import { buildDecoderGraph } from "../src/onnx/decoder.ts";
 import { resolveDevice } from "../src/runtime/ort.ts";
 import { disposeCache, ModelSession } from "../src/runtime/session.ts";
-import { EVAL_TEXT, golden, relL2, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
+import { EVAL_TEXT, golden, relL2, ROOT, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
+import { join } from "node:path";
 import {
   attentionData,
   FIT_SLICE,
@@ -211,4 +212,50 @@ Deno.test({
       /attention\.linear needs calibration text/,
     );
   },
+});
+
+Deno.test("bad input for version 2 plans and the frontier: exit 2 naming the flag", async () => {
+  const dir = await Deno.makeTempDir();
+  const planFile = `${dir}/plan.json`;
+  await Deno.writeTextFile(planFile, JSON.stringify({ version: 2, attention: { linear: [3] } }));
+  const run = async (...args: string[]) => {
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", join(ROOT, "main.ts"), ...args],
+      stdout: "null",
+      stderr: "piped",
+    }).output();
+    return { code: out.code, stderr: new TextDecoder().decode(out.stderr) };
+  };
+  const cases: [string[], RegExp][] = [
+    [
+      [
+        "generate",
+        "--model",
+        TINY_LLAMA,
+        "--device",
+        "wasm",
+        "--plan",
+        planFile,
+        "--calibration",
+        `${dir}/nope.txt`,
+        "--prompt",
+        "x",
+      ],
+      /cannot read text .*nope\.txt/,
+    ],
+    [["analyze", "--model", TINY_LLAMA, "--text", EVAL_TEXT, "--remove-steps", "-1"], /--remove-steps/],
+    [
+      ["analyze", "--model", TINY_LLAMA, "--text", EVAL_TEXT, "--max-loss-increase", "-5"],
+      /--max-loss-increase/,
+    ],
+  ];
+  try {
+    for (const [args, re] of cases) {
+      const r = await run(...args);
+      assert.equal(r.code, 2, `${args.join(" ")}: ${r.stderr}`);
+      assert.match(r.stderr, re);
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
