@@ -1,13 +1,18 @@
 /**
  * Reproduces the fusion quality table in the README: analysis on the first calibration tokens of
  * data/eval.py.txt, then loss/perplexity/KL/top-1 agreement on the held-out tokens after them, for
- * the unfused model, the suggested plan and a set of hand-written plans.
+ * the unfused model, the suggested plan, a set of hand-written plans and, from the measured frontier
+ * (docs/<model>-frontier.json, written by scripts/frontier.ts), the best block-parallel plan and the
+ * best plans that remove attention or make it linear, alone and with FFNs fused.
  *
  *   scripts/deno run -A scripts/quality.ts [--model DIR] [--calibration 512] [--eval 8192]
  */
 import { parseArgs } from "node:util";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import type { FrontierPoint } from "../src/fusion/frontier.ts";
+import { blockGroups, type FusionPlan, linearAttention, removedAttention } from "../src/fusion/plan.ts";
+import { stepsRemoved } from "../src/fusion/frontier.ts";
 import { modelName } from "../src/model/checkpoint.ts";
 
 const root = fileURLToPath(new URL("..", import.meta.url));
@@ -38,14 +43,34 @@ const svg = join(values.out!, `${name}-dependency.svg`);
 const analysis = await cli(["analyze", "--text", text, "--max-tokens", values.calibration!, "--svg", svg]);
 await Deno.writeTextFile(join(values.out!, `${name}-analysis.json`), JSON.stringify(analysis, null, 1));
 const suggested = analysis.suggested_plan as { ffn_groups: number[][] };
-const plans: number[][][] = [
+const plans: FusionPlan[] = [
   suggested.ffn_groups,
   [[3, 4, 5], [6, 7, 8]],
   [[3, 4], [5, 6], [7, 8]],
   [[2, 3, 4, 5]],
   [[3, 4, 5, 6, 7, 8]],
   [[2, 3, 4, 5, 6, 7, 8]],
-];
+].map((ffn_groups) => ({ version: 1, ffn_groups }));
+const frontierFile = join(values.out!, `${name}-frontier.json`);
+const measured: FrontierPoint[] = JSON.parse(
+  await Deno.readTextFile(frontierFile).catch(() => {
+    throw new Error(`${frontierFile} is missing: run scripts/frontier.ts first`);
+  }),
+).frontier.plans;
+const bestOf = (keep: (p: FusionPlan) => boolean) =>
+  measured.filter((p) => keep(p.plan)).reduce<FrontierPoint | null>(
+    (a, b) => (!a || b.loss < a.loss ? b : a),
+    null,
+  );
+const changed = (p: FusionPlan) => removedAttention(p).length + linearAttention(p).length > 0;
+for (
+  const pick of [
+    bestOf((p) => blockGroups(p).length > 0),
+    bestOf((p) => removedAttention(p).length > 0 && !linearAttention(p).length && !p.ffn_groups.length),
+    bestOf((p) => linearAttention(p).length > 0 && !removedAttention(p).length && !p.ffn_groups.length),
+    bestOf((p) => changed(p) && p.ffn_groups.length > 0 && stepsRemoved(p) >= 3),
+  ]
+) if (pick) plans.push(pick.plan);
 const evalArgs = [
   "--text",
   text,
@@ -59,32 +84,35 @@ const evalArgs = [
 const rows = [await cli(["eval", ...evalArgs])];
 const dir = await Deno.makeTempDir();
 const planFiles: string[] = [];
-for (const [i, groups] of plans.entries()) {
+const stepsOf = new Map<unknown, number>([[rows[0], 0]]);
+for (const [i, plan] of plans.entries()) {
   const file = join(dir, `plan${i}.json`);
   planFiles.push(file);
-  await Deno.writeTextFile(file, JSON.stringify({ version: 1, ffn_groups: groups }));
-  rows.push({ ...(await cli(["eval", ...evalArgs, "--plan", file])), suggested: i === 0 });
+  await Deno.writeTextFile(file, JSON.stringify(plan));
+  const row = { ...(await cli(["eval", ...evalArgs, "--plan", file])), suggested: i === 0 };
+  stepsOf.set(row, stepsRemoved(plan));
+  rows.push(row);
 }
 // Quantization composes with fusion: each weight format unfused and under the suggested plan.
 for (const q of ["int8", "int4"]) {
-  rows.push(await cli(["eval", ...evalArgs, "--quantize", q]));
-  rows.push({
+  const unfused = await cli(["eval", ...evalArgs, "--quantize", q]);
+  const fused = {
     ...(await cli(["eval", ...evalArgs, "--quantize", q, "--plan", planFiles[0]])),
     suggested: true,
-  });
+  };
+  stepsOf.set(unfused, 0).set(fused, stepsRemoved(plans[0]));
+  rows.push(unfused, fused);
 }
 await Deno.writeTextFile(join(values.out!, `${name}-quality.json`), JSON.stringify(rows, null, 1));
 const f = (x: unknown, d = 4) => (typeof x === "number" ? x.toFixed(d) : "");
-console.log(`| plan | weights | FFN blocks | loss | ppl | KL to unfused fp32 | top-1 agreement |`);
+console.log(`| plan | weights | steps removed | loss | ppl | KL to unfused fp32 | top-1 agreement |`);
 console.log(`| --- | --- | --- | --- | --- | --- | --- |`);
 for (const r of rows) {
-  const groups = r.plan === "unfused" ? [] : String(r.plan).slice(4, -1).split(",");
-  const merged = groups.reduce((n, g) => n + Number(g.split("-")[1]) - Number(g.split("-")[0]), 0);
   const label = `\`${r.plan}\`${r.suggested ? " (suggested)" : ""}`;
   console.log(
     `| ${label} | ${r.quantize === "none" ? "fp32" : r.quantize} (${
       ((r.weight_bytes as number) / 1e6).toFixed(1)
-    } MB) | ${12 - merged} | ${f(r.loss)} | ${f(r.ppl, 3)} | ${f(r.kl)} | ${f(r.top1_agreement, 3)} |`,
+    } MB) | ${stepsOf.get(r)} | ${f(r.loss)} | ${f(r.ppl, 3)} | ${f(r.kl)} | ${f(r.top1_agreement, 3)} |`,
   );
 }
 console.log(

@@ -12,6 +12,15 @@ const CHROMIUM = ["/usr/bin/chromium", "/usr/bin/chromium-browser"].find((p) => 
 });
 if (!CHROMIUM) console.warn("dashboard test skipped: no Chromium (apt-get install chromium)");
 
+/** Polls `cond` until it holds; fails after `ms`. */
+async function until(cond: () => Promise<boolean>, ms = 30_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error(`not within ${ms} ms: ${cond}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
 /** Width and height from a PNG's IHDR chunk. */
 function pngSize(png: Uint8Array): [number, number] {
   assert.deepEqual([...png.subarray(0, 8)], [137, 80, 78, 71, 13, 10, 26, 10], "a PNG signature");
@@ -44,17 +53,6 @@ Deno.test({
       ],
     });
     try {
-      const started = await fetch(`${server.base}/analysis`, {
-        method: "POST",
-        headers: auth,
-        body: JSON.stringify({ max_tokens: 32, window: 16 }),
-      });
-      assert.equal(started.status, 202);
-      await started.body?.cancel();
-      for (let i = 0; i < 300; i++) {
-        if ((await (await fetch(`${server.base}/analysis`)).json()).status === "done") break;
-        await new Promise((r) => setTimeout(r, 100));
-      }
       const bench = await fetch(`${server.base}/bench`, {
         method: "POST",
         headers: auth,
@@ -75,18 +73,46 @@ Deno.test({
         /tiny-nas[\s\S]*wasm[\s\S]*fp32, 41\.4 MB[\s\S]*3, 4, 5, 6, 7, 8/,
       );
       assert.equal(await page.textContent("#active-plan"), "unfused");
-      assert.ok(await page.isVisible("#heatmap svg"), "the dependency heatmap is drawn");
-      assert.equal(
-        await page.locator("#heatmap svg rect[fill^='rgb']").count(),
-        (18 * 17) / 2,
-        "one coloured cell per block pair j > i",
-      );
       assert.ok(await page.isVisible("#bench svg[aria-label='benchmark chart']"));
       assert.equal(
         await page.locator("#bench svg rect[fill='#d0553a']").count(),
         3,
         "legend + one fused bar per T",
       );
+
+      // The analysis with its frontier, started from the page: progress while it runs, then the
+      // chart and the heatmap without a reload.
+      await page.fill("#token", ADMIN);
+      await page.fill("#remove-steps", "2");
+      await page.fill("#calibration-tokens", "32");
+      await page.click("#measure");
+      await until(async () => /running: .*\d+\/\d+/.test(await page.textContent("#analysis-status") ?? ""));
+      await page.waitForSelector("#frontier svg[aria-label='frontier chart']", { timeout: 180_000 });
+      const { report } = await (await fetch(`${server.base}/analysis`)).json();
+      const f = report.frontier;
+      assert.deepEqual(f.frontier.map((p: { steps: number }) => p.steps), [1, 2]);
+      assert.equal(
+        await page.locator("#frontier circle.plan").count(),
+        2 * (f.plans.length + 1),
+        "every measured plan and the unfused model, in the perplexity and the KL panels",
+      );
+      assert.equal(
+        await page.locator("#frontier .active-mark").count(),
+        2,
+        "the active plan (unfused) ringed",
+      );
+      assert.ok(await page.isVisible("#heatmap svg"), "the dependency heatmap is drawn");
+      assert.equal(
+        await page.locator("#heatmap svg rect[fill^='rgb']").count(),
+        (18 * 17) / 2,
+        "one coloured cell per block pair j > i",
+      );
+      assert.equal(await page.locator("#heatmap svg .legend").count(), 1, "the heatmap has a colour scale");
+      const pick = f.frontier[1];
+      const dot = page.locator(`#frontier circle.plan[data-id="${pick.id}"]`).first();
+      await dot.hover();
+      assert.match(await page.textContent("#frontier-info") ?? "", new RegExp(`${pick.ppl.toFixed(3)}`));
+      assert.ok((await page.textContent("#frontier-info"))!.startsWith(pick.id));
 
       const shot = await page.screenshot({ fullPage: true });
       const [w, h] = pngSize(shot);
@@ -97,6 +123,20 @@ Deno.test({
       await Deno.writeFile(
         join(Deno.env.get("FUSEDGE_SCREENSHOT_DIR") ?? await Deno.makeTempDir(), "dashboard.png"),
         shot,
+      );
+
+      const chart = await page.locator("#frontier svg").screenshot();
+      assert.deepEqual(pngSize(chart)[0], 760, "the frontier chart is on the screenshot, at its width");
+      assert.ok(chart.length > 10_000, `a drawn chart, not an empty box (${chart.length} bytes)`);
+
+      // Clicking a point applies its plan and moves the ring to it.
+      await dot.click();
+      await page.waitForSelector("#fuse-result.ok", { timeout: 20_000 });
+      assert.equal((await (await fetch(`${server.base}/fuse`)).json()).active.id, pick.id);
+      assert.equal(await page.textContent("#active-plan"), pick.id);
+      await until(async () =>
+        await page.locator("#frontier .active-mark").first().getAttribute("cx") ===
+          await dot.getAttribute("cx")
       );
 
       // The form: a wrong token is refused and shown; the right one swaps the plan.

@@ -2,14 +2,26 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import {
   blockCandidates,
+  contiguousPlans,
+  ffnMerges,
+  ffnShifts,
   type FrontierReport,
   planForBudget,
+  type PlanScore,
   runsAfter,
+  searchFrontier,
   stepsRemoved,
 } from "../src/fusion/frontier.ts";
-import { checkPlan, type FusionPlan, planId } from "../src/fusion/plan.ts";
+import {
+  checkPlan,
+  type FusionPlan,
+  linearAttention,
+  planId,
+  removedAttention,
+  UNFUSED,
+} from "../src/fusion/plan.ts";
 import { loadConfig } from "../src/model/checkpoint.ts";
-import { EVAL_TEXT, ROOT, TINY_LLAMA } from "./helpers.ts";
+import { EVAL_TEXT, ROOT, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
 
 Deno.test("frontier: steps removed, runs opened by attention changes, the plan a budget allows", async () => {
   const cfg = await loadConfig(TINY_LLAMA);
@@ -41,6 +53,75 @@ Deno.test("frontier: steps removed, runs opened by attention changes, the plan a
   assert.equal(planForBudget(report, { maxLossIncrease: 5 })!.steps, 2);
   assert.equal(planForBudget(report, { steps: 1 })!.steps, 1);
   assert.equal(planForBudget(report, { maxLossIncrease: 0.5 }), null);
+});
+
+Deno.test("frontier: FFN merges respect attention and width; contiguous plans of a run", async () => {
+  const cfg = await loadConfig(TINY_NAS);
+  const ids = (plans: number[][][]) => plans.map((g) => planId({ ...UNFUSED, ffn_groups: g }));
+  assert.deepEqual(ids(ffnMerges(cfg, new Set(), [], 4)), [
+    "ffn[2-3]",
+    "ffn[3-4]",
+    "ffn[4-5]",
+    "ffn[5-6]",
+    "ffn[6-7]",
+    "ffn[7-8]",
+  ]);
+  assert.deepEqual(ids(ffnMerges(cfg, new Set(), [[3, 4, 5, 6]], 4)), ["ffn[3-6,7-8]"]);
+  assert.deepEqual(
+    ids(ffnMerges(cfg, new Set([9]), [[3, 4, 5, 6]], 6)),
+    ["ffn[2-6]", "ffn[3-7]", "ffn[3-6,7-8]", "ffn[3-6,8-9]"],
+    "removing attention 9 lets FFN 9 join FFN 8",
+  );
+  assert.deepEqual(
+    ids(ffnShifts(cfg, new Set(), [[2, 3], [4, 5, 6, 7, 8]], 6)),
+    ["ffn[3-8]", "ffn[2-4,5-8]"],
+    "a boundary moved either way keeps the steps; widths bounded",
+  );
+  assert.deepEqual(ids(ffnShifts(cfg, new Set(), [[2, 3], [4, 5, 6, 7, 8]], 4)), ["ffn[2-4,5-8]"]);
+  assert.deepEqual(ids(ffnShifts(cfg, new Set(), [[7, 8]], 4)), ["ffn[6-7]"]);
+  const all = contiguousPlans([2, 3, 4, 5, 6, 7, 8]);
+  assert.equal(all.length, 64);
+  assert.equal(new Set(ids(all)).size, 64, "every plan once");
+  assert.ok(all.some((g) => g.length === 0) && all.some((g) => g.length === 1 && g[0].length === 7));
+});
+
+Deno.test("frontier search: each plan scored once, one step a round, matches exhaustive search on a separable cost", async () => {
+  const cfg = await loadConfig(TINY_NAS);
+  // A stand-in for held-out loss: every attention change has a cost, and every pair of FFNs computed
+  // in parallel costs by how far apart they are (near pairs are cheap, as the dependency matrix says).
+  const attnCost = new Map([[0, 0.3], [1, 0.9], [2, 0.8], [9, 0.12], [10, 0.2], [11, 0.5]]);
+  const loss = (plan: FusionPlan) =>
+    2 +
+    removedAttention(plan).reduce((s, l) => s + attnCost.get(l)!, 0) +
+    linearAttention(plan).reduce((s, l) => s + attnCost.get(l)! * 0.8, 0) +
+    plan.ffn_groups.flatMap((g) => g.flatMap((a, i) => g.slice(i + 1).map((b) => 0.01 * (b - a) ** 2)))
+      .reduce((s, v) => s + v, 0);
+  const calls = new Map<string, number>();
+  const score = (plan: FusionPlan): Promise<PlanScore> => {
+    calls.set(planId(plan), (calls.get(planId(plan)) ?? 0) + 1);
+    const l = loss(plan);
+    return Promise.resolve({ loss: l, ppl: Math.exp(l), kl: l - 2, top1_agreement: 1, tokens: 1 });
+  };
+  const progress: [number, number][] = [];
+  const report = await searchFrontier(
+    cfg,
+    { maxSteps: 6, maxWidth: 7 },
+    score,
+    { loss: 2, ppl: Math.exp(2) },
+    (done, total) => progress.push([done, total]),
+  );
+  assert.ok([...calls.values()].every((n) => n === 1), "no plan measured twice");
+  assert.equal(calls.size, report.plans.length);
+  assert.deepEqual(report.frontier.map((p) => p.steps), [1, 2, 3, 4, 5, 6]);
+  assert.equal(report.attention.length, 12, "six attention sublayers, removed and linear");
+  assert.ok(progress.every(([d, t], i) => d <= t && (i === 0 || d >= progress[i - 1][0])));
+  assert.deepEqual(progress.at(-1), [report.plans.length, report.plans.length]);
+  const exhaustive = contiguousPlans([2, 3, 4, 5, 6, 7, 8]).map((g) => ({ ...UNFUSED, ffn_groups: g }));
+  for (const p of report.frontier) {
+    const best = Math.min(...exhaustive.filter((e) => stepsRemoved(e) === p.steps).map(loss));
+    assert.ok(p.loss <= best * 1.01, `${p.steps} steps: ${p.id} ${p.loss} vs ${best}`);
+    assert.equal(p.loss, loss(p.plan));
+  }
 });
 
 Deno.test("frontier: block-parallel candidates are the windows of lowest pairwise dependency", () => {

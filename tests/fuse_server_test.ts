@@ -193,6 +193,9 @@ Deno.test({
           const svg = await fetch(`${base}/analysis/heatmap.svg`);
           assert.equal(svg.headers.get("content-type"), "image/svg+xml");
           assert.match(await svg.text(), /^<svg[\s\S]*attn 0[\s\S]*<\/svg>$/);
+          const noFrontier = await fetch(`${base}/analysis/frontier.svg`);
+          assert.equal(noFrontier.status, 404, "an analysis without remove_steps has no frontier");
+          assert.match((await noFrontier.json()).error.message, /remove_steps/);
         },
       );
 
@@ -213,6 +216,13 @@ Deno.test({
           const swap = await post(base, "/fuse", f.frontier[0].plan);
           assert.equal(swap.status, 200, await swap.clone().text());
           assert.equal((await swap.json()).active.id, f.frontier[0].id);
+          const chart = await (await fetch(`${base}/analysis/frontier.svg`)).text();
+          assert.equal(
+            chart.match(/class="plan"/g)!.length,
+            2 * (f.plans.length + 1),
+            "every plan measured and the unfused model, in both panels",
+          );
+          assert.equal(chart.match(/class="active-mark"/g)!.length, 2, "the swapped-in plan is ringed");
           await (await post(base, "/fuse", { ffn_groups: [] })).body?.cancel();
         },
       );

@@ -25,7 +25,14 @@ export interface AnalysisJob {
 
 serveJob<AnalysisJob, AnalysisReport>(async (job, progress) => {
   const tokenizer = await TextTokenizer.load(job.modelDir);
-  const report = await analyzeText(job.checkpoint, tokenizer, job.textPath, job.slice, job.suggest, progress);
+  const report = await analyzeText(
+    job.checkpoint,
+    tokenizer,
+    job.textPath,
+    job.slice,
+    job.suggest,
+    (done, total) => progress(done, total, "dependency matrix: forward passes"),
+  );
   if (job.frontier) {
     report.frontier = await frontierFromText(
       job.checkpoint,
@@ -33,7 +40,7 @@ serveJob<AnalysisJob, AnalysisReport>(async (job, progress) => {
       job.textPath,
       job.slice,
       { ...job.frontier, blockGroups: blockCandidates(report.analysis, job.frontier.maxWidth) },
-      progress,
+      (done, total) => progress(done, total, "frontier: plans measured"),
     );
   }
   return report;

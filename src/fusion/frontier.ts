@@ -88,10 +88,92 @@ export function runsAfter(config: ModelConfig, changed: Set<number>, maxWidth: n
 }
 
 /**
+ * Each pair of neighbouring FFNs in a run whose attention is gone, as the groups holding them (a
+ * lone FFN is a group of one), with `redraw` giving the group list with those two replaced.
+ */
+function* neighbours(config: ModelConfig, changed: Set<number>, groups: number[][]) {
+  for (const run of fusableRuns(config, changed)) {
+    for (let i = 0; i + 1 < run.length; i++) {
+      const left = groups.find((g) => g.includes(run[i])) ?? [run[i]];
+      const right = groups.find((g) => g.includes(run[i + 1])) ?? [run[i + 1]];
+      if (left === right) continue;
+      const redraw = (...replacement: number[][]) =>
+        [...groups.filter((g) => g !== left && g !== right), ...replacement]
+          .filter((g) => g.length >= 2)
+          .sort((x, y) => x[0] - y[0]);
+      yield { left, right, redraw };
+    }
+  }
+}
+
+/**
+ * Every way to grow `groups` by one sequential step: two neighbouring FFNs (or the groups holding
+ * them) merged, where the second one's attention is gone and the merged group stays within
+ * `maxWidth`. Each result is a group list in layer order.
+ */
+export function ffnMerges(
+  config: ModelConfig,
+  changed: Set<number>,
+  groups: number[][],
+  maxWidth: number,
+): number[][][] {
+  return [...neighbours(config, changed, groups)]
+    .filter(({ left, right }) => left.length + right.length <= maxWidth)
+    .map(({ left, right, redraw }) => redraw([...left, ...right]));
+}
+
+/**
+ * Every way to redraw `groups` at the same number of steps: the last FFN of a group (or a lone FFN)
+ * moved into the group after it, or the first FFN of a group moved into the one before it, within
+ * one run whose attention is gone and within `maxWidth`. The local search that polishes the greedy's
+ * plan of each budget.
+ */
+export function ffnShifts(
+  config: ModelConfig,
+  changed: Set<number>,
+  groups: number[][],
+  maxWidth: number,
+): number[][][] {
+  return [...neighbours(config, changed, groups)].flatMap(({ left, right, redraw }) => [
+    ...(left.length >= 2 && right.length < maxWidth
+      ? [redraw(left.slice(0, -1), [left.at(-1)!, ...right])]
+      : []),
+    ...(right.length >= 2 && left.length < maxWidth ? [redraw([...left, right[0]], right.slice(1))] : []),
+  ]);
+}
+
+/**
+ * Every plan of `run` that splits it into consecutive groups (2^(n-1) of them, the unfused one
+ * included): the exhaustive search the greedy frontier is checked against.
+ */
+export function contiguousPlans(run: number[]): number[][][] {
+  const out: number[][][] = [];
+  for (let cuts = 0; cuts < 2 ** (run.length - 1); cuts++) {
+    const groups: number[][] = [];
+    let group = [run[0]];
+    for (let i = 1; i < run.length; i++) {
+      if (cuts & (1 << (i - 1))) {
+        groups.push(group);
+        group = [run[i]];
+      } else group.push(run[i]);
+    }
+    groups.push(group);
+    out.push(groups.filter((g) => g.length >= 2));
+  }
+  return out;
+}
+
+/**
  * The speed/quality frontier by measurement, as the paper's Puzzle step makes it scaled to one
- * machine: every attention sublayer is measured removed and linear-replaced; the cheapest change is
- * kept, the rest measured again, and so on (greedy) up to `maxSteps` changes. After each round the
- * FFN runs its attention changes opened are fused and measured too. Each budget keeps its best plan.
+ * machine. Greedy, one step a round: every attention sublayer still present is measured removed and
+ * linear-replaced, and every merge of two neighbouring FFNs whose attention is gone is measured; the
+ * cheapest of all of them is kept and the next round starts from it. After each round the FFN runs the
+ * kept attention changes opened are also measured fused all at once (a jump of several steps the
+ * one-step greedy would not take when each single merge looks worse than another attention change);
+ * then windows of consecutive attention changes with their FFNs fused; then block-parallel groups;
+ * last, each budget's best FFN grouping is polished by local search (ffnShifts), which is what
+ * catches the splits a one-merge-at-a-time greedy cannot reach. A plan is measured once however many
+ * paths reach it. Each budget keeps its best plan.
  */
 export async function searchFrontier(
   config: ModelConfig,
@@ -103,38 +185,58 @@ export async function searchFrontier(
   const candidates = config.layers.flatMap((l, i) => (l.attention.kind === "full" ? [i] : []));
   const best = new Map<number, FrontierPoint>();
   const plans: FrontierPoint[] = [];
-  const rounds = Math.min(opts.maxSteps, candidates.length);
-  const total = Array.from({ length: rounds }, (_, k) => 2 * (candidates.length - k)).reduce(
-    (a, b) => a + b,
-    0,
-  );
-  const measure = async (plan: FusionPlan): Promise<PlanScore> => {
-    const s = await score(plan);
-    const steps = stepsRemoved(plan);
-    const point: FrontierPoint = { steps, id: planId(plan), plan, ...s };
-    plans.push(point);
-    onProgress?.(Math.min(plans.length, total), total);
-    if (steps <= opts.maxSteps && (!best.has(steps) || best.get(steps)!.loss > s.loss)) {
-      best.set(steps, point);
+  const measured = new Map<string, Promise<FrontierPoint>>();
+  // Known only round by round (merges open as attention goes): each round re-estimates the rest
+  // from the moves it has, so the total settles as the search goes.
+  let total = 0;
+  const report = () => onProgress?.(plans.length, Math.max(total, plans.length));
+  const measure = (plan: FusionPlan): Promise<FrontierPoint> => {
+    const id = planId(plan);
+    if (!measured.has(id)) {
+      measured.set(
+        id,
+        score(plan).then((s) => {
+          const steps = stepsRemoved(plan);
+          const point: FrontierPoint = { steps, id, plan, ...s };
+          plans.push(point);
+          report();
+          if (steps <= opts.maxSteps && (!best.has(steps) || best.get(steps)!.loss > s.loss)) {
+            best.set(steps, point);
+          }
+          return point;
+        }),
+      );
     }
-    return s;
+    return measured.get(id)!;
   };
+  const extras = (opts.blockGroups ?? []).length + 2 * Math.max(0, Math.floor(opts.maxSteps / 2) - 1) +
+    4 * opts.maxSteps;
   const attention: AttentionTrial[] = [];
-  const changes: Change[] = [];
-  for (let round = 0; round < rounds; round++) {
-    let pick: { change: Change; loss: number } | null = null;
-    for (const layer of candidates) {
-      if (changes.some((c) => c.layer === layer)) continue;
-      for (const mode of ["remove", "linear"] as const) {
-        const s = await measure(planOf([...changes, { layer, mode }]));
-        if (round === 0) attention.push({ layer, mode, loss: s.loss, kl: s.kl });
-        if (!pick || s.loss < pick.loss) pick = { change: { layer, mode }, loss: s.loss };
+  let changes: Change[] = [];
+  let groups: number[][] = [];
+  for (let round = 0; round < opts.maxSteps; round++) {
+    const changed = new Set(changes.map((c) => c.layer));
+    const moves: { changes: Change[]; groups: number[][] }[] = [
+      ...candidates.filter((l) => !changed.has(l)).flatMap((layer) =>
+        (["remove", "linear"] as const).map((mode) => ({ changes: [...changes, { layer, mode }], groups }))
+      ),
+      ...ffnMerges(config, changed, groups, opts.maxWidth).map((g) => ({ changes, groups: g })),
+    ];
+    total = plans.length + (opts.maxSteps - round) * (moves.length + 1) + extras;
+    report();
+    let pick: { move: (typeof moves)[number]; loss: number } | null = null;
+    for (const move of moves) {
+      const s = await measure(planOf(move.changes, move.groups));
+      if (round === 0 && move.changes.length) {
+        const c = move.changes[move.changes.length - 1];
+        attention.push({ layer: c.layer, mode: c.mode, loss: s.loss, kl: s.kl });
       }
+      if (!pick || s.loss < pick.loss) pick = { move, loss: s.loss };
     }
     if (!pick) break;
-    changes.push(pick.change);
+    ({ changes, groups } = pick.move);
     const runs = runsAfter(config, new Set(changes.map((c) => c.layer)), opts.maxWidth);
-    if (runs.length && stepsRemoved(planOf(changes, runs)) <= opts.maxSteps) {
+    if (changes.length && runs.length && stepsRemoved(planOf(changes, runs)) <= opts.maxSteps) {
       await measure(planOf(changes, runs));
     }
   }
@@ -170,6 +272,26 @@ export async function searchFrontier(
       });
     }
   }
+  // Each budget's best FFN grouping polished by local search: boundaries moved while that helps.
+  for (const start of [...best.values()]) {
+    if (blockGroups(start.plan).length) continue;
+    const changes: Change[] = [
+      ...removedAttention(start.plan).map((layer) => ({ layer, mode: "remove" as const })),
+      ...linearAttention(start.plan).map((layer) => ({ layer, mode: "linear" as const })),
+    ];
+    const changed = new Set(changes.map((c) => c.layer));
+    let current: FrontierPoint | null = start;
+    while (current) {
+      let better: FrontierPoint | null = null;
+      for (const groups of ffnShifts(config, changed, current.plan.ffn_groups, opts.maxWidth)) {
+        const p = await measure(planOf(changes, groups));
+        if (p.loss < (better ?? current).loss) better = p;
+      }
+      current = better;
+    }
+  }
+  total = plans.length;
+  report();
   return {
     unfused,
     attention,
@@ -182,7 +304,8 @@ export async function searchFrontier(
  * Block-parallel candidates from the dependency matrix: windows of 2 to `maxWidth` consecutive layers,
  * the dependency of layer b on layer a being the largest M[i][j] from a's blocks (attention, FFN) to
  * b's; windows ranked by the largest, then the summed, pairwise dependency inside them (the paper's
- * criterion), the best two of each width.
+ * criterion), the best two of each width. A window whose layers after the first have no attention is
+ * an FFN group (the greedy's merges measure those), so only windows with attention inside count.
  */
 export function blockCandidates(analysis: DependencyAnalysis, maxWidth: number): number[][] {
   const byLayer = new Map<number, number[]>();
@@ -196,7 +319,10 @@ export function blockCandidates(analysis: DependencyAnalysis, maxWidth: number):
       const w = Array.from({ length: width }, (_, i) => start + i);
       const pairs = w.flatMap((a, i) => w.slice(i + 1).map((b) => dep(a, b)));
       return { w, max: Math.max(...pairs), sum: pairs.reduce((s, v) => s + v, 0) };
-    }).filter((c) => c.w.every((l) => byLayer.has(l)));
+    }).filter((c) =>
+      c.w.every((l) => byLayer.has(l)) &&
+      c.w.slice(1).some((l) => analysis.blocks.some((b) => b.layer === l && b.kind !== "ffn"))
+    );
     ranked.sort((a, b) => a.max - b.max || a.sum - b.sum);
     out.push(...ranked.slice(0, 2).map((c) => c.w));
   }

@@ -19,7 +19,7 @@ export function heatmapSvg(a: DependencyAnalysis, title: string): string {
   const max = Math.max(...a.matrix.flat());
   const parts: string[] = [];
   const w = left + n * cell + 20;
-  const h = top + n * cell + 50;
+  const h = top + n * cell + 70;
   parts.push(
     `<svg xmlns="http://www.w3.org/2000/svg" width="${w}" height="${h}" font-family="monospace" font-size="10">`,
   );
@@ -50,6 +50,22 @@ export function heatmapSvg(a: DependencyAnalysis, title: string): string {
     `<text x="${left}" y="${
       top + n * cell + 20
     }">rows: block removed (i); columns: block affected (j); ${a.tokens} calibration tokens</text>`,
+  );
+  // Colour scale: the gradient follows color() (square root), labelled in the matrix's own units.
+  const ly = top + n * cell + 30;
+  const stops = Array.from({ length: 11 }, (_, k) => {
+    const v = (k / 10) ** 2 * max;
+    return `<stop offset="${Math.sqrt(v / (max || 1)) * 100}%" stop-color="${color(v, max)}"/>`;
+  });
+  parts.push(
+    `<defs><linearGradient id="heat-scale">${stops.join("")}</linearGradient></defs>`,
+    `<g class="legend"><rect x="${left}" y="${ly}" width="200" height="10" fill="url(#heat-scale)" stroke="#999"/>`,
+    ...[0, 0.25, 0.5, 1].map((q) =>
+      `<text x="${left + Math.sqrt(q) * 200}" y="${ly + 22}" text-anchor="middle">${
+        (q * max).toFixed(2)
+      }</text>`
+    ),
+    `<text x="${left + 210}" y="${ly + 9}">M[i][j] (square-root scale)</text></g>`,
   );
   parts.push("</svg>");
   return parts.join("\n");

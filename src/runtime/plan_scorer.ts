@@ -25,19 +25,24 @@ export interface FrontierRequest {
 
 const sessionScorer = (session: ModelSession): Scorer => (ids) => session.logitsOf(ids);
 
+/** Scores plans on held-out text; `unfused` is the model's own loss and perplexity there. */
+export interface PlanScorer {
+  score(plan: FusionPlan): Promise<PlanScore>;
+  unfused: { loss: number; ppl: number };
+  heldOutTokens: number;
+}
+
 /**
  * Measures plans through the engine that serves them (onnxruntime on WASM, fp32): each candidate gets
  * a session, its held-out loss, and KL and top-1 agreement against the unfused model's logits.
  * Linear attentions are fitted once per layer on the calibration text and shared by every plan.
  */
-export async function frontierFromText(
+export async function planScorer(
   ckpt: Checkpoint,
   tokenizer: TextTokenizer,
   textPath: string,
   calibration: { skip: number; max: number },
-  req: FrontierRequest,
-  onProgress?: (done: number, total: number) => void,
-): Promise<FrontierResult> {
+): Promise<PlanScorer> {
   const cfg = ckpt.config;
   const window = Math.min(128, cfg.maxPositions);
   // Held out from both the analysis's calibration tokens and the tokens the linear maps are fitted on.
@@ -63,21 +68,37 @@ export async function frontierFromText(
   await base.release();
   const baseline: Scorer = (ids) => Promise.resolve(baseLogits.get(ids)!);
   const unfused = await evaluateQuality(heldOut, cfg.vocabSize, baseline);
-  const score = async (plan: FusionPlan): Promise<PlanScore> => {
-    const session = await sessionFor(plan);
-    try {
-      return await evaluateQuality(heldOut, cfg.vocabSize, sessionScorer(session), baseline) as PlanScore;
-    } finally {
-      await session.release();
-    }
+  return {
+    unfused: { loss: unfused.loss, ppl: unfused.ppl },
+    heldOutTokens: unfused.tokens,
+    score: async (plan) => {
+      const session = await sessionFor(plan);
+      try {
+        return await evaluateQuality(heldOut, cfg.vocabSize, sessionScorer(session), baseline) as PlanScore;
+      } finally {
+        await session.release();
+      }
+    },
   };
+}
+
+/** The frontier search (searchFrontier) scored by planScorer, with the plan the budget allows. */
+export async function frontierFromText(
+  ckpt: Checkpoint,
+  tokenizer: TextTokenizer,
+  textPath: string,
+  calibration: { skip: number; max: number },
+  req: FrontierRequest,
+  onProgress?: (done: number, total: number) => void,
+): Promise<FrontierResult> {
+  const scorer = await planScorer(ckpt, tokenizer, textPath, calibration);
   const report = await searchFrontier(
-    cfg,
+    ckpt.config,
     { maxSteps: req.steps, maxWidth: req.maxWidth, blockGroups: req.blockGroups },
-    score,
-    { loss: unfused.loss, ppl: unfused.ppl },
+    scorer.score,
+    scorer.unfused,
     onProgress,
   );
   const chosen = planForBudget(report, { steps: req.steps, maxLossIncrease: req.maxLossIncrease });
-  return { ...report, budget_plan: chosen?.plan ?? null, held_out_tokens: unfused.tokens };
+  return { ...report, budget_plan: chosen?.plan ?? null, held_out_tokens: scorer.heldOutTokens };
 }

@@ -49,6 +49,7 @@ const ROUTES = new Set([
   "/fuse",
   "/analysis",
   "/analysis/heatmap.svg",
+  "/analysis/frontier.svg",
   "/bench",
 ]);
 
@@ -134,6 +135,7 @@ export function createApp(services: Services, opts: AppOptions): Hono<AppEnv> {
   const analyses = analysisRoutes(analysis, host, opts.textPath);
   app.get("/analysis", analyses.get);
   app.get("/analysis/heatmap.svg", analyses.heatmap);
+  app.get("/analysis/frontier.svg", analyses.frontier);
   app.post("/analysis", sameSite, admin, requireJson, notDraining, analyses.post);
   app.delete("/analysis", sameSite, admin, analyses.delete);
   const benches = benchRoutes(bench, host);

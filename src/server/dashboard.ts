@@ -3,6 +3,8 @@ import type { BenchReport } from "../bench/run.ts";
 import { formatName } from "../onnx/format.ts";
 import { heatmapSvg } from "../fusion/heatmap.ts";
 import { escapeXml } from "../markup.ts";
+import type { AnalysisRunner } from "./jobs.ts";
+import { frontierChartSvg } from "./frontier_chart.ts";
 import type { Services } from "./app.ts";
 
 const esc = escapeXml;
@@ -36,6 +38,15 @@ export function benchChartSvg(r: BenchReport): string {
   });
   parts.push("</svg>");
   return parts.join("\n");
+}
+
+function analysisStatus(job: AnalysisRunner): string {
+  if (job.running) {
+    const p = job.progress;
+    return `running: ${p?.stage ?? ""} ${p ? `${p.done}/${p.total}` : ""}`;
+  }
+  if (job.status === "failed") return `failed: ${job.error}`;
+  return job.last ? "" : "no analysis yet";
 }
 
 function page(s: Services): string {
@@ -82,16 +93,26 @@ code, textarea { font-family: monospace; } textarea { width: 100%; height: 60px;
 <label for="token">Admin token</label> <input id="token" type="password" autocomplete="off">
 <button type="submit" id="apply">Apply plan</button> <span id="fuse-result"></span>
 </form>
-<h2>Dependency analysis</h2>
+<h2>Dependency analysis and the speed/quality frontier</h2>
+<form id="analysis-form">
+<label for="remove-steps">steps to remove</label>
+<input id="remove-steps" type="number" min="0" max="32" value="4" style="width:4em">
+<label for="max-loss">perplexity budget (%)</label>
+<input id="max-loss" type="number" min="0" step="any" placeholder="none" style="width:5em">
+<label for="calibration-tokens">calibration tokens</label>
+<input id="calibration-tokens" type="number" min="2" max="4096" value="256" style="width:5em">
+<button type="submit" id="measure">Measure</button>
+<span id="analysis-status" class="muted">${esc(analysisStatus(analysis))}</span>
+</form>
+<div id="frontier">${
+    analysis.last?.frontier ? frontierChartSvg(analysis.last.frontier, inst?.planId ?? null) : ""
+  }</div>
+<div id="frontier-info" class="muted"></div>
 <div id="heatmap">${
     analysis.last
       ? heatmapSvg(analysis.last.analysis, `${analysis.last.model}: block dependency`) +
         `<p>suggested plan: <code>${esc(JSON.stringify(analysis.last.suggested_plan.ffn_groups))}</code></p>`
-      : `<p class="muted">${
-        analysis.running
-          ? `analysis running… ${analysis.progress?.done ?? 0}/${analysis.progress?.total ?? "?"}`
-          : "no analysis yet: POST /analysis runs one"
-      }</p>`
+      : ""
   }</div>
 <h2>Benchmark</h2>
 <div id="bench">${
@@ -114,22 +135,71 @@ code, textarea { font-family: monospace; } textarea { width: 100%; height: 60px;
       }</p>`
   }</div>
 <script>
-document.getElementById("fuse-form").addEventListener("submit", async (e) => {
-  e.preventDefault();
-  const out = document.getElementById("fuse-result");
-  out.textContent = "building…"; out.className = "";
+const $ = (id) => document.getElementById(id);
+function adminHeaders() {
   const headers = { "content-type": "application/json" };
-  const token = document.getElementById("token").value;
-  if (token) headers.authorization = "Bearer " + token;
+  if ($("token").value) headers.authorization = "Bearer " + $("token").value;
+  return headers;
+}
+async function applyPlan(planText) {
+  const out = $("fuse-result");
+  out.textContent = "building…"; out.className = "";
   try {
-    const res = await fetch("/fuse", { method: "POST", headers, body: document.getElementById("plan").value });
+    const res = await fetch("/fuse", { method: "POST", headers: adminHeaders(), body: planText });
     const body = await res.json();
     if (res.ok) {
       out.textContent = "active: " + body.active.id; out.className = "ok";
-      document.getElementById("active-plan").textContent = body.active.id;
+      $("active-plan").textContent = body.active.id;
+      await refreshFrontier();
     } else { out.textContent = body.error.message; out.className = "err"; }
   } catch (err) { out.textContent = String(err); out.className = "err"; }
+}
+$("fuse-form").addEventListener("submit", (e) => { e.preventDefault(); applyPlan($("plan").value); });
+async function refreshFrontier() {
+  const res = await fetch("/analysis/frontier.svg");
+  $("frontier").innerHTML = res.ok ? await res.text() : "";
+}
+// Polls the background analysis: progress while it runs, the chart and heatmap when it is done.
+async function poll() {
+  const res = await fetch("/analysis");
+  if (!res.ok) return;
+  const job = await res.json();
+  const p = job.progress;
+  if (job.status === "running") {
+    $("analysis-status").textContent = "running: " + (p && p.stage ? p.stage + " " : "") +
+      (p ? p.done + "/" + p.total + " (" + Math.round(100 * p.done / Math.max(1, p.total)) + "%)" : "");
+    setTimeout(poll, 1000);
+    return;
+  }
+  $("analysis-status").textContent = job.status === "failed" ? "failed: " + job.error : job.status;
+  if (job.status === "done") {
+    const heat = await fetch("/analysis/heatmap.svg");
+    if (heat.ok) $("heatmap").innerHTML = await heat.text();
+    await refreshFrontier();
+  }
+}
+$("analysis-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const body = {
+    remove_steps: Number($("remove-steps").value),
+    max_tokens: Number($("calibration-tokens").value),
+  };
+  if ($("max-loss").value !== "") body.max_loss_increase = Number($("max-loss").value);
+  const res = await fetch("/analysis", { method: "POST", headers: adminHeaders(), body: JSON.stringify(body) });
+  if (res.ok) { $("analysis-status").textContent = "running"; setTimeout(poll, 300); }
+  else $("analysis-status").textContent = (await res.json()).error.message;
 });
+$("frontier").addEventListener("click", (e) => {
+  const point = e.target.closest("circle.plan");
+  if (!point) return;
+  $("plan").value = point.dataset.plan;
+  applyPlan(point.dataset.plan);
+});
+$("frontier").addEventListener("mouseover", (e) => {
+  const point = e.target.closest("circle.plan");
+  if (point) $("frontier-info").textContent = point.querySelector("title").textContent;
+});
+if (${JSON.stringify(analysis.running)}) poll();
 </script>
 </body></html>`;
 }

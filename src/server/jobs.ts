@@ -13,6 +13,7 @@ import { NotFoundError } from "../errors.ts";
 import type { AnalysisReport } from "../fusion/analyze.ts";
 import type { AnalysisJob } from "../fusion/analysis_worker.ts";
 import { heatmapSvg } from "../fusion/heatmap.ts";
+import { frontierChartSvg } from "./frontier_chart.ts";
 import { BackgroundJob } from "../runtime/background.ts";
 import type { ModelHost } from "../runtime/host.ts";
 import { readBody } from "./errors.ts";
@@ -56,6 +57,13 @@ export function analysisRoutes(job: AnalysisRunner, host: ModelHost, textPath: s
       if (!job.last) throw new NotFoundError("no analysis yet: POST /analysis runs one");
       c.header("content-type", "image/svg+xml");
       return c.body(heatmapSvg(job.last.analysis, `${job.last.model}: block dependency`));
+    },
+    frontier: (c: Context<AppEnv>) => {
+      if (!job.last?.frontier) {
+        throw new NotFoundError("no frontier yet: POST /analysis with remove_steps measures one");
+      }
+      c.header("content-type", "image/svg+xml");
+      return c.body(frontierChartSvg(job.last.frontier, host.instance?.planId ?? null));
     },
     post: async (c: Context<AppEnv>) => {
       const req = await readBody(c, analysisRequest);
