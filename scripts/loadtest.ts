@@ -5,9 +5,13 @@
  *
  *   scripts/deno run -A scripts/loadtest.ts --url http://127.0.0.1:8000 [--requests 200]
  *     [--concurrency 16] [--max-tokens 16] [--swaps 2] [--storm 1] [--bench] [--admin-token T] [--api-key K]
+ *     [--levels 1,4,16 --level-rounds 3 --level-tokens 64]
  *
  * --storm N sends N plan swaps at once at each swap point (the newest must win, the others get 409);
  * --bench starts a self-benchmark on the server a third of the way in and waits for it at the end.
+ * --levels first measures aggregate throughput at each concurrency: a warm-up, then rounds in which
+ * the levels take turns (4 x level requests each), reporting the median and range of tokens/s, of the
+ * server's CPU seconds per 1000 tokens (from its /metrics) and of each level's rate over level 1's.
  */
 import { parseArgs } from "node:util";
 import { sseData } from "../src/client/sse.ts";
@@ -22,6 +26,9 @@ const { values } = parseArgs({
     swaps: { type: "string", default: "2" },
     storm: { type: "string", default: "1" },
     bench: { type: "boolean", default: false },
+    levels: { type: "string" },
+    "level-rounds": { type: "string", default: "3" },
+    "level-tokens": { type: "string", default: "64" },
     "admin-token": { type: "string" },
     "api-key": { type: "string" },
   },
@@ -137,6 +144,68 @@ async function bencher(): Promise<void> {
   if (benchStatus !== "done") errors.push(`bench ended ${benchStatus}`);
 }
 
+/** The server's CPU seconds so far (its /metrics), or NaN where it cannot tell. */
+async function serverCpu(): Promise<number> {
+  const text = await (await fetch(new URL("/metrics", url))).text();
+  const m = text.match(/^fusedge_process_cpu_seconds_total (\S+)$/m);
+  return m ? Number(m[1]) : NaN;
+}
+
+/** One throughput sample: `4 x c` completions at concurrency c, sampled, `level-tokens` each. */
+async function levelRun(c: number, round: number): Promise<{ tokensPerSecond: number; cpuPerKtok: number }> {
+  const n = 4 * c;
+  let next = 0;
+  let count = 0;
+  const cpu0 = await serverCpu();
+  const t0 = performance.now();
+  await Promise.all(Array.from({ length: c }, async () => {
+    while (next < n) {
+      const i = next++;
+      const res = await fetch(new URL("/v1/completions", url), {
+        method: "POST",
+        headers: headers(values["api-key"]),
+        body: JSON.stringify({
+          prompt: PROMPTS[(i + round) % PROMPTS.length],
+          max_tokens: Number(values["level-tokens"]),
+          temperature: 0.8,
+          seed: 1000 * round + i,
+        }),
+      });
+      const body = await res.json();
+      if (res.status !== 200) throw new Error(`level ${c}: status ${res.status}: ${JSON.stringify(body)}`);
+      count += body.usage.completion_tokens;
+    }
+  }));
+  const seconds = (performance.now() - t0) / 1000;
+  return { tokensPerSecond: count / seconds, cpuPerKtok: ((await serverCpu()) - cpu0) / (count / 1000) };
+}
+
+const spread = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return { median: s[Math.floor(s.length / 2)], min: s[0], max: s[s.length - 1] };
+};
+
+async function levels(): Promise<Record<string, unknown> | null> {
+  if (!values.levels) return null;
+  const cs = values.levels.split(",").map(Number);
+  await levelRun(Math.max(...cs), 99); // warm-up: sessions, JIT, allocations
+  const samples = new Map(cs.map((c) => [c, [] as { tokensPerSecond: number; cpuPerKtok: number }[]]));
+  for (let round = 0; round < Number(values["level-rounds"]); round++) {
+    for (const c of cs) samples.get(c)!.push(await levelRun(c, round));
+  }
+  const base = samples.get(cs[0])!;
+  return Object.fromEntries(cs.map((c) => {
+    const s = samples.get(c)!;
+    return [c, {
+      tokens_per_second: spread(s.map((x) => x.tokensPerSecond)),
+      cpu_seconds_per_1000_tokens: spread(s.map((x) => x.cpuPerKtok)),
+      // Per round, against level 1 of the same round: the ratio the rounds agree on.
+      speedup: spread(s.map((x, r) => x.tokensPerSecond / base[r].tokensPerSecond)),
+    }];
+  }));
+}
+
+const levelReport = await levels();
 const t0 = performance.now();
 const workers = Array.from({ length: concurrency }, async () => {
   while (started < total) {
@@ -167,4 +236,5 @@ console.log(JSON.stringify({
   superseded,
   swap_ms: swapTimes,
   bench: benchStatus,
+  levels: levelReport,
 }));

@@ -3,6 +3,7 @@ import {
   BusyError,
   CancelledError,
   CapacityError,
+  InputError,
   InvalidPlanError,
   UnavailableError,
 } from "../src/errors.ts";
@@ -57,6 +58,8 @@ function fakeInstance(plan: FusionPlan, log: string[]): PlanInstance {
     buildMs: 1,
     graph: FLOAT_WEIGHTS,
     weightBytes: 1,
+    kvBytesPerToken: 1,
+    kvBytes: 0,
     generate: () => {
       throw new Error("not used");
     },
@@ -141,4 +144,35 @@ Deno.test("model host: leases, retire after the last lease, invalid plans, super
   assert.equal(host.swaps, 1);
   await host.close();
   assert.ok(log.includes("closed ffn[5-7]"));
+});
+
+Deno.test("scheduler: KV reservations count every row at the longest, wait in FIFO order, and refuse what never fits", async () => {
+  const kv = { budgetBytes: 1000, bytesPerToken: () => 10 };
+  const s = new Scheduler(8, 8, kv);
+  const a = await s.reserveKv(40);
+  assert.equal(s.kvReservedBytes(), 400);
+  const b = await s.reserveKv(20);
+  assert.equal(s.kvReservedBytes(), 2 * 40 * 10, "rows padded to the longest");
+  const granted: string[] = [];
+  const c = s.reserveKv(50).then((free) => (granted.push("c"), free));
+  const d = s.reserveKv(10).then((free) => (granted.push("d"), free));
+  await new Promise((r) => setTimeout(r, 5));
+  assert.deepEqual(granted, [], "3 x 50 x 10 > 1000: c waits, and d waits behind it");
+  a();
+  await new Promise((r) => setTimeout(r, 5));
+  assert.deepEqual(granted, ["c"], "b and c: 2 x 50 x 10 fits; with d, 3 x 50 x 10 would not");
+  assert.equal(s.kvReservedBytes(), 1000);
+  b();
+  await new Promise((r) => setTimeout(r, 5));
+  assert.deepEqual(granted, ["c", "d"]);
+  (await c)();
+  (await d)();
+  assert.equal(s.kvReservedBytes(), 0);
+  await assert.rejects(s.reserveKv(101), (e: Error) => e instanceof InputError && /KV cache/.test(e.message));
+  const big = await s.reserveKv(100);
+  const abort = new AbortController();
+  const waiting = s.reserveKv(1, abort.signal);
+  abort.abort();
+  await assert.rejects(waiting, CancelledError);
+  big();
 });

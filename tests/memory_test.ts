@@ -1,13 +1,13 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { unfusedBlocks } from "../src/model/blocks.ts";
-import { loadCheckpoint } from "../src/model/checkpoint.ts";
+import { loadCheckpoint, loadConfig } from "../src/model/checkpoint.ts";
 import { parseConfig } from "../src/model/config.ts";
 import { PUBLISHED_CONFIGS } from "../src/model/published_configs.ts";
 import { storedBytes } from "../src/onnx/builder.ts";
 import { buildDecoderGraph } from "../src/onnx/decoder.ts";
 import { FLOAT_WEIGHTS } from "../src/onnx/format.ts";
-import { checkModelFits, estimateMemory } from "../src/runtime/memory.ts";
+import { checkModelFits, estimateMemory, kvBudgetBytes } from "../src/runtime/memory.ts";
 import { InputError } from "../src/errors.ts";
 import { ROOT, TINY_NAS } from "./helpers.ts";
 
@@ -91,4 +91,24 @@ Deno.test("cli: a model that cannot fit is refused before any weight is read (ex
   const fits = await run("--quantize", "int4", "--max-context", "2048");
   assert.equal(fits.code, 2);
   assert.match(fits.stderr, /no model\.safetensors/, "past the memory check, on to loading");
+});
+
+Deno.test("KV budget: the default from the device, a requested one checked against WASM's heap", async () => {
+  const cfg = await loadConfig(TINY_NAS);
+  const fp32 = FP32;
+  assert.equal(
+    kvBudgetBytes(cfg, fp32, "wasm", undefined, 64 * 2 ** 30),
+    2 ** 30,
+    "1 GiB when memory is plenty",
+  );
+  assert.equal(kvBudgetBytes(cfg, fp32, "wasm", undefined, 2 ** 30), 2 ** 28, "a quarter of what is free");
+  assert.equal(kvBudgetBytes(cfg, fp32, "webgpu", 64), 64 * 2 ** 20);
+  assert.throws(
+    () => kvBudgetBytes(cfg, fp32, "wasm", 4000),
+    (e: Error) =>
+      e instanceof InputError && (e as InputError).field === "kv_cache_mb" && /twice/.test(e.message),
+  );
+  // A tiny free memory never leaves less than one full-context sequence.
+  const one = estimateMemory(cfg, fp32).kvBytesPerToken * cfg.maxPositions;
+  assert.equal(kvBudgetBytes(cfg, fp32, "wasm", undefined, 1), one);
 });

@@ -18,7 +18,15 @@ Deno.test({
         assert.equal(ok.status, 200);
         const health = await ok.json();
         assert.ok(health.weight_bytes > 30e6, "fp32 weights of tiny-nas");
-        assert.deepEqual({ ...health, weight_bytes: 0 }, {
+        const kv = health.kv_cache;
+        assert.ok(kv.budget_bytes > 0 && kv.budget_bytes <= 2 ** 30, `default KV budget ${kv.budget_bytes}`);
+        assert.deepEqual(kv, {
+          budget_bytes: kv.budget_bytes,
+          reserved_bytes: 0,
+          used_bytes: 0,
+          free_bytes: kv.budget_bytes,
+        });
+        assert.deepEqual({ ...health, weight_bytes: 0, kv_cache: null }, {
           status: "ok",
           model: "tiny-nas",
           device: "wasm",
@@ -28,6 +36,7 @@ Deno.test({
           weight_bytes: 0,
           active: 0,
           queued: 0,
+          kv_cache: null,
         });
       });
 

@@ -43,6 +43,9 @@ export const serveCommand = defineCommand({
     max_queue: z.number().int().min(0).max(100000).default(64).describe(
       "requests waiting for a slot (then 429)",
     ),
+    kv_cache_mb: z.number().gt(0).max(2 ** 20).optional().describe(
+      "KV-cache budget in MB for all sequences (default: min(1024, free memory / 4, what WASM's heap leaves))",
+    ),
     request_timeout: z.number().gt(0).max(86400).default(300).describe("seconds one generation may take"),
     drain_timeout: z.number().min(0).max(86400).default(30).describe("seconds shutdown waits for streams"),
     max_tokens_cap: z.number().int().min(1).max(LIMITS.maxTokens).default(LIMITS.maxTokens)
@@ -60,7 +63,12 @@ export const serveCommand = defineCommand({
     const plan = flags.plan ? parsePlan(await readPlanFile(flags.plan)) : UNFUSED;
     const host = new ModelHost();
     const metrics = new Metrics();
-    const scheduler = new Scheduler(flags.max_active, flags.max_queue);
+    const scheduler = new Scheduler(flags.max_active, flags.max_queue, {
+      get budgetBytes() {
+        return host.kvBudgetBytes;
+      },
+      bytesPerToken: () => host.instance?.kvBytesPerToken ?? 0,
+    });
     const lifecycle = { draining: false };
     const analysis = analysisRunner();
     const bench = benchRunner();
@@ -98,7 +106,7 @@ export const serveCommand = defineCommand({
     await host.load(flags.model, plan, device, {
       graph,
       maxContext: flags.max_context,
-      sequences: flags.max_active,
+      kvCacheMb: flags.kv_cache_mb,
       maxBufferBytes: await adapterMaxBuffer(device),
       calibrationText: flags.calibration,
     });

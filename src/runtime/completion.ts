@@ -31,7 +31,7 @@ export function maxPromptChars(host: ModelHost): number {
 
 /**
  * One completion's whole life in one scope: bound the prompt, wait for admission, tokenise (in the
- * tokenizer worker), lease the active plan, generate with the caller's abort and the wall-clock
+ * tokenizer worker), reserve the KV cache it can grow to, lease the active plan, generate with the caller's abort and the wall-clock
  * limit wired to one signal, and release everything in one `finally`, however it ends. The first
  * event is `started` (admitted, prompt accepted); errors before it are the caller's to report.
  * A caller that stops consuming early (`return()`) cancels the generation.
@@ -54,6 +54,7 @@ export async function* runCompletion(
   const onAbort = () => abort.abort();
   signal.addEventListener("abort", onAbort, { once: true });
   let free: (() => void) | null = null;
+  let kvFree: (() => void) | null = null;
   let lease: ReturnType<ModelHost["lease"]> | null = null;
   let timer: ReturnType<typeof setTimeout> | undefined;
   let run: AsyncGenerator<unknown, GenerationSummary> | null = null;
@@ -66,6 +67,10 @@ export async function* runCompletion(
       throw new InputError(`token id ${bad} is out of range (vocabulary size ${config.vocabSize})`, "prompt");
     }
     checkPromptFits(ids.length, config.maxPositions);
+    kvFree = await scheduler.reserveKv(
+      Math.min(ids.length + job.params.maxTokens, config.maxPositions),
+      abort.signal,
+    );
     lease = host.lease();
     timer = setTimeout(onAbort, job.timeoutMs);
     yield { type: "started", planId: lease.instance.planId, promptTokens: ids.length };
@@ -83,6 +88,7 @@ export async function* runCompletion(
     clearTimeout(timer);
     signal.removeEventListener("abort", onAbort);
     lease?.release();
+    kvFree?.();
     free?.();
   }
 }

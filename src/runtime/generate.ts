@@ -84,7 +84,7 @@ export interface GenerateOptions {
  * Everything that happens to a chosen token on the host: end-of-sequence, detokenisation, stop
  * sequences, accounting. Both decode loops feed it, whichever device chose the token.
  */
-class TokenSink {
+export class TokenSink {
   private readonly decoder: StreamDecoder;
   private readonly stops: StopMatcher;
   private readonly eos: Set<number>;

@@ -3,7 +3,7 @@ import { checkPlan, type FusionPlan, planId } from "../fusion/plan.ts";
 import { type Checkpoint, loadConfig, modelName } from "../model/checkpoint.ts";
 import type { ModelConfig } from "../model/config.ts";
 import { FLOAT_WEIGHTS, type GraphOptions } from "../onnx/format.ts";
-import { checkModelFits } from "./memory.ts";
+import { checkModelFits, kvBudgetBytes } from "./memory.ts";
 import type { Device } from "./ort.ts";
 import type { WeightEntries } from "../onnx/weight_cache.ts";
 import { type BuildSpec, type PendingBuild, type PlanInstance, RemoteInstance } from "./remote_instance.ts";
@@ -42,8 +42,8 @@ const workerBuilder: InstanceBuilder = (spec) => RemoteInstance.build(spec);
 export interface HostOptions {
   graph: GraphOptions;
   maxContext?: number;
-  /** Sequences decoding at once: the KV cache the memory check reserves. */
-  sequences: number;
+  /** The KV-cache budget in MB (--kv-cache-mb); a default from the device when absent. */
+  kvCacheMb?: number;
   /** The WebGPU adapter's largest buffer, when known. */
   maxBufferBytes?: number;
   /** Text the linear attentions of version 2 plans are fitted on. */
@@ -67,6 +67,8 @@ export class ModelHost {
   graph: GraphOptions = FLOAT_WEIGHTS;
   loadMs = 0;
   swaps = 0;
+  /** What admission keeps the KV caches of all sequences within (see Scheduler.reserveKv). */
+  kvBudgetBytes = 0;
   /** The loaded weights in shared memory: every later build and the analysis worker reuse them. */
   checkpoint: Checkpoint | null = null;
   /**
@@ -86,7 +88,7 @@ export class ModelHost {
     dir: string,
     plan: FusionPlan,
     device: Device,
-    opts: HostOptions = { graph: FLOAT_WEIGHTS, sequences: 1 },
+    opts: HostOptions = { graph: FLOAT_WEIGHTS },
     tokenizer?: RemoteTokenizer,
   ): Promise<void> {
     const t0 = performance.now();
@@ -98,7 +100,8 @@ export class ModelHost {
       this.name = modelName(dir);
       this.config = await loadConfig(dir, { maxContext: opts.maxContext });
       checkPlan(plan, this.config);
-      checkModelFits(this.config, opts.graph, device, opts);
+      checkModelFits(this.config, opts.graph, device, { sequences: 1, maxBufferBytes: opts.maxBufferBytes });
+      this.kvBudgetBytes = kvBudgetBytes(this.config, opts.graph, device, opts.kvCacheMb);
       this.tokenizer = tokenizer ?? await RemoteTokenizer.load(dir);
       const built = await this.builder(this.spec(null, plan, opts.maxContext)).ready;
       this.checkpoint = built.checkpoint;
@@ -152,6 +155,11 @@ export class ModelHost {
   /** Old instances kept alive by requests that started before a swap. */
   get retiringCount(): number {
     return this.retiring.size;
+  }
+
+  /** KV bytes the live instances hold now (their batches and the prompts they are prefilling). */
+  get kvBytes(): number {
+    return [this.active, ...this.retiring].reduce((n, s) => n + (s?.instance.kvBytes ?? 0), 0);
   }
 
   /** Plan instances alive (each a worker with its own session): active, retiring and being built. */

@@ -1,18 +1,18 @@
 /// <reference lib="deno.worker" />
 /**
  * One plan's model, owned by one worker: it fuses the weights, builds the graph, creates the
- * onnxruntime session and then runs every generation leased to that plan. Building and decoding
+ * onnxruntime session and then runs every generation leased to that plan, as one batch (batch_engine.ts). Building and decoding
  * here keeps the serving thread free: a swap builds in a new worker while the old one keeps
  * decoding, and a retired plan is freed whole by ending its worker.
  */
 import "./worker_location.ts";
 import type { FusionPlan } from "../fusion/plan.ts";
 import { type Checkpoint, loadCheckpoint } from "../model/checkpoint.ts";
-import type { TextTokenizer } from "../model/tokenizer.ts";
 import { formatName, type GraphOptions } from "../onnx/format.ts";
 import { WeightCache, type WeightEntries } from "../onnx/weight_cache.ts";
 import { assetsFrom, buildInstance, type ModelInstance } from "./engine.ts";
-import { generate, type GenerateParams, type GenerationChunk, type GenerationSummary } from "./generate.ts";
+import { BatchEngine } from "./batch_engine.ts";
+import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
 import { type Device, resolveDevice } from "./ort.ts";
 import { toWorkerError, type WorkerError } from "./worker_error.ts";
 
@@ -47,17 +47,18 @@ export type InstanceReply =
     addedWeights: WeightEntries;
     weightKeys: string[];
     checkpoint: Checkpoint | null;
+    /** KV cache bytes one token of one sequence takes under this plan (removed attention has none). */
+    kvBytesPerToken: number;
   }
+  /** KV bytes the instance holds now, after each change. */
+  | { type: "kv"; bytes: number }
   | { type: "chunk"; id: number; chunk: GenerationChunk }
   | { type: "done"; id: number; summary: GenerationSummary }
   | { type: "failed"; id: number | null } & WorkerError
   | { type: "closed" };
 
 let instance: ModelInstance | null = null;
-let tokenizer: TextTokenizer | null = null;
-let maxPositions = 0;
-let eos: number[] = [];
-const running = new Map<number, AbortController>();
+let engine: BatchEngine | null = null;
 const post = (m: InstanceReply) => self.postMessage(m);
 const failure = (id: number | null, e: unknown): InstanceReply => ({
   type: "failed",
@@ -73,9 +74,14 @@ async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<
   const assets = await assetsFrom(req.checkpoint ?? loaded!, req.modelDir, req.calibrationText);
   const weights = new WeightCache(formatName(req.graph), req.weights, true);
   instance = await buildInstance(assets, req.plan, device, req.graph, weights);
-  maxPositions = assets.checkpoint.config.maxPositions;
-  eos = assets.checkpoint.config.eosTokenIds;
-  tokenizer = assets.tokenizer;
+  const cfg = assets.checkpoint.config;
+  engine = new BatchEngine(
+    instance.session,
+    assets.tokenizer,
+    cfg.eosTokenIds,
+    cfg.maxPositions,
+    (bytes) => post({ type: "kv", bytes }),
+  );
   post({
     type: "built",
     buildMs: instance.buildMs,
@@ -88,33 +94,16 @@ async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<
     addedWeights: weights.added,
     weightKeys: [...weights.used],
     checkpoint: loaded,
+    kvBytesPerToken: engine.bytesPerToken,
   });
 }
 
-async function run(req: Extract<InstanceRequest, { type: "generate" }>): Promise<void> {
-  const abort = new AbortController();
-  running.set(req.id, abort);
-  try {
-    const it = generate({
-      session: instance!.session,
-      tokenizer: tokenizer!,
-      promptIds: req.promptIds,
-      params: req.params,
-      eosTokenIds: eos,
-      maxPositions,
-      signal: abort.signal,
-    });
-    let r = await it.next();
-    while (!r.done) {
-      post({ type: "chunk", id: req.id, chunk: r.value });
-      r = await it.next();
-    }
-    post({ type: "done", id: req.id, summary: r.value });
-  } catch (e) {
-    post(failure(req.id, e));
-  } finally {
-    running.delete(req.id);
-  }
+function run(req: Extract<InstanceRequest, { type: "generate" }>): void {
+  engine!.submit(req.id, req.promptIds, req.params, {
+    chunk: (chunk) => post({ type: "chunk", id: req.id, chunk }),
+    done: (summary) => post({ type: "done", id: req.id, summary }),
+    failed: (e) => post(failure(req.id, e)),
+  });
 }
 
 self.onmessage = async (e: MessageEvent<InstanceRequest>) => {
@@ -128,13 +117,13 @@ self.onmessage = async (e: MessageEvent<InstanceRequest>) => {
       }
       break;
     case "generate":
-      await run(m);
+      run(m);
       break;
     case "cancel":
-      running.get(m.id)?.abort();
+      engine?.cancel(m.id);
       break;
     case "close":
-      for (const a of running.values()) a.abort();
+      await engine?.close();
       await instance?.session.release().catch(() => {});
       post({ type: "closed" });
       break;

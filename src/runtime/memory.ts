@@ -88,3 +88,40 @@ export function checkModelFits(
   }
   return est;
 }
+
+/** The default budget's ceiling: room for dozens of long sequences of a 1B-8B model, bounded host memory. */
+const DEFAULT_KV_CAP = 2 ** 30;
+
+/**
+ * The KV-cache budget admission keeps to (--kv-cache-mb), checked against the device before any
+ * weight is read. A decode step holds the batch's cache twice for a moment (its past in, its present
+ * out), so on WASM the weights and twice the budget must fit the heap. The default is the smallest
+ * of 1 GiB, a quarter of the memory the host has free, and on WASM what the heap leaves; it must hold
+ * at least one full-context sequence.
+ */
+export function kvBudgetBytes(
+  cfg: ModelConfig,
+  g: GraphOptions,
+  device: Device,
+  requestedMb?: number,
+  freeHostBytes = Deno.systemMemoryInfo().available,
+): number {
+  const est = estimateMemory(cfg, g);
+  const heapRoom = device === "wasm" ? Math.max(0, (WASM_USABLE_BYTES - est.weightBytes) / 2) : Infinity;
+  const oneSequence = est.kvBytesPerToken * cfg.maxPositions;
+  const mb = (b: number) => `${(b / 2 ** 20).toFixed(0)} MB`;
+  if (requestedMb !== undefined) {
+    const bytes = requestedMb * 2 ** 20;
+    if (bytes > heapRoom) {
+      throw new InputError(
+        `${requestedMb} MB of KV cache does not fit WASM's heap beside ${gb(est.weightBytes)} of ${
+          formatName(g)
+        } weights (a step holds the cache twice): at most ${mb(heapRoom)}`,
+        "kv_cache_mb",
+      );
+    }
+    return bytes;
+  }
+  const bytes = Math.min(DEFAULT_KV_CAP, freeHostBytes / 4, heapRoom);
+  return Math.max(bytes, Math.min(oneSequence, heapRoom));
+}

@@ -44,6 +44,9 @@ export interface PlanInstance {
   readonly buildMs: number;
   readonly graph: GraphOptions;
   readonly weightBytes: number;
+  /** KV bytes one token of one sequence takes under this plan, and the bytes its sequences hold now. */
+  readonly kvBytesPerToken: number;
+  readonly kvBytes: number;
   generate(promptIds: number[], params: GenerateParams, signal: AbortSignal): AsyncGenerator<
     GenerationChunk,
     GenerationSummary
@@ -90,6 +93,7 @@ export class RemoteInstance implements PlanInstance {
   private nextId = 1;
   private readonly streams = new Map<number, Channel<InstanceReply>>();
   private dead: string | null = null;
+  kvBytes = 0;
 
   private constructor(
     private readonly worker: Worker,
@@ -100,10 +104,12 @@ export class RemoteInstance implements PlanInstance {
     readonly buildMs: number,
     readonly graph: GraphOptions,
     readonly weightBytes: number,
+    readonly kvBytesPerToken: number,
   ) {
     worker.onmessage = (e: MessageEvent<InstanceReply>) => {
       const m = e.data;
-      if ("id" in m && m.id !== null) this.streams.get(m.id)?.put(m);
+      if (m.type === "kv") this.kvBytes = m.bytes;
+      else if ("id" in m && m.id !== null) this.streams.get(m.id)?.put(m);
     };
     worker.onerror = (e) => {
       e.preventDefault();
@@ -130,6 +136,7 @@ export class RemoteInstance implements PlanInstance {
               m.buildMs,
               spec.graph,
               m.weightBytes,
+              m.kvBytesPerToken,
             );
             resolve({
               instance,

@@ -57,6 +57,7 @@ export class Sampler {
   }
 
   private sample(row: Float32Array): number {
+    if (this.params.topK === 0 && this.params.topP === 1) return this.sampleFull(row);
     const { ids, probs } = this.distribution(row);
     let u = this.random();
     for (let i = 0; i < ids.length; i++) {
@@ -64,5 +65,22 @@ export class Sampler {
       if (u < 0) return ids[i];
     }
     return ids[ids.length - 1];
+  }
+
+  /**
+   * Plain temperature sampling in two linear passes: no sort of the vocabulary, which in a batch of
+   * 16 sequences would cost more than the decode step. The same distribution as `distribution`.
+   */
+  private sampleFull(row: Float32Array): number {
+    const t = this.params.temperature;
+    const max = row[argmax(row)];
+    let sum = 0;
+    for (let i = 0; i < row.length; i++) sum += Math.exp((row[i] - max) / t);
+    let u = this.random() * sum;
+    for (let i = 0; i < row.length; i++) {
+      u -= Math.exp((row[i] - max) / t);
+      if (u < 0) return i;
+    }
+    return argmax(row);
   }
 }

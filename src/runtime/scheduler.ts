@@ -1,4 +1,12 @@
-import { CancelledError, CapacityError } from "../errors.ts";
+import { CancelledError, CapacityError, InputError } from "../errors.ts";
+
+/** The KV-cache budget admission keeps to, and what one token of one sequence costs under the active plan. */
+export interface KvBudget {
+  budgetBytes: number;
+  bytesPerToken(): number;
+}
+
+const mb = (b: number) => `${(b / 2 ** 20).toFixed(1)} MB`;
 
 /**
  * Admission control in front of the shared session. Up to `maxActive` generations decode at once,
@@ -11,8 +19,75 @@ export class Scheduler {
   private running = 0;
   private readonly waiting: { grant: () => void; reject: (e: Error) => void }[] = [];
   private readonly idleWaiters: (() => void)[] = [];
+  /** Tokens of KV each admitted sequence may grow to (prompt + max_tokens). */
+  private readonly reserved = new Set<{ tokens: number }>();
+  private readonly kvWaiting: { tokens: number; grant: () => void }[] = [];
 
-  constructor(readonly maxActive: number, readonly maxQueue: number) {}
+  constructor(readonly maxActive: number, readonly maxQueue: number, readonly kv: KvBudget | null = null) {}
+
+  /**
+   * KV bytes the admitted sequences can grow to when they decode as one batch: rows padded to the
+   * longest (kv_batch.ts), so every row counts at the longest reservation.
+   */
+  kvReservedBytes(extra = 0): number {
+    const tokens = [...this.reserved].map((r) => r.tokens);
+    if (extra) tokens.push(extra);
+    return tokens.length * Math.max(0, ...tokens) * (this.kv?.bytesPerToken() ?? 0);
+  }
+
+  /**
+   * Reserves the KV memory a sequence can grow to (`tokens`, prompt + max_tokens), waiting in FIFO
+   * order until the batch fits the budget; resolves with the function that gives it back. A sequence
+   * that could never fit is an InputError naming the sizes.
+   */
+  reserveKv(tokens: number, signal?: AbortSignal): Promise<() => void> {
+    if (!this.kv) return Promise.resolve(() => {});
+    const need = tokens * this.kv.bytesPerToken();
+    if (need > this.kv.budgetBytes) {
+      return Promise.reject(
+        new InputError(
+          `${tokens} tokens (prompt + max_tokens) need ${mb(need)} of KV cache, more than the whole ` +
+            `budget of ${mb(this.kv.budgetBytes)} (--kv-cache-mb); lower max_tokens or shorten the prompt`,
+          "max_tokens",
+        ),
+      );
+    }
+    const entry = { tokens };
+    const release = () => {
+      if (!this.reserved.delete(entry)) return;
+      this.pumpKv();
+    };
+    if (!this.kvWaiting.length && this.fitsKv(tokens)) {
+      this.reserved.add(entry);
+      return Promise.resolve(release);
+    }
+    return new Promise((resolve, reject) => {
+      const waiter = {
+        tokens,
+        grant: () => {
+          this.reserved.add(entry);
+          resolve(release);
+        },
+      };
+      this.kvWaiting.push(waiter);
+      signal?.addEventListener("abort", () => {
+        const at = this.kvWaiting.indexOf(waiter);
+        if (at >= 0) {
+          this.kvWaiting.splice(at, 1);
+          reject(new CancelledError("request was cancelled while waiting for KV-cache memory"));
+          this.pumpKv();
+        }
+      }, { once: true });
+    });
+  }
+
+  private fitsKv(tokens: number): boolean {
+    return this.kvReservedBytes(tokens) <= this.kv!.budgetBytes;
+  }
+
+  private pumpKv(): void {
+    while (this.kvWaiting.length && this.fitsKv(this.kvWaiting[0].tokens)) this.kvWaiting.shift()!.grant();
+  }
 
   /** Resolves once nothing is running or queued (shutdown waits on this to drain). */
   idle(): Promise<void> {

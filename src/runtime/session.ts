@@ -1,5 +1,6 @@
 import { type DecoderGraph, pastKey, pastValue, presentKey, presentValue } from "../onnx/decoder.ts";
 import { type Backend, createSession, ort, type OrtApi, runtimeFor } from "./ort.ts";
+import { type BatchCache, disposeBatch, packRows, type RowSource } from "./kv_batch.ts";
 import { yieldIfBusy } from "./yield.ts";
 
 /** One sequence's attention cache: on the GPU between steps under WebGPU, in WASM memory otherwise. */
@@ -105,12 +106,62 @@ export class ModelSession {
     return await ort.env.webgpu.device as GPUDevice;
   }
 
-  private async runStep(input: StepInput, cache: KvCache): Promise<TensorStepResult> {
+  /**
+   * One decode step of several sequences at once: `ids[b]` follows row b of `cache` (see BatchCache),
+   * each at its own position, the padding masked. The old cache is consumed; the new one has every
+   * row one position longer, in the same layout.
+   */
+  decodeBatch(ids: number[], cache: BatchCache): Promise<{ logits: Float32Array; cache: BatchCache }> {
+    const run = this.chain.then(async () => {
+      const rows = ids.length;
+      const width = cache.width + 1;
+      const mask = new BigInt64Array(rows * width);
+      cache.lengths.forEach((len, b) => mask.fill(1n, b * width + (width - len - 1), (b + 1) * width));
+      const out = await this.run({
+        input_ids: new this.rt.Tensor("int64", BigInt64Array.from(ids, BigInt), [rows, 1]),
+        attention_mask: new this.rt.Tensor("int64", mask, [rows, width]),
+        position_ids: new this.rt.Tensor("int64", BigInt64Array.from(cache.lengths, BigInt), [rows, 1]),
+      }, cache.tensors);
+      disposeBatch(cache);
+      const logits = (await out.logits.getData(true)) as Float32Array;
+      return {
+        logits,
+        cache: { width, lengths: cache.lengths.map((l) => l + 1), tensors: this.presents(out) },
+      };
+    });
+    this.chain = run.catch(() => {});
+    return run;
+  }
+
+  /** A batch cache of `sources`' rows (see kv_batch.ts packRows), in this session's tensors. */
+  packRows(sources: RowSource[]): Promise<BatchCache> {
+    return packRows(this.rt, this.graph, sources);
+  }
+
+  private async run(
+    feeds: Record<string, ort.Tensor>,
+    cache: Map<string, ort.Tensor>,
+  ): Promise<ort.InferenceSession.OnnxValueMapType> {
     await yieldIfBusy();
     if (this.released) throw new Error("session was released");
+    for (const [name, tensor] of cache) feeds[name] = tensor;
+    return await this.session.run(feeds);
+  }
+
+  /** The step's present K/V, renamed as the next step's past. */
+  private presents(out: ort.InferenceSession.OnnxValueMapType): Map<string, ort.Tensor> {
+    const tensors = new Map<string, ort.Tensor>();
+    for (const { layer } of this.graph.cache) {
+      tensors.set(pastKey(layer), out[presentKey(layer)]);
+      tensors.set(pastValue(layer), out[presentValue(layer)]);
+    }
+    return tensors;
+  }
+
+  private async runStep(input: StepInput, cache: KvCache): Promise<TensorStepResult> {
     const t = Array.isArray(input) ? input.length : 1;
     const total = cache.length + t;
-    const feeds: Record<string, ort.Tensor> = {
+    const out = await this.run({
       input_ids: Array.isArray(input)
         ? new this.rt.Tensor("int64", BigInt64Array.from(input, BigInt), [1, t])
         : ort.Tensor.fromGpuBuffer(input, { dataType: "int64", dims: [1, 1] }),
@@ -120,16 +171,9 @@ export class ModelSession {
         BigInt64Array.from({ length: t }, (_, i) => BigInt(cache.length + i)),
         [1, t],
       ),
-    };
-    for (const [name, tensor] of cache.tensors) feeds[name] = tensor;
-    const out = await this.session.run(feeds);
+    }, cache.tensors);
     disposeCache(cache);
-    const tensors = new Map<string, ort.Tensor>();
-    for (const { layer } of this.graph.cache) {
-      tensors.set(pastKey(layer), out[presentKey(layer)]);
-      tensors.set(pastValue(layer), out[presentValue(layer)]);
-    }
-    return { logits: out.logits, cache: { length: total, tensors } };
+    return { logits: out.logits, cache: { length: total, tensors: this.presents(out) } };
   }
 
   /** Waits for runs in flight, then frees the session's memory (GPU buffers included). */
@@ -138,6 +182,11 @@ export class ModelSession {
     await this.chain;
     await this.session.release();
   }
+}
+
+/** A single sequence's cache seen as a batch of one row. */
+export function asBatch(cache: KvCache): BatchCache {
+  return { width: cache.length, lengths: [cache.length], tensors: cache.tensors };
 }
 
 /** Frees GPU-resident cache tensors; CPU ones are left to the garbage collector. */

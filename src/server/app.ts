@@ -94,6 +94,12 @@ export function createApp(services: Services, opts: AppOptions): Hono<AppEnv> {
       weight_bytes: inst.weightBytes,
       active: scheduler.active,
       queued: scheduler.queued,
+      kv_cache: {
+        budget_bytes: host.kvBudgetBytes,
+        reserved_bytes: scheduler.kvReservedBytes(),
+        used_bytes: host.kvBytes,
+        free_bytes: Math.max(0, host.kvBudgetBytes - scheduler.kvReservedBytes()),
+      },
     });
   });
 
@@ -102,6 +108,9 @@ export function createApp(services: Services, opts: AppOptions): Hono<AppEnv> {
     metrics.active.set({}, scheduler.active);
     metrics.instances.set({}, host.liveInstances);
     metrics.weightCache.set({}, host.weightCacheBytes);
+    metrics.kvBudget.set({}, host.kvBudgetBytes);
+    metrics.kvReserved.set({}, scheduler.kvReservedBytes());
+    metrics.kvUsed.set({}, host.kvBytes);
     c.header("content-type", "text/plain; version=0.0.4; charset=utf-8");
     return c.body(metrics.render());
   });

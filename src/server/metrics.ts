@@ -139,11 +139,27 @@ export class Metrics {
     "Converted weights kept for reuse by later plan swaps",
     "gauge",
   );
+  readonly kvBudget = new Counter(
+    "fusedge_kv_cache_budget_bytes",
+    "KV-cache budget (--kv-cache-mb)",
+    "gauge",
+  );
+  readonly kvReserved = new Counter(
+    "fusedge_kv_cache_reserved_bytes",
+    "KV cache the admitted sequences can grow to, batch padding included",
+    "gauge",
+  );
+  readonly kvUsed = new Counter("fusedge_kv_cache_bytes", "KV cache held by the sequences now", "gauge");
   readonly loadSeconds = new Counter("fusedge_model_load_seconds", "Time the model took to load", "gauge");
   readonly rss = new Counter(
     "fusedge_process_resident_memory_bytes",
     "Resident memory of the server process",
     "gauge",
+  );
+
+  readonly cpu = new Counter(
+    "fusedge_process_cpu_seconds_total",
+    "CPU time of the server process, every worker thread included (Linux)",
   );
 
   constructor() {
@@ -164,6 +180,8 @@ export class Metrics {
 
   render(): string {
     this.rss.set({}, Deno.memoryUsage().rss);
+    const cpu = processCpuSeconds();
+    if (cpu !== null) this.cpu.set({}, cpu);
     const all: Metric[] = [
       this.requests,
       this.tokens,
@@ -180,9 +198,25 @@ export class Metrics {
       this.swapRebuiltBytes,
       this.swapReusedBytes,
       this.weightCache,
+      this.kvBudget,
+      this.kvReserved,
+      this.kvUsed,
       this.loadSeconds,
       this.rss,
+      this.cpu,
     ];
     return all.flatMap((m) => m.render()).join("\n") + "\n";
+  }
+}
+
+/** User + system time of this process from /proc (clock ticks of 1/100 s), or null off Linux. */
+function processCpuSeconds(): number | null {
+  try {
+    const stat = Deno.readTextFileSync("/proc/self/stat");
+    // Fields after the parenthesised command name: utime and stime are the 12th and 13th.
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return (Number(fields[11]) + Number(fields[12])) / 100;
+  } catch {
+    return null;
   }
 }

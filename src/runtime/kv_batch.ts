@@ -1,0 +1,84 @@
+import type { DecoderGraph } from "../onnx/decoder.ts";
+import { ort, type OrtApi } from "./ort.ts";
+
+/**
+ * The attention caches of sequences decoded together: each cache tensor is [rows, kvHeads, width,
+ * headDim], row b's `lengths[b]` real positions right-aligned (the first width - lengths[b] are
+ * padding the attention mask hides). A step appends one position to every row, so the layout
+ * survives steps untouched; it is redrawn only when rows join or leave.
+ */
+export interface BatchCache {
+  width: number;
+  lengths: number[];
+  tensors: Map<string, ort.Tensor>;
+}
+
+/** Where a row of a new batch comes from: row `row` of `cache`. */
+export interface RowSource {
+  cache: BatchCache;
+  row: number;
+}
+
+type FloatData = Float32Array | Uint16Array;
+
+/** Host copies of a cache's tensors (downloaded once when they live on the GPU). */
+async function hostData(cache: BatchCache): Promise<Map<string, FloatData>> {
+  const out = new Map<string, FloatData>();
+  for (const [name, t] of cache.tensors) {
+    out.set(name, (t.location === "gpu-buffer" ? await t.getData() : t.data) as FloatData);
+  }
+  return out;
+}
+
+/** Bytes the cache of `tokens` positions of one sequence takes (keys and values of every layer). */
+export function kvBytesPerToken(graph: Pick<DecoderGraph, "cache" | "headDim" | "floatType">): number {
+  const elem = graph.floatType === "float16" ? 2 : 4;
+  return graph.cache.reduce((n, c) => n + 2 * c.kvHeads * graph.headDim * elem, 0);
+}
+
+/**
+ * A new batch cache whose rows are `sources`, in order, at the width of the longest of them: the
+ * one copy a join or a leave costs (the steps between copy nothing on the host).
+ */
+export async function packRows(
+  rt: OrtApi,
+  graph: Pick<DecoderGraph, "cache" | "headDim" | "floatType">,
+  sources: RowSource[],
+): Promise<BatchCache> {
+  const lengths = sources.map((s) => s.cache.lengths[s.row]);
+  const width = Math.max(0, ...lengths);
+  const rows = sources.length;
+  const hd = graph.headDim;
+  const data = new Map<BatchCache, Map<string, FloatData>>();
+  for (const s of sources) if (!data.has(s.cache)) data.set(s.cache, await hostData(s.cache));
+  const tensors = new Map<string, ort.Tensor>();
+  for (const [name] of sources[0]?.cache.tensors ?? []) {
+    const kvH = graph.cache.find((c) => name.startsWith(`past_key_values.${c.layer}.`))!.kvHeads;
+    const half = graph.floatType === "float16";
+    const out = half ? new Uint16Array(rows * kvH * width * hd) : new Float32Array(rows * kvH * width * hd);
+    sources.forEach((s, b) => {
+      const src = data.get(s.cache)!.get(name)!;
+      const len = lengths[b];
+      const srcWidth = s.cache.width;
+      for (let h = 0; h < kvH; h++) {
+        const from = ((s.row * kvH + h) * srcWidth + (srcWidth - len)) * hd;
+        const to = ((b * kvH + h) * width + (width - len)) * hd;
+        out.set(src.subarray(from, from + len * hd), to);
+      }
+    });
+    const dims = [rows, kvH, width, hd];
+    tensors.set(
+      name,
+      half
+        ? new rt.Tensor("float16", out as Uint16Array, dims)
+        : new rt.Tensor("float32", out as Float32Array, dims),
+    );
+  }
+  return { width, lengths, tensors };
+}
+
+/** Frees GPU-resident tensors of a batch cache; host ones are left to the garbage collector. */
+export function disposeBatch(cache: BatchCache): void {
+  for (const t of cache.tensors.values()) if (t.location === "gpu-buffer") t.dispose();
+  cache.tensors.clear();
+}
