@@ -5,13 +5,17 @@
  *
  *   scripts/deno run -A scripts/loadtest.ts --url http://127.0.0.1:8000 [--requests 200]
  *     [--concurrency 16] [--max-tokens 16] [--swaps 2] [--storm 1] [--bench] [--admin-token T] [--api-key K]
- *     [--levels 1,4,16 --level-rounds 3 --level-tokens 64]
+ *     [--levels 1,4,16 --level-rounds 3 --level-tokens 64] [--chat 8]
  *
  * --storm N sends N plan swaps at once at each swap point (the newest must win, the others get 409);
  * --bench starts a self-benchmark on the server a third of the way in and waits for it at the end.
  * --levels first measures aggregate throughput at each concurrency: a warm-up, then rounds in which
  * the levels take turns (4 x level requests each), reporting the median and range of tokens/s, of the
  * server's CPU seconds per 1000 tokens (from its /metrics) and of each level's rate over level 1's.
+ * --chat N first plays a conversation of N turns, each prompt the previous one plus its answer and a
+ * new line: each turn is sent as it is (its start is cached from the turn before) and, in alternating
+ * order, with a unique first line (nothing to reuse); reports both TTFTs and the prefix-cache hit
+ * rate from /metrics.
  */
 import { parseArgs } from "node:util";
 import { sseData } from "../src/client/sse.ts";
@@ -29,6 +33,7 @@ const { values } = parseArgs({
     levels: { type: "string" },
     "level-rounds": { type: "string", default: "3" },
     "level-tokens": { type: "string", default: "64" },
+    chat: { type: "string", default: "0" },
     "admin-token": { type: "string" },
     "api-key": { type: "string" },
   },
@@ -205,6 +210,59 @@ async function levels(): Promise<Record<string, unknown> | null> {
   }));
 }
 
+/** Time to the first streamed token of one completion, and the text it produced. */
+async function firstToken(prompt: string, maxTokens: number): Promise<{ ttft: number; text: string }> {
+  const t0 = performance.now();
+  const res = await fetch(new URL("/v1/completions", url), {
+    method: "POST",
+    headers: headers(values["api-key"]),
+    body: JSON.stringify({ prompt, max_tokens: maxTokens, temperature: 0, stream: true }),
+  });
+  if (res.status !== 200) throw new Error(`chat: status ${res.status}: ${await res.text()}`);
+  let ttft = NaN;
+  let text = "";
+  for await (const data of sseData(res.body!)) {
+    if (data === "[DONE]") continue;
+    const piece = JSON.parse(data).choices?.[0]?.text ?? "";
+    if (piece && Number.isNaN(ttft)) ttft = performance.now() - t0;
+    text += piece;
+  }
+  return { ttft, text };
+}
+
+async function chat(): Promise<Record<string, unknown> | null> {
+  const turns = Number(values.chat);
+  if (!turns) return null;
+  const metric = async (name: string) =>
+    Number(
+      (await (await fetch(new URL("/metrics", url))).text()).match(new RegExp(`^${name} (\\S+)$`, "m"))?.[1],
+    );
+  const hits0 = await metric("fusedge_prefix_cache_hits_total");
+  let conversation = "# a conversation about parsing\n";
+  const warm: number[] = [];
+  const cold: number[] = [];
+  for (let k = 0; k < turns; k++) {
+    conversation += `${PROMPTS[k % PROMPTS.length]}`;
+    // Cold: the same prompt behind a first line no cache holds; the two go in alternating order.
+    const coldPrompt = `${crypto.randomUUID()}\n${conversation}`;
+    const runs = k % 2 ? [coldPrompt, conversation] : [conversation, coldPrompt];
+    for (const prompt of runs) {
+      const r = await firstToken(prompt, 24);
+      (prompt === conversation ? warm : cold).push(r.ttft);
+      if (prompt === conversation) conversation += r.text + "\n";
+    }
+  }
+  const hits = (await metric("fusedge_prefix_cache_hits_total")) - hits0;
+  return {
+    turns,
+    ttft_ms_cached_prefix: spread(warm.slice(1)),
+    ttft_ms_no_prefix: spread(cold.slice(1)),
+    prefix_cache_hits: hits,
+    hit_rate: hits / (2 * turns),
+  };
+}
+
+const chatReport = await chat();
 const levelReport = await levels();
 const t0 = performance.now();
 const workers = Array.from({ length: concurrency }, async () => {
@@ -237,4 +295,5 @@ console.log(JSON.stringify({
   swap_ms: swapTimes,
   bench: benchStatus,
   levels: levelReport,
+  chat: chatReport,
 }));

@@ -2,10 +2,11 @@ import assert from "node:assert/strict";
 import { BatchEngine, PREFILL_CHUNK } from "../src/runtime/batch_engine.ts";
 import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
 import { generate, type GenerateParams, type GenerationSummary } from "../src/runtime/generate.ts";
+import { asBatch } from "../src/runtime/session.ts";
 import { DEFAULT_SAMPLING } from "../src/runtime/sampling.ts";
 import { type FusionPlan, UNFUSED } from "../src/fusion/plan.ts";
 import { EVAL_TEXT, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
-import { post, startServer } from "./server_helpers.ts";
+import { post, readSse, startServer } from "./server_helpers.ts";
 
 const params = (maxTokens: number, extra: Partial<GenerateParams> = {}): GenerateParams => ({
   ...DEFAULT_SAMPLING,
@@ -149,15 +150,110 @@ Deno.test({
       assert.deepEqual(outs.map((o) => o.status), [200, 200, 200, 200]);
       assert.ok(peakReserved > 0 && peakReserved <= 2 ** 20, `reserved at most the budget (${peakReserved})`);
       assert.ok(peakUsed <= 2 ** 20, `held at most the budget (${peakUsed})`);
-      // The worker reports its KV bytes after the answers went out: give the last report a moment.
-      let metrics = "";
-      for (let i = 0; i < 100 && !/^fusedge_kv_cache_bytes 0$/m.test(metrics); i++) {
-        metrics = await (await fetch(`${server.base}/metrics`)).text();
-        await new Promise((r) => setTimeout(r, 20));
-      }
+      const metrics = await (await fetch(`${server.base}/metrics`)).text();
       assert.match(metrics, /^fusedge_kv_cache_budget_bytes 1048576$/m);
-      assert.match(metrics, /^fusedge_kv_cache_bytes 0$/m, "all freed once the requests are done");
+      // What stays held is finished sequences kept for prefix reuse, within the budget.
+      assert.ok(Number(metrics.match(/^fusedge_kv_cache_bytes (\d+)$/m)![1]) <= 2 ** 20);
       assert.match(metrics, /^fusedge_kv_cache_reserved_bytes 0$/m);
+    } finally {
+      await server.stop();
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "prefix reuse: a cached prefix gives the cold prefill's logits (1e-5); the engine reuses kept, live and just-prefilled caches",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const assets = await loadAssets(TINY_NAS);
+    const inst = await buildInstance(assets, { version: 1, ffn_groups: [[3, 4, 5]] }, "wasm");
+    const s = inst.session;
+    const cfg = assets.checkpoint.config;
+    const vocab = cfg.vocabSize;
+    const ids = assets.tokenizer.encode(await Deno.readTextFile(EVAL_TEXT)).slice(0, 60);
+    // The prefix's cache as decoding leaves it: 20 tokens prefilled, 30 fed one step at a time.
+    let cache = asBatch((await s.step(ids.slice(0, 20), s.emptyCache())).cache);
+    for (let i = 20; i < 50; i++) cache = (await s.decodeBatch([ids[i]], cache)).cache;
+    const prefix = await s.packRows([{ cache, row: 0, length: 45 }]);
+    const warm = await s.step(ids.slice(45), { length: 45, tensors: prefix.tensors });
+    const cold = await s.logitsOf(ids);
+    const a = warm.logits.subarray(warm.logits.length - vocab);
+    const b = cold.subarray(cold.length - vocab);
+    const scale = Math.max(...b.map(Math.abs));
+    const err = Math.max(...a.map((v, i) => Math.abs(v - b[i]))) / scale;
+    assert.ok(err < 1e-5, `relative error ${err}`);
+
+    const run = async (engine: BatchEngine, prompts: number[][]) =>
+      await runAll(engine, prompts.map((prompt) => ({ prompt, params: params(12) })));
+    const P = ids.slice(0, 30);
+    const cold2 = new BatchEngine(s, assets.tokenizer, cfg.eosTokenIds, cfg.maxPositions);
+    const warm2 = new BatchEngine(s, assets.tokenizer, cfg.eosTokenIds, cfg.maxPositions, () => {}, 2 ** 24);
+    const [first] = await run(warm2, [P]);
+    assert.equal(first.cachedTokens, 0);
+    // A follow-up that extends the finished conversation: its prompt and output are cached.
+    const follow = [...P, ...first.ids.slice(0, 8), ...ids.slice(40, 45)];
+    const [again] = await run(warm2, [follow]);
+    assert.equal(again.cachedTokens, 30 + 8, "the kept prefix covers the first prompt and its output");
+    const [reference] = await run(cold2, [follow]);
+    assert.equal(again.ids.join(), reference.ids.join(), "the same tokens as a cold prefill");
+    // The same prompt three times at once (n = 3): one prefill, the others start from it.
+    const three = await run(warm2, [ids.slice(5, 35), ids.slice(5, 35), ids.slice(5, 35)]);
+    assert.deepEqual(three.map((t) => t.cachedTokens), [0, 29, 29]);
+    assert.ok(three.every((t) => t.ids.join() === three[0].ids.join()), "greedy: the same text");
+    await s.release();
+  },
+});
+
+Deno.test({
+  name: "n > 1 over HTTP: one prefill, n choices decoded as a batch, each as its own seeded request would be",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const server = await startServer(["--device", "wasm"]);
+    await server.ready;
+    try {
+      const prompt = "def parse(line):\n    ";
+      const three = await post(server.base, "/v1/completions", { prompt, max_tokens: 12, n: 3, seed: 40 });
+      assert.equal(three.status, 200);
+      const body = await three.json();
+      assert.deepEqual(body.choices.map((c: { index: number }) => c.index), [0, 1, 2]);
+      assert.equal(body.usage.completion_tokens, 36);
+      assert.equal(body.usage.prompt_tokens, body.usage.total_tokens - 36, "the prompt counts once");
+      const alone = await post(server.base, "/v1/completions", { prompt, max_tokens: 12, seed: 41 });
+      assert.equal(
+        (await alone.json()).choices[0].text,
+        body.choices[1].text,
+        "choice 1 samples with seed + 1",
+      );
+      const metrics = await (await fetch(`${server.base}/metrics`)).text();
+      assert.ok(
+        Number(metrics.match(/^fusedge_prefix_cache_hits_total (\d+)$/m)![1]) >= 2,
+        "two choices reused the prefill",
+      );
+
+      const streamed = await readSse(
+        await post(server.base, "/v1/completions", {
+          prompt: "x = [",
+          max_tokens: 6,
+          n: 2,
+          temperature: 0,
+          stream: true,
+        }),
+      );
+      assert.ok(streamed.done);
+      const indices = new Set(
+        streamed.events.flatMap((e) => (e.choices as { index: number }[]).map((c) => c.index)),
+      );
+      assert.deepEqual([...indices].sort(), [0, 1]);
+      const last = streamed.events.at(-1)!;
+      assert.equal((last.choices as unknown[]).length, 2);
+      assert.equal((last.usage as { completion_tokens: number }).completion_tokens, 12);
+
+      const bad = await post(server.base, "/v1/completions", { prompt, n: 9 });
+      assert.equal(bad.status, 400);
+      assert.equal((await bad.json()).error.param, "n");
     } finally {
       await server.stop();
     }

@@ -170,3 +170,24 @@ Deno.test("cli bench --formats: each format served end to end in workers, the fu
   assert.equal(bad.code, 2);
   assert.match(bad.stderr, /--formats/);
 });
+
+Deno.test("cli bench --batch: tokens/s at each batch size, unfused against the fused plan, in alternating rounds", async () => {
+  const args = ["--model", TINY_NAS, "--device", "wasm", "--k", "2", "--tokens", "1", "--decode-tokens", "4"];
+  const r = await bench([...args, "--rounds", "3", "--batch", "1,8", "--json"]);
+  assert.equal(r.code, 0, r.stderr);
+  const cases = JSON.parse(r.stdout).batched;
+  assert.deepEqual(
+    cases.map((c: { plan: string; batch: number }) => `${c.plan} ${c.batch}`),
+    ["unfused 1", "unfused 8", "ffn[7-8] 1", "ffn[7-8] 8"],
+  );
+  for (const c of cases) {
+    for (const s of [c.tokens_per_second, c.ms_per_step, c.tokens_per_cpu_second]) {
+      assert.ok(s.min > 0 && s.min <= s.median && s.median <= s.max, JSON.stringify(c));
+    }
+  }
+  assert.equal(cases[0].speedup, 1);
+  assert.equal(cases[1].speedup, 1, "each batch size against the unfused model at the same size");
+  const bad = await bench([...args, "--batch", "0"]);
+  assert.equal(bad.code, 2);
+  assert.match(bad.stderr, /--batch/);
+});

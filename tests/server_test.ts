@@ -57,7 +57,12 @@ Deno.test({
         const body = await res.json();
         assert.equal(body.object, "text_completion");
         assert.equal(body.choices[0].finish_reason, "length");
-        assert.deepEqual(body.usage, { prompt_tokens: 10, completion_tokens: 24, total_tokens: 34 });
+        assert.deepEqual(body.usage, {
+          prompt_tokens: 10,
+          completion_tokens: 24,
+          total_tokens: 34,
+          prompt_tokens_details: { cached_tokens: 0 },
+        });
         whole = body.choices[0].text;
         assert.ok(whole.length > 10);
       });
@@ -78,7 +83,13 @@ Deno.test({
           assert.ok(sse.events.length >= 10, `${sse.events.length} events`);
           assert.equal(sse.text, whole, "streamed text equals the non-streamed completion");
           const last = sse.events.at(-1)!;
-          assert.deepEqual(last.usage, { prompt_tokens: 10, completion_tokens: 24, total_tokens: 34 });
+          assert.deepEqual(last.usage, {
+            prompt_tokens: 10,
+            completion_tokens: 24,
+            total_tokens: 34,
+            // The same prompt again: all but its last token come from the first request's cache.
+            prompt_tokens_details: { cached_tokens: 9 },
+          });
           assert.equal((last.choices as { finish_reason: string }[])[0].finish_reason, "length");
           assert.ok(
             sse.events.slice(0, -1).every((e) =>
@@ -114,7 +125,7 @@ Deno.test({
           [{ prompt: "x", temperature: -1 }, 400, /temperature/],
           [{ prompt: "x", top_p: 0 }, 400, /top_p/],
           [{ prompt: "x", top_k: 1.5 }, 400, /top_k/],
-          [{ prompt: "x", n: 2 }, 400, /n = 1/],
+          [{ prompt: "x", n: 9 }, 400, /n/],
           [{ prompt: "x", stop: ["a", "b", "c", "d", "e"] }, 400, /stop/],
           [{ prompt: "x", bogus: true }, 400, /bogus/],
           [{ prompt: [1, 99999] }, 400, /token id 99999 is out of range/],

@@ -21,6 +21,9 @@ export const benchRequest = z.strictObject({
     "serve the model end to end in these weight formats (all: every one the device supports): " +
       "build, swap to the fused group, decode both, peak memory",
   ),
+  batch: z.array(z.number().int().min(1).max(64)).min(1).max(6).optional().describe(
+    "decode batch sizes: tokens/s of the unfused model and the fused plan at each (the cost axis)",
+  ),
   native: z.boolean().default(false).describe(
     "also decode with native onnxruntime on the CPU (fetches onnxruntime-node)",
   ),

@@ -18,6 +18,7 @@ import {
 } from "../runtime/ort.ts";
 import { requestGpu } from "../webgpu/device.ts";
 import { BENCH_PROMPT, benchDecode, type DecodeCase } from "./decode_bench.ts";
+import { type BatchCase, benchBatch } from "./batch_bench.ts";
 import { benchFfn, type FfnBenchReport } from "./ffn_bench.ts";
 import { benchOnnxFfn, type OnnxFfnReport } from "./onnx_bench.ts";
 import { checkpointRun, type PresetName, presetRun, PRESETS } from "./shapes.ts";
@@ -43,6 +44,8 @@ export interface BenchOptions {
   checkpoint?: Checkpoint;
   /** Weight formats to serve the model in end to end (`all`: every one the device supports). */
   formats?: (FormatName | "all")[];
+  /** Decode batch sizes to measure, unfused against the fused plan. */
+  batch?: number[];
 }
 
 /** Where a benchmark's memory must fit: the host, and WASM's 32-bit heap. */
@@ -113,6 +116,8 @@ export interface BenchReport {
   load?: { ms: number; peak_rss_mb: number };
   /** The model served end to end per weight format (with --formats). */
   serving?: ServingBench;
+  /** Batched decode, unfused against the fused plan, per batch size (with --batch). */
+  batched?: BatchCase[];
 }
 
 /**
@@ -187,6 +192,22 @@ export async function runBench(
       skipped.push(...r.skipped);
     }
   }
+  let batched: BatchCase[] | undefined;
+  if (assets && opts.batch?.length) {
+    const format: GraphOptions = device === "webgpu" ? graph : { ...graph, dtype: "fp32" };
+    if (fits(format, device)) {
+      log(`batched decode on ${device}: batch ${opts.batch.join(", ")}`);
+      batched = await benchBatch(
+        assets,
+        [{ version: 1, ffn_groups: [] }, { version: 1, ffn_groups: [run.layers] }],
+        device,
+        opts.batch,
+        opts.decodeTokens,
+        opts.rounds,
+        format,
+      );
+    }
+  }
   let serving: ServingBench | undefined;
   if (assets && opts.formats?.length) {
     const f16 = (await resolveGraphOptions("auto", "none", device)).dtype === "fp16";
@@ -218,6 +239,7 @@ export async function runBench(
     decode_skipped: skipped,
     load,
     serving,
+    batched,
   };
 }
 
@@ -302,6 +324,26 @@ export function formatBench(r: BenchReport): string {
     }
   }
   for (const s of r.decode_skipped ?? []) lines.push(`(${s.device} decode skipped: ${s.reason})`);
+  if (r.batched?.length) {
+    const sp = (s: Spread, d = 1) => `${f(s.median, d)} [${f(s.min, d)}-${f(s.max, d)}]`;
+    const b = r.batched[0];
+    lines.push(
+      "",
+      `batched decode (${b.steps} steps per sample, cases alternated in ${b.rounds} rounds; median [min-max])`,
+      "device  plan                 batch  tokens/s                 vs first  ms per step          tokens/CPU-s",
+    );
+    for (const c of r.batched) {
+      lines.push([
+        c.device.padEnd(7),
+        c.plan.padEnd(20),
+        String(c.batch).padEnd(6),
+        sp(c.tokens_per_second).padEnd(24),
+        `${f(c.speedup, 2)}x`.padEnd(8),
+        sp(c.ms_per_step, 2).padEnd(20),
+        c.tokens_per_cpu_second ? sp(c.tokens_per_cpu_second) : "-",
+      ].join(" "));
+    }
+  }
   if (r.load) {
     lines.push(
       "",

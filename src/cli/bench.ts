@@ -26,6 +26,7 @@ export const benchCommand = defineCommand({
       native: flags.native,
       quantize: flags.quantize,
       formats: flags.formats,
+      batch: flags.batch,
     }, (line) => console.error(`bench: ${line}`));
     console.log(flags.json ? JSON.stringify(report) : formatBench(report));
   },

@@ -28,9 +28,26 @@ interface Sequence {
   cache: KvCache | null;
   /** Tokens in its cache. */
   length: number;
+  /** Prompt tokens taken from a cached prefix; null until its prefix was looked up. */
+  cached: number | null;
   /** The token the next decode step feeds. */
   next: number;
   cancelled: boolean;
+}
+
+/** A finished sequence's cache, kept for a later prompt that starts with the same tokens. */
+interface KeptPrefix {
+  /** The tokens whose keys and values `cache` holds, in order. */
+  ids: number[];
+  cache: KvCache;
+}
+
+/** Length of the common prefix of two token lists. */
+function commonPrefix(a: number[], b: number[]): number {
+  const n = Math.min(a.length, b.length);
+  let i = 0;
+  while (i < n && a[i] === b[i]) i++;
+  return i;
 }
 
 /**
@@ -40,12 +57,18 @@ interface Sequence {
  * steps; only then is the batch's cache redrawn (kv_batch.ts), so the steps in between copy nothing
  * on the host. Sampling stays per sequence (its own seeded stream), so what else is in the batch
  * never changes a sequence's draws.
+ *
+ * Prefix reuse: before its prefill, a prompt looks for the longest run of its first tokens already
+ * in a cache (a row decoding now, a prompt just prefilled, or a finished sequence kept, least recently
+ * used first out, within `keepBytes` beside what the live sequences hold) and prefills only the rest.
+ * The same prompt sent n times therefore prefills once: the later copies find the first one's cache.
  */
 export class BatchEngine {
   private readonly prefilling: Sequence[] = [];
   private readonly joining: Sequence[] = [];
   private batch: { seqs: Sequence[]; cache: BatchCache } | null = null;
   private readonly byId = new Map<number, Sequence>();
+  private readonly kept: KeptPrefix[] = [];
   private looping = false;
   readonly bytesPerToken: number;
   /** The largest batch decoded so far, and the KV bytes at their peak (for the load test's check). */
@@ -59,15 +82,25 @@ export class BatchEngine {
     private readonly eosTokenIds: number[],
     private readonly maxPositions: number,
     private readonly onKv: (bytes: number) => void = () => {},
+    /** KV bytes the live sequences and the kept prefixes may hold together; 0 keeps nothing. */
+    private readonly keepBytes = 0,
   ) {
     this.bytesPerToken = kvBytesPerToken(session.graph);
   }
 
-  /** KV bytes held now: the batch's padded rows and the caches of prompts being prefilled. */
+  /** KV bytes held now: the batch's padded rows, the caches of prompts being prefilled, kept prefixes. */
   get kvBytes(): number {
+    return this.liveBytes + this.keptBytes;
+  }
+
+  private get liveBytes(): number {
     const rows = this.batch ? this.batch.seqs.length * this.batch.cache.width : 0;
     const own = [...this.prefilling, ...this.joining].reduce((n, s) => n + (s.cache?.length ?? 0), 0);
     return (rows + own) * this.bytesPerToken;
+  }
+
+  private get keptBytes(): number {
+    return this.kept.reduce((n, k) => n + k.cache.length, 0) * this.bytesPerToken;
   }
 
   submit(id: number, promptIds: number[], params: GenerateParams, handlers: SequenceHandlers): void {
@@ -85,6 +118,7 @@ export class BatchEngine {
       prefilled: 0,
       cache: null,
       length: 0,
+      cached: null,
       next: -1,
       cancelled: false,
     };
@@ -140,6 +174,11 @@ export class BatchEngine {
       ...joining.map((s) => ({ cache: asBatch(s.cache!), row: 0 })),
     ];
     try {
+      if (old && this.keepBytes > 0) {
+        for (const s of leaving) {
+          await this.keep(s.history.slice(0, s.length), old.cache, old.seqs.indexOf(s));
+        }
+      }
       const cache = sources.length ? await this.session.packRows(sources) : null;
       this.batch = cache ? { seqs: [...stay, ...joining], cache } : null;
     } catch (e) {
@@ -153,6 +192,7 @@ export class BatchEngine {
       }
       for (const s of leaving) this.finish(s);
     }
+    this.evict();
     this.noteKv(true);
   }
 
@@ -186,6 +226,7 @@ export class BatchEngine {
       this.finish(seq);
       return 1;
     }
+    if (seq.cached === null) await this.reusePrefix(seq);
     const chunk = seq.prompt.slice(seq.prefilled, seq.prefilled + budget);
     try {
       const r = await this.session.step(chunk, seq.cache ?? this.session.emptyCache());
@@ -197,6 +238,7 @@ export class BatchEngine {
       const vocab = this.session.vocabSize;
       this.take(seq, r.logits.subarray(r.logits.length - vocab));
       if (this.ended(seq)) {
+        if (this.keepBytes > 0) await this.keep(seq.prompt, asBatch(seq.cache), 0);
         disposeCache(seq.cache);
         seq.cache = null;
         this.finish(seq);
@@ -207,6 +249,54 @@ export class BatchEngine {
       this.fail(seq, e);
     }
     return chunk.length;
+  }
+
+  /** Keeps a copy of the first `ids.length` positions of row `row` of `cache` for later prompts. */
+  private async keep(ids: number[], cache: BatchCache, row: number): Promise<void> {
+    if (ids.length < 2 || ids.length * this.bytesPerToken > this.keepBytes) return;
+    // A kept prefix that this one extends is redundant.
+    const covered = this.kept.findIndex((k) =>
+      k.ids.length <= ids.length && commonPrefix(k.ids, ids) === k.ids.length
+    );
+    if (covered >= 0) disposeCache(this.kept.splice(covered, 1)[0].cache);
+    const copy = await this.session.packRows([{ cache, row, length: ids.length }]);
+    this.kept.push({ ids, cache: { length: ids.length, tensors: copy.tensors } });
+    this.evict();
+  }
+
+  /** Drops the least recently used prefixes until live and kept bytes fit `keepBytes`. */
+  private evict(): void {
+    while (this.kept.length && this.liveBytes + this.keptBytes > this.keepBytes) {
+      disposeCache(this.kept.shift()!.cache);
+    }
+  }
+
+  /**
+   * Starts `seq` from the longest cached run of its prompt's first tokens (all but the last, whose
+   * logits the prefill must produce): a kept prefix, a row decoding now, or a prompt prefilled and
+   * waiting to join.
+   */
+  private async reusePrefix(seq: Sequence): Promise<void> {
+    seq.cached = 0;
+    if (this.keepBytes <= 0) return;
+    const limit = seq.prompt.length - 1;
+    let best: { n: number; source: { cache: BatchCache; row: number }; kept?: KeptPrefix } | null = null;
+    const consider = (ids: number[], source: { cache: BatchCache; row: number }, kept?: KeptPrefix) => {
+      const n = Math.min(commonPrefix(ids, seq.prompt), limit);
+      if (n > (best?.n ?? 0)) best = { n, source, kept };
+    };
+    for (const k of this.kept) consider(k.ids, { cache: asBatch(k.cache), row: 0 }, k);
+    this.batch?.seqs.forEach((s, row) =>
+      consider(s.history.slice(0, s.length), { cache: this.batch!.cache, row })
+    );
+    for (const s of this.joining) consider(s.prompt, { cache: asBatch(s.cache!), row: 0 });
+    const found = best as { n: number; source: { cache: BatchCache; row: number }; kept?: KeptPrefix } | null;
+    if (!found || found.n < 1) return;
+    if (found.kept) this.kept.push(...this.kept.splice(this.kept.indexOf(found.kept), 1)); // most recently used
+    const copy = await this.session.packRows([{ ...found.source, length: found.n }]);
+    seq.cache = { length: found.n, tensors: copy.tensors };
+    seq.prefilled = seq.length = seq.cached = found.n;
+    this.evict();
   }
 
   /** Chooses the sequence's next token from its row of logits and hands on the text it makes final. */
@@ -223,16 +313,23 @@ export class BatchEngine {
     return seq.cancelled || seq.sink.done || seq.length + 1 >= this.maxPositions;
   }
 
+  /** Takes a sequence out of the index once; false if it already was (answered or failed). */
+  private release(seq: Sequence): boolean {
+    if (this.byId.get(seq.id) !== seq) return false;
+    this.byId.delete(seq.id);
+    return true;
+  }
+
   private finish(seq: Sequence): void {
-    if (!this.byId.delete(seq.id)) return;
+    if (!this.release(seq)) return;
     if (seq.cancelled) seq.sink.finish("cancelled");
     const tail = seq.sink.tail();
     if (tail) seq.handlers.chunk({ text: tail, tokenId: -1 });
-    seq.handlers.done(seq.sink.summary(seq.prompt.length));
+    seq.handlers.done(seq.sink.summary(seq.prompt.length, seq.cached ?? 0));
   }
 
   private fail(seq: Sequence, e: unknown): void {
-    if (this.byId.delete(seq.id)) seq.handlers.failed(e);
+    if (this.release(seq)) seq.handlers.failed(e);
   }
 
   /** Tracks the peaks; tells the owner at each regroup and at most every 100 ms in between. */

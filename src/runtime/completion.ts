@@ -1,6 +1,6 @@
 import { CancelledError, InputError } from "../errors.ts";
 import { checkPromptFits } from "./context.ts";
-import type { GenerateParams, GenerationSummary } from "./generate.ts";
+import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
 import type { ModelHost } from "./host.ts";
 import type { Scheduler } from "./scheduler.ts";
 
@@ -8,13 +8,15 @@ import type { Scheduler } from "./scheduler.ts";
 export interface CompletionJob {
   prompt: { text: string } | { ids: number[] };
   params: GenerateParams;
+  /** Completions of the one prompt (1..8): they share its prefill and decode in one batch. */
+  n: number;
   /** Wall-clock limit: the generation ends with what it has (finish "length"). */
   timeoutMs: number;
 }
 
 export type CompletionEvent =
   | { type: "started"; planId: string; promptTokens: number }
-  | { type: "text"; text: string };
+  | { type: "text"; index: number; text: string };
 
 export interface CompletionContext {
   host: ModelHost;
@@ -31,7 +33,7 @@ export function maxPromptChars(host: ModelHost): number {
 
 /**
  * One completion's whole life in one scope: bound the prompt, wait for admission, tokenise (in the
- * tokenizer worker), reserve the KV cache it can grow to, lease the active plan, generate with the caller's abort and the wall-clock
+ * tokenizer worker), reserve the KV cache each of its n choices can grow to, lease the active plan, generate with the caller's abort and the wall-clock
  * limit wired to one signal, and release everything in one `finally`, however it ends. The first
  * event is `started` (admitted, prompt accepted); errors before it are the caller's to report.
  * A caller that stops consuming early (`return()`) cancels the generation.
@@ -40,7 +42,7 @@ export async function* runCompletion(
   job: CompletionJob,
   ctx: CompletionContext,
   signal: AbortSignal,
-): AsyncGenerator<CompletionEvent, GenerationSummary> {
+): AsyncGenerator<CompletionEvent, GenerationSummary[]> {
   const { host, scheduler } = ctx;
   const config = host.requireReady(); // before queueing: a model still loading answers at once
   if ("text" in job.prompt && job.prompt.text.length > maxPromptChars(host)) {
@@ -54,10 +56,10 @@ export async function* runCompletion(
   const onAbort = () => abort.abort();
   signal.addEventListener("abort", onAbort, { once: true });
   let free: (() => void) | null = null;
-  let kvFree: (() => void) | null = null;
+  const kvFree: (() => void)[] = [];
   let lease: ReturnType<ModelHost["lease"]> | null = null;
   let timer: ReturnType<typeof setTimeout> | undefined;
-  let run: AsyncGenerator<unknown, GenerationSummary> | null = null;
+  let runs: AsyncGenerator<GenerationChunk, GenerationSummary>[] = [];
   try {
     free = await scheduler.acquire(abort.signal);
     const ids = "ids" in job.prompt ? job.prompt.ids : await host.tokenizer!.encode(job.prompt.text);
@@ -67,28 +69,50 @@ export async function* runCompletion(
       throw new InputError(`token id ${bad} is out of range (vocabulary size ${config.vocabSize})`, "prompt");
     }
     checkPromptFits(ids.length, config.maxPositions);
-    kvFree = await scheduler.reserveKv(
-      Math.min(ids.length + job.params.maxTokens, config.maxPositions),
-      abort.signal,
-    );
+    for (let i = 0; i < job.n; i++) {
+      kvFree.push(
+        await scheduler.reserveKv(
+          Math.min(ids.length + job.params.maxTokens, config.maxPositions),
+          abort.signal,
+        ),
+      );
+    }
     lease = host.lease();
     timer = setTimeout(onAbort, job.timeoutMs);
     yield { type: "started", planId: lease.instance.planId, promptTokens: ids.length };
-    const gen = lease.instance.generate(ids, job.params, abort.signal);
-    run = gen;
-    let r = await gen.next();
-    while (!r.done) {
-      yield { type: "text", text: r.value.text };
-      r = await gen.next();
+    // Each choice samples its own stream: seed, seed + 1, ... when the request fixes one.
+    const seeded = (i: number) =>
+      job.params.seed === undefined ? job.params : { ...job.params, seed: (job.params.seed + i) % 2 ** 32 };
+    runs = Array.from({ length: job.n }, (_, i) => lease!.instance.generate(ids, seeded(i), abort.signal));
+    const summaries: GenerationSummary[] = new Array(job.n);
+    const pending = new Map<
+      number,
+      Promise<{ i: number; r: IteratorResult<GenerationChunk, GenerationSummary> }>
+    >();
+    const pull = (i: number) => {
+      const next = runs[i].next().then((r) => ({ i, r }));
+      next.catch(() => {}); // raced below; once one fails, the others' ends are not awaited
+      pending.set(i, next);
+    };
+    runs.forEach((_, i) => pull(i));
+    while (pending.size) {
+      const { i, r } = await Promise.race(pending.values());
+      if (r.done) {
+        summaries[i] = r.value;
+        pending.delete(i);
+      } else {
+        yield { type: "text", index: i, text: r.value.text };
+        pull(i);
+      }
     }
-    return r.value;
+    return summaries;
   } finally {
     abort.abort(); // a no-op after a finished run; stops the worker's decoding otherwise
-    await run?.return(undefined as never);
+    for (const run of runs) await run.return(undefined as never);
     clearTimeout(timer);
     signal.removeEventListener("abort", onAbort);
     lease?.release();
-    kvFree?.();
+    for (const f of kvFree) f();
     free?.();
   }
 }

@@ -24,6 +24,8 @@ export interface GenerationSummary {
   text: string;
   /** The generated ids, end-of-sequence included when it ended the run. */
   ids: number[];
+  /** Prompt tokens whose KV came from a cached prefix instead of being prefilled. */
+  cachedTokens: number;
 }
 
 /**
@@ -130,13 +132,14 @@ export class TokenSink {
     return rest;
   }
 
-  summary(promptTokens: number): GenerationSummary {
+  summary(promptTokens: number, cachedTokens = 0): GenerationSummary {
     return {
       finishReason: this.finishReason,
       promptTokens,
       completionTokens: this.ids.length,
       text: this.text,
       ids: this.ids,
+      cachedTokens,
     };
   }
 }

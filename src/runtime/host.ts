@@ -126,6 +126,7 @@ export class ModelHost {
       maxContext,
       weights: this.weights,
       calibrationText: this.calibrationText,
+      kvBudgetBytes: this.kvBudgetBytes,
     };
   }
 

@@ -28,6 +28,7 @@ export type InstanceRequest =
     /** Weights converted by earlier builds (shared memory): this build converts only what they lack. */
     weights: WeightEntries;
     calibrationText?: string;
+    kvBudgetBytes?: number;
   }
   | { type: "generate"; id: number; promptIds: number[]; params: GenerateParams }
   | { type: "cancel"; id: number }
@@ -81,6 +82,7 @@ async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<
     cfg.eosTokenIds,
     cfg.maxPositions,
     (bytes) => post({ type: "kv", bytes }),
+    req.kvBudgetBytes ?? 0,
   );
   post({
     type: "built",

@@ -13,10 +13,11 @@ export interface BatchCache {
   tensors: Map<string, ort.Tensor>;
 }
 
-/** Where a row of a new batch comes from: row `row` of `cache`. */
+/** Where a row of a new batch comes from: row `row` of `cache`, its first `length` positions (all by default). */
 export interface RowSource {
   cache: BatchCache;
   row: number;
+  length?: number;
 }
 
 type FloatData = Float32Array | Uint16Array;
@@ -45,7 +46,7 @@ export async function packRows(
   graph: Pick<DecoderGraph, "cache" | "headDim" | "floatType">,
   sources: RowSource[],
 ): Promise<BatchCache> {
-  const lengths = sources.map((s) => s.cache.lengths[s.row]);
+  const lengths = sources.map((s) => Math.min(s.length ?? Infinity, s.cache.lengths[s.row]));
   const width = Math.max(0, ...lengths);
   const rows = sources.length;
   const hd = graph.headDim;
@@ -60,8 +61,9 @@ export async function packRows(
       const src = data.get(s.cache)!.get(name)!;
       const len = lengths[b];
       const srcWidth = s.cache.width;
+      const start = srcWidth - s.cache.lengths[s.row];
       for (let h = 0; h < kvH; h++) {
-        const from = ((s.row * kvH + h) * srcWidth + (srcWidth - len)) * hd;
+        const from = ((s.row * kvH + h) * srcWidth + start) * hd;
         const to = ((b * kvH + h) * width + (width - len)) * hd;
         out.set(src.subarray(from, from + len * hd), to);
       }

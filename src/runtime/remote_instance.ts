@@ -23,6 +23,8 @@ export interface BuildSpec {
   weights: WeightEntries;
   /** Text a plan's linear attentions are fitted on. */
   calibrationText?: string;
+  /** KV bytes the instance's sequences and its kept prefixes may hold (0: keep no prefix). */
+  kvBudgetBytes?: number;
 }
 
 /** What a build converted and reused, and the converted weights it leaves for later builds. */
@@ -173,6 +175,7 @@ export class RemoteInstance implements PlanInstance {
       maxContext: spec.maxContext,
       weights: spec.weights,
       calibrationText: spec.calibrationText,
+      kvBudgetBytes: spec.kvBudgetBytes,
     };
     worker.postMessage(request);
     return {

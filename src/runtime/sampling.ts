@@ -16,6 +16,8 @@ export const DEFAULT_SAMPLING: SamplingParams = { temperature: 0, topK: 0, topP:
 
 export class Sampler {
   private readonly random: () => number;
+  /** Scratch for the unnormalised probabilities of one row (one allocation per sampler). */
+  private weights = new Float64Array(0);
 
   constructor(readonly params: SamplingParams) {
     this.random = rng(params.seed ?? Math.floor(Math.random() * 2 ** 32));
@@ -74,11 +76,13 @@ export class Sampler {
   private sampleFull(row: Float32Array): number {
     const t = this.params.temperature;
     const max = row[argmax(row)];
+    if (this.weights.length !== row.length) this.weights = new Float64Array(row.length);
+    const w = this.weights;
     let sum = 0;
-    for (let i = 0; i < row.length; i++) sum += Math.exp((row[i] - max) / t);
+    for (let i = 0; i < row.length; i++) sum += w[i] = Math.exp((row[i] - max) / t);
     let u = this.random() * sum;
     for (let i = 0; i < row.length; i++) {
-      u -= Math.exp((row[i] - max) / t);
+      u -= w[i];
       if (u < 0) return i;
     }
     return argmax(row);

@@ -19,7 +19,7 @@ export const completionSchema = (maxTokensCap?: number) =>
       z.array(z.number().int().nonnegative()).min(1),
     ]),
     stream: z.boolean().default(false),
-    n: z.literal(1, "only n = 1 is supported").optional(),
+    n: z.number().int().min(1).max(8).default(1),
     echo: z.literal(false, "echo is not supported").optional(),
     logprobs: z.null("logprobs are not supported").optional(),
     presence_penalty: z.literal(0, "presence_penalty is not supported (use repetition_penalty)").optional(),
@@ -50,14 +50,19 @@ function toJob(body: CompletionRequest, limits: CompletionLimits): CompletionJob
     : typeof p[0] === "string"
     ? { text: p[0] as string }
     : { ids: p as number[] };
-  return { prompt, params: toGenerateParams(body), timeoutMs: limits.requestTimeoutMs };
+  return { prompt, params: toGenerateParams(body), n: body.n, timeoutMs: limits.requestTimeoutMs };
 }
 
-const usage = (s: GenerationSummary) => ({
-  prompt_tokens: s.promptTokens,
-  completion_tokens: s.completionTokens,
-  total_tokens: s.promptTokens + s.completionTokens,
-});
+/** One prompt, n completions: the prompt counts once; its cached tokens are the first choice's. */
+const usage = (all: GenerationSummary[]) => {
+  const completion = all.reduce((n, s) => n + s.completionTokens, 0);
+  return {
+    prompt_tokens: all[0].promptTokens,
+    completion_tokens: completion,
+    total_tokens: all[0].promptTokens + completion,
+    prompt_tokens_details: { cached_tokens: all[0].cachedTokens },
+  };
+};
 
 /** "cancelled" is ours alone (a wall-clock limit here); OpenAI clients only know stop and length. */
 const finishReason = (s: GenerationSummary) => (s.finishReason === "cancelled" ? "length" : s.finishReason);
@@ -87,13 +92,20 @@ export function completionsHandler(deps: CompletionDeps) {
       else metrics.interToken.observe((now - last) / 1000);
       last = now;
     };
-    const finish = (s: GenerationSummary) => {
-      metrics.tokens.inc({}, s.completionTokens);
+    const finish = (all: GenerationSummary[]) => {
+      for (const s of all) {
+        metrics.tokens.inc({}, s.completionTokens);
+        if (s.cachedTokens > 0) {
+          metrics.prefixHits.inc();
+          metrics.prefixTokens.inc({}, s.cachedTokens);
+        }
+      }
       const left = gone.signal.aborted;
       if (left) metrics.cancelled.inc();
       log.set({
-        completion_tokens: s.completionTokens,
-        finish_reason: left ? "cancelled" : finishReason(s),
+        completion_tokens: usage(all).completion_tokens,
+        cached_tokens: all[0].cachedTokens,
+        finish_reason: left ? "cancelled" : finishReason(all[0]),
         ...(left ? { status: CLIENT_CLOSED } : {}),
       });
     };
@@ -113,31 +125,39 @@ export function completionsHandler(deps: CompletionDeps) {
     const model = deps.modelName();
     log.set({ plan: started.planId, prompt_tokens: started.promptTokens, stream: body.stream });
     c.header("x-fusedge-plan", started.planId);
-    const chunk = (text: string, finish: string | null, extra: Record<string, unknown> = {}) => ({
+    type Choice = { text: string; index: number; logprobs: null; finish_reason: string | null };
+    const choice = (index: number, text: string, finish: string | null): Choice => ({
+      text,
+      index,
+      logprobs: null,
+      finish_reason: finish,
+    });
+    const chunk = (choices: Choice[], extra: Record<string, unknown> = {}) => ({
       id,
       object: "text_completion",
       created,
       model,
       plan: started.planId,
-      choices: [{ text, index: 0, logprobs: null, finish_reason: finish }],
+      choices,
       ...extra,
     });
 
     if (!body.stream) {
       try {
-        let text = "";
+        const texts = new Array<string>(body.n).fill("");
         let r = await task.next();
         while (!r.done) {
           onToken();
-          text += (r.value as { text: string }).text;
+          const e = r.value as { index: number; text: string };
+          texts[e.index] += e.text;
           r = await task.next();
         }
-        const summary = r.value;
-        finish(summary);
+        const all = r.value;
+        finish(all);
         if (gone.signal.aborted) {
           return errorResponse(c, CLIENT_CLOSED as 400, "client closed request", "cancelled");
         }
-        return c.json(chunk(text, finishReason(summary), { usage: usage(summary) }));
+        return c.json(chunk(all.map((s, i) => choice(i, texts[i], finishReason(s))), { usage: usage(all) }));
       } finally {
         clientSignal.removeEventListener("abort", onGone);
         await task.return(undefined as never);
@@ -153,16 +173,19 @@ export function completionsHandler(deps: CompletionDeps) {
         let r = await task.next();
         while (!r.done) {
           onToken();
+          const e = r.value as { index: number; text: string };
           if (!stream.aborted) {
-            await stream.writeSSE({ data: JSON.stringify(chunk((r.value as { text: string }).text, null)) });
+            await stream.writeSSE({ data: JSON.stringify(chunk([choice(e.index, e.text, null)])) });
           }
           r = await task.next();
         }
-        const summary = r.value;
-        finish(summary);
+        const all = r.value;
+        finish(all);
         if (!stream.aborted) {
           await stream.writeSSE({
-            data: JSON.stringify(chunk("", finishReason(summary), { usage: usage(summary) })),
+            data: JSON.stringify(
+              chunk(all.map((s, i) => choice(i, "", finishReason(s))), { usage: usage(all) }),
+            ),
           });
           await stream.writeSSE({ data: "[DONE]" });
         }

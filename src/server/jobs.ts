@@ -111,6 +111,7 @@ export function benchRoutes(job: BenchRunner, host: ModelHost) {
         native: req.native,
         quantize: req.quantize,
         formats: req.formats,
+        batch: req.batch,
       });
       return c.json({ status: "running" }, 202);
     },

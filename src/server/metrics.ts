@@ -149,6 +149,14 @@ export class Metrics {
     "KV cache the admitted sequences can grow to, batch padding included",
     "gauge",
   );
+  readonly prefixHits = new Counter(
+    "fusedge_prefix_cache_hits_total",
+    "Completions whose prompt started from a cached KV prefix",
+  );
+  readonly prefixTokens = new Counter(
+    "fusedge_prefix_cache_tokens_total",
+    "Prompt tokens taken from cached KV prefixes instead of being prefilled",
+  );
   readonly kvUsed = new Counter("fusedge_kv_cache_bytes", "KV cache held by the sequences now", "gauge");
   readonly loadSeconds = new Counter("fusedge_model_load_seconds", "Time the model took to load", "gauge");
   readonly rss = new Counter(
@@ -172,6 +180,8 @@ export class Metrics {
         this.swaps,
         this.swapRebuiltBytes,
         this.swapReusedBytes,
+        this.prefixHits,
+        this.prefixTokens,
       ]
     ) {
       c.inc({}, 0);
@@ -201,6 +211,8 @@ export class Metrics {
       this.kvBudget,
       this.kvReserved,
       this.kvUsed,
+      this.prefixHits,
+      this.prefixTokens,
       this.loadSeconds,
       this.rss,
       this.cpu,
