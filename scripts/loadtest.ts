@@ -262,6 +262,29 @@ async function chat(): Promise<Record<string, unknown> | null> {
   };
 }
 
+/** Polls /health while `work` runs: the most KV memory the server held and reserved, and its budget. */
+async function watchKv<T>(work: Promise<T>): Promise<{ result: T; kv: Record<string, number> }> {
+  const kv = { budget_bytes: 0, max_used_bytes: 0, max_reserved_bytes: 0 };
+  let running = true;
+  const poll = (async () => {
+    while (running) {
+      const h = (await (await fetch(new URL("/health", url))).json()).kv_cache;
+      if (h) {
+        kv.budget_bytes = h.budget_bytes;
+        kv.max_used_bytes = Math.max(kv.max_used_bytes, h.used_bytes);
+        kv.max_reserved_bytes = Math.max(kv.max_reserved_bytes, h.reserved_bytes);
+      }
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  })();
+  try {
+    return { result: await work, kv };
+  } finally {
+    running = false;
+    await poll;
+  }
+}
+
 const chatReport = await chat();
 const levelReport = await levels();
 const t0 = performance.now();
@@ -272,7 +295,7 @@ const workers = Array.from({ length: concurrency }, async () => {
     done++;
   }
 });
-await Promise.all([...workers, swapper(), bencher()]);
+const { kv: kvReport } = await watchKv(Promise.all([...workers, swapper(), bencher()]));
 const seconds = (performance.now() - t0) / 1000;
 const pct = (p: number) => {
   const s = [...ttft].sort((a, b) => a - b);
@@ -296,4 +319,5 @@ console.log(JSON.stringify({
   bench: benchStatus,
   levels: levelReport,
   chat: chatReport,
+  kv_cache: kvReport,
 }));

@@ -5,7 +5,9 @@ import { generate, type GenerateParams, type GenerationSummary } from "../src/ru
 import { asBatch } from "../src/runtime/session.ts";
 import { DEFAULT_SAMPLING } from "../src/runtime/sampling.ts";
 import { type FusionPlan, UNFUSED } from "../src/fusion/plan.ts";
-import { EVAL_TEXT, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
+import { EVAL_TEXT, HAS_WEBGPU, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
+import { FLOAT_WEIGHTS } from "../src/onnx/format.ts";
+import type { Device } from "../src/runtime/ort.ts";
 import { post, readSse, startServer } from "./server_helpers.ts";
 
 const params = (maxTokens: number, extra: Partial<GenerateParams> = {}): GenerateParams => ({
@@ -32,19 +34,20 @@ function runAll(engine: BatchEngine, reqs: { prompt: number[]; params: GenerateP
   );
 }
 
-const CASES: [string, string, FusionPlan][] = [
-  ["tiny-nas, fused", TINY_NAS, { version: 1, ffn_groups: [[3, 4, 5]] }],
-  ["tiny-llama, unfused", TINY_LLAMA, UNFUSED],
+const CASES: [string, string, FusionPlan, Device][] = [
+  ["tiny-nas, fused", TINY_NAS, { version: 1, ffn_groups: [[3, 4, 5]] }, "wasm"],
+  ["tiny-llama, unfused", TINY_LLAMA, UNFUSED, "wasm"],
+  ["tiny-nas, fused, WebGPU fp32", TINY_NAS, { version: 1, ffn_groups: [[3, 4, 5]] }, "webgpu"],
 ];
-for (const [name, dir, plan] of CASES) {
+for (const [name, dir, plan, device] of CASES) {
   Deno.test({
-    name:
-      `batched decode (${name}): 16 sequences of different lengths decode as one batch, each as it would alone`,
+    name: `batched decode (${name}): 16 sequences of different lengths decode as one batch, each as it would alone`,
+    ignore: device === "webgpu" && !HAS_WEBGPU,
     sanitizeResources: false,
     sanitizeOps: false,
     fn: async () => {
       const assets = await loadAssets(dir);
-      const inst = await buildInstance(assets, plan, "wasm");
+      const inst = await buildInstance(assets, plan, device, FLOAT_WEIGHTS);
       const cfg = assets.checkpoint.config;
       const text = await Deno.readTextFile(EVAL_TEXT);
       const ids = assets.tokenizer.encode(text);

@@ -70,6 +70,14 @@ Deno.test({
         chat.prefix_cache_hits >= chat.turns - 1,
         "every turn after the first starts from the one before",
       );
+      const kv = report.kv_cache;
+      console.log(
+        `load: KV cache at most ${(kv.max_used_bytes / 2 ** 20).toFixed(1)} MB held, ${
+          (kv.max_reserved_bytes / 2 ** 20).toFixed(1)
+        } MB reserved, of ${(kv.budget_bytes / 2 ** 20).toFixed(0)} MB`,
+      );
+      assert.ok(kv.max_used_bytes > 0 && kv.max_used_bytes <= kv.budget_bytes, JSON.stringify(kv));
+      assert.ok(kv.max_reserved_bytes <= kv.budget_bytes);
       assert.equal(report.errors, 0, JSON.stringify(report.error_samples));
       assert.equal(report.completed, 200);
       assert.ok(report.swaps >= 2, `${report.swaps} swaps landed`);
