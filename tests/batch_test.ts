@@ -41,7 +41,8 @@ const CASES: [string, string, FusionPlan, Device][] = [
 ];
 for (const [name, dir, plan, device] of CASES) {
   Deno.test({
-    name: `batched decode (${name}): 16 sequences of different lengths decode as one batch, each as it would alone`,
+    name:
+      `batched decode (${name}): 16 sequences of different lengths decode as one batch, each as it would alone`,
     ignore: device === "webgpu" && !HAS_WEBGPU,
     sanitizeResources: false,
     sanitizeOps: false,

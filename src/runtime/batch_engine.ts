@@ -8,6 +8,9 @@ import { asBatch, disposeCache, type KvCache, type ModelSession } from "./sessio
 /** Prompt tokens prefilled per session run: long prompts are cut so decode steps run in between. */
 export const PREFILL_CHUNK = 128;
 
+/** Decode steps a prefilled sequence waits at most for others to join with it. */
+const JOIN_WAIT_STEPS = 3;
+
 /** What happens to one sequence's output, in order: chunks, then done or failed. */
 export interface SequenceHandlers {
   chunk(c: GenerationChunk): void;
@@ -32,6 +35,8 @@ interface Sequence {
   cached: number | null;
   /** The token the next decode step feeds. */
   next: number;
+  /** The engine's step count when its prefill ended. */
+  prefilledAt: number;
   cancelled: boolean;
 }
 
@@ -75,6 +80,8 @@ export class BatchEngine {
   peakRows = 0;
   peakKvBytes = 0;
   private lastNote = 0;
+  /** Decode steps run so far. */
+  private steps = 0;
 
   constructor(
     private readonly session: ModelSession,
@@ -120,6 +127,7 @@ export class BatchEngine {
       length: 0,
       cached: null,
       next: -1,
+      prefilledAt: 0,
       cancelled: false,
     };
     this.byId.set(id, seq);
@@ -161,7 +169,11 @@ export class BatchEngine {
   private async regroup(): Promise<void> {
     const stay = this.batch?.seqs.filter((s) => !this.ended(s)) ?? [];
     const leaving = this.batch?.seqs.filter((s) => this.ended(s)) ?? [];
-    const joining = this.joining.splice(0).filter((s) => {
+    // A redraw copies every row, so joins wait for company: a leave, a second joiner, or a few steps
+    // (their first token is already out; only their second waits).
+    const due = leaving.length || this.joining.length >= 2 || !this.batch ||
+      this.joining.some((s) => this.steps - s.prefilledAt >= JOIN_WAIT_STEPS);
+    const joining = (due ? this.joining.splice(0) : []).filter((s) => {
       if (!this.ended(s)) return true;
       disposeCache(s.cache!);
       this.finish(s);
@@ -198,6 +210,7 @@ export class BatchEngine {
 
   private async decodeStep(): Promise<void> {
     const batch = this.batch!;
+    this.steps++;
     try {
       const r = await this.session.decodeBatch(batch.seqs.map((s) => s.next), batch.cache);
       batch.cache = r.cache;
@@ -242,7 +255,10 @@ export class BatchEngine {
         disposeCache(seq.cache);
         seq.cache = null;
         this.finish(seq);
-      } else this.joining.push(seq);
+      } else {
+        seq.prefilledAt = this.steps;
+        this.joining.push(seq);
+      }
     } catch (e) {
       this.prefilling.shift();
       if (seq.cache) disposeCache(seq.cache);
