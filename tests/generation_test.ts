@@ -64,3 +64,20 @@ Deno.test("stop sequences: text is held back while it may still become a stop, a
   const none = new StopMatcher([]);
   assert.deepEqual(none.push("free"), { emit: "free", stopped: false });
 });
+
+Deno.test("sampling: presence and frequency penalties count the tokens this sampler generated, as OpenAI does", () => {
+  const row = Float32Array.from([1, 1.5, 0]);
+  const presence = new Sampler({ ...DEFAULT_SAMPLING, presencePenalty: 1 });
+  // The prompt (history) does not count: 1 first; then 1.5 - 1 < 1, so 0; then both penalised: 1 again.
+  const picks = [presence.next(row, [1, 1, 1]), presence.next(row, []), presence.next(row, [])];
+  assert.deepEqual(picks, [1, 0, 1]);
+  // Frequency: 1.5 - 0.4 n stays above 1 for one repeat, then 0 wins: 1, 1, 0.
+  const frequency = new Sampler({ ...DEFAULT_SAMPLING, frequencyPenalty: 0.4 });
+  assert.deepEqual([frequency.next(row, []), frequency.next(row, []), frequency.next(row, [])], [1, 1, 0]);
+  // A negative presence penalty makes a chosen token stickier.
+  const sticky = new Sampler({ ...DEFAULT_SAMPLING, presencePenalty: -2 });
+  assert.deepEqual(
+    [sticky.next(Float32Array.from([1, 0.9]), []), sticky.next(Float32Array.from([0, 1]), [])],
+    [0, 0],
+  );
+});

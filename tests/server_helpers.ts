@@ -99,7 +99,7 @@ export async function readSse(res: Response): Promise<SseResult> {
     if (data === "[DONE]") done = true;
     else events.push(JSON.parse(data));
   }
-  const text = events.map((e) => (e.choices as { text: string }[])[0].text).join("");
+  const text = events.map((e) => (e.choices as { text: string }[])[0]?.text ?? "").join("");
   return { events, done, text, arrivals };
 }
 

@@ -130,7 +130,7 @@ Deno.test({
           [{ prompt: "x", bogus: true }, 400, /bogus/],
           [{ prompt: [1, 99999] }, 400, /token id 99999 is out of range/],
           [{ prompt: "x ".repeat(1100) }, 400, /context window is 1024/],
-          [{ prompt: "x", presence_penalty: 1 }, 400, /presence_penalty is not supported/],
+          [{ prompt: "x", presence_penalty: 3 }, 400, /presence_penalty/],
         ];
         for (const [body, status, re, raw] of cases) {
           const res = await post(base, "/v1/completions", body, raw);
@@ -145,6 +145,41 @@ Deno.test({
         assert.equal(missing.status, 404);
         await missing.body?.cancel();
       });
+
+      await t.step(
+        "GET /v1/models/{id}, /tokenize, /detokenize, include_usage, OpenAI's penalties",
+        async () => {
+          const model = await (await fetch(`${base}/v1/models/tiny-nas`)).json();
+          assert.equal(model.id, "tiny-nas");
+          const unknown = await fetch(`${base}/v1/models/gpt-5`);
+          assert.equal(unknown.status, 404);
+          assert.match((await unknown.json()).error.message, /'gpt-5' does not exist/);
+          const text = "def naïve(x):\n    return x  # ✓\n";
+          const tok = await (await post(base, "/tokenize", { prompt: text })).json();
+          assert.equal(tok.count, tok.tokens.length);
+          assert.equal(tok.max_model_len, 1024);
+          const detok = await (await post(base, "/detokenize", { tokens: tok.tokens })).json();
+          assert.equal(detok.prompt, text);
+          const bad = await post(base, "/detokenize", { tokens: [1, 99999] });
+          assert.equal(bad.status, 400);
+          assert.equal((await bad.json()).error.param, "tokens");
+          const sse = await readSse(
+            await post(base, "/v1/completions", {
+              prompt,
+              max_tokens: 4,
+              stream: true,
+              stream_options: { include_usage: true },
+              presence_penalty: 1.5,
+              frequency_penalty: 0.5,
+            }),
+          );
+          const last = sse.events.at(-1)!;
+          assert.deepEqual(last.choices, [], "the usage chunk has no choices");
+          assert.equal((last.usage as { completion_tokens: number }).completion_tokens, 4);
+          const metrics = await (await fetch(`${base}/metrics`)).text();
+          assert.match(metrics, /route="\/v1\/models\/:id"/, "the id never becomes a label");
+        },
+      );
     } finally {
       await server.stop();
     }

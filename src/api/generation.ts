@@ -25,6 +25,12 @@ export const generationFields = (
   top_p: z.number().gt(0).max(1).default(1).describe("nucleus sampling mass"),
   top_k: z.number().int().min(0).default(0).describe("0 disables top-k"),
   repetition_penalty: z.number().gt(0).max(10).default(1).describe("1 disables the penalty"),
+  presence_penalty: z.number().min(-2).max(2).default(0).describe(
+    "subtracted from the logit of every token already generated",
+  ),
+  frequency_penalty: z.number().min(-2).max(2).default(0).describe(
+    "subtracted per time a token was already generated",
+  ),
   seed: z.number().int().min(0).max(2 ** 32 - 1).optional().describe("reproducible sampling"),
   stop: z.union([
     z.string().min(1).max(LIMITS.maxStopLength),
@@ -42,6 +48,8 @@ export function toGenerateParams(r: GenerationRequest): GenerateParams {
     topP: r.top_p,
     topK: r.top_k,
     repetitionPenalty: r.repetition_penalty,
+    presencePenalty: r.presence_penalty,
+    frequencyPenalty: r.frequency_penalty,
     seed: r.seed,
     stop: r.stop === undefined ? [] : typeof r.stop === "string" ? [r.stop] : r.stop,
   };

@@ -146,7 +146,8 @@ export class TokenSink {
 
 /** Sampling the GPU can do by itself: greedy, or plain temperature (Gumbel-max). */
 function gpuSamplable(p: GenerateParams): boolean {
-  return p.topK === 0 && p.topP === 1 && p.repetitionPenalty === 1;
+  return p.topK === 0 && p.topP === 1 && p.repetitionPenalty === 1 && !p.presencePenalty &&
+    !p.frequencyPenalty;
 }
 
 /**

@@ -6,7 +6,7 @@ export class RemoteTokenizer {
   private nextId = 1;
   private readonly waiting = new Map<
     number,
-    { resolve: (ids: number[]) => void; reject: (e: Error) => void }
+    { resolve: (result: number[] | string) => void; reject: (e: Error) => void }
   >();
 
   private constructor(
@@ -21,6 +21,7 @@ export class RemoteTokenizer {
       const w = this.waiting.get(m.id);
       this.waiting.delete(m.id);
       if (m.type === "encoded") w?.resolve(m.ids);
+      else if (m.type === "decoded") w?.resolve(m.text);
       else w?.reject(fromWorkerError(m));
     };
   }
@@ -47,10 +48,18 @@ export class RemoteTokenizer {
   }
 
   encode(text: string): Promise<number[]> {
+    return this.ask((id) => ({ type: "encode", id, text })) as Promise<number[]>;
+  }
+
+  decode(ids: number[]): Promise<string> {
+    return this.ask((id) => ({ type: "decode", id, ids })) as Promise<string>;
+  }
+
+  private ask(request: (id: number) => TokenizerRequest): Promise<number[] | string> {
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.waiting.set(id, { resolve, reject });
-      this.worker.postMessage({ type: "encode", id, text } satisfies TokenizerRequest);
+      this.worker.postMessage(request(id));
     });
   }
 

@@ -9,6 +9,10 @@ export interface SamplingParams {
   topP: number;
   /** 1 disables the penalty; > 1 discourages tokens already in the context (CTRL-style). */
   repetitionPenalty: number;
+  /** OpenAI's: subtracted once from the logit of every token already generated (-2..2; 0 disables). */
+  presencePenalty?: number;
+  /** OpenAI's: subtracted per time a token was already generated (-2..2; 0 disables). */
+  frequencyPenalty?: number;
   seed?: number;
 }
 
@@ -16,6 +20,8 @@ export const DEFAULT_SAMPLING: SamplingParams = { temperature: 0, topK: 0, topP:
 
 export class Sampler {
   private readonly random: () => number;
+  /** How often each id was chosen so far: what the presence and frequency penalties count. */
+  private readonly generated = new Map<number, number>();
   /** Scratch for the unnormalised probabilities of one row (one allocation per sampler). */
   private weights = new Float64Array(0);
 
@@ -33,8 +39,15 @@ export class Sampler {
         row[id] = row[id] > 0 ? row[id] / p.repetitionPenalty : row[id] * p.repetitionPenalty;
       }
     }
-    if (p.temperature === 0) return argmax(row);
-    return this.sample(row);
+    const presence = p.presencePenalty ?? 0;
+    const frequency = p.frequencyPenalty ?? 0;
+    if ((presence || frequency) && this.generated.size) {
+      if (row === logits) row = Float32Array.from(logits);
+      for (const [id, n] of this.generated) row[id] -= presence + frequency * n;
+    }
+    const id = p.temperature === 0 ? argmax(row) : this.sample(row);
+    this.generated.set(id, (this.generated.get(id) ?? 0) + 1);
+    return id;
   }
 
   /** The filtered, renormalised distribution `next` samples from: exposed so tests can check it. */

@@ -9,6 +9,7 @@ import { type CompletionLimits, completionsHandler } from "./completions.ts";
 import { dashboardHandler } from "./dashboard.ts";
 import { errorResponse, onError } from "./errors.ts";
 import { checkHost, requireBearer, requireJson, sameSiteOnly } from "./guards.ts";
+import { modelObject, tokenRoutes } from "./tokens.ts";
 import { analysisRoutes, type AnalysisRunner, benchRoutes, type BenchRunner } from "./jobs.ts";
 import { type AppEnv, requestLogging } from "./logging.ts";
 import type { Metrics } from "./metrics.ts";
@@ -46,6 +47,8 @@ const ROUTES = new Set([
   "/metrics",
   "/v1/models",
   "/v1/completions",
+  "/tokenize",
+  "/detokenize",
   "/fuse",
   "/analysis",
   "/analysis/heatmap.svg",
@@ -75,7 +78,8 @@ export function createApp(services: Services, opts: AppOptions): Hono<AppEnv> {
     if (lifecycle.draining) throw new UnavailableError("the service is shutting down and takes no new work");
     await next();
   };
-  app.use("/v1/*", requireBearer(opts.apiKey, "the API"));
+  const apiKey = requireBearer(opts.apiKey, "the API");
+  app.use("/v1/*", apiKey);
 
   app.get("/health", (c) => {
     if (lifecycle.draining) {
@@ -115,22 +119,14 @@ export function createApp(services: Services, opts: AppOptions): Hono<AppEnv> {
     return c.body(metrics.render());
   });
 
-  app.get("/v1/models", (c) => {
-    const data = host.state === "ready"
-      ? [{
-        id: host.name,
-        object: "model",
-        created: 0,
-        owned_by: "fusedge",
-        plan: host.instance?.planId ?? null,
-        device: host.device,
-        dtype: host.graph.dtype,
-        quantize: host.graph.quantize,
-        weight_bytes: host.instance?.weightBytes ?? null,
-      }]
-      : [];
-    return c.json({ object: "list", data });
-  });
+  const tokens = tokenRoutes(host);
+  app.get(
+    "/v1/models",
+    (c) => c.json({ object: "list", data: host.state === "ready" ? [modelObject(host)] : [] }),
+  );
+  app.get("/v1/models/:id", tokens.model);
+  app.post("/tokenize", apiKey, sameSite, requireJson, tokens.tokenize);
+  app.post("/detokenize", apiKey, sameSite, requireJson, tokens.detokenize);
 
   app.post(
     "/v1/completions",

@@ -22,8 +22,6 @@ export const completionSchema = (maxTokensCap?: number) =>
     n: z.number().int().min(1).max(8).default(1),
     echo: z.literal(false, "echo is not supported").optional(),
     logprobs: z.null("logprobs are not supported").optional(),
-    presence_penalty: z.literal(0, "presence_penalty is not supported (use repetition_penalty)").optional(),
-    frequency_penalty: z.literal(0, "frequency_penalty is not supported (use repetition_penalty)").optional(),
     stream_options: z.object({ include_usage: z.boolean().optional() }).optional(),
     user: z.string().optional(),
     ...generationFields(maxTokensCap),
@@ -187,6 +185,10 @@ export function completionsHandler(deps: CompletionDeps) {
               chunk(all.map((s, i) => choice(i, "", finishReason(s))), { usage: usage(all) }),
             ),
           });
+          // OpenAI's stream_options.include_usage: one more chunk, no choices, the usage.
+          if (body.stream_options?.include_usage) {
+            await stream.writeSSE({ data: JSON.stringify(chunk([], { usage: usage(all) })) });
+          }
           await stream.writeSSE({ data: "[DONE]" });
         }
         log.set({ status: gone.signal.aborted ? CLIENT_CLOSED : 200 });

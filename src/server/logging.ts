@@ -66,7 +66,13 @@ export class RequestLog {
 /** Logs and counts every request, by route: unknown paths share one label, so clients cannot grow it. */
 export function requestLogging(metrics: Metrics, routes: Set<string>, sink: (line: string) => void) {
   return async (c: Context<AppEnv>, next: Next) => {
-    const route = routes.has(c.req.path) ? c.req.path : "unmatched";
+    const path = c.req.path;
+    // One parameterised route: its label is the pattern, never the id a client sent.
+    const route = routes.has(path)
+      ? path
+      : /^\/v1\/models\/[^/]+$/.test(path)
+      ? "/v1/models/:id"
+      : "unmatched";
     const log = new RequestLog(c.req.method, c.req.path, route, sink, metrics);
     c.set("log", log);
     await next();

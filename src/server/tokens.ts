@@ -1,0 +1,70 @@
+import type { Context } from "hono";
+import { z } from "zod";
+import { InputError, NotFoundError } from "../errors.ts";
+import { maxPromptChars } from "../runtime/completion.ts";
+import type { ModelHost } from "../runtime/host.ts";
+import { readBody } from "./errors.ts";
+import type { AppEnv } from "./logging.ts";
+
+/** vLLM's /tokenize body (a prompt) and /detokenize body (token ids); `model` is accepted and ignored. */
+const tokenizeSchema = z.strictObject({ model: z.string().optional(), prompt: z.string() });
+const detokenizeSchema = z.strictObject({
+  model: z.string().optional(),
+  tokens: z.array(z.number().int().nonnegative()).max(1 << 20),
+});
+
+/** The served model as OpenAI's model object. */
+export function modelObject(host: ModelHost) {
+  return {
+    id: host.name,
+    object: "model",
+    created: 0,
+    owned_by: "fusedge",
+    plan: host.instance?.planId ?? null,
+    device: host.device,
+    dtype: host.graph.dtype,
+    quantize: host.graph.quantize,
+    weight_bytes: host.instance?.weightBytes ?? null,
+  };
+}
+
+/**
+ * GET /v1/models/{id}, POST /tokenize and POST /detokenize: the model's own tokenizer, in the
+ * tokenizer worker (a long prompt never holds the serving thread), with the limits completions use.
+ */
+export function tokenRoutes(host: ModelHost) {
+  return {
+    model: (c: Context<AppEnv>) => {
+      host.requireReady();
+      const id = c.req.param("id") ?? "";
+      if (id !== host.name) throw new NotFoundError(`the model '${id.slice(0, 200)}' does not exist`);
+      return c.json(modelObject(host));
+    },
+    tokenize: async (c: Context<AppEnv>) => {
+      const body = await readBody(c, tokenizeSchema);
+      const config = host.requireReady();
+      if (body.prompt.length > maxPromptChars(host)) {
+        throw new InputError(
+          `${body.prompt.length} characters is more than any prompt this model takes (${
+            maxPromptChars(host)
+          })`,
+          "prompt",
+        );
+      }
+      const tokens = await host.tokenizer!.encode(body.prompt);
+      return c.json({ count: tokens.length, max_model_len: config.maxPositions, tokens });
+    },
+    detokenize: async (c: Context<AppEnv>) => {
+      const body = await readBody(c, detokenizeSchema);
+      const config = host.requireReady();
+      const bad = body.tokens.find((id) => id >= config.vocabSize);
+      if (bad !== undefined) {
+        throw new InputError(
+          `token id ${bad} is out of range (vocabulary size ${config.vocabSize})`,
+          "tokens",
+        );
+      }
+      return c.json({ prompt: await host.tokenizer!.decode(body.tokens) });
+    },
+  };
+}
