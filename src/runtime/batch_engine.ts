@@ -227,6 +227,8 @@ export class BatchEngine {
       disposeBatch(batch.cache);
       for (const s of batch.seqs) this.fail(s, e);
     }
+    // The live rows grew by a position each: kept prefixes make room, so the total stays in budget.
+    this.evict();
     this.noteKv();
   }
 
@@ -246,6 +248,7 @@ export class BatchEngine {
       seq.cache = r.cache;
       seq.prefilled += chunk.length;
       seq.length = seq.prefilled;
+      this.evict();
       if (seq.prefilled < seq.prompt.length) return chunk.length;
       this.prefilling.shift();
       const vocab = this.session.vocabSize;
