@@ -263,3 +263,43 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "chunked prefill: a running stream gets a decode step between every two chunks of a long prompt",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const assets = await loadAssets(TINY_NAS);
+    const inst = await buildInstance(assets, UNFUSED, "wasm");
+    const cfg = assets.checkpoint.config;
+    const engine = new BatchEngine(inst.session, assets.tokenizer, cfg.eosTokenIds, cfg.maxPositions);
+    const ids = assets.tokenizer.encode(await Deno.readTextFile(EVAL_TEXT));
+    let streamed = 0;
+    let duringPrefill = -1;
+    const long = ids.slice(100, 1000);
+    const running = new Promise<void>((resolve, reject) =>
+      engine.submit(1, ids.slice(0, 8), params(60), {
+        chunk: () => {
+          streamed++;
+          if (streamed === 3) {
+            const before = streamed;
+            engine.submit(2, long, params(1), {
+              chunk: () => (duringPrefill = streamed - before),
+              done: () => {},
+              failed: reject,
+            });
+          }
+        },
+        done: () => resolve(),
+        failed: reject,
+      })
+    );
+    await running;
+    const chunks = Math.ceil(long.length / PREFILL_CHUNK);
+    assert.ok(
+      duringPrefill >= chunks - 1,
+      `${duringPrefill} tokens streamed while ${long.length} prompt tokens were prefilled in ${chunks} chunks`,
+    );
+    await inst.session.release();
+  },
+});
