@@ -45,22 +45,39 @@ Deno.test({
       await t.step(
         "1. 16 one-megabyte prompts are refused at once, before tokenising, streams unaffected",
         async () => {
-          const probe = healthProbe(base);
           const prompt = "x = 1; ".repeat(140_000);
           const statuses: number[] = [];
-          const r = await streamWhile(base, async () => {
-            const answers = await Promise.all(
-              Array.from(
-                { length: 16 },
-                () => post(base, "/v1/completions", { prompt, max_tokens: 4 }).then(json),
-              ),
-            );
-            for (const a of answers) {
-              statuses.push(a.status);
-              assert.match(a.body.error.message, /cannot fit the context of 1024 tokens/);
+          // Sixteen megabytes of JSON parsed beside a decoding stream on this 2-core shared machine: as in
+          // step 2, one OS scheduling hiccup gets a second try; two misses in a row fail.
+          let r = { maxGapMs: Infinity, tokens: 0, streams: 0, allDone: false };
+          let worstHealth = Infinity;
+          for (
+            let attempt = 0;
+            attempt < 2 && (r.maxGapMs >= MAX_GAP_MS || worstHealth >= MAX_GAP_MS);
+            attempt++
+          ) {
+            const probe = healthProbe(base);
+            r = await streamWhile(base, async () => {
+              const answers = await Promise.all(
+                Array.from(
+                  { length: 16 },
+                  () => post(base, "/v1/completions", { prompt, max_tokens: 4 }).then(json),
+                ),
+              );
+              for (const a of answers) {
+                statuses.push(a.status);
+                assert.match(a.body.error.message, /cannot fit the context of 1024 tokens/);
+              }
+            });
+            worstHealth = await probe.stop();
+            if (r.maxGapMs >= MAX_GAP_MS || worstHealth >= MAX_GAP_MS) {
+              console.log(
+                `attempt ${attempt + 1}: largest gap ${r.maxGapMs.toFixed(0)} ms, slowest /health ${
+                  worstHealth.toFixed(0)
+                } ms`,
+              );
             }
-          });
-          const worstHealth = await probe.stop();
+          }
           assert.deepEqual(new Set(statuses), new Set([400]));
           assert.ok(r.allDone && r.tokens > 10, JSON.stringify(r));
           assert.ok(r.maxGapMs < MAX_GAP_MS, `largest token gap ${r.maxGapMs.toFixed(0)} ms`);
