@@ -19,6 +19,7 @@
  */
 import { parseArgs } from "node:util";
 import { sseData } from "../src/client/sse.ts";
+import { spread } from "../src/numeric.ts";
 
 const { values } = parseArgs({
   args: Deno.args,
@@ -184,11 +185,6 @@ async function levelRun(c: number, round: number): Promise<{ tokensPerSecond: nu
   const seconds = (performance.now() - t0) / 1000;
   return { tokensPerSecond: count / seconds, cpuPerKtok: ((await serverCpu()) - cpu0) / (count / 1000) };
 }
-
-const spread = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return { median: s[Math.floor(s.length / 2)], min: s[0], max: s[s.length - 1] };
-};
 
 async function levels(): Promise<Record<string, unknown> | null> {
   if (!values.levels) return null;

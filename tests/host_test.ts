@@ -170,6 +170,7 @@ Deno.test("scheduler: KV reservations count every row at the longest, wait in FI
   assert.equal(s.kvReservedBytes(), 0);
   await assert.rejects(s.reserveKv(101), (e: Error) => e instanceof InputError && /KV cache/.test(e.message));
   const big = await s.reserveKv(100);
+  await assert.rejects(s.reserveKv(1, AbortSignal.abort()), CancelledError, "already gone: never queued");
   const abort = new AbortController();
   const waiting = s.reserveKv(1, abort.signal);
   abort.abort();

@@ -1,11 +1,10 @@
-import process from "node:process";
 import type { FusionPlan } from "../fusion/plan.ts";
 import { type Spread, spread } from "../numeric.ts";
 import type { GraphOptions } from "../onnx/format.ts";
 import { buildInstance, type ModelAssets, type ModelInstance } from "../runtime/engine.ts";
 import type { Backend } from "../runtime/ort.ts";
 import { asBatch, type KvCache } from "../runtime/session.ts";
-import { BENCH_PROMPT } from "./decode_bench.ts";
+import { BENCH_PROMPT, cpuSeconds } from "./decode_bench.ts";
 
 /** Decode throughput of one plan at one batch size: the paper's cost axis. */
 export interface BatchCase {
@@ -23,11 +22,6 @@ export interface BatchCase {
   /** This plan's median rate over the first plan's at the same batch size (1 for the first). */
   speedup: number;
 }
-
-const cpuSeconds = () => {
-  const u = process.cpuUsage();
-  return (u.user + u.system) / 1e6;
-};
 
 /**
  * Batched decode steps of each plan at each batch size: every row continues the same prefilled prompt,

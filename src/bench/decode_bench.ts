@@ -43,7 +43,8 @@ export interface Sample {
 /** Greedy generation of exactly `tokens` tokens, prefill included, driven to its end. */
 export type GenerateTokens = (tokens: number) => Promise<void>;
 
-const cpuSeconds = () => {
+/** CPU seconds of this whole process so far (every worker included). */
+export const cpuSeconds = () => {
   const u = process.cpuUsage();
   return (u.user + u.system) / 1e6;
 };

@@ -22,12 +22,20 @@ export interface RowSource {
 
 type FloatData = Float32Array | Uint16Array;
 
-/** Host copies of a cache's tensors (downloaded once when they live on the GPU). */
+/**
+ * Host copies of a cache's tensors. A cache is never changed in place (a step makes a new one), so a
+ * GPU cache read for several packs (rows kept for reuse, then the new batch) is downloaded once.
+ */
+const downloaded = new WeakMap<BatchCache, Map<string, FloatData>>();
+
 async function hostData(cache: BatchCache): Promise<Map<string, FloatData>> {
+  const known = downloaded.get(cache);
+  if (known) return known;
   const out = new Map<string, FloatData>();
   for (const [name, t] of cache.tensors) {
     out.set(name, (t.location === "gpu-buffer" ? await t.getData() : t.data) as FloatData);
   }
+  downloaded.set(cache, out);
   return out;
 }
 

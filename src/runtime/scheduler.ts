@@ -9,6 +9,29 @@ export interface KvBudget {
 const mb = (b: number) => `${(b / 2 ** 20).toFixed(1)} MB`;
 
 /**
+ * Puts `waiter` at the back of `line`. When `signal` aborts before it is granted (or already has),
+ * it leaves the line and `reject` gets a CancelledError; `after` then lets the rest move up.
+ */
+function waitInLine<W>(
+  line: W[],
+  waiter: W,
+  reject: (e: Error) => void,
+  signal: AbortSignal | undefined,
+  why: string,
+  after?: () => void,
+): void {
+  if (signal?.aborted) return reject(new CancelledError(why));
+  line.push(waiter);
+  signal?.addEventListener("abort", () => {
+    const at = line.indexOf(waiter);
+    if (at < 0) return;
+    line.splice(at, 1);
+    reject(new CancelledError(why));
+    after?.();
+  }, { once: true });
+}
+
+/**
  * Admission control in front of the shared session. Up to `maxActive` generations decode at once,
  * their steps interleaved one by one on the session (each owns its KV cache), so a long completion
  * never blocks a short one; up to `maxQueue` more wait in FIFO order; past that, 429. Interleaving
@@ -62,22 +85,18 @@ export class Scheduler {
       return Promise.resolve(release);
     }
     return new Promise((resolve, reject) => {
-      const waiter = {
-        tokens,
-        grant: () => {
-          this.reserved.add(entry);
-          resolve(release);
-        },
+      const grant = () => {
+        this.reserved.add(entry);
+        resolve(release);
       };
-      this.kvWaiting.push(waiter);
-      signal?.addEventListener("abort", () => {
-        const at = this.kvWaiting.indexOf(waiter);
-        if (at >= 0) {
-          this.kvWaiting.splice(at, 1);
-          reject(new CancelledError("request was cancelled while waiting for KV-cache memory"));
-          this.pumpKv();
-        }
-      }, { once: true });
+      waitInLine(
+        this.kvWaiting,
+        { tokens, grant },
+        reject,
+        signal,
+        "request was cancelled while waiting for KV-cache memory",
+        () => this.pumpKv(),
+      );
     });
   }
 
@@ -135,21 +154,11 @@ export class Scheduler {
       );
     }
     return new Promise((resolve, reject) => {
-      const entry = {
-        grant: () => {
-          this.running++;
-          resolve(once);
-        },
-        reject,
+      const grant = () => {
+        this.running++;
+        resolve(once);
       };
-      this.waiting.push(entry);
-      signal?.addEventListener("abort", () => {
-        const at = this.waiting.indexOf(entry);
-        if (at >= 0) {
-          this.waiting.splice(at, 1);
-          reject(new CancelledError("request was cancelled while queued"));
-        }
-      }, { once: true });
+      waitInLine(this.waiting, { grant, reject }, reject, signal, "request was cancelled while queued");
     });
   }
 
