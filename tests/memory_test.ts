@@ -112,3 +112,27 @@ Deno.test("KV budget: the default from the device, a requested one checked again
   const one = estimateMemory(cfg, fp32).kvBytesPerToken * cfg.maxPositions;
   assert.equal(kvBudgetBytes(cfg, fp32, "wasm", undefined, 1), one);
 });
+
+Deno.test("cli: serve refuses a KV budget WASM's heap cannot hold beside the weights (exit 2, the flag named)", async () => {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      join(ROOT, "main.ts"),
+      "serve",
+      "--port",
+      "0",
+      "--device",
+      "wasm",
+      "--kv-cache-mb",
+      "4000",
+    ],
+    stdout: "null",
+    stderr: "piped",
+  }).output();
+  assert.equal(out.code, 2);
+  assert.match(
+    new TextDecoder().decode(out.stderr),
+    /--kv-cache-mb: 4000 MB of KV cache does not fit WASM's heap/,
+  );
+});
