@@ -14,6 +14,9 @@ async function cli(args: string[]): Promise<{ code: number; stdout: string; stde
   return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
 }
 
+const BROKEN_TEMPLATE = await Deno.makeTempFile({ suffix: ".jinja" });
+await Deno.writeTextFile(BROKEN_TEMPLATE, "{% for m in messages %}{{ m.content }}");
+
 /** Each command line exits 2 with a message matching its pattern, and no stack trace. */
 async function expectExit2(cases: [string[], RegExp][]): Promise<void> {
   for (const [args, re] of cases) {
@@ -69,9 +72,12 @@ Deno.test("cli: bad input exits 2 with a message, never a stack trace", async ()
       /--window: 4096 exceeds the model's context/,
     ],
     [["bench", "--preset", "llama-8b", "--device", "wasm"], /do not fit WASM's 4.3 GB heap/],
+    [["bench", "--frontier"], /--frontier: only POST \/bench has an analysis/],
     [["generate", "--prompt", "x", "--max-tokens", "0"], /--max-tokens: .*>=1/],
     [["generate", "--prompt", "x", "--temperature", "hot"], /--temperature/],
     [["serve", "--port", "70000"], /--port/],
+    [["serve", "--chat-template", "/nonexistent.jinja"], /--chat-template: cannot read \/nonexistent.jinja/],
+    [["serve", "--chat-template", BROKEN_TEMPLATE], /--chat-template: the chat template .* does not parse/],
     [["serve", "--max-active", "0"], /--max-active/],
     [["serve", "--max-queue", "-1"], /--max-queue/],
     [["serve", "--request-timeout", "0"], /--request-timeout/],

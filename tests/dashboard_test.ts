@@ -83,6 +83,8 @@ Deno.test({
       // The analysis with its frontier, started from the page: progress while it runs, then the
       // chart and the heatmap without a reload.
       await page.fill("#token", ADMIN);
+      // Steps removed on x until the frontier's speed is measured below.
+      await page.selectOption("#frontier-x", "steps");
       await page.fill("#remove-steps", "2");
       await page.fill("#calibration-tokens", "32");
       await page.click("#measure");
@@ -138,6 +140,29 @@ Deno.test({
         await page.locator("#frontier .active-mark").first().getAttribute("cx") ===
           await dot.getAttribute("cx")
       );
+
+      // x = the measured decode speed-up: the background benchmark decodes each budget's best plan.
+      await page.click("#measure-speed");
+      await page.waitForSelector("#speed-status:text('measured')", { timeout: 180_000 });
+      await page.selectOption("#frontier-x", "auto");
+      await until(async () =>
+        /decode speed-up over unfused/.test(await page.textContent("#frontier svg") ?? "")
+      );
+      const benched = (await (await fetch(`${server.base}/bench`)).json()).report;
+      for (const p of f.frontier) {
+        assert.ok(benched.decode.some((d: { plan: string }) => d.plan === p.id), `${p.id} decoded`);
+        const title = await page.locator(`#frontier circle.plan[data-id="${p.id}"] title`).first()
+          .textContent();
+        assert.match(title ?? "", /decode \d+\.\d\dx/);
+      }
+
+      // The live panel: throughput and first-token latency from the server's own counters.
+      for (let i = 0; i < 3; i++) {
+        await (await post(server.base, "/v1/completions", { prompt: "def f(x):", max_tokens: 8 })).body
+          ?.cancel();
+      }
+      await until(async () => /p50 \d+ ms, p99 \d+ ms/.test(await page.textContent("#live-ttft") ?? ""));
+      await until(async () => /[1-9][\d.]* tokens\/s/.test(await page.textContent("#live-tps") ?? ""));
 
       // The form: a wrong token is refused and shown; the right one swaps the plan.
       await page.fill("#plan", JSON.stringify({ ffn_groups: [[3, 4, 5]] }));

@@ -238,6 +238,9 @@ Deno.test({
         const bad = await post(base, "/bench", { tokens: [0] });
         assert.equal(bad.status, 400);
         await bad.body?.cancel();
+        const noFrontier = await post(base, "/bench", { frontier: true });
+        assert.equal(noFrontier.status, 400);
+        assert.equal((await noFrontier.json()).error.param, "frontier");
         const first = await post(base, "/bench", {
           k: 2,
           tokens: [1],

@@ -127,7 +127,8 @@ Deno.test({
           [{ prompt: "x", top_k: 1.5 }, 400, /top_k/],
           [{ prompt: "x", n: 9 }, 400, /n/],
           [{ prompt: "x", stop: ["a", "b", "c", "d", "e"] }, 400, /stop/],
-          [{ prompt: "x", bogus: true }, 400, /bogus/],
+          [{ prompt: "x", logprobs: 21 }, 400, /logprobs/],
+          [{ prompt: "x", echo: "yes" }, 400, /echo/],
           [{ prompt: [1, 99999] }, 400, /token id 99999 is out of range/],
           [{ prompt: "x ".repeat(1100) }, 400, /context window is 1024/],
           [{ prompt: "x", presence_penalty: 3 }, 400, /presence_penalty/],
@@ -138,6 +139,18 @@ Deno.test({
           const err = await res.json();
           assert.match(err.error.message, re);
         }
+        // Fields OpenAI does not know are ignored, as OpenAI ignores them.
+        const extra = await post(base, "/v1/completions", { prompt: "x", max_tokens: 1, bogus: true });
+        assert.equal(extra.status, 200);
+        await extra.body?.cancel();
+        // These tiny checkpoints ship no tokenizer_config.json: no chat template, and the 400 says what to do.
+        const chat = await post(base, "/v1/chat/completions", {
+          messages: [{ role: "user", content: "hi" }],
+        });
+        assert.equal(chat.status, 400);
+        const chatErr = (await chat.json()).error;
+        assert.equal(chatErr.param, "messages");
+        assert.match(chatErr.message, /no chat template.*--chat-template/);
         const big = await post(base, "/v1/completions", { prompt: "x".repeat(2 << 20) });
         assert.equal(big.status, 413);
         assert.match((await big.json()).error.message, /exceeds/);

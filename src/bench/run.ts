@@ -1,5 +1,6 @@
 import { InputError } from "../errors.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
+import { type FusionPlan, planId } from "../fusion/plan.ts";
 import {
   type FloatType,
   type FormatName,
@@ -46,6 +47,8 @@ export interface BenchOptions {
   formats?: (FormatName | "all")[];
   /** Decode batch sizes to measure, unfused against the fused plan. */
   batch?: number[];
+  /** More plans to decode beside the unfused model and the k-layer group (a frontier's best plans). */
+  plans?: FusionPlan[];
 }
 
 /** Where a benchmark's memory must fit: the host, and WASM's 32-bit heap. */
@@ -174,10 +177,11 @@ export async function runBench(
     }
   };
   if (assets) {
-    const plans = [{ version: 1 as const, ffn_groups: [] }, {
-      version: 1 as const,
-      ffn_groups: [run.layers],
-    }];
+    const fused: FusionPlan[] = [{ version: 1, ffn_groups: [] }, { version: 1, ffn_groups: [run.layers] }];
+    // Each plan once: a frontier plan may be the k-layer group itself.
+    const plans = [...fused, ...opts.plans ?? []].filter((p, i, all) =>
+      all.findIndex((q) => planId(q) === planId(p)) === i
+    );
     // WASM always exists, so a WebGPU run also reports the CPU fallback; the GPU is timed on its own
     // (its rounds would otherwise wait on the CPU ones), the CPU backends alternated together.
     const groups: Backend[][] = device === "webgpu" ? [["webgpu"], ["wasm"]] : [["wasm"]];

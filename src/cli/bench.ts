@@ -14,6 +14,9 @@ export const benchCommand = defineCommand({
   }),
   async run(flags) {
     if (flags.model && flags.preset) throw new InputError("--model and --preset are exclusive");
+    if (flags.frontier) {
+      throw new InputError("only POST /bench has an analysis to take the frontier's plans from", "frontier");
+    }
     const report = await runBench({
       model: flags.model,
       preset: flags.preset,

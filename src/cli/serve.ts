@@ -1,5 +1,7 @@
 import { z } from "zod";
 import { LIMITS } from "../api/generation.ts";
+import { InputError } from "../errors.ts";
+import { ChatTemplate } from "../model/chat_template.ts";
 import { parsePlan, readPlanFile, UNFUSED } from "../fusion/plan.ts";
 import { ModelHost } from "../runtime/host.ts";
 import { adapterMaxBuffer, resolveDevice, resolveGraphOptions } from "../runtime/ort.ts";
@@ -18,6 +20,18 @@ const token = z.string().min(8, "must be at least 8 characters").regex(
   /^[A-Za-z0-9._~+/-]+=*$/,
   "may use letters, digits and . _ ~ + / - only",
 );
+
+/** The file's text, parsed once here so that a template with a syntax error stops the start (exit 2). */
+async function readChatTemplateFile(path: string): Promise<string> {
+  let source: string;
+  try {
+    source = await Deno.readTextFile(path);
+  } catch (e) {
+    throw new InputError(`cannot read ${path}: ${(e as Error).message}`, "chat_template");
+  }
+  ChatTemplate.compile({ source, origin: "--chat-template", specialTokens: {} });
+  return source;
+}
 
 const emit = (event: Record<string, unknown>) => console.log(JSON.stringify(event));
 
@@ -38,6 +52,9 @@ export const serveCommand = defineCommand({
       "another Host name to answer (DNS rebinding guard)",
     ),
     cors: z.array(z.string().url()).default([]).describe("an origin allowed to call from a browser"),
+    chat_template: z.string().optional().describe(
+      "a Jinja chat template file for /v1/chat/completions (replaces the checkpoint's)",
+    ),
     text: z.string().default(DEFAULT_CALIBRATION_TEXT).describe("calibration text for POST /analysis"),
     max_active: z.number().int().min(1).max(1024).default(8).describe("generations decoding at once"),
     max_queue: z.number().int().min(0).max(100000).default(64).describe(
@@ -61,6 +78,7 @@ export const serveCommand = defineCommand({
     const device = await resolveDevice(flags.device);
     const graph = await resolveGraphOptions(flags.dtype, flags.quantize, device);
     const plan = flags.plan ? parsePlan(await readPlanFile(flags.plan)) : UNFUSED;
+    const chatTemplate = flags.chat_template ? await readChatTemplateFile(flags.chat_template) : undefined;
     const host = new ModelHost();
     const metrics = new Metrics();
     const scheduler = new Scheduler(flags.max_active, flags.max_queue, {
@@ -109,6 +127,7 @@ export const serveCommand = defineCommand({
       kvCacheMb: flags.kv_cache_mb,
       maxBufferBytes: await adapterMaxBuffer(device),
       calibrationText: flags.calibration,
+      chatTemplate,
     });
     const inst = host.instance!;
     metrics.loadSeconds.set({}, host.loadMs / 1000);

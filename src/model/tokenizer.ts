@@ -4,7 +4,15 @@ import { BadCheckpointError } from "../errors.ts";
 
 /** The checkpoint's tokenizer.json (byte-level BPE and friends) through @huggingface/tokenizers. */
 export class TextTokenizer {
-  private constructor(private readonly tok: Tokenizer, readonly vocabSize: number) {}
+  /** Each id's text and bytes, as logprobs report them (looked up again for every top candidate). */
+  private readonly pieces = new Map<number, TokenPiece>();
+
+  private constructor(
+    private readonly tok: Tokenizer,
+    readonly vocabSize: number,
+    /** Byte-level BPE: vocabulary strings stand for bytes through GPT-2's printable byte map. */
+    private readonly byteLevel: boolean,
+  ) {}
 
   static async load(dir: string): Promise<TextTokenizer> {
     const path = join(dir, "tokenizer.json");
@@ -22,7 +30,11 @@ export class TextTokenizer {
     }
     try {
       const tok = new Tokenizer(json, configJson);
-      return new TextTokenizer(tok, tok.get_vocab(true).size);
+      return new TextTokenizer(
+        tok,
+        tok.get_vocab(true).size,
+        JSON.stringify(json.decoder ?? "").includes("ByteLevel"),
+      );
     } catch (e) {
       throw new BadCheckpointError(`${path}: unsupported or malformed tokenizer (${(e as Error).message})`);
     }
@@ -49,11 +61,56 @@ export class TextTokenizer {
     return this.tok.decode(ids, { skip_special_tokens: skipSpecial, clean_up_tokenization_spaces: false });
   }
 
+  /** Whether `id` is an added special token (end-of-turn markers, BOS, EOS). */
+  isSpecial(id: number): boolean {
+    return this.tok.get_added_tokens_decoder().get(id)?.special ?? false;
+  }
+
+  /**
+   * One token as OpenAI's logprobs show it: its text alone (U+FFFD where it holds part of a
+   * character) and its exact bytes, which is how a client puts split characters back together.
+   */
+  piece(id: number): TokenPiece {
+    let p = this.pieces.get(id);
+    if (!p) {
+      const text = this.decode([id], false);
+      const raw = this.tok.id_to_token(id) ?? "";
+      const hex = /^<0x([0-9A-Fa-f]{2})>$/.exec(raw);
+      const bytes = this.byteLevel && !this.isSpecial(id) && [...raw].every((c) => BYTE_OF.has(c))
+        ? [...raw].map((c) => BYTE_OF.get(c)!)
+        : hex
+        ? [parseInt(hex[1], 16)]
+        : [...new TextEncoder().encode(text)];
+      p = { text, bytes };
+      this.pieces.set(id, p);
+    }
+    return p;
+  }
+
   /** A decoder that yields text as soon as it is complete UTF-8 (byte-level BPE splits characters). */
   streamDecoder(): StreamDecoder {
     return new StreamDecoder(this);
   }
 }
+
+export interface TokenPiece {
+  text: string;
+  bytes: number[];
+}
+
+/**
+ * GPT-2's byte-level alphabet read backwards: printable bytes stand for themselves, the others were
+ * shifted to code points from 256 up, in byte order.
+ */
+const BYTE_OF = (() => {
+  const map = new Map<string, number>();
+  let shifted = 256;
+  for (let b = 0; b < 256; b++) {
+    const printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174;
+    map.set(String.fromCodePoint(printable ? b : shifted++), b);
+  }
+  return map;
+})();
 
 /**
  * Incremental detokenisation: decodes a short window of recent ids and emits only what became final,

@@ -2,6 +2,7 @@ import type { TextTokenizer } from "../model/tokenizer.ts";
 import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
 import { TokenSink } from "./generate.ts";
 import { type BatchCache, disposeBatch, kvBytesPerToken } from "./kv_batch.ts";
+import { describe, logSoftmaxTop, type PromptLogprob } from "./logprobs.ts";
 import { Sampler } from "./sampling.ts";
 import { asBatch, disposeCache, type KvCache, type ModelSession } from "./session.ts";
 
@@ -25,6 +26,10 @@ interface Sequence {
   sampler: Sampler;
   history: number[];
   handlers: SequenceHandlers;
+  /** Alternatives per generated token's logprobs; undefined when none were asked for. */
+  logprobs?: number;
+  /** The prompt's logprobs as its prefill computes them; null when not asked for. */
+  promptLogprobs: PromptLogprob[] | null;
   /** Prompt tokens already in `cache`. */
   prefilled: number;
   /** Its own cache while it prefills; null once it is a row of the batch. */
@@ -121,6 +126,8 @@ export class BatchEngine {
       sampler: new Sampler(params),
       history: [...promptIds],
       handlers,
+      logprobs: params.logprobs,
+      promptLogprobs: params.promptLogprobs ? [] : null,
       prefilled: 0,
       cache: null,
       length: 0,
@@ -245,12 +252,16 @@ export class BatchEngine {
     try {
       const r = await this.session.step(chunk, seq.cache ?? this.session.emptyCache());
       seq.cache = r.cache;
+      if (seq.promptLogprobs) this.scorePrompt(seq, r.logits);
       seq.prefilled += chunk.length;
       seq.length = seq.prefilled;
       this.evict();
       if (seq.prefilled < seq.prompt.length) return chunk.length;
       this.prefilling.shift();
       const vocab = this.session.vocabSize;
+      if (seq.promptLogprobs) {
+        seq.handlers.chunk({ text: "", tokenId: -1, promptLogprobs: seq.promptLogprobs });
+      }
       this.take(seq, r.logits.subarray(r.logits.length - vocab));
       if (this.ended(seq)) {
         if (this.keepBytes > 0) await this.keep(seq.prompt, asBatch(seq.cache), 0);
@@ -267,6 +278,26 @@ export class BatchEngine {
       this.fail(seq, e);
     }
     return chunk.length;
+  }
+
+  /**
+   * The model's log-probability of each prompt token given the ones before it (raw logits: no
+   * penalty or temperature applies to text the model did not choose), from a chunk's logits.
+   * Called before `prefilled` moves past the chunk.
+   */
+  private scorePrompt(seq: Sequence, logits: Float32Array): void {
+    const vocab = this.session.vocabSize;
+    const out = seq.promptLogprobs!;
+    if (seq.prefilled === 0) {
+      const first = this.tokenizer.piece(seq.prompt[0]);
+      out.push({ token: first.text, bytes: first.bytes, logprob: null, top: null });
+    }
+    for (let p = 0; p * vocab < logits.length; p++) {
+      const next = seq.prompt[seq.prefilled + p + 1];
+      if (next === undefined) break;
+      const row = logits.subarray(p * vocab, (p + 1) * vocab);
+      out.push(describe(this.tokenizer, next, logSoftmaxTop(row, next, seq.logprobs ?? 0)));
+    }
   }
 
   /** Keeps a copy of the first `ids.length` positions of row `row` of `cache` for later prompts. */
@@ -296,7 +327,8 @@ export class BatchEngine {
    */
   private async reusePrefix(seq: Sequence): Promise<void> {
     seq.cached = 0;
-    if (this.keepBytes <= 0) return;
+    // Prompt logprobs need every position's logits: the whole prompt is prefilled.
+    if (this.keepBytes <= 0 || seq.promptLogprobs) return;
     const limit = seq.prompt.length - 1;
     let best: { n: number; source: { cache: BatchCache; row: number }; kept?: KeptPrefix } | null = null;
     const consider = (ids: number[], source: { cache: BatchCache; row: number }, kept?: KeptPrefix) => {
@@ -322,8 +354,11 @@ export class BatchEngine {
     const id = seq.sampler.next(row, seq.history);
     seq.history.push(id);
     seq.next = id;
-    const text = seq.sink.push(id);
-    if (text) seq.handlers.chunk({ text, tokenId: id });
+    const scored = seq.logprobs === undefined
+      ? undefined
+      : describe(this.tokenizer, id, seq.sampler.score(id, seq.logprobs));
+    const out = seq.sink.push(id, scored);
+    if (out.text) seq.handlers.chunk({ ...out, tokenId: id });
   }
 
   /** Done sampling: end of sequence, stop sequence, length, a full context, or cancelled. */
@@ -342,7 +377,7 @@ export class BatchEngine {
     if (!this.release(seq)) return;
     if (seq.cancelled) seq.sink.finish("cancelled");
     const tail = seq.sink.tail();
-    if (tail) seq.handlers.chunk({ text: tail, tokenId: -1 });
+    if (tail.text || tail.logprobs) seq.handlers.chunk({ ...tail, tokenId: -1 });
     seq.handlers.done(seq.sink.summary(seq.prompt.length, seq.cached ?? 0));
   }
 

@@ -1,22 +1,29 @@
 import { CancelledError, InputError } from "../errors.ts";
+import type { ChatMessage } from "../model/chat_template.ts";
 import { checkPromptFits } from "./context.ts";
 import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
 import type { ModelHost } from "./host.ts";
+import type { PromptLogprob, TokenLogprob } from "./logprobs.ts";
 import type { Scheduler } from "./scheduler.ts";
 
 /** A validated completion request, as the runtime takes it. */
 export interface CompletionJob {
-  prompt: { text: string } | { ids: number[] };
+  /** Text or ids continued as given, or a conversation rendered with the model's chat template. */
+  prompt: { text: string } | { ids: number[] } | { messages: ChatMessage[] };
   params: GenerateParams;
   /** Completions of the one prompt (1..8): they share its prefill and decode in one batch. */
   n: number;
   /** Wall-clock limit: the generation ends with what it has (finish "length"). */
   timeoutMs: number;
+  /** The prompt's text is wanted back (echo, or logprobs' text offsets). */
+  promptText?: boolean;
 }
 
 export type CompletionEvent =
-  | { type: "started"; planId: string; promptTokens: number }
-  | { type: "text"; index: number; text: string };
+  | { type: "started"; planId: string; promptTokens: number; promptText?: string }
+  /** Once, before any text, when the prompt's logprobs were asked for (choice 0's; they are the same). */
+  | { type: "prompt"; logprobs: PromptLogprob[] }
+  | { type: "text"; index: number; text: string; logprobs?: TokenLogprob[] };
 
 export interface CompletionContext {
   host: ModelHost;
@@ -45,11 +52,26 @@ export async function* runCompletion(
 ): AsyncGenerator<CompletionEvent, GenerationSummary[]> {
   const { host, scheduler } = ctx;
   const config = host.requireReady(); // before queueing: a model still loading answers at once
-  if ("text" in job.prompt && job.prompt.text.length > maxPromptChars(host)) {
+  const prompt = job.prompt;
+  const field = "messages" in prompt ? "messages" : "prompt";
+  const chat = "messages" in prompt ? host.tokenizer!.chat : null;
+  if ("messages" in prompt && !chat) {
     throw new InputError(
-      `${job.prompt.text.length} characters cannot fit the context of ${config.maxPositions} tokens ` +
+      `model ${host.name} has no chat template (no chat_template in its tokenizer_config.json); ` +
+        "start the server with --chat-template FILE, or use /v1/completions",
+      "messages",
+    );
+  }
+  const chars = "text" in prompt
+    ? prompt.text.length
+    : "messages" in prompt
+    ? prompt.messages.reduce((n, m) => n + m.content.length, 0)
+    : 0;
+  if (chars > maxPromptChars(host)) {
+    throw new InputError(
+      `${chars} characters cannot fit the context of ${config.maxPositions} tokens ` +
         `(at most ${maxPromptChars(host)} characters for this tokenizer)`,
-      "prompt",
+      field,
     );
   }
   const abort = new AbortController();
@@ -62,13 +84,24 @@ export async function* runCompletion(
   let runs: AsyncGenerator<GenerationChunk, GenerationSummary>[] = [];
   try {
     free = await scheduler.acquire(abort.signal);
-    const ids = "ids" in job.prompt ? job.prompt.ids : await host.tokenizer!.encode(job.prompt.text);
+    const ids = "ids" in prompt
+      ? prompt.ids
+      : "text" in prompt
+      ? await host.tokenizer!.encode(prompt.text)
+      : await host.tokenizer!.encodeChat(prompt.messages);
     if (signal.aborted) throw new CancelledError("request was cancelled before it started");
     const bad = ids.find((id) => id >= config.vocabSize);
     if (bad !== undefined) {
       throw new InputError(`token id ${bad} is out of range (vocabulary size ${config.vocabSize})`, "prompt");
     }
-    checkPromptFits(ids.length, config.maxPositions);
+    checkPromptFits(ids.length, config.maxPositions, field);
+    const promptText = !job.promptText
+      ? undefined
+      : "text" in prompt
+      ? prompt.text
+      : "ids" in prompt
+      ? await host.tokenizer!.decode(prompt.ids)
+      : undefined;
     for (let i = 0; i < job.n; i++) {
       kvFree.push(
         await scheduler.reserveKv(
@@ -79,10 +112,20 @@ export async function* runCompletion(
     }
     lease = host.lease();
     timer = setTimeout(onAbort, job.timeoutMs);
-    yield { type: "started", planId: lease.instance.planId, promptTokens: ids.length };
-    // Each choice samples its own stream: seed, seed + 1, ... when the request fixes one.
-    const seeded = (i: number) =>
-      job.params.seed === undefined ? job.params : { ...job.params, seed: (job.params.seed + i) % 2 ** 32 };
+    yield { type: "started", planId: lease.instance.planId, promptTokens: ids.length, promptText };
+    // A chat ends at the template's end-of-turn marker as well as at EOS.
+    const params = !chat ? job.params : {
+      ...job.params,
+      stopTokenIds: chat.endOfTurnIds,
+      stop: chat.endOfTurnStop ? [...job.params.stop, chat.endOfTurnStop] : job.params.stop,
+    };
+    // Each choice samples its own stream: seed, seed + 1, ... when the request fixes one. The prompt's
+    // logprobs are the same for all: choice 0 computes them, the others reuse its prefix.
+    const seeded = (i: number) => ({
+      ...params,
+      ...(params.seed === undefined ? {} : { seed: (params.seed + i) % 2 ** 32 }),
+      promptLogprobs: i === 0 && params.promptLogprobs,
+    });
     runs = Array.from({ length: job.n }, (_, i) => lease!.instance.generate(ids, seeded(i), abort.signal));
     const summaries: GenerationSummary[] = new Array(job.n);
     const pending = new Map<
@@ -101,7 +144,9 @@ export async function* runCompletion(
         summaries[i] = r.value;
         pending.delete(i);
       } else {
-        yield { type: "text", index: i, text: r.value.text };
+        const c = r.value;
+        if (c.promptLogprobs) yield { type: "prompt", logprobs: c.promptLogprobs };
+        if (c.text || c.logprobs) yield { type: "text", index: i, text: c.text, logprobs: c.logprobs };
         pull(i);
       }
     }

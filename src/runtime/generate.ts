@@ -1,5 +1,6 @@
 import type { StreamDecoder, TextTokenizer } from "../model/tokenizer.ts";
 import { DEFAULT_READBACK_BATCH, GpuTokenPicker } from "./gpu_decode.ts";
+import type { PromptLogprob, TokenLogprob } from "./logprobs.ts";
 import { Sampler, type SamplingParams } from "./sampling.ts";
 import { disposeCache, type ModelSession } from "./session.ts";
 
@@ -8,6 +9,12 @@ export interface GenerateParams extends SamplingParams {
   stop: string[];
   /** Keep going past the end-of-sequence token (benchmarks want a fixed length). */
   ignoreEos?: boolean;
+  /** More ids that end the generation like EOS: a chat template's end-of-turn token. */
+  stopTokenIds?: number[];
+  /** Report each generated token's log-probability and this many alternatives (0..20). */
+  logprobs?: number;
+  /** Report the prompt's log-probabilities too (OpenAI's echo): the whole prompt is prefilled. */
+  promptLogprobs?: boolean;
 }
 
 export type FinishReason = "stop" | "length" | "cancelled";
@@ -15,6 +22,10 @@ export type FinishReason = "stop" | "length" | "cancelled";
 export interface GenerationChunk {
   text: string;
   tokenId: number;
+  /** The tokens whose text this chunk made final, when logprobs were asked for. */
+  logprobs?: TokenLogprob[];
+  /** Once, before the first token, when the prompt's log-probabilities were asked for. */
+  promptLogprobs?: PromptLogprob[];
 }
 
 export interface GenerationSummary {
@@ -94,28 +105,39 @@ export class TokenSink {
   text = "";
   finishReason: FinishReason = "length";
   private hitStopSequence = false;
+  /** Logprobs of tokens whose text is still held back. */
+  private readonly pendingLogprobs: TokenLogprob[] = [];
   done = false;
 
   constructor(tokenizer: TextTokenizer, private readonly params: GenerateParams, eosTokenIds: number[]) {
     this.decoder = tokenizer.streamDecoder();
     this.stops = new StopMatcher(params.stop);
-    this.eos = new Set(params.ignoreEos ? [] : eosTokenIds);
+    this.eos = new Set(params.ignoreEos ? [] : [...eosTokenIds, ...params.stopTokenIds ?? []]);
   }
 
-  /** Takes one token; returns the text that became final (possibly empty). */
-  push(id: number): string {
+  /**
+   * Takes one token (and its logprob, when asked for); returns the text that became final, possibly
+   * empty, and the logprobs of the tokens that text comes from. The token that ends the run (EOS,
+   * end of turn) is not reported: it makes no text.
+   */
+  push(id: number, logprob?: TokenLogprob): { text: string; logprobs?: TokenLogprob[] } {
     this.ids.push(id);
     if (this.eos.has(id)) {
       this.finish("stop");
-      return "";
+      return { text: "" };
     }
+    if (logprob) this.pendingLogprobs.push(logprob);
     const { emit, stopped } = this.stops.push(this.decoder.push(id));
     this.text += emit;
     if (stopped) {
       this.hitStopSequence = true;
       this.finish("stop");
     } else if (this.ids.length >= this.params.maxTokens) this.finish("length");
-    return emit;
+    return emit ? { text: emit, ...this.takeLogprobs() } : { text: "" };
+  }
+
+  private takeLogprobs(): { logprobs?: TokenLogprob[] } {
+    return this.pendingLogprobs.length ? { logprobs: this.pendingLogprobs.splice(0) } : {};
   }
 
   finish(reason: FinishReason): void {
@@ -124,12 +146,14 @@ export class TokenSink {
   }
 
   /** Text still held back (an incomplete character, a possible stop prefix) once the run is over. */
-  tail(): string {
-    if (this.hitStopSequence || this.finishReason === "cancelled") return "";
+  tail(): { text: string; logprobs?: TokenLogprob[] } {
+    if (this.hitStopSequence || this.finishReason === "cancelled") {
+      return { text: "", ...this.takeLogprobs() };
+    }
     const { emit } = this.stops.push(this.decoder.flush());
     const rest = emit + this.stops.flush();
     this.text += rest;
-    return rest;
+    return { text: rest, ...this.takeLogprobs() };
   }
 
   summary(promptTokens: number, cachedTokens = 0): GenerationSummary {
@@ -161,7 +185,7 @@ export async function* generate(opts: GenerateOptions): AsyncGenerator<Generatio
   const batch = opts.readbackBatch ?? DEFAULT_READBACK_BATCH;
   const onGpu = opts.session.device === "webgpu" && batch > 0 && gpuSamplable(opts.params);
   yield* onGpu ? gpuLoop(opts, sink, batch) : hostLoop(opts, sink);
-  const tail = sink.tail();
+  const tail = sink.tail().text;
   if (tail) yield { text: tail, tokenId: -1 };
   return sink.summary(opts.promptIds.length);
 }
@@ -179,7 +203,7 @@ async function* hostLoop(opts: GenerateOptions, sink: TokenSink): AsyncGenerator
       if (signal?.aborted) return sink.finish("cancelled");
       const id = sampler.next(row, history);
       history.push(id);
-      const emit = sink.push(id);
+      const emit = sink.push(id).text;
       if (emit) yield { text: emit, tokenId: id };
       if (sink.done || cache.length + 1 >= opts.maxPositions) return;
       const next = await session.step([id], cache);
@@ -216,7 +240,7 @@ async function* gpuLoop(
   const consume = function* (ids: number[]): Generator<GenerationChunk> {
     for (const id of ids) {
       if (sink.done) return;
-      const emit = sink.push(id);
+      const emit = sink.push(id).text;
       if (emit) yield { text: emit, tokenId: id };
     }
   };

@@ -48,6 +48,8 @@ export interface HostOptions {
   maxBufferBytes?: number;
   /** Text the linear attentions of version 2 plans are fitted on. */
   calibrationText?: string;
+  /** The text of `--chat-template FILE`, which replaces the checkpoint's template. */
+  chatTemplate?: string;
 }
 
 /**
@@ -102,7 +104,7 @@ export class ModelHost {
       checkPlan(plan, this.config);
       checkModelFits(this.config, opts.graph, device, { sequences: 1, maxBufferBytes: opts.maxBufferBytes });
       this.kvBudgetBytes = kvBudgetBytes(this.config, opts.graph, device, opts.kvCacheMb);
-      this.tokenizer = tokenizer ?? await RemoteTokenizer.load(dir);
+      this.tokenizer = tokenizer ?? await RemoteTokenizer.load(dir, opts.chatTemplate);
       const built = await this.builder(this.spec(null, plan, opts.maxContext)).ready;
       this.checkpoint = built.checkpoint;
       this.active = this.keep(built);

@@ -1,5 +1,6 @@
 import { fromWorkerError } from "./worker_error.ts";
-import type { TokenizerReply, TokenizerRequest } from "./tokenizer_worker.ts";
+import type { ChatMessage } from "../model/chat_template.ts";
+import type { ChatInfo, TokenizerReply, TokenizerRequest } from "./tokenizer_worker.ts";
 
 /** The serving thread's tokenizer: encoding happens in a worker, one prompt at a time, in order. */
 export class RemoteTokenizer {
@@ -14,6 +15,8 @@ export class RemoteTokenizer {
     /** The longest text one token stands for: a prompt longer than context x this cannot fit. */
     readonly maxTokenChars: number,
     readonly vocabSize: number,
+    /** The chat template's origin and end-of-turn marker; null when the model has no template. */
+    readonly chat: ChatInfo | null,
   ) {
     worker.onmessage = (e: MessageEvent<TokenizerReply>) => {
       const m = e.data;
@@ -26,7 +29,8 @@ export class RemoteTokenizer {
     };
   }
 
-  static async load(dir: string): Promise<RemoteTokenizer> {
+  /** `chatTemplate`: the text of `--chat-template FILE`, which replaces the checkpoint's. */
+  static async load(dir: string, chatTemplate?: string): Promise<RemoteTokenizer> {
     const worker = new Worker(new URL("./tokenizer_worker.ts", import.meta.url).href, { type: "module" });
     const loaded = await new Promise<Extract<TokenizerReply, { type: "loaded" }>>((resolve, reject) => {
       worker.onmessage = (e: MessageEvent<TokenizerReply>) => {
@@ -39,16 +43,21 @@ export class RemoteTokenizer {
         e.preventDefault();
         reject(new Error(`tokenizer worker failed: ${e.message}`));
       };
-      worker.postMessage({ type: "load", dir } satisfies TokenizerRequest);
+      worker.postMessage({ type: "load", dir, chatTemplate } satisfies TokenizerRequest);
     }).catch((e) => {
       worker.terminate();
       throw e;
     });
-    return new RemoteTokenizer(worker, loaded.maxTokenChars, loaded.vocabSize);
+    return new RemoteTokenizer(worker, loaded.maxTokenChars, loaded.vocabSize, loaded.chat);
   }
 
   encode(text: string): Promise<number[]> {
     return this.ask((id) => ({ type: "encode", id, text })) as Promise<number[]>;
+  }
+
+  /** The conversation rendered with the chat template (and a generation prompt), encoded. */
+  encodeChat(messages: ChatMessage[]): Promise<number[]> {
+    return this.ask((id) => ({ type: "chat", id, messages })) as Promise<number[]>;
   }
 
   decode(ids: number[]): Promise<string> {

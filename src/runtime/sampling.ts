@@ -1,4 +1,5 @@
 import { argmax, rng } from "../numeric.ts";
+import { logSoftmaxTop, type Scored } from "./logprobs.ts";
 
 /** How the next token is chosen from a row of logits. temperature 0 means greedy (argmax). */
 export interface SamplingParams {
@@ -24,6 +25,8 @@ export class Sampler {
   private readonly generated = new Map<number, number>();
   /** Scratch for the unnormalised probabilities of one row (one allocation per sampler). */
   private weights = new Float64Array(0);
+  /** The row `next` chose from, penalties applied: what `score` reports on. */
+  private lastRow: Float32Array = new Float32Array(0);
 
   constructor(readonly params: SamplingParams) {
     this.random = rng(params.seed ?? Math.floor(Math.random() * 2 ** 32));
@@ -45,9 +48,29 @@ export class Sampler {
       if (row === logits) row = Float32Array.from(logits);
       for (const [id, n] of this.generated) row[id] -= presence + frequency * n;
     }
+    this.lastRow = row;
     const id = p.temperature === 0 ? argmax(row) : this.sample(row);
     this.generated.set(id, (this.generated.get(id) ?? 0) + 1);
     return id;
+  }
+
+  /**
+   * Log-probabilities from the distribution the last `next` sampled from (penalties, temperature,
+   * top-k and top-p applied): of `id` and of the `n` likeliest. Greedy reports the model's own
+   * distribution (temperature 1), whose argmax it took.
+   */
+  score(id: number, n: number): Scored {
+    const p = this.params;
+    const row = this.lastRow;
+    if (p.temperature === 0 || (p.topK === 0 && p.topP === 1)) {
+      return logSoftmaxTop(row, id, n, p.temperature || 1);
+    }
+    const { ids, probs } = this.distribution(row);
+    const at = ids.indexOf(id);
+    return {
+      logprob: at < 0 ? -Infinity : Math.log(probs[at]),
+      top: ids.slice(0, n).map((i, k) => [i, Math.log(probs[k])]),
+    };
   }
 
   /** The filtered, renormalised distribution `next` samples from: exposed so tests can check it. */

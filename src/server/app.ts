@@ -5,7 +5,9 @@ import { cors } from "hono/cors";
 import type { ModelHost } from "../runtime/host.ts";
 import type { Scheduler } from "../runtime/scheduler.ts";
 import { getFuseHandler, postFuseHandler } from "./admin.ts";
-import { type CompletionLimits, completionsHandler } from "./completions.ts";
+import { chatEndpoint } from "./chat.ts";
+import { type CompletionLimits, completionRoute } from "./completion_route.ts";
+import { completionsEndpoint } from "./completions.ts";
 import { dashboardHandler } from "./dashboard.ts";
 import { errorResponse, onError } from "./errors.ts";
 import { checkHost, requireBearer, requireJson, sameSiteOnly } from "./guards.ts";
@@ -44,9 +46,11 @@ export interface Services {
 const ROUTES = new Set([
   "/",
   "/health",
+  "/stats",
   "/metrics",
   "/v1/models",
   "/v1/completions",
+  "/v1/chat/completions",
   "/tokenize",
   "/detokenize",
   "/fuse",
@@ -81,6 +85,11 @@ export function createApp(services: Services, opts: AppOptions): Hono<AppEnv> {
   const apiKey = requireBearer(opts.apiKey, "the API");
   app.use("/v1/*", apiKey);
 
+  // The dashboard's live panel: recent throughput and first-token latency, and what is running.
+  app.get(
+    "/stats",
+    (c) => c.json({ ...metrics.live.snapshot(), active: scheduler.active, queued: scheduler.queued }),
+  );
   app.get("/health", (c) => {
     if (lifecycle.draining) {
       return c.json({ status: "draining", active: scheduler.active, queued: scheduler.queued }, 503);
@@ -128,22 +137,30 @@ export function createApp(services: Services, opts: AppOptions): Hono<AppEnv> {
   app.post("/tokenize", apiKey, sameSite, requireJson, tokens.tokenize);
   app.post("/detokenize", apiKey, sameSite, requireJson, tokens.detokenize);
 
+  const generation = { host, scheduler, metrics, limits: opts, modelName: () => host.name };
   app.post(
     "/v1/completions",
     sameSite,
     requireJson,
     notDraining,
-    completionsHandler({ host, scheduler, metrics, limits: opts, modelName: () => host.name }),
+    completionRoute(completionsEndpoint, generation),
+  );
+  app.post(
+    "/v1/chat/completions",
+    sameSite,
+    requireJson,
+    notDraining,
+    completionRoute(chatEndpoint, generation),
   );
   app.get("/fuse", getFuseHandler(host));
   app.post("/fuse", sameSite, admin, requireJson, notDraining, postFuseHandler(host, metrics));
-  const analyses = analysisRoutes(analysis, host, opts.textPath);
+  const analyses = analysisRoutes(analysis, host, opts.textPath, bench);
   app.get("/analysis", analyses.get);
   app.get("/analysis/heatmap.svg", analyses.heatmap);
   app.get("/analysis/frontier.svg", analyses.frontier);
   app.post("/analysis", sameSite, admin, requireJson, notDraining, analyses.post);
   app.delete("/analysis", sameSite, admin, analyses.delete);
-  const benches = benchRoutes(bench, host);
+  const benches = benchRoutes(bench, host, analysis);
   app.get("/bench", benches.get);
   app.post("/bench", sameSite, admin, requireJson, notDraining, benches.post);
   app.delete("/bench", sameSite, admin, benches.delete);

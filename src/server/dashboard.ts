@@ -3,7 +3,7 @@ import type { BenchReport } from "../bench/run.ts";
 import { formatName } from "../onnx/format.ts";
 import { heatmapSvg } from "../fusion/heatmap.ts";
 import { escapeXml } from "../markup.ts";
-import type { AnalysisRunner } from "./jobs.ts";
+import { type AnalysisRunner, measuredSpeedups } from "./jobs.ts";
 import { frontierChartSvg } from "./frontier_chart.ts";
 import type { Services } from "./app.ts";
 
@@ -81,7 +81,12 @@ code, textarea { font-family: monospace; } textarea { width: 100%; height: 60px;
   }</td></tr>
 <tr><th>attention-free layers</th><td>${free.length ? free.join(", ") : "none"}</td></tr>
 <tr><th>load time</th><td>${(host.loadMs / 1000).toFixed(2)} s</td></tr>
-<tr><th>generations</th><td>${s.scheduler.active} active, ${s.scheduler.queued} queued</td></tr>
+</table>
+<h2>Live</h2>
+<table id="live">
+<tr><th>throughput</th><td id="live-tps">-</td></tr>
+<tr><th>time to first token</th><td id="live-ttft">-</td></tr>
+<tr><th>generations</th><td id="live-active">${s.scheduler.active} active, ${s.scheduler.queued} queued</td></tr>
 </table>
 <h2>Active plan</h2>
 <p><code id="active-plan">${esc(inst?.planId ?? "-")}</code> ${
@@ -104,8 +109,16 @@ code, textarea { font-family: monospace; } textarea { width: 100%; height: 60px;
 <button type="submit" id="measure">Measure</button>
 <span id="analysis-status" class="muted">${esc(analysisStatus(analysis))}</span>
 </form>
+<label for="frontier-x">x axis</label>
+<select id="frontier-x">
+<option value="auto">measured speed-up when benchmarked</option><option value="steps">steps removed</option>
+</select>
+<button type="button" id="measure-speed">Measure decode speed of the frontier</button>
+<span id="speed-status" class="muted"></span>
 <div id="frontier">${
-    analysis.last?.frontier ? frontierChartSvg(analysis.last.frontier, inst?.planId ?? null) : ""
+    analysis.last?.frontier
+      ? frontierChartSvg(analysis.last.frontier, inst?.planId ?? null, measuredSpeedups(bench))
+      : ""
   }</div>
 <div id="frontier-info" class="muted"></div>
 <div id="heatmap">${
@@ -156,9 +169,39 @@ async function applyPlan(planText) {
 }
 $("fuse-form").addEventListener("submit", (e) => { e.preventDefault(); applyPlan($("plan").value); });
 async function refreshFrontier() {
-  const res = await fetch("/analysis/frontier.svg");
+  const res = await fetch("/analysis/frontier.svg" + ($("frontier-x").value === "steps" ? "?x=steps" : ""));
   $("frontier").innerHTML = res.ok ? await res.text() : "";
 }
+$("frontier-x").addEventListener("change", refreshFrontier);
+// Decodes each budget's best plan in the background benchmark; the chart's x becomes its speed-up.
+$("measure-speed").addEventListener("click", async () => {
+  const body = { frontier: true, tokens: [1], decode_tokens: 16, rounds: 3 };
+  const res = await fetch("/bench", { method: "POST", headers: adminHeaders(), body: JSON.stringify(body) });
+  if (!res.ok) { $("speed-status").textContent = (await res.json()).error.message; return; }
+  for (;;) {
+    await new Promise((r) => setTimeout(r, 1000));
+    const job = await (await fetch("/bench")).json();
+    if (job.status !== "running") {
+      $("speed-status").textContent = job.status === "done" ? "measured" : "failed: " + job.error;
+      break;
+    }
+    $("speed-status").textContent = "benchmark running: " + ((job.progress && job.progress.stage) || "");
+  }
+  await refreshFrontier();
+});
+// The live panel follows the server's own counters.
+async function live() {
+  try {
+    const s = await (await fetch("/stats")).json();
+    $("live-tps").textContent = s.tokens_per_second.toFixed(1) + " tokens/s (last " + s.window_seconds + " s)";
+    $("live-ttft").textContent = s.ttft_ms
+      ? "p50 " + s.ttft_ms.p50.toFixed(0) + " ms, p99 " + s.ttft_ms.p99.toFixed(0) + " ms (last " + s.ttft_ms.samples + " requests)"
+      : "no requests yet";
+    $("live-active").textContent = s.active + " active, " + s.queued + " queued";
+  } catch { /* the server is restarting: try again on the next tick */ }
+}
+live();
+setInterval(live, 2000);
 // Polls the background analysis: progress while it runs, the chart and heatmap when it is done.
 async function poll() {
   const res = await fetch("/analysis");

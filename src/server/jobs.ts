@@ -9,7 +9,8 @@ import {
   formatBench,
   memoryLimits,
 } from "../bench/run.ts";
-import { NotFoundError } from "../errors.ts";
+import { InputError, NotFoundError } from "../errors.ts";
+import type { FusionPlan } from "../fusion/plan.ts";
 import type { AnalysisReport } from "../fusion/analyze.ts";
 import type { AnalysisJob } from "../fusion/analysis_worker.ts";
 import { heatmapSvg } from "../fusion/heatmap.ts";
@@ -50,7 +51,7 @@ function status<R>(
   });
 }
 
-export function analysisRoutes(job: AnalysisRunner, host: ModelHost, textPath: string) {
+export function analysisRoutes(job: AnalysisRunner, host: ModelHost, textPath: string, bench: BenchRunner) {
   return {
     get: (c: Context<AppEnv>) => status(job, c, (report) => ({ report })),
     heatmap: (c: Context<AppEnv>) => {
@@ -63,7 +64,9 @@ export function analysisRoutes(job: AnalysisRunner, host: ModelHost, textPath: s
         throw new NotFoundError("no frontier yet: POST /analysis with remove_steps measures one");
       }
       c.header("content-type", "image/svg+xml");
-      return c.body(frontierChartSvg(job.last.frontier, host.instance?.planId ?? null));
+      // x: the measured speed-up once a benchmark has decoded frontier plans, unless ?x=steps.
+      const speedups = c.req.query("x") === "steps" ? new Map() : measuredSpeedups(bench);
+      return c.body(frontierChartSvg(job.last.frontier, host.instance?.planId ?? null, speedups));
     },
     post: async (c: Context<AppEnv>) => {
       const req = await readBody(c, analysisRequest);
@@ -88,7 +91,31 @@ export function analysisRoutes(job: AnalysisRunner, host: ModelHost, textPath: s
   };
 }
 
-export function benchRoutes(job: BenchRunner, host: ModelHost) {
+/** Each budget's best plan of the last analysis: what `frontier: true` decodes. */
+function frontierPlans(analysis: AnalysisRunner): FusionPlan[] {
+  const f = analysis.last?.frontier;
+  if (!f) {
+    throw new InputError(
+      "frontier: no frontier measured yet (POST /analysis with remove_steps measures one)",
+      "frontier",
+    );
+  }
+  return f.frontier.map((p) => p.plan);
+}
+
+/**
+ * Decode speed-up over the unfused model of each plan the last benchmark decoded (on the first device
+ * it decoded on): the ratio of the median tokens per second.
+ */
+export function measuredSpeedups(bench: BenchRunner): Map<string, number> {
+  const decode = bench.last?.decode ?? [];
+  const device = decode[0]?.device;
+  const cases = decode.filter((d) => d.device === device);
+  const base = cases.find((d) => d.plan === "unfused")?.tokens_per_second.median;
+  return new Map(base ? cases.map((d) => [d.plan, d.tokens_per_second.median / base]) : []);
+}
+
+export function benchRoutes(job: BenchRunner, host: ModelHost, analysis: AnalysisRunner) {
   return {
     get: (c: Context<AppEnv>) => status(job, c, (report) => ({ report, table: formatBench(report) })),
     post: async (c: Context<AppEnv>) => {
@@ -112,6 +139,7 @@ export function benchRoutes(job: BenchRunner, host: ModelHost) {
         quantize: req.quantize,
         formats: req.formats,
         batch: req.batch,
+        plans: req.frontier ? frontierPlans(analysis) : undefined,
       });
       return c.json({ status: "running" }, 202);
     },

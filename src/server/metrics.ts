@@ -1,3 +1,4 @@
+import { LiveStats } from "./live_stats.ts";
 /**
  * A small Prometheus registry: counters and gauges with labels, and histograms, rendered in the
  * text exposition format. Enough for /metrics without a dependency.
@@ -85,6 +86,8 @@ const LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10
 
 /** Every metric fusedge exports. */
 export class Metrics {
+  /** The dashboard's recent throughput and TTFT (not exported to Prometheus). */
+  readonly live = new LiveStats();
   readonly requests = new Counter("fusedge_http_requests_total", "HTTP requests by route, method and status");
   readonly tokens = new Counter("fusedge_generated_tokens_total", "Tokens generated");
   readonly ttft = new Histogram(

@@ -1,0 +1,246 @@
+import type { Context } from "hono";
+import { streamSSE } from "hono/streaming";
+import type { z } from "zod";
+import { CancelledError, CapacityError } from "../errors.ts";
+import {
+  type CompletionContext,
+  type CompletionEvent,
+  type CompletionJob,
+  runCompletion,
+} from "../runtime/completion.ts";
+import type { GenerationSummary } from "../runtime/generate.ts";
+import type { PromptLogprob, TokenLogprob } from "../runtime/logprobs.ts";
+import { CLIENT_CLOSED, errorResponse, readBody } from "./errors.ts";
+import type { AppEnv } from "./logging.ts";
+import type { Metrics } from "./metrics.ts";
+
+export interface CompletionLimits {
+  maxTokensCap: number;
+  /** Wall-clock limit of one generation, in milliseconds. */
+  requestTimeoutMs: number;
+}
+
+export interface CompletionDeps extends CompletionContext {
+  metrics: Metrics;
+  limits: CompletionLimits;
+  modelName: () => string;
+}
+
+type Started = Extract<CompletionEvent, { type: "started" }>;
+type TextEvent = Extract<CompletionEvent, { type: "text" }>;
+type Choice = Record<string, unknown>;
+
+/**
+ * How one endpoint writes its choices (text completions, chat). Made per request, after the prompt
+ * was accepted: it may keep state across chunks (text offsets).
+ */
+export interface ChoiceWriter {
+  /** Streamed, before a choice's first text: chat's role, an echoed prompt. Null for nothing. */
+  opening(index: number, prompt: PromptLogprob[] | null): Choice | null;
+  /** Streamed: a piece of choice `index`'s text and the logprobs of the tokens it came from. */
+  piece(index: number, text: string, logprobs: TokenLogprob[] | undefined): Choice;
+  /** Streamed: the end of a choice. */
+  end(index: number, finish: string): Choice;
+  /** Answered whole. */
+  whole(
+    index: number,
+    text: string,
+    logprobs: TokenLogprob[] | null,
+    prompt: PromptLogprob[] | null,
+    finish: string,
+  ): Choice;
+}
+
+/** What every completion body has, whatever else its endpoint adds. */
+interface CommonBody {
+  n: number;
+  stream: boolean;
+  stream_options?: { include_usage?: boolean } | null;
+}
+
+/** What an endpoint contributes: its body schema, the job it asks for, and how it writes choices. */
+export interface Endpoint<S extends z.ZodType<CommonBody>> {
+  schema: (maxTokensCap: number) => S;
+  /** `object` of the whole answer and of each streamed chunk. */
+  object: string;
+  chunkObject: string;
+  idPrefix: string;
+  toJob(body: z.infer<S>, limits: CompletionLimits): CompletionJob;
+  writer(body: z.infer<S>, started: Started): ChoiceWriter;
+}
+
+/** One prompt, n completions: the prompt counts once; its cached tokens are the first choice's. */
+const usage = (all: GenerationSummary[]) => {
+  const completion = all.reduce((n, s) => n + s.completionTokens, 0);
+  return {
+    prompt_tokens: all[0].promptTokens,
+    completion_tokens: completion,
+    total_tokens: all[0].promptTokens + completion,
+    prompt_tokens_details: { cached_tokens: all[0].cachedTokens },
+  };
+};
+
+/** "cancelled" is ours alone (a wall-clock limit here); OpenAI clients only know stop and length. */
+const finishReason = (s: GenerationSummary) => (s.finishReason === "cancelled" ? "length" : s.finishReason);
+
+/**
+ * POST /v1/completions and /v1/chat/completions: parse the body into a typed job, run it through
+ * `runCompletion` (which owns admission, leases, abort, the time limit and every release), and write
+ * the events as one JSON answer or as SSE chunks in the endpoint's shape. Until the first event the
+ * client's disconnect comes from the request's signal; once streaming, from the stream's.
+ */
+export function completionRoute<S extends z.ZodType<CommonBody>>(
+  endpoint: Endpoint<S>,
+  deps: CompletionDeps,
+) {
+  const schema = endpoint.schema(deps.limits.maxTokensCap);
+  const { metrics } = deps;
+  return async (c: Context<AppEnv>) => {
+    const body = await readBody(c, schema) as z.infer<S>;
+    const job = endpoint.toJob(body, deps.limits);
+    const { n, stream: streaming } = body;
+    const includeUsage = body.stream_options?.include_usage ?? false;
+    const log = c.get("log");
+    const gone = new AbortController();
+    const clientSignal = c.req.raw.signal;
+    const onGone = () => gone.abort();
+    clientSignal.addEventListener("abort", onGone, { once: true });
+    const start = performance.now();
+    let last = 0;
+    let streamed = 0;
+    const onToken = () => {
+      const now = performance.now();
+      if (last === 0) {
+        metrics.ttft.observe((now - start) / 1000);
+        metrics.live.addTtft((now - start) / 1000);
+      } else metrics.interToken.observe((now - last) / 1000);
+      last = now;
+      // A text event is at least one token; the rest (held-back text, EOS) is counted at the end.
+      streamed++;
+      metrics.live.addTokens(1);
+    };
+    const finish = (all: GenerationSummary[]) => {
+      metrics.live.addTokens(Math.max(0, usage(all).completion_tokens - streamed));
+      for (const s of all) {
+        metrics.tokens.inc({}, s.completionTokens);
+        if (s.cachedTokens > 0) {
+          metrics.prefixHits.inc();
+          metrics.prefixTokens.inc({}, s.cachedTokens);
+        }
+      }
+      const left = gone.signal.aborted;
+      if (left) metrics.cancelled.inc();
+      log.set({
+        completion_tokens: usage(all).completion_tokens,
+        cached_tokens: all[0].cachedTokens,
+        finish_reason: left ? "cancelled" : finishReason(all[0]),
+        ...(left ? { status: CLIENT_CLOSED } : {}),
+      });
+    };
+    const task = runCompletion(job, deps, gone.signal);
+    let first: IteratorResult<CompletionEvent>;
+    try {
+      first = await task.next();
+    } catch (e) {
+      clientSignal.removeEventListener("abort", onGone);
+      if (e instanceof CancelledError) metrics.cancelled.inc();
+      if (e instanceof CapacityError) metrics.rejected.inc();
+      throw e;
+    }
+    const started = first.value as Started;
+    const writer = endpoint.writer(body, started);
+    const id = `${endpoint.idPrefix}-${crypto.randomUUID()}`;
+    const created = Math.floor(Date.now() / 1000);
+    const model = deps.modelName();
+    log.set({ plan: started.planId, prompt_tokens: started.promptTokens, stream: streaming });
+    c.header("x-fusedge-plan", started.planId);
+    const envelope = (object: string, choices: Choice[], extra: Record<string, unknown> = {}) => ({
+      id,
+      object,
+      created,
+      model,
+      plan: started.planId,
+      choices,
+      ...extra,
+    });
+    let prompt: PromptLogprob[] | null = null;
+    /** Runs the task to its end: the prompt's logprobs kept, each text event counted and handed on. */
+    const drain = async (onText: (e: TextEvent) => void | Promise<void>) => {
+      let r = await task.next();
+      while (!r.done) {
+        const e = r.value;
+        if (e.type === "prompt") prompt = e.logprobs;
+        else if (e.type === "text") {
+          onToken();
+          await onText(e);
+        }
+        r = await task.next();
+      }
+      return r.value;
+    };
+
+    if (!streaming) {
+      try {
+        const texts = new Array<string>(n).fill("");
+        const logprobs = Array.from(
+          { length: n },
+          () => job.params.logprobs === undefined ? null : [] as TokenLogprob[],
+        );
+        const all = await drain((e) => {
+          texts[e.index] += e.text;
+          if (e.logprobs) logprobs[e.index]?.push(...e.logprobs);
+        });
+        finish(all);
+        if (gone.signal.aborted) {
+          return errorResponse(c, CLIENT_CLOSED as 400, "client closed request", "cancelled");
+        }
+        const choices = all.map((s, i) => writer.whole(i, texts[i], logprobs[i], prompt, finishReason(s)));
+        return c.json(envelope(endpoint.object, choices, { usage: usage(all) }));
+      } finally {
+        clientSignal.removeEventListener("abort", onGone);
+        await task.return(undefined as never);
+      }
+    }
+
+    clientSignal.removeEventListener("abort", onGone);
+    log.defer();
+    log.set({ status: 200 });
+    return streamSSE(c, async (stream) => {
+      stream.onAbort(onGone);
+      const opened = new Array<boolean>(n).fill(false);
+      const send = async (choices: Choice[], extra?: Record<string, unknown>) => {
+        if (!stream.aborted) {
+          await stream.writeSSE({ data: JSON.stringify(envelope(endpoint.chunkObject, choices, extra)) });
+        }
+      };
+      const open = async (index: number) => {
+        if (opened[index]) return;
+        opened[index] = true;
+        const choice = writer.opening(index, prompt);
+        if (choice) await send([choice]);
+      };
+      try {
+        const all = await drain(async (e) => {
+          await open(e.index);
+          await send([writer.piece(e.index, e.text, e.logprobs)]);
+        });
+        finish(all);
+        for (let i = 0; i < n; i++) await open(i);
+        await send(all.map((s, i) => writer.end(i, finishReason(s))), { usage: usage(all) });
+        // OpenAI's stream_options.include_usage: one more chunk, no choices, the usage.
+        if (includeUsage) await send([], { usage: usage(all) });
+        if (!stream.aborted) await stream.writeSSE({ data: "[DONE]" });
+        log.set({ status: gone.signal.aborted ? CLIENT_CLOSED : 200 });
+      } finally {
+        await task.return(undefined as never);
+        log.emit();
+      }
+    }, async (err, stream) => {
+      console.error(`stream ${id} failed:`, err);
+      log.set({ status: 500, error: err.message });
+      await stream.writeSSE({
+        data: JSON.stringify({ error: { message: err.message, type: "server_error" } }),
+      });
+    });
+  };
+}
