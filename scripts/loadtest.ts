@@ -5,7 +5,7 @@
  *
  *   scripts/deno run -A scripts/loadtest.ts --url http://127.0.0.1:8000 [--requests 200]
  *     [--concurrency 16] [--max-tokens 16] [--swaps 2] [--storm 1] [--bench] [--admin-token T] [--api-key K]
- *     [--levels 1,4,16 --level-rounds 3 --level-tokens 64] [--chat 8]
+ *     [--levels 1,4,16 --level-rounds 3 --level-tokens 64] [--chat 8] [--ab URL_B --ab-rounds 3]
  *
  * --storm N sends N plan swaps at once at each swap point (the newest must win, the others get 409);
  * --bench starts a self-benchmark on the server a third of the way in and waits for it at the end.
@@ -16,6 +16,7 @@
  * new line: each turn is sent as it is (its start is cached from the turn before) and, in alternating
  * order, with a unique first line (nothing to reuse); reports both TTFTs and the prefix-cache hit
  * rate from /metrics.
+ * --ab URL_B only compares two servers (say, two versions): see `ab` below.
  */
 import { parseArgs } from "node:util";
 import { sseData } from "../src/client/sse.ts";
@@ -35,12 +36,18 @@ const { values } = parseArgs({
     "level-rounds": { type: "string", default: "3" },
     "level-tokens": { type: "string", default: "64" },
     chat: { type: "string", default: "0" },
+    ab: { type: "string" },
+    "ab-rounds": { type: "string", default: "3" },
     "admin-token": { type: "string" },
     "api-key": { type: "string" },
   },
 });
 const url = new URL(values.url!);
-if (!["127.0.0.1", "localhost", "[::1]"].includes(url.hostname)) {
+if (
+  ![url, ...(values.ab ? [new URL(values.ab)] : [])].every((u) =>
+    ["127.0.0.1", "localhost", "[::1]"].includes(u.hostname)
+  )
+) {
   console.error("loadtest only targets loopback addresses");
   Deno.exit(2);
 }
@@ -64,15 +71,21 @@ const headers = (token?: string) => ({
 });
 const ttft: number[] = [];
 const errors: string[] = [];
-let tokens = 0;
 let started = 0;
 let done = 0;
 const swapTimes: number[] = [];
 
-async function one(i: number): Promise<void> {
+/** First-token times and generated tokens of a set of requests. */
+interface Tally {
+  ttft: number[];
+  tokens: number;
+}
+const main: Tally = { ttft, tokens: 0 };
+
+async function one(i: number, base = url, tally = main): Promise<void> {
   const t0 = performance.now();
   try {
-    const res = await fetch(new URL("/v1/completions", url), {
+    const res = await fetch(new URL("/v1/completions", base), {
       method: "POST",
       headers: headers(values["api-key"]),
       body: JSON.stringify({
@@ -94,10 +107,10 @@ async function one(i: number): Promise<void> {
       const event = JSON.parse(data);
       if (event.error) throw new Error(event.error.message);
       if (first) {
-        ttft.push(performance.now() - t0);
+        tally.ttft.push(performance.now() - t0);
         first = false;
       }
-      if (event.usage) tokens += event.usage.completion_tokens;
+      if (event.usage) tally.tokens += event.usage.completion_tokens;
     }
     if (!sawDone) throw new Error("stream ended without [DONE]");
   } catch (e) {
@@ -281,6 +294,50 @@ async function watchKv<T>(work: Promise<T>): Promise<{ result: T; kv: Record<str
   }
 }
 
+const pct = (p: number, of = ttft) => {
+  const s = [...of].sort((a, b) => a - b);
+  return s.length ? s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))] : NaN;
+};
+
+/**
+ * --ab URL: the same requests at the same concurrency against --url and URL, the two taking turns in
+ * rounds after a warm-up of each (no swaps); TTFT p50/p99 and tokens/s per side, median [min-max].
+ */
+async function ab(): Promise<Record<string, unknown> | null> {
+  if (!values.ab) return null;
+  const sides = { a: url, b: new URL(values.ab) };
+  const rounds = Number(values["ab-rounds"]);
+  const out: Record<string, { p50: number[]; p99: number[]; tps: number[] }> = {};
+  for (let r = -1; r < rounds; r++) {
+    // Alternate which side goes first, so neither always follows the other's load.
+    for (const side of r % 2 ? ["a", "b"] as const : ["b", "a"] as const) {
+      const tally: Tally = { ttft: [], tokens: 0 };
+      const t = performance.now();
+      let next = 0;
+      await Promise.all(Array.from({ length: concurrency }, async () => {
+        while (next < total) await one(next++, sides[side], tally);
+      }));
+      if (r < 0) continue; // warm-up
+      const o = out[side] ??= { p50: [], p99: [], tps: [] };
+      o.p50.push(pct(50, tally.ttft));
+      o.p99.push(pct(99, tally.ttft));
+      o.tps.push(tally.tokens / ((performance.now() - t) / 1000));
+    }
+  }
+  const side = (k: "a" | "b") => ({
+    url: sides[k].href,
+    ttft_p50_ms: spread(out[k].p50),
+    ttft_p99_ms: spread(out[k].p99),
+    tokens_per_second: spread(out[k].tps),
+  });
+  return { rounds, requests_per_round: total, concurrency, a: side("a"), b: side("b") };
+}
+
+const abReport = await ab();
+if (abReport) {
+  console.log(JSON.stringify({ ab: abReport, errors: errors.length, error_samples: errors.slice(0, 5) }));
+  Deno.exit(errors.length ? 1 : 0);
+}
 const chatReport = await chat();
 const levelReport = await levels();
 const t0 = performance.now();
@@ -293,10 +350,6 @@ const workers = Array.from({ length: concurrency }, async () => {
 });
 const { kv: kvReport } = await watchKv(Promise.all([...workers, swapper(), bencher()]));
 const seconds = (performance.now() - t0) / 1000;
-const pct = (p: number) => {
-  const s = [...ttft].sort((a, b) => a - b);
-  return s.length ? s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))] : NaN;
-};
 console.log(JSON.stringify({
   requests: total,
   concurrency,
@@ -304,8 +357,8 @@ console.log(JSON.stringify({
   errors: errors.length,
   error_samples: errors.slice(0, 5),
   seconds,
-  tokens,
-  tokens_per_second: tokens / seconds,
+  tokens: main.tokens,
+  tokens_per_second: main.tokens / seconds,
   requests_per_second: total / seconds,
   ttft_p50_ms: pct(50),
   ttft_p99_ms: pct(99),

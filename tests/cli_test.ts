@@ -37,6 +37,23 @@ Deno.test("cli logits: JSON with input_ids and last_logits matching golden (tiny
   assert.equal(out.plan, "unfused");
 });
 
+Deno.test("cli logits --threads 2: onnxruntime's threaded WASM gives the golden logits too", async () => {
+  const c = (await golden(TINY_LLAMA)).cases[0];
+  const r = await cli([
+    "logits",
+    "--model",
+    TINY_LLAMA,
+    "--prompt",
+    c.prompt,
+    "--device",
+    "wasm",
+    "--threads",
+    "2",
+  ]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.ok(relL2(JSON.parse(r.stdout).last_logits, c.last_logits) < 1e-3);
+});
+
 Deno.test("cli generate: streams the greedy continuation of the default model to stdout", async () => {
   const c = (await golden(join(ROOT, "models", "tiny-nas"))).cases[1];
   const r = await cli(["generate", "--prompt", c.prompt, "--max-tokens", "8", "--device", "wasm"]);

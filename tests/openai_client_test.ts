@@ -21,7 +21,17 @@ Deno.test({
   sanitizeResources: false,
   async fn(t) {
     const template = join(ROOT, "tests", "fixtures", "chat", "llama-3.1-8b-instruct.jinja");
-    const server = await startServer(["--model", TINY_NAS, "--device", "wasm", "--chat-template", template]);
+    // Two WASM threads in the model worker: the logprobs below hold it to the float64 reference too.
+    const server = await startServer([
+      "--model",
+      TINY_NAS,
+      "--device",
+      "wasm",
+      "--threads",
+      "2",
+      "--chat-template",
+      template,
+    ]);
     try {
       await server.ready;
       const client = new OpenAI({ baseURL: `${server.base}/v1`, apiKey: "unused", maxRetries: 0 });

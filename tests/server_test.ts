@@ -139,6 +139,10 @@ Deno.test({
           const err = await res.json();
           assert.match(err.error.message, re);
         }
+        // The frontier's plans come from an analysis; there is none yet.
+        const noFrontier = await post(base, "/bench", { frontier: true });
+        assert.equal(noFrontier.status, 400);
+        assert.equal((await noFrontier.json()).error.param, "frontier");
         // Fields OpenAI does not know are ignored, as OpenAI ignores them.
         const extra = await post(base, "/v1/completions", { prompt: "x", max_tokens: 1, bogus: true });
         assert.equal(extra.status, 200);

@@ -1,4 +1,5 @@
 import { z } from "zod";
+import { useWasmThreads } from "../runtime/wasm_threads.ts";
 import { loadPlanFile, UNFUSED } from "../fusion/plan.ts";
 import { buildInstance, loadAssets, type ModelAssets, type ModelInstance } from "../runtime/engine.ts";
 import type { FloatType } from "../onnx/format.ts";
@@ -17,6 +18,9 @@ export const modelFlags = {
   dtype: dtypeFlag,
   quantize: quantizeFlag,
   max_context: z.number().int().min(2).optional().describe("serve a shorter context than the model's"),
+  threads: z.number().int().min(1).max(64).default(1).describe(
+    "WASM threads per model session (onnxruntime's pool; the cores the serving thread can spare)",
+  ),
   calibration: z.string().default(DEFAULT_CALIBRATION_TEXT).describe(
     "text a version 2 plan's linear attentions are fitted on (its first 512 tokens)",
   ),
@@ -36,8 +40,10 @@ export async function loadModel(
     quantize: Quantization;
     max_context?: number;
     calibration?: string;
+    threads?: number;
   },
 ): Promise<LoadedModel> {
+  await useWasmThreads(flags.threads ?? 1);
   const device = await resolveDevice(flags.device);
   const graph = await resolveGraphOptions(flags.dtype, flags.quantize, device);
   const maxContext = flags.max_context;

@@ -128,6 +128,7 @@ export const serveCommand = defineCommand({
       maxBufferBytes: await adapterMaxBuffer(device),
       calibrationText: flags.calibration,
       chatTemplate,
+      threads: flags.threads,
     });
     const inst = host.instance!;
     metrics.loadSeconds.set({}, host.loadMs / 1000);

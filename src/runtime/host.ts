@@ -50,6 +50,8 @@ export interface HostOptions {
   calibrationText?: string;
   /** The text of `--chat-template FILE`, which replaces the checkpoint's template. */
   chatTemplate?: string;
+  /** onnxruntime's WASM threads per plan instance (`--threads`). */
+  threads?: number;
 }
 
 /**
@@ -79,6 +81,7 @@ export class ModelHost {
    */
   private readonly weights: WeightEntries = new Map();
   private calibrationText?: string;
+  private threads = 1;
   private active: Slot | null = null;
   private readonly retiring = new Set<Slot>();
   private pending: PendingBuild | null = null;
@@ -98,6 +101,7 @@ export class ModelHost {
       this.device = device;
       this.graph = opts.graph;
       this.calibrationText = opts.calibrationText;
+      this.threads = opts.threads ?? 1;
       this.modelDir = dir;
       this.name = modelName(dir);
       this.config = await loadConfig(dir, { maxContext: opts.maxContext });
@@ -129,6 +133,7 @@ export class ModelHost {
       weights: this.weights,
       calibrationText: this.calibrationText,
       kvBudgetBytes: this.kvBudgetBytes,
+      threads: this.threads,
     };
   }
 

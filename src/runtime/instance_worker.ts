@@ -14,6 +14,7 @@ import { assetsFrom, buildInstance, type ModelInstance } from "./engine.ts";
 import { BatchEngine } from "./batch_engine.ts";
 import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
 import { type Device, resolveDevice } from "./ort.ts";
+import { useWasmThreads } from "./wasm_threads.ts";
 import { toWorkerError, type WorkerError } from "./worker_error.ts";
 
 export type InstanceRequest =
@@ -29,6 +30,7 @@ export type InstanceRequest =
     weights: WeightEntries;
     calibrationText?: string;
     kvBudgetBytes?: number;
+    threads?: number;
   }
   | { type: "generate"; id: number; promptIds: number[]; params: GenerateParams }
   | { type: "cancel"; id: number }
@@ -68,6 +70,7 @@ const failure = (id: number | null, e: unknown): InstanceReply => ({
 });
 
 async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<void> {
+  await useWasmThreads(req.threads ?? 1);
   const device = await resolveDevice(req.device);
   const loaded = req.checkpoint
     ? null

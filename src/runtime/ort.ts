@@ -70,13 +70,13 @@ export async function runtimeFor(backend: Backend): Promise<OrtApi> {
 let configured = false;
 
 /**
- * One-time onnxruntime-web setup for Deno. Threads stay at 1: the threaded WASM build spawns workers
- * from blob: URLs, which Deno refuses. The wasm binary is read from the package and handed over as
- * bytes, because the library's own fetch of a file: URL fails inside a `deno compile` binary.
+ * One-time onnxruntime-web setup for Deno. One WASM thread unless `useWasmThreads` (wasm_threads.ts)
+ * asked for more. The wasm binary is read from the package and handed over as bytes, because the
+ * library's own fetch of a file: URL fails inside a `deno compile` binary.
  */
 async function configure(): Promise<void> {
   if (configured) return;
-  ort.env.wasm.numThreads = 1;
+  ort.env.wasm.numThreads ??= 1;
   ort.env.logLevel = "error";
   const url = import.meta.resolve("onnxruntime-web/asyncify.wasm");
   ort.env.wasm.wasmBinary = await Deno.readFile(new URL(url));

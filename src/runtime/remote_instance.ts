@@ -25,6 +25,8 @@ export interface BuildSpec {
   calibrationText?: string;
   /** KV bytes the instance's sequences and its kept prefixes may hold (0: keep no prefix). */
   kvBudgetBytes?: number;
+  /** onnxruntime's WASM threads for this instance's session (1 when absent). */
+  threads?: number;
 }
 
 /** What a build converted and reused, and the converted weights it leaves for later builds. */
@@ -176,6 +178,7 @@ export class RemoteInstance implements PlanInstance {
       weights: spec.weights,
       calibrationText: spec.calibrationText,
       kvBudgetBytes: spec.kvBudgetBytes,
+      threads: spec.threads,
     };
     worker.postMessage(request);
     return {
