@@ -1,6 +1,7 @@
 import { analyzeCommand } from "./src/cli/analyze.ts";
 import { benchCommand } from "./src/cli/bench.ts";
 import { evalCommand } from "./src/cli/eval.ts";
+import { exportCommand } from "./src/cli/export.ts";
 import { type Command, commandUsage, parseCommandFlags } from "./src/cli/flags.ts";
 import { generateCommand } from "./src/cli/generate.ts";
 import { logitsCommand } from "./src/cli/logits.ts";
@@ -14,6 +15,7 @@ const COMMANDS: Command[] = [
   analyzeCommand,
   evalCommand,
   benchCommand,
+  exportCommand,
 ];
 
 const HEADER = `fusedge: FFN Fusion inference for Llama-family models on WebGPU / WASM

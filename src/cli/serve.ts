@@ -10,6 +10,7 @@ import { waitAtMost } from "../runtime/yield.ts";
 import { createApp } from "../server/app.ts";
 import { allowedHosts } from "../server/guards.ts";
 import { analysisRunner, benchRunner } from "../server/jobs.ts";
+import { exportRunner } from "../server/export_route.ts";
 import { Metrics } from "../server/metrics.ts";
 import { DEFAULT_CALIBRATION_TEXT } from "./defaults.ts";
 import { defineCommand } from "./flags.ts";
@@ -90,7 +91,8 @@ export const serveCommand = defineCommand({
     const lifecycle = { draining: false };
     const analysis = analysisRunner();
     const bench = benchRunner();
-    const app = createApp({ host, scheduler, metrics, analysis, bench, lifecycle }, {
+    const exports = exportRunner();
+    const app = createApp({ host, scheduler, metrics, analysis, bench, exports, lifecycle }, {
       maxBodyBytes: flags.max_body_bytes,
       maxTokensCap: flags.max_tokens_cap,
       requestTimeoutMs: flags.request_timeout * 1000,
@@ -113,6 +115,7 @@ export const serveCommand = defineCommand({
       emit({ event: "draining", active: scheduler.active, queued: scheduler.queued });
       analysis.stop();
       bench.stop();
+      exports.stop();
       await waitAtMost(scheduler.idle(), flags.drain_timeout * 1000);
       await server.shutdown();
       await host.close();

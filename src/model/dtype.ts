@@ -39,3 +39,13 @@ export function f32ToF16(src: Float32Array, out: Uint16Array = new Uint16Array(s
   new Float16Array(out.buffer, out.byteOffset, src.length).set(src);
   return out;
 }
+
+/** float32 -> bfloat16 bits, rounded to nearest even (NaN stays NaN), into `out` when given. */
+export function f32ToBf16(src: Float32Array, out: Uint16Array = new Uint16Array(src.length)): Uint16Array {
+  const bits = new Uint32Array(src.buffer, src.byteOffset, src.length);
+  for (let i = 0; i < src.length; i++) {
+    const b = bits[i];
+    out[i] = (b & 0x7fffffff) > 0x7f800000 ? (b >>> 16) | 0x40 : (b + 0x7fff + ((b >>> 16) & 1)) >>> 16;
+  }
+  return out;
+}

@@ -1,6 +1,6 @@
 import { z } from "zod";
 import { BadCheckpointError } from "../errors.ts";
-import { bf16ToF32, f16ToF32, f32ToF16 } from "./dtype.ts";
+import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16 } from "./dtype.ts";
 import { numel, type Tensor, tensor } from "./tensor.ts";
 
 /** Bytes per element of the dtypes a Llama checkpoint is stored in. */
@@ -163,7 +163,7 @@ export class SafetensorsFile {
   }
 }
 
-/** Writes a safetensors file (test fixtures are built with it). */
+/** Encodes a safetensors file in memory (test fixtures are built with it). */
 export function encodeSafetensors(tensors: Record<string, Tensor>, dtype: "F32" | "F16" = "F32"): Uint8Array {
   const header: Record<string, unknown> = { __metadata__: { format: "pt" } };
   const parts: Uint8Array[] = [];
@@ -189,4 +189,63 @@ export function encodeSafetensors(tensors: Record<string, Tensor>, dtype: "F32" 
     pos += p.length;
   }
   return out;
+}
+
+/** A tensor to write: its data is produced when its turn comes, so a shard never sits in memory whole. */
+export interface TensorToWrite {
+  name: string;
+  shape: readonly number[];
+  data: () => Float32Array;
+}
+
+export type StoredType = "F32" | "F16" | "BF16";
+
+const STORED_SIZE: Record<StoredType, number> = { F32: 4, F16: 2, BF16: 2 };
+
+function storedBytes(data: Float32Array, dtype: StoredType): Uint8Array {
+  if (dtype === "F32") return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+  const half = dtype === "F16" ? f32ToF16(data) : f32ToBf16(data);
+  return new Uint8Array(half.buffer);
+}
+
+/**
+ * Writes one safetensors file tensor by tensor: the header first (every size follows from the shapes),
+ * then each tensor's bytes as it is produced, so writing a 2 GB shard holds one tensor at a time.
+ */
+export async function writeSafetensors(
+  path: string,
+  tensors: TensorToWrite[],
+  dtype: StoredType,
+): Promise<number> {
+  const header: Record<string, unknown> = { __metadata__: { format: "pt" } };
+  let offset = 0;
+  for (const t of tensors) {
+    const bytes = numel(t.shape) * STORED_SIZE[dtype];
+    header[t.name] = { dtype, shape: t.shape, data_offsets: [offset, offset + bytes] };
+    offset += bytes;
+  }
+  let json = JSON.stringify(header);
+  while ((json.length + 8) % 8 !== 0) json += " ";
+  const headerBytes = new TextEncoder().encode(json);
+  const file = await Deno.open(path, { write: true, create: true, truncate: true });
+  try {
+    const prefix = new Uint8Array(8 + headerBytes.length);
+    new DataView(prefix.buffer).setBigUint64(0, BigInt(headerBytes.length), true);
+    prefix.set(headerBytes, 8);
+    await writeAll(file, prefix);
+    for (const t of tensors) {
+      const data = t.data();
+      if (data.length !== numel(t.shape)) {
+        throw new Error(`${t.name}: ${data.length} values for shape [${t.shape}]`);
+      }
+      await writeAll(file, storedBytes(data, dtype));
+    }
+  } finally {
+    file.close();
+  }
+  return 8 + headerBytes.length + offset;
+}
+
+async function writeAll(file: Deno.FsFile, bytes: Uint8Array): Promise<void> {
+  for (let at = 0; at < bytes.length;) at += await file.write(bytes.subarray(at));
 }

@@ -1,10 +1,11 @@
-import { BusyError, NotFoundError } from "../errors.ts";
+import { BusyError, InputError, NotFoundError } from "../errors.ts";
+import { toWorkerError, type WorkerError } from "./worker_error.ts";
 
 /** What a background worker says: progress now and then, then one result or one error. */
 export type JobMessage<R> =
   | { type: "progress"; done: number; total: number; stage?: string }
   | { type: "done"; report: R }
-  | { type: "error"; message: string };
+  | { type: "error" } & WorkerError;
 
 export type JobStatus = "none" | "running" | "done" | "failed" | "cancelled";
 
@@ -24,7 +25,10 @@ export class BackgroundJob<J, R> {
   last: R | null = null;
   progress: JobProgress | null = null;
   error: string | null = null;
+  /** The last failure as an error of its kind: the caller's (an InputError naming its field) or ours. */
+  failure: Error | null = null;
   private worker: Worker | null = null;
+  private ended: Promise<JobStatus> = Promise.resolve("none");
 
   constructor(readonly kind: string, private readonly script: URL) {}
 
@@ -39,12 +43,20 @@ export class BackgroundJob<J, R> {
     this.status = "running";
     this.progress = { done: 0, total: 1 };
     this.error = null;
-    const end = (status: JobStatus, error: string | null = null) => {
+    this.failure = null;
+    const { promise, resolve } = Promise.withResolvers<JobStatus>();
+    this.ended = promise;
+    this.settle = resolve;
+    const end = (status: JobStatus, error: WorkerError | null = null) => {
       if (this.worker !== worker) return;
       worker.terminate();
       this.worker = null;
       this.status = status;
-      this.error = error;
+      this.error = error?.message ?? null;
+      this.failure = error
+        ? (error.user ? new InputError(error.message, error.field) : new Error(error.message))
+        : null;
+      resolve(status);
     };
     worker.onmessage = (e: MessageEvent<JobMessage<R>>) => {
       const m = e.data;
@@ -52,11 +64,11 @@ export class BackgroundJob<J, R> {
       else if (m.type === "done") {
         this.last = m.report;
         end("done");
-      } else end("failed", m.message);
+      } else end("failed", m);
     };
     worker.onerror = (e) => {
       e.preventDefault();
-      end("failed", e.message);
+      end("failed", { message: e.message, user: false });
     };
     worker.postMessage(job);
   }
@@ -68,7 +80,15 @@ export class BackgroundJob<J, R> {
     this.worker = null;
     this.status = "cancelled";
     this.error = null;
+    this.settle("cancelled");
   }
+
+  /** Resolves with how the job started last ended (at once when none runs). */
+  wait(): Promise<JobStatus> {
+    return this.ended;
+  }
+
+  private settle: (status: JobStatus) => void = () => {};
 
   /** For shutdown: ends a running job, if any. */
   stop(): void {
@@ -89,7 +109,7 @@ export function serveJob<J, R>(
         report: await work(e.data, (done, total, stage) => post({ type: "progress", done, total, stage })),
       });
     } catch (err) {
-      post({ type: "error", message: (err as Error).message });
+      post({ type: "error", ...toWorkerError(err) });
     }
   };
 }

@@ -86,6 +86,11 @@ async function planFits(assets: ModelAssets, plan: FusionPlan): Promise<Map<numb
  * Fuses the weights, builds the graph and creates the session: the whole load-time pipeline. Weights
  * go through `weights`, so that a cache kept across builds spares a later plan every unchanged group.
  */
+/** The model's blocks under a checked plan: fused FFNs, linear attentions fitted, removed ones gone. */
+export async function planBlocks(assets: ModelAssets, plan: FusionPlan): Promise<Block[]> {
+  return applyPlan(assets.blocks, plan, "fused", await planFits(assets, plan));
+}
+
 export async function buildInstance(
   assets: ModelAssets,
   plan: FusionPlan,
@@ -94,7 +99,7 @@ export async function buildInstance(
   weights: WeightCache = new WeightCache(formatName(options)),
 ): Promise<ModelInstance> {
   const t0 = performance.now();
-  const blocks = applyPlan(assets.blocks, plan, "fused", await planFits(assets, plan));
+  const blocks = await planBlocks(assets, plan);
   const graph = buildDecoderGraph(assets.checkpoint, blocks, options, weights);
   const t1 = performance.now();
   const session = await ModelSession.create(graph, device, assets.checkpoint.config.vocabSize);

@@ -80,7 +80,8 @@ export class ModelHost {
    * a swap converts only the groups its plan changes. Entries no live instance uses are dropped.
    */
   private readonly weights: WeightEntries = new Map();
-  private calibrationText?: string;
+  /** Text a version 2 plan's linear attentions are fitted on (`--calibration`). */
+  calibrationText?: string;
   private threads = 1;
   private active: Slot | null = null;
   private readonly retiring = new Set<Slot>();

@@ -8,6 +8,7 @@ import { getFuseHandler, postFuseHandler } from "./admin.ts";
 import { chatEndpoint } from "./chat.ts";
 import { type CompletionLimits, completionRoute } from "./completion_route.ts";
 import { completionsEndpoint } from "./completions.ts";
+import { exportRoute, type ExportRunner } from "./export_route.ts";
 import { dashboardHandler } from "./dashboard.ts";
 import { errorResponse, onError } from "./errors.ts";
 import { checkHost, requireBearer, requireJson, sameSiteOnly } from "./guards.ts";
@@ -40,6 +41,7 @@ export interface Services {
   metrics: Metrics;
   analysis: AnalysisRunner;
   bench: BenchRunner;
+  exports: ExportRunner;
   lifecycle: { draining: boolean };
 }
 
@@ -58,6 +60,7 @@ const ROUTES = new Set([
   "/analysis/heatmap.svg",
   "/analysis/frontier.svg",
   "/bench",
+  "/export",
 ]);
 
 export function createApp(services: Services, opts: AppOptions): Hono<AppEnv> {
@@ -164,6 +167,7 @@ export function createApp(services: Services, opts: AppOptions): Hono<AppEnv> {
   app.get("/bench", benches.get);
   app.post("/bench", sameSite, admin, requireJson, notDraining, benches.post);
   app.delete("/bench", sameSite, admin, benches.delete);
+  app.get("/export", admin, notDraining, exportRoute(services.exports, host));
   app.get("/", dashboardHandler(services));
   return app;
 }
