@@ -1,6 +1,8 @@
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import { rawRequest, startServer } from "./server_helpers.ts";
+import { join } from "node:path";
+import { ROOT } from "./helpers.ts";
 
 /** Whatever the body, the answer is a JSON document with a status below 500. */
 async function expectHandled(res: Response, what: string): Promise<void> {
@@ -41,6 +43,36 @@ const completionBody = fc.record({
   ),
   stream: fc.oneof(fc.boolean(), anyScalar),
   n: anyScalar,
+  logprobs: fc.oneof(fc.integer({ min: -2, max: 25 }), anyScalar),
+  echo: fc.oneof(fc.boolean(), anyScalar),
+  extra: anyScalar,
+}, { requiredKeys: [] });
+
+/** Chat bodies near the schema: roles, content as text or parts, logprobs, and fields refused. */
+const chatBody = fc.record({
+  messages: fc.oneof(
+    fc.array(
+      fc.record({
+        role: fc.oneof(fc.constantFrom("system", "developer", "user", "assistant", "tool", "bot"), anyScalar),
+        content: fc.oneof(
+          fc.string({ maxLength: 40 }),
+          fc.array(fc.record({ type: fc.oneof(fc.constant("text"), anyScalar), text: anyScalar }), {
+            maxLength: 3,
+          }),
+          anyScalar,
+        ),
+      }, { requiredKeys: [] }),
+      { maxLength: 4 },
+    ),
+    anyScalar,
+  ),
+  max_tokens: fc.oneof(fc.integer({ min: -3, max: 6 }), anyScalar),
+  max_completion_tokens: fc.oneof(fc.integer({ min: -3, max: 6 }), anyScalar),
+  logprobs: fc.oneof(fc.boolean(), anyScalar),
+  top_logprobs: fc.oneof(fc.integer({ min: -2, max: 25 }), anyScalar),
+  tools: anyScalar,
+  response_format: fc.oneof(fc.record({ type: fc.constantFrom("text", "json_object") }), anyScalar),
+  stream: fc.oneof(fc.boolean(), anyScalar),
   extra: anyScalar,
 }, { requiredKeys: [] });
 
@@ -65,6 +97,8 @@ Deno.test({
       "6",
       "--request-timeout",
       "10",
+      "--chat-template",
+      join(ROOT, "tests", "fixtures", "chat", "llama-3.1-8b-instruct.jinja"),
     ]);
     await server.ready;
     const send = (path: string, body: string) =>
@@ -81,6 +115,12 @@ Deno.test({
         { numRuns: 250, seed: 20261124 },
       );
       await fc.assert(
+        fc.asyncProperty(chatBody, async (b) => {
+          await expectHandled(await send("/v1/chat/completions", JSON.stringify(b)), JSON.stringify(b));
+        }),
+        { numRuns: 200, seed: 20261126 },
+      );
+      await fc.assert(
         fc.asyncProperty(fc.jsonValue({ maxDepth: 3 }), async (b) => {
           await expectHandled(await send("/v1/completions", JSON.stringify(b)), JSON.stringify(b));
         }),
@@ -88,7 +128,7 @@ Deno.test({
       );
       await fc.assert(
         fc.asyncProperty(fc.string({ maxLength: 60 }), async (raw) => {
-          for (const path of ["/v1/completions", "/fuse", "/analysis", "/bench"]) {
+          for (const path of ["/v1/completions", "/v1/chat/completions", "/fuse", "/analysis", "/bench"]) {
             await expectHandled(await send(path, raw), `${path} ${raw}`);
           }
         }),
@@ -121,7 +161,16 @@ Deno.test({
       await fc.assert(
         fc.asyncProperty(
           token,
-          fc.constantFrom("/v1/completions", "/fuse", "/bench", "/analysis", "/health", "/metrics", "/x"),
+          fc.constantFrom(
+            "/v1/completions",
+            "/v1/chat/completions",
+            "/fuse",
+            "/bench",
+            "/analysis",
+            "/health",
+            "/metrics",
+            "/x",
+          ),
           headerValue,
           fc.oneof(fc.constant(`127.0.0.1:${server.port}`), headerValue),
           headerValue,

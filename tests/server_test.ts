@@ -180,6 +180,12 @@ Deno.test({
           const bad = await post(base, "/detokenize", { tokens: [1, 99999] });
           assert.equal(bad.status, 400);
           assert.equal((await bad.json()).error.param, "tokens");
+          // Longer than the context times the longest token (1024 x 65 characters): refused before any work.
+          const huge = await post(base, "/tokenize", { prompt: "x".repeat(66_561) });
+          assert.equal(huge.status, 400);
+          const hugeErr = (await huge.json()).error;
+          assert.equal(hugeErr.param, "prompt");
+          assert.match(hugeErr.message, /66561 characters is more than any prompt this model takes \(66560/);
           const sse = await readSse(
             await post(base, "/v1/completions", {
               prompt,
