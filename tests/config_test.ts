@@ -55,6 +55,52 @@ Deno.test("config: DeciLM ffn_mult, replace_with_linear, no_op and n_heads_in_gr
   assert.equal(ffnMultToIntermediate(1.3, 4096), 3584);
 });
 
+Deno.test("config: NVIDIA's newer block schema (num_key_value_heads, intermediate_size) and parallel_blocks", () => {
+  const base = {
+    model_type: "nemotron-nas",
+    vocab_size: 10,
+    hidden_size: 768,
+    num_hidden_layers: 2,
+    num_attention_heads: 12,
+  };
+  const full = { attention: { num_key_value_heads: 4 }, ffn: { intermediate_size: 2048 } };
+  const cfg = parseConfig({
+    ...base,
+    block_configs: [
+      full,
+      {
+        attention: null,
+        ffn: null,
+        parallel_blocks: [full, { attention: { no_op: true }, ffn: { intermediate_size: 1024 } }],
+      },
+    ],
+  });
+  assert.deepEqual(cfg.layers[0], {
+    attention: { kind: "full", kvHeads: 4 },
+    ffn: { kind: "swiglu", intermediate: 2048 },
+  });
+  assert.deepEqual(cfg.layers[1], {
+    attention: { kind: "none" },
+    ffn: { kind: "none" },
+    parallel: [
+      { attention: { kind: "full", kvHeads: 4 }, ffn: { kind: "swiglu", intermediate: 2048 } },
+      { attention: { kind: "none" }, ffn: { kind: "swiglu", intermediate: 1024 } },
+    ],
+  });
+  assert.throws(
+    () => parseConfig({ ...base, block_configs: [full, { ...full, parallel_blocks: [full] }] }),
+    /block_configs\[1\] has parallel_blocks and an attention or FFN of its own/,
+  );
+  assert.throws(
+    () =>
+      parseConfig({
+        ...base,
+        block_configs: [full, { attention: { num_key_value_heads: 5 }, ffn: full.ffn }],
+      }),
+    /block_configs\[1\].attention: 5 key\/value heads do not divide 12 heads/,
+  );
+});
+
 Deno.test("config: llama3 rope scaling is read; unknown rope types are refused", async () => {
   const raw = await read(TINY_LLAMA);
   delete raw.rope_parameters;

@@ -1,7 +1,9 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { exportCheckpoint } from "../src/export/write.ts";
-import { type FusionPlan, parsePlan, UNFUSED } from "../src/fusion/plan.ts";
+import { InputError } from "../src/errors.ts";
+import { labelBlocks } from "../src/fusion/analyze.ts";
+import { checkPlan, type FusionPlan, parsePlan, UNFUSED } from "../src/fusion/plan.ts";
 import { ffnMultToIntermediate, parseConfig } from "../src/model/config.ts";
 import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
 import {
@@ -63,6 +65,26 @@ Deno.test("export: a v2 plan on tiny-llama (attention removed and linear, FFNs f
   assert.equal(config.block_configs[0].attention.n_heads_in_group, 2);
 });
 
+Deno.test("export: block groups and a linear attention beside a fused FFN are parallel_blocks, read back the same (1e-5)", async () => {
+  const cases = (await golden(TINY_LLAMA)).cases;
+  for (
+    const [raw, layers] of [
+      [{ version: 2, block_groups: [[6, 7]] }, 7],
+      // Layer 2's attention is a layer of its own: a DeciLM layer has parallel blocks or an attention, not both.
+      [{ version: 2, attention: { remove: [3], linear: [4] }, ffn_groups: [[2, 3, 4]] }, 7],
+    ] as const
+  ) {
+    const plan = parsePlan(raw);
+    const { summary, pairs, config } = await roundTrip(TINY_LLAMA, plan, cases.map((c) => c.input_ids));
+    assert.equal(summary.layers, layers, JSON.stringify(raw));
+    for (const [a, b] of pairs) assert.ok(relL2(last(b, 4096), last(a, 4096)) <= 1e-5, JSON.stringify(raw));
+    const parallel = config.block_configs.filter((b: { parallel_blocks?: unknown[] }) => b.parallel_blocks);
+    assert.equal(parallel.length, 1);
+    assert.equal(parallel[0].parallel_blocks.length, 2);
+    assert.equal(parallel[0].attention.no_op, true);
+  }
+});
+
 Deno.test("export: widths pad to a multiple of 256 with zeros, ffn_mult maps to them, every layer kind survives", async () => {
   const dir = await writeRandomModel(NAS_LIKE);
   try {
@@ -118,7 +140,7 @@ async function cli(args: string[]) {
   };
 }
 
-Deno.test("cli export: the model card, --force for a non-empty --out, bad plans and block groups exit 2", async () => {
+Deno.test("cli export: the model card, --force for a non-empty --out, a bad plan exits 2", async () => {
   const work = await Deno.makeTempDir({ prefix: "fusedge-export-cli-" });
   try {
     const plan = join(work, "plan.json");
@@ -144,15 +166,35 @@ Deno.test("cli export: the model card, --force for a non-empty --out, bad plans 
     const refused = await cli(["--plan", bad, "--out", join(work, "x")]);
     assert.equal(refused.code, 2);
     assert.match(refused.stderr, /layer 2 has attention/);
-    const blocks = join(work, "blocks.json");
-    await Deno.writeTextFile(blocks, JSON.stringify({ version: 2, block_groups: [[9, 10]] }));
-    const grouped = await cli(["--plan", blocks, "--out", join(work, "y")]);
-    assert.equal(grouped.code, 2);
-    assert.match(grouped.stderr, /--plan: block groups .* have no DeciLM layer form yet/);
     const missing = await cli(["--out", join(work, "z")]);
     assert.equal(missing.code, 2);
     assert.match(missing.stderr, /--plan/);
   } finally {
     await Deno.remove(work, { recursive: true });
   }
+});
+
+Deno.test("plans: a layer of parallel blocks joins no group", () => {
+  const config = parseConfig({
+    model_type: "nemotron-nas",
+    vocab_size: 10,
+    hidden_size: 64,
+    num_hidden_layers: 3,
+    num_attention_heads: 4,
+    block_configs: [
+      { attention: { no_op: true }, ffn: { intermediate_size: 256 } },
+      { parallel_blocks: [{ attention: { no_op: true }, ffn: { intermediate_size: 256 } }] },
+      { attention: { no_op: true }, ffn: { intermediate_size: 256 } },
+    ],
+  });
+  for (const raw of [{ ffn_groups: [[0, 1]] }, { version: 2, block_groups: [[1, 2]] }]) {
+    assert.throws(() => checkPlan(parsePlan(raw), config), /layer 1 is already a layer of parallel blocks/);
+  }
+});
+
+Deno.test("analysis: a checkpoint with parallel blocks is refused as bad input, not a crash", () => {
+  assert.throws(
+    () => labelBlocks([{ kind: "parallel_blocks", members: [] }]),
+    (e) => e instanceof InputError && e.field === "model" && /parallel blocks/.test(e.message),
+  );
 });

@@ -13,7 +13,11 @@ export interface ExportLayer {
   ffn: { kind: "none" } | { kind: "swiglu"; block: FfnBlock } | { kind: "linear"; weights: LinearWeights };
   /** The source layers this layer computes (a fused FFN: all its members). */
   source: number[];
+  /** Whole blocks computed from the layer's input (a block group): NVIDIA's `parallel_blocks`. */
+  parallel?: ExportLayer[];
 }
+
+const NO_OP_LAYER = { attention: { kind: "none" }, ffn: { kind: "none" } } as const;
 
 /**
  * A plan's block list as DeciLM layers: each attention opens a layer and the FFN after it closes it;
@@ -52,12 +56,20 @@ export function exportLayers(blocks: Block[]): ExportLayer[] {
         close();
         out.push({ attention: { kind: "none" }, ffn, source: layers });
       }
+    } else if (b.kind === "parallel_blocks") {
+      // A block group (or a linear attention beside a fused FFN): one layer of parallel blocks, each
+      // member one block of its own.
+      close();
+      const parallel = b.members.map((m) => {
+        const layers = exportLayers(m);
+        if (layers.length !== 1) {
+          throw new InputError(`a parallel member of ${layers.length} layers has no DeciLM form`, "plan");
+        }
+        return layers[0];
+      });
+      out.push({ ...NO_OP_LAYER, parallel, source: [...new Set(parallel.flatMap((p) => p.source))] });
     } else {
-      throw new InputError(
-        "block groups (and linear attentions inside an FFN group) have no DeciLM layer form yet: " +
-          "export a plan without them",
-        "plan",
-      );
+      throw new InputError("parallel FFNs are exported fused: apply the plan in its fused form", "plan");
     }
   }
   close();
@@ -74,8 +86,14 @@ export function ffnMultFor(width: number, hidden: number): number {
   return ffnMultToIntermediate(rounded, hidden) === width ? rounded : exact;
 }
 
-/** NVIDIA's `block_configs` entry for a layer. */
+/** NVIDIA's `block_configs` entry for a layer (its parallel blocks' entries nested in `parallel_blocks`). */
 export function blockConfig(layer: ExportLayer, cfg: ModelConfig): Record<string, unknown> {
+  if (layer.parallel) {
+    return {
+      ...blockConfig({ ...NO_OP_LAYER, source: layer.source }, cfg),
+      parallel_blocks: layer.parallel.map((p) => blockConfig(p, cfg)),
+    };
+  }
   const a = layer.attention;
   const f = layer.ffn;
   const width = f.kind === "swiglu" ? paddedWidth(f.block.gate.shape[0]) : null;
@@ -114,8 +132,10 @@ function padCols(data: Float32Array, rows: number, cols: number, cols2: number):
  * its gate and up rows, so its norm is all ones; its width is padded with zero gate/up rows and zero
  * down columns, which contribute exactly nothing (silu(0) x 0 = 0).
  */
-export function layerTensors(layer: ExportLayer, i: number, hidden: number): TensorToWrite[] {
-  const p = `model.layers.${i}`;
+export function layerTensors(layer: ExportLayer, p: string, hidden: number): TensorToWrite[] {
+  if (layer.parallel) {
+    return layer.parallel.flatMap((sub, j) => layerTensors(sub, `${p}.parallel_blocks.${j}`, hidden));
+  }
   const out: TensorToWrite[] = [];
   const a = layer.attention;
   if (a.kind === "full") {

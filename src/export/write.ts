@@ -105,7 +105,7 @@ export async function exportCheckpoint(opts: ExportOptions): Promise<ExportSumma
   const layers = exportLayers(await planBlocks(assets, plan));
   const tensors: TensorToWrite[] = [
     { name: "model.embed_tokens.weight", shape: ckpt.embed.shape, data: () => ckpt.embed.data },
-    ...layers.flatMap((l, i) => layerTensors(l, i, cfg.hidden)),
+    ...layers.flatMap((l, i) => layerTensors(l, `model.layers.${i}`, cfg.hidden)),
     { name: "model.norm.weight", shape: [cfg.hidden], data: () => ckpt.finalNorm },
     ...(cfg.tieEmbeddings
       ? []
@@ -173,6 +173,9 @@ async function writeJson(path: string, value: unknown): Promise<void> {
 }
 
 function describe(l: ExportLayer): string {
+  if (l.parallel) {
+    return `parallel blocks: ${l.parallel.map((p) => describe(p).replace(" | ", " + ")).join("; ")} |`;
+  }
   const a = l.attention.kind === "full" ? "attention" : l.attention.kind === "linear" ? "linear" : "no-op";
   const f = l.ffn.kind === "swiglu"
     ? `SwiGLU ${l.ffn.block.gate.shape[0]}${

@@ -1,3 +1,4 @@
+import { InputError } from "../errors.ts";
 import type { Block } from "../model/blocks.ts";
 import { type Checkpoint, modelName } from "../model/checkpoint.ts";
 import type { ModelConfig } from "../model/config.ts";
@@ -42,6 +43,15 @@ export function labelBlocks(blocks: Block[]): BlockLabel[] {
     }
     if (b.kind === "ffn" && b.layers.length === 1) {
       return { index, kind: "ffn", layer: b.layers[0], label: `ffn ${b.layers[0]}` };
+    }
+    if (b.kind === "parallel_blocks") {
+      // A checkpoint that was block-parallelised already (NVIDIA's parallel_blocks): its blocks have no
+      // sequential order left to measure dependencies along.
+      throw new InputError(
+        "the dependency analysis measures sequential blocks; this checkpoint has parallel blocks " +
+          "(block_configs[].parallel_blocks)",
+        "model",
+      );
     }
     throw new Error("analysis runs on the unfused model");
   });

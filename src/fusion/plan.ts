@@ -119,6 +119,7 @@ export function checkPlan(plan: FusionPlan, config: ModelConfig): FusionPlan {
   const claim = (where: string, group: number[]) => {
     group.forEach((l, k) => {
       inRange(where, l);
+      if (config.layers[l].parallel) bad(where, `layer ${l} is already a layer of parallel blocks`);
       if (k > 0 && l !== group[k - 1] + 1) {
         bad(where, `layers must be consecutive and ascending (${group[k - 1]} is followed by ${l})`);
       }

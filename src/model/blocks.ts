@@ -1,4 +1,11 @@
-import type { AttentionWeights, Checkpoint, LinearWeights, SwigluWeights } from "./checkpoint.ts";
+import type {
+  AttentionWeights,
+  Checkpoint,
+  LayerWeights,
+  LinearWeights,
+  SwigluWeights,
+} from "./checkpoint.ts";
+import type { LayerSpec } from "./config.ts";
 import type { Tensor } from "./tensor.ts";
 
 /**
@@ -38,30 +45,43 @@ export function isAttention(w: AttentionWeights | LinearWeights): w is Attention
   return "q" in w;
 }
 
-/** The checkpoint's own execution order, layer by layer, attention before FFN. */
+/**
+ * The checkpoint's own execution order, layer by layer, attention before FFN. A layer of parallel
+ * blocks (a checkpoint that was block-parallelised) is one `parallel_blocks` block; its members'
+ * attentions need KV caches of their own, so they are numbered after the checkpoint's layers
+ * (numLayers, numLayers + 1, ...), ids no plan can name.
+ */
 export function unfusedBlocks(ckpt: Checkpoint): Block[] {
   const blocks: Block[] = [];
+  let extra = ckpt.config.numLayers;
   ckpt.layers.forEach((layer, i) => {
     const spec = ckpt.config.layers[i];
-    if (layer.attention) {
-      if (isAttention(layer.attention) && spec.attention.kind === "full") {
-        blocks.push({
-          kind: "attention",
-          layer: i,
-          kvHeads: spec.attention.kvHeads,
-          weights: layer.attention,
-        });
-      } else if (!isAttention(layer.attention)) {
-        blocks.push({ kind: "linear", layer: i, part: "attention", weights: layer.attention });
-      }
-    }
-    if (layer.ffn) {
-      if (isSwiglu(layer.ffn)) {
-        const { norm, gate, up, down } = layer.ffn;
-        blocks.push({ kind: "ffn", layers: [i], norm, gate, up, down });
-      } else blocks.push({ kind: "linear", layer: i, part: "ffn", weights: layer.ffn });
-    }
+    if (spec.parallel) {
+      blocks.push({
+        kind: "parallel_blocks",
+        members: spec.parallel.map((sub, j) => layerBlocks(layer.parallel![j], sub, extra++)),
+      });
+    } else blocks.push(...layerBlocks(layer, spec, i));
   });
+  return blocks;
+}
+
+/** The blocks of one attention + FFN layer, under block id `i`. */
+function layerBlocks(layer: LayerWeights, spec: LayerSpec, i: number): Block[] {
+  const blocks: Block[] = [];
+  if (layer.attention) {
+    if (isAttention(layer.attention) && spec.attention.kind === "full") {
+      blocks.push({ kind: "attention", layer: i, kvHeads: spec.attention.kvHeads, weights: layer.attention });
+    } else if (!isAttention(layer.attention)) {
+      blocks.push({ kind: "linear", layer: i, part: "attention", weights: layer.attention });
+    }
+  }
+  if (layer.ffn) {
+    if (isSwiglu(layer.ffn)) {
+      const { norm, gate, up, down } = layer.ffn;
+      blocks.push({ kind: "ffn", layers: [i], norm, gate, up, down });
+    } else blocks.push({ kind: "linear", layer: i, part: "ffn", weights: layer.ffn });
+  }
   return blocks;
 }
 

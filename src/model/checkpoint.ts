@@ -1,7 +1,7 @@
 import { join } from "node:path";
 import { z } from "zod";
 import { BadCheckpointError, formatZodError } from "../errors.ts";
-import { type ModelConfig, parseConfig } from "./config.ts";
+import { type LayerSpec, type ModelConfig, parseConfig } from "./config.ts";
 import { SafetensorsFile } from "./safetensors.ts";
 import type { Tensor } from "./tensor.ts";
 
@@ -30,6 +30,8 @@ export interface LinearWeights {
 export interface LayerWeights {
   attention: AttentionWeights | LinearWeights | null;
   ffn: SwigluWeights | LinearWeights | null;
+  /** The weights of a layer's parallel blocks (LayerSpec.parallel), in order. */
+  parallel?: LayerWeights[];
 }
 
 export interface Checkpoint {
@@ -124,9 +126,20 @@ class TensorSource {
 }
 
 function loadLayer(src: TensorSource, cfg: ModelConfig, i: number): LayerWeights {
-  const p = `model.layers.${i}`;
-  const d = cfg.hidden;
   const spec = cfg.layers[i];
+  const p = `model.layers.${i}`;
+  if (spec.parallel) {
+    return {
+      attention: null,
+      ffn: null,
+      parallel: spec.parallel.map((sub, j) => loadBlock(src, cfg, sub, `${p}.parallel_blocks.${j}`)),
+    };
+  }
+  return loadBlock(src, cfg, spec, p);
+}
+
+function loadBlock(src: TensorSource, cfg: ModelConfig, spec: LayerSpec, p: string): LayerWeights {
+  const d = cfg.hidden;
   let attention: LayerWeights["attention"] = null;
   if (spec.attention.kind === "full") {
     const qDim = cfg.numHeads * cfg.headDim;

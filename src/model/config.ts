@@ -13,18 +13,28 @@ const ropeSchema = z.object({
   original_max_position_embeddings: positiveInt.optional(),
 }).loose();
 
-const deciBlockSchema = z.object({
+const deciSubblocks = {
   attention: z.object({
     no_op: z.boolean().default(false),
     replace_with_linear: z.boolean().default(false),
     n_heads_in_group: positiveInt.nullable().optional(),
-  }).loose(),
+    num_key_value_heads: positiveInt.nullable().optional(),
+  }).loose().nullable().optional(),
   ffn: z.object({
     no_op: z.boolean().default(false),
     replace_with_linear: z.boolean().default(false),
     ffn_mult: z.number().positive().nullable().optional(),
     intermediate_size: positiveInt.nullable().optional(),
-  }).loose(),
+  }).loose().nullable().optional(),
+};
+
+/**
+ * NVIDIA's block config: an attention and an FFN, or `parallel_blocks`, whole blocks computed from the
+ * same input (their weights under `model.layers.{i}.parallel_blocks.{j}`).
+ */
+const deciBlockSchema = z.object({
+  ...deciSubblocks,
+  parallel_blocks: z.array(z.object(deciSubblocks).loose()).min(1).nullable().optional(),
 }).loose();
 
 const tokenId = z.number().int().nonnegative();
@@ -68,6 +78,11 @@ export type FfnSpec =
 export interface LayerSpec {
   attention: AttentionSpec;
   ffn: FfnSpec;
+  /**
+   * Blocks computed in parallel from the layer's input, `x + sum_j (block_j(x) - x)` (the layer's own
+   * attention and FFN are then no-ops).
+   */
+  parallel?: LayerSpec[];
 }
 
 export interface RopeSpec {
@@ -157,30 +172,53 @@ function deciLayers(cfg: HfConfig): LayerSpec[] {
     fail(`block_configs has ${blocks.length} entries but num_hidden_layers is ${cfg.num_hidden_layers}`);
   }
   return blocks.map((block, i) => {
-    const a = block.attention;
-    const f = block.ffn;
-    let attention: AttentionSpec;
-    if (a.no_op) attention = { kind: "none" };
-    else if (a.replace_with_linear) attention = { kind: "linear" };
-    else {
-      const group = a.n_heads_in_group ?? fail(`block_configs[${i}].attention.n_heads_in_group is required`);
-      if (cfg.num_attention_heads % group !== 0) {
-        fail(
-          `block_configs[${i}].attention.n_heads_in_group ${group} does not divide ${cfg.num_attention_heads} heads`,
-        );
-      }
-      attention = { kind: "full", kvHeads: cfg.num_attention_heads / group };
+    const where = `block_configs[${i}]`;
+    if (!block.parallel_blocks) return deciLayer(block, where, cfg);
+    if ((block.attention && !block.attention.no_op) || (block.ffn && !block.ffn.no_op)) {
+      fail(
+        `${where} has parallel_blocks and an attention or FFN of its own: give them as one more parallel block`,
+      );
     }
-    let ffn: FfnSpec;
-    if (f.no_op) ffn = { kind: "none" };
-    else if (f.replace_with_linear) ffn = { kind: "linear" };
-    else if (f.intermediate_size) ffn = { kind: "swiglu", intermediate: f.intermediate_size };
-    else if (f.ffn_mult) {
-      ffn = { kind: "swiglu", intermediate: ffnMultToIntermediate(f.ffn_mult, cfg.hidden_size) };
-    } else fail(`block_configs[${i}].ffn needs intermediate_size or ffn_mult`);
-    return { attention, ffn };
+    return {
+      attention: { kind: "none" },
+      ffn: { kind: "none" },
+      parallel: block.parallel_blocks.map((b, j) => deciLayer(b, `${where}.parallel_blocks[${j}]`, cfg)),
+    };
   });
 }
+
+/** One attention + FFN block of `block_configs` (older configs: n_heads_in_group, ffn_mult; newer: num_key_value_heads, intermediate_size). */
+function deciLayer(
+  block: { attention?: DeciAttention | null; ffn?: DeciFfn | null },
+  where: string,
+  cfg: HfConfig,
+): LayerSpec {
+  const a = block.attention ?? fail(`${where}.attention is required`);
+  const f = block.ffn ?? fail(`${where}.ffn is required`);
+  let attention: AttentionSpec;
+  if (a.no_op) attention = { kind: "none" };
+  else if (a.replace_with_linear) attention = { kind: "linear" };
+  else {
+    const kvHeads = a.num_key_value_heads ??
+      cfg.num_attention_heads /
+        (a.n_heads_in_group ?? fail(`${where}.attention.n_heads_in_group is required`));
+    if (!Number.isInteger(kvHeads) || cfg.num_attention_heads % kvHeads !== 0) {
+      fail(`${where}.attention: ${kvHeads} key/value heads do not divide ${cfg.num_attention_heads} heads`);
+    }
+    attention = { kind: "full", kvHeads };
+  }
+  let ffn: FfnSpec;
+  if (f.no_op) ffn = { kind: "none" };
+  else if (f.replace_with_linear) ffn = { kind: "linear" };
+  else if (f.intermediate_size) ffn = { kind: "swiglu", intermediate: f.intermediate_size };
+  else if (f.ffn_mult) {
+    ffn = { kind: "swiglu", intermediate: ffnMultToIntermediate(f.ffn_mult, cfg.hidden_size) };
+  } else fail(`${where}.ffn needs intermediate_size or ffn_mult`);
+  return { attention, ffn };
+}
+
+type DeciAttention = NonNullable<z.infer<typeof deciSubblocks.attention>>;
+type DeciFfn = NonNullable<z.infer<typeof deciSubblocks.ffn>>;
 
 function asList(v: number | number[] | null | undefined): number[] {
   if (v === null || v === undefined) return [];

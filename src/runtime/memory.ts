@@ -27,7 +27,7 @@ export function estimateMemory(cfg: ModelConfig, g: GraphOptions): MemoryEstimat
     total += b;
     largest = Math.max(largest, b);
   };
-  for (const layer of cfg.layers) {
+  for (const layer of cfg.layers.flatMap((l) => l.parallel ?? [l])) {
     const a = layer.attention;
     if (a.kind === "full") {
       const qDim = cfg.numHeads * cfg.headDim;
