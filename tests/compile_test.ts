@@ -50,3 +50,17 @@ Deno.test({
     }
   },
 });
+
+Deno.test("scripts/compile names every worker script (a compiled binary only has the files it was told of)", async () => {
+  const script = await Deno.readTextFile(join(ROOT, "scripts", "compile"));
+  const workers: string[] = [];
+  const walk = async (dir: string) => {
+    for await (const e of Deno.readDir(join(ROOT, dir))) {
+      if (e.isDirectory) await walk(`${dir}/${e.name}`);
+      else if (e.name.endsWith("_worker.ts")) workers.push(`${dir}/${e.name}`);
+    }
+  };
+  await walk("src");
+  assert.ok(workers.length >= 5, `${workers}`);
+  for (const w of workers) assert.ok(script.includes(w), `${w} is missing from scripts/compile`);
+});
