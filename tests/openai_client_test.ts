@@ -158,6 +158,23 @@ Deno.test({
         assert.deepEqual(whole.choices.map((c) => c.text), texts);
       });
 
+      await t.step("POST /tokenize with messages counts what a chat completion's prompt is", async () => {
+        const tokenize = (body: unknown) =>
+          fetch(`${server.base}/tokenize`, {
+            method: "POST",
+            headers: { "content-type": "application/json" },
+            body: JSON.stringify(body),
+          });
+        const counted = await (await tokenize({ messages })).json();
+        const chat = await client.chat.completions.create({ model, messages, max_tokens: 1 });
+        assert.equal(counted.count, chat.usage!.prompt_tokens);
+        const bare = await (await tokenize({ messages, add_generation_prompt: false })).json();
+        assert.ok(bare.count < counted.count, "the generation prompt is tokens of its own");
+        const both = await tokenize({ messages, prompt: "x" });
+        assert.equal(both.status, 400);
+        assert.match((await both.json()).error.message, /prompt or messages, not both/);
+      });
+
       await t.step("bad values are a 400 the client raises with the field named", async () => {
         await assert.rejects(
           client.chat.completions.create({ model, messages, top_logprobs: 30, logprobs: true }),

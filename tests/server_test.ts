@@ -180,6 +180,9 @@ Deno.test({
           const bad = await post(base, "/detokenize", { tokens: [1, 99999] });
           assert.equal(bad.status, 400);
           assert.equal((await bad.json()).error.param, "tokens");
+          const noTemplate = await post(base, "/tokenize", { messages: [{ role: "user", content: "hi" }] });
+          assert.equal(noTemplate.status, 400);
+          assert.equal((await noTemplate.json()).error.param, "messages");
           // Longer than the context times the longest token (1024 x 65 characters): refused before any work.
           const huge = await post(base, "/tokenize", { prompt: "x".repeat(66_561) });
           assert.equal(huge.status, 400);

@@ -55,9 +55,9 @@ export class RemoteTokenizer {
     return this.ask((id) => ({ type: "encode", id, text })) as Promise<number[]>;
   }
 
-  /** The conversation rendered with the chat template (and a generation prompt), encoded. */
-  encodeChat(messages: ChatMessage[]): Promise<number[]> {
-    return this.ask((id) => ({ type: "chat", id, messages })) as Promise<number[]>;
+  /** The conversation rendered with the chat template (a generation prompt added by default), encoded. */
+  encodeChat(messages: ChatMessage[], addGenerationPrompt = true): Promise<number[]> {
+    return this.ask((id) => ({ type: "chat", id, messages, addGenerationPrompt })) as Promise<number[]>;
   }
 
   decode(ids: number[]): Promise<string> {

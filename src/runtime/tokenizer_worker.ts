@@ -19,7 +19,7 @@ export interface ChatInfo {
 export type TokenizerRequest =
   | { type: "load"; dir: string; chatTemplate?: string }
   | { type: "encode"; id: number; text: string }
-  | { type: "chat"; id: number; messages: ChatMessage[] }
+  | { type: "chat"; id: number; messages: ChatMessage[]; addGenerationPrompt: boolean }
   | { type: "decode"; id: number; ids: number[] };
 
 export type TokenizerReply =
@@ -59,7 +59,11 @@ self.onmessage = async (e: MessageEvent<TokenizerRequest>) => {
       });
     } else if (m.type === "encode") post({ type: "encoded", id: m.id, ids: tokenizer!.encode(m.text) });
     else if (m.type === "chat") {
-      post({ type: "encoded", id: m.id, ids: tokenizer!.encode(template!.render(m.messages)) });
+      post({
+        type: "encoded",
+        id: m.id,
+        ids: tokenizer!.encode(template!.render(m.messages, m.addGenerationPrompt)),
+      });
     } else post({ type: "decoded", id: m.id, text: tokenizer!.decode(m.ids) });
   } catch (err) {
     post({ type: "failed", id, ...toWorkerError(err) });

@@ -1,6 +1,7 @@
 import { z } from "zod";
 import { generationFields, LIMITS, toGenerateParams } from "../api/generation.ts";
 import { MAX_TOP_LOGPROBS, type TokenLogprob } from "../runtime/logprobs.ts";
+import type { ChatMessage } from "../model/chat_template.ts";
 import type { ChoiceWriter, Endpoint } from "./completion_route.ts";
 
 /** Text content as a string or as OpenAI's list of parts; only text parts mean anything to this model. */
@@ -11,7 +12,7 @@ const content = z.union([
   ),
 ]);
 
-const message = z.object({
+export const message = z.object({
   role: z.enum(["system", "developer", "user", "assistant", "tool"]),
   content: content.nullable().optional(),
   name: z.string().optional(),
@@ -62,6 +63,15 @@ type ChatRequest = z.infer<ReturnType<typeof chatSchema>>;
 const text = (c: z.infer<typeof content> | null | undefined) =>
   typeof c === "string" ? c : (c ?? []).map((p) => p.text).join("");
 
+/** Messages as the template sees them: OpenAI's "developer" is the system role renamed; text parts joined. */
+export function toChatMessages(messages: z.infer<typeof message>[]): ChatMessage[] {
+  return messages.map((m) => ({
+    role: m.role === "developer" ? "system" : m.role,
+    content: text(m.content),
+    ...(m.name ? { name: m.name } : {}),
+  }));
+}
+
 /** OpenAI's chat logprobs: one entry per token, its alternatives in the same shape. */
 const chatLogprobs = (lps: TokenLogprob[]) => ({
   content: lps.map((l) => ({
@@ -78,12 +88,7 @@ export const chatEndpoint: Endpoint<ReturnType<typeof chatSchema>> = {
   chunkObject: "chat.completion.chunk",
   idPrefix: "chatcmpl",
   toJob(body: ChatRequest, limits) {
-    // Templates know system, user, assistant (and tool); OpenAI's "developer" is the system role renamed.
-    const messages = body.messages.map((m) => ({
-      role: m.role === "developer" ? "system" : m.role,
-      content: text(m.content),
-      ...(m.name ? { name: m.name } : {}),
-    }));
+    const messages = toChatMessages(body.messages);
     const params = toGenerateParams({ ...body, max_tokens: body.max_completion_tokens ?? body.max_tokens });
     return {
       prompt: { messages },

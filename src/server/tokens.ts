@@ -3,11 +3,23 @@ import { z } from "zod";
 import { InputError, NotFoundError } from "../errors.ts";
 import { maxPromptChars } from "../runtime/completion.ts";
 import type { ModelHost } from "../runtime/host.ts";
+import { message, toChatMessages } from "./chat.ts";
 import { readBody } from "./errors.ts";
 import type { AppEnv } from "./logging.ts";
 
-/** vLLM's /tokenize body (a prompt) and /detokenize body (token ids); `model` is accepted and ignored. */
-const tokenizeSchema = z.strictObject({ model: z.string().optional(), prompt: z.string() });
+/**
+ * vLLM's /tokenize body (a prompt, or chat messages rendered with the model's template) and /detokenize
+ * body (token ids); `model` is accepted and ignored.
+ */
+const tokenizeSchema = z.strictObject({
+  model: z.string().optional(),
+  prompt: z.string().optional(),
+  messages: z.array(message).min(1).optional(),
+  add_generation_prompt: z.boolean().default(true),
+}).refine((b) => (b.prompt === undefined) !== (b.messages === undefined), {
+  message: "give prompt or messages, not both",
+  path: ["prompt"],
+});
 const detokenizeSchema = z.strictObject({
   model: z.string().optional(),
   tokens: z.array(z.number().int().nonnegative()).max(1 << 20),
@@ -43,15 +55,24 @@ export function tokenRoutes(host: ModelHost) {
     tokenize: async (c: Context<AppEnv>) => {
       const body = await readBody(c, tokenizeSchema);
       const config = host.requireReady();
-      if (body.prompt.length > maxPromptChars(host)) {
+      const messages = body.messages ? toChatMessages(body.messages) : null;
+      const field = messages ? "messages" : "prompt";
+      const chars = messages ? messages.reduce((n, m) => n + m.content.length, 0) : body.prompt!.length;
+      if (chars > maxPromptChars(host)) {
         throw new InputError(
-          `${body.prompt.length} characters is more than any prompt this model takes (${
-            maxPromptChars(host)
-          })`,
-          "prompt",
+          `${chars} characters is more than any prompt this model takes (${maxPromptChars(host)})`,
+          field,
         );
       }
-      const tokens = await host.tokenizer!.encode(body.prompt);
+      if (messages && !host.tokenizer!.chat) {
+        throw new InputError(
+          `model ${host.name} has no chat template (serve --chat-template FILE)`,
+          "messages",
+        );
+      }
+      const tokens = messages
+        ? await host.tokenizer!.encodeChat(messages, body.add_generation_prompt)
+        : await host.tokenizer!.encode(body.prompt!);
       return c.json({ count: tokens.length, max_model_len: config.maxPositions, tokens });
     },
     detokenize: async (c: Context<AppEnv>) => {
