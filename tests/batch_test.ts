@@ -34,6 +34,20 @@ function runAll(engine: BatchEngine, reqs: { prompt: number[]; params: GenerateP
   );
 }
 
+/** An engine over unfused tiny-nas on WASM, its context cut to `maxPositions` when given. */
+async function unfusedEngine(maxPositions?: number) {
+  const assets = await loadAssets(TINY_NAS);
+  const inst = await buildInstance(assets, UNFUSED, "wasm");
+  const cfg = assets.checkpoint.config;
+  const engine = new BatchEngine(
+    inst.session,
+    assets.tokenizer,
+    cfg.eosTokenIds,
+    maxPositions ?? cfg.maxPositions,
+  );
+  return { assets, inst, engine };
+}
+
 const CASES: [string, string, FusionPlan, Device][] = [
   ["tiny-nas, fused", TINY_NAS, { version: 1, ffn_groups: [[3, 4, 5]] }, "wasm"],
   ["tiny-llama, unfused", TINY_LLAMA, UNFUSED, "wasm"],
@@ -90,10 +104,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   fn: async () => {
-    const assets = await loadAssets(TINY_NAS);
-    const inst = await buildInstance(assets, UNFUSED, "wasm");
-    const cfg = assets.checkpoint.config;
-    const engine = new BatchEngine(inst.session, assets.tokenizer, cfg.eosTokenIds, 40);
+    const { assets, inst, engine } = await unfusedEngine(40);
     const prompt = assets.tokenizer.encode("def main():\n    x = 1\n");
     const done = runAll(engine, [
       { prompt, params: params(200) },
@@ -269,10 +280,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   fn: async () => {
-    const assets = await loadAssets(TINY_NAS);
-    const inst = await buildInstance(assets, UNFUSED, "wasm");
-    const cfg = assets.checkpoint.config;
-    const engine = new BatchEngine(inst.session, assets.tokenizer, cfg.eosTokenIds, cfg.maxPositions);
+    const { assets, inst, engine } = await unfusedEngine();
     const ids = assets.tokenizer.encode(await Deno.readTextFile(EVAL_TEXT));
     let streamed = 0;
     let duringPrefill = -1;

@@ -2,17 +2,17 @@ import { join } from "node:path";
 import { InputError } from "../errors.ts";
 import type { QualityReport } from "../fusion/evaluate.ts";
 import { type FusionPlan, planId } from "../fusion/plan.ts";
-import { type StoredType, type TensorToWrite, writeSafetensors } from "../model/safetensors.ts";
+import { STORED_SIZE, type StoredType, type TensorToWrite, writeSafetensors } from "../model/safetensors.ts";
 import { numel } from "../model/tensor.ts";
 import { type ModelAssets, planBlocks } from "../runtime/engine.ts";
 import { blockConfig, type ExportLayer, exportLayers, layerTensors } from "./decilm.ts";
 
 export type ExportDtype = "fp32" | "fp16" | "bf16";
 
-const STORED: Record<ExportDtype, { stored: StoredType; torch: string; bytes: number }> = {
-  fp32: { stored: "F32", torch: "float32", bytes: 4 },
-  fp16: { stored: "F16", torch: "float16", bytes: 2 },
-  bf16: { stored: "BF16", torch: "bfloat16", bytes: 2 },
+const STORED: Record<ExportDtype, { stored: StoredType; torch: string }> = {
+  fp32: { stored: "F32", torch: "float32" },
+  fp16: { stored: "F16", torch: "float16" },
+  bf16: { stored: "BF16", torch: "bfloat16" },
 };
 
 /** Hugging Face's default shard bound ("2GB"). */
@@ -111,7 +111,8 @@ export async function exportCheckpoint(opts: ExportOptions): Promise<ExportSumma
       ? []
       : [{ name: "lm_head.weight", shape: ckpt.lmHead.shape, data: () => ckpt.lmHead.data }]),
   ];
-  const { stored, torch, bytes } = STORED[opts.dtype];
+  const { stored, torch } = STORED[opts.dtype];
+  const bytes = STORED_SIZE[stored];
   const shards = shard(tensors, bytes, opts.maxShardBytes ?? MAX_SHARD_BYTES);
   const names = shards.length === 1
     ? ["model.safetensors"]

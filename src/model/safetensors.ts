@@ -200,7 +200,7 @@ export interface TensorToWrite {
 
 export type StoredType = "F32" | "F16" | "BF16";
 
-const STORED_SIZE: Record<StoredType, number> = { F32: 4, F16: 2, BF16: 2 };
+export const STORED_SIZE: Record<StoredType, number> = { F32: 4, F16: 2, BF16: 2 };
 
 function storedBytes(data: Float32Array, dtype: StoredType): Uint8Array {
   if (dtype === "F32") return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);

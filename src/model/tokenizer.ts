@@ -6,13 +6,17 @@ import { BadCheckpointError } from "../errors.ts";
 export class TextTokenizer {
   /** Each id's text and bytes, as logprobs report them (looked up again for every top candidate). */
   private readonly pieces = new Map<number, TokenPiece>();
+  /** Added tokens by id (the library builds this map afresh on every call). */
+  private readonly added: ReturnType<Tokenizer["get_added_tokens_decoder"]>;
 
   private constructor(
     private readonly tok: Tokenizer,
     readonly vocabSize: number,
     /** Byte-level BPE: vocabulary strings stand for bytes through GPT-2's printable byte map. */
     private readonly byteLevel: boolean,
-  ) {}
+  ) {
+    this.added = tok.get_added_tokens_decoder();
+  }
 
   static async load(dir: string): Promise<TextTokenizer> {
     const path = join(dir, "tokenizer.json");
@@ -63,7 +67,7 @@ export class TextTokenizer {
 
   /** Whether `id` is an added special token (end-of-turn markers, BOS, EOS). */
   isSpecial(id: number): boolean {
-    return this.tok.get_added_tokens_decoder().get(id)?.special ?? false;
+    return this.added.get(id)?.special ?? false;
   }
 
   /**

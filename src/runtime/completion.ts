@@ -4,6 +4,7 @@ import { checkPromptFits } from "./context.ts";
 import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
 import type { ModelHost } from "./host.ts";
 import type { PromptLogprob, TokenLogprob } from "./logprobs.ts";
+import type { ChatInfo } from "./tokenizer_worker.ts";
 import type { Scheduler } from "./scheduler.ts";
 
 /** A validated completion request, as the runtime takes it. */
@@ -38,6 +39,26 @@ export function maxPromptChars(host: ModelHost): number {
   return host.config!.maxPositions * host.tokenizer!.maxTokenChars;
 }
 
+/** The served model's chat template (its end of turn); a model without one is bad input naming `messages`. */
+export function requireChat(host: ModelHost): ChatInfo {
+  const chat = host.tokenizer!.chat;
+  if (!chat) {
+    throw new InputError(
+      `model ${host.name} has no chat template (no chat_template in its tokenizer_config.json); ` +
+        "start the server with --chat-template FILE",
+      "messages",
+    );
+  }
+  return chat;
+}
+
+/** The characters a prompt's text comes to before tokenisation (none for token ids). */
+export function promptChars(prompt: CompletionJob["prompt"]): number {
+  if ("text" in prompt) return prompt.text.length;
+  if ("messages" in prompt) return prompt.messages.reduce((n, m) => n + m.content.length, 0);
+  return 0;
+}
+
 /**
  * One completion's whole life in one scope: bound the prompt, wait for admission, tokenise (in the
  * tokenizer worker), reserve the KV cache each of its n choices can grow to, lease the active plan, generate with the caller's abort and the wall-clock
@@ -54,19 +75,8 @@ export async function* runCompletion(
   const config = host.requireReady(); // before queueing: a model still loading answers at once
   const prompt = job.prompt;
   const field = "messages" in prompt ? "messages" : "prompt";
-  const chat = "messages" in prompt ? host.tokenizer!.chat : null;
-  if ("messages" in prompt && !chat) {
-    throw new InputError(
-      `model ${host.name} has no chat template (no chat_template in its tokenizer_config.json); ` +
-        "start the server with --chat-template FILE, or use /v1/completions",
-      "messages",
-    );
-  }
-  const chars = "text" in prompt
-    ? prompt.text.length
-    : "messages" in prompt
-    ? prompt.messages.reduce((n, m) => n + m.content.length, 0)
-    : 0;
+  const chat = "messages" in prompt ? requireChat(host) : null;
+  const chars = promptChars(prompt);
   if (chars > maxPromptChars(host)) {
     throw new InputError(
       `${chars} characters cannot fit the context of ${config.maxPositions} tokens ` +

@@ -27,6 +27,8 @@ export class Sampler {
   private weights = new Float64Array(0);
   /** The row `next` chose from, penalties applied: what `score` reports on. */
   private lastRow: Float32Array = new Float32Array(0);
+  /** The filtered distribution `next` drew from, when it built one (top-k or top-p): `score` reuses its sort. */
+  private lastDistribution: { ids: number[]; probs: number[] } | null = null;
 
   constructor(readonly params: SamplingParams) {
     this.random = rng(params.seed ?? Math.floor(Math.random() * 2 ** 32));
@@ -49,6 +51,7 @@ export class Sampler {
       for (const [id, n] of this.generated) row[id] -= presence + frequency * n;
     }
     this.lastRow = row;
+    this.lastDistribution = null;
     const id = p.temperature === 0 ? argmax(row) : this.sample(row);
     this.generated.set(id, (this.generated.get(id) ?? 0) + 1);
     return id;
@@ -65,7 +68,7 @@ export class Sampler {
     if (p.temperature === 0 || (p.topK === 0 && p.topP === 1)) {
       return logSoftmaxTop(row, id, n, p.temperature || 1);
     }
-    const { ids, probs } = this.distribution(row);
+    const { ids, probs } = this.lastDistribution ?? this.distribution(row);
     const at = ids.indexOf(id);
     return {
       logprob: at < 0 ? -Infinity : Math.log(probs[at]),
@@ -96,7 +99,7 @@ export class Sampler {
 
   private sample(row: Float32Array): number {
     if (this.params.topK === 0 && this.params.topP === 1) return this.sampleFull(row);
-    const { ids, probs } = this.distribution(row);
+    const { ids, probs } = this.lastDistribution = this.distribution(row);
     let u = this.random();
     for (let i = 0; i < ids.length; i++) {
       u -= probs[i];

@@ -1,7 +1,7 @@
 import type { Context } from "hono";
 import { z } from "zod";
 import { InputError, NotFoundError } from "../errors.ts";
-import { maxPromptChars } from "../runtime/completion.ts";
+import { maxPromptChars, promptChars, requireChat } from "../runtime/completion.ts";
 import type { ModelHost } from "../runtime/host.ts";
 import { message, toChatMessages } from "./chat.ts";
 import { readBody } from "./errors.ts";
@@ -56,20 +56,14 @@ export function tokenRoutes(host: ModelHost) {
       const body = await readBody(c, tokenizeSchema);
       const config = host.requireReady();
       const messages = body.messages ? toChatMessages(body.messages) : null;
-      const field = messages ? "messages" : "prompt";
-      const chars = messages ? messages.reduce((n, m) => n + m.content.length, 0) : body.prompt!.length;
+      const chars = promptChars(messages ? { messages } : { text: body.prompt! });
       if (chars > maxPromptChars(host)) {
         throw new InputError(
           `${chars} characters is more than any prompt this model takes (${maxPromptChars(host)})`,
-          field,
+          messages ? "messages" : "prompt",
         );
       }
-      if (messages && !host.tokenizer!.chat) {
-        throw new InputError(
-          `model ${host.name} has no chat template (serve --chat-template FILE)`,
-          "messages",
-        );
-      }
+      if (messages) requireChat(host);
       const tokens = messages
         ? await host.tokenizer!.encodeChat(messages, body.add_generation_prompt)
         : await host.tokenizer!.encode(body.prompt!);
