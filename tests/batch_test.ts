@@ -6,7 +6,7 @@ import { asBatch } from "../src/runtime/session.ts";
 import { DEFAULT_SAMPLING } from "../src/runtime/sampling.ts";
 import { type FusionPlan, UNFUSED } from "../src/fusion/plan.ts";
 import { EVAL_TEXT, HAS_WEBGPU, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
-import { FLOAT_WEIGHTS } from "../src/onnx/format.ts";
+import { FLOAT_WEIGHTS, type GraphOptions } from "../src/onnx/format.ts";
 import type { Device } from "../src/runtime/ort.ts";
 import { post, readSse, startServer } from "./server_helpers.ts";
 
@@ -48,12 +48,21 @@ async function unfusedEngine(maxPositions?: number) {
   return { assets, inst, engine };
 }
 
-const CASES: [string, string, FusionPlan, Device][] = [
-  ["tiny-nas, fused", TINY_NAS, { version: 1, ffn_groups: [[3, 4, 5]] }, "wasm"],
-  ["tiny-llama, unfused", TINY_LLAMA, UNFUSED, "wasm"],
-  ["tiny-nas, fused, WebGPU fp32", TINY_NAS, { version: 1, ffn_groups: [[3, 4, 5]] }, "webgpu"],
+const HALF_WEIGHTS: GraphOptions = { dtype: "fp16", quantize: "none" };
+const CASES: [string, string, FusionPlan, Device, GraphOptions][] = [
+  ["tiny-nas, fused", TINY_NAS, { version: 1, ffn_groups: [[3, 4, 5]] }, "wasm", FLOAT_WEIGHTS],
+  ["tiny-llama, unfused", TINY_LLAMA, UNFUSED, "wasm", FLOAT_WEIGHTS],
+  [
+    "tiny-nas, fused, WebGPU fp32",
+    TINY_NAS,
+    { version: 1, ffn_groups: [[3, 4, 5]] },
+    "webgpu",
+    FLOAT_WEIGHTS,
+  ],
+  // fp16 is what WebGPU serves by default: its caches are halves, repacked at every join and leave.
+  ["tiny-nas, fused, WebGPU fp16", TINY_NAS, { version: 1, ffn_groups: [[3, 4, 5]] }, "webgpu", HALF_WEIGHTS],
 ];
-for (const [name, dir, plan, device] of CASES) {
+for (const [name, dir, plan, device, format] of CASES) {
   Deno.test({
     name:
       `batched decode (${name}): 16 sequences of different lengths decode as one batch, each as it would alone`,
@@ -62,7 +71,7 @@ for (const [name, dir, plan, device] of CASES) {
     sanitizeOps: false,
     fn: async () => {
       const assets = await loadAssets(dir);
-      const inst = await buildInstance(assets, plan, device, FLOAT_WEIGHTS);
+      const inst = await buildInstance(assets, plan, device, format);
       const cfg = assets.checkpoint.config;
       const text = await Deno.readTextFile(EVAL_TEXT);
       const ids = assets.tokenizer.encode(text);
