@@ -31,7 +31,8 @@ async function roundTrip(dir: string, plan: FusionPlan, ids: number[][], dtype: 
     await inMemory.session.release();
     await reloaded.session.release();
     const config = JSON.parse(await Deno.readTextFile(join(out, "config.json")));
-    return { summary, pairs, config, out };
+    const card = await Deno.readTextFile(join(out, "README.md"));
+    return { summary, pairs, config, out, card };
   } finally {
     await Deno.remove(out, { recursive: true });
   }
@@ -52,6 +53,19 @@ Deno.test("export: a v1 plan on tiny-nas, written as Nemotron-NAS and served bac
     attention: { no_op: true, replace_with_linear: false, n_heads_in_group: null },
     ffn: { no_op: false, replace_with_linear: false, ffn_mult: 13.5, intermediate_size: 2304 },
   });
+});
+
+Deno.test("export: a healed plan is written with its fitted weights (same logits, 1e-5) and its healing in the model card", async () => {
+  const cases = (await golden(TINY_NAS)).cases;
+  const plan = parsePlan({
+    ffn_groups: [[3, 4, 5, 6, 7, 8]],
+    heal: { skip_tokens: 65536, calibration_tokens: 256, heldout_tokens: 256 },
+  });
+  const { summary, pairs, card } = await roundTrip(TINY_NAS, plan, cases.slice(0, 2).map((c) => c.input_ids));
+  assert.equal(summary.plan, "ffn[3-8]+heal(256@65536/256)");
+  for (const [a, b] of pairs) assert.ok(relL2(last(b, 4096), last(a, 4096)) <= 1e-5);
+  assert.match(card, /## Healing/);
+  assert.match(card, /\| 3-8 \| yes \|/, "healed: the export carries fitted weights");
 });
 
 Deno.test("export: a v2 plan on tiny-llama (attention removed and linear, FFNs fused across) round-trips (1e-5)", async () => {

@@ -215,3 +215,17 @@ export async function probe<T>(code: string): Promise<{ value: T; stderr: string
 
 /** An import specifier for a project module, for probe code. */
 export const moduleUrl = (path: string) => new URL(`../${path}`, import.meta.url).href;
+
+/** n rows of inputs in [-1, 1) and their images under a random linear map (`truth` [dOut, dIn]): an exact fit exists. */
+export function exactLinearData(seed: number, n: number, dIn: number, dOut: number) {
+  const random = rng(seed);
+  const truth = Float64Array.from({ length: dOut * dIn }, () => random() * 2 - 1);
+  const h = Float64Array.from({ length: n * dIn }, () => random() * 2 - 1);
+  const y = new Float64Array(n * dOut);
+  for (let r = 0; r < n; r++) {
+    for (let o = 0; o < dOut; o++) {
+      for (let i = 0; i < dIn; i++) y[r * dOut + o] += h[r * dIn + i] * truth[o * dIn + i];
+    }
+  }
+  return { n, dIn, dOut, truth, h, y, random };
+}

@@ -7,7 +7,7 @@ import { referenceForward } from "../src/model/forward.ts";
 import { buildDecoderGraph } from "../src/onnx/decoder.ts";
 import { resolveDevice } from "../src/runtime/ort.ts";
 import { disposeCache, ModelSession } from "../src/runtime/session.ts";
-import { EVAL_TEXT, golden, relL2, ROOT, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
+import { EVAL_TEXT, exactLinearData, golden, relL2, ROOT, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
 import { join } from "node:path";
 import {
   attentionData,
@@ -18,7 +18,6 @@ import {
 } from "../src/fusion/linear_fit.ts";
 import { textWindows } from "../src/fusion/calibration.ts";
 import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
-import { rng } from "../src/numeric.ts";
 
 Deno.test("plan v2: attention removal, FFN groups over removed attention, block groups; rules named", async () => {
   const llama = (await loadCheckpoint(TINY_LLAMA)).config;
@@ -139,16 +138,7 @@ Deno.test({
 });
 
 Deno.test("linear fit: recovers an exactly linear map to 1e-6; on calibration data beats no-op and identity", async () => {
-  const random = rng(11);
-  const n = 400, dIn = 24, dOut = 16;
-  const truth = Float64Array.from({ length: dOut * dIn }, () => random() * 2 - 1);
-  const h = Float64Array.from({ length: n * dIn }, () => random() * 2 - 1);
-  const y = new Float64Array(n * dOut);
-  for (let r = 0; r < n; r++) {
-    for (let o = 0; o < dOut; o++) {
-      for (let i = 0; i < dIn; i++) y[r * dOut + o] += h[r * dIn + i] * truth[o * dIn + i];
-    }
-  }
+  const { n, dIn, dOut, truth, h, y } = exactLinearData(11, 400, 24, 16);
   const w = ridgeFit({ n, dIn, dOut, h, y });
   assert.ok(relL2(w, truth) < 1e-6, `recovered to ${relL2(w, truth)}`);
 

@@ -62,6 +62,7 @@ export const evalCommand = defineCommand({
         quantize: instance.graph.quantize,
         weight_bytes: instance.weightBytes,
         ...report,
+        ...(instance.heal ? { heal: instance.heal } : {}),
       }),
     );
   },

@@ -1,3 +1,4 @@
+import { calibrationFlag, healedIf, healFlag } from "./load.ts";
 import { z } from "zod";
 import { evaluateQuality } from "../fusion/evaluate.ts";
 import { textWindows } from "../fusion/calibration.ts";
@@ -56,9 +57,8 @@ export const exportCommand = defineCommand({
     ),
     force: z.boolean().default(false).describe("write into a directory that already has files"),
     max_shard_mb: z.number().gt(0).max(1e6).default(MAX_SHARD_BYTES / 1e6).describe("largest shard"),
-    calibration: z.string().default(DEFAULT_CALIBRATION_TEXT).describe(
-      "text a version 2 plan's linear attentions are fitted on (its first 512 tokens)",
-    ),
+    calibration: calibrationFlag,
+    heal: healFlag,
     eval_tokens: z.number().int().min(0).max(1e6).default(0).describe(
       "held-out tokens the model card's quality table is measured on (0: none)",
     ),
@@ -69,7 +69,7 @@ export const exportCommand = defineCommand({
   }),
   async run(flags) {
     const assets = await loadAssets(flags.model, {}, flags.calibration);
-    const plan = await loadPlanFile(flags.plan, assets.checkpoint.config);
+    const plan = healedIf(await loadPlanFile(flags.plan, assets.checkpoint.config), flags.heal);
     const quality = flags.eval_tokens > 0 ? await measure(assets, plan, flags) : undefined;
     const summary = await exportCheckpoint({
       assets,

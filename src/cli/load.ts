@@ -1,6 +1,6 @@
 import { z } from "zod";
 import { useWasmThreads } from "../runtime/wasm_threads.ts";
-import { loadPlanFile, UNFUSED } from "../fusion/plan.ts";
+import { DEFAULT_HEAL, type FusionPlan, loadPlanFile, UNFUSED } from "../fusion/plan.ts";
 import { buildInstance, loadAssets, type ModelAssets, type ModelInstance } from "../runtime/engine.ts";
 import type { FloatType } from "../onnx/format.ts";
 import type { Quantization } from "../onnx/quantize.ts";
@@ -9,6 +9,20 @@ import { checkModelFits } from "../runtime/memory.ts";
 import { adapterMaxBuffer, resolveDevice, resolveGraphOptions } from "../runtime/ort.ts";
 import { DEFAULT_CALIBRATION_TEXT, DEFAULT_MODEL_DIR } from "./defaults.ts";
 import { deviceFlag, dtypeFlag, quantizeFlag } from "./flags.ts";
+
+/** Text the plan's fits are made on: linear attentions, and healing (`--heal`). */
+export const calibrationFlag = z.string().default(DEFAULT_CALIBRATION_TEXT).describe(
+  "text a version 2 plan's linear attentions (its first 512 tokens) and healing are fitted on",
+);
+
+export const healFlag = z.boolean().default(false).describe(
+  "heal the plan's fused FFN groups on --calibration text (the plan's own heal settings, else 4096 tokens)",
+);
+
+/** The plan as `--heal` asks for it: healed with its own settings, or the defaults when it names none. */
+export function healedIf<P extends FusionPlan>(plan: P, heal: boolean | undefined): P {
+  return heal && !plan.heal ? { ...plan, heal: DEFAULT_HEAL } : plan;
+}
 
 /** The flags that say which model to run and how: shared by logits, generate, eval and serve. */
 export const modelFlags = {
@@ -21,9 +35,8 @@ export const modelFlags = {
   threads: z.number().int().min(1).max(64).default(1).describe(
     "WASM threads per model session (onnxruntime's pool; the cores the serving thread can spare)",
   ),
-  calibration: z.string().default(DEFAULT_CALIBRATION_TEXT).describe(
-    "text a version 2 plan's linear attentions are fitted on (its first 512 tokens)",
-  ),
+  calibration: calibrationFlag,
+  heal: healFlag,
 };
 
 export interface LoadedModel {
@@ -41,6 +54,7 @@ export async function loadModel(
     max_context?: number;
     calibration?: string;
     threads?: number;
+    heal?: boolean;
   },
 ): Promise<LoadedModel> {
   await useWasmThreads(flags.threads ?? 1);
@@ -53,6 +67,9 @@ export async function loadModel(
     maxBufferBytes: await adapterMaxBuffer(device),
   });
   const assets = await loadAssets(flags.model, { maxContext }, flags.calibration);
-  const plan = flags.plan ? await loadPlanFile(flags.plan, assets.checkpoint.config) : UNFUSED;
+  const plan = healedIf(
+    flags.plan ? await loadPlanFile(flags.plan, assets.checkpoint.config) : UNFUSED,
+    flags.heal,
+  );
   return { assets, instance: await buildInstance(assets, plan, device, graph) };
 }

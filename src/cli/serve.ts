@@ -14,7 +14,7 @@ import { exportRunner } from "../server/export_route.ts";
 import { Metrics } from "../server/metrics.ts";
 import { DEFAULT_CALIBRATION_TEXT } from "./defaults.ts";
 import { defineCommand } from "./flags.ts";
-import { modelFlags } from "./load.ts";
+import { healedIf, modelFlags } from "./load.ts";
 
 /** Hono's bearer-auth accepts RFC 6750 token characters only; another token could never match. */
 const token = z.string().min(8, "must be at least 8 characters").regex(
@@ -78,7 +78,7 @@ export const serveCommand = defineCommand({
   async run(flags) {
     const device = await resolveDevice(flags.device);
     const graph = await resolveGraphOptions(flags.dtype, flags.quantize, device);
-    const plan = flags.plan ? parsePlan(await readPlanFile(flags.plan)) : UNFUSED;
+    const plan = healedIf(flags.plan ? parsePlan(await readPlanFile(flags.plan)) : UNFUSED, flags.heal);
     const chatTemplate = flags.chat_template ? await readChatTemplateFile(flags.chat_template) : undefined;
     const host = new ModelHost();
     const metrics = new Metrics();

@@ -1,6 +1,7 @@
 import { join } from "node:path";
 import { InputError } from "../errors.ts";
 import type { QualityReport } from "../fusion/evaluate.ts";
+import type { HealReport } from "../fusion/heal.ts";
 import { type FusionPlan, planId } from "../fusion/plan.ts";
 import { STORED_SIZE, type StoredType, type TensorToWrite, writeSafetensors } from "../model/safetensors.ts";
 import { numel } from "../model/tensor.ts";
@@ -102,7 +103,8 @@ export async function exportCheckpoint(opts: ExportOptions): Promise<ExportSumma
   const ckpt = assets.checkpoint;
   const cfg = ckpt.config;
   await prepareOut(out, opts.force ?? false);
-  const layers = exportLayers(await planBlocks(assets, plan));
+  const { blocks, heal } = await planBlocks(assets, plan);
+  const layers = exportLayers(blocks);
   const tensors: TensorToWrite[] = [
     { name: "model.embed_tokens.weight", shape: ckpt.embed.shape, data: () => ckpt.embed.data },
     ...layers.flatMap((l, i) => layerTensors(l, `model.layers.${i}`, cfg.hidden)),
@@ -158,7 +160,7 @@ export async function exportCheckpoint(opts: ExportOptions): Promise<ExportSumma
       eos_token_id: cfg.eosTokenIds.length === 1 ? cfg.eosTokenIds[0] : cfg.eosTokenIds,
     });
   }
-  await Deno.writeTextFile(join(out, "README.md"), modelCard(assets.name, plan, layers, opts));
+  await Deno.writeTextFile(join(out, "README.md"), modelCard(assets.name, plan, layers, opts, heal));
   return {
     out,
     plan: planId(plan),
@@ -188,7 +190,36 @@ function describe(l: ExportLayer): string {
   return `${a} | ${f}`;
 }
 
-function modelCard(source: string, plan: FusionPlan, layers: ExportLayer[], opts: ExportOptions): string {
+/** The model card's account of healing: what was fitted, on what, and what it did per group. */
+function healSection(heal: HealReport | undefined): string[] {
+  if (!heal) return [];
+  const f = (x: number) => x.toFixed(4);
+  return [
+    "## Healing",
+    "",
+    `Each fused group's members read a fitted linear map of the group's normalised input (ridge least squares on`,
+    `${heal.calibration_tokens} calibration tokens predicting each member's sequential input; the map is folded into`,
+    `its gate and up rows, so the group is still one wide FFN). Ridge chosen by the loss on ${heal.heldout_tokens}`,
+    "held-out tokens; a group no ridge improved is left unhealed.",
+    "",
+    "| group | healed | ridge | held-out loss unhealed | healed | input residual before | after (held-out) |",
+    "| --- | --- | --- | --- | --- | --- | --- |",
+    ...heal.groups.map((g) =>
+      `| ${g.layers[0]}-${g.layers.at(-1)} | ${g.healed ? "yes" : "no"} | ${g.ridge ?? "-"} | ${
+        f(g.heldout_loss.unhealed)
+      } | ${f(g.heldout_loss.healed)} | ${f(g.residual.heldout.before)} | ${f(g.residual.heldout.after)} |`
+    ),
+    "",
+  ];
+}
+
+function modelCard(
+  source: string,
+  plan: FusionPlan,
+  layers: ExportLayer[],
+  opts: ExportOptions,
+  heal?: HealReport,
+): string {
   const q = opts.quality;
   const row = (name: string, r: QualityReport) =>
     `| ${name} | ${r.loss.toFixed(4)} | ${r.ppl.toFixed(3)} | ${r.kl?.toFixed(4) ?? "-"} | ${
@@ -225,6 +256,7 @@ function modelCard(source: string, plan: FusionPlan, layers: ExportLayer[], opts
     "| --- | --- | --- | --- |",
     ...layers.map((l, i) => `| ${i} | ${l.source.join(", ")} | ${describe(l)} |`),
     "",
+    ...healSection(heal),
     "## Quality",
     "",
     ...(q

@@ -15,15 +15,44 @@ function foldGain(w: Tensor, gain: Float32Array | null): Float32Array {
   return out;
 }
 
-function stack(members: FfnBlock[], hidden: number, total: number) {
+/**
+ * (W diag(g)) M: a member that reads M norm(x) instead of norm(x), folded into its rows, so the wide
+ * FFN stays one GEMM. Float64 accumulation; the cost is rows x hidden^2 once per fit.
+ */
+function foldInputMap(w: Float32Array, rows: number, hidden: number, map: Float64Array): Float32Array {
+  const out = new Float32Array(rows * hidden);
+  const acc = new Float64Array(hidden);
+  for (let r = 0; r < rows; r++) {
+    acc.fill(0);
+    const base = r * hidden;
+    for (let k = 0; k < hidden; k++) {
+      const wk = w[base + k];
+      if (wk === 0) continue;
+      const mk = k * hidden;
+      for (let c = 0; c < hidden; c++) acc[c] += wk * map[mk + c];
+    }
+    out.set(acc, base);
+  }
+  return out;
+}
+
+/** Per member layer, the map M [hidden, hidden] of its input: it reads M norm(x) (see fusion/heal.ts). */
+export type InputMaps = Map<number, Float64Array>;
+
+function stack(members: FfnBlock[], hidden: number, total: number, maps: InputMaps) {
   const gate = new Float32Array(total * hidden);
   const up = new Float32Array(total * hidden);
   const down = new Float32Array(hidden * total);
   let offset = 0;
   for (const m of members) {
     const n = m.gate.shape[0];
-    gate.set(foldGain(m.gate, m.norm), offset * hidden);
-    up.set(foldGain(m.up, m.norm), offset * hidden);
+    const map = maps.get(m.layers[0]);
+    const rows = (w: Tensor) => {
+      const folded = foldGain(w, m.norm);
+      return map ? foldInputMap(folded, n, hidden, map) : folded;
+    };
+    gate.set(rows(m.gate), offset * hidden);
+    up.set(rows(m.up), offset * hidden);
     const src = m.down.data;
     for (let r = 0; r < hidden; r++) down.set(src.subarray(r * n, (r + 1) * n), r * total + offset);
     offset += n;
@@ -38,11 +67,13 @@ function stack(members: FfnBlock[], hidden: number, total: number) {
  * the members' units side by side, and down sums their contributions. The stacking happens on first
  * read of a weight, so a plan swap that finds a group's converted weights cached never redoes it.
  */
-export function fuseFfns(members: FfnBlock[]): FfnBlock {
+export function fuseFfns(members: FfnBlock[], heal?: FusionHeal): FfnBlock {
   const hidden = members[0].gate.shape[1];
   const total = members.reduce((sum, m) => sum + m.gate.shape[0], 0);
+  const maps = heal?.maps ?? new Map();
+  const healed = members.some((m) => maps.has(m.layers[0]));
   let weights: ReturnType<typeof stack> | null = null;
-  const fused = () => (weights ??= stack(members, hidden, total));
+  const fused = () => (weights ??= stack(members, hidden, total, maps));
   return {
     kind: "ffn",
     layers: members.flatMap((m) => m.layers),
@@ -50,7 +81,14 @@ export function fuseFfns(members: FfnBlock[]): FfnBlock {
     gate: lazyTensor([total, hidden], () => fused().gate),
     up: lazyTensor([total, hidden], () => fused().up),
     down: lazyTensor([hidden, total], () => fused().down),
+    ...(healed ? { variant: heal!.variant } : {}),
   };
+}
+
+/** The fitted input maps of healed groups' members, and the name of the fit (see FfnBlock.variant). */
+export interface FusionHeal {
+  maps: InputMaps;
+  variant: string;
 }
 
 /**
@@ -70,6 +108,7 @@ export function applyPlan(
   plan: FusionPlan,
   form: FusionForm = "fused",
   fits: Map<number, LinearWeights> = new Map(),
+  heal?: FusionHeal,
 ): Block[] {
   const removed = new Set(removedAttention(plan));
   const linear = new Set(linearAttention(plan));
@@ -81,7 +120,7 @@ export function applyPlan(
     if (!weights) throw new Error(`no fitted linear map for the attention of layer ${b.layer}`);
     return [{ kind: "linear", layer: b.layer, part: "attention", weights }];
   });
-  return fuseFfnGroups(parallelizeBlocks(changed, blockGroups(plan)), plan.ffn_groups, form);
+  return fuseFfnGroups(parallelizeBlocks(changed, blockGroups(plan)), plan.ffn_groups, form, heal);
 }
 
 /** Collects the blocks of each group's layers, in order, into one `parallel_blocks` at the group's end. */
@@ -110,7 +149,7 @@ function parallelizeBlocks(blocks: Block[], groups: number[][]): Block[] {
  * Each group's FFNs become one block; a linear attention inside a group (after its first layer) is
  * computed from the group's input too, beside the FFNs, so the group stays one parallel step.
  */
-function fuseFfnGroups(blocks: Block[], groups: number[][], form: FusionForm): Block[] {
+function fuseFfnGroups(blocks: Block[], groups: number[][], form: FusionForm, heal?: FusionHeal): Block[] {
   const groupOf = new Map<number, number>();
   groups.forEach((g, gi) => g.forEach((layer) => groupOf.set(layer, gi)));
   const out: Block[] = [];
@@ -133,7 +172,7 @@ function fuseFfnGroups(blocks: Block[], groups: number[][], form: FusionForm): B
     members.ffns.push(b as FfnBlock);
     if (members.ffns.length === groups[gi!].length) {
       const ffn: Block = form === "fused"
-        ? fuseFfns(members.ffns)
+        ? fuseFfns(members.ffns, heal)
         : { kind: "parallel_ffn", members: members.ffns };
       out.push(
         members.linear.length

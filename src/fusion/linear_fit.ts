@@ -21,64 +21,127 @@ export interface FitData {
 }
 
 /**
+ * The normal equations of a least-squares fit of dOut targets on dIn inputs, accumulated in float64
+ * over batches of rows (memory O(dIn^2 + dIn dOut), whatever the number of rows): the Gram matrix
+ * H^T H (upper triangle), the cross products H^T Y, and sum ||y||^2 for residuals.
+ */
+export class NormalEquations {
+  readonly gram: Float64Array;
+  readonly cross: Float64Array;
+  targetSquares = 0;
+  rows = 0;
+
+  constructor(readonly dIn: number, readonly dOut: number) {
+    this.gram = new Float64Array(dIn * dIn);
+    this.cross = new Float64Array(dIn * dOut);
+  }
+
+  /** Adds n rows: h [n, dIn] and y [n, dOut], row-major. */
+  add(n: number, h: Float64Array, y: Float64Array): void {
+    const { dIn, dOut, gram: a, cross: b } = this;
+    for (let r = 0; r < n; r++) {
+      const hr = r * dIn;
+      const yr = r * dOut;
+      for (let i = 0; i < dIn; i++) {
+        const hi = h[hr + i];
+        if (hi === 0) continue;
+        const ai = i * dIn;
+        for (let j = i; j < dIn; j++) a[ai + j] += hi * h[hr + j];
+        const bi = i * dOut;
+        for (let o = 0; o < dOut; o++) b[bi + o] += hi * y[yr + o];
+      }
+      for (let o = 0; o < dOut; o++) this.targetSquares += y[yr + o] ** 2;
+    }
+    this.rows += n;
+  }
+
+  /** mean(diag(H^T H)): the scale a relative ridge is taken against. */
+  get meanDiagonal(): number {
+    let trace = 0;
+    for (let i = 0; i < this.dIn; i++) trace += this.gram[i * this.dIn + i];
+    return trace / this.dIn || 1;
+  }
+
+  /**
+   * sum ||W h - y||^2 over the accumulated rows for W [dOut, dIn], from the statistics alone:
+   * sum ||y||^2 - 2 tr(W H^T Y) + tr(W H^T H W^T).
+   */
+  residual(w: Float64Array): number {
+    const { dIn, dOut, gram: a, cross: b } = this;
+    let cross = 0;
+    let quad = 0;
+    const wa = new Float64Array(dIn);
+    for (let o = 0; o < dOut; o++) {
+      const wo = o * dIn;
+      for (let i = 0; i < dIn; i++) cross += w[wo + i] * b[i * dOut + o];
+      // (H^T H) w_o with the symmetric Gram read from its upper triangle.
+      for (let i = 0; i < dIn; i++) {
+        let sum = 0;
+        for (let j = 0; j < dIn; j++) sum += (i <= j ? a[i * dIn + j] : a[j * dIn + i]) * w[wo + j];
+        wa[i] = sum;
+      }
+      for (let i = 0; i < dIn; i++) quad += w[wo + i] * wa[i];
+    }
+    return this.targetSquares - 2 * cross + quad;
+  }
+
+  /**
+   * The ridge solution W [dOut, dIn] minimising ||H W^T - Y||^2 + lambda ||W||^2 with lambda =
+   * ridge x mean(diag(H^T H)): (H^T H + lambda I) W^T = H^T Y by Cholesky, in float64.
+   */
+  solve(ridge: number): Float64Array {
+    const { dIn, dOut } = this;
+    const a = Float64Array.from(this.gram);
+    const b = Float64Array.from(this.cross);
+    const lambda = ridge * this.meanDiagonal;
+    for (let i = 0; i < dIn; i++) {
+      a[i * dIn + i] += lambda;
+      for (let j = 0; j < i; j++) a[i * dIn + j] = a[j * dIn + i];
+    }
+    // Cholesky A = L L^T in place (lower triangle).
+    for (let j = 0; j < dIn; j++) {
+      let d = a[j * dIn + j];
+      for (let k = 0; k < j; k++) d -= a[j * dIn + k] ** 2;
+      if (!(d > 0)) throw new Error("ridge fit: the normal equations are not positive definite");
+      const ljj = Math.sqrt(d);
+      a[j * dIn + j] = ljj;
+      for (let i = j + 1; i < dIn; i++) {
+        let s = a[i * dIn + j];
+        for (let k = 0; k < j; k++) s -= a[i * dIn + k] * a[j * dIn + k];
+        a[i * dIn + j] = s / ljj;
+      }
+    }
+    // Forward then back substitution for every output column at once: B becomes W^T [dIn, dOut].
+    for (let i = 0; i < dIn; i++) {
+      for (let k = 0; k < i; k++) {
+        const l = a[i * dIn + k];
+        for (let o = 0; o < dOut; o++) b[i * dOut + o] -= l * b[k * dOut + o];
+      }
+      const lii = a[i * dIn + i];
+      for (let o = 0; o < dOut; o++) b[i * dOut + o] /= lii;
+    }
+    for (let i = dIn - 1; i >= 0; i--) {
+      for (let k = i + 1; k < dIn; k++) {
+        const l = a[k * dIn + i];
+        for (let o = 0; o < dOut; o++) b[i * dOut + o] -= l * b[k * dOut + o];
+      }
+      const lii = a[i * dIn + i];
+      for (let o = 0; o < dOut; o++) b[i * dOut + o] /= lii;
+    }
+    const w = new Float64Array(dOut * dIn);
+    for (let i = 0; i < dIn; i++) for (let o = 0; o < dOut; o++) w[o * dIn + i] = b[i * dOut + o];
+    return w;
+  }
+}
+
+/**
  * Ridge least squares in closed form, float64: the W [dOut, dIn] minimising ||H W^T - Y||^2 +
- * lambda ||W||^2, from the normal equations (H^T H + lambda I) W^T = H^T Y solved by Cholesky.
+ * lambda ||W||^2 (see NormalEquations.solve).
  */
 export function ridgeFit({ n, dIn, dOut, h, y }: FitData, ridge = RIDGE): Float64Array {
-  const a = new Float64Array(dIn * dIn);
-  const b = new Float64Array(dIn * dOut);
-  for (let r = 0; r < n; r++) {
-    const hr = r * dIn;
-    const yr = r * dOut;
-    for (let i = 0; i < dIn; i++) {
-      const hi = h[hr + i];
-      if (hi === 0) continue;
-      const ai = i * dIn;
-      for (let j = i; j < dIn; j++) a[ai + j] += hi * h[hr + j];
-      const bi = i * dOut;
-      for (let o = 0; o < dOut; o++) b[bi + o] += hi * y[yr + o];
-    }
-  }
-  let trace = 0;
-  for (let i = 0; i < dIn; i++) trace += a[i * dIn + i];
-  const lambda = ridge * (trace / dIn || 1);
-  for (let i = 0; i < dIn; i++) {
-    a[i * dIn + i] += lambda;
-    for (let j = 0; j < i; j++) a[i * dIn + j] = a[j * dIn + i];
-  }
-  // Cholesky A = L L^T in place (lower triangle).
-  for (let j = 0; j < dIn; j++) {
-    let d = a[j * dIn + j];
-    for (let k = 0; k < j; k++) d -= a[j * dIn + k] ** 2;
-    if (!(d > 0)) throw new Error("ridge fit: the normal equations are not positive definite");
-    const ljj = Math.sqrt(d);
-    a[j * dIn + j] = ljj;
-    for (let i = j + 1; i < dIn; i++) {
-      let s = a[i * dIn + j];
-      for (let k = 0; k < j; k++) s -= a[i * dIn + k] * a[j * dIn + k];
-      a[i * dIn + j] = s / ljj;
-    }
-  }
-  // Forward then back substitution for every output column at once: B becomes W^T [dIn, dOut].
-  for (let i = 0; i < dIn; i++) {
-    for (let k = 0; k < i; k++) {
-      const l = a[i * dIn + k];
-      for (let o = 0; o < dOut; o++) b[i * dOut + o] -= l * b[k * dOut + o];
-    }
-    const lii = a[i * dIn + i];
-    for (let o = 0; o < dOut; o++) b[i * dOut + o] /= lii;
-  }
-  for (let i = dIn - 1; i >= 0; i--) {
-    for (let k = i + 1; k < dIn; k++) {
-      const l = a[k * dIn + i];
-      for (let o = 0; o < dOut; o++) b[i * dOut + o] -= l * b[k * dOut + o];
-    }
-    const lii = a[i * dIn + i];
-    for (let o = 0; o < dOut; o++) b[i * dOut + o] /= lii;
-  }
-  const w = new Float64Array(dOut * dIn);
-  for (let i = 0; i < dIn; i++) for (let o = 0; o < dOut; o++) w[o * dIn + i] = b[i * dOut + o];
-  return w;
+  const eq = new NormalEquations(dIn, dOut);
+  eq.add(n, h, y);
+  return eq.solve(ridge);
 }
 
 /** Sum of squared residuals of H W^T against Y. */

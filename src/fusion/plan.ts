@@ -10,8 +10,28 @@ const groups = z.array(z.array(layer).min(2, "a group needs at least two layers"
   MAX_LAYERS,
 );
 
+/**
+ * Gradient-free healing of the plan's fused FFN groups (fusion/heal.ts): fitted on `calibration_tokens`
+ * of the calibration text after `skip_tokens`, the ridge strength chosen on the `heldout_tokens` after
+ * those.
+ */
+export const healSettings = z.strictObject({
+  calibration_tokens: z.number().int().min(64).max(1 << 20).default(4096),
+  skip_tokens: z.number().int().min(0).max(1e9).default(0),
+  heldout_tokens: z.number().int().min(64).max(1 << 20).default(1024),
+});
+
+export type HealSettings = z.infer<typeof healSettings>;
+
+/** `--heal` with a plan that names no settings of its own. */
+export const DEFAULT_HEAL: HealSettings = healSettings.parse({});
+
 /** Version 1: FFN groups alone. Strict, so that a misspelt key fails loudly. */
-const planV1 = z.strictObject({ version: z.literal(1).default(1), ffn_groups: groups });
+const planV1 = z.strictObject({
+  version: z.literal(1).default(1),
+  ffn_groups: groups,
+  heal: healSettings.optional(),
+});
 
 /**
  * Version 2 adds the transformations that make a plain Llama fusable: attention sublayers removed
@@ -27,6 +47,7 @@ const planV2 = z.strictObject({
   }).default({ remove: [], linear: [] }),
   ffn_groups: groups.default([]),
   block_groups: groups.default([]),
+  heal: healSettings.optional(),
 });
 
 /** A plan as the runtime takes it: version 1 plans simply have no attention changes or block groups. */
@@ -60,6 +81,13 @@ export function planId(plan: FusionPlan): string {
   if (plan.ffn_groups.length) parts.push(`ffn[${plan.ffn_groups.map(span).join(",")}]`);
   const blocks = blockGroups(plan);
   if (blocks.length) parts.push(`blk[${blocks.map(span).join(",")}]`);
+  // Healing changes only fused groups' weights: an unfused plan has nothing to heal.
+  if (plan.heal && plan.ffn_groups.length) {
+    const h = plan.heal;
+    const at = h.skip_tokens ? `@${h.skip_tokens}` : "";
+    const held = h.heldout_tokens === DEFAULT_HEAL.heldout_tokens ? "" : `/${h.heldout_tokens}`;
+    parts.push(`heal(${h.calibration_tokens}${at}${held})`);
+  }
   return parts.length ? parts.join("+") : "unfused";
 }
 

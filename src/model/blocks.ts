@@ -35,6 +35,11 @@ export interface FfnBlock {
   up: Tensor;
   /** [hidden, intermediate] */
   down: Tensor;
+  /**
+   * Set when the weights were refitted (a healed fused group): names the fit, so converted weights of
+   * the healed and the plain group never share a cache entry.
+   */
+  variant?: string;
 }
 
 export function isSwiglu(w: SwigluWeights | LinearWeights): w is SwigluWeights {

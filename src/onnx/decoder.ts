@@ -198,7 +198,7 @@ class DecoderEmitter {
   /** FFN_b(norm(x)), without the residual. */
   ffnDelta(x: string, b: FfnBlock): string {
     const g = this.g;
-    const p = `ffn.${b.layers.join("_")}`;
+    const p = `ffn.${b.layers.join("_")}${b.variant ? `.${b.variant}` : ""}`;
     const gain = b.norm ?? new Float32Array(this.cfg.hidden).fill(1);
     const h = this.rmsNorm(x, gain, `${p}.norm`);
     const gate = this.linear(h, b.gate, `${p}.gate`);

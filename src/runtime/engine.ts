@@ -1,4 +1,6 @@
-import { applyPlan } from "../fusion/apply.ts";
+import { applyPlan, type FusionHeal } from "../fusion/apply.ts";
+import { healPlan, type HealReport } from "../fusion/heal.ts";
+import { evaluateQuality } from "../fusion/evaluate.ts";
 import { type FusionPlan, linearAttention, planId } from "../fusion/plan.ts";
 import { FIT_SLICE, lazyLinearAttention } from "../fusion/linear_fit.ts";
 import { textWindows } from "../fusion/calibration.ts";
@@ -47,6 +49,8 @@ export interface ModelInstance {
   /** Of those, the bytes this build converted, and the bytes it found converted by earlier builds. */
   rebuiltBytes: number;
   reusedBytes: number;
+  /** What healing the plan's fused groups did, when the plan asks for it. */
+  heal?: HealReport;
 }
 
 export async function loadAssets(
@@ -82,15 +86,93 @@ async function planFits(assets: ModelAssets, plan: FusionPlan): Promise<Map<numb
   return lazyLinearAttention(assets.checkpoint, layers, windows);
 }
 
+/** A plan's healing, fitted once per loaded model and plan (a serving build worker loads its own). */
+const heals = new WeakMap<ModelAssets, Map<string, Promise<{ heal: FusionHeal; report: HealReport }>>>();
+
+/**
+ * Heals the plan's fused groups on its calibration slice (fusion/heal.ts); the held-out loss that
+ * picks each ridge is measured by WASM sessions of the candidate models.
+ */
+function planHeal(
+  assets: ModelAssets,
+  plan: FusionPlan,
+  fits: Map<number, LinearWeights>,
+  onProgress?: (stage: string, done: number, total: number) => void,
+): Promise<{ heal: FusionHeal; report: HealReport }> {
+  const settings = plan.heal!;
+  const known = heals.get(assets) ?? new Map();
+  heals.set(assets, known);
+  const id = planId(plan);
+  const cached = known.get(id);
+  if (cached) return cached;
+  const run = (async () => {
+    if (!assets.calibrationText) {
+      throw new InputError("heal needs calibration text to fit on (--calibration)", "calibration");
+    }
+    const cfg = assets.checkpoint.config;
+    const window = Math.min(256, cfg.maxPositions);
+    const slice = async (skip: number, max: number, what: string) => {
+      const ws = await textWindows(assets.calibrationText!, assets.tokenizer, { skip, max, window });
+      const n = ws.reduce((a, w) => a + w.length, 0);
+      if (n < max / 2) {
+        throw new InputError(
+          `heal: the calibration text has ${n} of the ${max} ${what} tokens asked for after skipping ${skip}`,
+          "heal",
+        );
+      }
+      return ws;
+    };
+    const calibration = await slice(settings.skip_tokens, settings.calibration_tokens, "calibration");
+    const heldout = await slice(
+      settings.skip_tokens + settings.calibration_tokens,
+      settings.heldout_tokens,
+      "held-out",
+    );
+    return await healPlan({
+      ckpt: assets.checkpoint,
+      blocks: assets.blocks,
+      plan,
+      fits,
+      calibration,
+      heldout,
+      onProgress,
+      lossOf: async (blocks) => {
+        const s = await ModelSession.create(
+          buildDecoderGraph(assets.checkpoint, blocks),
+          "wasm",
+          cfg.vocabSize,
+        );
+        try {
+          return (await evaluateQuality(heldout, cfg.vocabSize, (ids) => s.logitsOf(ids))).loss;
+        } finally {
+          await s.release();
+        }
+      },
+    });
+  })();
+  known.set(id, run);
+  run.catch(() => known.delete(id));
+  return run;
+}
+
+/** The model's blocks under a checked plan: fused FFNs (healed if asked), linear attentions fitted, removed ones gone. */
+export async function planBlocks(
+  assets: ModelAssets,
+  plan: FusionPlan,
+  onProgress?: (stage: string, done: number, total: number) => void,
+): Promise<{ blocks: Block[]; heal?: HealReport }> {
+  const fits = await planFits(assets, plan);
+  if (!plan.heal || plan.ffn_groups.length === 0) {
+    return { blocks: applyPlan(assets.blocks, plan, "fused", fits) };
+  }
+  const { heal, report } = await planHeal(assets, plan, fits, onProgress);
+  return { blocks: applyPlan(assets.blocks, plan, "fused", fits, heal), heal: report };
+}
+
 /**
  * Fuses the weights, builds the graph and creates the session: the whole load-time pipeline. Weights
  * go through `weights`, so that a cache kept across builds spares a later plan every unchanged group.
  */
-/** The model's blocks under a checked plan: fused FFNs, linear attentions fitted, removed ones gone. */
-export async function planBlocks(assets: ModelAssets, plan: FusionPlan): Promise<Block[]> {
-  return applyPlan(assets.blocks, plan, "fused", await planFits(assets, plan));
-}
-
 export async function buildInstance(
   assets: ModelAssets,
   plan: FusionPlan,
@@ -99,7 +181,7 @@ export async function buildInstance(
   weights: WeightCache = new WeightCache(formatName(options)),
 ): Promise<ModelInstance> {
   const t0 = performance.now();
-  const blocks = await planBlocks(assets, plan);
+  const { blocks, heal } = await planBlocks(assets, plan);
   const graph = buildDecoderGraph(assets.checkpoint, blocks, options, weights);
   const t1 = performance.now();
   const session = await ModelSession.create(graph, device, assets.checkpoint.config.vocabSize);
@@ -115,5 +197,6 @@ export async function buildInstance(
     weightBytes: storedBytes(graph.model),
     rebuiltBytes: weights.builtBytes,
     reusedBytes: weights.reusedBytes,
+    ...(heal ? { heal } : {}),
   };
 }

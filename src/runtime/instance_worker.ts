@@ -5,6 +5,7 @@
  * here keeps the serving thread free: a swap builds in a new worker while the old one keeps
  * decoding, and a retired plan is freed whole by ending its worker.
  */
+import type { HealReport } from "../fusion/heal.ts";
 import "./worker_location.ts";
 import type { FusionPlan } from "../fusion/plan.ts";
 import { type Checkpoint, loadCheckpoint } from "../model/checkpoint.ts";
@@ -52,6 +53,7 @@ export type InstanceReply =
     checkpoint: Checkpoint | null;
     /** KV cache bytes one token of one sequence takes under this plan (removed attention has none). */
     kvBytesPerToken: number;
+    heal?: HealReport;
   }
   /** KV bytes the instance holds now, after each change. */
   | { type: "kv"; bytes: number }
@@ -100,6 +102,7 @@ async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<
     weightKeys: [...weights.used],
     checkpoint: loaded,
     kvBytesPerToken: engine.bytesPerToken,
+    heal: instance.heal,
   });
 }
 

@@ -1,3 +1,4 @@
+import type { HealReport } from "../fusion/heal.ts";
 import { BusyError } from "../errors.ts";
 import type { FusionPlan } from "../fusion/plan.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
@@ -51,6 +52,8 @@ export interface PlanInstance {
   /** KV bytes one token of one sequence takes under this plan, and the bytes its sequences hold now. */
   readonly kvBytesPerToken: number;
   readonly kvBytes: number;
+  /** What healing did, when the plan asks for it. */
+  readonly heal?: HealReport;
   generate(promptIds: number[], params: GenerateParams, signal: AbortSignal): AsyncGenerator<
     GenerationChunk,
     GenerationSummary
@@ -109,6 +112,7 @@ export class RemoteInstance implements PlanInstance {
     readonly graph: GraphOptions,
     readonly weightBytes: number,
     readonly kvBytesPerToken: number,
+    readonly heal?: HealReport,
   ) {
     worker.onmessage = (e: MessageEvent<InstanceReply>) => {
       const m = e.data;
@@ -141,6 +145,7 @@ export class RemoteInstance implements PlanInstance {
               spec.graph,
               m.weightBytes,
               m.kvBytesPerToken,
+              m.heal,
             );
             resolve({
               instance,

@@ -8,7 +8,13 @@ import type { Metrics } from "./metrics.ts";
 
 function planView(host: ModelHost) {
   const inst = host.instance!;
-  return { id: inst.planId, plan: inst.plan, ffn_blocks: inst.ffnBlocks, build_ms: Math.round(inst.buildMs) };
+  return {
+    id: inst.planId,
+    plan: inst.plan,
+    ffn_blocks: inst.ffnBlocks,
+    build_ms: Math.round(inst.buildMs),
+    ...(inst.heal ? { heal: inst.heal } : {}),
+  };
 }
 
 export function getFuseHandler(host: ModelHost) {

@@ -1,0 +1,148 @@
+import assert from "node:assert/strict";
+import { NormalEquations, residual, ridgeFit } from "../src/fusion/linear_fit.ts";
+import { evaluateQuality } from "../src/fusion/evaluate.ts";
+import { textWindows } from "../src/fusion/calibration.ts";
+import { type FusionPlan, parsePlan, planId } from "../src/fusion/plan.ts";
+import { buildInstance, loadAssets, type ModelInstance } from "../src/runtime/engine.ts";
+import { EVAL_TEXT, exactLinearData, relL2, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
+import { post, startServer } from "./server_helpers.ts";
+
+/** A calibration slice far from the evaluation tokens below, small enough for CI. */
+const HEAL = { skip_tokens: 65536, calibration_tokens: 1024, heldout_tokens: 512 };
+/** Evaluation tokens: the README's evaluation slice, which the fit never sees. */
+const EVAL = { skip: 512, max: 2048, window: 256 };
+
+async function loss(dir: string, inst: ModelInstance): Promise<number> {
+  const assets = await loadAssets(dir);
+  const windows = await textWindows(EVAL_TEXT, assets.tokenizer, EVAL);
+  const vocab = assets.checkpoint.config.vocabSize;
+  return (await evaluateQuality(windows, vocab, (ids) => inst.session.logitsOf(ids))).loss;
+}
+
+Deno.test("normal equations: streamed in batches they give the one-shot ridge fit; residuals from the statistics alone; an exact linear map recovered with zero residual", () => {
+  const { n, dIn, dOut, truth, h, y, random } = exactLinearData(5, 300, 12, 9);
+  const eq = new NormalEquations(dIn, dOut);
+  for (let r = 0; r < n; r += 70) {
+    const m = Math.min(70, n - r);
+    eq.add(m, h.subarray(r * dIn, (r + m) * dIn), y.subarray(r * dOut, (r + m) * dOut));
+  }
+  assert.equal(eq.rows, n);
+  const w = eq.solve(1e-9);
+  assert.ok(relL2(w, truth) < 1e-6, `recovered to ${relL2(w, truth)}`);
+  assert.ok(relL2(w, ridgeFit({ n, dIn, dOut, h, y }, 1e-9)) < 1e-12, "same as the one-shot fit");
+  assert.ok(eq.residual(w) < 1e-9 * eq.targetSquares, `zero residual (${eq.residual(w)})`);
+  // Any other map: the statistics give the residual a direct sum gives.
+  const other = Float64Array.from(w, (v) => v + random() - 0.5);
+  const direct = residual({ n, dIn, dOut, h, y }, other);
+  assert.ok(Math.abs(eq.residual(other) - direct) < 1e-9 * direct);
+  // A stronger ridge shrinks the map towards zero.
+  const norm = (v: Float64Array) => Math.hypot(...v);
+  assert.ok(norm(eq.solve(10)) < norm(w));
+});
+
+Deno.test("heal plan field: defaults, bounds, and a plan id that names the fit", () => {
+  const p = parsePlan({ ffn_groups: [[3, 4, 5]], heal: {} });
+  assert.deepEqual(p.heal, { calibration_tokens: 4096, skip_tokens: 0, heldout_tokens: 1024 });
+  assert.equal(planId(p), "ffn[3-5]+heal(4096)");
+  assert.equal(planId(parsePlan({ ffn_groups: [[3, 4]], heal: HEAL })), "ffn[3-4]+heal(1024@65536/512)");
+  assert.equal(planId(parsePlan({ ffn_groups: [], heal: {} })), "unfused", "nothing fused, nothing healed");
+  assert.throws(
+    () => parsePlan({ ffn_groups: [[3, 4]], heal: { calibration_tokens: 10 } }),
+    /heal\.calibration_tokens/,
+  );
+  assert.throws(() => parsePlan({ ffn_groups: [[3, 4]], heal: { tokens: 100 } }), /heal/);
+});
+
+Deno.test({
+  name:
+    "healing tiny-nas ffn[3-8]: members' input residual falls on calibration and held-out tokens; evaluation loss below the unhealed plan's",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const assets = await loadAssets(TINY_NAS, {}, EVAL_TEXT);
+    const plain: FusionPlan = { version: 1, ffn_groups: [[3, 4, 5, 6, 7, 8]] };
+    const unhealed = await buildInstance(assets, plain, "wasm");
+    const healed = await buildInstance(assets, { ...plain, heal: HEAL }, "wasm");
+    const report = healed.heal!;
+    assert.equal(report.calibration_tokens, 1024);
+    assert.equal(report.heldout_tokens, 512);
+    const [g] = report.groups;
+    assert.deepEqual(g.layers, [3, 4, 5, 6, 7, 8]);
+    assert.equal(g.healed, true, JSON.stringify(g));
+    assert.ok(g.residual.calibration.after < 0.8 * g.residual.calibration.before, JSON.stringify(g.residual));
+    assert.ok(g.residual.heldout.after < g.residual.heldout.before, JSON.stringify(g.residual));
+    assert.ok(g.heldout_loss.healed < g.heldout_loss.unhealed);
+    assert.equal(g.heldout_loss.tried.length, 5);
+    const before = await loss(TINY_NAS, unhealed);
+    const after = await loss(TINY_NAS, healed);
+    assert.ok(after < before, `evaluation loss healed ${after} < unhealed ${before}`);
+    await unhealed.session.release();
+    await healed.session.release();
+  },
+});
+
+Deno.test({
+  name:
+    "healing never makes it worse: tiny-llama -attn[5]+ffn[4-5], where no ridge lowers the held-out loss, is served unhealed and says so",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const assets = await loadAssets(TINY_LLAMA, {}, EVAL_TEXT);
+    const plain: FusionPlan = {
+      version: 2,
+      attention: { remove: [5], linear: [] },
+      ffn_groups: [[4, 5]],
+      block_groups: [],
+    };
+    const unhealed = await buildInstance(assets, plain, "wasm");
+    const healed = await buildInstance(assets, { ...plain, heal: HEAL }, "wasm");
+    const [g] = healed.heal!.groups;
+    assert.ok(g.heldout_loss.healed <= g.heldout_loss.unhealed);
+    if (!g.healed) {
+      assert.match(g.note!, /served unhealed/);
+      assert.equal(g.ridge, null);
+    }
+    const before = await loss(TINY_LLAMA, unhealed);
+    const after = await loss(TINY_LLAMA, healed);
+    assert.ok(after <= before + 1e-3, `evaluation loss healed ${after} <= unhealed ${before}`);
+    await unhealed.session.release();
+    await healed.session.release();
+  },
+});
+
+Deno.test({
+  name: "POST /fuse heals a plan that asks for it and reports it; bad heal settings are 400 naming the field",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const server = await startServer(["--device", "wasm"]);
+    await server.ready;
+    try {
+      const bad = await post(server.base, "/fuse", { ffn_groups: [[3, 4]], heal: { heldout_tokens: 1 } });
+      assert.equal(bad.status, 400);
+      assert.match((await bad.json()).error.message, /heal\.heldout_tokens/);
+      const tooFar = await post(server.base, "/fuse", {
+        ffn_groups: [[3, 4]],
+        heal: { skip_tokens: 10_000_000, calibration_tokens: 64 },
+      });
+      assert.equal(tooFar.status, 400, await tooFar.clone().text());
+      const res = await post(server.base, "/fuse", {
+        ffn_groups: [[3, 4, 5]],
+        heal: { skip_tokens: 65536, calibration_tokens: 256, heldout_tokens: 256 },
+      });
+      assert.equal(res.status, 200, await res.clone().text());
+      const body = await res.json();
+      assert.equal(body.active.id, "ffn[3-5]+heal(256@65536/256)");
+      assert.deepEqual(body.active.heal.groups[0].layers, [3, 4, 5]);
+      const gen = await post(server.base, "/v1/completions", {
+        prompt: "def main(",
+        max_tokens: 8,
+        temperature: 0,
+      });
+      assert.equal(gen.status, 200);
+      assert.equal((await gen.json()).usage.completion_tokens, 8);
+    } finally {
+      await server.stop();
+    }
+  },
+});
