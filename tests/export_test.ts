@@ -59,13 +59,13 @@ Deno.test("export: a healed plan is written with its fitted weights (same logits
   const cases = (await golden(TINY_NAS)).cases;
   const plan = parsePlan({
     ffn_groups: [[3, 4, 5, 6, 7, 8]],
-    heal: { skip_tokens: 65536, calibration_tokens: 256, heldout_tokens: 256 },
+    heal: { skip_tokens: 65536, calibration_tokens: 1024, heldout_tokens: 1024 },
   });
   const { summary, pairs, card } = await roundTrip(TINY_NAS, plan, cases.slice(0, 2).map((c) => c.input_ids));
-  assert.equal(summary.plan, "ffn[3-8]+heal(256@65536/256)");
+  assert.equal(summary.plan, "ffn[3-8]+heal(1024@65536)");
   for (const [a, b] of pairs) assert.ok(relL2(last(b, 4096), last(a, 4096)) <= 1e-5);
   assert.match(card, /## Healing/);
-  assert.match(card, /\| 3-8 \| yes \|/, "healed: the export carries fitted weights");
+  assert.match(card, /\| 3-8 \| ridge \S+ \| /, "healed: the export carries fitted input maps");
 });
 
 Deno.test("export: a v2 plan on tiny-llama (attention removed and linear, FFNs fused across) round-trips (1e-5)", async () => {

@@ -5,10 +5,12 @@ import { textWindows } from "../src/fusion/calibration.ts";
 import { type FusionPlan, parsePlan, planId } from "../src/fusion/plan.ts";
 import { buildInstance, loadAssets, type ModelInstance } from "../src/runtime/engine.ts";
 import { EVAL_TEXT, exactLinearData, relL2, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
+import { clearlyBetter } from "../src/fusion/heal.ts";
+import { rng } from "../src/numeric.ts";
 import { post, startServer } from "./server_helpers.ts";
 
 /** A calibration slice far from the evaluation tokens below, small enough for CI. */
-const HEAL = { skip_tokens: 65536, calibration_tokens: 1024, heldout_tokens: 512 };
+const HEAL = { skip_tokens: 65536, calibration_tokens: 1024, heldout_tokens: 1024 };
 /** Evaluation tokens: the README's evaluation slice, which the fit never sees. */
 const EVAL = { skip: 512, max: 2048, window: 256 };
 
@@ -40,11 +42,31 @@ Deno.test("normal equations: streamed in batches they give the one-shot ridge fi
   assert.ok(norm(eq.solve(10)) < norm(w));
 });
 
+Deno.test("a stage is kept only when it beats the current model beyond the noise of the paired per-token losses", () => {
+  const random = rng(9);
+  const current = Float64Array.from({ length: 1000 }, () => 2 + random());
+  // Lower by exactly 0.01 on average, with a spread of 0.3 or 0.003 per token.
+  const noisy = Float64Array.from(current, (v, i) => v - 0.01 + (i % 2 ? 0.3 : -0.3));
+  const steady = Float64Array.from(current, (v, i) => v - 0.01 + (i % 2 ? 0.003 : -0.003));
+  assert.equal(clearlyBetter(noisy, current), false, "0.01 lower on average, within the noise");
+  assert.equal(clearlyBetter(steady, current), true, "0.01 lower with little spread");
+  assert.equal(clearlyBetter(current, current), false, "equal is not better");
+  assert.equal(clearlyBetter(Float64Array.from(current, (v) => v + 0.01), current), false);
+});
+
 Deno.test("heal plan field: defaults, bounds, and a plan id that names the fit", () => {
   const p = parsePlan({ ffn_groups: [[3, 4, 5]], heal: {} });
   assert.deepEqual(p.heal, { calibration_tokens: 4096, skip_tokens: 0, heldout_tokens: 1024 });
   assert.equal(planId(p), "ffn[3-5]+heal(4096)");
-  assert.equal(planId(parsePlan({ ffn_groups: [[3, 4]], heal: HEAL })), "ffn[3-4]+heal(1024@65536/512)");
+  assert.equal(
+    planId(
+      parsePlan({
+        ffn_groups: [[3, 4]],
+        heal: { skip_tokens: 65536, calibration_tokens: 1024, heldout_tokens: 512 },
+      }),
+    ),
+    "ffn[3-4]+heal(1024@65536/512)",
+  );
   assert.equal(planId(parsePlan({ ffn_groups: [], heal: {} })), "unfused", "nothing fused, nothing healed");
   assert.throws(
     () => parsePlan({ ffn_groups: [[3, 4]], heal: { calibration_tokens: 10 } }),
@@ -55,7 +77,7 @@ Deno.test("heal plan field: defaults, bounds, and a plan id that names the fit",
 
 Deno.test({
   name:
-    "healing tiny-nas ffn[3-8]: members' input residual falls on calibration and held-out tokens; evaluation loss below the unhealed plan's",
+    "healing tiny-nas ffn[3-8]: members' input residual falls on calibration and held-out tokens; evaluation loss below the unhealed plan's; too few tokens for the down projection is said",
   sanitizeResources: false,
   sanitizeOps: false,
   fn: async () => {
@@ -65,14 +87,23 @@ Deno.test({
     const healed = await buildInstance(assets, { ...plain, heal: HEAL }, "wasm");
     const report = healed.heal!;
     assert.equal(report.calibration_tokens, 1024);
-    assert.equal(report.heldout_tokens, 512);
+    assert.equal(report.heldout_tokens, 1024);
     const [g] = report.groups;
     assert.deepEqual(g.layers, [3, 4, 5, 6, 7, 8]);
     assert.equal(g.healed, true, JSON.stringify(g));
-    assert.ok(g.residual.calibration.after < 0.8 * g.residual.calibration.before, JSON.stringify(g.residual));
-    assert.ok(g.residual.heldout.after < g.residual.heldout.before, JSON.stringify(g.residual));
+    const [inputs, down] = g.stages;
+    assert.equal(inputs.objective, "member_input");
+    assert.equal(inputs.kept, true);
+    assert.ok(
+      inputs.residual.calibration.after < 0.8 * inputs.residual.calibration.before,
+      JSON.stringify(inputs),
+    );
+    assert.ok(inputs.residual.heldout.after < inputs.residual.heldout.before, JSON.stringify(inputs));
+    assert.equal(inputs.tried.length, 5);
+    assert.equal(down.objective, "down_projection");
+    assert.equal(down.kept, false);
+    assert.match(down.note!, /1024 calibration tokens are too few to refit a 4608-wide projection/);
     assert.ok(g.heldout_loss.healed < g.heldout_loss.unhealed);
-    assert.equal(g.heldout_loss.tried.length, 5);
     const before = await loss(TINY_NAS, unhealed);
     const after = await loss(TINY_NAS, healed);
     assert.ok(after < before, `evaluation loss healed ${after} < unhealed ${before}`);
@@ -83,7 +114,7 @@ Deno.test({
 
 Deno.test({
   name:
-    "healing never makes it worse: tiny-llama -attn[5]+ffn[4-5], where no ridge lowers the held-out loss, is served unhealed and says so",
+    "healing never makes it worse: tiny-llama -attn[5]+ffn[4-5]: a stage no ridge improves is not kept, and the report says so",
   sanitizeResources: false,
   sanitizeOps: false,
   fn: async () => {
@@ -98,9 +129,15 @@ Deno.test({
     const healed = await buildInstance(assets, { ...plain, heal: HEAL }, "wasm");
     const [g] = healed.heal!.groups;
     assert.ok(g.heldout_loss.healed <= g.heldout_loss.unhealed);
-    if (!g.healed) {
-      assert.match(g.note!, /served unhealed/);
-      assert.equal(g.ridge, null);
+    assert.equal(
+      g.stages[1].tried.length,
+      3,
+      "the down projection of the 1536-wide group was refitted and scored",
+    );
+    for (const stage of g.stages) {
+      if (stage.kept) continue;
+      assert.match(stage.note!, /no ridge lowered the held-out loss/);
+      assert.equal(stage.ridge, null);
     }
     const before = await loss(TINY_LLAMA, unhealed);
     const after = await loss(TINY_LLAMA, healed);

@@ -1,7 +1,7 @@
 import { join } from "node:path";
 import { InputError } from "../errors.ts";
 import type { QualityReport } from "../fusion/evaluate.ts";
-import type { HealReport } from "../fusion/heal.ts";
+import type { HealReport, HealStage } from "../fusion/heal.ts";
 import { type FusionPlan, planId } from "../fusion/plan.ts";
 import { STORED_SIZE, type StoredType, type TensorToWrite, writeSafetensors } from "../model/safetensors.ts";
 import { numel } from "../model/tensor.ts";
@@ -194,20 +194,23 @@ function describe(l: ExportLayer): string {
 function healSection(heal: HealReport | undefined): string[] {
   if (!heal) return [];
   const f = (x: number) => x.toFixed(4);
+  const stage = (s: HealStage | undefined) => (s?.kept ? `ridge ${s.ridge}` : "not kept");
   return [
     "## Healing",
     "",
-    `Each fused group's members read a fitted linear map of the group's normalised input (ridge least squares on`,
-    `${heal.calibration_tokens} calibration tokens predicting each member's sequential input; the map is folded into`,
-    `its gate and up rows, so the group is still one wide FFN). Ridge chosen by the loss on ${heal.heldout_tokens}`,
-    "held-out tokens; a group no ridge improved is left unhealed.",
+    "Fitted without training (fusedge's `heal`): each fused group's members read a ridge-fitted linear map of",
+    "the group's normalised input that predicts their sequential input (folded into their gate and up rows),",
+    "then the group's down projection is refitted to the sequential output, each token's error scaled by the",
+    `inverse RMS of that output. ${heal.calibration_tokens} calibration tokens; each stage and ridge chosen by the`,
+    `loss on ${heal.heldout_tokens} held-out tokens and kept only where it lowers it. Every group is still one`,
+    "wide FFN.",
     "",
-    "| group | healed | ridge | held-out loss unhealed | healed | input residual before | after (held-out) |",
-    "| --- | --- | --- | --- | --- | --- | --- |",
+    "| group | input maps | down projection | held-out loss unhealed | healed |",
+    "| --- | --- | --- | --- | --- |",
     ...heal.groups.map((g) =>
-      `| ${g.layers[0]}-${g.layers.at(-1)} | ${g.healed ? "yes" : "no"} | ${g.ridge ?? "-"} | ${
+      `| ${g.layers[0]}-${g.layers.at(-1)} | ${stage(g.stages[0])} | ${stage(g.stages[1])} | ${
         f(g.heldout_loss.unhealed)
-      } | ${f(g.heldout_loss.healed)} | ${f(g.residual.heldout.before)} | ${f(g.residual.heldout.after)} |`
+      } | ${f(g.heldout_loss.healed)} |`
     ),
     "",
   ];

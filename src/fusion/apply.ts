@@ -71,25 +71,34 @@ export function fuseFfns(members: FfnBlock[], heal?: FusionHeal): FfnBlock {
   const hidden = members[0].gate.shape[1];
   const total = members.reduce((sum, m) => sum + m.gate.shape[0], 0);
   const maps = heal?.maps ?? new Map();
-  const healed = members.some((m) => maps.has(m.layers[0]));
+  const layers = members.flatMap((m) => m.layers);
+  const down = heal?.downs?.get(groupKey(layers));
+  const healed = down !== undefined || members.some((m) => maps.has(m.layers[0]));
   let weights: ReturnType<typeof stack> | null = null;
   const fused = () => (weights ??= stack(members, hidden, total, maps));
   return {
     kind: "ffn",
-    layers: members.flatMap((m) => m.layers),
+    layers,
     norm: null,
     gate: lazyTensor([total, hidden], () => fused().gate),
     up: lazyTensor([total, hidden], () => fused().up),
-    down: lazyTensor([hidden, total], () => fused().down),
+    down: lazyTensor([hidden, total], () => down ?? fused().down),
     ...(healed ? { variant: heal!.variant } : {}),
   };
 }
 
-/** The fitted input maps of healed groups' members, and the name of the fit (see FfnBlock.variant). */
+/**
+ * What healing fitted (fusion/heal.ts): input maps of members, refitted down projections of fused
+ * groups (by groupKey, [hidden, width]), and the name of the fit (see FfnBlock.variant).
+ */
 export interface FusionHeal {
   maps: InputMaps;
+  downs?: Map<string, Float32Array>;
   variant: string;
 }
+
+/** A fused group's key among healed down projections. */
+export const groupKey = (layers: number[]): string => layers.join("_");
 
 /**
  * `fused`: one wide FFN per group (what we serve). `parallel`: the same parallel semantics with each

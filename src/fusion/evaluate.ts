@@ -33,6 +33,25 @@ function logSoftmax(row: Float32Array | Float64Array, out: Float64Array): void {
   for (let i = 0; i < row.length; i++) out[i] = row[i] - lse;
 }
 
+/** Each predicted token's negative log-likelihood, in order: what paired comparisons of two models need. */
+export async function tokenLosses(
+  sequences: number[][],
+  vocab: number,
+  model: Scorer,
+): Promise<Float64Array> {
+  const out = new Float64Array(sequences.reduce((n, s) => n + s.length - 1, 0));
+  const lq = new Float64Array(vocab);
+  let at = 0;
+  for (const ids of sequences) {
+    const logits = await model(ids);
+    for (let t = 0; t + 1 < ids.length; t++) {
+      logSoftmax(logits.subarray(t * vocab, (t + 1) * vocab), lq);
+      out[at++] = -lq[ids[t + 1]];
+    }
+  }
+  return out;
+}
+
 export async function evaluateQuality(
   sequences: number[][],
   vocab: number,

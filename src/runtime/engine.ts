@@ -1,6 +1,6 @@
 import { applyPlan, type FusionHeal } from "../fusion/apply.ts";
 import { healPlan, type HealReport } from "../fusion/heal.ts";
-import { evaluateQuality } from "../fusion/evaluate.ts";
+import { tokenLosses } from "../fusion/evaluate.ts";
 import { type FusionPlan, linearAttention, planId } from "../fusion/plan.ts";
 import { FIT_SLICE, lazyLinearAttention } from "../fusion/linear_fit.ts";
 import { textWindows } from "../fusion/calibration.ts";
@@ -136,14 +136,14 @@ function planHeal(
       calibration,
       heldout,
       onProgress,
-      lossOf: async (blocks) => {
+      lossesOf: async (blocks) => {
         const s = await ModelSession.create(
           buildDecoderGraph(assets.checkpoint, blocks),
           "wasm",
           cfg.vocabSize,
         );
         try {
-          return (await evaluateQuality(heldout, cfg.vocabSize, (ids) => s.logitsOf(ids))).loss;
+          return await tokenLosses(heldout, cfg.vocabSize, (ids) => s.logitsOf(ids));
         } finally {
           await s.release();
         }
