@@ -5,7 +5,7 @@ import { textWindows } from "../src/fusion/calibration.ts";
 import { type FusionPlan, parsePlan, planId } from "../src/fusion/plan.ts";
 import { buildInstance, loadAssets, type ModelInstance } from "../src/runtime/engine.ts";
 import { EVAL_TEXT, exactLinearData, relL2, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
-import { clearlyBetter } from "../src/fusion/heal.ts";
+import { clearlyBetter, DOWN_RIDGES, INPUT_RIDGES } from "../src/fusion/heal.ts";
 import { rng } from "../src/numeric.ts";
 import { post, startServer } from "./server_helpers.ts";
 
@@ -99,7 +99,7 @@ Deno.test({
       JSON.stringify(inputs),
     );
     assert.ok(inputs.residual.heldout.after < inputs.residual.heldout.before, JSON.stringify(inputs));
-    assert.equal(inputs.tried.length, 5);
+    assert.equal(inputs.tried.length, INPUT_RIDGES.length);
     assert.equal(down.objective, "down_projection");
     assert.equal(down.kept, false);
     assert.match(down.note!, /1024 calibration tokens are too few to refit a 4608-wide projection/);
@@ -131,7 +131,7 @@ Deno.test({
     assert.ok(g.heldout_loss.healed <= g.heldout_loss.unhealed);
     assert.equal(
       g.stages[1].tried.length,
-      3,
+      DOWN_RIDGES.length,
       "the down projection of the 1536-wide group was refitted and scored",
     );
     for (const stage of g.stages) {
@@ -148,7 +148,8 @@ Deno.test({
 });
 
 Deno.test({
-  name: "POST /fuse heals a plan that asks for it and reports it; bad heal settings are 400 naming the field",
+  name:
+    "POST /fuse heals a plan that asks for it, GET /fuse shows the stage meanwhile, the answer reports it; bad heal settings are 400 naming the field",
   sanitizeResources: false,
   sanitizeOps: false,
   fn: async () => {
@@ -163,10 +164,21 @@ Deno.test({
         heal: { skip_tokens: 10_000_000, calibration_tokens: 64 },
       });
       assert.equal(tooFar.status, 400, await tooFar.clone().text());
-      const res = await post(server.base, "/fuse", {
+      const pending = post(server.base, "/fuse", {
         ffn_groups: [[3, 4, 5]],
         heal: { skip_tokens: 65536, calibration_tokens: 256, heldout_tokens: 256 },
       });
+      // While it builds, GET /fuse says which healing stage the build is in.
+      const stages = new Set<string>();
+      let settled = false;
+      pending.finally(() => (settled = true));
+      while (!settled) {
+        const progress = (await (await fetch(`${server.base}/fuse`)).json()).build_progress;
+        if (progress) stages.add(progress.stage);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      assert.ok([...stages].some((s) => /^heal ffn\[3-5\]: /.test(s)), `stages seen: ${[...stages]}`);
+      const res = await pending;
       assert.equal(res.status, 200, await res.clone().text());
       const body = await res.json();
       assert.equal(body.active.id, "ffn[3-5]+heal(256@65536/256)");

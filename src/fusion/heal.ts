@@ -31,7 +31,7 @@ import { type FusionPlan, planId } from "./plan.ts";
 export const INPUT_RIDGES = [1e-4, 1e-3, 1e-2, 1e-1, 1];
 
 /** Ridge strengths tried for the down projection's correction (stronger: it has width x hidden unknowns). */
-export const DOWN_RIDGES = [1e-1, 1, 10];
+export const DOWN_RIDGES = [1e-2, 1e-1, 1, 10];
 
 /**
  * The down-projection stage accumulates a width x width Gram matrix in float64: above this it is skipped

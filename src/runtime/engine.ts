@@ -179,9 +179,10 @@ export async function buildInstance(
   device: Backend,
   options: GraphOptions = FLOAT_WEIGHTS,
   weights: WeightCache = new WeightCache(formatName(options)),
+  onProgress?: (stage: string, done: number, total: number) => void,
 ): Promise<ModelInstance> {
   const t0 = performance.now();
-  const { blocks, heal } = await planBlocks(assets, plan);
+  const { blocks, heal } = await planBlocks(assets, plan, onProgress);
   const graph = buildDecoderGraph(assets.checkpoint, blocks, options, weights);
   const t1 = performance.now();
   const session = await ModelSession.create(graph, device, assets.checkpoint.config.vocabSize);

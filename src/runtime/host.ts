@@ -6,7 +6,13 @@ import { FLOAT_WEIGHTS, type GraphOptions } from "../onnx/format.ts";
 import { checkModelFits, kvBudgetBytes } from "./memory.ts";
 import type { Device } from "./ort.ts";
 import type { WeightEntries } from "../onnx/weight_cache.ts";
-import { type BuildSpec, type PendingBuild, type PlanInstance, RemoteInstance } from "./remote_instance.ts";
+import {
+  type BuildProgress,
+  type BuildSpec,
+  type PendingBuild,
+  type PlanInstance,
+  RemoteInstance,
+} from "./remote_instance.ts";
 import { RemoteTokenizer } from "./remote_tokenizer.ts";
 
 /** A counted reference to the instance a request started on; the request keeps it until it ends. */
@@ -178,6 +184,11 @@ export class ModelHost {
 
   get swapInProgress(): boolean {
     return this.pending !== null;
+  }
+
+  /** The stage a pending build reports (healing), null when none does. */
+  get buildProgress(): BuildProgress | null {
+    return this.pending?.progress ?? null;
   }
 
   /** The model's config once it serves; an UnavailableError while loading or after a failed load. */

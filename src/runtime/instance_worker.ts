@@ -57,6 +57,8 @@ export type InstanceReply =
   }
   /** KV bytes the instance holds now, after each change. */
   | { type: "kv"; bytes: number }
+  /** A long build's stage (healing): the serving thread shows it in GET /fuse. */
+  | { type: "progress"; stage: string; done: number; total: number }
   | { type: "chunk"; id: number; chunk: GenerationChunk }
   | { type: "done"; id: number; summary: GenerationSummary }
   | { type: "failed"; id: number | null } & WorkerError
@@ -79,7 +81,14 @@ async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<
     : await loadCheckpoint(req.modelDir, { shared: true, maxContext: req.maxContext });
   const assets = await assetsFrom(req.checkpoint ?? loaded!, req.modelDir, req.calibrationText);
   const weights = new WeightCache(formatName(req.graph), req.weights, true);
-  instance = await buildInstance(assets, req.plan, device, req.graph, weights);
+  instance = await buildInstance(
+    assets,
+    req.plan,
+    device,
+    req.graph,
+    weights,
+    (stage, done, total) => post({ type: "progress", stage, done, total }),
+  );
   const cfg = assets.checkpoint.config;
   engine = new BatchEngine(
     instance.session,

@@ -73,6 +73,14 @@ export interface BuiltInstance {
 export interface PendingBuild {
   ready: Promise<BuiltInstance>;
   cancel(reason: string): void;
+  /** Where a long build is (healing reports its stages), null until it says. */
+  readonly progress?: BuildProgress | null;
+}
+
+export interface BuildProgress {
+  stage: string;
+  done: number;
+  total: number;
 }
 
 /** Items handed from the worker's messages to an async generator, in order. */
@@ -128,11 +136,16 @@ export class RemoteInstance implements PlanInstance {
   static build(spec: BuildSpec): PendingBuild {
     const worker = new Worker(new URL("./instance_worker.ts", import.meta.url).href, { type: "module" });
     let settle: { reject: (e: Error) => void } | null = null;
+    let progress: BuildProgress | null = null;
     const ready = new Promise<BuiltInstance>(
       (resolve, reject) => {
         settle = { reject };
         worker.onmessage = (e: MessageEvent<InstanceReply>) => {
           const m = e.data;
+          if (m.type === "progress") {
+            progress = { stage: m.stage, done: m.done, total: m.total };
+            return;
+          }
           if (m.type === "built") {
             settle = null;
             const instance = new RemoteInstance(
@@ -188,6 +201,9 @@ export class RemoteInstance implements PlanInstance {
     worker.postMessage(request);
     return {
       ready,
+      get progress() {
+        return progress;
+      },
       cancel: (reason) => {
         if (!settle) return;
         worker.terminate();

@@ -24,6 +24,7 @@ export function getFuseHandler(host: ModelHost) {
       swaps: host.swaps,
       retiring: host.retiringCount,
       swapping: host.swapInProgress,
+      build_progress: host.buildProgress,
     });
 }
 
