@@ -4,7 +4,7 @@
  * the unfused model, the suggested plan, a set of hand-written plans and, from the measured frontier
  * (docs/<model>-frontier.json, written by scripts/frontier.ts), the best block-parallel plan and the
  * best plans that remove attention or make it linear, alone and with FFNs fused; then every plan that
- * fuses FFNs again, healed (its "gap closed" against the unhealed plan).
+ * has FFN or block groups again, healed (its "gap closed" against the unhealed plan).
  *
  *   scripts/deno run -A scripts/quality.ts [--model DIR] [--calibration 512] [--eval 8192]
  */
@@ -12,7 +12,13 @@ import { parseArgs } from "node:util";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import type { FrontierPoint } from "../src/fusion/frontier.ts";
-import { blockGroups, type FusionPlan, linearAttention, removedAttention } from "../src/fusion/plan.ts";
+import {
+  blockGroups,
+  type FusionPlan,
+  healable,
+  linearAttention,
+  removedAttention,
+} from "../src/fusion/plan.ts";
 import { stepsRemoved } from "../src/fusion/frontier.ts";
 import { modelName } from "../src/model/checkpoint.ts";
 
@@ -106,11 +112,11 @@ for (const q of ["int8", "int4"]) {
   stepsOf.set(unfused, 0).set(fused, stepsRemoved(plans[0]));
   rows.push(unfused, fused);
 }
-// Healed beside unhealed: every plan that fuses FFNs, healed on calibration tokens far from the
+// Healed beside unhealed: every plan with FFN or block groups, healed on calibration tokens far from the
 // evaluation slice (data/eval.py.txt from token 65536; the tokens between are not representative).
 const healed: Record<string, unknown>[] = [];
 for (const [i, plan] of plans.entries()) {
-  if (!plan.ffn_groups.length) continue;
+  if (!healable(plan)) continue;
   const file = join(dir, `healed${i}.json`);
   await Deno.writeTextFile(file, JSON.stringify({ ...plan, heal: { skip_tokens: HEAL_SKIP } }));
   const row = await cli(["eval", ...evalArgs, "--plan", file]);

@@ -3,6 +3,8 @@ import { NormalEquations, residual, ridgeFit } from "../src/fusion/linear_fit.ts
 import { evaluateQuality } from "../src/fusion/evaluate.ts";
 import { textWindows } from "../src/fusion/calibration.ts";
 import { type FusionPlan, parsePlan, planId } from "../src/fusion/plan.ts";
+import { applyPlan } from "../src/fusion/apply.ts";
+import type { Block, FfnBlock } from "../src/model/blocks.ts";
 import { buildInstance, loadAssets, type ModelInstance } from "../src/runtime/engine.ts";
 import { EVAL_TEXT, exactLinearData, relL2, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
 import { clearlyBetter, DOWN_RIDGES, INPUT_RIDGES } from "../src/fusion/heal.ts";
@@ -144,6 +146,51 @@ Deno.test({
     assert.ok(after <= before + 1e-3, `evaluation loss healed ${after} <= unhealed ${before}`);
     await unhealed.session.release();
     await healed.session.release();
+  },
+});
+
+Deno.test({
+  name:
+    "healing a block group: tiny-nas blk[8-9]'s FFN down projections are refitted and scored, kept only if clearly better; healed blocks carry their weights",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const assets = await loadAssets(TINY_NAS, {}, EVAL_TEXT);
+    const plan: FusionPlan = {
+      version: 2,
+      attention: { remove: [], linear: [] },
+      ffn_groups: [],
+      block_groups: [[8, 9]],
+      heal: HEAL,
+    };
+    assert.equal(planId(plan), "blk[8-9]+heal(1024@65536)");
+    const healed = await buildInstance(assets, plan, "wasm");
+    const [g] = healed.heal!.groups;
+    assert.equal(g.kind, "block");
+    assert.deepEqual(g.layers, [8, 9]);
+    const [down] = g.stages;
+    assert.equal(down.objective, "down_projection");
+    assert.equal(down.tried.length, DOWN_RIDGES.length, JSON.stringify(down));
+    assert.ok(g.heldout_loss.healed <= g.heldout_loss.unhealed);
+    await healed.session.release();
+    // Where a fit is kept, the group's members serve it: each FFN's refitted down projection, under
+    // the fit's own weight names.
+    const d = assets.checkpoint.config.hidden;
+    const down9 = new Float32Array(d * 768).fill(0.5);
+    const blocks = applyPlan(assets.blocks, plan, "fused", new Map(), {
+      maps: new Map(),
+      blockDowns: new Map([[9, down9]]),
+      variant: "heal(x)",
+    });
+    const group = blocks.find((b) => b.kind === "parallel_blocks") as Extract<
+      Block,
+      { kind: "parallel_blocks" }
+    >;
+    const ffn9 = group.members[1].find((b) => b.kind === "ffn") as FfnBlock;
+    assert.equal(ffn9.down.data, down9);
+    assert.equal(ffn9.variant, "heal(x)");
+    const ffn8 = group.members[0].find((b) => b.kind === "ffn") as FfnBlock;
+    assert.equal(ffn8.variant, undefined, "a member without a fit keeps its weights");
   },
 });
 

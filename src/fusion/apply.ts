@@ -1,5 +1,5 @@
 import { type Block, type FfnBlock, layerOf } from "../model/blocks.ts";
-import { lazyTensor, type Tensor } from "../model/tensor.ts";
+import { lazyTensor, type Tensor, tensor } from "../model/tensor.ts";
 import type { LinearWeights } from "../model/checkpoint.ts";
 import { blockGroups, type FusionPlan, linearAttention, removedAttention } from "./plan.ts";
 
@@ -89,11 +89,13 @@ export function fuseFfns(members: FfnBlock[], heal?: FusionHeal): FfnBlock {
 
 /**
  * What healing fitted (fusion/heal.ts): input maps of members, refitted down projections of fused
- * groups (by groupKey, [hidden, width]), and the name of the fit (see FfnBlock.variant).
+ * groups (by groupKey, [hidden, width]) and of block groups' FFNs (by layer), and the name of the fit
+ * (see FfnBlock.variant).
  */
 export interface FusionHeal {
   maps: InputMaps;
   downs?: Map<string, Float32Array>;
+  blockDowns?: Map<number, Float32Array>;
   variant: string;
 }
 
@@ -129,12 +131,17 @@ export function applyPlan(
     if (!weights) throw new Error(`no fitted linear map for the attention of layer ${b.layer}`);
     return [{ kind: "linear", layer: b.layer, part: "attention", weights }];
   });
-  return fuseFfnGroups(parallelizeBlocks(changed, blockGroups(plan)), plan.ffn_groups, form, heal);
+  return fuseFfnGroups(parallelizeBlocks(changed, blockGroups(plan), heal), plan.ffn_groups, form, heal);
 }
 
 /** Collects the blocks of each group's layers, in order, into one `parallel_blocks` at the group's end. */
-function parallelizeBlocks(blocks: Block[], groups: number[][]): Block[] {
+function parallelizeBlocks(blocks: Block[], groups: number[][], heal?: FusionHeal): Block[] {
   if (groups.length === 0) return blocks;
+  // A healed block group's FFNs carry their refitted down projections.
+  const healed = (b: Block): Block => {
+    const down = b.kind === "ffn" ? heal?.blockDowns?.get(b.layers[0]) : undefined;
+    return down && b.kind === "ffn" ? { ...b, down: tensor(b.down.shape, down), variant: heal!.variant } : b;
+  };
   const groupOf = new Map<number, number[]>();
   for (const g of groups) for (const l of g) groupOf.set(l, g);
   const out: Block[] = [];
@@ -143,7 +150,7 @@ function parallelizeBlocks(blocks: Block[], groups: number[][]): Block[] {
     const layer = layerOf(b);
     const group = layer === undefined ? undefined : groupOf.get(layer);
     if (!group) return out.push(b);
-    members.set(layer!, [...(members.get(layer!) ?? []), b]);
+    members.set(layer!, [...(members.get(layer!) ?? []), healed(b)]);
     const next = blocks[i + 1];
     const nextLayer = next ? layerOf(next) : undefined;
     if (layer === group.at(-1) && nextLayer !== layer) {

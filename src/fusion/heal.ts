@@ -1,9 +1,9 @@
-import type { Block, FfnBlock } from "../model/blocks.ts";
+import { type Block, type FfnBlock, layerOf } from "../model/blocks.ts";
 import type { Checkpoint, LinearWeights } from "../model/checkpoint.ts";
 import { referenceForward, rmsNorm } from "../model/forward.ts";
 import { applyPlan, type FusionHeal, groupKey, type InputMaps } from "./apply.ts";
 import { NormalEquations } from "./linear_fit.ts";
-import { type FusionPlan, planId } from "./plan.ts";
+import { blockGroups, type FusionPlan, planId } from "./plan.ts";
 
 /**
  * Gradient-free healing of fused FFN groups, in two stages per group, each kept only where it lowers
@@ -53,6 +53,7 @@ export interface HealStage {
 }
 
 export interface HealGroupReport {
+  kind: "ffn" | "block";
   layers: number[];
   /** Whether any stage changed the group's weights. */
   healed: boolean;
@@ -123,9 +124,9 @@ interface GroupIo {
 }
 
 /**
- * One pass of the sequential group over windows: the normal equations of norm(x) against
- * norm(x_j) - norm(x) for members j >= 1, and each window's group input and output for the
- * down-projection stage.
+ * One pass of the sequential group over windows (blocks `members[0]` to `members.at(-1)`): each
+ * window's group input and output for the down-projection stage and, for an FFN group, the normal
+ * equations of norm(x) against norm(x_j) - norm(x) for members j >= 1.
  */
 function sequentialPass(
   ckpt: Checkpoint,
@@ -133,11 +134,12 @@ function sequentialPass(
   members: number[],
   windows: number[][],
   progress: (done: number) => void,
-): { eq: NormalEquations; io: GroupIo[] } {
+  memberInputs: boolean,
+): { eq: NormalEquations | null; io: GroupIo[] } {
   const d = ckpt.config.hidden;
   const eps = ckpt.config.rmsEps;
   const k = members.length;
-  const eq = new NormalEquations(d, (k - 1) * d);
+  const eq = memberInputs ? new NormalEquations(d, (k - 1) * d) : null;
   const last = members[k - 1];
   const io: GroupIo[] = [];
   windows.forEach((ids, w) => {
@@ -152,15 +154,17 @@ function sequentialPass(
       },
     });
     const x = inputs.get(members[0])!;
-    const h = rmsNorm(x, null, t, d, eps);
-    const y = new Float64Array(t * (k - 1) * d);
-    members.slice(1).forEach((bi, j) => {
-      const target = rmsNorm(inputs.get(bi)!, null, t, d, eps);
-      for (let r = 0; r < t; r++) {
-        for (let c = 0; c < d; c++) y[(r * (k - 1) + j) * d + c] = target[r * d + c] - h[r * d + c];
-      }
-    });
-    eq.add(t, h, y);
+    if (eq) {
+      const h = rmsNorm(x, null, t, d, eps);
+      const y = new Float64Array(t * (k - 1) * d);
+      members.slice(1).forEach((bi, j) => {
+        const target = rmsNorm(inputs.get(bi)!, null, t, d, eps);
+        for (let r = 0; r < t; r++) {
+          for (let c = 0; c < d; c++) y[(r * (k - 1) + j) * d + c] = target[r * d + c] - h[r * d + c];
+        }
+      });
+      eq.add(t, h, y);
+    }
     io.push({ t, x, out: out! });
     progress(w + 1);
   });
@@ -178,26 +182,16 @@ function inputMaps(layers: number[], c: Float64Array, d: number): InputMaps {
   );
 }
 
-/**
- * Rows of the down-projection fit for one window: the fused block's wide activations a(x) and the part
- * of the sequential group's output its current down projection misses, out - x - W a(x), both scaled
- * by 1/rms(out) per token. The scaling is what makes this fit help: what the next layer reads is the
- * normalised stream, and unscaled L2 spends the fit on the few tokens of very large norm (measured:
- * unscaled, this refit raises held-out loss at every ridge tried).
- */
-function downRows(block: FfnBlock, io: GroupIo, eps: number): { a: Float64Array; y: Float64Array } {
-  const d = block.down.shape[0];
+/** SwiGLU activations of an FFN block on its input rows [t, hidden] (its own norm gain, if any): [t, width]. */
+function activations(block: FfnBlock, input: Float64Array, t: number, eps: number): Float64Array {
+  const d = block.gate.shape[1];
   const width = block.gate.shape[0];
-  const { t, x, out } = io;
   const gate = block.gate.data;
   const up = block.up.data;
-  const down = block.down.data;
-  const h = rmsNorm(x, null, t, d, eps);
+  const h = rmsNorm(input, block.norm, t, d, eps);
   const a = new Float64Array(t * width);
-  const y = new Float64Array(t * d);
   for (let r = 0; r < t; r++) {
     const hr = r * d;
-    const ar = r * width;
     for (let u = 0; u < width; u++) {
       let g = 0;
       let v = 0;
@@ -206,165 +200,362 @@ function downRows(block: FfnBlock, io: GroupIo, eps: number): { a: Float64Array;
         g += gate[wu + c] * h[hr + c];
         v += up[wu + c] * h[hr + c];
       }
-      a[ar + u] = (g / (1 + Math.exp(-g))) * v;
+      a[r * width + u] = (g / (1 + Math.exp(-g))) * v;
     }
-    let ss = 0;
-    for (let c = 0; c < d; c++) ss += out[hr + c] ** 2;
-    const scale = 1 / Math.sqrt(ss / d + eps);
+  }
+  return a;
+}
+
+/** down [hidden, width] times activations [t, width]: [t, hidden]. */
+function project(down: Float32Array, a: Float64Array, t: number, d: number, width: number): Float64Array {
+  const out = new Float64Array(t * d);
+  for (let r = 0; r < t; r++) {
     for (let c = 0; c < d; c++) {
       let p = 0;
       const wc = c * width;
-      for (let u = 0; u < width; u++) p += down[wc + u] * a[ar + u];
-      y[hr + c] = scale * (out[hr + c] - x[hr + c] - p);
+      for (let u = 0; u < width; u++) p += down[wc + u] * a[r * width + u];
+      out[r * d + c] = p;
     }
-    for (let u = 0; u < width; u++) a[ar + u] *= scale;
+  }
+  return out;
+}
+
+/**
+ * Rows of a down-projection fit for one window: activations a [t, width] and what the group's current
+ * computation `predicted` misses of the sequential output, out - x - predicted, both scaled by 1/rms(out)
+ * per token. The scaling is what makes this fit help: what the next layer reads is the normalised
+ * stream, and unscaled L2 spends the fit on the few tokens of very large norm (measured: unscaled, this
+ * refit raises held-out loss at every ridge tried).
+ */
+function scaledRows(io: GroupIo, a: Float64Array, predicted: Float64Array, eps: number) {
+  const { t, x, out } = io;
+  const d = x.length / t;
+  const width = a.length / t;
+  const y = new Float64Array(t * d);
+  for (let r = 0; r < t; r++) {
+    let ss = 0;
+    for (let c = 0; c < d; c++) ss += out[r * d + c] ** 2;
+    const scale = 1 / Math.sqrt(ss / d + eps);
+    for (let c = 0; c < d; c++) y[r * d + c] = scale * (out[r * d + c] - x[r * d + c] - predicted[r * d + c]);
+    for (let u = 0; u < width; u++) a[r * width + u] *= scale;
   }
   return { a, y };
 }
 
-/** Heals every FFN group of the plan in model order; returns the fitted weights and the report. */
+/** A refitted down projection [hidden, width] and its held-out losses. */
+interface DownFit {
+  stage: HealStage;
+  kept: { weights: Float32Array; scored: Scored } | null;
+}
+
+/**
+ * The down-projection stage shared by FFN and block groups: ridge fits of a correction to `w0` on the
+ * calibration rows, each scored by held-out loss through `candidate`, kept when clearly better than
+ * `current`. Skipped, with the reason, when the Gram would pass MAX_DOWN_GRAM_BYTES or the calibration
+ * tokens are fewer than half the width.
+ */
+async function downStage(o: {
+  w0: Float32Array;
+  width: number;
+  d: number;
+  cal: GroupIo[];
+  held: GroupIo[];
+  rowsOf(io: GroupIo): { a: Float64Array; y: Float64Array };
+  candidate(weights: Float32Array): Promise<Scored>;
+  current: Scored;
+  progress(done: number, total: number): void;
+}): Promise<DownFit> {
+  const { width, d } = o;
+  const rows = o.cal.reduce((n, io) => n + io.t, 0);
+  const skip = width * width * 8 > MAX_DOWN_GRAM_BYTES
+    ? `its ${width} x ${width} Gram matrix would take ${
+      (width * width * 8 / 2 ** 30).toFixed(1)
+    } GiB (at most ${MAX_DOWN_GRAM_BYTES / 2 ** 30} GiB)`
+    : rows < width / 2
+    ? `${rows} calibration tokens are too few to refit a ${width}-wide projection (at least ${width / 2})`
+    : null;
+  const none = { before: NaN, after: NaN };
+  if (skip) {
+    return {
+      stage: {
+        objective: "down_projection",
+        kept: false,
+        ridge: null,
+        residual: { calibration: none, heldout: none },
+        tried: [],
+        note: `skipped: ${skip}`,
+      },
+      kept: null,
+    };
+  }
+  const eq = new NormalEquations(width, d);
+  o.cal.forEach((io, w) => {
+    const { a, y } = o.rowsOf(io);
+    eq.add(io.t, a, y);
+    o.progress(w + 1, o.cal.length);
+  });
+  // Held-out residual of a correction, from a direct pass (a second Gram would double the cost).
+  const heldRows = o.held.map((io) => o.rowsOf(io));
+  const heldResidual = (dw: Float64Array | null) => {
+    let sum = 0;
+    let n = 0;
+    for (const { a, y } of heldRows) {
+      const t = y.length / d;
+      n += t;
+      const p = dw ? project(Float32Array.from(dw), a, t, d, width) : null;
+      for (let i = 0; i < y.length; i++) sum += (y[i] - (p ? p[i] : 0)) ** 2;
+    }
+    return sum / n;
+  };
+  const tried: ({ ridge: number; dw: Float64Array; weights: Float32Array } & Scored)[] = [];
+  for (const ridge of DOWN_RIDGES) {
+    const dw = eq.solve(ridge);
+    const weights = Float32Array.from(o.w0, (v, i) => v + dw[i]);
+    tried.push({ ridge, dw, weights, ...await o.candidate(weights) });
+  }
+  const best = tried.reduce((a, b) => (b.loss < a.loss ? b : a));
+  const kept = clearlyBetter(best.losses, o.current.losses);
+  const zero = new Float64Array(d * width);
+  return {
+    stage: {
+      objective: "down_projection",
+      kept,
+      ridge: kept ? best.ridge : null,
+      residual: {
+        calibration: {
+          before: eq.residual(zero) / eq.rows,
+          after: eq.residual(kept ? best.dw : zero) / eq.rows,
+        },
+        heldout: { before: heldResidual(null), after: heldResidual(kept ? best.dw : null) },
+      },
+      tried: tried.map(({ ridge, loss }) => ({ ridge, loss })),
+      ...(kept ? {} : { note: "no ridge lowered the held-out loss further beyond its noise" }),
+    },
+    kept: kept ? { weights: best.weights, scored: best } : null,
+  };
+}
+
+/** Each member's contribution to a block group computed from the group's input: its total delta and its FFN's activations. */
+function blockMemberPass(
+  ckpt: Checkpoint,
+  member: Block[],
+  ids: number[],
+  x: Float64Array,
+  eps: number,
+): { delta: Float64Array; ffn: FfnBlock | null; a: Float64Array | null } {
+  const t = ids.length;
+  const delta = new Float64Array(x.length);
+  let a: Float64Array | null = null;
+  const ffn = (member.find((b) => b.kind === "ffn") as FfnBlock | undefined) ?? null;
+  referenceForward(ckpt, member, ids, {
+    start: { block: 0, x },
+    logits: "none",
+    onDelta: (i, d, input) => {
+      for (let k = 0; k < d.length; k++) delta[k] += d[k];
+      if (member[i] === ffn) a = activations(ffn, input, t, eps);
+    },
+  });
+  return { delta, ffn, a };
+}
+
+/** One group of the plan, FFN or block, in model order. */
+interface PlanGroup {
+  kind: "ffn" | "block";
+  layers: number[];
+}
+
+/** Heals every FFN and block group of the plan in model order; returns the fitted weights and the report. */
 export async function healPlan(input: HealInput): Promise<{ heal: FusionHeal; report: HealReport }> {
   const { ckpt, blocks, plan, fits } = input;
   const d = ckpt.config.hidden;
   const eps = ckpt.config.rmsEps;
   const variant = healVariant(plan);
-  const groups = [...plan.ffn_groups].sort((a, b) => a[0] - b[0]);
-  const heal: Required<FusionHeal> = { maps: new Map(), downs: new Map(), variant };
+  const groups: PlanGroup[] = [
+    ...plan.ffn_groups.map((layers) => ({ kind: "ffn" as const, layers })),
+    ...blockGroups(plan).map((layers) => ({ kind: "block" as const, layers })),
+  ].sort((a, b) => a.layers[0] - b.layers[0]);
+  const heal: Required<FusionHeal> = { maps: new Map(), downs: new Map(), blockDowns: new Map(), variant };
   const reports: HealGroupReport[] = [];
   const tokens = (ws: number[][]) => ws.reduce((n, w) => n + w.length, 0);
-  const upTo = (g: number): FusionPlan => ({ ...plan, ffn_groups: groups.slice(0, g) });
+  // The plan with its first g groups applied (the rest of the model unfused).
+  const upTo = (g: number): FusionPlan => {
+    const first = groups.slice(0, g);
+    const ffn = first.filter((x) => x.kind === "ffn").map((x) => x.layers);
+    const blk = first.filter((x) => x.kind === "block").map((x) => x.layers);
+    return plan.version === 2
+      ? { ...plan, ffn_groups: ffn, block_groups: blk }
+      : { ...plan, ffn_groups: ffn };
+  };
   const score = async (model: Block[]): Promise<Scored> => {
     const losses = await input.lossesOf(model);
     return { losses, loss: losses.reduce((a, b) => a + b, 0) / losses.length };
   };
-  const modelWith = (g: number, maps: InputMaps, downs: Map<string, Float32Array>) =>
+  const modelWith = (g: number, extra: Partial<FusionHeal> = {}) =>
     applyPlan(blocks, upTo(g + 1), "fused", fits, {
-      maps: new Map([...heal.maps, ...maps]),
-      downs: new Map([...heal.downs, ...downs]),
+      maps: new Map([...heal.maps, ...extra.maps ?? []]),
+      downs: new Map([...heal.downs, ...extra.downs ?? []]),
+      blockDowns: new Map([...heal.blockDowns, ...extra.blockDowns ?? []]),
       variant,
     });
-  for (const [g, layers] of groups.entries()) {
+  for (const [g, group] of groups.entries()) {
     const t0 = performance.now();
-    const name = `ffn[${layers[0]}-${layers.at(-1)}]`;
-    const key = groupKey(layers);
-    // The model with the earlier groups fused and healed, this group's members still sequential.
+    const { layers } = group;
+    const name = `${group.kind === "ffn" ? "ffn" : "blk"}[${layers[0]}-${layers.at(-1)}]`;
+    // The model with the earlier groups fused and healed, this group's layers still sequential.
     const before = applyPlan(blocks, upTo(g), "fused", fits, heal);
-    const members = layers.map((l) =>
-      before.findIndex((b) => b.kind === "ffn" && (b as FfnBlock).layers.length === 1 && b.layers[0] === l)
-    );
+    const inGroup = before.map((b, i) => ({ b, i })).filter(({ b }) => layers.includes(layerOf(b) ?? -1));
+    const members = group.kind === "ffn"
+      ? layers.map((l) => inGroup.find(({ b }) => b.kind === "ffn" && b.layers[0] === l)!.i)
+      : [inGroup[0].i, inGroup.at(-1)!.i];
     const total = input.calibration.length + input.heldout.length;
     const progress = (offset: number) => (done: number) =>
       input.onProgress?.(`heal ${name}: activations`, offset + done, total);
-    const cal = sequentialPass(ckpt, before, members, input.calibration, progress(0));
-    const held = sequentialPass(ckpt, before, members, input.heldout, progress(input.calibration.length));
-    const unhealed = await score(modelWith(g, new Map(), new Map()));
-
-    // Stage 1: each member's input.
-    const zero = new Float64Array((layers.length - 1) * d * d);
-    const tried: ({ ridge: number; c: Float64Array } & Scored)[] = [];
-    for (const [i, ridge] of INPUT_RIDGES.entries()) {
-      input.onProgress?.(`heal ${name}: input maps`, i, INPUT_RIDGES.length);
-      const c = cal.eq.solve(ridge);
-      tried.push({ ridge, c, ...await score(modelWith(g, inputMaps(layers, c, d), new Map())) });
-    }
-    const best = tried.reduce((a, b) => (b.loss < a.loss ? b : a));
-    const inputKept = clearlyBetter(best.losses, unhealed.losses);
-    const maps = inputKept ? inputMaps(layers, best.c, d) : new Map();
-    const perToken = (eq: NormalEquations, c: Float64Array) => eq.residual(c) / eq.rows;
-    const chosen = inputKept ? best.c : zero;
-    const stages: HealStage[] = [{
-      objective: "member_input",
-      kept: inputKept,
-      ridge: inputKept ? best.ridge : null,
-      residual: {
-        calibration: { before: perToken(cal.eq, zero), after: perToken(cal.eq, chosen) },
-        heldout: { before: perToken(held.eq, zero), after: perToken(held.eq, chosen) },
-      },
-      tried: tried.map(({ ridge, loss }) => ({ ridge, loss })),
-      ...(inputKept ? {} : { note: "no ridge lowered the held-out loss beyond its noise" }),
-    }];
-    let current = inputKept ? best : unhealed;
-
-    // Stage 2: the wide down projection, with the members reading their fitted inputs.
-    const fused = modelWith(g, maps, new Map()).find((b) =>
-      b.kind === "ffn" && groupKey(b.layers) === key
-    ) as FfnBlock;
-    const width = fused.gate.shape[0];
-    const downs = new Map<string, Float32Array>();
-    const rows = cal.io.reduce((n, io) => n + io.t, 0);
-    const skip = width * width * 8 > MAX_DOWN_GRAM_BYTES
-      ? `its ${width} x ${width} Gram matrix would take ${
-        (width * width * 8 / 2 ** 30).toFixed(1)
-      } GiB (at most ${MAX_DOWN_GRAM_BYTES / 2 ** 30} GiB)`
-      : rows < width / 2
-      ? `${rows} calibration tokens are too few to refit a ${width}-wide projection (at least ${width / 2})`
-      : null;
-    if (skip) {
-      stages.push({
-        objective: "down_projection",
-        kept: false,
-        ridge: null,
-        residual: { calibration: { before: NaN, after: NaN }, heldout: { before: NaN, after: NaN } },
-        tried: [],
-        note: `skipped: ${skip}`,
-      });
-    } else {
-      const eq = new NormalEquations(width, d);
-      cal.io.forEach((io, w) => {
-        const { a, y } = downRows(fused, io, eps);
-        eq.add(io.t, a, y);
-        input.onProgress?.(`heal ${name}: down projection`, w + 1, cal.io.length);
-      });
-      // Held-out residual of a correction, from a direct pass (a second Gram would double the cost).
-      const heldRows = held.io.map((io) => downRows(fused, io, eps));
-      const heldResidual = (dw: Float64Array | null) => {
-        let sum = 0;
-        let rows = 0;
-        for (const { a, y } of heldRows) {
-          const t = y.length / d;
-          rows += t;
-          for (let r = 0; r < t; r++) {
-            for (let c = 0; c < d; c++) {
-              let p = 0;
-              if (dw) { for (let u = 0; u < width; u++) p += dw[c * width + u] * a[r * width + u]; }
-              sum += (y[r * d + c] - p) ** 2;
-            }
-          }
-        }
-        return sum / rows;
-      };
-      const w0 = fused.down.data;
-      const triedDown: ({ ridge: number; dw: Float64Array } & Scored)[] = [];
-      for (const ridge of DOWN_RIDGES) {
-        const dw = eq.solve(ridge);
-        const w = Float32Array.from(w0, (v, i) => v + dw[i]);
-        triedDown.push({ ridge, dw, ...await score(modelWith(g, maps, new Map([[key, w]]))) });
+    const cal = sequentialPass(ckpt, before, members, input.calibration, progress(0), group.kind === "ffn");
+    const held = sequentialPass(
+      ckpt,
+      before,
+      members,
+      input.heldout,
+      progress(input.calibration.length),
+      group.kind === "ffn",
+    );
+    const unhealed = await score(modelWith(g));
+    const stages: HealStage[] = [];
+    let current = unhealed;
+    const downProgress = (done: number, all: number) =>
+      input.onProgress?.(`heal ${name}: down projection`, done, all);
+    if (group.kind === "ffn") {
+      // Stage 1: each member's input.
+      const zero = new Float64Array((layers.length - 1) * d * d);
+      const tried: ({ ridge: number; c: Float64Array } & Scored)[] = [];
+      for (const [i, ridge] of INPUT_RIDGES.entries()) {
+        input.onProgress?.(`heal ${name}: input maps`, i, INPUT_RIDGES.length);
+        const c = cal.eq!.solve(ridge);
+        tried.push({ ridge, c, ...await score(modelWith(g, { maps: inputMaps(layers, c, d) })) });
       }
-      const bestDown = triedDown.reduce((a, b) => (b.loss < a.loss ? b : a));
-      const downKept = clearlyBetter(bestDown.losses, current.losses);
-      if (downKept) {
-        downs.set(key, Float32Array.from(w0, (v, i) => v + bestDown.dw[i]));
-        current = bestDown;
-      }
-      const zeroDown = new Float64Array(d * width);
+      const best = tried.reduce((a, b) => (b.loss < a.loss ? b : a));
+      const inputKept = clearlyBetter(best.losses, unhealed.losses);
+      const maps: InputMaps = inputKept ? inputMaps(layers, best.c, d) : new Map();
+      const perToken = (eq: NormalEquations, c: Float64Array) => eq.residual(c) / eq.rows;
+      const chosen = inputKept ? best.c : zero;
       stages.push({
-        objective: "down_projection",
-        kept: downKept,
-        ridge: downKept ? bestDown.ridge : null,
+        objective: "member_input",
+        kept: inputKept,
+        ridge: inputKept ? best.ridge : null,
         residual: {
-          calibration: {
-            before: eq.residual(zeroDown) / eq.rows,
-            after: eq.residual(downKept ? bestDown.dw : zeroDown) / eq.rows,
-          },
-          heldout: { before: heldResidual(null), after: heldResidual(downKept ? bestDown.dw : null) },
+          calibration: { before: perToken(cal.eq!, zero), after: perToken(cal.eq!, chosen) },
+          heldout: { before: perToken(held.eq!, zero), after: perToken(held.eq!, chosen) },
         },
-        tried: triedDown.map(({ ridge, loss }) => ({ ridge, loss })),
-        ...(downKept ? {} : { note: "no ridge lowered the held-out loss further beyond its noise" }),
+        tried: tried.map(({ ridge, loss }) => ({ ridge, loss })),
+        ...(inputKept ? {} : { note: "no ridge lowered the held-out loss beyond its noise" }),
       });
+      if (inputKept) current = best;
+      // Stage 2: the wide down projection, with the members reading their fitted inputs.
+      const key = groupKey(layers);
+      const fused = modelWith(g, { maps }).find((b) =>
+        b.kind === "ffn" && groupKey(b.layers) === key
+      ) as FfnBlock;
+      const width = fused.gate.shape[0];
+      const fit = await downStage({
+        w0: fused.down.data,
+        width,
+        d,
+        cal: cal.io,
+        held: held.io,
+        rowsOf: (io) => {
+          const a = activations(fused, io.x, io.t, eps);
+          return scaledRows(io, a, project(fused.down.data, a, io.t, d, width), eps);
+        },
+        candidate: (w) => score(modelWith(g, { maps, downs: new Map([[key, w]]) })),
+        current,
+        progress: downProgress,
+      });
+      stages.push(fit.stage);
+      for (const [l, m] of maps) heal.maps.set(l, m);
+      if (fit.kept) {
+        heal.downs.set(key, fit.kept.weights);
+        current = fit.kept.scored;
+      }
+    } else {
+      // Block groups: each member layer computed from the group's input; its FFN's down projection
+      // refitted (all members' together), the rest of each block as it is.
+      const memberBlocks = layers.map((l) => before.filter((b) => layerOf(b) === l));
+      const ffns = memberBlocks.map((m) => (m.find((b) => b.kind === "ffn") as FfnBlock | undefined) ?? null);
+      const refit = layers.filter((_, j) => ffns[j] !== null);
+      const widths = ffns.map((f) => f?.down.shape[1] ?? 0);
+      const width = widths.reduce((a, b) => a + b, 0);
+      const w0 = new Float32Array(d * width);
+      let offset = 0;
+      ffns.forEach((f, j) => {
+        if (!f) return;
+        for (let c = 0; c < d; c++) {
+          w0.set(f.down.data.subarray(c * widths[j], (c + 1) * widths[j]), c * width + offset);
+        }
+        offset += widths[j];
+      });
+      const split = (w: Float32Array) => {
+        const out = new Map<number, Float32Array>();
+        let at = 0;
+        ffns.forEach((f, j) => {
+          if (!f) return;
+          const m = new Float32Array(d * widths[j]);
+          for (let c = 0; c < d; c++) {
+            m.set(w.subarray(c * width + at, c * width + at + widths[j]), c * widths[j]);
+          }
+          out.set(layers[j], m);
+          at += widths[j];
+        });
+        return out;
+      };
+      const windowsOf = new Map<GroupIo, number[]>([
+        ...cal.io.map((io, i) => [io, input.calibration[i]] as const),
+        ...held.io.map((io, i) => [io, input.heldout[i]] as const),
+      ]);
+      const fit = refit.length === 0 ? null : await downStage({
+        w0,
+        width,
+        d,
+        cal: cal.io,
+        held: held.io,
+        rowsOf: (io) => {
+          const passes = memberBlocks.map((m) => blockMemberPass(ckpt, m, windowsOf.get(io)!, io.x, eps));
+          const a = new Float64Array(io.t * width);
+          const predicted = new Float64Array(io.t * d);
+          let at = 0;
+          passes.forEach((p, j) => {
+            for (let k = 0; k < predicted.length; k++) predicted[k] += p.delta[k];
+            if (!p.a) return;
+            for (let r = 0; r < io.t; r++) {
+              a.set(p.a.subarray(r * widths[j], (r + 1) * widths[j]), r * width + at);
+            }
+            at += widths[j];
+          });
+          return scaledRows(io, a, predicted, eps);
+        },
+        candidate: (w) => score(modelWith(g, { blockDowns: split(w) })),
+        current,
+        progress: downProgress,
+      });
+      if (fit) {
+        stages.push(fit.stage);
+        if (fit.kept) {
+          for (const [l, w] of split(fit.kept.weights)) heal.blockDowns.set(l, w);
+          current = fit.kept.scored;
+        }
+      } else {
+        const none = { before: NaN, after: NaN };
+        stages.push({
+          objective: "down_projection",
+          kept: false,
+          ridge: null,
+          residual: { calibration: none, heldout: none },
+          tried: [],
+          note: "skipped: no member of the group has a SwiGLU FFN",
+        });
+      }
     }
-    for (const [l, m] of maps) heal.maps.set(l, m);
-    for (const [k, w] of downs) heal.downs.set(k, w);
     reports.push({
+      kind: group.kind,
       layers,
       healed: stages.some((s) => s.kept),
       stages,

@@ -70,6 +70,9 @@ export const blockGroups = (plan: FusionPlan): number[][] => (plan.version === 2
 
 const span = (g: number[]) => `${g[0]}-${g[g.length - 1]}`;
 
+/** Healing changes only groups' weights (FFN and block groups): a plan with none has nothing to heal. */
+export const healable = (plan: FusionPlan): boolean => plan.ffn_groups.length + blockGroups(plan).length > 0;
+
 /** A stable, human-readable name: "unfused", "ffn[3-5,6-8]", "-attn[4,6]+lin[5]+ffn[3-6]+blk[9-10]". */
 export function planId(plan: FusionPlan): string {
   const parts: string[] = [];
@@ -81,8 +84,7 @@ export function planId(plan: FusionPlan): string {
   if (plan.ffn_groups.length) parts.push(`ffn[${plan.ffn_groups.map(span).join(",")}]`);
   const blocks = blockGroups(plan);
   if (blocks.length) parts.push(`blk[${blocks.map(span).join(",")}]`);
-  // Healing changes only fused groups' weights: an unfused plan has nothing to heal.
-  if (plan.heal && plan.ffn_groups.length) {
+  if (plan.heal && healable(plan)) {
     const h = plan.heal;
     const at = h.skip_tokens ? `@${h.skip_tokens}` : "";
     const held = h.heldout_tokens === DEFAULT_HEAL.heldout_tokens ? "" : `/${h.heldout_tokens}`;

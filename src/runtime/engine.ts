@@ -1,7 +1,7 @@
 import { applyPlan, type FusionHeal } from "../fusion/apply.ts";
 import { healPlan, type HealReport } from "../fusion/heal.ts";
 import { tokenLosses } from "../fusion/evaluate.ts";
-import { type FusionPlan, linearAttention, planId } from "../fusion/plan.ts";
+import { type FusionPlan, healable, linearAttention, planId } from "../fusion/plan.ts";
 import { FIT_SLICE, lazyLinearAttention } from "../fusion/linear_fit.ts";
 import { textWindows } from "../fusion/calibration.ts";
 import { InputError } from "../errors.ts";
@@ -162,7 +162,7 @@ export async function planBlocks(
   onProgress?: (stage: string, done: number, total: number) => void,
 ): Promise<{ blocks: Block[]; heal?: HealReport }> {
   const fits = await planFits(assets, plan);
-  if (!plan.heal || plan.ffn_groups.length === 0) {
+  if (!plan.heal || !healable(plan)) {
     return { blocks: applyPlan(assets.blocks, plan, "fused", fits) };
   }
   const { heal, report } = await planHeal(assets, plan, fits, onProgress);
