@@ -5,7 +5,7 @@ import { textWindows } from "../src/fusion/calibration.ts";
 import { type FusionPlan, parsePlan, planId } from "../src/fusion/plan.ts";
 import { applyPlan } from "../src/fusion/apply.ts";
 import type { Block, FfnBlock } from "../src/model/blocks.ts";
-import { buildInstance, loadAssets, type ModelInstance } from "../src/runtime/engine.ts";
+import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
 import { EVAL_TEXT, exactLinearData, relL2, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
 import { clearlyBetter, DOWN_RIDGES, INPUT_RIDGES } from "../src/fusion/heal.ts";
 import { rng } from "../src/numeric.ts";
@@ -16,11 +16,25 @@ const HEAL = { skip_tokens: 65536, calibration_tokens: 1024, heldout_tokens: 102
 /** Evaluation tokens: the README's evaluation slice, which the fit never sees. */
 const EVAL = { skip: 512, max: 2048, window: 256 };
 
-async function loss(dir: string, inst: ModelInstance): Promise<number> {
-  const assets = await loadAssets(dir);
+/** The plan healed with HEAL: its report, and evaluation loss (tokens the fit never saw) unhealed and healed. */
+async function healedAgainstPlain(dir: string, plain: FusionPlan) {
+  const assets = await loadAssets(dir, {}, EVAL_TEXT);
   const windows = await textWindows(EVAL_TEXT, assets.tokenizer, EVAL);
   const vocab = assets.checkpoint.config.vocabSize;
-  return (await evaluateQuality(windows, vocab, (ids) => inst.session.logitsOf(ids))).loss;
+  const loss = async (plan: FusionPlan) => {
+    const inst = await buildInstance(assets, plan, "wasm");
+    try {
+      return {
+        heal: inst.heal,
+        loss: (await evaluateQuality(windows, vocab, (ids) => inst.session.logitsOf(ids))).loss,
+      };
+    } finally {
+      await inst.session.release();
+    }
+  };
+  const before = (await loss(plain)).loss;
+  const healed = await loss({ ...plain, heal: HEAL });
+  return { report: healed.heal!, before, after: healed.loss };
 }
 
 Deno.test("normal equations: streamed in batches they give the one-shot ridge fit; residuals from the statistics alone; an exact linear map recovered with zero residual", () => {
@@ -83,11 +97,10 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   fn: async () => {
-    const assets = await loadAssets(TINY_NAS, {}, EVAL_TEXT);
-    const plain: FusionPlan = { version: 1, ffn_groups: [[3, 4, 5, 6, 7, 8]] };
-    const unhealed = await buildInstance(assets, plain, "wasm");
-    const healed = await buildInstance(assets, { ...plain, heal: HEAL }, "wasm");
-    const report = healed.heal!;
+    const { report, before, after } = await healedAgainstPlain(TINY_NAS, {
+      version: 1,
+      ffn_groups: [[3, 4, 5, 6, 7, 8]],
+    });
     assert.equal(report.calibration_tokens, 1024);
     assert.equal(report.heldout_tokens, 1024);
     const [g] = report.groups;
@@ -106,11 +119,7 @@ Deno.test({
     assert.equal(down.kept, false);
     assert.match(down.note!, /1024 calibration tokens are too few to refit a 4608-wide projection/);
     assert.ok(g.heldout_loss.healed < g.heldout_loss.unhealed);
-    const before = await loss(TINY_NAS, unhealed);
-    const after = await loss(TINY_NAS, healed);
     assert.ok(after < before, `evaluation loss healed ${after} < unhealed ${before}`);
-    await unhealed.session.release();
-    await healed.session.release();
   },
 });
 
@@ -120,16 +129,13 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   fn: async () => {
-    const assets = await loadAssets(TINY_LLAMA, {}, EVAL_TEXT);
-    const plain: FusionPlan = {
+    const { report, before, after } = await healedAgainstPlain(TINY_LLAMA, {
       version: 2,
       attention: { remove: [5], linear: [] },
       ffn_groups: [[4, 5]],
       block_groups: [],
-    };
-    const unhealed = await buildInstance(assets, plain, "wasm");
-    const healed = await buildInstance(assets, { ...plain, heal: HEAL }, "wasm");
-    const [g] = healed.heal!.groups;
+    });
+    const [g] = report.groups;
     assert.ok(g.heldout_loss.healed <= g.heldout_loss.unhealed);
     assert.equal(
       g.stages[1].tried.length,
@@ -141,11 +147,7 @@ Deno.test({
       assert.match(stage.note!, /no ridge lowered the held-out loss/);
       assert.equal(stage.ridge, null);
     }
-    const before = await loss(TINY_LLAMA, unhealed);
-    const after = await loss(TINY_LLAMA, healed);
     assert.ok(after <= before + 1e-3, `evaluation loss healed ${after} <= unhealed ${before}`);
-    await unhealed.session.release();
-    await healed.session.release();
   },
 });
 

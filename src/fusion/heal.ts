@@ -6,9 +6,9 @@ import { NormalEquations } from "./linear_fit.ts";
 import { blockGroups, type FusionPlan, planId } from "./plan.ts";
 
 /**
- * Gradient-free healing of fused FFN groups, in two stages per group, each kept only where it lowers
- * the held-out loss (`lossesOf`, on text the fit never saw) beyond its noise (clearlyBetter), so
- * healing never makes a group worse.
+ * Gradient-free healing of a plan's fused FFN groups and block groups, each stage kept only where it
+ * lowers the held-out loss (`lossesOf`, on text the fit never saw) beyond its noise (clearlyBetter),
+ * so healing never makes a group worse. FFN groups get two stages:
  *
  * 1. Each member's INPUT. Fused, member j reads norm(x), the group's input, where the sequential model
  *    gave it norm(x_j), x_j = x + the members before it. Ridge least squares predicts norm(x_j) from
@@ -16,7 +16,9 @@ import { blockGroups, type FusionPlan, planId } from "./plan.ts";
  *    rows (W diag(g_j) M_j): the group stays ONE wide GEMM and costs nothing at inference. The first
  *    member reads x exactly and keeps its weights.
  * 2. The wide DOWN projection, refitted so that the group (reading its fitted inputs) reproduces the
- *    sequential group's output, each token's error scaled by 1/rms of that output (see downRows).
+ *    sequential group's output, each token's error scaled by 1/rms of that output (see scaledRows).
+ *
+ * Block groups get stage 2 for their members' FFN down projections together (blockMemberPass).
  *
  * Why not the obvious objective alone (the down projection fitted to the sequential output in plain
  * L2): measured on tiny-nas it raises held-out loss at every ridge, even where it halves the output
@@ -45,7 +47,10 @@ export interface HealStage {
   kept: boolean;
   /** The ridge kept (relative); null when the stage changed nothing. */
   ridge: number | null;
-  /** The stage's objective per token, before and after (its own residual; see healPlan). */
+  /**
+   * The stage's own residual per token, before and after: ||norm(x_j) - M_j norm(x)||^2 summed over
+   * members, or the 1/rms-scaled output error of the group.
+   */
   residual: { calibration: { before: number; after: number }; heldout: { before: number; after: number } };
   /** Held-out loss at each ridge tried. */
   tried: { ridge: number; loss: number }[];
