@@ -16,16 +16,27 @@ export async function textWindows(
   tokenizer: TextTokenizer,
   slice: TextSlice,
 ): Promise<number[][]> {
+  return (await textSlices(path, tokenizer, [slice]))[0];
+}
+
+/** Several slices of one text file, tokenized once. */
+export async function textSlices(
+  path: string,
+  tokenizer: TextTokenizer,
+  slices: TextSlice[],
+): Promise<number[][][]> {
   let text: string;
   try {
     text = await Deno.readTextFile(path);
   } catch (e) {
     throw new InputError(`cannot read text ${path}: ${(e as Error).message}`);
   }
-  const ids = tokenizer.encode(text).slice(slice.skip, slice.skip + slice.max);
-  const seqs = windows(ids, slice.window);
-  if (seqs.length === 0) {
-    throw new InputError(`text ${path}: fewer than 2 tokens after skipping ${slice.skip}`);
-  }
-  return seqs;
+  const all = tokenizer.encode(text);
+  return slices.map((slice) => {
+    const seqs = windows(all.slice(slice.skip, slice.skip + slice.max), slice.window);
+    if (seqs.length === 0) {
+      throw new InputError(`text ${path}: fewer than 2 tokens after skipping ${slice.skip}`);
+    }
+    return seqs;
+  });
 }

@@ -1,6 +1,7 @@
 import { type Block, type FfnBlock, layerOf } from "../model/blocks.ts";
 import type { Checkpoint, LinearWeights } from "../model/checkpoint.ts";
-import { referenceForward, rmsNorm } from "../model/forward.ts";
+import { linear, referenceForward, rmsNorm, swigluActivations } from "../model/forward.ts";
+import { tensor } from "../model/tensor.ts";
 import { applyPlan, type FusionHeal, groupKey, type InputMaps } from "./apply.ts";
 import { NormalEquations } from "./linear_fit.ts";
 import { blockGroups, type FusionPlan, planId } from "./plan.ts";
@@ -187,42 +188,24 @@ function inputMaps(layers: number[], c: Float64Array, d: number): InputMaps {
   );
 }
 
-/** SwiGLU activations of an FFN block on its input rows [t, hidden] (its own norm gain, if any): [t, width]. */
-function activations(block: FfnBlock, input: Float64Array, t: number, eps: number): Float64Array {
-  const d = block.gate.shape[1];
-  const width = block.gate.shape[0];
-  const gate = block.gate.data;
-  const up = block.up.data;
-  const h = rmsNorm(input, block.norm, t, d, eps);
-  const a = new Float64Array(t * width);
-  for (let r = 0; r < t; r++) {
-    const hr = r * d;
-    for (let u = 0; u < width; u++) {
-      let g = 0;
-      let v = 0;
-      const wu = u * d;
-      for (let c = 0; c < d; c++) {
-        g += gate[wu + c] * h[hr + c];
-        v += up[wu + c] * h[hr + c];
-      }
-      a[r * width + u] = (g / (1 + Math.exp(-g))) * v;
-    }
+/**
+ * The ridge of `ridges` whose fit scores the lowest held-out loss, and every ridge's loss. Only the best
+ * fit is kept while the others are scored: at real widths each one is hundreds of megabytes.
+ */
+async function bestRidge<F>(
+  ridges: number[],
+  fit: (ridge: number, i: number) => F,
+  scoreOf: (fit: F) => Promise<Scored>,
+): Promise<{ ridge: number; fit: F; scored: Scored; tried: { ridge: number; loss: number }[] }> {
+  let best: { ridge: number; fit: F; scored: Scored } | null = null;
+  const tried: { ridge: number; loss: number }[] = [];
+  for (const [i, ridge] of ridges.entries()) {
+    const f = fit(ridge, i);
+    const scored = await scoreOf(f);
+    tried.push({ ridge, loss: scored.loss });
+    if (!best || scored.loss < best.scored.loss) best = { ridge, fit: f, scored };
   }
-  return a;
-}
-
-/** down [hidden, width] times activations [t, width]: [t, hidden]. */
-function project(down: Float32Array, a: Float64Array, t: number, d: number, width: number): Float64Array {
-  const out = new Float64Array(t * d);
-  for (let r = 0; r < t; r++) {
-    for (let c = 0; c < d; c++) {
-      let p = 0;
-      const wc = c * width;
-      for (let u = 0; u < width; u++) p += down[wc + u] * a[r * width + u];
-      out[r * d + c] = p;
-    }
-  }
-  return out;
+  return { ...best!, tried };
 }
 
 /**
@@ -302,24 +285,26 @@ async function downStage(o: {
   // Held-out residual of a correction, from a direct pass (a second Gram would double the cost).
   const heldRows = o.held.map((io) => o.rowsOf(io));
   const heldResidual = (dw: Float64Array | null) => {
+    const correction = dw && tensor([d, width], Float32Array.from(dw));
     let sum = 0;
     let n = 0;
     for (const { a, y } of heldRows) {
       const t = y.length / d;
       n += t;
-      const p = dw ? project(Float32Array.from(dw), a, t, d, width) : null;
+      const p = correction ? linear(a, correction, t) : null;
       for (let i = 0; i < y.length; i++) sum += (y[i] - (p ? p[i] : 0)) ** 2;
     }
     return sum / n;
   };
-  const tried: ({ ridge: number; dw: Float64Array; weights: Float32Array } & Scored)[] = [];
-  for (const ridge of DOWN_RIDGES) {
-    const dw = eq.solve(ridge);
-    const weights = Float32Array.from(o.w0, (v, i) => v + dw[i]);
-    tried.push({ ridge, dw, weights, ...await o.candidate(weights) });
-  }
-  const best = tried.reduce((a, b) => (b.loss < a.loss ? b : a));
-  const kept = clearlyBetter(best.losses, o.current.losses);
+  const best = await bestRidge(
+    DOWN_RIDGES,
+    (ridge) => {
+      const dw = eq.solve(ridge);
+      return { dw, weights: Float32Array.from(o.w0, (v, i) => v + dw[i]) };
+    },
+    (f) => o.candidate(f.weights),
+  );
+  const kept = clearlyBetter(best.scored.losses, o.current.losses);
   const zero = new Float64Array(d * width);
   return {
     stage: {
@@ -329,14 +314,14 @@ async function downStage(o: {
       residual: {
         calibration: {
           before: eq.residual(zero) / eq.rows,
-          after: eq.residual(kept ? best.dw : zero) / eq.rows,
+          after: eq.residual(kept ? best.fit.dw : zero) / eq.rows,
         },
-        heldout: { before: heldResidual(null), after: heldResidual(kept ? best.dw : null) },
+        heldout: { before: heldResidual(null), after: heldResidual(kept ? best.fit.dw : null) },
       },
-      tried: tried.map(({ ridge, loss }) => ({ ridge, loss })),
+      tried: best.tried,
       ...(kept ? {} : { note: "no ridge lowered the held-out loss further beyond its noise" }),
     },
-    kept: kept ? { weights: best.weights, scored: best } : null,
+    kept: kept ? { weights: best.fit.weights, scored: best.scored } : null,
   };
 }
 
@@ -357,7 +342,7 @@ function blockMemberPass(
     logits: "none",
     onDelta: (i, d, input) => {
       for (let k = 0; k < d.length; k++) delta[k] += d[k];
-      if (member[i] === ffn) a = activations(ffn, input, t, eps);
+      if (member[i] === ffn) a = swigluActivations(input, ffn, t, x.length / t, eps);
     },
   });
   return { delta, ffn, a };
@@ -432,17 +417,19 @@ export async function healPlan(input: HealInput): Promise<{ heal: FusionHeal; re
     if (group.kind === "ffn") {
       // Stage 1: each member's input.
       const zero = new Float64Array((layers.length - 1) * d * d);
-      const tried: ({ ridge: number; c: Float64Array } & Scored)[] = [];
-      for (const [i, ridge] of INPUT_RIDGES.entries()) {
-        input.onProgress?.(`heal ${name}: input maps`, i, INPUT_RIDGES.length);
-        const c = cal.eq!.solve(ridge);
-        tried.push({ ridge, c, ...await score(modelWith(g, { maps: inputMaps(layers, c, d) })) });
-      }
-      const best = tried.reduce((a, b) => (b.loss < a.loss ? b : a));
-      const inputKept = clearlyBetter(best.losses, unhealed.losses);
-      const maps: InputMaps = inputKept ? inputMaps(layers, best.c, d) : new Map();
+      const best = await bestRidge(
+        INPUT_RIDGES,
+        (ridge, i) => {
+          input.onProgress?.(`heal ${name}: input maps`, i, INPUT_RIDGES.length);
+          const c = cal.eq!.solve(ridge);
+          return { c, maps: inputMaps(layers, c, d) };
+        },
+        (f) => score(modelWith(g, { maps: f.maps })),
+      );
+      const inputKept = clearlyBetter(best.scored.losses, unhealed.losses);
+      const maps: InputMaps = inputKept ? best.fit.maps : new Map();
       const perToken = (eq: NormalEquations, c: Float64Array) => eq.residual(c) / eq.rows;
-      const chosen = inputKept ? best.c : zero;
+      const chosen = inputKept ? best.fit.c : zero;
       stages.push({
         objective: "member_input",
         kept: inputKept,
@@ -451,10 +438,10 @@ export async function healPlan(input: HealInput): Promise<{ heal: FusionHeal; re
           calibration: { before: perToken(cal.eq!, zero), after: perToken(cal.eq!, chosen) },
           heldout: { before: perToken(held.eq!, zero), after: perToken(held.eq!, chosen) },
         },
-        tried: tried.map(({ ridge, loss }) => ({ ridge, loss })),
+        tried: best.tried,
         ...(inputKept ? {} : { note: "no ridge lowered the held-out loss beyond its noise" }),
       });
-      if (inputKept) current = best;
+      if (inputKept) current = best.scored;
       // Stage 2: the wide down projection, with the members reading their fitted inputs.
       const key = groupKey(layers);
       const fused = modelWith(g, { maps }).find((b) =>
@@ -468,8 +455,8 @@ export async function healPlan(input: HealInput): Promise<{ heal: FusionHeal; re
         cal: cal.io,
         held: held.io,
         rowsOf: (io) => {
-          const a = activations(fused, io.x, io.t, eps);
-          return scaledRows(io, a, project(fused.down.data, a, io.t, d, width), eps);
+          const a = swigluActivations(io.x, fused, io.t, d, eps);
+          return scaledRows(io, a, linear(a, fused.down, io.t), eps);
         },
         candidate: (w) => score(modelWith(g, { maps, downs: new Map([[key, w]]) })),
         current,

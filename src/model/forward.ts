@@ -12,7 +12,7 @@ import type { Tensor } from "./tensor.ts";
 type Vecs = Float64Array; // [T, width] row-major
 
 /** y[T, out] = x[T, in] @ W^T, W in [out, in] layout. */
-function linear(x: Vecs, w: Tensor, t: number): Vecs {
+export function linear(x: Vecs, w: Tensor, t: number): Vecs {
   const [out, inn] = w.shape;
   const y = new Float64Array(t * out);
   const wd = w.data;
@@ -48,13 +48,24 @@ export function rmsNorm(x: Vecs, gain: Float32Array | null, t: number, d: number
   return y;
 }
 
-/** FFN_b(norm(x)) for T rows of width d, without the residual: the float64 reference of one FFN block. */
-export function ffnDelta(x: Float64Array, b: FfnBlock, t: number, d: number, eps: number): Float64Array {
+/** silu(gate h) * (up h), h = norm(x) with the block's gain: an FFN block's activations [T, width]. */
+export function swigluActivations(
+  x: Float64Array,
+  b: FfnBlock,
+  t: number,
+  d: number,
+  eps: number,
+): Float64Array {
   const h = rmsNorm(x, b.norm, t, d, eps);
   const gate = linear(h, b.gate, t);
   const up = linear(h, b.up, t);
   for (let i = 0; i < gate.length; i++) gate[i] = (gate[i] / (1 + Math.exp(-gate[i]))) * up[i];
-  return linear(gate, b.down, t);
+  return gate;
+}
+
+/** FFN_b(norm(x)) for T rows of width d, without the residual: the float64 reference of one FFN block. */
+export function ffnDelta(x: Float64Array, b: FfnBlock, t: number, d: number, eps: number): Float64Array {
+  return linear(swigluActivations(x, b, t, d, eps), b.down, t);
 }
 
 export interface ForwardOptions {

@@ -3,7 +3,7 @@ import { healPlan, type HealReport } from "../fusion/heal.ts";
 import { tokenLosses } from "../fusion/evaluate.ts";
 import { type FusionPlan, healable, linearAttention, planId } from "../fusion/plan.ts";
 import { FIT_SLICE, lazyLinearAttention } from "../fusion/linear_fit.ts";
-import { textWindows } from "../fusion/calibration.ts";
+import { textSlices, textWindows } from "../fusion/calibration.ts";
 import { InputError } from "../errors.ts";
 import { type Block, unfusedBlocks } from "../model/blocks.ts";
 import {
@@ -111,8 +111,18 @@ function planHeal(
     }
     const cfg = assets.checkpoint.config;
     const window = Math.min(256, cfg.maxPositions);
-    const slice = async (skip: number, max: number, what: string) => {
-      const ws = await textWindows(assets.calibrationText!, assets.tokenizer, { skip, max, window });
+    const wanted = [
+      { what: "calibration", skip: settings.skip_tokens, max: settings.calibration_tokens, window },
+      {
+        what: "held-out",
+        skip: settings.skip_tokens + settings.calibration_tokens,
+        max: settings.heldout_tokens,
+        window,
+      },
+    ];
+    const [calibration, heldout] = await textSlices(assets.calibrationText, assets.tokenizer, wanted);
+    [calibration, heldout].forEach((ws, i) => {
+      const { what, skip, max } = wanted[i];
       const n = ws.reduce((a, w) => a + w.length, 0);
       if (n < max / 2) {
         throw new InputError(
@@ -120,14 +130,7 @@ function planHeal(
           "heal",
         );
       }
-      return ws;
-    };
-    const calibration = await slice(settings.skip_tokens, settings.calibration_tokens, "calibration");
-    const heldout = await slice(
-      settings.skip_tokens + settings.calibration_tokens,
-      settings.heldout_tokens,
-      "held-out",
-    );
+    });
     return await healPlan({
       ckpt: assets.checkpoint,
       blocks: assets.blocks,
