@@ -6,7 +6,8 @@ import { type FusionPlan, parsePlan, planId } from "../src/fusion/plan.ts";
 import { applyPlan } from "../src/fusion/apply.ts";
 import type { Block, FfnBlock } from "../src/model/blocks.ts";
 import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
-import { EVAL_TEXT, exactLinearData, relL2, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
+import { join } from "node:path";
+import { EVAL_TEXT, exactLinearData, relL2, ROOT, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
 import { clearlyBetter, DOWN_RIDGES, INPUT_RIDGES } from "../src/fusion/heal.ts";
 import { rng } from "../src/numeric.ts";
 import { post, startServer } from "./server_helpers.ts";
@@ -243,4 +244,44 @@ Deno.test({
       await server.stop();
     }
   },
+});
+
+Deno.test("cli: bad heal settings and a calibration text too short for them exit 2 naming the problem", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const cases: [unknown, RegExp][] = [
+      [{ ffn_groups: [[3, 4]], heal: { calibration_tokens: 10 } }, /heal\.calibration_tokens/],
+      [{ ffn_groups: [[3, 4]], heal: { window: 64 } }, /heal/],
+      [
+        { ffn_groups: [[3, 4]], heal: { skip_tokens: 139000 } },
+        /heal: the calibration text has \d+ of the 4096 calibration tokens/,
+      ],
+    ];
+    for (const [i, [plan, re]] of cases.entries()) {
+      const file = join(dir, `plan${i}.json`);
+      await Deno.writeTextFile(file, JSON.stringify(plan));
+      const out = await new Deno.Command(Deno.execPath(), {
+        args: [
+          "run",
+          "-A",
+          join(ROOT, "main.ts"),
+          "eval",
+          "--text",
+          EVAL_TEXT,
+          "--plan",
+          file,
+          "--device",
+          "wasm",
+        ],
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+      const stderr = new TextDecoder().decode(out.stderr);
+      assert.equal(out.code, 2, stderr);
+      assert.match(stderr, re);
+      assert.doesNotMatch(stderr, /^\s+at /m, "no stack trace");
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });

@@ -16,10 +16,14 @@ export async function textWindows(
   tokenizer: TextTokenizer,
   slice: TextSlice,
 ): Promise<number[][]> {
-  return (await textSlices(path, tokenizer, [slice]))[0];
+  const [seqs] = await textSlices(path, tokenizer, [slice]);
+  if (seqs.length === 0) {
+    throw new InputError(`text ${path}: fewer than 2 tokens after skipping ${slice.skip}`);
+  }
+  return seqs;
 }
 
-/** Several slices of one text file, tokenized once. */
+/** Several slices of one text file, tokenized once; a slice past the text's end has no windows. */
 export async function textSlices(
   path: string,
   tokenizer: TextTokenizer,
@@ -32,11 +36,5 @@ export async function textSlices(
     throw new InputError(`cannot read text ${path}: ${(e as Error).message}`);
   }
   const all = tokenizer.encode(text);
-  return slices.map((slice) => {
-    const seqs = windows(all.slice(slice.skip, slice.skip + slice.max), slice.window);
-    if (seqs.length === 0) {
-      throw new InputError(`text ${path}: fewer than 2 tokens after skipping ${slice.skip}`);
-    }
-    return seqs;
-  });
+  return slices.map((slice) => windows(all.slice(slice.skip, slice.skip + slice.max), slice.window));
 }
