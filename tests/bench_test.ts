@@ -191,3 +191,49 @@ Deno.test("cli bench --batch: tokens/s at each batch size, unfused against the f
   assert.equal(bad.code, 2);
   assert.match(bad.stderr, /--batch/);
 });
+
+Deno.test("scripts/step_parts.ts: a batched step's parts timed in alternating rounds; bad flags exit 2", async () => {
+  const run = async (...args: string[]) => {
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", join(ROOT, "scripts", "step_parts.ts"), ...args],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const text = (b: Uint8Array) => new TextDecoder().decode(b);
+    return { code: out.code, stdout: text(out.stdout), stderr: text(out.stderr) };
+  };
+  const r = await run("--batch", "1,4", "--steps", "2", "--rounds", "2", "--prefix", "8", "--json");
+  assert.equal(r.code, 0, r.stderr);
+  const rows = JSON.parse(r.stdout).rows as {
+    part: string;
+    batch: number;
+    ms_per_step: { median: number; min: number; max: number };
+    over_first: number;
+  }[];
+  assert.deepEqual(
+    rows.map((x) => `${x.part} ${x.batch}`),
+    [
+      "whole 1",
+      "whole 4",
+      "no-attention 1",
+      "no-attention 4",
+      "no-ffn 1",
+      "no-ffn 4",
+      "lm-head 1",
+      "lm-head 4",
+    ],
+  );
+  for (const x of rows) {
+    const s = x.ms_per_step;
+    assert.ok(s.min > 0 && s.min <= s.median && s.median <= s.max, JSON.stringify(x));
+  }
+  const ms = (part: string, batch: number) =>
+    rows.find((x) => x.part === part && x.batch === batch)!.ms_per_step.median;
+  assert.ok(ms("lm-head", 4) < ms("whole", 4), "the LM head alone is a part of the whole step");
+  assert.equal(rows[0].over_first, 1);
+  for (const bad of [["--batch", "0"], ["--parts", "whole,mlp"], ["--steps", "x"]]) {
+    const b = await run(...bad);
+    assert.equal(b.code, 2, bad.join(" "));
+    assert.match(b.stderr, new RegExp(bad[0]));
+  }
+});
