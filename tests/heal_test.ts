@@ -57,6 +57,12 @@ Deno.test("normal equations: streamed in batches they give the one-shot ridge fi
   // A stronger ridge shrinks the map towards zero.
   const norm = (v: Float64Array) => Math.hypot(...v);
   assert.ok(norm(eq.solve(10)) < norm(w));
+  // Inputs zero throughout a batch (the units a block group's member lacks) are skipped, not lost.
+  const sparse = Float64Array.from(h, (v, i) => (i < 140 * dIn && i % dIn === 3 ? 0 : v));
+  const eq2 = new NormalEquations(dIn, dOut);
+  eq2.add(140, sparse.subarray(0, 140 * dIn), y.subarray(0, 140 * dOut));
+  eq2.add(n - 140, sparse.subarray(140 * dIn), y.subarray(140 * dOut));
+  assert.ok(relL2(eq2.solve(1e-3), ridgeFit({ n, dIn, dOut, h: sparse, y }, 1e-3)) < 1e-12);
 });
 
 Deno.test("a stage is kept only when it beats the current model beyond the noise of the paired per-token losses", () => {

@@ -20,6 +20,26 @@ export interface FitData {
   y: Float64Array;
 }
 
+/** Rows NormalEquations.add takes at a time. */
+const ROW_BLOCK = 64;
+
+/** sum_k x[xi + k] * y[yi + k] for k < n, four partial sums (the loop is the fits' hot path). */
+function dot(x: Float64Array, xi: number, y: Float64Array, yi: number, n: number): number {
+  let s0 = 0;
+  let s1 = 0;
+  let s2 = 0;
+  let s3 = 0;
+  let k = 0;
+  for (; k + 3 < n; k += 4) {
+    s0 += x[xi + k] * y[yi + k];
+    s1 += x[xi + k + 1] * y[yi + k + 1];
+    s2 += x[xi + k + 2] * y[yi + k + 2];
+    s3 += x[xi + k + 3] * y[yi + k + 3];
+  }
+  for (; k < n; k++) s0 += x[xi + k] * y[yi + k];
+  return (s0 + s1) + (s2 + s3);
+}
+
 /**
  * The normal equations of a least-squares fit of dOut targets on dIn inputs, accumulated in float64
  * over batches of rows (memory O(dIn^2 + dIn dOut), whatever the number of rows): the Gram matrix
@@ -36,21 +56,46 @@ export class NormalEquations {
     this.cross = new Float64Array(dIn * dOut);
   }
 
-  /** Adds n rows: h [n, dIn] and y [n, dOut], row-major. */
+  /**
+   * Adds n rows: h [n, dIn] and y [n, dOut], row-major. Rows are taken in blocks, transposed so that each
+   * Gram entry gets a block's products as one contiguous dot product: adding row by row rewrote the whole
+   * Gram (170 MB at width 4608) for every token: memory-bound, 1.7x slower at that width.
+   */
   add(n: number, h: Float64Array, y: Float64Array): void {
     const { dIn, dOut, gram: a, cross: b } = this;
-    for (let r = 0; r < n; r++) {
-      const hr = r * dIn;
-      const yr = r * dOut;
-      for (let i = 0; i < dIn; i++) {
-        const hi = h[hr + i];
-        if (hi === 0) continue;
-        const ai = i * dIn;
-        for (let j = i; j < dIn; j++) a[ai + j] += hi * h[hr + j];
-        const bi = i * dOut;
-        for (let o = 0; o < dOut; o++) b[bi + o] += hi * y[yr + o];
+    const block = Math.min(ROW_BLOCK, n);
+    const hT = new Float64Array(dIn * block);
+    const yT = new Float64Array(dOut * block);
+    const used = new Uint8Array(dIn);
+    for (let r0 = 0; r0 < n; r0 += block) {
+      const m = Math.min(block, n - r0);
+      used.fill(0);
+      for (let r = 0; r < m; r++) {
+        const hr = (r0 + r) * dIn;
+        for (let i = 0; i < dIn; i++) {
+          const v = h[hr + i];
+          hT[i * m + r] = v;
+          if (v !== 0) used[i] = 1;
+        }
+        const yr = (r0 + r) * dOut;
+        for (let o = 0; o < dOut; o++) {
+          const v = y[yr + o];
+          yT[o * m + r] = v;
+          this.targetSquares += v * v;
+        }
       }
-      for (let o = 0; o < dOut; o++) this.targetSquares += y[yr + o] ** 2;
+      for (let i = 0; i < dIn; i++) {
+        // Columns that are zero throughout the block (units a block group's member does not have) add nothing.
+        if (!used[i]) continue;
+        const ii = i * m;
+        const ai = i * dIn;
+        for (let j = i; j < dIn; j++) {
+          if (!used[j]) continue;
+          a[ai + j] += dot(hT, ii, hT, j * m, m);
+        }
+        const bi = i * dOut;
+        for (let o = 0; o < dOut; o++) b[bi + o] += dot(hT, ii, yT, o * m, m);
+      }
     }
     this.rows += n;
   }
@@ -100,15 +145,12 @@ export class NormalEquations {
     }
     // Cholesky A = L L^T in place (lower triangle).
     for (let j = 0; j < dIn; j++) {
-      let d = a[j * dIn + j];
-      for (let k = 0; k < j; k++) d -= a[j * dIn + k] ** 2;
+      const d = a[j * dIn + j] - dot(a, j * dIn, a, j * dIn, j);
       if (!(d > 0)) throw new Error("ridge fit: the normal equations are not positive definite");
       const ljj = Math.sqrt(d);
       a[j * dIn + j] = ljj;
       for (let i = j + 1; i < dIn; i++) {
-        let s = a[i * dIn + j];
-        for (let k = 0; k < j; k++) s -= a[i * dIn + k] * a[j * dIn + k];
-        a[i * dIn + j] = s / ljj;
+        a[i * dIn + j] = (a[i * dIn + j] - dot(a, i * dIn, a, j * dIn, j)) / ljj;
       }
     }
     // Forward then back substitution for every output column at once: B becomes W^T [dIn, dOut].
