@@ -30,3 +30,29 @@ export function spread(xs: number[]): Spread {
   const median = s.length % 2 ? s[mid] : (s[mid - 1] + s[mid]) / 2;
   return { median, min: s[0], max: s[s.length - 1] };
 }
+
+/**
+ * sum_k x[xi + k] * y[yi + k] for k < n: the float64 reference's and the fits' inner loop. Four
+ * independent accumulators let the JIT overlap the multiply-adds.
+ */
+export function dot(
+  x: Float64Array | Float32Array,
+  xi: number,
+  y: Float64Array | Float32Array,
+  yi: number,
+  n: number,
+): number {
+  let s0 = 0;
+  let s1 = 0;
+  let s2 = 0;
+  let s3 = 0;
+  let k = 0;
+  for (; k + 3 < n; k += 4) {
+    s0 += x[xi + k] * y[yi + k];
+    s1 += x[xi + k + 1] * y[yi + k + 1];
+    s2 += x[xi + k + 2] * y[yi + k + 2];
+    s3 += x[xi + k + 3] * y[yi + k + 3];
+  }
+  for (; k < n; k++) s0 += x[xi + k] * y[yi + k];
+  return s0 + s1 + s2 + s3;
+}

@@ -3,6 +3,7 @@ import { type Block, unfusedBlocks } from "../model/blocks.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
 import { referenceForward, rmsNorm } from "../model/forward.ts";
 import { lazyTensor, tensor } from "../model/tensor.ts";
+import { dot } from "../numeric.ts";
 
 /**
  * Relative ridge: lambda = RIDGE x mean(diag(H^T H)). Small enough that an exactly linear target is
@@ -22,23 +23,6 @@ export interface FitData {
 
 /** Rows NormalEquations.add takes at a time. */
 const ROW_BLOCK = 64;
-
-/** sum_k x[xi + k] * y[yi + k] for k < n, four partial sums (the loop is the fits' hot path). */
-function dot(x: Float64Array, xi: number, y: Float64Array, yi: number, n: number): number {
-  let s0 = 0;
-  let s1 = 0;
-  let s2 = 0;
-  let s3 = 0;
-  let k = 0;
-  for (; k + 3 < n; k += 4) {
-    s0 += x[xi + k] * y[yi + k];
-    s1 += x[xi + k + 1] * y[yi + k + 1];
-    s2 += x[xi + k + 2] * y[yi + k + 2];
-    s3 += x[xi + k + 3] * y[yi + k + 3];
-  }
-  for (; k < n; k++) s0 += x[xi + k] * y[yi + k];
-  return (s0 + s1) + (s2 + s3);
-}
 
 /**
  * The normal equations of a least-squares fit of dOut targets on dIn inputs, accumulated in float64

@@ -2,6 +2,7 @@ import type { Block, FfnBlock } from "./blocks.ts";
 import type { Checkpoint } from "./checkpoint.ts";
 import { ropeInvFreq } from "./rope.ts";
 import type { Tensor } from "./tensor.ts";
+import { dot } from "../numeric.ts";
 
 /**
  * A plain float64 forward pass over a block list, on the CPU. It is the independent reference the
@@ -18,20 +19,7 @@ export function linear(x: Vecs, w: Tensor, t: number): Vecs {
   const wd = w.data;
   for (let r = 0; r < t; r++) {
     const xo = r * inn;
-    for (let o = 0; o < out; o++) {
-      const wo = o * inn;
-      // Four independent accumulators let the JIT overlap the multiply-adds.
-      let s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-      let i = 0;
-      for (; i + 3 < inn; i += 4) {
-        s0 += x[xo + i] * wd[wo + i];
-        s1 += x[xo + i + 1] * wd[wo + i + 1];
-        s2 += x[xo + i + 2] * wd[wo + i + 2];
-        s3 += x[xo + i + 3] * wd[wo + i + 3];
-      }
-      for (; i < inn; i++) s0 += x[xo + i] * wd[wo + i];
-      y[r * out + o] = s0 + s1 + s2 + s3;
-    }
+    for (let o = 0; o < out; o++) y[r * out + o] = dot(x, xo, wd, o * inn, inn);
   }
   return y;
 }
