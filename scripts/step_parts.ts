@@ -50,7 +50,10 @@ const prefixLength = positive("prefix", values.prefix!);
 const steps = positive("steps", values.steps!);
 const rounds = positive("rounds", values.rounds!);
 
-const assets = await loadAssets(values.model!);
+const assets = await loadAssets(values.model!).catch((e) => {
+  console.error(`--model ${values.model}: ${(e as Error).message}`);
+  Deno.exit(2);
+});
 const cfg = assets.checkpoint.config;
 const text = await Deno.readTextFile(join(root, "data", "eval.py.txt"));
 const ids = assets.tokenizer.encode(text.slice(0, prefixLength * 16)).slice(0, prefixLength + 1);

@@ -231,7 +231,9 @@ Deno.test("scripts/step_parts.ts: a batched step's parts timed in alternating ro
     rows.find((x) => x.part === part && x.batch === batch)!.ms_per_step.median;
   assert.ok(ms("lm-head", 4) < ms("whole", 4), "the LM head alone is a part of the whole step");
   assert.equal(rows[0].over_first, 1);
-  for (const bad of [["--batch", "0"], ["--parts", "whole,mlp"], ["--steps", "x"]]) {
+  for (
+    const bad of [["--batch", "0"], ["--parts", "whole,mlp"], ["--steps", "x"], ["--model", "/nonexistent"]]
+  ) {
     const b = await run(...bad);
     assert.equal(b.code, 2, bad.join(" "));
     assert.match(b.stderr, new RegExp(bad[0]));
