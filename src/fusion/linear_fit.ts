@@ -99,17 +99,18 @@ export class NormalEquations {
     const { dIn, dOut, gram: a, cross: b } = this;
     let cross = 0;
     let quad = 0;
-    const wa = new Float64Array(dIn);
     for (let o = 0; o < dOut; o++) {
       const wo = o * dIn;
-      for (let i = 0; i < dIn; i++) cross += w[wo + i] * b[i * dOut + o];
-      // (H^T H) w_o with the symmetric Gram read from its upper triangle.
       for (let i = 0; i < dIn; i++) {
-        let sum = 0;
-        for (let j = 0; j < dIn; j++) sum += (i <= j ? a[i * dIn + j] : a[j * dIn + i]) * w[wo + j];
-        wa[i] = sum;
+        const wi = w[wo + i];
+        // Zero weights add nothing: a fit's "before" is the zero correction, whose residual is sum ||y||^2.
+        if (wi === 0) continue;
+        cross += wi * b[i * dOut + o];
+        // w_o^T (H^T H) w_o from the upper triangle alone, the diagonal once and each pair above it twice,
+        // as one contiguous dot per row: picking each entry from either triangle took 18 s at width 4608
+        // against 3.4 s this way.
+        quad += wi * (a[i * dIn + i] * wi + 2 * dot(a, i * dIn + i + 1, w, wo + i + 1, dIn - i - 1));
       }
-      for (let i = 0; i < dIn; i++) quad += w[wo + i] * wa[i];
     }
     return this.targetSquares - 2 * cross + quad;
   }
