@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { exportCheckpoint } from "../src/export/write.ts";
+import { exportCheckpoint, healSection } from "../src/export/write.ts";
 import { InputError } from "../src/errors.ts";
 import { labelBlocks } from "../src/fusion/analyze.ts";
 import { checkPlan, type FusionPlan, parsePlan, UNFUSED } from "../src/fusion/plan.ts";
@@ -66,6 +66,36 @@ Deno.test("export: a healed plan is written with its fitted weights (same logits
   for (const [a, b] of pairs) assert.ok(relL2(last(b, 4096), last(a, 4096)) <= 1e-5);
   assert.match(card, /## Healing/);
   assert.match(card, /\| 3-8 \| ridge \S+ \| /, "healed: the export carries fitted input maps");
+});
+
+Deno.test("export: the model card's healing table reads stages by objective (a block group has no input maps)", () => {
+  const stage = (objective: "member_input" | "down_projection", kept: boolean) => ({
+    objective,
+    kept,
+    ridge: kept ? 0.1 : null,
+    residual: { calibration: { before: 1, after: 1 }, heldout: { before: 1, after: 1 } },
+    tried: [],
+  });
+  const group = (kind: "ffn" | "block", layers: number[], stages: ReturnType<typeof stage>[]) => ({
+    kind,
+    layers,
+    healed: stages.some((s) => s.kept),
+    stages,
+    heldout_loss: { unhealed: 2.5, healed: 2.4 },
+    ms: 1,
+  });
+  const card = healSection({
+    plan: "x",
+    calibration_tokens: 4096,
+    heldout_tokens: 1024,
+    groups: [
+      group("ffn", [3, 4, 5], [stage("member_input", true), stage("down_projection", false)]),
+      group("block", [8, 9], [stage("down_projection", true)]),
+    ],
+  }).join("\n");
+  assert.match(card, /\| 3-5 \| ridge 0\.1 \| not kept \| 2\.5000 \| 2\.4000 \|/);
+  assert.match(card, /\| blk 8-9 \| - \| ridge 0\.1 \| 2\.5000 \| 2\.4000 \|/);
+  assert.deepEqual(healSection(undefined), []);
 });
 
 Deno.test("export: a v2 plan on tiny-llama (attention removed and linear, FFNs fused across) round-trips (1e-5)", async () => {

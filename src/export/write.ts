@@ -191,26 +191,31 @@ function describe(l: ExportLayer): string {
 }
 
 /** The model card's account of healing: what was fitted, on what, and what it did per group. */
-function healSection(heal: HealReport | undefined): string[] {
+export function healSection(heal: HealReport | undefined): string[] {
   if (!heal) return [];
   const f = (x: number) => x.toFixed(4);
-  const stage = (s: HealStage | undefined) => (s?.kept ? `ridge ${s.ridge}` : "not kept");
+  // Stages by objective: a block group has no input maps, only its members' down projections.
+  const stage = (g: HealReport["groups"][number], objective: HealStage["objective"]) => {
+    const s = g.stages.find((x) => x.objective === objective);
+    return !s ? "-" : s.kept ? `ridge ${s.ridge}` : "not kept";
+  };
   return [
     "## Healing",
     "",
-    "Fitted without training (fusedge's `heal`): each fused group's members read a ridge-fitted linear map of",
-    "the group's normalised input that predicts their sequential input (folded into their gate and up rows),",
+    "Fitted without training (fusedge's `heal`): each fused FFN group's members read a ridge-fitted linear map",
+    "of the group's normalised input that predicts their sequential input (folded into their gate and up rows),",
     "then the group's down projection is refitted to the sequential output, each token's error scaled by the",
-    `inverse RMS of that output. ${heal.calibration_tokens} calibration tokens; each stage and ridge chosen by the`,
-    `loss on ${heal.heldout_tokens} held-out tokens and kept only where it lowers it. Every group is still one`,
-    "wide FFN.",
+    "inverse RMS of that output; a block group gets the second stage for its members' down projections.",
+    `${heal.calibration_tokens} calibration tokens; each stage and ridge chosen by the loss on`,
+    `${heal.heldout_tokens} held-out tokens and kept only where it lowers it. Every FFN group is still one wide`,
+    "FFN.",
     "",
     "| group | input maps | down projection | held-out loss unhealed | healed |",
     "| --- | --- | --- | --- | --- |",
     ...heal.groups.map((g) =>
-      `| ${g.layers[0]}-${g.layers.at(-1)} | ${stage(g.stages[0])} | ${stage(g.stages[1])} | ${
-        f(g.heldout_loss.unhealed)
-      } | ${f(g.heldout_loss.healed)} |`
+      `| ${g.kind === "block" ? "blk " : ""}${g.layers[0]}-${g.layers.at(-1)} | ${
+        stage(g, "member_input")
+      } | ${stage(g, "down_projection")} | ${f(g.heldout_loss.unhealed)} | ${f(g.heldout_loss.healed)} |`
     ),
     "",
   ];
