@@ -1,5 +1,5 @@
 import { type Block, type FfnBlock, layerOf } from "../model/blocks.ts";
-import { lazyTensor, type Tensor, tensor } from "../model/tensor.ts";
+import { concatColumns, lazyTensor, type Tensor, tensor } from "../model/tensor.ts";
 import type { LinearWeights } from "../model/checkpoint.ts";
 import { blockGroups, type FusionPlan, linearAttention, removedAttention } from "./plan.ts";
 
@@ -42,7 +42,6 @@ export type InputMaps = Map<number, Float64Array>;
 function stack(members: FfnBlock[], hidden: number, total: number, maps: InputMaps) {
   const gate = new Float32Array(total * hidden);
   const up = new Float32Array(total * hidden);
-  const down = new Float32Array(hidden * total);
   let offset = 0;
   for (const m of members) {
     const n = m.gate.shape[0];
@@ -53,11 +52,9 @@ function stack(members: FfnBlock[], hidden: number, total: number, maps: InputMa
     };
     gate.set(rows(m.gate), offset * hidden);
     up.set(rows(m.up), offset * hidden);
-    const src = m.down.data;
-    for (let r = 0; r < hidden; r++) down.set(src.subarray(r * n, (r + 1) * n), r * total + offset);
     offset += n;
   }
-  return { gate, up, down };
+  return { gate, up, down: concatColumns(members.map((m) => m.down.data), hidden) };
 }
 
 /**

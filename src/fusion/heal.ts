@@ -1,7 +1,7 @@
 import { type Block, type FfnBlock, layerOf } from "../model/blocks.ts";
 import type { Checkpoint, LinearWeights } from "../model/checkpoint.ts";
 import { linear, referenceForward, rmsNorm, swigluActivations } from "../model/forward.ts";
-import { tensor } from "../model/tensor.ts";
+import { concatColumns, splitColumns, tensor } from "../model/tensor.ts";
 import { applyPlan, type FusionHeal, groupKey, type InputMaps } from "./apply.ts";
 import { NormalEquations } from "./linear_fit.ts";
 import { blockGroups, type FusionPlan, planId } from "./plan.ts";
@@ -476,29 +476,11 @@ export async function healPlan(input: HealInput): Promise<{ heal: FusionHeal; re
       const refit = layers.filter((_, j) => ffns[j] !== null);
       const widths = ffns.map((f) => f?.down.shape[1] ?? 0);
       const width = widths.reduce((a, b) => a + b, 0);
-      const w0 = new Float32Array(d * width);
-      let offset = 0;
-      ffns.forEach((f, j) => {
-        if (!f) return;
-        for (let c = 0; c < d; c++) {
-          w0.set(f.down.data.subarray(c * widths[j], (c + 1) * widths[j]), c * width + offset);
-        }
-        offset += widths[j];
-      });
-      const split = (w: Float32Array) => {
-        const out = new Map<number, Float32Array>();
-        let at = 0;
-        ffns.forEach((f, j) => {
-          if (!f) return;
-          const m = new Float32Array(d * widths[j]);
-          for (let c = 0; c < d; c++) {
-            m.set(w.subarray(c * width + at, c * width + at + widths[j]), c * widths[j]);
-          }
-          out.set(layers[j], m);
-          at += widths[j];
-        });
-        return out;
-      };
+      const w0 = concatColumns(ffns.map((f) => f?.down.data ?? new Float32Array(0)), d);
+      const split = (w: Float32Array) =>
+        new Map(
+          splitColumns(w, d, widths).flatMap((m, j) => (ffns[j] ? [[layers[j], m] as const] : [])),
+        );
       const windowsOf = new Map<GroupIo, number[]>([
         ...cal.io.map((io, i) => [io, input.calibration[i]] as const),
         ...held.io.map((io, i) => [io, input.heldout[i]] as const),
@@ -511,17 +493,9 @@ export async function healPlan(input: HealInput): Promise<{ heal: FusionHeal; re
         held: held.io,
         rowsOf: (io) => {
           const passes = memberBlocks.map((m) => blockMemberPass(ckpt, m, windowsOf.get(io)!, io.x, eps));
-          const a = new Float64Array(io.t * width);
+          const a = concatColumns(passes.map((p) => p.a ?? new Float64Array(0)), io.t);
           const predicted = new Float64Array(io.t * d);
-          let at = 0;
-          passes.forEach((p, j) => {
-            for (let k = 0; k < predicted.length; k++) predicted[k] += p.delta[k];
-            if (!p.a) return;
-            for (let r = 0; r < io.t; r++) {
-              a.set(p.a.subarray(r * widths[j], (r + 1) * widths[j]), r * width + at);
-            }
-            at += widths[j];
-          });
+          for (const p of passes) for (let k = 0; k < predicted.length; k++) predicted[k] += p.delta[k];
           return scaledRows(io, a, predicted, eps);
         },
         candidate: (w) => score(modelWith(g, { blockDowns: split(w) })),

@@ -50,3 +50,33 @@ export function transpose2d(t: Tensor, out: Float32Array = new Float32Array(t.da
   }
   return tensor([cols, rows], out);
 }
+
+/**
+ * Matrices of `rows` rows side by side, [rows, sum of their widths] (at least one part): how a fused
+ * group's down projection holds its members' columns, and its activations their units.
+ */
+export function concatColumns<T extends Float32Array | Float64Array>(parts: T[], rows: number): T {
+  const widths = parts.map((p) => p.length / rows);
+  const total = widths.reduce((a, b) => a + b, 0);
+  // The parts' own array type: fused weights are float32, healing's activations float64.
+  const out = new (parts[0].constructor as new (n: number) => T)(rows * total);
+  let offset = 0;
+  parts.forEach((p, j) => {
+    const w = widths[j];
+    for (let r = 0; r < rows; r++) out.set(p.subarray(r * w, (r + 1) * w), r * total + offset);
+    offset += w;
+  });
+  return out;
+}
+
+/** concatColumns undone: [rows, sum of widths] cut into [rows, widths[j]] matrices. */
+export function splitColumns(m: Float32Array, rows: number, widths: number[]): Float32Array[] {
+  const total = widths.reduce((a, b) => a + b, 0);
+  let offset = 0;
+  return widths.map((w) => {
+    const part = new Float32Array(rows * w);
+    for (let r = 0; r < rows; r++) part.set(m.subarray(r * total + offset, r * total + offset + w), r * w);
+    offset += w;
+    return part;
+  });
+}
