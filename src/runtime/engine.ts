@@ -19,7 +19,7 @@ import { buildDecoderGraph } from "../onnx/decoder.ts";
 import { FLOAT_WEIGHTS, formatName, type GraphOptions } from "../onnx/format.ts";
 import { WeightCache } from "../onnx/weight_cache.ts";
 import type { Backend } from "./ort.ts";
-import { ModelSession } from "./session.ts";
+import { ModelSession, withScoringSession } from "./session.ts";
 
 /** What loading a checkpoint directory gives: everything plan-independent, loaded once. */
 export interface ModelAssets {
@@ -139,18 +139,12 @@ function planHeal(
       calibration,
       heldout,
       onProgress,
-      lossesOf: async (blocks) => {
-        const s = await ModelSession.create(
-          buildDecoderGraph(assets.checkpoint, blocks),
-          "wasm",
-          cfg.vocabSize,
-        );
-        try {
-          return await tokenLosses(heldout, cfg.vocabSize, (ids) => s.logitsOf(ids));
-        } finally {
-          await s.release();
-        }
-      },
+      lossesOf: (blocks) =>
+        withScoringSession(
+          assets.checkpoint,
+          blocks,
+          (s) => tokenLosses(heldout, cfg.vocabSize, (ids) => s.logitsOf(ids)),
+        ),
     });
   })();
   known.set(id, run);

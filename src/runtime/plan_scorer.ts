@@ -7,8 +7,7 @@ import { type FusionPlan, UNFUSED } from "../fusion/plan.ts";
 import { unfusedBlocks } from "../model/blocks.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
 import type { TextTokenizer } from "../model/tokenizer.ts";
-import { buildDecoderGraph } from "../onnx/decoder.ts";
-import { ModelSession } from "./session.ts";
+import { type ModelSession, withScoringSession } from "./session.ts";
 
 /** Held-out tokens each candidate plan is measured on. */
 export const HELD_OUT_TOKENS = 256;
@@ -22,8 +21,6 @@ export interface FrontierRequest {
   maxLossIncrease?: number;
   maxWidth: number;
 }
-
-const sessionScorer = (session: ModelSession): Scorer => (ids) => session.logitsOf(ids);
 
 /** Scores plans on held-out text; `unfused` is the model's own loss and perplexity there. */
 export interface PlanScorer {
@@ -55,30 +52,23 @@ export async function planScorer(
   const candidates = cfg.layers.flatMap((l, i) => (l.attention.kind === "full" ? [i] : []));
   const fits = fitLinearAttention(ckpt, candidates, fitWindows);
   const blocks = unfusedBlocks(ckpt);
-  const sessionFor = (plan: FusionPlan) =>
-    ModelSession.create(
-      buildDecoderGraph(ckpt, applyPlan(blocks, plan, "fused", fits)),
-      "wasm",
-      cfg.vocabSize,
-    );
-  const base = await sessionFor(UNFUSED);
+  const withPlan = <T>(plan: FusionPlan, use: (s: ModelSession) => Promise<T>) =>
+    withScoringSession(ckpt, applyPlan(blocks, plan, "fused", fits), use);
   const baseLogits = new Map<number[], Float32Array | Float64Array>();
-  const baseScorer = sessionScorer(base);
-  for (const ids of heldOut) baseLogits.set(ids, await baseScorer(ids));
-  await base.release();
+  await withPlan(UNFUSED, async (base) => {
+    for (const ids of heldOut) baseLogits.set(ids, await base.logitsOf(ids));
+  });
   const baseline: Scorer = (ids) => Promise.resolve(baseLogits.get(ids)!);
   const unfused = await evaluateQuality(heldOut, cfg.vocabSize, baseline);
   return {
     unfused: { loss: unfused.loss, ppl: unfused.ppl },
     heldOutTokens: unfused.tokens,
-    score: async (plan) => {
-      const session = await sessionFor(plan);
-      try {
-        return await evaluateQuality(heldOut, cfg.vocabSize, sessionScorer(session), baseline) as PlanScore;
-      } finally {
-        await session.release();
-      }
-    },
+    score: (plan) =>
+      withPlan(
+        plan,
+        async (s) =>
+          await evaluateQuality(heldOut, cfg.vocabSize, (ids) => s.logitsOf(ids), baseline) as PlanScore,
+      ),
   };
 }
 

@@ -1,4 +1,13 @@
-import { type DecoderGraph, pastKey, pastValue, presentKey, presentValue } from "../onnx/decoder.ts";
+import type { Block } from "../model/blocks.ts";
+import type { Checkpoint } from "../model/checkpoint.ts";
+import {
+  buildDecoderGraph,
+  type DecoderGraph,
+  pastKey,
+  pastValue,
+  presentKey,
+  presentValue,
+} from "../onnx/decoder.ts";
 import { type Backend, createSession, ort, type OrtApi, runtimeFor } from "./ort.ts";
 import { type BatchCache, disposeBatch, packRows, type RowSource } from "./kv_batch.ts";
 import { yieldIfBusy } from "./yield.ts";
@@ -195,4 +204,21 @@ export function disposeCache(cache: KvCache): void {
     if (t.location === "gpu-buffer") t.dispose();
   }
   cache.tensors.clear();
+}
+
+/**
+ * Runs `use` on an fp32 WASM session of a block list (a candidate plan being scored, a fit being
+ * measured), and frees the session however `use` ends.
+ */
+export async function withScoringSession<T>(
+  ckpt: Checkpoint,
+  blocks: Block[],
+  use: (session: ModelSession) => Promise<T>,
+): Promise<T> {
+  const session = await ModelSession.create(buildDecoderGraph(ckpt, blocks), "wasm", ckpt.config.vocabSize);
+  try {
+    return await use(session);
+  } finally {
+    await session.release();
+  }
 }
