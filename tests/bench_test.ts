@@ -4,7 +4,7 @@ import { benchFfn } from "../src/bench/ffn_bench.ts";
 import { checkpointRun, presetRun } from "../src/bench/shapes.ts";
 import { loadCheckpoint } from "../src/model/checkpoint.ts";
 import { requestGpu } from "../src/webgpu/device.ts";
-import { HAS_WEBGPU, NAS_LIKE, ROOT, TINY_NAS, writeRandomModel } from "./helpers.ts";
+import { HAS_WEBGPU, NAS_LIKE, ROOT, runScript, TINY_NAS, writeRandomModel } from "./helpers.ts";
 
 const gpuTest = (name: string, fn: () => Promise<void>) =>
   Deno.test({ name, ignore: !HAS_WEBGPU, sanitizeResources: false, sanitizeOps: false, fn });
@@ -193,15 +193,7 @@ Deno.test("cli bench --batch: tokens/s at each batch size, unfused against the f
 });
 
 Deno.test("scripts/step_parts.ts: a batched step's parts timed in alternating rounds; bad flags exit 2", async () => {
-  const run = async (...args: string[]) => {
-    const out = await new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", join(ROOT, "scripts", "step_parts.ts"), ...args],
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    const text = (b: Uint8Array) => new TextDecoder().decode(b);
-    return { code: out.code, stdout: text(out.stdout), stderr: text(out.stderr) };
-  };
+  const run = (...args: string[]) => runScript("step_parts.ts", ...args);
   const r = await run("--batch", "1,4", "--steps", "2", "--rounds", "2", "--prefix", "8", "--json");
   assert.equal(r.code, 0, r.stderr);
   const rows = JSON.parse(r.stdout).rows as {

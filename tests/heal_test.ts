@@ -7,7 +7,7 @@ import { applyPlan } from "../src/fusion/apply.ts";
 import type { Block, FfnBlock } from "../src/model/blocks.ts";
 import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
 import { join } from "node:path";
-import { EVAL_TEXT, exactLinearData, relL2, ROOT, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
+import { EVAL_TEXT, exactLinearData, relL2, ROOT, runScript, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
 import { clearlyBetter, DOWN_RIDGES, INPUT_RIDGES } from "../src/fusion/heal.ts";
 import { rng } from "../src/numeric.ts";
 import { post, startServer } from "./server_helpers.ts";
@@ -63,6 +63,12 @@ Deno.test("normal equations: streamed in batches they give the one-shot ridge fi
   eq2.add(140, sparse.subarray(0, 140 * dIn), y.subarray(0, 140 * dOut));
   eq2.add(n - 140, sparse.subarray(140 * dIn), y.subarray(140 * dOut));
   assert.ok(relL2(eq2.solve(1e-3), ridgeFit({ n, dIn, dOut, h: sparse, y }, 1e-3)) < 1e-12);
+  // A new right-hand side for the same inputs, solved with the same factor: the fit of the new targets.
+  const y2 = Float64Array.from(y, (v) => 2 * v + random() - 0.5);
+  const factor = eq.factor(1e-3);
+  const refit = factor.solve(eq.crossOf(n, h, y2));
+  assert.ok(relL2(refit, ridgeFit({ n, dIn, dOut, h, y: y2 }, 1e-3)) < 1e-12);
+  assert.ok(relL2(factor.solve(eq.cross), eq.solve(1e-3)) < 1e-15);
 });
 
 Deno.test("a stage is kept only when it beats the current model beyond the noise of the paired per-token losses", () => {
@@ -290,4 +296,49 @@ Deno.test("cli: bad heal settings and a calibration text too short for them exit
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test({
+  name:
+    "scripts/heal_logits.ts: Gauss-Newton steps on the logits' KL measured on held-out loss, never kept when worse; bad flags exit 2",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const run = (...args: string[]) => runScript("heal_logits.ts", ...args);
+    const small = [
+      "--group",
+      "7-8",
+      "--calibration-tokens",
+      "1024",
+      "--heldout-tokens",
+      "256",
+      "--eval-tokens",
+    ];
+    const r = await run(...small, "512", "--steps", "1", "--ridges", "1", "--etas", "0.01,0.1", "--json");
+    assert.equal(r.code, 0, r.stderr);
+    const report = JSON.parse(r.stdout);
+    assert.equal(report.start.gap_closed, 0, "the fused model's own evaluation loss");
+    assert.ok(report.eval.fused > report.eval.unfused);
+    assert.equal(report.steps.length, 1);
+    const [step] = report.steps;
+    assert.ok(step.calibration_kl > 0 && step.calibration_kl < 1, `calibration KL ${step.calibration_kl}`);
+    assert.ok(
+      step.tried.length >= 1 && step.tried.every((x: { heldout: number }) => Number.isFinite(x.heldout)),
+    );
+    assert.ok(step.heldout <= report.start.heldout, "a step is kept only when it lowers the held-out loss");
+    if (!step.kept) assert.equal(step.eval, report.start.eval);
+    for (
+      const [args, re] of [
+        [["--group", "8-7"], /--group: expected FIRST-LAST/],
+        [["--group", "8-9"], /--group: .*layer 9 has attention/],
+        [["--from", "nowhere"], /--from: fused or healed/],
+        [["--steps", "0"], /--steps: expected a positive number/],
+        [["--etas", "0.1,x"], /--etas: expected a positive number/],
+      ] as [string[], RegExp][]
+    ) {
+      const bad = await run(...args);
+      assert.equal(bad.code, 2, `${args.join(" ")}: ${bad.stderr}`);
+      assert.match(bad.stderr, re);
+    }
+  },
 });

@@ -229,3 +229,14 @@ export function exactLinearData(seed: number, n: number, dIn: number, dOut: numb
   }
   return { n, dIn, dOut, truth, h, y, random };
 }
+
+/** Runs a script of scripts/ with Deno, its exit code and output as text. */
+export async function runScript(name: string, ...args: string[]) {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", join(ROOT, "scripts", name), ...args],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const text = (b: Uint8Array) => new TextDecoder().decode(b);
+  return { code: out.code, stdout: text(out.stdout), stderr: text(out.stderr) };
+}

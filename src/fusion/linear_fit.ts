@@ -120,43 +120,82 @@ export class NormalEquations {
    * ridge x mean(diag(H^T H)): (H^T H + lambda I) W^T = H^T Y by Cholesky, in float64.
    */
   solve(ridge: number): Float64Array {
+    return this.factor(ridge).solve(this.cross);
+  }
+
+  /**
+   * The Cholesky factor of H^T H + lambda I, to solve for several right-hand sides H^T Y: Gauss-Newton
+   * steps change the targets and keep the inputs, and the factorisation is the cubic part.
+   */
+  factor(ridge: number): CholeskyFactor {
+    return new CholeskyFactor(this.gram, this.dIn, ridge * this.meanDiagonal);
+  }
+
+  /** H^T Y [dIn, dOut] of rows h [n, dIn], y [n, dOut]: a new right-hand side for the same Gram. */
+  crossOf(
+    n: number,
+    h: Float64Array,
+    y: Float64Array,
+    into = new Float64Array(this.dIn * this.dOut),
+  ): Float64Array {
     const { dIn, dOut } = this;
-    const a = Float64Array.from(this.gram);
-    const b = Float64Array.from(this.cross);
-    const lambda = ridge * this.meanDiagonal;
-    for (let i = 0; i < dIn; i++) {
-      a[i * dIn + i] += lambda;
-      for (let j = 0; j < i; j++) a[i * dIn + j] = a[j * dIn + i];
+    for (let r = 0; r < n; r++) {
+      for (let i = 0; i < dIn; i++) {
+        const v = h[r * dIn + i];
+        if (v === 0) continue;
+        const o0 = i * dOut;
+        const y0 = r * dOut;
+        for (let o = 0; o < dOut; o++) into[o0 + o] += v * y[y0 + o];
+      }
     }
-    // Cholesky A = L L^T in place (lower triangle).
-    for (let j = 0; j < dIn; j++) {
-      const d = a[j * dIn + j] - dot(a, j * dIn, a, j * dIn, j);
+    return into;
+  }
+}
+
+/** A = L L^T of a symmetric positive definite matrix given by its upper triangle, with lambda on the diagonal. */
+export class CholeskyFactor {
+  private readonly l: Float64Array;
+
+  constructor(upper: Float64Array, readonly n: number, lambda: number) {
+    const a = Float64Array.from(upper);
+    for (let i = 0; i < n; i++) {
+      a[i * n + i] += lambda;
+      for (let j = 0; j < i; j++) a[i * n + j] = a[j * n + i];
+    }
+    // In place, lower triangle.
+    for (let j = 0; j < n; j++) {
+      const d = a[j * n + j] - dot(a, j * n, a, j * n, j);
       if (!(d > 0)) throw new Error("ridge fit: the normal equations are not positive definite");
       const ljj = Math.sqrt(d);
-      a[j * dIn + j] = ljj;
-      for (let i = j + 1; i < dIn; i++) {
-        a[i * dIn + j] = (a[i * dIn + j] - dot(a, i * dIn, a, j * dIn, j)) / ljj;
-      }
+      a[j * n + j] = ljj;
+      for (let i = j + 1; i < n; i++) a[i * n + j] = (a[i * n + j] - dot(a, i * n, a, j * n, j)) / ljj;
     }
-    // Forward then back substitution for every output column at once: B becomes W^T [dIn, dOut].
-    for (let i = 0; i < dIn; i++) {
+    this.l = a;
+  }
+
+  /** W [m, n] with A W^T = B for B [n, m] (every column at once, by forward then back substitution). */
+  solve(rhs: Float64Array): Float64Array {
+    const { n, l: a } = this;
+    const m = rhs.length / n;
+    const b = Float64Array.from(rhs);
+    for (let i = 0; i < n; i++) {
       for (let k = 0; k < i; k++) {
-        const l = a[i * dIn + k];
-        for (let o = 0; o < dOut; o++) b[i * dOut + o] -= l * b[k * dOut + o];
+        const l = a[i * n + k];
+        for (let o = 0; o < m; o++) b[i * m + o] -= l * b[k * m + o];
       }
-      const lii = a[i * dIn + i];
-      for (let o = 0; o < dOut; o++) b[i * dOut + o] /= lii;
+      const lii = a[i * n + i];
+      for (let o = 0; o < m; o++) b[i * m + o] /= lii;
     }
-    for (let i = dIn - 1; i >= 0; i--) {
-      for (let k = i + 1; k < dIn; k++) {
-        const l = a[k * dIn + i];
-        for (let o = 0; o < dOut; o++) b[i * dOut + o] -= l * b[k * dOut + o];
+    for (let i = n - 1; i >= 0; i--) {
+      for (let k = i + 1; k < n; k++) {
+        const l = a[k * n + i];
+        for (let o = 0; o < m; o++) b[i * m + o] -= l * b[k * m + o];
       }
-      const lii = a[i * dIn + i];
-      for (let o = 0; o < dOut; o++) b[i * dOut + o] /= lii;
+      const lii = a[i * n + i];
+      for (let o = 0; o < m; o++) b[i * m + o] /= lii;
     }
-    const w = new Float64Array(dOut * dIn);
-    for (let i = 0; i < dIn; i++) for (let o = 0; o < dOut; o++) w[o * dIn + i] = b[i * dOut + o];
+    const w = new Float64Array(m * n);
+    for (let i = 0; i < n; i++) for (let o = 0; o < m; o++) w[o * n + i] = b[i * m + o];
     return w;
   }
 }

@@ -1,6 +1,6 @@
 import type { Block, FfnBlock } from "./blocks.ts";
 import type { Checkpoint } from "./checkpoint.ts";
-import { ropeInvFreq } from "./rope.ts";
+import { applyRope, ropeInvFreq } from "./rope.ts";
 import type { Tensor } from "./tensor.ts";
 import { dot } from "../numeric.ts";
 
@@ -93,23 +93,7 @@ export function referenceForward(
     });
   }
   const inv = ropeInvFreq(cfg.rope, hd);
-  const half = hd / 2;
-  const rope = (v: Vecs, heads: number) => {
-    for (let r = 0; r < t; r++) {
-      for (let h = 0; h < heads; h++) {
-        const base = r * heads * hd + h * hd;
-        for (let i = 0; i < half; i++) {
-          const a = r * inv[i];
-          const c = Math.cos(a);
-          const s = Math.sin(a);
-          const x1 = v[base + i];
-          const x2 = v[base + half + i];
-          v[base + i] = x1 * c - x2 * s;
-          v[base + half + i] = x2 * c + x1 * s;
-        }
-      }
-    }
-  };
+  const rope = (v: Vecs, heads: number) => applyRope(v, t, heads, hd, inv);
 
   const add = (a: Vecs, b: Vecs) => {
     const y = new Float64Array(a.length);

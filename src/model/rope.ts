@@ -21,3 +21,33 @@ export function ropeInvFreq(rope: RopeSpec, headDim: number): Float64Array {
   }
   return inv;
 }
+
+/**
+ * Rotates T rows of `heads` heads of width headDim in place, row r at position r. `inverse` applies the
+ * transposed rotation, which is what a vector-Jacobian product through RoPE needs.
+ */
+export function applyRope(
+  v: Float64Array,
+  t: number,
+  heads: number,
+  headDim: number,
+  inv: Float64Array,
+  inverse = false,
+): void {
+  const half = headDim / 2;
+  const sign = inverse ? -1 : 1;
+  for (let r = 0; r < t; r++) {
+    for (let h = 0; h < heads; h++) {
+      const base = r * heads * headDim + h * headDim;
+      for (let i = 0; i < half; i++) {
+        const a = r * inv[i];
+        const c = Math.cos(a);
+        const s = sign * Math.sin(a);
+        const x1 = v[base + i];
+        const x2 = v[base + half + i];
+        v[base + i] = x1 * c - x2 * s;
+        v[base + half + i] = x2 * c + x1 * s;
+      }
+    }
+  }
+}
