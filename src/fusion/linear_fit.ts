@@ -168,7 +168,32 @@ export class CholeskyFactor {
       if (!(d > 0)) throw new Error("ridge fit: the normal equations are not positive definite");
       const ljj = Math.sqrt(d);
       a[j * n + j] = ljj;
-      for (let i = j + 1; i < n; i++) a[i * n + j] = (a[i * n + j] - dot(a, i * n, a, j * n, j)) / ljj;
+      const jj = j * n;
+      let i = j + 1;
+      // Four rows at a time against row j, which is read once for the four: 1.8x faster at width 3072
+      // than one dot product per entry (measured, alternating runs of a probe).
+      for (; i + 3 < n; i += 4) {
+        const i0 = i * n;
+        const i1 = i0 + n;
+        const i2 = i1 + n;
+        const i3 = i2 + n;
+        let s0 = 0;
+        let s1 = 0;
+        let s2 = 0;
+        let s3 = 0;
+        for (let k = 0; k < j; k++) {
+          const v = a[jj + k];
+          s0 += a[i0 + k] * v;
+          s1 += a[i1 + k] * v;
+          s2 += a[i2 + k] * v;
+          s3 += a[i3 + k] * v;
+        }
+        a[i0 + j] = (a[i0 + j] - s0) / ljj;
+        a[i1 + j] = (a[i1 + j] - s1) / ljj;
+        a[i2 + j] = (a[i2 + j] - s2) / ljj;
+        a[i3 + j] = (a[i3 + j] - s3) / ljj;
+      }
+      for (; i < n; i++) a[i * n + j] = (a[i * n + j] - dot(a, i * n, a, jj, j)) / ljj;
     }
     this.l = a;
   }
