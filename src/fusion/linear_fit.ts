@@ -40,47 +40,9 @@ export class NormalEquations {
     this.cross = new Float64Array(dIn * dOut);
   }
 
-  /**
-   * Adds n rows: h [n, dIn] and y [n, dOut], row-major. Rows are taken in blocks, transposed so that each
-   * Gram entry gets a block's products as one contiguous dot product: adding row by row rewrote the whole
-   * Gram (170 MB at width 4608) for every token: memory-bound, 1.7x slower at that width.
-   */
+  /** Adds n rows: h [n, dIn] and y [n, dOut], row-major. */
   add(n: number, h: Float64Array, y: Float64Array): void {
-    const { dIn, dOut, gram: a, cross: b } = this;
-    const block = Math.min(ROW_BLOCK, n);
-    const hT = new Float64Array(dIn * block);
-    const yT = new Float64Array(dOut * block);
-    const used = new Uint8Array(dIn);
-    for (let r0 = 0; r0 < n; r0 += block) {
-      const m = Math.min(block, n - r0);
-      used.fill(0);
-      for (let r = 0; r < m; r++) {
-        const hr = (r0 + r) * dIn;
-        for (let i = 0; i < dIn; i++) {
-          const v = h[hr + i];
-          hT[i * m + r] = v;
-          if (v !== 0) used[i] = 1;
-        }
-        const yr = (r0 + r) * dOut;
-        for (let o = 0; o < dOut; o++) {
-          const v = y[yr + o];
-          yT[o * m + r] = v;
-          this.targetSquares += v * v;
-        }
-      }
-      for (let i = 0; i < dIn; i++) {
-        // Columns that are zero throughout the block (units a block group's member does not have) add nothing.
-        if (!used[i]) continue;
-        const ii = i * m;
-        const ai = i * dIn;
-        for (let j = i; j < dIn; j++) {
-          if (!used[j]) continue;
-          a[ai + j] += dot(hT, ii, hT, j * m, m);
-        }
-        const bi = i * dOut;
-        for (let o = 0; o < dOut; o++) b[bi + o] += dot(hT, ii, yT, o * m, m);
-      }
-    }
+    this.targetSquares += this.accumulate(n, h, y, this.gram, this.cross);
     this.rows += n;
   }
 
@@ -138,17 +100,59 @@ export class NormalEquations {
     y: Float64Array,
     into = new Float64Array(this.dIn * this.dOut),
   ): Float64Array {
+    this.accumulate(n, h, y, null, into);
+    return into;
+  }
+
+  /**
+   * Adds H^T H of n rows to the upper triangle of `gram` (unless null) and H^T Y to `cross`; returns sum
+   * ||y||^2. Rows are taken in blocks, transposed so that each entry gets a block's products as one
+   * contiguous dot product: adding row by row rewrote the whole Gram (170 MB at width 4608) for every
+   * token: memory-bound, 1.7x slower at that width.
+   */
+  private accumulate(
+    n: number,
+    h: Float64Array,
+    y: Float64Array,
+    gram: Float64Array | null,
+    cross: Float64Array,
+  ): number {
     const { dIn, dOut } = this;
-    for (let r = 0; r < n; r++) {
+    const block = Math.min(ROW_BLOCK, n);
+    const hT = new Float64Array(dIn * block);
+    const yT = new Float64Array(dOut * block);
+    const used = new Uint8Array(dIn);
+    let squares = 0;
+    for (let r0 = 0; r0 < n; r0 += block) {
+      const m = Math.min(block, n - r0);
+      used.fill(0);
+      for (let r = 0; r < m; r++) {
+        const hr = (r0 + r) * dIn;
+        for (let i = 0; i < dIn; i++) {
+          const v = h[hr + i];
+          hT[i * m + r] = v;
+          if (v !== 0) used[i] = 1;
+        }
+        const yr = (r0 + r) * dOut;
+        for (let o = 0; o < dOut; o++) {
+          const v = y[yr + o];
+          yT[o * m + r] = v;
+          squares += v * v;
+        }
+      }
       for (let i = 0; i < dIn; i++) {
-        const v = h[r * dIn + i];
-        if (v === 0) continue;
-        const o0 = i * dOut;
-        const y0 = r * dOut;
-        for (let o = 0; o < dOut; o++) into[o0 + o] += v * y[y0 + o];
+        // Columns that are zero throughout the block (units a block group's member does not have) add nothing.
+        if (!used[i]) continue;
+        const ii = i * m;
+        if (gram) {
+          const ai = i * dIn;
+          for (let j = i; j < dIn; j++) if (used[j]) gram[ai + j] += dot(hT, ii, hT, j * m, m);
+        }
+        const bi = i * dOut;
+        for (let o = 0; o < dOut; o++) cross[bi + o] += dot(hT, ii, yT, o * m, m);
       }
     }
-    return into;
+    return squares;
   }
 }
 

@@ -6,9 +6,9 @@ import type { Tensor } from "./tensor.ts";
 
 /**
  * Vector-Jacobian products of the float64 reference forward (forward.ts): the gradient of a loss on
- * the logits with respect to the residual stream where a block list is entered. Healing uses it to
- * fit a fused group against what the layers after it do with its output (fusion/heal_logits.ts);
- * weights are never differentiated here, only the stream.
+ * the logits with respect to the residual stream where a block list is entered: what fitting a fused
+ * group against what the layers after it do with its output needs (scripts/heal_logits.ts measures
+ * that objective). Weights are never differentiated here, only the stream.
  */
 
 type Vecs = Float64Array; // [T, width] row-major
