@@ -19,8 +19,8 @@
  *
  * `--from healed` first heals the group with heal's own stages on the same slices (fusion/heal.ts).
  */
-import { parseArgs } from "node:util";
 import { join } from "node:path";
+import { fail, positive, scriptFlags } from "./args.ts";
 import { fileURLToPath } from "node:url";
 import { applyPlan } from "../src/fusion/apply.ts";
 import { textSlices } from "../src/fusion/calibration.ts";
@@ -36,34 +36,22 @@ import { loadAssets } from "../src/runtime/engine.ts";
 import { withScoringSession } from "../src/runtime/session.ts";
 
 const root = fileURLToPath(new URL("..", import.meta.url));
-const { values } = parseArgs({
-  args: Deno.args,
-  options: {
-    model: { type: "string", default: join(root, "models", "tiny-nas") },
-    group: { type: "string", default: "3-8" },
-    from: { type: "string", default: "fused" },
-    "calibration-tokens": { type: "string", default: "4096" },
-    "skip-tokens": { type: "string", default: "65536" },
-    "heldout-tokens": { type: "string", default: "1024" },
-    "eval-tokens": { type: "string", default: "8192" },
-    steps: { type: "string", default: "3" },
-    ridges: { type: "string", default: "0.1,1,10" },
-    etas: { type: "string", default: "0.008,0.016,0.032,0.064,0.128,0.256,0.512" },
-    json: { type: "boolean", default: false },
-  },
+const values = scriptFlags({
+  model: { type: "string", default: join(root, "models", "tiny-nas") },
+  group: { type: "string", default: "3-8" },
+  from: { type: "string", default: "fused" },
+  "calibration-tokens": { type: "string", default: "4096" },
+  "skip-tokens": { type: "string", default: "65536" },
+  "heldout-tokens": { type: "string", default: "1024" },
+  "eval-tokens": { type: "string", default: "8192" },
+  steps: { type: "string", default: "3" },
+  ridges: { type: "string", default: "0.1,1,10" },
+  etas: { type: "string", default: "0.008,0.016,0.032,0.064,0.128,0.256,0.512" },
+  json: { type: "boolean", default: false },
 });
-const fail = (message: string): never => {
-  console.error(message);
-  Deno.exit(2);
-};
-const number = (name: string, v: string, integer: boolean) => {
-  const n = Number(v);
-  if (!(n > 0) || (integer && !Number.isInteger(n))) fail(`--${name}: expected a positive number, got ${v}`);
-  return n;
-};
-const count = (name: keyof typeof values) => number(name, values[name] as string, true);
+const count = (name: keyof typeof values) => positive(name, values[name] as string);
 const list = (name: "ridges" | "etas") =>
-  (values[name] as string).split(",").map((v) => number(name, v, false));
+  (values[name] as string).split(",").map((v) => positive(name, v, false));
 const [first, last] = values.group!.split("-").map(Number);
 if (!Number.isInteger(first) || !Number.isInteger(last) || last <= first) {
   fail(`--group: expected FIRST-LAST layers of one FFN group, got ${values.group}`);
@@ -74,6 +62,9 @@ const ridges = list("ridges");
 const etas = list("etas").sort((a, b) => a - b);
 const calibrationTokens = count("calibration-tokens");
 const skip = Number(values["skip-tokens"]);
+if (!Number.isInteger(skip) || skip < 0) {
+  fail(`--skip-tokens: expected a whole number, got ${values["skip-tokens"]}`);
+}
 const heldoutTokens = count("heldout-tokens");
 
 const text = join(root, "data", "eval.py.txt");
@@ -100,12 +91,10 @@ if (!calibration.length || !heldout.length) fail("the text has too few tokens af
 
 const progress = (line: string) => console.error(`heal_logits: ${line}`);
 let variants = 0;
+const heldoutLosses = (blocks: Block[]) =>
+  withScoringSession(ckpt, blocks, (s) => tokenLosses(heldout, vocab, (ids) => s.logitsOf(ids)));
 const heldoutLoss = async (blocks: Block[]) => {
-  const losses = await withScoringSession(
-    ckpt,
-    blocks,
-    (s) => tokenLosses(heldout, vocab, (ids) => s.logitsOf(ids)),
-  );
+  const losses = await heldoutLosses(blocks);
   return losses.reduce((a, b) => a + b, 0) / losses.length;
 };
 const evalLoss = async (blocks: Block[]) =>
@@ -127,8 +116,7 @@ const heal = values.from === "healed"
     fits: new Map(),
     calibration,
     heldout,
-    lossesOf: (blocks) =>
-      withScoringSession(ckpt, blocks, (s) => tokenLosses(heldout, vocab, (ids) => s.logitsOf(ids))),
+    lossesOf: heldoutLosses,
     onProgress: (stage, done, total) => progress(`${stage} ${done}/${total}`),
   })).heal
   : undefined;

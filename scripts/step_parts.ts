@@ -14,8 +14,8 @@
  * Each part's session stays loaded for the alternation: for a model whose graphs cannot all fit WASM's
  * heap together, name fewer parts.
  */
-import { parseArgs } from "node:util";
 import { join } from "node:path";
+import { fail, positive, scriptFlags } from "./args.ts";
 import { fileURLToPath } from "node:url";
 import { cpuSeconds } from "../src/bench/decode_bench.ts";
 import type { Block } from "../src/model/blocks.ts";
@@ -25,41 +25,28 @@ import { loadAssets } from "../src/runtime/engine.ts";
 import { asBatch, ModelSession } from "../src/runtime/session.ts";
 
 const root = fileURLToPath(new URL("..", import.meta.url));
-const { values } = parseArgs({
-  args: Deno.args,
-  options: {
-    model: { type: "string", default: join(root, "models", "tiny-nas") },
-    batch: { type: "string", default: "1,16" },
-    prefix: { type: "string", default: "64" },
-    steps: { type: "string", default: "24" },
-    rounds: { type: "string", default: "5" },
-    parts: { type: "string", default: "whole,no-attention,no-ffn,lm-head" },
-    json: { type: "boolean", default: false },
-  },
+const values = scriptFlags({
+  model: { type: "string", default: join(root, "models", "tiny-nas") },
+  batch: { type: "string", default: "1,16" },
+  prefix: { type: "string", default: "64" },
+  steps: { type: "string", default: "24" },
+  rounds: { type: "string", default: "5" },
+  parts: { type: "string", default: "whole,no-attention,no-ffn,lm-head" },
+  json: { type: "boolean", default: false },
 });
-const positive = (name: string, v: string) => {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < 1) {
-    console.error(`--${name}: expected a positive integer, got ${v}`);
-    Deno.exit(2);
-  }
-  return n;
-};
 const sizes = values.batch!.split(",").map((s) => positive("batch", s));
 const prefixLength = positive("prefix", values.prefix!);
 const steps = positive("steps", values.steps!);
 const rounds = positive("rounds", values.rounds!);
 
-const assets = await loadAssets(values.model!).catch((e) => {
-  console.error(`--model ${values.model}: ${(e as Error).message}`);
-  Deno.exit(2);
-});
+const assets = await loadAssets(values.model!).catch((e) =>
+  fail(`--model ${values.model}: ${(e as Error).message}`)
+);
 const cfg = assets.checkpoint.config;
 const text = await Deno.readTextFile(join(root, "data", "eval.py.txt"));
 const ids = assets.tokenizer.encode(text.slice(0, prefixLength * 16)).slice(0, prefixLength + 1);
 if (ids.length <= prefixLength || prefixLength + steps + 1 >= cfg.maxPositions) {
-  console.error(`--prefix ${prefixLength} with --steps ${steps} does not fit the text or the context`);
-  Deno.exit(2);
+  fail(`--prefix ${prefixLength} with --steps ${steps} does not fit the text or the context`);
 }
 
 const parts: Record<string, Block[]> = {
@@ -71,8 +58,7 @@ const parts: Record<string, Block[]> = {
 const chosen = values.parts!.split(",");
 const unknown = chosen.filter((p) => !(p in parts));
 if (unknown.length || chosen.length === 0) {
-  console.error(`--parts: unknown ${unknown.join(", ")}; choose from ${Object.keys(parts).join(", ")}`);
-  Deno.exit(2);
+  fail(`--parts: unknown ${unknown.join(", ")}; choose from ${Object.keys(parts).join(", ")}`);
 }
 const sessions = new Map<string, ModelSession>();
 for (const name of chosen) {

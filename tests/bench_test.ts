@@ -224,7 +224,9 @@ Deno.test("scripts/step_parts.ts: a batched step's parts timed in alternating ro
   assert.ok(ms("lm-head", 4) < ms("whole", 4), "the LM head alone is a part of the whole step");
   assert.equal(rows[0].over_first, 1);
   for (
-    const bad of [["--batch", "0"], ["--parts", "whole,mlp"], ["--steps", "x"], ["--model", "/nonexistent"]]
+    const bad of [["--batch", "0"], ["--parts", "whole,mlp"], ["--steps", "x"], ["--model", "/nonexistent"], [
+      "--bogus",
+    ]]
   ) {
     const b = await run(...bad);
     assert.equal(b.code, 2, bad.join(" "));

@@ -332,7 +332,9 @@ Deno.test({
         [["--group", "8-7"], /--group: expected FIRST-LAST/],
         [["--group", "8-9"], /--group: .*layer 9 has attention/],
         [["--from", "nowhere"], /--from: fused or healed/],
-        [["--steps", "0"], /--steps: expected a positive number/],
+        [["--steps", "0"], /--steps: expected a positive integer/],
+        [["--skip-tokens", "abc"], /--skip-tokens: expected a whole number/],
+        [["--bogus"], /Unknown option '--bogus'/],
         [["--etas", "0.1,x"], /--etas: expected a positive number/],
       ] as [string[], RegExp][]
     ) {
