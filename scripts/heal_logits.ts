@@ -24,8 +24,9 @@ import { fail, positive, scriptFlags } from "./args.ts";
 import { fileURLToPath } from "node:url";
 import { applyPlan } from "../src/fusion/apply.ts";
 import { textSlices } from "../src/fusion/calibration.ts";
-import { evaluateQuality, tokenLosses } from "../src/fusion/evaluate.ts";
+import { evaluateQuality } from "../src/fusion/evaluate.ts";
 import { healPlan } from "../src/fusion/heal.ts";
+import { healRunner } from "../src/runtime/heal_runner.ts";
 import { type CholeskyFactor, NormalEquations } from "../src/fusion/linear_fit.ts";
 import { validatePlan } from "../src/fusion/plan.ts";
 import { streamGradient } from "../src/model/backward.ts";
@@ -91,10 +92,9 @@ if (!calibration.length || !heldout.length) fail("the text has too few tokens af
 
 const progress = (line: string) => console.error(`heal_logits: ${line}`);
 let variants = 0;
-const heldoutLosses = (blocks: Block[]) =>
-  withScoringSession(ckpt, blocks, (s) => tokenLosses(heldout, vocab, (ids) => s.logitsOf(ids)));
+const runner = healRunner(ckpt, heldout);
 const heldoutLoss = async (blocks: Block[]) => {
-  const losses = await heldoutLosses(blocks);
+  const losses = await runner.lossesOf(blocks);
   return losses.reduce((a, b) => a + b, 0) / losses.length;
 };
 const evalLoss = async (blocks: Block[]) =>
@@ -116,7 +116,7 @@ const heal = values.from === "healed"
     fits: new Map(),
     calibration,
     heldout,
-    lossesOf: heldoutLosses,
+    ...runner,
     onProgress: (stage, done, total) => progress(`${stage} ${done}/${total}`),
   })).heal
   : undefined;

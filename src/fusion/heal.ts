@@ -1,7 +1,7 @@
 import { type Block, type FfnBlock, layerOf } from "../model/blocks.ts";
 import type { Checkpoint, LinearWeights } from "../model/checkpoint.ts";
-import { linear, referenceForward, rmsNorm, swigluActivations } from "../model/forward.ts";
-import { concatColumns, splitColumns, tensor } from "../model/tensor.ts";
+import { referenceForward, rmsNorm, swigluActivations } from "../model/forward.ts";
+import { concatColumns, splitColumns } from "../model/tensor.ts";
 import { applyPlan, type FusionHeal, groupKey, type InputMaps } from "./apply.ts";
 import { NormalEquations } from "./linear_fit.ts";
 import { blockGroups, type FusionPlan, planId } from "./plan.ts";
@@ -27,7 +27,9 @@ import { blockGroups, type FusionPlan, planId } from "./plan.ts";
  *
  * Groups are healed in model order, each fitted with the groups before it already fused and healed, so
  * errors do not accumulate. Normal equations are accumulated in float64 over calibration windows
- * (memory O(width^2), not O(tokens x width)) and solved by Cholesky.
+ * (memory O(width^2), not O(tokens x width)) and solved by Cholesky. What a fit reads of the model (the
+ * residual streams, a fused FFN's per-window statistics) is computed by a HealRunner through
+ * onnxruntime, in fp32 within a window.
  */
 
 /** Ridge strengths tried for the members' input maps, relative to mean(diag(norm(x)^T norm(x))). */
@@ -76,7 +78,33 @@ export interface HealReport {
   groups: HealGroupReport[];
 }
 
-export interface HealInput {
+/**
+ * What healing runs through the model (runtime/heal_runner.ts, onnxruntime): this module only fits.
+ * The gathering is what limits calibration: the float64 reference forward took 34 s a pass over 4096
+ * tokens of tiny-nas, onnxruntime 3.2 s.
+ */
+export interface HealRunner {
+  /** Per-token held-out losses of a whole model's blocks, in a fixed token order. */
+  lossesOf(blocks: Block[]): Promise<Float64Array>;
+  /**
+   * Each window's residual streams entering blocks `taps` of `blocks` (`blocks.length`: after the
+   * last), [t, hidden] fp32, in the order of `taps`.
+   */
+  streams(
+    blocks: Block[],
+    windows: number[][],
+    taps: number[],
+    each: (w: number, streams: Float32Array[]) => void,
+  ): Promise<void>;
+  /** The down-projection fit's statistics of a fused FFN for each window (see scaledRows). */
+  downStatistics(
+    ffn: FfnBlock,
+    io: GroupIo[],
+    each: (w: number, s: { gram: Float32Array; cross: Float32Array; squares: number }) => void,
+  ): Promise<void>;
+}
+
+export interface HealInput extends HealRunner {
   ckpt: Checkpoint;
   /** The unfused model's blocks. */
   blocks: Block[];
@@ -85,8 +113,6 @@ export interface HealInput {
   fits: Map<number, LinearWeights>;
   calibration: number[][];
   heldout: number[][];
-  /** Per-token held-out losses of a whole model's blocks, in a fixed token order (the caller runs them). */
-  lossesOf(blocks: Block[]): Promise<Float64Array>;
   onProgress?(stage: string, done: number, total: number): void;
 }
 
@@ -122,11 +148,11 @@ export function clearlyBetter(candidate: Float64Array, current: Float64Array): b
   return mean < -2 * Math.sqrt(variance / n);
 }
 
-/** One window's group input x and the sequential group's output, [t, hidden] each. */
-interface GroupIo {
+/** One window's group input x and the sequential group's output, [t, hidden] each (fp32, as gathered). */
+export interface GroupIo {
   t: number;
-  x: Float64Array;
-  out: Float64Array;
+  x: Float32Array;
+  out: Float32Array;
 }
 
 /**
@@ -134,44 +160,34 @@ interface GroupIo {
  * window's group input and output for the down-projection stage and, for an FFN group, the normal
  * equations of norm(x) against norm(x_j) - norm(x) for members j >= 1.
  */
-function sequentialPass(
-  ckpt: Checkpoint,
+async function sequentialPass(
+  input: HealInput,
   blocks: Block[],
   members: number[],
   windows: number[][],
   progress: (done: number) => void,
   memberInputs: boolean,
-): { eq: NormalEquations | null; io: GroupIo[] } {
-  const d = ckpt.config.hidden;
-  const eps = ckpt.config.rmsEps;
+): Promise<{ eq: NormalEquations | null; io: GroupIo[] }> {
+  const d = input.ckpt.config.hidden;
+  const eps = input.ckpt.config.rmsEps;
   const k = members.length;
   const eq = memberInputs ? new NormalEquations(d, (k - 1) * d) : null;
-  const last = members[k - 1];
   const io: GroupIo[] = [];
-  windows.forEach((ids, w) => {
-    const t = ids.length;
-    const inputs = new Map<number, Float64Array>();
-    let out: Float64Array | null = null;
-    referenceForward(ckpt, blocks.slice(0, last + 1), ids, {
-      logits: "none",
-      onDelta: (i, delta, input) => {
-        if (members.includes(i)) inputs.set(i, input);
-        if (i === last) out = Float64Array.from(input, (v, j) => v + delta[j]);
-      },
-    });
-    const x = inputs.get(members[0])!;
+  await input.streams(blocks, windows, [...members, members[k - 1] + 1], (w, streams) => {
+    const t = windows[w].length;
+    const x = streams[0];
     if (eq) {
-      const h = rmsNorm(x, null, t, d, eps);
+      const h = rmsNorm(Float64Array.from(x), null, t, d, eps);
       const y = new Float64Array(t * (k - 1) * d);
-      members.slice(1).forEach((bi, j) => {
-        const target = rmsNorm(inputs.get(bi)!, null, t, d, eps);
+      streams.slice(1, k).forEach((xj, j) => {
+        const target = rmsNorm(Float64Array.from(xj), null, t, d, eps);
         for (let r = 0; r < t; r++) {
           for (let c = 0; c < d; c++) y[(r * (k - 1) + j) * d + c] = target[r * d + c] - h[r * d + c];
         }
       });
       eq.add(t, h, y);
     }
-    io.push({ t, x, out: out! });
+    io.push({ t, x, out: streams[k] });
     progress(w + 1);
   });
   return { eq, io };
@@ -211,11 +227,11 @@ async function bestRidge<F>(
 /**
  * Rows of a down-projection fit for one window: activations a [t, width] and what the group's current
  * computation `predicted` misses of the sequential output, out - x - predicted, both scaled by 1/rms(out)
- * per token. The scaling is what makes this fit help: what the next layer reads is the normalised
+ * per token (a fused FFN's are computed by onnxruntime, onnx/heal_graph.ts, the same way). The scaling is what makes this fit help: what the next layer reads is the normalised
  * stream, and unscaled L2 spends the fit on the few tokens of very large norm (measured: unscaled, this
  * refit raises held-out loss at every ridge tried).
  */
-function scaledRows(io: GroupIo, a: Float64Array, predicted: Float64Array, eps: number) {
+export function scaledRows(io: GroupIo, a: Float64Array, predicted: Float64Array, eps: number) {
   const { t, x, out } = io;
   const d = x.length / t;
   const width = a.length / t;
@@ -238,7 +254,8 @@ interface DownFit {
 
 /**
  * The down-projection stage shared by FFN and block groups: ridge fits of a correction to `w0` on the
- * calibration rows, each scored by held-out loss through `candidate`, kept when clearly better than
+ * calibration windows' normal equations (`equations` adds those of some windows to `eq`, reporting
+ * each window done), each scored by held-out loss through `candidate`, kept when clearly better than
  * `current`. Skipped, with the reason, when the Gram would pass MAX_DOWN_GRAM_BYTES or the calibration
  * tokens are fewer than half the width.
  */
@@ -248,7 +265,7 @@ async function downStage(o: {
   d: number;
   cal: GroupIo[];
   held: GroupIo[];
-  rowsOf(io: GroupIo): { a: Float64Array; y: Float64Array };
+  equations(io: GroupIo[], eq: NormalEquations, done: (w: number) => void): Promise<void>;
   candidate(weights: Float32Array): Promise<Scored>;
   current: Scored;
   progress(done: number, total: number): void;
@@ -276,26 +293,13 @@ async function downStage(o: {
       kept: null,
     };
   }
+  const total = o.cal.length + o.held.length;
   const eq = new NormalEquations(width, d);
-  o.cal.forEach((io, w) => {
-    const { a, y } = o.rowsOf(io);
-    eq.add(io.t, a, y);
-    o.progress(w + 1, o.cal.length);
-  });
-  // Held-out residual of a correction, from a direct pass (a second Gram would double the cost).
-  const heldRows = o.held.map((io) => o.rowsOf(io));
-  const heldResidual = (dw: Float64Array | null) => {
-    const correction = dw && tensor([d, width], Float32Array.from(dw));
-    let sum = 0;
-    let n = 0;
-    for (const { a, y } of heldRows) {
-      const t = y.length / d;
-      n += t;
-      const p = correction ? linear(a, correction, t) : null;
-      for (let i = 0; i < y.length; i++) sum += (y[i] - (p ? p[i] : 0)) ** 2;
-    }
-    return sum / n;
-  };
+  await o.equations(o.cal, eq, (w) => o.progress(w + 1, total));
+  // The held-out slice's own statistics give its residuals (it is a quarter of the calibration's size
+  // by default, and gathered the same way).
+  const heldEq = new NormalEquations(width, d);
+  await o.equations(o.held, heldEq, (w) => o.progress(o.cal.length + w + 1, total));
   const best = await bestRidge(
     DOWN_RIDGES,
     (ridge) => {
@@ -316,7 +320,10 @@ async function downStage(o: {
           before: eq.residual(zero) / eq.rows,
           after: eq.residual(kept ? best.fit.dw : zero) / eq.rows,
         },
-        heldout: { before: heldResidual(null), after: heldResidual(kept ? best.fit.dw : null) },
+        heldout: {
+          before: heldEq.residual(zero) / heldEq.rows,
+          after: heldEq.residual(kept ? best.fit.dw : zero) / heldEq.rows,
+        },
       },
       tried: best.tried,
       ...(kept ? {} : { note: "no ridge lowered the held-out loss further beyond its noise" }),
@@ -400,9 +407,16 @@ export async function healPlan(input: HealInput): Promise<{ heal: FusionHeal; re
     const total = input.calibration.length + input.heldout.length;
     const progress = (offset: number) => (done: number) =>
       input.onProgress?.(`heal ${name}: activations`, offset + done, total);
-    const cal = sequentialPass(ckpt, before, members, input.calibration, progress(0), group.kind === "ffn");
-    const held = sequentialPass(
-      ckpt,
+    const cal = await sequentialPass(
+      input,
+      before,
+      members,
+      input.calibration,
+      progress(0),
+      group.kind === "ffn",
+    );
+    const held = await sequentialPass(
+      input,
       before,
       members,
       input.heldout,
@@ -454,10 +468,11 @@ export async function healPlan(input: HealInput): Promise<{ heal: FusionHeal; re
         d,
         cal: cal.io,
         held: held.io,
-        rowsOf: (io) => {
-          const a = swigluActivations(io.x, fused, io.t, d, eps);
-          return scaledRows(io, a, linear(a, fused.down, io.t), eps);
-        },
+        equations: (ios, eq, done) =>
+          input.downStatistics(fused, ios, (w, st) => {
+            eq.addStatistics(ios[w].t, st.gram, st.cross, st.squares);
+            done(w);
+          }),
         candidate: (w) => score(modelWith(g, { maps, downs: new Map([[key, w]]) })),
         current,
         progress: downProgress,
@@ -491,12 +506,18 @@ export async function healPlan(input: HealInput): Promise<{ heal: FusionHeal; re
         d,
         cal: cal.io,
         held: held.io,
-        rowsOf: (io) => {
-          const passes = memberBlocks.map((m) => blockMemberPass(ckpt, m, windowsOf.get(io)!, io.x, eps));
-          const a = concatColumns(passes.map((p) => p.a ?? new Float64Array(0)), io.t);
-          const predicted = new Float64Array(io.t * d);
-          for (const p of passes) for (let k = 0; k < predicted.length; k++) predicted[k] += p.delta[k];
-          return scaledRows(io, a, predicted, eps);
+        equations: (ios, eq, done) => {
+          for (const [w, io] of ios.entries()) {
+            const x = Float64Array.from(io.x);
+            const passes = memberBlocks.map((m) => blockMemberPass(ckpt, m, windowsOf.get(io)!, x, eps));
+            const a = concatColumns(passes.map((p) => p.a ?? new Float64Array(0)), io.t);
+            const predicted = new Float64Array(io.t * d);
+            for (const p of passes) for (let k = 0; k < predicted.length; k++) predicted[k] += p.delta[k];
+            const { y } = scaledRows(io, a, predicted, eps);
+            eq.add(io.t, a, y);
+            done(w);
+          }
+          return Promise.resolve();
         },
         candidate: (w) => score(modelWith(g, { blockDowns: split(w) })),
         current,

@@ -46,6 +46,21 @@ export class NormalEquations {
     this.rows += n;
   }
 
+  /**
+   * Adds the statistics of n rows computed elsewhere (a window's H^T H as a full square, H^T Y and sum
+   * ||y||^2, in fp32 from onnxruntime): the sums across windows are still float64.
+   */
+  addStatistics(n: number, gram: Float32Array, cross: Float32Array, squares: number): void {
+    const { dIn } = this;
+    for (let i = 0; i < dIn; i++) {
+      const row = i * dIn;
+      for (let j = i; j < dIn; j++) this.gram[row + j] += gram[row + j];
+    }
+    for (let k = 0; k < cross.length; k++) this.cross[k] += cross[k];
+    this.targetSquares += squares;
+    this.rows += n;
+  }
+
   /** mean(diag(H^T H)): the scale a relative ridge is taken against. */
   get meanDiagonal(): number {
     let trace = 0;

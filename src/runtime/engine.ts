@@ -1,6 +1,6 @@
 import { applyPlan, type FusionHeal } from "../fusion/apply.ts";
 import { healPlan, type HealReport } from "../fusion/heal.ts";
-import { tokenLosses } from "../fusion/evaluate.ts";
+import { healRunner } from "./heal_runner.ts";
 import { type FusionPlan, healable, linearAttention, planId } from "../fusion/plan.ts";
 import { FIT_SLICE, lazyLinearAttention } from "../fusion/linear_fit.ts";
 import { textSlices, textWindows } from "../fusion/calibration.ts";
@@ -18,8 +18,8 @@ import { storedBytes } from "../onnx/builder.ts";
 import { buildDecoderGraph } from "../onnx/decoder.ts";
 import { FLOAT_WEIGHTS, formatName, type GraphOptions } from "../onnx/format.ts";
 import { WeightCache } from "../onnx/weight_cache.ts";
-import type { Backend } from "./ort.ts";
-import { ModelSession, withScoringSession } from "./session.ts";
+import type { Backend, Device } from "./ort.ts";
+import { ModelSession } from "./session.ts";
 
 /** What loading a checkpoint directory gives: everything plan-independent, loaded once. */
 export interface ModelAssets {
@@ -97,6 +97,7 @@ function planHeal(
   assets: ModelAssets,
   plan: FusionPlan,
   fits: Map<number, LinearWeights>,
+  device: Device,
   onProgress?: (stage: string, done: number, total: number) => void,
 ): Promise<{ heal: FusionHeal; report: HealReport }> {
   const settings = plan.heal!;
@@ -139,12 +140,7 @@ function planHeal(
       calibration,
       heldout,
       onProgress,
-      lossesOf: (blocks) =>
-        withScoringSession(
-          assets.checkpoint,
-          blocks,
-          (s) => tokenLosses(heldout, cfg.vocabSize, (ids) => s.logitsOf(ids)),
-        ),
+      ...healRunner(assets.checkpoint, heldout, device),
     });
   })();
   known.set(id, run);
@@ -157,12 +153,13 @@ export async function planBlocks(
   assets: ModelAssets,
   plan: FusionPlan,
   onProgress?: (stage: string, done: number, total: number) => void,
+  healDevice: Device = "wasm",
 ): Promise<{ blocks: Block[]; heal?: HealReport }> {
   const fits = await planFits(assets, plan);
   if (!plan.heal || !healable(plan)) {
     return { blocks: applyPlan(assets.blocks, plan, "fused", fits) };
   }
-  const { heal, report } = await planHeal(assets, plan, fits, onProgress);
+  const { heal, report } = await planHeal(assets, plan, fits, healDevice, onProgress);
   return { blocks: applyPlan(assets.blocks, plan, "fused", fits, heal), heal: report };
 }
 
@@ -179,7 +176,13 @@ export async function buildInstance(
   onProgress?: (stage: string, done: number, total: number) => void,
 ): Promise<ModelInstance> {
   const t0 = performance.now();
-  const { blocks, heal } = await planBlocks(assets, plan, onProgress);
+  // Healing runs where the instance will: on the GPU a 1B model's passes take seconds, not minutes.
+  const { blocks, heal } = await planBlocks(
+    assets,
+    plan,
+    onProgress,
+    device === "webgpu" ? "webgpu" : "wasm",
+  );
   const graph = buildDecoderGraph(assets.checkpoint, blocks, options, weights);
   const t1 = performance.now();
   const session = await ModelSession.create(graph, device, assets.checkpoint.config.vocabSize);

@@ -207,15 +207,16 @@ export function disposeCache(cache: KvCache): void {
 }
 
 /**
- * Runs `use` on an fp32 WASM session of a block list (a candidate plan being scored, a fit being
- * measured), and frees the session however `use` ends.
+ * Runs `use` on an fp32 session of a block list (a candidate plan being scored, a fit being measured),
+ * WASM unless told otherwise, and frees the session however `use` ends.
  */
 export async function withScoringSession<T>(
   ckpt: Checkpoint,
   blocks: Block[],
   use: (session: ModelSession) => Promise<T>,
+  device: Backend = "wasm",
 ): Promise<T> {
-  const session = await ModelSession.create(buildDecoderGraph(ckpt, blocks), "wasm", ckpt.config.vocabSize);
+  const session = await ModelSession.create(buildDecoderGraph(ckpt, blocks), device, ckpt.config.vocabSize);
   try {
     return await use(session);
   } finally {

@@ -1,0 +1,167 @@
+/**
+ * What healing's data gathering costs, on this machine: the residual streams of a fused FFN group's
+ * sequential run and its down-projection normal equations over calibration windows, through the float64
+ * reference (the JS forward and the JS Gram accumulation healing used before) against onnxruntime's WASM
+ * backend or WebGPU (runtime/heal_runner.ts, what healing uses). Both sides are warmed, then alternated in rounds;
+ * per 1024 tokens, wall and CPU seconds as median [min-max], and how far the two sides' normal equations
+ * differ (fp32 gathering against float64).
+ *
+ *   scripts/deno run -A scripts/heal_gather.ts [--model DIR] [--group 3-8] [--windows 4] [--rounds 3]
+ *     [--device wasm|webgpu] [--json]
+ */
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { fail, positive, scriptFlags } from "./args.ts";
+import { cpuSeconds } from "../src/bench/decode_bench.ts";
+import { textWindows } from "../src/fusion/calibration.ts";
+import { applyPlan } from "../src/fusion/apply.ts";
+import { type GroupIo, scaledRows } from "../src/fusion/heal.ts";
+import { NormalEquations } from "../src/fusion/linear_fit.ts";
+import { validatePlan } from "../src/fusion/plan.ts";
+import type { FfnBlock } from "../src/model/blocks.ts";
+import { linear, referenceForward, swigluActivations } from "../src/model/forward.ts";
+import { type Spread, spread } from "../src/numeric.ts";
+import { loadAssets } from "../src/runtime/engine.ts";
+import { healRunner } from "../src/runtime/heal_runner.ts";
+import type { Device } from "../src/runtime/ort.ts";
+
+const root = fileURLToPath(new URL("..", import.meta.url));
+const values = scriptFlags({
+  model: { type: "string", default: join(root, "models", "tiny-nas") },
+  group: { type: "string", default: "3-8" },
+  windows: { type: "string", default: "4" },
+  rounds: { type: "string", default: "3" },
+  device: { type: "string", default: "wasm" },
+  json: { type: "boolean", default: false },
+});
+const windowCount = positive("windows", values.windows!);
+const device = values.device as Device;
+if (device !== "wasm" && device !== "webgpu") fail(`--device: wasm or webgpu, got ${values.device}`);
+const rounds = positive("rounds", values.rounds!);
+const span = /^(\d+)-(\d+)$/.exec(values.group!);
+if (!span || Number(span[1]) >= Number(span[2])) fail(`--group: expected FIRST-LAST, got ${values.group}`);
+const layers = Array.from({ length: Number(span[2]) - Number(span[1]) + 1 }, (_, i) => Number(span[1]) + i);
+
+const assets = await loadAssets(values.model!).catch((e) =>
+  fail(`--model ${values.model}: ${(e as Error).message}`)
+);
+const ckpt = assets.checkpoint;
+const { hidden: d, rmsEps: eps } = ckpt.config;
+let plan;
+try {
+  plan = validatePlan({ ffn_groups: [layers] }, ckpt.config);
+} catch (e) {
+  fail(`--group: ${(e as Error).message}`);
+}
+const fused = applyPlan(assets.blocks, plan, "fused", new Map()).find((b) =>
+  b.kind === "ffn" && b.layers.length > 1
+) as FfnBlock;
+const width = fused.gate.shape[0];
+const first = assets.blocks.findIndex((b) => b.kind === "ffn" && b.layers[0] === layers[0]);
+const last = assets.blocks.findIndex((b) => b.kind === "ffn" && b.layers[0] === layers.at(-1));
+const windows = await textWindows(join(root, "data", "eval.py.txt"), assets.tokenizer, {
+  skip: 65536,
+  max: 256 * windowCount,
+  window: Math.min(256, ckpt.config.maxPositions),
+});
+const tokens = windows.reduce((n, w) => n + w.length, 0);
+
+/** The float64 reference: the JS forward's streams, the rows in float64, the JS Gram. */
+function reference(): NormalEquations {
+  const eq = new NormalEquations(width, d);
+  for (const ids of windows) {
+    let x: Float64Array | null = null;
+    let out: Float64Array | null = null;
+    referenceForward(ckpt, assets.blocks.slice(0, last + 1), ids, {
+      logits: "none",
+      onDelta: (i, delta, input) => {
+        if (i === first) x = input;
+        if (i === last) out = input.map((v, k) => v + delta[k]);
+      },
+    });
+    const t = ids.length;
+    const io = { t, x: Float32Array.from(x!), out: Float32Array.from(out!) };
+    const a = swigluActivations(Float64Array.from(x!), fused, t, d, eps);
+    const { y } = scaledRows(io, a, linear(a, fused.down, t), eps);
+    eq.add(t, a, y);
+  }
+  return eq;
+}
+
+/** Healing's path: the streams and the statistics through onnxruntime, summed in float64. */
+async function onnxruntime(): Promise<NormalEquations> {
+  const runner = healRunner(ckpt, [], device);
+  const io: GroupIo[] = [];
+  await runner.streams(assets.blocks, windows, [first, last + 1], (w, [x, out]) => {
+    io[w] = { t: windows[w].length, x, out };
+  });
+  const eq = new NormalEquations(width, d);
+  await runner.downStatistics(fused, io, (w, s) => eq.addStatistics(io[w].t, s.gram, s.cross, s.squares));
+  return eq;
+}
+
+const sides = { reference: () => Promise.resolve(reference()), onnxruntime };
+type Side = keyof typeof sides;
+const names = Object.keys(sides) as Side[];
+const results = new Map<Side, NormalEquations>();
+const sample = async (side: Side) => {
+  const cpu0 = cpuSeconds();
+  const t0 = performance.now();
+  results.set(side, await sides[side]());
+  const per = 1024 / tokens;
+  return { s: ((performance.now() - t0) / 1000) * per, cpu: (cpuSeconds() - cpu0) * per };
+};
+for (const side of names) await sample(side);
+const samples = new Map(names.map((n) => [n, [] as { s: number; cpu: number }[]]));
+for (let round = 0; round < rounds; round++) {
+  for (const side of round % 2 ? [...names].reverse() : names) samples.get(side)!.push(await sample(side));
+}
+const rel = (a: Float64Array, b: Float64Array) => {
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < a.length; i++) {
+    num += (a[i] - b[i]) ** 2;
+    den += b[i] ** 2;
+  }
+  return Math.sqrt(num / den);
+};
+const [ref, ort] = [results.get("reference")!, results.get("onnxruntime")!];
+const report = {
+  model: values.model,
+  device,
+  group: layers,
+  width,
+  tokens,
+  rounds,
+  per_1024_tokens: Object.fromEntries(
+    names.map((n) => [n, {
+      seconds: spread(samples.get(n)!.map((x) => x.s)),
+      cpu_seconds: spread(samples.get(n)!.map((x) => x.cpu)),
+    }]),
+  ),
+  speedup: spread(
+    samples.get("reference")!.map((r, i) => r.s / samples.get("onnxruntime")![i].s),
+  ),
+  difference: { gram: rel(ort.gram, ref.gram), cross: rel(ort.cross, ref.cross) },
+};
+if (values.json) {
+  console.log(JSON.stringify(report, null, 1));
+} else {
+  const f = (s: Spread, digits = 2) =>
+    `${s.median.toFixed(digits)} [${s.min.toFixed(digits)}-${s.max.toFixed(digits)}]`;
+  console.log(
+    `healing's gathering for ffn[${values.group}] (width ${width}) of ${values.model}: ${tokens} tokens a sample, ` +
+      `sides alternated in ${rounds} rounds after a warm-up; per 1024 tokens, median [min-max]`,
+  );
+  console.log(`onnxruntime on ${device}`);
+  console.log("side          seconds              CPU seconds");
+  for (const n of names) {
+    const p = report.per_1024_tokens[n];
+    console.log(`${n.padEnd(13)} ${f(p.seconds).padEnd(20)} ${f(p.cpu_seconds)}`);
+  }
+  console.log(`onnxruntime over reference: ${f(report.speedup)}x (ratio of each round's samples)`);
+  console.log(
+    `normal equations, onnxruntime against float64: Gram ${report.difference.gram.toExponential(1)}, ` +
+      `cross products ${report.difference.cross.toExponential(1)} relative`,
+  );
+}
