@@ -7,8 +7,8 @@
  *
  *   scripts/deno run -A scripts/frontier.ts [--model DIR] [--steps 6] [--max-width 7]
  */
-import { parseArgs } from "node:util";
 import { join } from "node:path";
+import { scriptFlags } from "./args.ts";
 import { fileURLToPath } from "node:url";
 import {
   contiguousPlans,
@@ -22,14 +22,11 @@ import { TextTokenizer } from "../src/model/tokenizer.ts";
 import { planScorer } from "../src/runtime/plan_scorer.ts";
 
 const root = fileURLToPath(new URL("..", import.meta.url));
-const { values } = parseArgs({
-  args: Deno.args,
-  options: {
-    model: { type: "string", default: join(root, "models", "tiny-nas") },
-    steps: { type: "string", default: "6" },
-    "max-width": { type: "string", default: "7" },
-    out: { type: "string", default: join(root, "docs") },
-  },
+const values = scriptFlags({
+  model: { type: "string", default: join(root, "models", "tiny-nas") },
+  steps: { type: "string", default: "6" },
+  "max-width": { type: "string", default: "7" },
+  out: { type: "string", default: join(root, "docs") },
 });
 const text = join(root, "data", "eval.py.txt");
 const name = modelName(values.model!);

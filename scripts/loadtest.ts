@@ -18,29 +18,26 @@
  * rate from /metrics.
  * --ab URL_B only compares two servers (say, two versions): see `ab` below.
  */
-import { parseArgs } from "node:util";
+import { fail, positive, scriptFlags } from "./args.ts";
 import { sseData } from "../src/client/sse.ts";
 import { spread } from "../src/numeric.ts";
 
-const { values } = parseArgs({
-  args: Deno.args,
-  options: {
-    url: { type: "string", default: "http://127.0.0.1:8000" },
-    requests: { type: "string", default: "200" },
-    concurrency: { type: "string", default: "16" },
-    "max-tokens": { type: "string", default: "16" },
-    swaps: { type: "string", default: "2" },
-    storm: { type: "string", default: "1" },
-    bench: { type: "boolean", default: false },
-    levels: { type: "string" },
-    "level-rounds": { type: "string", default: "3" },
-    "level-tokens": { type: "string", default: "64" },
-    chat: { type: "string", default: "0" },
-    ab: { type: "string" },
-    "ab-rounds": { type: "string", default: "3" },
-    "admin-token": { type: "string" },
-    "api-key": { type: "string" },
-  },
+const values = scriptFlags({
+  url: { type: "string", default: "http://127.0.0.1:8000" },
+  requests: { type: "string", default: "200" },
+  concurrency: { type: "string", default: "16" },
+  "max-tokens": { type: "string", default: "16" },
+  swaps: { type: "string", default: "2" },
+  storm: { type: "string", default: "1" },
+  bench: { type: "boolean", default: false },
+  levels: { type: "string" },
+  "level-rounds": { type: "string", default: "3" },
+  "level-tokens": { type: "string", default: "64" },
+  chat: { type: "string", default: "0" },
+  ab: { type: "string" },
+  "ab-rounds": { type: "string", default: "3" },
+  "admin-token": { type: "string" },
+  "api-key": { type: "string" },
 });
 const url = new URL(values.url!);
 if (
@@ -48,14 +45,14 @@ if (
     ["127.0.0.1", "localhost", "[::1]"].includes(u.hostname)
   )
 ) {
-  console.error("loadtest only targets loopback addresses");
-  Deno.exit(2);
+  fail("loadtest only targets loopback addresses");
 }
-const total = Number(values.requests);
-const concurrency = Number(values.concurrency);
-const maxTokens = Number(values["max-tokens"]);
-const swaps = Number(values.swaps);
-const storm = Number(values.storm);
+const total = positive("requests", values.requests!);
+const concurrency = positive("concurrency", values.concurrency!);
+const maxTokens = positive("max-tokens", values["max-tokens"]!);
+const whole = (flag: string, value: string) => value === "0" ? 0 : positive(flag, value);
+const swaps = whole("swaps", values.swaps!);
+const storm = whole("storm", values.storm!);
 const PLANS = [{ ffn_groups: [[3, 4, 5], [6, 7, 8]] }, { ffn_groups: [[2, 3, 4]] }, { ffn_groups: [] }];
 const PROMPTS = [
   "def main(",
@@ -185,7 +182,7 @@ async function levelRun(c: number, round: number): Promise<{ tokensPerSecond: nu
         headers: headers(values["api-key"]),
         body: JSON.stringify({
           prompt: PROMPTS[(i + round) % PROMPTS.length],
-          max_tokens: Number(values["level-tokens"]),
+          max_tokens: positive("level-tokens", values["level-tokens"]!),
           temperature: 0.8,
           seed: 1000 * round + i,
         }),
@@ -204,7 +201,7 @@ async function levels(): Promise<Record<string, unknown> | null> {
   const cs = values.levels.split(",").map(Number);
   await levelRun(Math.max(...cs), 99); // warm-up: sessions, JIT, allocations
   const samples = new Map(cs.map((c) => [c, [] as { tokensPerSecond: number; cpuPerKtok: number }[]]));
-  for (let round = 0; round < Number(values["level-rounds"]); round++) {
+  for (let round = 0; round < positive("level-rounds", values["level-rounds"]!); round++) {
     for (const c of cs) samples.get(c)!.push(await levelRun(c, round));
   }
   const base = samples.get(cs[0])!;
@@ -240,7 +237,7 @@ async function firstToken(prompt: string, maxTokens: number): Promise<{ ttft: nu
 }
 
 async function chat(): Promise<Record<string, unknown> | null> {
-  const turns = Number(values.chat);
+  const turns = whole("chat", values.chat!);
   if (!turns) return null;
   const metric = async (name: string) =>
     Number(
@@ -306,7 +303,7 @@ const pct = (p: number, of = ttft) => {
 async function ab(): Promise<Record<string, unknown> | null> {
   if (!values.ab) return null;
   const sides = { a: url, b: new URL(values.ab) };
-  const rounds = Number(values["ab-rounds"]);
+  const rounds = positive("ab-rounds", values["ab-rounds"]!);
   const out: Record<string, { p50: number[]; p99: number[]; tps: number[] }> = {};
   for (let r = -1; r < rounds; r++) {
     // Alternate which side goes first, so neither always follows the other's load.

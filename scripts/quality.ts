@@ -8,8 +8,8 @@
  *
  *   scripts/deno run -A scripts/quality.ts [--model DIR] [--calibration 512] [--eval 8192]
  */
-import { parseArgs } from "node:util";
 import { join } from "node:path";
+import { scriptFlags } from "./args.ts";
 import { fileURLToPath } from "node:url";
 import type { FrontierPoint } from "../src/fusion/frontier.ts";
 import {
@@ -23,14 +23,11 @@ import { stepsRemoved } from "../src/fusion/frontier.ts";
 import { modelName } from "../src/model/checkpoint.ts";
 
 const root = fileURLToPath(new URL("..", import.meta.url));
-const { values } = parseArgs({
-  args: Deno.args,
-  options: {
-    model: { type: "string", default: join(root, "models", "tiny-nas") },
-    calibration: { type: "string", default: "512" },
-    eval: { type: "string", default: "8192" },
-    out: { type: "string", default: join(root, "docs") },
-  },
+const values = scriptFlags({
+  model: { type: "string", default: join(root, "models", "tiny-nas") },
+  calibration: { type: "string", default: "512" },
+  eval: { type: "string", default: "8192" },
+  out: { type: "string", default: join(root, "docs") },
 });
 const text = join(root, "data", "eval.py.txt");
 /** Where healing's calibration starts in the text: past the evaluation slice and its unrepresentative tail. */

@@ -13,8 +13,8 @@
  * through every layer, norms 1, embeddings N(0, 0.02^2). Tensors are generated and written one at a
  * time, so memory stays at one tensor whatever the model's size.
  */
-import { parseArgs } from "node:util";
 import { join } from "node:path";
+import { fail, positive, scriptFlags } from "./args.ts";
 import { PUBLISHED_CONFIGS as MODELS } from "../src/model/published_configs.ts";
 import { rng } from "../src/numeric.ts";
 
@@ -40,29 +40,19 @@ function nasConfig(layers: number): Record<string, unknown> {
   };
 }
 
-const { values } = parseArgs({
-  args: Deno.args,
-  options: {
-    model: { type: "string" },
-    out: { type: "string" },
-    layers: { type: "string" },
-    "shard-mb": { type: "string", default: "2000" },
-    seed: { type: "string", default: "1" },
-  },
+const values = scriptFlags({
+  model: { type: "string" },
+  out: { type: "string" },
+  layers: { type: "string" },
+  "shard-mb": { type: "string", default: "2000" },
+  seed: { type: "string", default: "1" },
 });
 const names = [...Object.keys(MODELS), "nemotron-nas-1b"];
 if (!values.model || !names.includes(values.model) || !values.out) {
-  console.error(
-    `usage: synth_checkpoint.ts --model ${names.join("|")} --out DIR [--layers N] [--shard-mb 2000]`,
-  );
-  Deno.exit(2);
+  fail(`usage: synth_checkpoint.ts --model ${names.join("|")} --out DIR [--layers N] [--shard-mb 2000]`);
 }
 const fullLayers = values.model === "nemotron-nas-1b" ? 16 : MODELS[values.model].num_hidden_layers as number;
-const layers = values.layers ? Number(values.layers) : fullLayers;
-if (!Number.isInteger(layers) || layers < 1) {
-  console.error("--layers must be a positive integer");
-  Deno.exit(2);
-}
+const layers = values.layers ? positive("layers", values.layers) : fullLayers;
 const config = values.model === "nemotron-nas-1b"
   ? nasConfig(layers)
   : { ...MODELS[values.model], num_hidden_layers: layers };
@@ -100,7 +90,7 @@ tensors.push(["model.norm.weight", [d], 0]);
 if (!config.tie_word_embeddings) tensors.push(["lm_head.weight", [vocab, d], 1 / Math.sqrt(d)]);
 
 // Shards: consecutive tensors up to --shard-mb each.
-const shardBytes = Number(values["shard-mb"]) * 1e6;
+const shardBytes = positive("shard-mb", values["shard-mb"]!, false) * 1e6;
 const shards: [string, number[], number][][] = [[]];
 let size = 0;
 for (const t of tensors) {
@@ -115,7 +105,7 @@ for (const t of tensors) {
 
 const out = values.out;
 await Deno.mkdir(out, { recursive: true });
-const random = rng(Number(values.seed));
+const random = rng(positive("seed", values.seed!));
 const f32 = new Float32Array(1);
 const u32 = new Uint32Array(f32.buffer);
 /** bf16 of a normal sample (Box-Muller; rounding to nearest even on the 16 dropped bits). */

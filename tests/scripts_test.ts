@@ -1,0 +1,30 @@
+import assert from "node:assert/strict";
+import { runScript } from "./helpers.ts";
+
+Deno.test("measurement scripts: an unknown flag or a bad value exits 2 naming it, never a stack trace", async () => {
+  const cases: [string, string[], RegExp][] = [
+    ["loadtest.ts", ["--bogus"], /Unknown option '--bogus'/],
+    ["loadtest.ts", ["--requests", "0"], /--requests: expected a positive integer, got 0/],
+    ["loadtest.ts", ["--swaps", "1.5"], /--swaps: expected a positive integer, got 1.5/],
+    ["loadtest.ts", ["--url", "http://example.com"], /only targets loopback addresses/],
+    ["frontier.ts", ["--steps"], /Option '--steps <value>' argument missing/],
+    ["quality.ts", ["--bogus"], /Unknown option '--bogus'/],
+    ["synth_checkpoint.ts", ["--bogus"], /Unknown option '--bogus'/],
+    [
+      "synth_checkpoint.ts",
+      ["--model", "nemotron-nas-1b", "--out", "/nonexistent", "--layers", "0"],
+      /--layers: expected a positive integer/,
+    ],
+    [
+      "synth_checkpoint.ts",
+      ["--model", "nemotron-nas-1b", "--out", "/nonexistent", "--shard-mb", "abc"],
+      /--shard-mb: expected a positive number/,
+    ],
+  ];
+  for (const [script, args, re] of cases) {
+    const r = await runScript(script, ...args);
+    assert.equal(r.code, 2, `${script} ${args.join(" ")}: ${r.stderr}`);
+    assert.match(r.stderr, re, `${script} ${args.join(" ")}`);
+    assert.doesNotMatch(r.stderr, /^\s+at /m, "no stack trace");
+  }
+});
