@@ -127,7 +127,7 @@ const rel = (a: Float64Array, b: Float64Array) => {
 };
 const [ref, ort] = [results.get("reference")!, results.get("onnxruntime")!];
 const report = {
-  model: values.model,
+  model: assets.name,
   device,
   group: layers,
   width,
@@ -150,7 +150,7 @@ if (values.json) {
   const f = (s: Spread, digits = 2) =>
     `${s.median.toFixed(digits)} [${s.min.toFixed(digits)}-${s.max.toFixed(digits)}]`;
   console.log(
-    `healing's gathering for ffn[${values.group}] (width ${width}) of ${values.model}: ${tokens} tokens a sample, ` +
+    `healing's gathering for ffn[${values.group}] (width ${width}) of ${assets.name}: ${tokens} tokens a sample, ` +
       `sides alternated in ${rounds} rounds after a warm-up; per 1024 tokens, median [min-max]`,
   );
   console.log(`onnxruntime on ${device}`);
