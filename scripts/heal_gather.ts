@@ -20,7 +20,7 @@ import { NormalEquations } from "../src/fusion/linear_fit.ts";
 import { validatePlan } from "../src/fusion/plan.ts";
 import type { FfnBlock } from "../src/model/blocks.ts";
 import { linear, referenceForward, swigluActivations } from "../src/model/forward.ts";
-import { type Spread, spread } from "../src/numeric.ts";
+import { relL2, type Spread, spread } from "../src/numeric.ts";
 import { loadAssets } from "../src/runtime/engine.ts";
 import { healRunner } from "../src/runtime/heal_runner.ts";
 import type { Device } from "../src/runtime/ort.ts";
@@ -116,15 +116,6 @@ const samples = new Map(names.map((n) => [n, [] as { s: number; cpu: number }[]]
 for (let round = 0; round < rounds; round++) {
   for (const side of round % 2 ? [...names].reverse() : names) samples.get(side)!.push(await sample(side));
 }
-const rel = (a: Float64Array, b: Float64Array) => {
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < a.length; i++) {
-    num += (a[i] - b[i]) ** 2;
-    den += b[i] ** 2;
-  }
-  return Math.sqrt(num / den);
-};
 const [ref, ort] = [results.get("reference")!, results.get("onnxruntime")!];
 const report = {
   model: assets.name,
@@ -142,7 +133,7 @@ const report = {
   speedup: spread(
     samples.get("reference")!.map((r, i) => r.s / samples.get("onnxruntime")![i].s),
   ),
-  difference: { gram: rel(ort.gram, ref.gram), cross: rel(ort.cross, ref.cross) },
+  difference: { gram: relL2(ort.gram, ref.gram), cross: relL2(ort.cross, ref.cross) },
 };
 if (values.json) {
   console.log(JSON.stringify(report, null, 1));

@@ -56,3 +56,15 @@ export function dot(
   for (; k < n; k++) s0 += x[xi + k] * y[yi + k];
   return s0 + s1 + s2 + s3;
 }
+
+/** ||a - b|| / ||b||: how far a result is from its reference. */
+export function relL2(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  if (a.length !== b.length) throw new Error(`length ${a.length} != ${b.length}`);
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < a.length; i++) {
+    num += (a[i] - b[i]) ** 2;
+    den += b[i] ** 2;
+  }
+  return Math.sqrt(num / den);
+}

@@ -23,17 +23,7 @@ export async function golden(dir: string): Promise<{ cases: GoldenCase[] }> {
   return JSON.parse(await Deno.readTextFile(join(dir, "golden.json")));
 }
 
-/** ||a - b|| / ||b|| */
-export function relL2(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  if (a.length !== b.length) throw new Error(`length ${a.length} != ${b.length}`);
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < a.length; i++) {
-    num += (a[i] - b[i]) ** 2;
-    den += b[i] ** 2;
-  }
-  return Math.sqrt(num / den);
-}
+export { relL2 } from "../src/numeric.ts";
 
 /** WebGPU tests run wherever an adapter exists (lavapipe in CI); they are ignored, loudly, elsewhere. */
 export const HAS_WEBGPU = await webgpuAvailable();
