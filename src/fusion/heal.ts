@@ -80,8 +80,8 @@ export interface HealReport {
 
 /**
  * What healing runs through the model (runtime/heal_runner.ts, onnxruntime): this module only fits.
- * The gathering is what limits calibration: the float64 reference forward took 34 s a pass over 4096
- * tokens of tiny-nas, onnxruntime 3.2 s.
+ * Gathered through onnxruntime, a window's streams and statistics cost a seventh of the float64
+ * reference forward and JS Gram they replaced (scripts/heal_gather.ts).
  */
 export interface HealRunner {
   /** Per-token held-out losses of a whole model's blocks, in a fixed token order. */
@@ -227,9 +227,10 @@ async function bestRidge<F>(
 /**
  * Rows of a down-projection fit for one window: activations a [t, width] and what the group's current
  * computation `predicted` misses of the sequential output, out - x - predicted, both scaled by 1/rms(out)
- * per token (a fused FFN's are computed by onnxruntime, onnx/heal_graph.ts, the same way). The scaling is what makes this fit help: what the next layer reads is the normalised
- * stream, and unscaled L2 spends the fit on the few tokens of very large norm (measured: unscaled, this
- * refit raises held-out loss at every ridge tried).
+ * per token (a fused FFN's are computed by onnxruntime the same way, onnx/heal_graph.ts). The scaling
+ * is what makes this fit help: what the next layer reads is the normalised stream, and unscaled L2
+ * spends the fit on the few tokens of very large norm (measured: unscaled, this refit raises held-out
+ * loss at every ridge tried).
  */
 export function scaledRows(io: GroupIo, a: Float64Array, predicted: Float64Array, eps: number) {
   const { t, x, out } = io;
