@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { applyPlan } from "../src/fusion/apply.ts";
 import { NormalEquations } from "../src/fusion/linear_fit.ts";
+import { tokenLosses } from "../src/fusion/evaluate.ts";
 import { validatePlan } from "../src/fusion/plan.ts";
 import { type FfnBlock, unfusedBlocks } from "../src/model/blocks.ts";
 import { loadCheckpoint } from "../src/model/checkpoint.ts";
@@ -62,6 +63,32 @@ for (const device of ["wasm", "webgpu"] as const) {
         () => healRunner(ckpt, [], device).streams(blocks, windows, [blocks.length + 1], () => {}),
         /outside/,
       );
+    },
+  });
+
+  Deno.test({
+    name:
+      `heal runner on ${device}: candidates' held-out losses (scored on the runner's device) equal the float64 reference's (1e-3)`,
+    ignore: device === "webgpu" && !HAS_WEBGPU,
+    sanitizeResources: false,
+    sanitizeOps: false,
+    fn: async () => {
+      const ckpt = await loadCheckpoint(TINY_NAS);
+      const heldout = windowsOf(ckpt.config.vocabSize, [40, 25]);
+      const blocks = applyPlan(
+        unfusedBlocks(ckpt),
+        validatePlan({ ffn_groups: [[3, 4, 5]] }, ckpt.config),
+        "fused",
+        new Map(),
+      );
+      const losses = await healRunner(ckpt, heldout, device).lossesOf(blocks);
+      const reference = await tokenLosses(
+        heldout,
+        ckpt.config.vocabSize,
+        (ids) => Promise.resolve(Float32Array.from(referenceForward(ckpt, blocks, ids).logits)),
+      );
+      assert.equal(losses.length, 39 + 24);
+      assert.ok(relL2(losses, reference) < 1e-3, `losses ${relL2(losses, reference)}`);
     },
   });
 

@@ -41,6 +41,7 @@ export function healRunner(ckpt: Checkpoint, heldout: number[][], device: Device
         ckpt,
         blocks,
         (s) => tokenLosses(heldout, ckpt.config.vocabSize, (ids) => s.logitsOf(ids)),
+        device,
       ),
 
     async streams(blocks: Block[], windows: number[][], taps: number[], each) {
