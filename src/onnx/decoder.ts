@@ -327,7 +327,11 @@ export const streamName = (i: number) => `stream.${i}`;
  * the last tap are emitted. What healing fits on: gathered through onnxruntime it costs a tenth of the
  * float64 reference's pass (tiny-nas, 4096 tokens: 3.2 s against 34 s here).
  */
-export function buildStreamGraph(ckpt: Checkpoint, blocks: Block[], taps: number[]): EncodedModel {
+export function buildStreamGraph(
+  ckpt: Checkpoint,
+  blocks: Block[],
+  taps: number[],
+): Pick<DecoderGraph, "model" | "cache" | "headDim" | "floatType"> {
   const last = Math.max(...taps);
   if (!taps.length || taps.some((i) => !Number.isInteger(i) || i < 0) || last > blocks.length) {
     throw new Error(`stream taps ${taps} outside 0..${blocks.length}`);
@@ -335,7 +339,7 @@ export function buildStreamGraph(ckpt: Checkpoint, blocks: Block[], taps: number
   const used = blocks.slice(0, last);
   const e = new DecoderEmitter(ckpt.config, FLOAT_WEIGHTS, new WeightCache("fp32"));
   const g = e.g;
-  const { shared, x: embedded } = decoderFront(e, ckpt, used);
+  const { cache, shared, x: embedded } = decoderFront(e, ckpt, used);
   const tap = (i: number, x: string) => {
     if (!taps.includes(i)) return;
     g.op("Identity", [x], {}, streamName(i));
@@ -347,7 +351,7 @@ export function buildStreamGraph(ckpt: Checkpoint, blocks: Block[], taps: number
     x = e.block(x, b, shared);
   });
   tap(used.length, x);
-  return g.encode("fusedge_streams");
+  return { model: g.encode("fusedge_streams"), cache, headDim: ckpt.config.headDim, floatType: "float32" };
 }
 
 /**

@@ -1,12 +1,12 @@
 import { tokenLosses } from "../fusion/evaluate.ts";
 import type { HealRunner } from "../fusion/heal.ts";
-import { type Block, cachedLayers } from "../model/blocks.ts";
+import type { Block } from "../model/blocks.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
-import { buildStreamGraph, pastKey, pastValue, streamName } from "../onnx/decoder.ts";
+import { buildStreamGraph, streamName } from "../onnx/decoder.ts";
 import { buildDownStatsGraph } from "../onnx/heal_graph.ts";
 import type { EncodedModel } from "../onnx/builder.ts";
 import { createSession, type Device, type ort, runtimeFor } from "./ort.ts";
-import { withScoringSession } from "./session.ts";
+import { emptyPast, positionFeeds, withScoringSession } from "./session.ts";
 import { yieldIfBusy } from "./yield.ts";
 
 /** Runs `use` on a session of `model` on `device`, and frees the session however `use` ends. */
@@ -46,24 +46,14 @@ export function healRunner(ckpt: Checkpoint, heldout: number[][], device: Device
 
     async streams(blocks: Block[], windows: number[][], taps: number[], each) {
       const rt = await runtimeFor(device);
-      const used = blocks.slice(0, Math.max(...taps));
-      await withSession(device, buildStreamGraph(ckpt, blocks, taps), async (session) => {
+      const graph = buildStreamGraph(ckpt, blocks, taps);
+      await withSession(device, graph.model, async (session) => {
         for (const [w, ids] of windows.entries()) {
-          const t = ids.length;
           const feeds: Record<string, ort.Tensor> = {
-            input_ids: new rt.Tensor("int64", BigInt64Array.from(ids, BigInt), [1, t]),
-            attention_mask: new rt.Tensor("int64", new BigInt64Array(t).fill(1n), [1, t]),
-            position_ids: new rt.Tensor("int64", BigInt64Array.from({ length: t }, (_, i) => BigInt(i)), [
-              1,
-              t,
-            ]),
+            input_ids: new rt.Tensor("int64", BigInt64Array.from(ids, BigInt), [1, ids.length]),
+            ...positionFeeds(rt, ids.length, 0),
+            ...Object.fromEntries(emptyPast(rt, graph)),
           };
-          for (const { layer, kvHeads } of cachedLayers(used)) {
-            const empty = () =>
-              new rt.Tensor("float32", new Float32Array(0), [1, kvHeads, 0, ckpt.config.headDim]);
-            feeds[pastKey(layer)] = empty();
-            feeds[pastValue(layer)] = empty();
-          }
           await yieldIfBusy();
           const out = await session.run(feeds);
           each(w, taps.map((i) => out[streamName(i)].data as Float32Array));

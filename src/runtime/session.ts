@@ -74,17 +74,7 @@ export class ModelSession {
   }
 
   emptyCache(): KvCache {
-    const tensors = new Map<string, ort.Tensor>();
-    for (const { layer, kvHeads } of this.graph.cache) {
-      const dims = [1, kvHeads, 0, this.graph.headDim];
-      const empty = () =>
-        this.graph.floatType === "float16"
-          ? new this.rt.Tensor("float16", new Uint16Array(0), dims)
-          : new this.rt.Tensor("float32", new Float32Array(0), dims);
-      tensors.set(pastKey(layer), empty());
-      tensors.set(pastValue(layer), empty());
-    }
-    return { length: 0, tensors };
+    return { length: 0, tensors: emptyPast(this.rt, this.graph) };
   }
 
   /** Runs `ids` after the cached prefix; the old cache is consumed and must not be used again. */
@@ -174,12 +164,7 @@ export class ModelSession {
       input_ids: Array.isArray(input)
         ? new this.rt.Tensor("int64", BigInt64Array.from(input, BigInt), [1, t])
         : ort.Tensor.fromGpuBuffer(input, { dataType: "int64", dims: [1, 1] }),
-      attention_mask: new this.rt.Tensor("int64", new BigInt64Array(total).fill(1n), [1, total]),
-      position_ids: new this.rt.Tensor(
-        "int64",
-        BigInt64Array.from({ length: t }, (_, i) => BigInt(cache.length + i)),
-        [1, t],
-      ),
+      ...positionFeeds(this.rt, t, cache.length),
     }, cache.tensors);
     disposeCache(cache);
     return { logits: out.logits, cache: { length: total, tensors: this.presents(out) } };
@@ -191,6 +176,36 @@ export class ModelSession {
     await this.chain;
     await this.session.release();
   }
+}
+
+/** Empty past K/V for each cached layer of a decoder graph: what a sequence starts from. */
+export function emptyPast(
+  rt: OrtApi,
+  graph: Pick<DecoderGraph, "cache" | "headDim" | "floatType">,
+): Map<string, ort.Tensor> {
+  const tensors = new Map<string, ort.Tensor>();
+  for (const { layer, kvHeads } of graph.cache) {
+    const dims = [1, kvHeads, 0, graph.headDim];
+    const empty = () =>
+      graph.floatType === "float16"
+        ? new rt.Tensor("float16", new Uint16Array(0), dims)
+        : new rt.Tensor("float32", new Float32Array(0), dims);
+    tensors.set(pastKey(layer), empty());
+    tensors.set(pastValue(layer), empty());
+  }
+  return tensors;
+}
+
+/** The attention mask and position ids of t new tokens after `past` cached ones, one sequence. */
+export function positionFeeds(rt: OrtApi, t: number, past: number): Record<string, ort.Tensor> {
+  const total = past + t;
+  return {
+    attention_mask: new rt.Tensor("int64", new BigInt64Array(total).fill(1n), [1, total]),
+    position_ids: new rt.Tensor("int64", BigInt64Array.from({ length: t }, (_, i) => BigInt(past + i)), [
+      1,
+      t,
+    ]),
+  };
 }
 
 /** A single sequence's cache seen as a batch of one row. */
