@@ -4,6 +4,8 @@
  * these scripts serve no requests, so node's parseArgs with these checks is enough.)
  */
 import { parseArgs, type ParseArgsConfig } from "node:util";
+import { type FusionPlan, validatePlan } from "../src/fusion/plan.ts";
+import type { ModelConfig } from "../src/model/config.ts";
 
 /** Exits 2 with the message. */
 export function fail(message: string): never {
@@ -27,4 +29,23 @@ export function positive(flag: string, value: string, integer = true): number {
     fail(`--${flag}: expected a positive ${integer ? "integer" : "number"}, got ${value}`);
   }
   return n;
+}
+
+/** `--group FIRST-LAST` as its layers, or exit 2 naming the flag. */
+export function layerRange(value: string): number[] {
+  const span = /^(\d+)-(\d+)$/.exec(value);
+  if (!span || Number(span[1]) >= Number(span[2])) {
+    fail(`--group: expected FIRST-LAST layers of one FFN group, got ${value}`);
+  }
+  const first = Number(span[1]);
+  return Array.from({ length: Number(span[2]) - first + 1 }, (_, i) => first + i);
+}
+
+/** The plan fusing `layers` as one FFN group, checked against the model, or exit 2 naming `--group`. */
+export function groupPlan(layers: number[], cfg: ModelConfig): FusionPlan {
+  try {
+    return validatePlan({ ffn_groups: [layers] }, cfg);
+  } catch (e) {
+    return fail(`--group: ${(e as Error).message}`);
+  }
 }

@@ -11,13 +11,12 @@
  */
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { fail, positive, scriptFlags } from "./args.ts";
+import { fail, groupPlan, layerRange, positive, scriptFlags } from "./args.ts";
 import { cpuSeconds } from "../src/bench/decode_bench.ts";
 import { textWindows } from "../src/fusion/calibration.ts";
 import { applyPlan } from "../src/fusion/apply.ts";
 import { type GroupIo, scaledRows } from "../src/fusion/heal.ts";
 import { NormalEquations } from "../src/fusion/linear_fit.ts";
-import { validatePlan } from "../src/fusion/plan.ts";
 import type { FfnBlock } from "../src/model/blocks.ts";
 import { linear, referenceForward, swigluActivations } from "../src/model/forward.ts";
 import { relL2, type Spread, spread } from "../src/numeric.ts";
@@ -38,21 +37,14 @@ const windowCount = positive("windows", values.windows!);
 const device = values.device as Device;
 if (device !== "wasm" && device !== "webgpu") fail(`--device: wasm or webgpu, got ${values.device}`);
 const rounds = positive("rounds", values.rounds!);
-const span = /^(\d+)-(\d+)$/.exec(values.group!);
-if (!span || Number(span[1]) >= Number(span[2])) fail(`--group: expected FIRST-LAST, got ${values.group}`);
-const layers = Array.from({ length: Number(span[2]) - Number(span[1]) + 1 }, (_, i) => Number(span[1]) + i);
+const layers = layerRange(values.group!);
 
 const assets = await loadAssets(values.model!).catch((e) =>
   fail(`--model ${values.model}: ${(e as Error).message}`)
 );
 const ckpt = assets.checkpoint;
 const { hidden: d, rmsEps: eps } = ckpt.config;
-let plan;
-try {
-  plan = validatePlan({ ffn_groups: [layers] }, ckpt.config);
-} catch (e) {
-  fail(`--group: ${(e as Error).message}`);
-}
+const plan = groupPlan(layers, ckpt.config);
 const fused = applyPlan(assets.blocks, plan, "fused", new Map()).find((b) =>
   b.kind === "ffn" && b.layers.length > 1
 ) as FfnBlock;

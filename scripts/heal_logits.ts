@@ -20,7 +20,7 @@
  * `--from healed` first heals the group with heal's own stages on the same slices (fusion/heal.ts).
  */
 import { join } from "node:path";
-import { fail, positive, scriptFlags } from "./args.ts";
+import { fail, groupPlan, layerRange, positive, scriptFlags } from "./args.ts";
 import { fileURLToPath } from "node:url";
 import { applyPlan } from "../src/fusion/apply.ts";
 import { textSlices } from "../src/fusion/calibration.ts";
@@ -28,7 +28,6 @@ import { evaluateQuality } from "../src/fusion/evaluate.ts";
 import { healPlan } from "../src/fusion/heal.ts";
 import { healRunner } from "../src/runtime/heal_runner.ts";
 import { type CholeskyFactor, NormalEquations } from "../src/fusion/linear_fit.ts";
-import { validatePlan } from "../src/fusion/plan.ts";
 import { streamGradient } from "../src/model/backward.ts";
 import type { Block, FfnBlock } from "../src/model/blocks.ts";
 import { linear, referenceForward, swigluActivations } from "../src/model/forward.ts";
@@ -53,10 +52,8 @@ const values = scriptFlags({
 const count = (name: keyof typeof values) => positive(name, values[name] as string);
 const list = (name: "ridges" | "etas") =>
   (values[name] as string).split(",").map((v) => positive(name, v, false));
-const [first, last] = values.group!.split("-").map(Number);
-if (!Number.isInteger(first) || !Number.isInteger(last) || last <= first) {
-  fail(`--group: expected FIRST-LAST layers of one FFN group, got ${values.group}`);
-}
+const layers = layerRange(values.group!);
+const [first, last] = [layers[0], layers.at(-1)!];
 if (values.from !== "fused" && values.from !== "healed") fail(`--from: fused or healed, got ${values.from}`);
 const steps = count("steps");
 const ridges = list("ridges");
@@ -75,13 +72,7 @@ const assets = await loadAssets(values.model!, {}, text).catch((e) =>
 const ckpt = assets.checkpoint;
 const cfg = ckpt.config;
 const { hidden: d, rmsEps: eps, vocabSize: vocab } = cfg;
-const layers = Array.from({ length: last - first + 1 }, (_, i) => first + i);
-let plan;
-try {
-  plan = validatePlan({ ffn_groups: [layers] }, cfg);
-} catch (e) {
-  fail(`--group: ${(e as Error).message}`);
-}
+const plan = groupPlan(layers, cfg);
 const window = Math.min(256, cfg.maxPositions);
 const [calibration, heldout, evaluation] = await textSlices(text, assets.tokenizer, [
   { skip, max: calibrationTokens, window },
@@ -110,7 +101,7 @@ const heal = values.from === "healed"
     ckpt,
     blocks: assets.blocks,
     plan: {
-      ...plan!,
+      ...plan,
       heal: { calibration_tokens: calibrationTokens, skip_tokens: skip, heldout_tokens: heldoutTokens },
     },
     fits: new Map(),
@@ -120,7 +111,7 @@ const heal = values.from === "healed"
     onProgress: (stage, done, total) => progress(`${stage} ${done}/${total}`),
   })).heal
   : undefined;
-let model = applyPlan(assets.blocks, plan!, "fused", new Map(), heal);
+let model = applyPlan(assets.blocks, plan, "fused", new Map(), heal);
 const at = model.findIndex((b) => b.kind === "ffn" && b.layers.length > 1);
 let fused = model[at] as FfnBlock;
 const width = fused.down.shape[1];
@@ -173,7 +164,7 @@ function softmaxRows(z: Float64Array, t: number): Float32Array {
 }
 
 const unfusedEval = await evalLoss(assets.blocks);
-const fusedEval = await evalLoss(applyPlan(assets.blocks, plan!, "fused"));
+const fusedEval = await evalLoss(applyPlan(assets.blocks, plan, "fused"));
 const gap = (loss: number) => (fusedEval - loss) / (fusedEval - unfusedEval);
 let current = { heldout: await heldoutLoss(model), eval: await evalLoss(model) };
 const report = {

@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { applyPlan } from "../src/fusion/apply.ts";
 import { NormalEquations } from "../src/fusion/linear_fit.ts";
+import { scaledRows } from "../src/fusion/heal.ts";
 import { tokenLosses } from "../src/fusion/evaluate.ts";
 import { validatePlan } from "../src/fusion/plan.ts";
 import { type FfnBlock, unfusedBlocks } from "../src/model/blocks.ts";
@@ -127,16 +128,7 @@ for (const device of ["wasm", "webgpu"] as const) {
       for (const { t, x, out } of io) {
         const a = swigluActivations(Float64Array.from(x), fused, t, d, eps);
         const predicted = linear(a, fused.down, t);
-        const y = new Float64Array(t * d);
-        for (let r = 0; r < t; r++) {
-          let ss = 0;
-          for (let c = 0; c < d; c++) ss += out[r * d + c] ** 2;
-          const s = 1 / Math.sqrt(ss / d + eps);
-          for (let c = 0; c < d; c++) {
-            y[r * d + c] = s * (out[r * d + c] - x[r * d + c] - predicted[r * d + c]);
-          }
-          for (let u = 0; u < width; u++) a[r * width + u] *= s;
-        }
+        const { y } = scaledRows({ t, x, out }, a, predicted, eps);
         reference.add(t, a, y);
       }
       assert.equal(fromOrt.rows, reference.rows);
