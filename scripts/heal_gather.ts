@@ -1,13 +1,17 @@
 /**
- * What healing's data gathering costs, on this machine: the residual streams of a fused FFN group's
- * sequential run and its down-projection normal equations over calibration windows, through the float64
- * reference (the JS forward and the JS Gram accumulation healing used before) against onnxruntime's WASM
- * backend or WebGPU (runtime/heal_runner.ts, what healing uses). Both sides are warmed, then alternated in rounds;
- * per 1024 tokens, wall and CPU seconds as median [min-max], and how far the two sides' normal equations
- * differ (fp32 gathering against float64).
+ * What healing's data gathering costs, on this machine, float64 JS against onnxruntime's WASM backend or
+ * WebGPU (runtime/heal_runner.ts, what healing uses), for one of its two fits of a fused FFN group:
+ * - `--stage down` (default): the residual streams of the group's sequential run and its down
+ *   projection's normal equations, through the float64 reference (the JS forward and the JS Gram
+ *   accumulation healing used before) against onnxruntime;
+ * - `--stage inputs`: the member-input fit's normal equations alone, from the same streams (gathered once
+ *   through onnxruntime, outside the timing): the float64 JS accumulation against the statistics graph.
+ *   It needs no float64 forward, so it runs at a real model's hidden size (a synthetic checkpoint).
+ * Both sides are warmed, then alternated in rounds; per 1024 tokens, wall and CPU seconds as median
+ * [min-max], and how far the two sides' normal equations differ (fp32 gathering against float64).
  *
- *   scripts/deno run -A scripts/heal_gather.ts [--model DIR] [--group 3-8] [--windows 4] [--rounds 3]
- *     [--device wasm|webgpu] [--json]
+ *   scripts/deno run -A scripts/heal_gather.ts [--model DIR] [--group 3-8] [--stage down|inputs]
+ *     [--windows 4] [--rounds 3] [--device wasm|webgpu] [--json]
  */
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -15,7 +19,7 @@ import { fail, groupPlan, layerRange, positive, scriptFlags } from "./args.ts";
 import { cpuSeconds } from "../src/bench/decode_bench.ts";
 import { textWindows } from "../src/fusion/calibration.ts";
 import { applyPlan } from "../src/fusion/apply.ts";
-import { type GroupIo, scaledRows } from "../src/fusion/heal.ts";
+import { type GroupIo, memberInputRows, scaledRows } from "../src/fusion/heal.ts";
 import { NormalEquations } from "../src/fusion/linear_fit.ts";
 import type { FfnBlock } from "../src/model/blocks.ts";
 import { linear, referenceForward, swigluActivations } from "../src/model/forward.ts";
@@ -28,6 +32,7 @@ const root = fileURLToPath(new URL("..", import.meta.url));
 const values = scriptFlags({
   model: { type: "string", default: join(root, "models", "tiny-nas") },
   group: { type: "string", default: "3-8" },
+  stage: { type: "string", default: "down" },
   windows: { type: "string", default: "4" },
   rounds: { type: "string", default: "3" },
   device: { type: "string", default: "wasm" },
@@ -37,6 +42,8 @@ const windowCount = positive("windows", values.windows!);
 const device = values.device as Device;
 if (device !== "wasm" && device !== "webgpu") fail(`--device: wasm or webgpu, got ${values.device}`);
 const rounds = positive("rounds", values.rounds!);
+const stage = values.stage!;
+if (stage !== "down" && stage !== "inputs") fail(`--stage: down or inputs, got ${stage}`);
 const layers = layerRange(values.group!);
 
 const assets = await loadAssets(values.model!).catch((e) =>
@@ -92,7 +99,40 @@ async function onnxruntime(): Promise<NormalEquations> {
   return eq;
 }
 
-const sides = { reference: () => Promise.resolve(reference()), onnxruntime };
+/** The member inputs' taps: the streams entering each member's FFN. */
+const members = layers.map((l) => assets.blocks.findIndex((b) => b.kind === "ffn" && b.layers[0] === l));
+const memberStreams: Float32Array[][] = [];
+if (stage === "inputs") {
+  await healRunner(ckpt, [], device).streams(assets.blocks, windows, members, (w, streams) => {
+    memberStreams[w] = streams;
+  });
+}
+
+/** The member-input fit's normal equations in float64 JS, as healing accumulated them before. */
+function inputsReference(): NormalEquations {
+  const eq = new NormalEquations(d, (layers.length - 1) * d);
+  for (const [w, [x, ...inputs]] of memberStreams.entries()) {
+    const { h, y } = memberInputRows(x, inputs, windows[w].length, eps);
+    eq.add(windows[w].length, h, y);
+  }
+  return eq;
+}
+
+/** The same through onnxruntime's statistics graph, summed in float64. */
+function inputsOnnxruntime(): Promise<NormalEquations> {
+  const eq = new NormalEquations(d, (layers.length - 1) * d);
+  return healRunner(ckpt, [], device).inputStatistics(layers.length, async (of) => {
+    for (const [w, [x, ...inputs]] of memberStreams.entries()) {
+      const s = await of(x, inputs);
+      eq.addStatistics(windows[w].length, s.gram, s.cross, s.squares);
+    }
+    return eq;
+  });
+}
+
+const sides = stage === "down"
+  ? { reference: () => Promise.resolve(reference()), onnxruntime }
+  : { reference: () => Promise.resolve(inputsReference()), onnxruntime: inputsOnnxruntime };
 type Side = keyof typeof sides;
 const names = Object.keys(sides) as Side[];
 const results = new Map<Side, NormalEquations>();
@@ -113,6 +153,8 @@ const report = {
   model: assets.name,
   device,
   group: layers,
+  stage,
+  hidden: d,
   width,
   tokens,
   rounds,
@@ -133,7 +175,9 @@ if (values.json) {
   const f = (s: Spread, digits = 2) =>
     `${s.median.toFixed(digits)} [${s.min.toFixed(digits)}-${s.max.toFixed(digits)}]`;
   console.log(
-    `healing's gathering for ffn[${values.group}] (width ${width}) of ${assets.name}: ${tokens} tokens a sample, ` +
+    `healing's gathering for ffn[${values.group}] (width ${width}, hidden ${d}) of ${assets.name}, ${
+      stage === "down" ? "streams and down-projection statistics" : "member-input statistics alone"
+    }: ${tokens} tokens a sample, ` +
       `sides alternated in ${rounds} rounds after a warm-up; per 1024 tokens, median [min-max]`,
   );
   console.log(`onnxruntime on ${device}`);

@@ -62,7 +62,7 @@ Deno.test("export: a healed plan is written with its fitted weights (same logits
     heal: { skip_tokens: 65536, calibration_tokens: 1024, heldout_tokens: 1024 },
   });
   const { summary, pairs, card } = await roundTrip(TINY_NAS, plan, cases.slice(0, 2).map((c) => c.input_ids));
-  assert.equal(summary.plan, "ffn[3-8]+heal(1024@65536)");
+  assert.equal(summary.plan, "ffn[3-8]+heal(1024@65536/1024)");
   for (const [a, b] of pairs) assert.ok(relL2(last(b, 4096), last(a, 4096)) <= 1e-5);
   assert.match(card, /## Healing/);
   assert.match(card, /\| 3-8 \| ridge \S+ \| /, "healed: the export carries fitted input maps");

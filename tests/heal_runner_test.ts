@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { applyPlan } from "../src/fusion/apply.ts";
 import { NormalEquations } from "../src/fusion/linear_fit.ts";
-import { scaledRows } from "../src/fusion/heal.ts";
+import { memberInputRows, scaledRows } from "../src/fusion/heal.ts";
 import { tokenLosses } from "../src/fusion/evaluate.ts";
 import { validatePlan } from "../src/fusion/plan.ts";
 import { type FfnBlock, unfusedBlocks } from "../src/model/blocks.ts";
@@ -44,7 +44,9 @@ for (const device of ["wasm", "webgpu"] as const) {
       const windows = windowsOf(ckpt.config.vocabSize, [40, 17]);
       const taps = [0, 3, blocks.length - 1, blocks.length];
       const gathered: Float32Array[][] = [];
-      await healRunner(ckpt, [], device).streams(blocks, windows, taps, (w, s) => (gathered[w] = s));
+      await healRunner(ckpt, [], device).streams(blocks, windows, taps, (w, s) => {
+        gathered[w] = s;
+      });
       assert.equal(gathered.length, windows.length);
       for (const [w, ids] of windows.entries()) {
         const inputs = new Map<number, Float64Array>();
@@ -117,7 +119,9 @@ for (const device of ["wasm", "webgpu"] as const) {
         sequential,
         windows,
         [first, last + 1],
-        (w, [x, out]) => (io[w] = { t: windows[w].length, x, out }),
+        (w, [x, out]) => {
+          io[w] = { t: windows[w].length, x, out };
+        },
       );
       const fromOrt = new NormalEquations(width, d);
       await healRunner(ckpt, [], device).downStatistics(fused, io, (w, s) => {
@@ -131,27 +135,62 @@ for (const device of ["wasm", "webgpu"] as const) {
         const { y } = scaledRows({ t, x, out }, a, predicted, eps);
         reference.add(t, a, y);
       }
-      assert.equal(fromOrt.rows, reference.rows);
-      const upper = (eq: NormalEquations) => eq.gram.filter((_, k) => k % width >= Math.floor(k / width));
-      assert.ok(
-        relL2(upper(fromOrt), upper(reference)) < 1e-4,
-        `Gram ${relL2(upper(fromOrt), upper(reference))}`,
+      assertSameEquations(fromOrt, reference);
+    },
+  });
+
+  Deno.test({
+    name:
+      `heal runner on ${device}: the member inputs' statistics from onnxruntime (norm(x) against norm(x_j) - norm(x)) equal the float64 rows' normal equations`,
+    ignore: device === "webgpu" && !HAS_WEBGPU,
+    sanitizeResources: false,
+    sanitizeOps: false,
+    fn: async () => {
+      const ckpt = await loadCheckpoint(TINY_NAS);
+      const { hidden: d, rmsEps: eps } = ckpt.config;
+      const blocks = unfusedBlocks(ckpt);
+      const members = [3, 4, 5].map((l) => blocks.findIndex((b) => b.kind === "ffn" && b.layers[0] === l));
+      const windows = windowsOf(ckpt.config.vocabSize, [48, 30]);
+      const runner = healRunner(ckpt, [], device);
+      const fromOrt = new NormalEquations(d, 2 * d);
+      const reference = new NormalEquations(d, 2 * d);
+      await runner.inputStatistics(
+        3,
+        (of) =>
+          runner.streams(blocks, windows, members, async (w, [x, ...inputs]) => {
+            const t = windows[w].length;
+            const s = await of(x, inputs);
+            assert.equal(s.cross.length, d * 2 * d);
+            fromOrt.addStatistics(t, s.gram, s.cross, s.squares);
+            const { h, y } = memberInputRows(x, inputs, t, eps);
+            reference.add(t, h, y);
+          }),
       );
-      assert.ok(
-        relL2(fromOrt.cross, reference.cross) < 1e-4,
-        `cross ${relL2(fromOrt.cross, reference.cross)}`,
-      );
-      assert.ok(Math.abs(fromOrt.targetSquares / reference.targetSquares - 1) < 1e-4);
-      // The lower triangle is never read: it stays zero.
-      assert.equal(fromOrt.gram[width], 0);
-      // And the same ridge fit follows from either.
-      assert.ok(relL2(fromOrt.solve(0.1), reference.solve(0.1)) < 1e-3);
+      assertSameEquations(fromOrt, reference);
     },
   });
 }
 
+/** Normal equations gathered in fp32 windows match float64 ones: Gram (upper triangle), cross, squares, a fit. */
+function assertSameEquations(fromOrt: NormalEquations, reference: NormalEquations) {
+  const n = fromOrt.dIn;
+  assert.equal(fromOrt.rows, reference.rows);
+  const upper = (eq: NormalEquations) => eq.gram.filter((_, k) => k % n >= Math.floor(k / n));
+  assert.ok(
+    relL2(upper(fromOrt), upper(reference)) < 1e-4,
+    `Gram ${relL2(upper(fromOrt), upper(reference))}`,
+  );
+  assert.ok(relL2(fromOrt.cross, reference.cross) < 1e-4, `cross ${relL2(fromOrt.cross, reference.cross)}`);
+  assert.ok(Math.abs(fromOrt.targetSquares / reference.targetSquares - 1) < 1e-4);
+  // The lower triangle is never read: it stays zero.
+  assert.equal(fromOrt.gram[n], 0);
+  // And the same ridge fit follows from either.
+  assert.ok(relL2(fromOrt.solve(0.1), reference.solve(0.1)) < 1e-3);
+}
+
 Deno.test({
-  name: "scripts/heal_gather.ts: both sides gather the same normal equations and are timed; bad flags exit 2",
+  name:
+    "scripts/heal_gather.ts: both sides gather the same normal equations, for either stage, and are timed; bad flags exit 2",
   sanitizeResources: false,
   sanitizeOps: false,
   fn: async () => {
@@ -168,8 +207,28 @@ Deno.test({
       report.difference.gram < 1e-4 && report.difference.cross < 1e-4,
       JSON.stringify(report.difference),
     );
+    const inputs = await run(
+      "--group",
+      "6-8",
+      "--stage",
+      "inputs",
+      "--windows",
+      "1",
+      "--rounds",
+      "1",
+      "--json",
+    );
+    assert.equal(inputs.code, 0, inputs.stderr);
+    const inputsReport = JSON.parse(inputs.stdout);
+    assert.equal(inputsReport.stage, "inputs");
+    assert.ok(inputsReport.per_1024_tokens.onnxruntime.seconds.median > 0);
+    assert.ok(
+      inputsReport.difference.gram < 1e-4 && inputsReport.difference.cross < 1e-4,
+      JSON.stringify(inputsReport.difference),
+    );
     for (
       const [args, re] of [
+        [["--stage", "up"], /--stage: down or inputs/],
         [["--group", "8-7"], /--group: expected FIRST-LAST/],
         [["--group", "8-9"], /--group: .*layer 9/],
         [["--windows", "0"], /--windows: expected a positive integer/],

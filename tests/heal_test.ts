@@ -85,8 +85,8 @@ Deno.test("a stage is kept only when it beats the current model beyond the noise
 
 Deno.test("heal plan field: defaults, bounds, and a plan id that names the fit", () => {
   const p = parsePlan({ ffn_groups: [[3, 4, 5]], heal: {} });
-  assert.deepEqual(p.heal, { calibration_tokens: 4096, skip_tokens: 0, heldout_tokens: 1024 });
-  assert.equal(planId(p), "ffn[3-5]+heal(4096)");
+  assert.deepEqual(p.heal, { calibration_tokens: 16384, skip_tokens: 0, heldout_tokens: 4096 });
+  assert.equal(planId(p), "ffn[3-5]+heal(16384)");
   assert.equal(
     planId(
       parsePlan({
@@ -178,7 +178,7 @@ Deno.test({
       block_groups: [[8, 9]],
       heal: HEAL,
     };
-    assert.equal(planId(plan), "blk[8-9]+heal(1024@65536)");
+    assert.equal(planId(plan), "blk[8-9]+heal(1024@65536/1024)");
     const healed = await buildInstance(assets, plan, "wasm");
     const [g] = healed.heal!.groups;
     assert.equal(g.kind, "block");
@@ -266,7 +266,7 @@ Deno.test("cli: bad heal settings and a calibration text too short for them exit
       [{ ffn_groups: [[3, 4]], heal: { window: 64 } }, /heal/],
       [
         { ffn_groups: [[3, 4]], heal: { skip_tokens: 139000 } },
-        /heal: the calibration text has \d+ of the 4096 calibration tokens/,
+        /heal: the calibration text has \d+ of the 16384 calibration tokens/,
       ],
     ];
     for (const [i, [plan, re]] of cases.entries()) {

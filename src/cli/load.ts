@@ -16,7 +16,7 @@ export const calibrationFlag = z.string().default(DEFAULT_CALIBRATION_TEXT).desc
 );
 
 export const healFlag = z.boolean().default(false).describe(
-  "heal the plan's fused FFN and block groups on --calibration text (the plan's own heal settings, else 4096 tokens)",
+  "heal the plan's fused FFN and block groups on --calibration text (the plan's own heal settings, else 16384 tokens, 4096 held out)",
 );
 
 /** The plan as `--heal` asks for it: healed with its own settings, or the defaults when it names none. */

@@ -94,14 +94,29 @@ export interface HealRunner {
     blocks: Block[],
     windows: number[][],
     taps: number[],
-    each: (w: number, streams: Float32Array[]) => void,
+    each: (w: number, streams: Float32Array[]) => void | Promise<void>,
   ): Promise<void>;
   /** The down-projection fit's statistics of a fused FFN for each window (see scaledRows). */
   downStatistics(
     ffn: FfnBlock,
     io: GroupIo[],
-    each: (w: number, s: { gram: Float32Array; cross: Float32Array; squares: number }) => void,
+    each: (w: number, s: WindowStatistics) => void,
   ): Promise<void>;
+  /**
+   * Runs `use` with `of`, which gives the member-input fit's statistics of one window of a `members`-FFN
+   * group from its input x and the sequential run's inputs to members 1.. (see sequentialPass).
+   */
+  inputStatistics<T>(
+    members: number,
+    use: (of: (x: Float32Array, inputs: Float32Array[]) => Promise<WindowStatistics>) => Promise<T>,
+  ): Promise<T>;
+}
+
+/** One window's normal-equation statistics, fp32 (summed across windows in float64 by NormalEquations). */
+export interface WindowStatistics {
+  gram: Float32Array;
+  cross: Float32Array;
+  squares: number;
 }
 
 export interface HealInput extends HealRunner {
@@ -158,7 +173,7 @@ export interface GroupIo {
 /**
  * One pass of the sequential group over windows (blocks `members[0]` to `members.at(-1)`): each
  * window's group input and output for the down-projection stage and, for an FFN group, the normal
- * equations of norm(x) against norm(x_j) - norm(x) for members j >= 1.
+ * equations of norm(x) against norm(x_j) - norm(x) for members j >= 1 (norms without gains).
  */
 async function sequentialPass(
   input: HealInput,
@@ -169,28 +184,41 @@ async function sequentialPass(
   memberInputs: boolean,
 ): Promise<{ eq: NormalEquations | null; io: GroupIo[] }> {
   const d = input.ckpt.config.hidden;
-  const eps = input.ckpt.config.rmsEps;
   const k = members.length;
   const eq = memberInputs ? new NormalEquations(d, (k - 1) * d) : null;
   const io: GroupIo[] = [];
-  await input.streams(blocks, windows, [...members, members[k - 1] + 1], (w, streams) => {
-    const t = windows[w].length;
-    const x = streams[0];
-    if (eq) {
-      const h = rmsNorm(Float64Array.from(x), null, t, d, eps);
-      const y = new Float64Array(t * (k - 1) * d);
-      streams.slice(1, k).forEach((xj, j) => {
-        const target = rmsNorm(Float64Array.from(xj), null, t, d, eps);
-        for (let r = 0; r < t; r++) {
-          for (let c = 0; c < d; c++) y[(r * (k - 1) + j) * d + c] = target[r * d + c] - h[r * d + c];
-        }
-      });
-      eq.add(t, h, y);
-    }
-    io.push({ t, x, out: streams[k] });
-    progress(w + 1);
-  });
+  type Stats = (x: Float32Array, inputs: Float32Array[]) => Promise<WindowStatistics>;
+  const pass = (stats?: Stats) =>
+    input.streams(blocks, windows, [...members, members[k - 1] + 1], async (w, streams) => {
+      const t = windows[w].length;
+      if (eq && stats) {
+        const s = await stats(streams[0], streams.slice(1, k));
+        eq.addStatistics(t, s.gram, s.cross, s.squares);
+      }
+      io.push({ t, x: streams[0], out: streams[k] });
+      progress(w + 1);
+    });
+  await (eq ? input.inputStatistics(k, pass) : pass());
   return { eq, io };
+}
+
+/**
+ * The float64 rows whose normal equations the member-input statistics graph sums for one window of t
+ * tokens (onnx/heal_graph.ts; scripts/heal_gather.ts and the tests measure that graph against them):
+ * h = norm(x) [t, d] and y [t, (k-1) d], row r holding norm(x_j) - norm(x) for members j = 1.. in order.
+ */
+export function memberInputRows(x: Float32Array, inputs: Float32Array[], t: number, eps: number) {
+  const d = x.length / t;
+  const k1 = inputs.length;
+  const h = rmsNorm(Float64Array.from(x), null, t, d, eps);
+  const y = new Float64Array(t * k1 * d);
+  inputs.forEach((xj, j) => {
+    const target = rmsNorm(Float64Array.from(xj), null, t, d, eps);
+    for (let r = 0; r < t; r++) {
+      for (let c = 0; c < d; c++) y[(r * k1 + j) * d + c] = target[r * d + c] - h[r * d + c];
+    }
+  });
+  return { h, y };
 }
 
 /** M_j = I + C_j for members 1..k-1 from the stacked solution C [(k-1) d, d]. */

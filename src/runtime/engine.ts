@@ -90,8 +90,8 @@ async function planFits(assets: ModelAssets, plan: FusionPlan): Promise<Map<numb
 const heals = new WeakMap<ModelAssets, Map<string, Promise<{ heal: FusionHeal; report: HealReport }>>>();
 
 /**
- * Heals the plan's fused groups on its calibration slice (fusion/heal.ts); the held-out loss that
- * picks each ridge is measured by WASM sessions of the candidate models.
+ * Heals the plan's fused groups on its calibration slice (fusion/heal.ts), gathering and scoring
+ * through onnxruntime on `device` (runtime/heal_runner.ts).
  */
 function planHeal(
   assets: ModelAssets,

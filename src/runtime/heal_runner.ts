@@ -1,9 +1,9 @@
 import { tokenLosses } from "../fusion/evaluate.ts";
-import type { HealRunner } from "../fusion/heal.ts";
+import type { HealRunner, WindowStatistics } from "../fusion/heal.ts";
 import type { Block } from "../model/blocks.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
 import { buildStreamGraph, streamName } from "../onnx/decoder.ts";
-import { buildDownStatsGraph } from "../onnx/heal_graph.ts";
+import { buildDownStatsGraph, buildInputStatsGraph } from "../onnx/heal_graph.ts";
 import type { EncodedModel } from "../onnx/builder.ts";
 import { createSession, type Device, type ort, runtimeFor } from "./ort.ts";
 import { emptyPast, positionFeeds, withScoringSession } from "./session.ts";
@@ -56,7 +56,7 @@ export function healRunner(ckpt: Checkpoint, heldout: number[][], device: Device
           };
           await yieldIfBusy();
           const out = await session.run(feeds);
-          each(w, taps.map((i) => out[streamName(i)].data as Float32Array));
+          await each(w, taps.map((i) => out[streamName(i)].data as Float32Array));
         }
       });
     },
@@ -70,13 +70,33 @@ export function healRunner(ckpt: Checkpoint, heldout: number[][], device: Device
             x: new rt.Tensor("float32", x, [t, d]),
             out: new rt.Tensor("float32", out, [t, d]),
           });
-          each(w, {
-            gram: r.gram.data as Float32Array,
-            cross: r.cross.data as Float32Array,
-            squares: (r.squares.data as Float32Array)[0],
-          });
+          each(w, statisticsOf(r));
         }
       });
     },
+
+    async inputStatistics(members, use) {
+      const rt = await runtimeFor(device);
+      const tensor = (v: Float32Array) => new rt.Tensor("float32", v, [v.length / d, d]);
+      return await withSession(
+        device,
+        buildInputStatsGraph(ckpt.config, members),
+        (session) =>
+          use(async (x, inputs) => {
+            await yieldIfBusy();
+            const feeds = Object.fromEntries(inputs.map((m, j) => [`member${j + 1}`, tensor(m)]));
+            return statisticsOf(await session.run({ x: tensor(x), ...feeds }));
+          }),
+      );
+    },
+  };
+}
+
+/** A statistics graph's outputs (onnx/heal_graph.ts), read back. */
+function statisticsOf(r: ort.InferenceSession.OnnxValueMapType): WindowStatistics {
+  return {
+    gram: r.gram.data as Float32Array,
+    cross: r.cross.data as Float32Array,
+    squares: (r.squares.data as Float32Array)[0],
   };
 }
