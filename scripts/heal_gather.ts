@@ -56,8 +56,10 @@ const fused = applyPlan(assets.blocks, plan, "fused", new Map()).find((b) =>
   b.kind === "ffn" && b.layers.length > 1
 ) as FfnBlock;
 const width = fused.gate.shape[0];
-const first = assets.blocks.findIndex((b) => b.kind === "ffn" && b.layers[0] === layers[0]);
-const last = assets.blocks.findIndex((b) => b.kind === "ffn" && b.layers[0] === layers.at(-1));
+/** The streams entering each member's FFN: the group's input, then the member inputs' taps. */
+const members = layers.map((l) => assets.blocks.findIndex((b) => b.kind === "ffn" && b.layers[0] === l));
+const first = members[0];
+const last = members.at(-1)!;
 const windows = await textWindows(join(root, "data", "eval.py.txt"), assets.tokenizer, {
   skip: 65536,
   max: 256 * windowCount,
@@ -99,8 +101,6 @@ async function onnxruntime(): Promise<NormalEquations> {
   return eq;
 }
 
-/** The member inputs' taps: the streams entering each member's FFN. */
-const members = layers.map((l) => assets.blocks.findIndex((b) => b.kind === "ffn" && b.layers[0] === l));
 const memberStreams: Float32Array[][] = [];
 if (stage === "inputs") {
   await healRunner(ckpt, [], device).streams(assets.blocks, windows, members, (w, streams) => {

@@ -108,9 +108,12 @@ export interface HealRunner {
    */
   inputStatistics<T>(
     members: number,
-    use: (of: (x: Float32Array, inputs: Float32Array[]) => Promise<WindowStatistics>) => Promise<T>,
+    use: (of: InputStatisticsOf) => Promise<T>,
   ): Promise<T>;
 }
+
+/** One window's member-input statistics from the group's input x and the inputs to members 1... */
+export type InputStatisticsOf = (x: Float32Array, inputs: Float32Array[]) => Promise<WindowStatistics>;
 
 /** One window's normal-equation statistics, fp32 (summed across windows in float64 by NormalEquations). */
 export interface WindowStatistics {
@@ -187,8 +190,7 @@ async function sequentialPass(
   const k = members.length;
   const eq = memberInputs ? new NormalEquations(d, (k - 1) * d) : null;
   const io: GroupIo[] = [];
-  type Stats = (x: Float32Array, inputs: Float32Array[]) => Promise<WindowStatistics>;
-  const pass = (stats?: Stats) =>
+  const pass = (stats?: InputStatisticsOf) =>
     input.streams(blocks, windows, [...members, members[k - 1] + 1], async (w, streams) => {
       const t = windows[w].length;
       if (eq && stats) {
