@@ -1,7 +1,7 @@
 // Picks the next token on the GPU from one row of logits, so a decode step needs no readback:
 // greedy argmax, or with temperature the Gumbel-max trick (argmax of logits / T + Gumbel noise,
 // an exact sample from softmax(logits / T)) with noise hashed from (seed, step, token id).
-// Writes the id as the next step's int64 input_ids and appends it to the history buffer that the
+// Writes the id as the next step's int32 input_ids and appends it to the history buffer that the
 // host reads back in batches.
 
 struct Params {
@@ -70,7 +70,6 @@ fn main(@builtin(local_invocation_index) lid: u32) {
   }
   if (lid == 0u) {
     next_ids[0] = best_i[0];
-    next_ids[1] = 0u;
     history[p.step] = best_i[0];
   }
 }

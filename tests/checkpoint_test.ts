@@ -65,7 +65,7 @@ Deno.test("checkpoint: missing, corrupt and inconsistent checkpoints are InputEr
   await Deno.writeTextFile(join(dir3, "config.json"), JSON.stringify(cfg3));
   await rejects(
     loadCheckpoint(dir3),
-    /"model.layers.2.mlp.gate_proj.weight" has shape \[64,32\] but the config implies \[65,32\]/,
+    /"model.layers.2.mlp.gate_proj.weight" has shape \[64,64\] but the config implies \[65,64\]/,
   );
 
   await Deno.remove(join(dir3, "model.safetensors.index.json"));

@@ -70,7 +70,7 @@ Deno.test({
       assert.equal(await page.title(), "fusedge");
       assert.match(
         await page.textContent("#model") ?? "",
-        /tiny-nas[\s\S]*wasm[\s\S]*fp32, 41\.4 MB[\s\S]*3, 4, 5, 6, 7, 8/,
+        /tiny-nas[\s\S]*wasm[\s\S]*fp32, 41\.7 MB[\s\S]*3, 4, 5, 6, 7, 8/,
       );
       assert.equal(await page.textContent("#active-plan"), "unfused");
       assert.ok(await page.isVisible("#bench svg[aria-label='benchmark chart']"));

@@ -126,8 +126,9 @@ Deno.test("fusion: the graph has one gate/up/down MatMul triple per group, and t
   const plan = validatePlan({ ffn_groups: [[3, 4, 5], [6, 7, 8]] }, ck.config);
   const blocks = applyPlan(base, plan);
   const fused = buildDecoderGraph(ck, blocks);
-  // Each attention layer has q, k, v, o, QK^T and PV; each FFN block gate, up, down; plus lm_head.
-  const attnMatmuls = 6 * 6;
+  // Each attention layer has q, k and v stacked and o (QK^T and PV are inside GroupQueryAttention);
+  // each FFN block gate, up, down; plus lm_head.
+  const attnMatmuls = 6 * 2;
   assert.equal(unfused.matmulCount, attnMatmuls + 12 * 3 + 1);
   assert.equal(fused.matmulCount, attnMatmuls + (12 - 6 + 2) * 3 + 1);
   const groups = blocks.filter((b) => b.kind === "ffn" && b.layers.length > 1);

@@ -18,7 +18,7 @@ import { HAS_WEBGPU, NAS_LIKE, type RandomModelSpec, relL2, TINY_NAS, writeRando
 
 const LLAMA_LIKE: RandomModelSpec = {
   modelType: "llama",
-  hidden: 48,
+  hidden: 96,
   heads: 6,
   kvHeads: 3,
   intermediate: 40,
@@ -75,7 +75,7 @@ Deno.test("graph: only layers with attention get past/present tensors, named as 
     [...cache.tensors.keys()].sort(),
     [0, 1, 6, 7].flatMap((l) => [`past_key_values.${l}.key`, `past_key_values.${l}.value`]).sort(),
   );
-  assert.deepEqual(cache.tensors.get("past_key_values.1.key")!.dims, [1, 1, 2, 8]);
+  assert.deepEqual(cache.tensors.get("past_key_values.1.key")!.dims, [1, 1, 2, 16]);
   await session.release();
   await Deno.remove(dir, { recursive: true });
 });

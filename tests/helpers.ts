@@ -149,7 +149,7 @@ export async function writeRandomModel(spec: RandomModelSpec): Promise<string> {
 /** A small DeciLM-style model with an attention-free run, the shape fusion is for. */
 export const NAS_LIKE: RandomModelSpec = {
   modelType: "nemotron-nas",
-  hidden: 32,
+  hidden: 64,
   heads: 4,
   kvHeads: 2,
   intermediate: 48,

@@ -36,7 +36,7 @@ Deno.test("memory check: a 1B model in fp32 is refused on WASM with the sizes an
     () => checkModelFits(cfg, FP32, "wasm", { sequences: 1 }),
     (e: Error) => {
       assert.ok(e instanceof InputError);
-      assert.match(e.message, /needs 5\.\d\d GB of fp32 weights and 8\.59 GB of KV cache \(131072 tokens/);
+      assert.match(e.message, /needs 6\.0\d GB of fp32 weights and 8\.59 GB of KV cache \(131072 tokens/);
       assert.match(e.message, /more than WASM's 4\.03 GB heap/);
       assert.match(e.message, /--device webgpu/);
       return true;
@@ -87,7 +87,7 @@ Deno.test("cli: a model that cannot fit is refused before any weight is read (ex
   };
   const refused = await run();
   assert.equal(refused.code, 2);
-  assert.match(refused.stderr, /--model: the model needs 5\.\d\d GB of fp32 weights/);
+  assert.match(refused.stderr, /--model: the model needs 6\.0\d GB of fp32 weights/);
   const fits = await run("--quantize", "int4", "--max-context", "2048");
   assert.equal(fits.code, 2);
   assert.match(fits.stderr, /no model\.safetensors/, "past the memory check, on to loading");

@@ -37,7 +37,7 @@ Deno.test({
           assert.equal(code, 2);
           assert.match(
             stderr,
-            /--model: the model needs 5\.\d\d GB of fp32 weights and \d+\.\d\d GB of KV cache/,
+            /--model: the model needs 6\.0\d GB of fp32 weights and \d+\.\d\d GB of KV cache/,
           );
           assert.match(stderr, /more than WASM's 4\.03 GB heap; options that fit: .*--device webgpu/);
           assert.ok(peak < 400e6, `peak RSS ${(peak / 1e6).toFixed(0)} MB: no weights were read`);

@@ -238,8 +238,10 @@ export function parseConfig(raw: unknown): ModelConfig {
   if (cfg.attention_bias) fail("attention_bias: true is not supported");
   if (cfg.mlp_bias) fail("mlp_bias: true is not supported");
   const headDim = cfg.head_dim ?? cfg.hidden_size / cfg.num_attention_heads;
-  if (!Number.isInteger(headDim) || headDim % 2 !== 0) {
-    fail(`head_dim ${headDim} must be an even integer`);
+  // onnxruntime's GroupQueryAttention, which the graph's attention is, takes head sizes in multiples
+  // of 16 (every Llama-family release uses 64 or 128).
+  if (!Number.isInteger(headDim) || headDim % 16 !== 0) {
+    fail(`head_dim ${headDim} is not supported: the attention operator needs a multiple of 16`);
   }
   const kvHeads = cfg.num_key_value_heads ?? cfg.num_attention_heads;
   if (cfg.num_attention_heads % kvHeads !== 0) {

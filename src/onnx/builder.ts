@@ -5,12 +5,13 @@ const { onnx } = onnxProto;
 const DataType = onnx.TensorProto.DataType;
 const AttrType = onnx.AttributeProto.AttributeType;
 
-export type ElemType = "float32" | "float16" | "int64" | "bool" | "uint8";
+export type ElemType = "float32" | "float16" | "int64" | "int32" | "bool" | "uint8";
 
 const ELEM: Record<ElemType, number> = {
   float32: DataType.FLOAT,
   float16: DataType.FLOAT16,
   int64: DataType.INT64,
+  int32: DataType.INT32,
   bool: DataType.BOOL,
   uint8: DataType.UINT8,
 };
@@ -30,10 +31,14 @@ export interface EncodedModel {
   /** The ModelProto: nodes, small constants, and references to the files in `weights`. */
   graph: Uint8Array;
   weights: ExternalFile[];
+  /** Weights the graph takes as inputs instead (GraphBuilder's `weightsAsInputs`), by input name. */
+  weightInputs: Map<string, StoredWeight>;
 }
 
 export function storedBytes(model: EncodedModel): number {
-  return model.weights.reduce((sum, f) => sum + f.data.byteLength, 0);
+  let bytes = model.weights.reduce((sum, f) => sum + f.data.byteLength, 0);
+  for (const w of model.weightInputs.values()) bytes += w.bytes.byteLength;
+  return bytes;
 }
 
 /** A dimension is a fixed size or a named symbolic one (onnxruntime checks names for consistency). */
@@ -73,8 +78,13 @@ export class GraphBuilder {
   private counter = 0;
   private readonly constCache = new Map<string, string>();
   private readonly external: ExternalFile[] = [];
+  private readonly weightInputs = new Map<string, StoredWeight>();
 
-  private fresh(prefix: string): string {
+  /** `weightsAsInputs`: weights become graph inputs the caller binds, not initializers (see EncodedModel). */
+  constructor(private readonly weightsAsInputs = false) {}
+
+  /** A fresh value name. */
+  name(prefix: string): string {
     return `${prefix}_${this.counter++}`;
   }
 
@@ -89,6 +99,11 @@ export class GraphBuilder {
 
   /** A weight initializer stored as its own external-data file, named after it. */
   weight(name: string, w: StoredWeight): string {
+    if (this.weightsAsInputs) {
+      if (!this.weightInputs.has(name)) this.input(name, w.elem, w.dims);
+      this.weightInputs.set(name, w);
+      return name;
+    }
     const path = `${name}.bin`;
     this.external.push({ path, data: w.bytes });
     this.initializers.push({
@@ -110,7 +125,7 @@ export class GraphBuilder {
     const key = `i64:${scalar}:${values.join(",")}`;
     const hit = this.constCache.get(key);
     if (hit) return hit;
-    const name = this.fresh("const_i64");
+    const name = this.name("const_i64");
     const data = new BigInt64Array(values.map((v) => BigInt(v)));
     this.initializers.push({
       name,
@@ -127,7 +142,7 @@ export class GraphBuilder {
     const key = `${elem}:${value}`;
     const hit = this.constCache.get(key);
     if (hit) return hit;
-    const name = this.fresh("const_f");
+    const name = this.name("const_f");
     const data = elem === "float32" ? new Float32Array([value]) : new Float16Array([value]);
     this.initializers.push({
       name,
@@ -148,11 +163,11 @@ export class GraphBuilder {
   ): string[] {
     const outs = Array.isArray(outputs)
       ? outputs
-      : Array.from({ length: outputs ?? 1 }, () => this.fresh(op.toLowerCase()));
+      : Array.from({ length: outputs ?? 1 }, () => this.name(op.toLowerCase()));
     this.nodes.push({
       opType: op,
       domain,
-      name: this.fresh(`n_${op}`),
+      name: this.name(`n_${op}`),
       input: inputs,
       output: outs,
       attribute: Object.entries(attrs).map(([k, v]) => attribute(k, v)),
@@ -167,7 +182,11 @@ export class GraphBuilder {
 
   /** The graph and its external weights. */
   encode(graphName: string, opset = 17): EncodedModel {
-    return { graph: this.encodeGraph(graphName, opset), weights: [...this.external] };
+    return {
+      graph: this.encodeGraph(graphName, opset),
+      weights: [...this.external],
+      weightInputs: new Map(this.weightInputs),
+    };
   }
 
   private encodeGraph(graphName: string, opset: number): Uint8Array {

@@ -3,7 +3,7 @@ import { type Block, cachedLayers, type FfnBlock } from "../model/blocks.ts";
 import type { Checkpoint, LinearWeights } from "../model/checkpoint.ts";
 import { ropeInvFreq } from "../model/rope.ts";
 import { f32ToF16 } from "../model/dtype.ts";
-import { type Tensor, transpose2d } from "../model/tensor.ts";
+import { lazyTensor, type Tensor, transpose2d } from "../model/tensor.ts";
 import { type EncodedModel, GraphBuilder } from "./builder.ts";
 import { FLOAT_WEIGHTS, formatName, type GraphOptions } from "./format.ts";
 import { BITS, BLOCK, quantizable, quantize } from "./quantize.ts";
@@ -22,15 +22,26 @@ export interface DecoderGraph {
   /** Layers with a KV cache, and their KV head counts, in graph order. */
   cache: { layer: number; kvHeads: number }[];
   headDim: number;
+  /** Positions the rotary tables cover: no sequence may grow longer. */
+  maxPositions: number;
   matmulCount: number;
   nodeCount: number;
 }
 
-/** Values every block needs: the causal+padding bias and the rotary tables. */
+/** The rotary tables GroupQueryAttention reads, [maxPositions, headDim / 2] in the activations' type. */
 interface Shared {
-  bias: string;
   cos: string;
   sin: string;
+}
+
+/**
+ * The residual stream between blocks: `base`, plus the last block's output `delta` when that is not
+ * added in yet. The next RMSNorm adds it (SkipSimplifiedLayerNormalization: one node for the residual
+ * add and the norm, instead of two).
+ */
+export interface Residual {
+  base: string;
+  delta: string | null;
 }
 
 /** What the FFN-only graphs need of a model config. */
@@ -47,8 +58,23 @@ function asFloat(data: Float32Array, half: boolean, alloc: Allocator) {
   };
 }
 
+/** Rows of several [n_i, k] weights stacked into one [sum n_i, k], computed only when read. */
+function stackRows(parts: Tensor[]): Tensor {
+  const k = parts[0].shape[1];
+  const n = parts.reduce((s, t) => s + t.shape[0], 0);
+  return lazyTensor([n, k], () => {
+    const out = new Float32Array(n * k);
+    let at = 0;
+    for (const t of parts) {
+      out.set(t.data, at);
+      at += t.data.length;
+    }
+    return out;
+  });
+}
+
 export class DecoderEmitter {
-  readonly g = new GraphBuilder();
+  readonly g: GraphBuilder;
   /** The activations' element type: fp16 graphs compute in fp16 end to end (logits are cast to fp32). */
   readonly act: "float32" | "float16";
 
@@ -56,8 +82,10 @@ export class DecoderEmitter {
     private readonly cfg: ModelConfig,
     private readonly opts: GraphOptions,
     private readonly cache: WeightCache,
+    weightsAsInputs = false,
   ) {
     this.act = opts.dtype === "fp16" ? "float16" : "float32";
+    this.g = new GraphBuilder(weightsAsInputs);
   }
 
   private get half(): boolean {
@@ -109,90 +137,83 @@ export class DecoderEmitter {
     return this.g.op("MatMul", [x, this.g.weight(name, t)]);
   }
 
+  private gain(gain: Float32Array, name: string): string {
+    return this.g.weight(name, this.floatWeight(name, { shape: [gain.length], data: gain }));
+  }
+
   rmsNorm(x: string, gain: Float32Array, name: string): string {
-    const w = this.floatWeight(name, { shape: [gain.length], data: gain });
-    return this.g.op("SimplifiedLayerNormalization", [x, this.g.weight(name, w)], {
+    return this.g.op("SimplifiedLayerNormalization", [x, this.gain(gain, name)], {
       axis: -1,
       epsilon: { float: this.cfg.rmsEps },
       stash_type: 1,
     });
   }
 
-  shared(mask: string, positions: string): Shared {
-    const g = this.g;
-    // T comes from position_ids, a host input: taking the Shape of input_ids, which the GPU-resident
-    // decode loop passes as a GPU buffer, makes onnxruntime copy it to the host, a readback per step.
-    const seqLen = g.op("Gather", [g.op("Shape", [positions]), g.ints([1], true)], { axis: 0 });
-    const totalLen = g.op("Gather", [g.op("Shape", [mask]), g.ints([1], true)], { axis: 0 });
-    const pastLen = g.op("Sub", [totalLen, seqLen]);
-    const keyIdx = g.op("Range", [g.ints([0], true), totalLen, g.ints([1], true)]);
-    const queryIdx = g.op("Unsqueeze", [g.op("Range", [pastLen, totalLen, g.ints([1], true)]), g.ints([1])]);
-    const causal = g.op("LessOrEqual", [keyIdx, queryIdx]);
-    const padding = g.op("Unsqueeze", [g.op("Cast", [mask], { to: 9 }), g.ints([1, 2])]);
-    const allowed = g.op("And", [causal, padding]);
-    // fp16's most negative finite value: -1e9 would be -inf, and a row of -inf is NaN after softmax.
-    const masked = g.scalar(-65504, this.act);
-    const bias = g.op("Unsqueeze", [g.op("Where", [allowed, g.scalar(0, this.act), masked]), g.ints([1])]);
-
-    // Rotary angles reach thousands of radians at long context: computed in fp32 whatever the graph's type.
-    const inv = Float32Array.from(ropeInvFreq(this.cfg.rope, this.cfg.headDim));
-    const invFreq = this.cache.get(
-      "rope.inv_freq",
-      () => ({ elem: "float32", dims: [inv.length], data: inv }),
+  /** The stream a block reads (`x`, the pending delta added in) and its RMSNorm `h`, in one node when it can. */
+  normed(r: Residual, gain: Float32Array, name: string): { x: string; h: string } {
+    if (r.delta === null) return { x: r.base, h: this.rmsNorm(r.base, gain, name) };
+    const [h, , , x] = this.g.node(
+      "SkipSimplifiedLayerNormalization",
+      [r.base, r.delta, this.gain(gain, name)],
+      { epsilon: { float: this.cfg.rmsEps } },
+      [this.g.name("skip_norm"), "", "", this.g.name("residual")],
+      "com.microsoft",
     );
-    const pos = g.op("Unsqueeze", [g.op("Cast", [positions], { to: 1 }), g.ints([-1])]);
-    const freqs = g.op("Mul", [pos, g.weight("rope.inv_freq", invFreq)]);
-    const angles = g.op("Concat", [freqs, freqs], { axis: -1 });
-    const table = (op: "Cos" | "Sin") => {
-      const t = g.op(op, [angles]);
-      return g.op("Unsqueeze", [this.half ? g.op("Cast", [t], { to: CAST_TO.float16 }) : t, g.ints([1])]);
+    return { x, h };
+  }
+
+  /** The stream as one value: the pending delta added in. */
+  materialize(r: Residual): string {
+    return r.delta === null ? r.base : this.g.op("Add", [r.base, r.delta]);
+  }
+
+  /**
+   * The rotary tables GroupQueryAttention rotates q and k with, [maxPositions, headDim / 2]: angles in
+   * float64 on the host (they reach thousands of radians at long context), stored in the activations'
+   * type as the operator requires.
+   */
+  rotaryTables(): Shared {
+    const { headDim, maxPositions } = this.cfg;
+    const inv = ropeInvFreq(this.cfg.rope, headDim);
+    const half = headDim / 2;
+    const table = (fn: (a: number) => number) => (alloc: Allocator) => {
+      const t = new Float32Array(maxPositions * half);
+      for (let p = 0; p < maxPositions; p++) {
+        for (let i = 0; i < half; i++) t[p * half + i] = fn(p * inv[i]);
+      }
+      return { dims: [maxPositions, half], ...asFloat(t, this.half, alloc) };
     };
-    return { bias, cos: table("Cos"), sin: table("Sin") };
+    return {
+      cos: this.g.weight("rope.cos", this.cache.get(`rope.cos.${maxPositions}`, table(Math.cos))),
+      sin: this.g.weight("rope.sin", this.cache.get(`rope.sin.${maxPositions}`, table(Math.sin))),
+    };
   }
 
-  /** [B, T, heads*hd] -> [B, heads, T, hd] */
-  heads(x: string, n: number): string {
-    const g = this.g;
-    return g.op("Transpose", [g.op("Reshape", [x, g.ints([0, 0, n, this.cfg.headDim])])], {
-      perm: [0, 2, 1, 3],
-    });
-  }
-
-  rotary(x: string, s: Shared): string {
-    const g = this.g;
-    const half = this.cfg.headDim / 2;
-    const [x1, x2] = g.node("Split", [x, g.ints([half, half])], { axis: -1 }, 2);
-    const rotated = g.op("Concat", [g.op("Neg", [x2]), x1], { axis: -1 });
-    return g.op("Add", [g.op("Mul", [x, s.cos]), g.op("Mul", [rotated, s.sin])]);
-  }
-
-  attention(x: string, b: Extract<Block, { kind: "attention" }>, s: Shared): string {
-    const g = this.g;
-    const { numHeads: H, headDim: hd } = this.cfg;
-    const kvH = b.kvHeads;
-    const rep = H / kvH;
+  /**
+   * Pre-norm attention as onnxruntime's fused operator: one MatMul for q, k and v stacked, then
+   * com.microsoft GroupQueryAttention, which rotates q and k (rotate-half) from the tables at each
+   * row's own positions (`seqlens_k`), writes the new keys and values into the cache, and attends
+   * causally within each row's length.
+   */
+  attention(r: Residual, b: Extract<Block, { kind: "attention" }>, s: Shared, seq: Sequence): Residual {
+    const { numHeads, headDim } = this.cfg;
     const p = `layers.${b.layer}.attn`;
-    const h = this.rmsNorm(x, b.weights.norm, `${p}.norm`);
-    const q = this.rotary(this.heads(this.linear(h, b.weights.q, `${p}.q`), H), s);
-    const k = this.rotary(this.heads(this.linear(h, b.weights.k, `${p}.k`), kvH), s);
-    const v = this.heads(this.linear(h, b.weights.v, `${p}.v`), kvH);
-    const presentK = g.op("Concat", [pastKey(b.layer), k], { axis: 2 }, presentKey(b.layer));
-    const presentV = g.op("Concat", [pastValue(b.layer), v], { axis: 2 }, presentValue(b.layer));
-    // Grouped-query attention without copying K/V: query heads are viewed as [kvH, rep] and
-    // K/V broadcast over the rep axis inside MatMul.
-    const q5 = g.op("Reshape", [
-      g.op("Mul", [q, g.scalar(1 / Math.sqrt(hd), this.act)]),
-      g.ints([0, kvH, rep, -1, hd]),
-    ]);
-    const k5 = g.op("Unsqueeze", [g.op("Transpose", [presentK], { perm: [0, 1, 3, 2] }), g.ints([2])]);
-    const v5 = g.op("Unsqueeze", [presentV, g.ints([2])]);
-    const scores = g.op("Add", [g.op("MatMul", [q5, k5]), s.bias]);
-    const ctx5 = g.op("MatMul", [g.op("Softmax", [scores], { axis: -1 }), v5]);
-    const ctx = g.op("Reshape", [
-      g.op("Transpose", [g.op("Reshape", [ctx5, g.ints([0, H, -1, hd])])], { perm: [0, 2, 1, 3] }),
-      g.ints([0, 0, H * hd]),
-    ]);
-    return g.op("Add", [x, this.linear(ctx, b.weights.o, `${p}.o`)]);
+    const { x, h } = this.normed(r, b.weights.norm, `${p}.norm`);
+    const { q, k, v, o } = b.weights;
+    const qkv = this.linear(h, stackRows([q, k, v]), `${p}.qkv`);
+    const [ctx] = this.g.node(
+      "GroupQueryAttention",
+      [qkv, "", "", pastKey(b.layer), pastValue(b.layer), seq.seqlensK, seq.totalLength, s.cos, s.sin],
+      {
+        num_heads: numHeads,
+        kv_num_heads: b.kvHeads,
+        scale: { float: 1 / Math.sqrt(headDim) },
+        do_rotary: 1,
+      },
+      [this.g.name("attn"), presentKey(b.layer), presentValue(b.layer)],
+      "com.microsoft",
+    );
+    return { base: x, delta: this.linear(ctx, o, `${p}.o`) };
   }
 
   /** The weight names of an FFN block: a fused or healed variant never shares a cache entry. */
@@ -200,12 +221,15 @@ export class DecoderEmitter {
     return `ffn.${b.layers.join("_")}${b.variant ? `.${b.variant}` : ""}`;
   }
 
-  /** SwiGLU activations silu(gate h) * (up h) of h = norm(x), before the down projection. */
-  ffnActivations(x: string, b: FfnBlock): string {
+  /** The RMSNorm gain an FFN block's input is scaled by: ones when fusion folded it into gate and up. */
+  ffnGain(b: FfnBlock): Float32Array {
+    return b.norm ?? new Float32Array(this.cfg.hidden).fill(1);
+  }
+
+  /** SwiGLU activations silu(gate h) * (up h) of the normed input h, before the down projection. */
+  ffnActivations(h: string, b: FfnBlock): string {
     const g = this.g;
     const p = this.ffnPrefix(b);
-    const gain = b.norm ?? new Float32Array(this.cfg.hidden).fill(1);
-    const h = this.rmsNorm(x, gain, `${p}.norm`);
     const gate = this.linear(h, b.gate, `${p}.gate`);
     const up = this.linear(h, b.up, `${p}.up`);
     return g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up]);
@@ -216,86 +240,124 @@ export class DecoderEmitter {
     return this.linear(act, b.down, `${this.ffnPrefix(b)}.down`);
   }
 
-  /** FFN_b(norm(x)), without the residual. */
-  ffnDelta(x: string, b: FfnBlock): string {
-    return this.ffnDown(this.ffnActivations(x, b), b);
+  ffnNormName(b: FfnBlock): string {
+    return `${this.ffnPrefix(b)}.norm`;
   }
 
-  ffn(x: string, b: FfnBlock): string {
-    return this.g.op("Add", [x, this.ffnDelta(x, b)]);
+  ffn(r: Residual, b: FfnBlock): Residual {
+    const { x, h } = this.normed(r, this.ffnGain(b), this.ffnNormName(b));
+    return { base: x, delta: this.ffnDown(this.ffnActivations(h, b), b) };
   }
 
-  parallelFfn(x: string, members: FfnBlock[]): string {
-    const deltas = members.map((m) => this.ffnDelta(x, m));
-    return this.g.op("Add", [x, deltas.length === 1 ? deltas[0] : this.g.op("Sum", deltas)]);
+  private sum(deltas: string[]): string {
+    return deltas.length === 1 ? deltas[0] : this.g.op("Sum", deltas);
   }
 
-  linearBlock(x: string, w: LinearWeights, name: string): string {
-    return this.g.op("Add", [x, this.linear(this.rmsNorm(x, w.norm, `${name}.norm`), w.weight, name)]);
+  /** x + sum_j FFN_j(norm_j(x)): the first member's norm adds the pending delta in, the others read x. */
+  parallelFfn(r: Residual, members: FfnBlock[]): Residual {
+    const first = this.normed(r, this.ffnGain(members[0]), this.ffnNormName(members[0]));
+    const deltas = members.map((m, i) => {
+      const h = i === 0 ? first.h : this.rmsNorm(first.x, this.ffnGain(m), this.ffnNormName(m));
+      return this.ffnDown(this.ffnActivations(h, m), m);
+    });
+    return { base: first.x, delta: this.sum(deltas) };
+  }
+
+  linearBlock(r: Residual, w: LinearWeights, name: string): Residual {
+    const { x, h } = this.normed(r, w.norm, `${name}.norm`);
+    return { base: x, delta: this.linear(h, w.weight, name) };
   }
 
   /** Whole layers from the same input: x + sum_m (layer_m(x) - x), each attention with its own cache. */
-  parallelBlocks(x: string, members: Block[][], s: Shared): string {
+  parallelBlocks(r: Residual, members: Block[][], s: Shared, seq: Sequence): Residual {
+    const x = this.materialize(r);
     const deltas = members.map((member) => {
-      const y = member.reduce((h, b) => this.block(h, b, s), x);
-      return this.g.op("Sub", [y, x]);
+      const y = member.reduce((h, b) => this.block(h, b, s, seq), { base: x, delta: null } as Residual);
+      return this.g.op("Sub", [this.materialize(y), x]);
     });
-    return this.g.op("Add", [x, deltas.length === 1 ? deltas[0] : this.g.op("Sum", deltas)]);
+    return { base: x, delta: this.sum(deltas) };
   }
 
-  block(x: string, b: Block, s: Shared): string {
+  block(r: Residual, b: Block, s: Shared, seq: Sequence): Residual {
     switch (b.kind) {
       case "attention":
-        return this.attention(x, b, s);
+        return this.attention(r, b, s, seq);
       case "ffn":
-        return this.ffn(x, b);
+        return this.ffn(r, b);
       case "parallel_ffn":
-        return this.parallelFfn(x, b.members);
+        return this.parallelFfn(r, b.members);
       case "parallel_blocks":
-        return this.parallelBlocks(x, b.members, s);
+        return this.parallelBlocks(r, b.members, s, seq);
       case "linear":
-        return this.linearBlock(x, b.weights, `layers.${b.layer}.${b.part}_linear`);
+        return this.linearBlock(r, b.weights, `layers.${b.layer}.${b.part}_linear`);
     }
   }
+}
+
+/** The graph inputs that say where each row stands: GroupQueryAttention's lengths. */
+interface Sequence {
+  /** int32 [batch]: per row, the tokens in its cache after this step, minus one. */
+  seqlensK: string;
+  /** int32 scalar: the longest row's tokens after this step. */
+  totalLength: string;
 }
 
 /** The decoder's inputs, shared values and embedded tokens: what every graph over token ids starts from. */
 function decoderFront(e: DecoderEmitter, ckpt: Checkpoint, blocks: Block[]) {
   const cfg = ckpt.config;
   const g = e.g;
-  const inputIds = g.input("input_ids", "int64", ["batch_size", "sequence_length"]);
-  const mask = g.input("attention_mask", "int64", ["batch_size", "total_sequence_length"]);
-  const positions = g.input("position_ids", "int64", ["batch_size", "sequence_length"]);
+  const inputIds = g.input("input_ids", "int32", ["batch_size", "sequence_length"]);
+  const seq = {
+    seqlensK: g.input("seqlens_k", "int32", ["batch_size"]),
+    totalLength: g.input("total_sequence_length", "int32", []),
+  };
   const cache = cachedLayers(blocks);
   for (const { layer, kvHeads } of cache) {
     g.input(pastKey(layer), e.act, ["batch_size", kvHeads, "past_sequence_length", cfg.headDim]);
     g.input(pastValue(layer), e.act, ["batch_size", kvHeads, "past_sequence_length", cfg.headDim]);
   }
-  const shared = e.shared(mask, positions);
+  const shared = cache.length ? e.rotaryTables() : { cos: "", sin: "" };
   const embed = e.floatWeight("embed_tokens", ckpt.embed);
   const x = g.op("Gather", [g.weight("embed_tokens", embed), inputIds], { axis: 0 });
-  return { cache, shared, x };
+  return { cache, shared, seq, residual: { base: x, delta: null } as Residual };
+}
+
+/** How a decoder graph is laid out for its sessions. */
+export interface DecoderLayout {
+  /**
+   * Weights as graph inputs (bound to GPU buffers the caller uploads once) instead of initializers:
+   * several sessions of one model (prefill, and captured decode steps at each batch size) then share
+   * one copy of the weights.
+   */
+  weightsAsInputs?: boolean;
 }
 
 /**
- * Builds the KV-cached decoder: inputs `input_ids`, `attention_mask`, `position_ids` and
- * `past_key_values.{i}.key/value` for each layer with attention; outputs `logits` and `present.{i}.*`.
+ * Builds the KV-cached decoder. Inputs: `input_ids` int32 [batch, seq]; `seqlens_k` int32 [batch] and
+ * `total_sequence_length` int32 (GroupQueryAttention's: each row's cached tokens after the step minus
+ * one, and the longest row's count); `logit_positions` int32 [batch, rows], flat indices into the
+ * batch * seq positions whose logits are computed (a prefill wants only its last position's: the LM
+ * head is the largest matrix of a small model); `past_key_values.{i}.key/value` [batch, kvHeads,
+ * past, headDim]. Rows are right-padded: row b's tokens are positions 0..seqlens_k[b] of its cache.
+ * Outputs `logits` fp32 [batch, rows, vocab] and `present.{i}.*`, which may share the past's buffers.
  */
 export function buildDecoderGraph(
   ckpt: Checkpoint,
   blocks: Block[],
   opts: GraphOptions = FLOAT_WEIGHTS,
   weights: WeightCache = new WeightCache(formatName(opts)),
+  layout: DecoderLayout = {},
 ): DecoderGraph {
   const cfg = ckpt.config;
-  const e = new DecoderEmitter(cfg, opts, weights);
+  const e = new DecoderEmitter(cfg, opts, weights, layout.weightsAsInputs);
   const g = e.g;
   const act = e.act;
-  const { cache, shared, x: embedded } = decoderFront(e, ckpt, blocks);
-  let x = embedded;
-  for (const b of blocks) x = e.block(x, b, shared);
-  const h = e.rmsNorm(x, ckpt.finalNorm, "final_norm");
-  const logits = e.linear(h, ckpt.lmHead, "lm_head");
+  const { cache, shared, seq, residual } = decoderFront(e, ckpt, blocks);
+  const out = blocks.reduce((r, b) => e.block(r, b, shared, seq), residual);
+  const { h } = e.normed(out, ckpt.finalNorm, "final_norm");
+  const positions = g.input("logit_positions", "int32", ["batch_size", "logit_rows"]);
+  const rows = g.op("Gather", [g.op("Reshape", [h, g.ints([-1, cfg.hidden])]), positions], { axis: 0 });
+  const logits = e.linear(rows, ckpt.lmHead, "lm_head");
   // Sampling reads fp32 logits whatever the graph computes in.
   g.op(
     act === "float16" ? "Cast" : "Identity",
@@ -303,17 +365,18 @@ export function buildDecoderGraph(
     act === "float16" ? { to: CAST_TO.float32 } : {},
     "logits",
   );
-  g.output("logits", "float32", ["batch_size", "sequence_length", cfg.vocabSize]);
+  g.output("logits", "float32", ["batch_size", "logit_rows", cfg.vocabSize]);
   for (const { layer, kvHeads } of cache) {
-    g.output(presentKey(layer), act, ["batch_size", kvHeads, "total_sequence_length", cfg.headDim]);
-    g.output(presentValue(layer), act, ["batch_size", kvHeads, "total_sequence_length", cfg.headDim]);
+    g.output(presentKey(layer), act, ["batch_size", kvHeads, "present_sequence_length", cfg.headDim]);
+    g.output(presentValue(layer), act, ["batch_size", kvHeads, "present_sequence_length", cfg.headDim]);
   }
   return {
     model: g.encode("fusedge_decoder"),
     floatType: act,
     cache,
     headDim: cfg.headDim,
-    matmulCount: g.countOps("MatMul"),
+    maxPositions: cfg.maxPositions,
+    matmulCount: g.countOps("MatMul") + g.countOps("MatMulNBits"),
     nodeCount: g.nodeCount,
   };
 }
@@ -331,7 +394,7 @@ export function buildStreamGraph(
   ckpt: Checkpoint,
   blocks: Block[],
   taps: number[],
-): Pick<DecoderGraph, "model" | "cache" | "headDim" | "floatType"> {
+): Pick<DecoderGraph, "model" | "cache" | "headDim" | "floatType" | "maxPositions"> {
   const last = Math.max(...taps);
   if (!taps.length || taps.some((i) => !Number.isInteger(i) || i < 0) || last > blocks.length) {
     throw new Error(`stream taps ${taps} outside 0..${blocks.length}`);
@@ -339,19 +402,23 @@ export function buildStreamGraph(
   const used = blocks.slice(0, last);
   const e = new DecoderEmitter(ckpt.config, FLOAT_WEIGHTS, new WeightCache("fp32"));
   const g = e.g;
-  const { cache, shared, x: embedded } = decoderFront(e, ckpt, used);
-  const tap = (i: number, x: string) => {
-    if (!taps.includes(i)) return;
+  const { cache, shared, seq, residual } = decoderFront(e, ckpt, used);
+  const tap = (i: number, r: Residual): Residual => {
+    if (!taps.includes(i)) return r;
+    const x = e.materialize(r);
     g.op("Identity", [x], {}, streamName(i));
     g.output(streamName(i), "float32", ["batch_size", "sequence_length", ckpt.config.hidden]);
+    return { base: x, delta: null };
   };
-  let x = embedded;
-  used.forEach((b, i) => {
-    tap(i, x);
-    x = e.block(x, b, shared);
-  });
-  tap(used.length, x);
-  return { model: g.encode("fusedge_streams"), cache, headDim: ckpt.config.headDim, floatType: "float32" };
+  const out = used.reduce((r, b, i) => e.block(tap(i, r), b, shared, seq), residual);
+  tap(used.length, out);
+  return {
+    model: g.encode("fusedge_streams"),
+    cache,
+    headDim: ckpt.config.headDim,
+    floatType: "float32",
+    maxPositions: ckpt.config.maxPositions,
+  };
 }
 
 /**
@@ -366,8 +433,8 @@ export function buildFfnStackGraph(
   // FFN blocks read only hidden and rmsEps of the config; nothing attention-related is emitted.
   const e = new DecoderEmitter(cfg as ModelConfig, opts, new WeightCache(formatName(opts)));
   const g = e.g;
-  let x = g.input("x", e.act, ["tokens", cfg.hidden]);
-  for (const b of blocks) x = e.ffn(x, b);
+  const input = g.input("x", e.act, ["tokens", cfg.hidden]);
+  const x = e.materialize(blocks.reduce((r, b) => e.ffn(r, b), { base: input, delta: null } as Residual));
   g.op("Identity", [x], {}, "y");
   g.output("y", e.act, ["tokens", cfg.hidden]);
   return {

@@ -22,7 +22,7 @@ export function buildDownStatsGraph(
   const g = e.g;
   const x = g.input("x", "float32", ["tokens", cfg.hidden]);
   const out = g.input("out", "float32", ["tokens", cfg.hidden]);
-  const act = e.ffnActivations(x, ffn);
+  const act = e.ffnActivations(e.rmsNorm(x, e.ffnGain(ffn), e.ffnNormName(ffn)), ffn);
   const scale = inverseRms(g, out, cfg.rmsEps);
   const a = g.op("Mul", [act, scale]);
   const missed = g.op("Sub", [g.op("Sub", [out, x]), e.ffnDown(act, ffn)]);

@@ -13,7 +13,7 @@ export interface GpuPickerOptions {
 
 /**
  * Chooses tokens on the GPU (kernels/argmax.wgsl) from logits onnxruntime left in a GPU buffer, and
- * writes each as the next step's int64 input_ids, so a decode step needs no readback at all. The ids
+ * writes each as the next step's int32 input_ids, so a decode step needs no readback at all. The ids
  * also go into a history buffer that the host reads back in batches, overlapped with decoding.
  */
 export class GpuTokenPicker {
@@ -23,7 +23,7 @@ export class GpuTokenPicker {
   private constructor(
     private readonly device: GPUDevice,
     private readonly pipeline: GPUComputePipeline,
-    /** int64 [1, 1]: the id just chosen, in the layout onnxruntime reads for input_ids. */
+    /** int32 [1, 1]: the id just chosen, as onnxruntime reads input_ids. */
     readonly nextIds: GPUBuffer,
     private readonly history: GPUBuffer,
     private readonly params: GPUBuffer,

@@ -6,7 +6,7 @@ import { buildStreamGraph, streamName } from "../onnx/decoder.ts";
 import { buildDownStatsGraph, buildInputStatsGraph } from "../onnx/heal_graph.ts";
 import type { EncodedModel } from "../onnx/builder.ts";
 import { createSession, type Device, type ort, runtimeFor } from "./ort.ts";
-import { emptyPast, positionFeeds, withScoringSession } from "./session.ts";
+import { emptyPast, lengthFeeds, withScoringSession } from "./session.ts";
 import { yieldIfBusy } from "./yield.ts";
 
 /** Runs `use` on a session of `model` on `device`, and frees the session however `use` ends. */
@@ -50,8 +50,8 @@ export function healRunner(ckpt: Checkpoint, heldout: number[][], device: Device
       await withSession(device, graph.model, async (session) => {
         for (const [w, ids] of windows.entries()) {
           const feeds: Record<string, ort.Tensor> = {
-            input_ids: new rt.Tensor("int64", BigInt64Array.from(ids, BigInt), [1, ids.length]),
-            ...positionFeeds(rt, ids.length, 0),
+            input_ids: new rt.Tensor("int32", Int32Array.from(ids), [1, ids.length]),
+            ...lengthFeeds(rt, [ids.length]),
             ...Object.fromEntries(emptyPast(rt, graph)),
           };
           await yieldIfBusy();

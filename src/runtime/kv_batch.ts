@@ -3,9 +3,9 @@ import { ort, type OrtApi } from "./ort.ts";
 
 /**
  * The attention caches of sequences decoded together: each cache tensor is [rows, kvHeads, width,
- * headDim], row b's `lengths[b]` real positions right-aligned (the first width - lengths[b] are
- * padding the attention mask hides). A step appends one position to every row, so the layout
- * survives steps untouched; it is redrawn only when rows join or leave.
+ * headDim], row b's `lengths[b]` real positions first (GroupQueryAttention reads each row up to its
+ * own length, so what follows is never read). A step writes one position after every row's own,
+ * so the layout survives steps untouched; it is redrawn only when rows join or leave.
  */
 export interface BatchCache {
   width: number;
@@ -80,10 +80,9 @@ export async function packRows(
       const src = data.get(s.cache)!.get(name)!;
       const len = lengths[b];
       const srcWidth = s.cache.width;
-      const start = srcWidth - s.cache.lengths[s.row];
       for (let h = 0; h < kvH; h++) {
-        const from = ((s.row * kvH + h) * srcWidth + start) * hd;
-        const to = ((b * kvH + h) * width + (width - len)) * hd;
+        const from = (s.row * kvH + h) * srcWidth * hd;
+        const to = (b * kvH + h) * width * hd;
         out.set(src.subarray(from, from + len * hd), to);
       }
     });

@@ -27,12 +27,16 @@ export function estimateMemory(cfg: ModelConfig, g: GraphOptions): MemoryEstimat
     total += b;
     largest = Math.max(largest, b);
   };
-  for (const layer of cfg.layers.flatMap((l) => l.parallel ?? [l])) {
+  const layers = cfg.layers.flatMap((l) => l.parallel ?? [l]);
+  // Attention's rotary tables: cos and sin, [maxPositions, headDim / 2] each.
+  if (layers.some((l) => l.attention.kind === "full")) total += cfg.maxPositions * cfg.headDim * f;
+  for (const layer of layers) {
     const a = layer.attention;
     if (a.kind === "full") {
       const qDim = cfg.numHeads * cfg.headDim;
       const kvDim = a.kvHeads * cfg.headDim;
-      add(qDim, d), add(kvDim, d), add(kvDim, d), add(d, qDim);
+      // q, k and v are one stacked weight.
+      add(qDim + 2 * kvDim, d), add(d, qDim);
       total += d * f;
       kv += 2 * kvDim * f;
     } else if (a.kind === "linear") add(d, d), total += d * f;

@@ -31,8 +31,11 @@ export interface TensorStepResult {
   cache: KvCache;
 }
 
-/** Step input: token ids from the host, or one id already on the GPU (an int64 written by a kernel). */
+/** Step input: token ids from the host, or one id already on the GPU (an int32 written by a kernel). */
 export type StepInput = number[] | GPUBuffer;
+
+/** Which positions of a step get logits: every one (scoring, prompt logprobs) or the last (the next token). */
+export type LogitRows = "all" | "last";
 
 /**
  * A decoder graph loaded into onnxruntime-web. onnxruntime-web sessions must not run concurrently,
@@ -77,9 +80,12 @@ export class ModelSession {
     return { length: 0, tensors: emptyPast(this.rt, this.graph) };
   }
 
-  /** Runs `ids` after the cached prefix; the old cache is consumed and must not be used again. */
-  async step(ids: number[], cache: KvCache): Promise<StepResult> {
-    const r = await this.stepTensor(ids, cache);
+  /**
+   * Runs `ids` after the cached prefix; the old cache is consumed and must not be used again. The
+   * logits are [ids.length, vocab], or [1, vocab] for the last position only.
+   */
+  async step(ids: number[], cache: KvCache, rows: LogitRows = "all"): Promise<StepResult> {
+    const r = await this.stepTensor(ids, cache, rows);
     // Under WebGPU this download is the step's one readback (~11 ms under Deno).
     const logits = (await r.logits.getData(true)) as Float32Array;
     return { logits, cache: r.cache };
@@ -93,8 +99,8 @@ export class ModelSession {
   }
 
   /** Like `step`, but leaves the logits in place (a GPU buffer under WebGPU) for on-device sampling. */
-  stepTensor(input: StepInput, cache: KvCache): Promise<TensorStepResult> {
-    const run = this.chain.then(() => this.runStep(input, cache));
+  stepTensor(input: StepInput, cache: KvCache, rows: LogitRows = "all"): Promise<TensorStepResult> {
+    const run = this.chain.then(() => this.runStep(input, cache, rows));
     this.chain = run.catch(() => {});
     return run;
   }
@@ -107,26 +113,23 @@ export class ModelSession {
 
   /**
    * One decode step of several sequences at once: `ids[b]` follows row b of `cache` (see BatchCache),
-   * each at its own position, the padding masked. The old cache is consumed; the new one has every
-   * row one position longer, in the same layout.
+   * each at its own position. The old cache is consumed; the new one has every row one position
+   * longer, in the same layout.
    */
   decodeBatch(ids: number[], cache: BatchCache): Promise<{ logits: Float32Array; cache: BatchCache }> {
     const run = this.chain.then(async () => {
       const rows = ids.length;
-      const width = cache.width + 1;
-      const mask = new BigInt64Array(rows * width);
-      cache.lengths.forEach((len, b) => mask.fill(1n, b * width + (width - len - 1), (b + 1) * width));
+      const lengths = cache.lengths.map((l) => l + 1);
       const out = await this.run({
-        input_ids: new this.rt.Tensor("int64", BigInt64Array.from(ids, BigInt), [rows, 1]),
-        attention_mask: new this.rt.Tensor("int64", mask, [rows, width]),
-        position_ids: new this.rt.Tensor("int64", BigInt64Array.from(cache.lengths, BigInt), [rows, 1]),
+        input_ids: new this.rt.Tensor("int32", Int32Array.from(ids), [rows, 1]),
+        ...lengthFeeds(this.rt, lengths),
+        logit_positions: logitPositions(this.rt, rows, 1, "last"),
       }, cache.tensors);
       disposeBatch(cache);
       const logits = (await out.logits.getData(true)) as Float32Array;
-      return {
-        logits,
-        cache: { width, lengths: cache.lengths.map((l) => l + 1), tensors: this.presents(out) },
-      };
+      const tensors = this.presents(out);
+      const width = tensors.values().next().value?.dims[2] ?? Math.max(...lengths);
+      return { logits, cache: { width, lengths, tensors } };
     });
     this.chain = run.catch(() => {});
     return run;
@@ -157,14 +160,15 @@ export class ModelSession {
     return tensors;
   }
 
-  private async runStep(input: StepInput, cache: KvCache): Promise<TensorStepResult> {
+  private async runStep(input: StepInput, cache: KvCache, rows: LogitRows): Promise<TensorStepResult> {
     const t = Array.isArray(input) ? input.length : 1;
     const total = cache.length + t;
     const out = await this.run({
       input_ids: Array.isArray(input)
-        ? new this.rt.Tensor("int64", BigInt64Array.from(input, BigInt), [1, t])
-        : ort.Tensor.fromGpuBuffer(input, { dataType: "int64", dims: [1, 1] }),
-      ...positionFeeds(this.rt, t, cache.length),
+        ? new this.rt.Tensor("int32", Int32Array.from(input), [1, t])
+        : ort.Tensor.fromGpuBuffer(input, { dataType: "int32", dims: [1, 1] }),
+      ...lengthFeeds(this.rt, [total]),
+      logit_positions: logitPositions(this.rt, 1, t, rows),
     }, cache.tensors);
     disposeCache(cache);
     return { logits: out.logits, cache: { length: total, tensors: this.presents(out) } };
@@ -196,16 +200,25 @@ export function emptyPast(
   return tensors;
 }
 
-/** The attention mask and position ids of t new tokens after `past` cached ones, one sequence. */
-export function positionFeeds(rt: OrtApi, t: number, past: number): Record<string, ort.Tensor> {
-  const total = past + t;
+/**
+ * GroupQueryAttention's lengths for a step after which row b holds `after[b]` tokens: `seqlens_k`
+ * (each minus one, where the row's last new token goes) and `total_sequence_length` (the longest).
+ */
+export function lengthFeeds(rt: OrtApi, after: number[]): Record<string, ort.Tensor> {
   return {
-    attention_mask: new rt.Tensor("int64", new BigInt64Array(total).fill(1n), [1, total]),
-    position_ids: new rt.Tensor("int64", BigInt64Array.from({ length: t }, (_, i) => BigInt(past + i)), [
-      1,
-      t,
-    ]),
+    seqlens_k: new rt.Tensor("int32", Int32Array.from(after, (n) => n - 1), [after.length]),
+    total_sequence_length: new rt.Tensor("int32", Int32Array.of(Math.max(...after)), []),
   };
+}
+
+/** The flat positions of a [batch, seq] step whose logits are wanted: every one, or each row's last. */
+export function logitPositions(rt: OrtApi, batch: number, seq: number, rows: LogitRows): ort.Tensor {
+  const per = rows === "all" ? seq : 1;
+  const at = Int32Array.from({ length: batch * per }, (_, i) => {
+    const b = Math.floor(i / per);
+    return b * seq + (rows === "all" ? i % per : seq - 1);
+  });
+  return new rt.Tensor("int32", at, [batch, per]);
 }
 
 /** A single sequence's cache seen as a batch of one row. */
