@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
-import { BatchEngine, PREFILL_CHUNK } from "../src/runtime/batch_engine.ts";
-import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
+import { BatchEngine } from "../src/runtime/batch_engine.ts";
+import { PREFILL_CHUNK } from "../src/runtime/engine_base.ts";
+import { buildInstance, type Engine, loadAssets } from "../src/runtime/engine.ts";
 import { generate, type GenerateParams, type GenerationSummary } from "../src/runtime/generate.ts";
 import { asBatch } from "../src/runtime/session.ts";
 import { DEFAULT_SAMPLING } from "../src/runtime/sampling.ts";
@@ -19,7 +20,7 @@ const params = (maxTokens: number, extra: Partial<GenerateParams> = {}): Generat
 });
 
 /** Runs every request through one engine at once; resolves with each one's summary and streamed text. */
-function runAll(engine: BatchEngine, reqs: { prompt: number[]; params: GenerateParams }[]) {
+function runAll(engine: Engine, reqs: { prompt: number[]; params: GenerateParams }[]) {
   return Promise.all(
     reqs.map((r, id) =>
       new Promise<GenerationSummary & { streamed: string }>((resolve, reject) => {
@@ -40,7 +41,7 @@ async function unfusedEngine(maxPositions?: number) {
   const inst = await buildInstance(assets, UNFUSED, "wasm");
   const cfg = assets.checkpoint.config;
   const engine = new BatchEngine(
-    inst.session,
+    inst.session!,
     assets.tokenizer,
     cfg.eosTokenIds,
     maxPositions ?? cfg.maxPositions,
@@ -72,7 +73,6 @@ for (const [name, dir, plan, device, format] of CASES) {
     fn: async () => {
       const assets = await loadAssets(dir);
       const inst = await buildInstance(assets, plan, device, format);
-      const cfg = assets.checkpoint.config;
       const text = await Deno.readTextFile(EVAL_TEXT);
       const ids = assets.tokenizer.encode(text);
       // Prompt lengths from 1 token to more than two prefill chunks; max_tokens from 1 to 24.
@@ -82,19 +82,12 @@ for (const [name, dir, plan, device, format] of CASES) {
       }));
       const alone: string[] = [];
       for (const r of reqs) {
-        const it = generate({
-          session: inst.session,
-          tokenizer: assets.tokenizer,
-          promptIds: r.prompt,
-          params: r.params,
-          eosTokenIds: cfg.eosTokenIds,
-          maxPositions: cfg.maxPositions,
-        });
+        const it = generate({ engine: inst.engine, promptIds: r.prompt, params: r.params });
         let s = await it.next();
         while (!s.done) s = await it.next();
         alone.push(s.value.ids.join(","));
       }
-      const engine = new BatchEngine(inst.session, assets.tokenizer, cfg.eosTokenIds, cfg.maxPositions);
+      const engine = inst.engine;
       const together = await runAll(engine, reqs);
       together.forEach((s, i) => {
         assert.equal(s.ids.join(","), alone[i], `request ${i} (prompt ${reqs[i].prompt.length} tokens)`);
@@ -102,8 +95,9 @@ for (const [name, dir, plan, device, format] of CASES) {
         assert.equal(s.streamed, s.text, "the streamed chunks add up to the text");
       });
       assert.ok(engine.peakRows >= 8, `the sequences really shared steps (peak batch ${engine.peakRows})`);
+      await engine.idle();
       assert.equal(engine.kvBytes, 0, "every cache freed");
-      await inst.session.release();
+      await inst.release();
     },
   });
 }
@@ -126,7 +120,7 @@ Deno.test({
     assert.equal(short.finishReason, "length");
     assert.equal(capped.finishReason, "length");
     assert.equal(capped.promptTokens + capped.completionTokens, 40, "stopped at the context of 40");
-    await inst.session.release();
+    await inst.release();
   },
 });
 
@@ -193,7 +187,7 @@ Deno.test({
   fn: async () => {
     const assets = await loadAssets(TINY_NAS);
     const inst = await buildInstance(assets, { version: 1, ffn_groups: [[3, 4, 5]] }, "wasm");
-    const s = inst.session;
+    const s = inst.session!;
     const cfg = assets.checkpoint.config;
     const vocab = cfg.vocabSize;
     const ids = assets.tokenizer.encode(await Deno.readTextFile(EVAL_TEXT)).slice(0, 60);
@@ -317,6 +311,6 @@ Deno.test({
       duringPrefill >= chunks - 1,
       `${duringPrefill} tokens streamed while ${long.length} prompt tokens were prefilled in ${chunks} chunks`,
     );
-    await inst.session.release();
+    await inst.release();
   },
 });

@@ -88,11 +88,11 @@ Deno.test({
       const c = (await golden(TINY_NAS)).cases[0];
       const exported = await buildInstance(await loadAssets(join(dir, root)), UNFUSED, "wasm");
       const source = await buildInstance(await loadAssets(TINY_NAS), parsePlan(plan), "wasm");
-      const x = await exported.session.logitsOf(c.input_ids);
-      const y = await source.session.logitsOf(c.input_ids);
+      const x = await exported.logitsOf(c.input_ids);
+      const y = await source.logitsOf(c.input_ids);
       assert.ok(relL2(x, y) <= 1e-5, `${relL2(x, y)}`);
-      await exported.session.release();
-      await source.session.release();
+      await exported.release();
+      await source.release();
     } finally {
       await server.stop();
       await Deno.remove(dir, { recursive: true });

@@ -27,9 +27,9 @@ async function roundTrip(dir: string, plan: FusionPlan, ids: number[][], dtype: 
     const inMemory = await buildInstance(assets, plan, "wasm");
     const reloaded = await buildInstance(exported, UNFUSED, "wasm");
     const pairs = [];
-    for (const p of ids) pairs.push([await inMemory.session.logitsOf(p), await reloaded.session.logitsOf(p)]);
-    await inMemory.session.release();
-    await reloaded.session.release();
+    for (const p of ids) pairs.push([await inMemory.logitsOf(p), await reloaded.logitsOf(p)]);
+    await inMemory.release();
+    await reloaded.release();
     const config = JSON.parse(await Deno.readTextFile(join(out, "config.json")));
     const card = await Deno.readTextFile(join(out, "README.md"));
     return { summary, pairs, config, out, card };

@@ -27,10 +27,10 @@ async function healedAgainstPlain(dir: string, plain: FusionPlan) {
     try {
       return {
         heal: inst.heal,
-        loss: (await evaluateQuality(windows, vocab, (ids) => inst.session.logitsOf(ids))).loss,
+        loss: (await evaluateQuality(windows, vocab, (ids) => inst.logitsOf(ids))).loss,
       };
     } finally {
-      await inst.session.release();
+      await inst.release();
     }
   };
   const before = (await loss(plain)).loss;
@@ -187,7 +187,7 @@ Deno.test({
     assert.equal(down.objective, "down_projection");
     assert.equal(down.tried.length, DOWN_RIDGES.length, JSON.stringify(down));
     assert.ok(g.heldout_loss.healed <= g.heldout_loss.unhealed);
-    await healed.session.release();
+    await healed.release();
     // Where a fit is kept, the group's members serve it: each FFN's refitted down projection, under
     // the fit's own weight names.
     const d = assets.checkpoint.config.hidden;

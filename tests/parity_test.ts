@@ -6,7 +6,7 @@ import { UNFUSED } from "../src/fusion/plan.ts";
 import { type Device, probeAdapter, resolveDevice, resolveGraphOptions } from "../src/runtime/ort.ts";
 import { validatePlan } from "../src/fusion/plan.ts";
 import { InputError } from "../src/errors.ts";
-import { disposeCache } from "../src/runtime/session.ts";
+import { argmax } from "../src/numeric.ts";
 import { golden, HAS_WEBGPU, relL2, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
 
 /** The engine against golden.json (float64 reference of the same fp16 weights), on both EPs. */
@@ -25,8 +25,7 @@ for (const dir of [TINY_NAS, TINY_LLAMA]) {
         try {
           for (const c of (await golden(dir)).cases) {
             assert.deepEqual(assets.tokenizer.encode(c.prompt), c.input_ids, "tokenizer ids");
-            const { logits, cache } = await inst.session.step(c.input_ids, inst.session.emptyCache());
-            disposeCache(cache);
+            const logits = await inst.logitsOf(c.input_ids);
             const last = logits.subarray(logits.length - vocab);
             const first = logits.subarray(0, vocab);
             assert.ok(relL2(last, c.last_logits) < 1e-3, `last logits rel err ${relL2(last, c.last_logits)}`);
@@ -35,12 +34,9 @@ for (const dir of [TINY_NAS, TINY_LLAMA]) {
               `first logits rel err ${relL2(first, c.first_logits)}`,
             );
             const run = generate({
-              session: inst.session,
-              tokenizer: assets.tokenizer,
+              engine: inst.engine,
               promptIds: c.input_ids,
               params: { ...DEFAULT_SAMPLING, maxTokens: c.greedy_ids.length, stop: [], ignoreEos: true },
-              eosTokenIds: assets.checkpoint.config.eosTokenIds,
-              maxPositions: assets.checkpoint.config.maxPositions,
             });
             let r = await run.next();
             while (!r.done) r = await run.next();
@@ -48,7 +44,7 @@ for (const dir of [TINY_NAS, TINY_LLAMA]) {
             assert.equal(r.value.text, assets.tokenizer.decode(c.greedy_ids));
           }
         } finally {
-          await inst.session.release();
+          await inst.release();
         }
       },
     });
@@ -77,22 +73,27 @@ for (const dir of [TINY_NAS, TINY_LLAMA]) {
         try {
           assert.ok(inst.weightBytes < 0.51 * fp32.weightBytes, "fp16 halves the weights");
           for (const c of (await golden(dir)).cases) {
-            const { logits, cache } = await inst.session.step(c.input_ids, inst.session.emptyCache());
-            const ref = await fp32.session.step(c.input_ids, fp32.session.emptyCache());
-            disposeCache(ref.cache);
+            const logits = await inst.logitsOf(c.input_ids);
+            const ref = await fp32.logitsOf(c.input_ids);
             // The fused plan is compared with its own fp32 graph (fusion changes the function);
             // the unfused one with the float64 reference.
-            const want = groups.length ? ref.logits.subarray(ref.logits.length - vocab) : c.last_logits;
+            const want = groups.length ? ref.subarray(ref.length - vocab) : c.last_logits;
             const last = logits.subarray(logits.length - vocab);
             assert.ok(relL2(last, want) < 5e-3, `last logits rel err ${relL2(last, want)}`);
-            // A decode step on the fp16 cache.
-            const next = await inst.session.step([c.greedy_ids[0]], cache);
-            disposeCache(next.cache);
-            assert.ok(next.logits.every(Number.isFinite));
+            // Decoding on the fp16 cache: the first token is the prefill's argmax, the rest real ids.
+            const run = generate({
+              engine: inst.engine,
+              promptIds: c.input_ids,
+              params: { ...DEFAULT_SAMPLING, maxTokens: 4, stop: [], ignoreEos: true },
+            });
+            let r = await run.next();
+            while (!r.done) r = await run.next();
+            assert.equal(r.value.ids[0], argmax(last));
+            assert.ok(r.value.ids.every((id) => id >= 0 && id < vocab));
           }
         } finally {
-          await inst.session.release();
-          await fp32.session.release();
+          await inst.release();
+          await fp32.release();
         }
       },
     });

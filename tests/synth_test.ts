@@ -7,7 +7,6 @@ import { dequantizedBlocks, dequantizedHead } from "../src/onnx/quantize.ts";
 import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
 import { generate } from "../src/runtime/generate.ts";
 import { DEFAULT_SAMPLING } from "../src/runtime/sampling.ts";
-import { disposeCache } from "../src/runtime/session.ts";
 import { formatName, type GraphOptions } from "../src/onnx/format.ts";
 import { type Device, resolveDevice } from "../src/runtime/ort.ts";
 import { HAS_WEBGPU, moduleUrl, probe, relL2, synthCheckpoint } from "./helpers.ts";
@@ -91,8 +90,7 @@ Deno.test({
         const name = `${device} ${formatName(format)}`;
         const inst = await buildInstance(assets, UNFUSED, await resolveDevice(device), format);
         try {
-          const { logits, cache } = await inst.session.step(ids, inst.session.emptyCache());
-          disposeCache(cache);
+          const logits = await inst.logitsOf(ids);
           const got = logits.subarray(logits.length - cfg.vocabSize);
           assert.ok(got.every(Number.isFinite), `${name}: finite logits`);
           const ref = referenceForward(
@@ -110,19 +108,16 @@ Deno.test({
           assert.ok(err < tolerance, `${name}: relative L2 ${err}`);
           if (quantize === "int4") {
             const run = generate({
-              session: inst.session,
-              tokenizer: assets.tokenizer,
+              engine: inst.engine,
               promptIds: ids,
               params: { ...DEFAULT_SAMPLING, maxTokens: 4, stop: [], ignoreEos: true },
-              eosTokenIds: cfg.eosTokenIds,
-              maxPositions: cfg.maxPositions,
             });
             let r = await run.next();
             while (!r.done) r = await run.next();
             assert.equal(r.value.completionTokens, 4);
           }
         } finally {
-          await inst.session.release();
+          await inst.release();
         }
       }
     } finally {

@@ -3,14 +3,13 @@ import { type Spread, spread } from "../numeric.ts";
 import type { GraphOptions } from "../onnx/format.ts";
 import { buildInstance, type ModelAssets, type ModelInstance } from "../runtime/engine.ts";
 import type { Backend } from "../runtime/ort.ts";
-import { asBatch, type KvCache } from "../runtime/session.ts";
-import { BENCH_PROMPT, cpuSeconds } from "./decode_bench.ts";
+import { BENCH_PROMPT, decodePass, generator } from "./decode_bench.ts";
 
 /** Decode throughput of one plan at one batch size: the paper's cost axis. */
 export interface BatchCase {
   device: Backend;
   plan: string;
-  /** Sequences decoded together, one token each per step. */
+  /** Sequences decoded together, one token each per step, through the serving engine. */
   batch: number;
   steps: number;
   rounds: number;
@@ -24,10 +23,11 @@ export interface BatchCase {
 }
 
 /**
- * Batched decode steps of each plan at each batch size: every row continues the same prefilled prompt,
- * `steps` steps of all rows per sample (the batch engine's step, without sampling). Sessions are built
- * and every case warmed first; then the cases take turns in `rounds` rounds, the order flipped each
- * round, so the machine's drift falls on all alike.
+ * Decode throughput of each plan at each batch size through the engine that serves it: `batch`
+ * sequences of the same prompt decoded together, greedy, no prefix reuse, each timed as a 1-token
+ * and a (steps + 1)-token run whose difference is the decode (decodePass). Instances are built with
+ * a slot for every row and warmed; the cases then take turns in `rounds` rounds, the order flipped
+ * each round, so the machine's drift falls on all alike.
  */
 export async function benchBatch(
   assets: ModelAssets,
@@ -41,28 +41,17 @@ export async function benchBatch(
   const prompt = assets.tokenizer.encode(BENCH_PROMPT);
   const instances: ModelInstance[] = [];
   try {
-    for (const plan of plans) instances.push(await buildInstance(assets, plan, device, graph));
-    const prefixes: KvCache[] = [];
-    for (const inst of instances) {
-      prefixes.push((await inst.session.step(prompt, inst.session.emptyCache())).cache);
+    for (const plan of plans) {
+      instances.push(
+        await buildInstance(assets, plan, device, graph, undefined, undefined, { slots: Math.max(...sizes) }),
+      );
     }
-    const cases = instances.flatMap((inst, i) =>
-      sizes.map((batch) => ({ inst, prefix: prefixes[i], batch }))
+    const cases = instances.flatMap((inst) =>
+      sizes.map((batch) => ({ inst, batch, run: generator(inst, prompt, batch) }))
     );
-    const sample = async ({ inst, prefix, batch }: (typeof cases)[number]) => {
-      const s = inst.session;
-      let cache = await s.packRows(Array.from({ length: batch }, () => ({ cache: asBatch(prefix), row: 0 })));
-      const ids = new Array<number>(batch).fill(prompt.at(-1)!);
-      const cpu0 = cpuSeconds();
-      const t0 = performance.now();
-      for (let k = 0; k < steps; k++) cache = (await s.decodeBatch(ids, cache)).cache;
-      const ms = performance.now() - t0;
-      const cpu = cpuSeconds() - cpu0;
-      return {
-        ms: ms / steps,
-        tps: (batch * steps) / (ms / 1000),
-        tpc: (batch * steps) / Math.max(cpu, 1e-6),
-      };
+    const sample = async (c: (typeof cases)[number]) => {
+      const s = await decodePass(c.run, steps + 1, c.batch);
+      return { tps: s.tokensPerSecond, tpc: s.tokensPerCpuSecond };
     };
     for (const c of cases) await sample(c);
     const samples = cases.map(() => [] as Awaited<ReturnType<typeof sample>>[]);
@@ -81,12 +70,12 @@ export async function benchBatch(
         steps,
         rounds,
         tokens_per_second: rate[i],
-        ms_per_step: spread(samples[i].map((x) => x.ms)),
+        ms_per_step: spread(samples[i].map((x) => (1000 * c.batch) / x.tps)),
         tokens_per_cpu_second: device === "webgpu" ? null : spread(samples[i].map((x) => x.tpc)),
         speedup: rate[i].median / rate[first].median,
       };
     });
   } finally {
-    for (const inst of instances) await inst.session.release();
+    for (const inst of instances) await inst.release();
   }
 }

@@ -40,7 +40,7 @@ export interface Sample {
   tokensPerCpuSecond: number;
 }
 
-/** Greedy generation of exactly `tokens` tokens, prefill included, driven to its end. */
+/** Greedy generation of exactly `tokens` tokens (in every row), prefill included, driven to its end. */
 export type GenerateTokens = (tokens: number) => Promise<void>;
 
 /** CPU seconds of this whole process so far (every worker included). */
@@ -58,14 +58,15 @@ async function timeGeneration(generateTokens: GenerateTokens, tokens: number) {
 }
 
 /**
- * One round for one plan: a 1-token generation (the prefill) and a `tokens`-token one; the decode
- * rate is the difference. Timing whole generations keeps the GPU-resident loop honest: it hands
- * tokens over in batches, so the time of the first one to arrive is not the prefill's.
+ * One round for one plan: a 1-token generation (the prefill) and a `tokens`-token one, in `rows`
+ * sequences at once; the decode rate is the difference. Timing whole generations keeps the GPU
+ * engine honest: it hands tokens over in batches, so the time of the first one to arrive is not the
+ * prefill's.
  */
-export async function decodePass(generateTokens: GenerateTokens, tokens: number): Promise<Sample> {
+export async function decodePass(generateTokens: GenerateTokens, tokens: number, rows = 1): Promise<Sample> {
   const one = await timeGeneration(generateTokens, 1);
   const all = await timeGeneration(generateTokens, tokens);
-  const decoded = tokens - 1;
+  const decoded = rows * (tokens - 1);
   return {
     prefillMs: one.ms,
     tokensPerSecond: decoded / (Math.max(all.ms - one.ms, 1e-3) / 1000),
@@ -73,20 +74,19 @@ export async function decodePass(generateTokens: GenerateTokens, tokens: number)
   };
 }
 
-/** An in-process instance's generation, for decodePass. */
-function generator(assets: ModelAssets, inst: ModelInstance, promptIds: number[]): GenerateTokens {
-  const cfg = assets.checkpoint.config;
-  return async (tokens) => {
+/** An in-process instance's generation of `rows` sequences at once from one prompt, for decodePass. */
+export function generator(inst: ModelInstance, promptIds: number[], rows = 1): GenerateTokens {
+  const one = async (tokens: number) => {
     const run = generate({
-      session: inst.session,
-      tokenizer: assets.tokenizer,
+      engine: inst.engine,
       promptIds,
       params: { ...DEFAULT_SAMPLING, maxTokens: tokens, stop: [], ignoreEos: true },
-      eosTokenIds: cfg.eosTokenIds,
-      maxPositions: cfg.maxPositions,
     });
     let r = await run.next();
     while (!r.done) r = await run.next();
+  };
+  return async (tokens) => {
+    await Promise.all(Array.from({ length: rows }, () => one(tokens)));
   };
 }
 
@@ -116,7 +116,7 @@ export async function benchDecode(
         skipped.push({ device, reason: (e as Error).message.split("\n")[0] });
       }
     }
-    const runs = instances.map((inst) => generator(assets, inst, prompt));
+    const runs = instances.map((inst) => generator(inst, prompt));
     for (const run of runs) for (let w = 0; w < 2; w++) await decodePass(run, tokens);
     const samples: Sample[][] = instances.map(() => []);
     for (let round = 0; round < rounds; round++) {
@@ -143,6 +143,6 @@ export async function benchDecode(
     });
     return { cases, skipped };
   } finally {
-    for (const inst of instances) await inst.session.release();
+    for (const inst of instances) await inst.release();
   }
 }

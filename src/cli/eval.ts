@@ -9,7 +9,7 @@ import { defineCommand } from "./flags.ts";
 import { loadModel, modelFlags } from "./load.ts";
 import { progressPrinter } from "./progress.ts";
 
-const scorer = (inst: ModelInstance): Scorer => (ids) => inst.session.logitsOf(ids);
+const scorer = (inst: ModelInstance): Scorer => (ids) => inst.logitsOf(ids);
 
 export const evalCommand = defineCommand({
   name: "eval",
@@ -51,8 +51,8 @@ export const evalCommand = defineCommand({
       baseline ? scorer(baseline) : undefined,
       progressPrinter("eval: windows"),
     );
-    await instance.session.release();
-    await baseline?.session.release();
+    await instance.release();
+    await baseline?.release();
     console.log(
       JSON.stringify({
         model: assets.name,

@@ -27,7 +27,7 @@ async function measure(
   const base = await buildInstance(assets, UNFUSED, device);
   const fused = await buildInstance(assets, plan, device);
   try {
-    const score = (i: typeof base) => (ids: number[]) => i.session.logitsOf(ids);
+    const score = (i: typeof base) => (ids: number[]) => i.logitsOf(ids);
     const unfused = await evaluateQuality(sequences, assets.checkpoint.config.vocabSize, score(base));
     const planned = await evaluateQuality(
       sequences,
@@ -38,8 +38,8 @@ async function measure(
     );
     return { unfused, plan: planned };
   } finally {
-    await base.session.release();
-    await fused.session.release();
+    await base.release();
+    await fused.release();
   }
 }
 

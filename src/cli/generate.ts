@@ -21,14 +21,7 @@ export const generateCommand = defineCommand({
     checkPromptFits(promptIds.length, cfg.maxPositions);
     const out = new TextEncoder();
     const t0 = performance.now();
-    const it = generate({
-      session: instance.session,
-      tokenizer: assets.tokenizer,
-      promptIds,
-      params,
-      eosTokenIds: cfg.eosTokenIds,
-      maxPositions: cfg.maxPositions,
-    });
+    const it = generate({ engine: instance.engine, promptIds, params });
     let r = await it.next();
     while (!r.done) {
       await Deno.stdout.write(out.encode(r.value.text));
@@ -44,6 +37,6 @@ export const generateCommand = defineCommand({
       plan: instance.planId,
       device: instance.device,
     }));
-    await instance.session.release();
+    await instance.release();
   },
 });

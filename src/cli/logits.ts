@@ -14,10 +14,10 @@ export const logitsCommand = defineCommand({
     const { assets, instance } = await loadModel(flags);
     const ids = assets.tokenizer.encode(flags.prompt);
     checkPromptFits(ids.length, assets.checkpoint.config.maxPositions);
-    const logits = await instance.session.logitsOf(ids);
+    const logits = await instance.logitsOf(ids);
     const vocab = assets.checkpoint.config.vocabSize;
     const last = Array.from(logits.subarray(logits.length - vocab));
-    await instance.session.release();
+    await instance.release();
     console.log(
       JSON.stringify({ input_ids: ids, last_logits: last, plan: instance.planId, device: instance.device }),
     );

@@ -44,13 +44,20 @@ export function storedBytes(model: EncodedModel): number {
 /** A dimension is a fixed size or a named symbolic one (onnxruntime checks names for consistency). */
 export type Dim = number | string;
 
-export type AttrValue = number | number[] | string | { float: number } | { floats: number[] };
+export type AttrValue =
+  | number
+  | number[]
+  | string
+  | { float: number }
+  | { floats: number[] }
+  | { tensor: onnxProto.onnx.ITensorProto };
 
 function attribute(name: string, value: AttrValue): onnxProto.onnx.IAttributeProto {
   if (typeof value === "string") return { name, type: AttrType.STRING, s: new TextEncoder().encode(value) };
   if (Array.isArray(value)) return { name, type: AttrType.INTS, ints: value };
   if (typeof value === "number") return { name, type: AttrType.INT, i: value };
   if ("float" in value) return { name, type: AttrType.FLOAT, f: value.float };
+  if ("tensor" in value) return { name, type: AttrType.TENSOR, t: value.tensor };
   return { name, type: AttrType.FLOATS, floats: value.floats };
 }
 

@@ -1,48 +1,24 @@
 import type { TextTokenizer } from "../model/tokenizer.ts";
-import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
-import { TokenSink } from "./generate.ts";
+import { commonPrefix, EngineBase, PREFILL_CHUNK, type Sequence } from "./engine_base.ts";
 import { type BatchCache, disposeBatch, kvBytesPerToken } from "./kv_batch.ts";
-import { describe, logSoftmaxTop, type PromptLogprob } from "./logprobs.ts";
+import { describe } from "./logprobs.ts";
 import { Sampler } from "./sampling.ts";
 import { asBatch, disposeCache, type KvCache, type ModelSession } from "./session.ts";
-
-/** Prompt tokens prefilled per session run: long prompts are cut so decode steps run in between. */
-export const PREFILL_CHUNK = 128;
 
 /** Decode steps a prefilled sequence waits at most for others to join with it. */
 const JOIN_WAIT_STEPS = 3;
 
-/** What happens to one sequence's output, in order: chunks, then done or failed. */
-export interface SequenceHandlers {
-  chunk(c: GenerationChunk): void;
-  done(s: GenerationSummary): void;
-  failed(e: unknown): void;
-}
-
-interface Sequence {
-  id: number;
-  prompt: number[];
-  sink: TokenSink;
+interface HostSequence extends Sequence {
   sampler: Sampler;
   history: number[];
-  handlers: SequenceHandlers;
-  /** Alternatives per generated token's logprobs; undefined when none were asked for. */
-  logprobs?: number;
-  /** The prompt's logprobs as its prefill computes them; null when not asked for. */
-  promptLogprobs: PromptLogprob[] | null;
-  /** Prompt tokens already in `cache`. */
-  prefilled: number;
   /** Its own cache while it prefills; null once it is a row of the batch. */
   cache: KvCache | null;
   /** Tokens in its cache. */
   length: number;
-  /** Prompt tokens taken from a cached prefix; null until its prefix was looked up. */
-  cached: number | null;
   /** The token the next decode step feeds. */
   next: number;
   /** The engine's step count when its prefill ended. */
   prefilledAt: number;
-  cancelled: boolean;
 }
 
 /** A finished sequence's cache, kept for a later prompt that starts with the same tokens. */
@@ -52,18 +28,10 @@ interface KeptPrefix {
   cache: KvCache;
 }
 
-/** Length of the common prefix of two token lists. */
-function commonPrefix(a: number[], b: number[]): number {
-  const n = Math.min(a.length, b.length);
-  let i = 0;
-  while (i < n && a[i] === b[i]) i++;
-  return i;
-}
-
 /**
- * The one owner of a session's sequences (llama.cpp's slots): each turn of its loop runs ONE decode
+ * The engine of a session whose caches live on the host (WASM): each turn of its loop runs ONE decode
  * step for every sequence that is decoding, as one batch, then one chunk of the oldest prompt still
- * prefilling. A sequence joins the batch after its prefill and leaves when it finishes, between
+ * prefilling, the logits read back and every token chosen on the host. A sequence joins the batch after its prefill and leaves when it finishes, between
  * steps; only then is the batch's cache redrawn (kv_batch.ts), so the steps in between copy nothing
  * on the host. Sampling stays per sequence (its own seeded stream), so what else is in the batch
  * never changes a sequence's draws.
@@ -73,29 +41,24 @@ function commonPrefix(a: number[], b: number[]): number {
  * used first out, within `keepBytes` beside what the live sequences hold) and prefills only the rest.
  * The same prompt sent n times therefore prefills once: the later copies find the first one's cache.
  */
-export class BatchEngine {
-  private readonly prefilling: Sequence[] = [];
-  private readonly joining: Sequence[] = [];
-  private batch: { seqs: Sequence[]; cache: BatchCache } | null = null;
-  private readonly byId = new Map<number, Sequence>();
+export class BatchEngine extends EngineBase<HostSequence> {
+  private readonly joining: HostSequence[] = [];
+  private batch: { seqs: HostSequence[]; cache: BatchCache } | null = null;
   private readonly kept: KeptPrefix[] = [];
-  private looping = false;
   readonly bytesPerToken: number;
-  /** The largest batch decoded so far. */
-  peakRows = 0;
-  private lastNote = 0;
   /** Decode steps run so far. */
   private steps = 0;
 
   constructor(
     private readonly session: ModelSession,
-    private readonly tokenizer: TextTokenizer,
-    private readonly eosTokenIds: number[],
-    private readonly maxPositions: number,
-    private readonly onKv: (bytes: number) => void = () => {},
+    tokenizer: TextTokenizer,
+    eosTokenIds: number[],
+    maxPositions: number,
+    onKv: (bytes: number) => void = () => {},
     /** KV bytes the live sequences and the kept prefixes may hold together; 0 keeps nothing. */
     private readonly keepBytes = 0,
   ) {
+    super(tokenizer, eosTokenIds, maxPositions, onKv);
     this.bytesPerToken = kvBytesPerToken(session.graph);
   }
 
@@ -114,60 +77,32 @@ export class BatchEngine {
     return this.kept.reduce((n, k) => n + k.cache.length, 0) * this.bytesPerToken;
   }
 
-  submit(id: number, promptIds: number[], params: GenerateParams, handlers: SequenceHandlers): void {
-    if (promptIds.length === 0) {
-      handlers.failed(new Error("generate needs at least one prompt token"));
-      return;
-    }
-    const seq: Sequence = {
-      id,
-      prompt: promptIds,
-      sink: new TokenSink(this.tokenizer, params, this.eosTokenIds),
-      sampler: new Sampler(params),
-      history: [...promptIds],
-      handlers,
-      logprobs: params.logprobs,
-      promptLogprobs: params.promptLogprobs ? [] : null,
-      prefilled: 0,
+  protected start(seq: Sequence): HostSequence {
+    return {
+      ...seq,
+      sampler: new Sampler(seq.params),
+      history: [...seq.prompt],
       cache: null,
       length: 0,
-      cached: null,
       next: -1,
       prefilledAt: 0,
-      cancelled: false,
     };
-    this.byId.set(id, seq);
-    this.prefilling.push(seq);
-    void this.loop();
   }
 
-  /** Ends a sequence at the next turn (finish reason "cancelled"). */
-  cancel(id: number): void {
-    const seq = this.byId.get(id);
-    if (seq) seq.cancelled = true;
+  protected get busy(): boolean {
+    return this.prefilling.length > 0 || this.joining.length > 0 || this.batch !== null;
   }
 
-  /** Cancels everything and waits for the loop to stop. */
-  async close(): Promise<void> {
-    for (const s of this.byId.values()) s.cancelled = true;
-    while (this.looping) await new Promise((r) => setTimeout(r, 1));
+  protected get rows(): number {
+    return this.batch?.seqs.length ?? 0;
   }
 
-  private async loop(): Promise<void> {
-    if (this.looping) return;
-    this.looping = true;
-    try {
-      while (this.prefilling.length || this.joining.length || this.batch) {
-        await this.regroup();
-        if (this.batch) await this.decodeStep();
-        // Prompt tokens up to one chunk per turn: many short prompts join together, a long one is cut.
-        for (let budget = PREFILL_CHUNK; budget > 0 && this.prefilling.length;) {
-          budget -= await this.prefillChunk(budget);
-        }
-      }
-      this.noteKv(true);
-    } finally {
-      this.looping = false;
+  protected async turn(): Promise<void> {
+    await this.regroup();
+    if (this.batch) await this.decodeStep();
+    // Prompt tokens up to one chunk per turn: many short prompts join together, a long one is cut.
+    for (let budget = PREFILL_CHUNK; budget > 0 && this.prefilling.length;) {
+      budget -= await this.prefillChunk(budget);
     }
   }
 
@@ -250,18 +185,20 @@ export class BatchEngine {
     if (seq.cached === null) await this.reusePrefix(seq);
     const chunk = seq.prompt.slice(seq.prefilled, seq.prefilled + budget);
     try {
-      const r = await this.session.step(chunk, seq.cache ?? this.session.emptyCache());
+      const r = await this.session.step(
+        chunk,
+        seq.cache ?? this.session.emptyCache(),
+        seq.promptLogprobs ? "all" : "last",
+      );
       seq.cache = r.cache;
-      if (seq.promptLogprobs) this.scorePrompt(seq, r.logits);
+      const vocab = this.session.vocabSize;
+      if (seq.promptLogprobs) this.scorePrompt(seq, r.logits, vocab);
       seq.prefilled += chunk.length;
       seq.length = seq.prefilled;
       this.evict();
       if (seq.prefilled < seq.prompt.length) return chunk.length;
       this.prefilling.shift();
-      const vocab = this.session.vocabSize;
-      if (seq.promptLogprobs) {
-        seq.handlers.chunk({ text: "", tokenId: -1, promptLogprobs: seq.promptLogprobs });
-      }
+      this.sendPromptLogprobs(seq);
       this.take(seq, r.logits.subarray(r.logits.length - vocab));
       if (this.ended(seq)) {
         if (this.keepBytes > 0) await this.keep(seq.prompt, asBatch(seq.cache), 0);
@@ -278,26 +215,6 @@ export class BatchEngine {
       this.fail(seq, e);
     }
     return chunk.length;
-  }
-
-  /**
-   * The model's log-probability of each prompt token given the ones before it (raw logits: no
-   * penalty or temperature applies to text the model did not choose), from a chunk's logits.
-   * Called before `prefilled` moves past the chunk.
-   */
-  private scorePrompt(seq: Sequence, logits: Float32Array): void {
-    const vocab = this.session.vocabSize;
-    const out = seq.promptLogprobs!;
-    if (seq.prefilled === 0) {
-      const first = this.tokenizer.piece(seq.prompt[0]);
-      out.push({ token: first.text, bytes: first.bytes, logprob: null, top: null });
-    }
-    for (let p = 0; p * vocab < logits.length; p++) {
-      const next = seq.prompt[seq.prefilled + p + 1];
-      if (next === undefined) break;
-      const row = logits.subarray(p * vocab, (p + 1) * vocab);
-      out.push(describe(this.tokenizer, next, logSoftmaxTop(row, next, seq.logprobs ?? 0)));
-    }
   }
 
   /** Keeps a copy of the first `ids.length` positions of row `row` of `cache` for later prompts. */
@@ -325,7 +242,7 @@ export class BatchEngine {
    * logits the prefill must produce): a kept prefix, a row decoding now, or a prompt prefilled and
    * waiting to join.
    */
-  private async reusePrefix(seq: Sequence): Promise<void> {
+  private async reusePrefix(seq: HostSequence): Promise<void> {
     seq.cached = 0;
     // Prompt logprobs need every position's logits: the whole prompt is prefilled.
     if (this.keepBytes <= 0 || seq.promptLogprobs) return;
@@ -350,7 +267,7 @@ export class BatchEngine {
   }
 
   /** Chooses the sequence's next token from its row of logits and hands on the text it makes final. */
-  private take(seq: Sequence, row: Float32Array): void {
+  private take(seq: HostSequence, row: Float32Array): void {
     const id = seq.sampler.next(row, seq.history);
     seq.history.push(id);
     seq.next = id;
@@ -362,36 +279,7 @@ export class BatchEngine {
   }
 
   /** Done sampling: end of sequence, stop sequence, length, a full context, or cancelled. */
-  private ended(seq: Sequence): boolean {
+  private ended(seq: HostSequence): boolean {
     return seq.cancelled || seq.sink.done || seq.length + 1 >= this.maxPositions;
-  }
-
-  /** Takes a sequence out of the index once; false if it already was (answered or failed). */
-  private release(seq: Sequence): boolean {
-    if (this.byId.get(seq.id) !== seq) return false;
-    this.byId.delete(seq.id);
-    return true;
-  }
-
-  private finish(seq: Sequence): void {
-    if (!this.release(seq)) return;
-    if (seq.cancelled) seq.sink.finish("cancelled");
-    const tail = seq.sink.tail();
-    if (tail.text || tail.logprobs) seq.handlers.chunk({ ...tail, tokenId: -1 });
-    seq.handlers.done(seq.sink.summary(seq.prompt.length, seq.cached ?? 0));
-  }
-
-  private fail(seq: Sequence, e: unknown): void {
-    if (this.release(seq)) seq.handlers.failed(e);
-  }
-
-  /** Tracks the largest batch; tells the owner the KV bytes at each regroup and at most every 100 ms between. */
-  private noteKv(regrouped = false): void {
-    this.peakRows = Math.max(this.peakRows, this.batch?.seqs.length ?? 0);
-    const now = performance.now();
-    if (regrouped || now - this.lastNote > 100) {
-      this.lastNote = now;
-      this.onKv(this.kvBytes);
-    }
   }
 }

@@ -18,8 +18,14 @@ import { storedBytes } from "../onnx/builder.ts";
 import { buildDecoderGraph } from "../onnx/decoder.ts";
 import { FLOAT_WEIGHTS, formatName, type GraphOptions } from "../onnx/format.ts";
 import { WeightCache } from "../onnx/weight_cache.ts";
+import { BatchEngine } from "./batch_engine.ts";
+import type { EngineBase, Sequence } from "./engine_base.ts";
+import { GpuBatchEngine } from "./gpu_engine.ts";
+import { kvBytesPerToken } from "./kv_batch.ts";
+import { kvBudgetBytes } from "./memory.ts";
 import type { Backend, Device } from "./ort.ts";
 import { ModelSession } from "./session.ts";
+import { bucketsFor, SlotDecoder } from "./slot_decoder.ts";
 
 /** What loading a checkpoint directory gives: everything plan-independent, loaded once. */
 export interface ModelAssets {
@@ -32,12 +38,26 @@ export interface ModelAssets {
   name: string;
 }
 
-/** A runnable model under one plan: fused weights, graph and onnxruntime session. */
+/** What decodes a plan instance's sequences: on the host's caches (WASM, native) or in GPU slots. */
+export type Engine = EngineBase<Sequence>;
+
+/** A runnable model under one plan: fused weights, graph, onnxruntime sessions and the engine over them. */
 export interface ModelInstance {
   plan: FusionPlan;
   planId: string;
-  session: ModelSession;
   device: Backend;
+  /** Decodes every sequence submitted to it, together. */
+  engine: Engine;
+  /** The session over host caches (WASM, native); null on WebGPU, where `decoder` runs the graph. */
+  session: ModelSession | null;
+  decoder: SlotDecoder | null;
+  /** Logits [ids.length, vocab] of a whole sequence from an empty cache (scoring). */
+  logitsOf(ids: number[]): Promise<Float32Array>;
+  /** Nodes and MatMuls of the decoder graph. */
+  nodeCount: number;
+  matmulCount: number;
+  /** Frees the sessions and their memory (GPU buffers included). */
+  release(): Promise<void>;
   /** FFN MatMul triples in the graph: one per unfused FFN, one per fused group. */
   ffnBlocks: number;
   buildMs: number;
@@ -163,9 +183,28 @@ export async function planBlocks(
   return { blocks: applyPlan(assets.blocks, plan, "fused", fits, heal), heal: report };
 }
 
+/** How an instance decodes: its KV memory and, on WebGPU, its slots. */
+export interface EngineOptions {
+  /**
+   * KV bytes the instance may hold: on the host, live and kept caches together (0 keeps no prefix);
+   * on WebGPU the slot pool, preallocated. Default: the device's budget (memory.ts kvBudgetBytes).
+   */
+  kvBudgetBytes?: number;
+  /** WebGPU: sequences decoding at once, one KV slot each (default 8). */
+  slots?: number;
+  /** WebGPU: replay each batch size's recorded step (graph capture; default on). */
+  capture?: boolean;
+  /** Told the KV bytes the engine holds, after each change. */
+  onKv?: (bytes: number) => void;
+}
+
+/** Sequences a WebGPU instance decodes at once when not told. */
+export const DEFAULT_SLOTS = 8;
+
 /**
- * Fuses the weights, builds the graph and creates the session: the whole load-time pipeline. Weights
- * go through `weights`, so that a cache kept across builds spares a later plan every unchanged group.
+ * Fuses the weights, builds the graph and creates the sessions and the engine: the whole load-time
+ * pipeline. Weights go through `weights`, so that a cache kept across builds spares a later plan every
+ * unchanged group.
  */
 export async function buildInstance(
   assets: ModelAssets,
@@ -174,6 +213,7 @@ export async function buildInstance(
   options: GraphOptions = FLOAT_WEIGHTS,
   weights: WeightCache = new WeightCache(formatName(options)),
   onProgress?: (stage: string, done: number, total: number) => void,
+  serving: EngineOptions = {},
 ): Promise<ModelInstance> {
   const t0 = performance.now();
   // Healing runs where the instance will: on the GPU a 1B model's passes take seconds, not minutes.
@@ -183,14 +223,68 @@ export async function buildInstance(
     onProgress,
     device === "webgpu" ? "webgpu" : "wasm",
   );
-  const graph = buildDecoderGraph(assets.checkpoint, blocks, options, weights);
+  const cfg = assets.checkpoint.config;
+  const onWebgpu = device === "webgpu";
+  const graph = buildDecoderGraph(assets.checkpoint, blocks, options, weights, { weightsAsInputs: onWebgpu });
   const t1 = performance.now();
-  const session = await ModelSession.create(graph, device, assets.checkpoint.config.vocabSize);
+  const budget = serving.kvBudgetBytes;
+  let session: ModelSession | null = null;
+  let decoder: SlotDecoder | null = null;
+  let engine: Engine;
+  if (onWebgpu) {
+    const slots = serving.slots ?? DEFAULT_SLOTS;
+    const pool = budget ?? kvBudgetBytes(cfg, options, device);
+    const perToken = kvBytesPerToken(graph);
+    const capacity = perToken
+      ? Math.min(cfg.maxPositions, Math.floor(pool / (slots * perToken)))
+      : cfg.maxPositions;
+    if (capacity < 2) {
+      throw new InputError(
+        `a KV budget of ${(pool / 2 ** 20).toFixed(1)} MB cannot give ${slots} slots two tokens each ` +
+          `(${perToken} bytes a token); raise --kv-cache-mb or lower --max-active`,
+        "kv_cache_mb",
+      );
+    }
+    decoder = await SlotDecoder.create(graph, cfg.vocabSize, {
+      slots,
+      capacity,
+      buckets: bucketsFor(slots),
+      capture: serving.capture ?? true,
+    });
+    engine = new GpuBatchEngine(
+      decoder,
+      assets.tokenizer,
+      cfg.eosTokenIds,
+      cfg.maxPositions,
+      serving.onKv,
+      (budget ?? 0) > 0,
+    );
+  } else {
+    session = await ModelSession.create(graph, device, cfg.vocabSize);
+    engine = new BatchEngine(
+      session,
+      assets.tokenizer,
+      cfg.eosTokenIds,
+      cfg.maxPositions,
+      serving.onKv,
+      budget,
+    );
+  }
+  const scorer = session ?? decoder!;
   return {
     plan,
     planId: planId(plan),
-    session,
     device,
+    engine,
+    session,
+    decoder,
+    logitsOf: (ids) => scorer.logitsOf(ids),
+    nodeCount: graph.nodeCount,
+    matmulCount: graph.matmulCount,
+    release: async () => {
+      await engine.close();
+      await scorer.release();
+    },
     ffnBlocks: blocks.filter((b) => b.kind === "ffn").length,
     buildMs: performance.now() - t0,
     sessionMs: performance.now() - t1,

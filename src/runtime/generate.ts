@@ -1,8 +1,8 @@
 import type { StreamDecoder, TextTokenizer } from "../model/tokenizer.ts";
-import { DEFAULT_READBACK_BATCH, GpuTokenPicker } from "./gpu_decode.ts";
+import { Channel } from "./channel.ts";
+import type { SequenceHandlers } from "./engine_base.ts";
 import type { PromptLogprob, TokenLogprob } from "./logprobs.ts";
-import { Sampler, type SamplingParams } from "./sampling.ts";
-import { disposeCache, type ModelSession } from "./session.ts";
+import type { SamplingParams } from "./sampling.ts";
 
 export interface GenerateParams extends SamplingParams {
   maxTokens: number;
@@ -81,16 +81,17 @@ export class StopMatcher {
   }
 }
 
+/** What takes sequences to decode: a plan instance's engine (engine_base.ts). */
+export interface SequenceSink {
+  submit(id: number, promptIds: number[], params: GenerateParams, handlers: SequenceHandlers): void;
+  cancel(id: number): void;
+}
+
 export interface GenerateOptions {
-  session: ModelSession;
-  tokenizer: TextTokenizer;
+  engine: SequenceSink;
   promptIds: number[];
   params: GenerateParams;
-  eosTokenIds: number[];
-  maxPositions: number;
   signal?: AbortSignal;
-  /** WebGPU only: tokens per readback in the GPU-resident loop (default 8); 0 forces host sampling. */
-  readbackBatch?: number;
 }
 
 /**
@@ -168,110 +169,43 @@ export class TokenSink {
   }
 }
 
-/** Sampling the GPU can do by itself: greedy, or plain temperature (Gumbel-max). */
-function gpuSamplable(p: GenerateParams): boolean {
-  return p.topK === 0 && p.topP === 1 && p.repetitionPenalty === 1 && !p.presencePenalty &&
-    !p.frequencyPenalty;
-}
+/** Ids of sequences submitted here: negative, apart from the serving worker's request ids. */
+let nextId = -1;
+
+type Event =
+  | { type: "chunk"; chunk: GenerationChunk }
+  | { type: "done"; summary: GenerationSummary }
+  | { type: "failed"; error: unknown };
 
 /**
- * Prefills the prompt, then decodes one token per step, yielding text as it becomes final. Each step
- * is its own session run, so concurrent generations interleave on one session. Under WebGPU, when
- * the sampling allows it, tokens are chosen on the GPU and read back in batches (no readback per step).
+ * One sequence through an engine, its text yielded as it becomes final: the engine decodes it with
+ * whatever else it runs. Aborting `signal`, or leaving the loop early, cancels it.
  */
 export async function* generate(opts: GenerateOptions): AsyncGenerator<GenerationChunk, GenerationSummary> {
-  if (opts.promptIds.length === 0) throw new Error("generate needs at least one prompt token");
-  const sink = new TokenSink(opts.tokenizer, opts.params, opts.eosTokenIds);
-  const batch = opts.readbackBatch ?? DEFAULT_READBACK_BATCH;
-  const onGpu = opts.session.device === "webgpu" && batch > 0 && gpuSamplable(opts.params);
-  yield* onGpu ? gpuLoop(opts, sink, batch) : hostLoop(opts, sink);
-  const tail = sink.tail().text;
-  if (tail) yield { text: tail, tokenId: -1 };
-  return sink.summary(opts.promptIds.length);
-}
-
-/** Logits to the host every step; the host samples (any sampling parameters). */
-async function* hostLoop(opts: GenerateOptions, sink: TokenSink): AsyncGenerator<GenerationChunk> {
-  const { session, params, signal } = opts;
-  const sampler = new Sampler(params);
-  const history = [...opts.promptIds];
-  const vocab = session.vocabSize;
-  let { logits, cache } = await session.step(opts.promptIds, session.emptyCache());
-  let row = logits.subarray(logits.length - vocab);
+  const id = nextId--;
+  const events = new Channel<Event>();
+  let ended = false;
+  opts.engine.submit(id, opts.promptIds, opts.params, {
+    chunk: (chunk) => events.put({ type: "chunk", chunk }),
+    done: (summary) => events.put({ type: "done", summary }),
+    failed: (error) => events.put({ type: "failed", error }),
+  });
+  const cancel = () => opts.engine.cancel(id);
+  opts.signal?.addEventListener("abort", cancel, { once: true });
   try {
     for (;;) {
-      if (signal?.aborted) return sink.finish("cancelled");
-      const id = sampler.next(row, history);
-      history.push(id);
-      const emit = sink.push(id).text;
-      if (emit) yield { text: emit, tokenId: id };
-      if (sink.done || cache.length + 1 >= opts.maxPositions) return;
-      const next = await session.step([id], cache);
-      cache = next.cache;
-      row = next.logits;
+      const e = await events.take();
+      if (e.type === "chunk") yield e.chunk;
+      else if (e.type === "done") {
+        ended = true;
+        return e.summary;
+      } else {
+        ended = true;
+        throw e.error;
+      }
     }
   } finally {
-    disposeCache(cache);
-  }
-}
-
-/**
- * Logits stay on the GPU; a kernel picks each token and feeds it to the next step as a GPU tensor.
- * Ids come back `batch` at a time, each readback overlapped with the next batch's decoding; a run
- * that ends mid-batch (EOS, stop sequence) discards the few tokens computed past its end.
- */
-async function* gpuLoop(
-  opts: GenerateOptions,
-  sink: TokenSink,
-  batch: number,
-): AsyncGenerator<GenerationChunk> {
-  const { session, params, signal } = opts;
-  const vocab = session.vocabSize;
-  const picker = await GpuTokenPicker.create(session, {
-    temperature: params.temperature,
-    seed: params.seed ?? Math.floor(Math.random() * 2 ** 32),
-    maxSteps: params.maxTokens,
-  });
-  const room = opts.maxPositions - opts.promptIds.length;
-  const total = Math.min(params.maxTokens, room);
-  let cache = session.emptyCache();
-  let pending: Promise<number[]> | null = null;
-  let readFrom = 0;
-  const consume = function* (ids: number[]): Generator<GenerationChunk> {
-    for (const id of ids) {
-      if (sink.done) return;
-      const emit = sink.push(id).text;
-      if (emit) yield { text: emit, tokenId: id };
-    }
-  };
-  try {
-    const first = await session.stepTensor(opts.promptIds, cache);
-    cache = first.cache;
-    picker.pick(first.logits.gpuBuffer as GPUBuffer, opts.promptIds.length - 1, vocab);
-    first.logits.dispose();
-    while (!sink.done) {
-      if (signal?.aborted) return sink.finish("cancelled");
-      const flush = picker.steps - readFrom >= batch || picker.steps >= total;
-      if (flush && picker.steps > readFrom) {
-        const ready = pending;
-        pending = picker.readBack(readFrom, picker.steps);
-        readFrom = picker.steps;
-        if (ready) yield* consume(await ready);
-      }
-      if (picker.steps >= total) {
-        if (pending) yield* consume(await pending);
-        pending = null;
-        if (!sink.done) sink.finish("length");
-        return;
-      }
-      const next = await session.stepTensor(picker.nextIds, cache);
-      cache = next.cache;
-      picker.pick(next.logits.gpuBuffer as GPUBuffer, 0, vocab);
-      next.logits.dispose();
-    }
-  } finally {
-    if (pending) await pending.catch(() => {});
-    disposeCache(cache);
-    picker.destroy();
+    opts.signal?.removeEventListener("abort", cancel);
+    if (!ended) cancel();
   }
 }

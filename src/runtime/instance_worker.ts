@@ -1,7 +1,7 @@
 /// <reference lib="deno.worker" />
 /**
  * One plan's model, owned by one worker: it fuses the weights, builds the graph, creates the
- * onnxruntime session and then runs every generation leased to that plan, as one batch (batch_engine.ts). Building and decoding
+ * onnxruntime sessions and then runs every generation leased to that plan, as one batch (its engine). Building and decoding
  * here keeps the serving thread free: a swap builds in a new worker while the old one keeps
  * decoding, and a retired plan is freed whole by ending its worker.
  */
@@ -12,7 +12,6 @@ import { type Checkpoint, loadCheckpoint } from "../model/checkpoint.ts";
 import { formatName, type GraphOptions } from "../onnx/format.ts";
 import { WeightCache, type WeightEntries } from "../onnx/weight_cache.ts";
 import { assetsFrom, buildInstance, type ModelInstance } from "./engine.ts";
-import { BatchEngine } from "./batch_engine.ts";
 import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
 import { type Device, resolveDevice } from "./ort.ts";
 import { useWasmThreads } from "./wasm_threads.ts";
@@ -32,6 +31,8 @@ export type InstanceRequest =
     calibrationText?: string;
     kvBudgetBytes?: number;
     threads?: number;
+    /** WebGPU: sequences decoding at once (one KV slot each). */
+    slots?: number;
   }
   | { type: "generate"; id: number; promptIds: number[]; params: GenerateParams }
   | { type: "cancel"; id: number }
@@ -53,6 +54,8 @@ export type InstanceReply =
     checkpoint: Checkpoint | null;
     /** KV cache bytes one token of one sequence takes under this plan (removed attention has none). */
     kvBytesPerToken: number;
+    /** WebGPU's slots: how many sequences decode at once, and the tokens each can hold. */
+    slots?: { count: number; tokens: number };
     heal?: HealReport;
   }
   /** KV bytes the instance holds now, after each change. */
@@ -65,7 +68,6 @@ export type InstanceReply =
   | { type: "closed" };
 
 let instance: ModelInstance | null = null;
-let engine: BatchEngine | null = null;
 const post = (m: InstanceReply) => self.postMessage(m);
 const failure = (id: number | null, e: unknown): InstanceReply => ({
   type: "failed",
@@ -88,16 +90,11 @@ async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<
     req.graph,
     weights,
     (stage, done, total) => post({ type: "progress", stage, done, total }),
+    { kvBudgetBytes: req.kvBudgetBytes, slots: req.slots, onKv: (bytes) => post({ type: "kv", bytes }) },
   );
-  const cfg = assets.checkpoint.config;
-  engine = new BatchEngine(
-    instance.session,
-    assets.tokenizer,
-    cfg.eosTokenIds,
-    cfg.maxPositions,
-    (bytes) => post({ type: "kv", bytes }),
-    req.kvBudgetBytes ?? 0,
-  );
+  // Serving must not wait for a batch size's first step to be recorded: all of them are, now.
+  await instance.decoder?.warm();
+  const layout = instance.decoder?.layout;
   post({
     type: "built",
     buildMs: instance.buildMs,
@@ -110,13 +107,14 @@ async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<
     addedWeights: weights.added,
     weightKeys: [...weights.used],
     checkpoint: loaded,
-    kvBytesPerToken: engine.bytesPerToken,
+    kvBytesPerToken: instance.engine.bytesPerToken,
+    ...(layout ? { slots: { count: layout.slots, tokens: layout.capacity } } : {}),
     heal: instance.heal,
   });
 }
 
 function run(req: Extract<InstanceRequest, { type: "generate" }>): void {
-  engine!.submit(req.id, req.promptIds, req.params, {
+  instance!.engine.submit(req.id, req.promptIds, req.params, {
     chunk: (chunk) => post({ type: "chunk", id: req.id, chunk }),
     done: (summary) => post({ type: "done", id: req.id, summary }),
     failed: (e) => post(failure(req.id, e)),
@@ -137,11 +135,10 @@ self.onmessage = async (e: MessageEvent<InstanceRequest>) => {
       run(m);
       break;
     case "cancel":
-      engine?.cancel(m.id);
+      instance?.engine.cancel(m.id);
       break;
     case "close":
-      await engine?.close();
-      await instance?.session.release().catch(() => {});
+      await instance?.release().catch(() => {});
       post({ type: "closed" });
       break;
   }

@@ -7,6 +7,7 @@ import type { WeightEntries } from "../onnx/weight_cache.ts";
 import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
 import type { InstanceReply, InstanceRequest } from "./instance_worker.ts";
 import type { Device } from "./ort.ts";
+import { Channel } from "./channel.ts";
 import { fromWorkerError } from "./worker_error.ts";
 import { waitAtMost } from "./yield.ts";
 
@@ -81,23 +82,6 @@ export interface BuildProgress {
   stage: string;
   done: number;
   total: number;
-}
-
-/** Items handed from the worker's messages to an async generator, in order. */
-class Channel<T> {
-  private readonly items: T[] = [];
-  private wake: (() => void) | null = null;
-
-  put(item: T): void {
-    this.items.push(item);
-    this.wake?.();
-    this.wake = null;
-  }
-
-  async take(): Promise<T> {
-    while (this.items.length === 0) await new Promise<void>((r) => (this.wake = r));
-    return this.items.shift()!;
-  }
 }
 
 /**

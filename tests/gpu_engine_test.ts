@@ -1,0 +1,179 @@
+import assert from "node:assert/strict";
+import { UNFUSED } from "../src/fusion/plan.ts";
+import { buildInstance, type Engine, loadAssets, type ModelInstance } from "../src/runtime/engine.ts";
+import { generate, type GenerateParams, type GenerationSummary } from "../src/runtime/generate.ts";
+import type { TokenLogprob } from "../src/runtime/logprobs.ts";
+import { DEFAULT_SAMPLING } from "../src/runtime/sampling.ts";
+import { golden, HAS_WEBGPU, TINY_NAS } from "./helpers.ts";
+
+/** Every GPU readback in this process (onnxruntime's included) goes through mapAsync: sizes and overlap. */
+const readbacks: number[] = [];
+let inFlight = 0;
+let maxInFlight = 0;
+if (HAS_WEBGPU) {
+  const original = GPUBuffer.prototype.mapAsync;
+  GPUBuffer.prototype.mapAsync = function (...args: Parameters<GPUBuffer["mapAsync"]>) {
+    readbacks.push(this.size);
+    maxInFlight = Math.max(maxInFlight, ++inFlight);
+    return original.apply(this, args).finally(() => inFlight--);
+  };
+}
+
+async function run(engine: Engine, prompt: number[], params: Partial<GenerateParams>) {
+  const it = generate({
+    engine,
+    promptIds: prompt,
+    params: { ...DEFAULT_SAMPLING, maxTokens: 24, stop: [], ...params },
+  });
+  const logprobs: TokenLogprob[] = [];
+  let r = await it.next();
+  while (!r.done) {
+    logprobs.push(...r.value.logprobs ?? []);
+    r = await it.next();
+  }
+  return { summary: r.value as GenerationSummary, logprobs };
+}
+
+async function instances(): Promise<
+  { gpu: ModelInstance; wasm: ModelInstance; prompt: number[]; ids: number[] }
+> {
+  const assets = await loadAssets(TINY_NAS);
+  const c = (await golden(TINY_NAS)).cases[0];
+  return {
+    gpu: await buildInstance(assets, UNFUSED, "webgpu"),
+    wasm: await buildInstance(assets, UNFUSED, "wasm"),
+    prompt: c.input_ids,
+    ids: c.greedy_ids,
+  };
+}
+
+Deno.test({
+  name: "GPU engine: golden greedy ids, logits never read back, one readback in flight, stops as on WASM",
+  ignore: !HAS_WEBGPU,
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const { gpu, wasm, prompt, ids } = await instances();
+    try {
+      readbacks.length = 0;
+      maxInFlight = 0;
+      const greedy = await run(gpu.engine, prompt, { ignoreEos: true, maxTokens: ids.length });
+      assert.deepEqual(greedy.summary.ids, ids);
+      const vocabBytes = 4096 * 4;
+      assert.ok(readbacks.length > 0 && readbacks.every((b) => b < vocabBytes), `read back ${readbacks}`);
+      assert.equal(maxInFlight, 1, "the engine keeps one readback in flight");
+      // A stop string found at a readback ends the text where WASM's host loop ends it.
+      const reasons: string[] = [];
+      for (const stop of [["\n"], ["(", "x"], ["):"]]) {
+        const a = await run(gpu.engine, prompt, { stop });
+        const b = await run(wasm.engine, prompt, { stop });
+        assert.equal(a.summary.text, b.summary.text);
+        assert.equal(a.summary.finishReason, b.summary.finishReason);
+        reasons.push(a.summary.finishReason);
+      }
+      assert.ok(reasons.includes("stop"), `some stop string was met (${reasons})`);
+    } finally {
+      await gpu.release();
+      await wasm.release();
+    }
+  },
+});
+
+Deno.test({
+  name: "GPU engine: log-probabilities as WASM's (1e-3), seeded draws repeat, every sampling mode runs",
+  ignore: !HAS_WEBGPU,
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const { gpu, wasm, prompt } = await instances();
+    try {
+      const scored = { ignoreEos: true, maxTokens: 8, logprobs: 3 };
+      const a = await run(gpu.engine, prompt, scored);
+      const b = await run(wasm.engine, prompt, scored);
+      assert.deepEqual(a.summary.ids, b.summary.ids);
+      assert.equal(a.logprobs.length, b.logprobs.length);
+      a.logprobs.forEach((lp, i) => {
+        assert.equal(lp.token, b.logprobs[i].token);
+        assert.ok(
+          Math.abs(lp.logprob - b.logprobs[i].logprob) < 1e-3,
+          `${lp.logprob} vs ${b.logprobs[i].logprob}`,
+        );
+        assert.deepEqual(lp.top.map((t) => t.token), b.logprobs[i].top.map((t) => t.token));
+      });
+      const modes: Partial<GenerateParams>[] = [
+        { temperature: 1.5 },
+        { temperature: 0.8, topK: 20 },
+        { temperature: 0.9, topP: 0.7 },
+        { temperature: 1, repetitionPenalty: 1.3, presencePenalty: 0.5, frequencyPenalty: 0.5 },
+      ];
+      for (const mode of modes) {
+        const draw = (seed: number) =>
+          run(gpu.engine, prompt, { ...mode, seed, ignoreEos: true, maxTokens: 8 });
+        const [x, y, z] = await Promise.all([draw(11), draw(11), draw(12)]);
+        assert.deepEqual(
+          x.summary.ids,
+          y.summary.ids,
+          `${JSON.stringify(mode)}: the same seed draws the same`,
+        );
+        assert.equal(x.summary.completionTokens, 8);
+        assert.ok(z.summary.ids.every((id) => id >= 0 && id < 4096));
+      }
+      const seeds = await Promise.all(
+        [21, 22, 23, 24].map((seed) =>
+          run(gpu.engine, prompt, { temperature: 1.5, seed, ignoreEos: true, maxTokens: 8 })
+        ),
+      );
+      assert.ok(new Set(seeds.map((s) => s.summary.ids.join())).size > 1, "different seeds draw differently");
+    } finally {
+      await gpu.release();
+      await wasm.release();
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "GPU engine: more sequences than slots wait their turn; kept slots give prefixes; cancel frees a slot",
+  ignore: !HAS_WEBGPU,
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const assets = await loadAssets(TINY_NAS);
+    const inst = await buildInstance(assets, UNFUSED, "webgpu", undefined, undefined, undefined, {
+      slots: 2,
+      kvBudgetBytes: 2 ** 22,
+    });
+    try {
+      assert.deepEqual(inst.decoder!.layout.buckets, [1, 2]);
+      const prompt = assets.tokenizer.encode("def main():\n    x = 1\n");
+      const params = { ignoreEos: true, maxTokens: 10 };
+      const five = await Promise.all(Array.from({ length: 5 }, () => run(inst.engine, prompt, params)));
+      assert.ok(five.every((r) => r.summary.ids.join() === five[0].summary.ids.join()), "greedy: one text");
+      assert.ok(inst.engine.peakRows <= 2);
+      assert.ok(
+        five.slice(1).some((r) => r.summary.cachedTokens === prompt.length - 1),
+        "a kept prefix was used",
+      );
+      // A follow-up extending a finished conversation starts from its kept slot.
+      const follow = [...prompt, ...five[0].summary.ids, ...assets.tokenizer.encode("    return")];
+      const again = await run(inst.engine, follow, { maxTokens: 4 });
+      assert.equal(again.summary.cachedTokens, prompt.length + 9, "the prompt and the 9 tokens fed back");
+      const abort = new AbortController();
+      const long = generate({
+        engine: inst.engine,
+        promptIds: prompt,
+        params: { ...DEFAULT_SAMPLING, stop: [], maxTokens: 400, ignoreEos: true },
+        signal: abort.signal,
+      });
+      await long.next();
+      abort.abort();
+      let r = await long.next();
+      while (!r.done) r = await long.next();
+      assert.equal(r.value.finishReason, "cancelled");
+      const after = await Promise.all([run(inst.engine, prompt, params), run(inst.engine, prompt, params)]);
+      assert.ok(after.every((x) => x.summary.completionTokens === 10), "both slots serve again");
+    } finally {
+      await inst.release();
+    }
+  },
+});
