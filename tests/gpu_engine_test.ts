@@ -1,10 +1,14 @@
 import assert from "node:assert/strict";
-import { UNFUSED } from "../src/fusion/plan.ts";
+import { planId, UNFUSED, validatePlan } from "../src/fusion/plan.ts";
+import { GraphBuilder } from "../src/onnx/builder.ts";
+import { FLOAT_WEIGHTS, formatName, type GraphOptions } from "../src/onnx/format.ts";
+import { createSession } from "../src/runtime/ort.ts";
 import { buildInstance, type Engine, loadAssets, type ModelInstance } from "../src/runtime/engine.ts";
 import { generate, type GenerateParams, type GenerationSummary } from "../src/runtime/generate.ts";
 import type { TokenLogprob } from "../src/runtime/logprobs.ts";
 import { DEFAULT_SAMPLING } from "../src/runtime/sampling.ts";
-import { golden, HAS_WEBGPU, TINY_NAS } from "./helpers.ts";
+import { EVAL_TEXT, golden, HAS_WEBGPU, relL2, TINY_NAS } from "./helpers.ts";
+import { post, readSse, startServer } from "./server_helpers.ts";
 
 /** Every GPU readback in this process (onnxruntime's included) goes through mapAsync: sizes and overlap. */
 const readbacks: number[] = [];
@@ -174,6 +178,103 @@ Deno.test({
       assert.ok(after.every((x) => x.summary.completionTokens === 10), "both slots serve again");
     } finally {
       await inst.release();
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "GPU engine over HTTP: a prompt longer than a KV slot is 400 naming the sizes; output stops at the slot's end",
+  ignore: !HAS_WEBGPU,
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    // tiny-nas in fp16: 6 attention layers x K and V x 2 heads x 64 x 2 bytes = 3072 bytes a token, so
+    // 0.25 MB over 2 slots is 42 tokens each.
+    const server = await startServer(["--device", "webgpu", "--kv-cache-mb", "0.25", "--max-active", "2"]);
+    await server.ready;
+    try {
+      const long = await post(server.base, "/v1/completions", {
+        prompt: "x = 1\n".repeat(20),
+        max_tokens: 4,
+      });
+      assert.equal(long.status, 400);
+      const err = (await long.json()).error;
+      assert.equal(err.param, "prompt");
+      assert.match(err.message, /prompt tokens and one generated do not fit a KV slot of 42 tokens/);
+      const outs = await Promise.all([0, 1, 2].map(async (seed) => {
+        const res = await post(server.base, "/v1/completions", {
+          prompt: "def main(",
+          max_tokens: 400,
+          temperature: 1,
+          seed,
+        });
+        return { status: res.status, body: await res.json() };
+      }));
+      for (const o of outs) {
+        assert.equal(o.status, 200);
+        const { usage, choices } = o.body;
+        assert.equal(choices[0].finish_reason, "length");
+        assert.equal(usage.prompt_tokens + usage.completion_tokens, 42, "the slot's end is the context");
+      }
+      const streamed = await readSse(
+        await post(server.base, "/v1/completions", { prompt: "import os\n", max_tokens: 12, stream: true }),
+      );
+      assert.ok(streamed.done);
+    } finally {
+      await server.stop();
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "GPU engine: every plan form and weight format runs wholly on the WebGPU provider, as on WASM (logits 1e-3, greedy ids)",
+  ignore: !HAS_WEBGPU,
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    // The decoder's sessions refuse a CPU fallback; the same option does refuse a graph with a CPU node.
+    const g = new GraphBuilder();
+    g.op("Det", [g.input("x", "float32", [4, 4])], {}, "y");
+    g.output("y", "float32", []);
+    await assert.rejects(
+      createSession("webgpu", g.encode("det"), {
+        executionProviders: [{ name: "webgpu" }],
+        logSeverityLevel: 3,
+        extra: { session: { disable_cpu_ep_fallback: "1" } },
+      }),
+      /assigned to the default CPU EP/,
+    );
+    const assets = await loadAssets(TINY_NAS, {}, EVAL_TEXT);
+    const prompt = (await golden(TINY_NAS)).cases[1].input_ids;
+    const plans = [
+      { ffn_groups: [[3, 4, 5], [6, 7, 8]] },
+      { version: 2, attention: { remove: [9] }, ffn_groups: [[8, 9]] },
+      { version: 2, attention: { linear: [2] }, ffn_groups: [[2, 3, 4]] },
+      { version: 2, block_groups: [[9, 10]] },
+    ];
+    const formats: GraphOptions[] = [FLOAT_WEIGHTS, { dtype: "fp32", quantize: "int4" }, {
+      dtype: "fp32",
+      quantize: "int8",
+    }];
+    for (const raw of plans) {
+      for (const format of formats) {
+        const plan = validatePlan(raw, assets.checkpoint.config);
+        const gpu = await buildInstance(assets, plan, "webgpu", format);
+        const wasm = await buildInstance(assets, plan, "wasm", format);
+        try {
+          const name = `${planId(plan)} ${formatName(format)}`;
+          const [a, b] = [await gpu.logitsOf(prompt), await wasm.logitsOf(prompt)];
+          assert.ok(relL2(a, b) < 1e-3, `${name}: logits rel err ${relL2(a, b)}`);
+          const params = { ignoreEos: true, maxTokens: 6 };
+          const [x, y] = [await run(gpu.engine, prompt, params), await run(wasm.engine, prompt, params)];
+          assert.deepEqual(x.summary.ids, y.summary.ids, name);
+        } finally {
+          await gpu.release();
+          await wasm.release();
+        }
+      }
     }
   },
 });

@@ -177,3 +177,21 @@ Deno.test("scheduler: KV reservations count every row at the longest, wait in FI
   await assert.rejects(waiting, CancelledError);
   big();
 });
+
+Deno.test("scheduler: a static KV cache (slots) takes any output length up to its slot and refuses a prompt it cannot hold", async () => {
+  const kv = { budgetBytes: 1000, bytesPerToken: () => 10, slotTokens: () => 100 };
+  const s = new Scheduler(8, 8, kv);
+  // The slot is the sequence's context: more output than it holds is cut there, not refused.
+  const frees = await Promise.all(
+    [1, 2, 3].map(() => s.reserveKv(500, undefined, { tokens: 60, field: "prompt" })),
+  );
+  assert.equal(s.kvReservedBytes(), 3 * 100 * 10);
+  for (const free of frees) free();
+  assert.equal(s.kvReservedBytes(), 0);
+  await assert.rejects(
+    s.reserveKv(120, undefined, { tokens: 100, field: "messages" }),
+    (e: Error) =>
+      e instanceof InputError && e.field === "messages" &&
+      /100 prompt tokens and one generated do not fit a KV slot of 100 tokens/.test(e.message),
+  );
+});

@@ -87,6 +87,7 @@ export const serveCommand = defineCommand({
         return host.kvBudgetBytes;
       },
       bytesPerToken: () => host.instance?.kvBytesPerToken ?? 0,
+      slotTokens: () => host.instance?.slots?.tokens ?? null,
     });
     const lifecycle = { draining: false };
     const analysis = analysisRunner();
@@ -132,6 +133,7 @@ export const serveCommand = defineCommand({
       calibrationText: flags.calibration,
       chatTemplate,
       threads: flags.threads,
+      slots: flags.max_active,
     });
     const inst = host.instance!;
     metrics.loadSeconds.set({}, host.loadMs / 1000);

@@ -249,8 +249,9 @@ export class DecoderEmitter {
     return { base: x, delta: this.ffnDown(this.ffnActivations(h, b), b) };
   }
 
+  /** Adds in a chain: onnxruntime's WebGPU provider has no Sum kernel (a Sum would run on the CPU). */
   private sum(deltas: string[]): string {
-    return deltas.length === 1 ? deltas[0] : this.g.op("Sum", deltas);
+    return deltas.reduce((a, b) => this.g.op("Add", [a, b]));
   }
 
   /** x + sum_j FFN_j(norm_j(x)): the first member's norm adds the pending delta in, the others read x. */

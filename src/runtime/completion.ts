@@ -117,6 +117,7 @@ export async function* runCompletion(
         await scheduler.reserveKv(
           Math.min(ids.length + job.params.maxTokens, config.maxPositions),
           abort.signal,
+          { tokens: ids.length, field },
         ),
       );
     }

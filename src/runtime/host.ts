@@ -58,6 +58,8 @@ export interface HostOptions {
   chatTemplate?: string;
   /** onnxruntime's WASM threads per plan instance (`--threads`). */
   threads?: number;
+  /** WebGPU: sequences decoding at once, one KV slot each (`--max-active`). */
+  slots?: number;
 }
 
 /**
@@ -89,6 +91,7 @@ export class ModelHost {
   /** Text a version 2 plan's linear attentions are fitted on (`--calibration`). */
   calibrationText?: string;
   private threads = 1;
+  private slots?: number;
   private active: Slot | null = null;
   private readonly retiring = new Set<Slot>();
   private pending: PendingBuild | null = null;
@@ -109,6 +112,7 @@ export class ModelHost {
       this.graph = opts.graph;
       this.calibrationText = opts.calibrationText;
       this.threads = opts.threads ?? 1;
+      this.slots = opts.slots;
       this.modelDir = dir;
       this.name = modelName(dir);
       this.config = await loadConfig(dir, { maxContext: opts.maxContext });
@@ -141,6 +145,7 @@ export class ModelHost {
       calibrationText: this.calibrationText,
       kvBudgetBytes: this.kvBudgetBytes,
       threads: this.threads,
+      slots: this.slots,
     };
   }
 

@@ -17,6 +17,12 @@ import { type Device, resolveDevice } from "./ort.ts";
 import { useWasmThreads } from "./wasm_threads.ts";
 import { toWorkerError, type WorkerError } from "./worker_error.ts";
 
+/** A static KV cache's shape (WebGPU): `count` sequences at once, `tokens` each. */
+export interface KvSlots {
+  count: number;
+  tokens: number;
+}
+
 export type InstanceRequest =
   | {
     type: "build";
@@ -55,7 +61,7 @@ export type InstanceReply =
     /** KV cache bytes one token of one sequence takes under this plan (removed attention has none). */
     kvBytesPerToken: number;
     /** WebGPU's slots: how many sequences decode at once, and the tokens each can hold. */
-    slots?: { count: number; tokens: number };
+    slots?: KvSlots;
     heal?: HealReport;
   }
   /** KV bytes the instance holds now, after each change. */

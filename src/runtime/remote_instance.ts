@@ -5,7 +5,7 @@ import type { Checkpoint } from "../model/checkpoint.ts";
 import type { GraphOptions } from "../onnx/format.ts";
 import type { WeightEntries } from "../onnx/weight_cache.ts";
 import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
-import type { InstanceReply, InstanceRequest } from "./instance_worker.ts";
+import type { InstanceReply, InstanceRequest, KvSlots } from "./instance_worker.ts";
 import type { Device } from "./ort.ts";
 import { Channel } from "./channel.ts";
 import { fromWorkerError } from "./worker_error.ts";
@@ -29,6 +29,8 @@ export interface BuildSpec {
   kvBudgetBytes?: number;
   /** onnxruntime's WASM threads for this instance's session (1 when absent). */
   threads?: number;
+  /** WebGPU: sequences decoding at once, one KV slot each. */
+  slots?: number;
 }
 
 /** What a build converted and reused, and the converted weights it leaves for later builds. */
@@ -53,6 +55,8 @@ export interface PlanInstance {
   /** KV bytes one token of one sequence takes under this plan, and the bytes its sequences hold now. */
   readonly kvBytesPerToken: number;
   readonly kvBytes: number;
+  /** WebGPU's static KV cache: sequences that decode at once and the tokens each can hold; absent elsewhere. */
+  readonly slots?: KvSlots;
   /** What healing did, when the plan asks for it. */
   readonly heal?: HealReport;
   generate(promptIds: number[], params: GenerateParams, signal: AbortSignal): AsyncGenerator<
@@ -105,6 +109,7 @@ export class RemoteInstance implements PlanInstance {
     readonly weightBytes: number,
     readonly kvBytesPerToken: number,
     readonly heal?: HealReport,
+    readonly slots?: KvSlots,
   ) {
     worker.onmessage = (e: MessageEvent<InstanceReply>) => {
       const m = e.data;
@@ -143,6 +148,7 @@ export class RemoteInstance implements PlanInstance {
               m.weightBytes,
               m.kvBytesPerToken,
               m.heal,
+              m.slots,
             );
             resolve({
               instance,
@@ -181,6 +187,7 @@ export class RemoteInstance implements PlanInstance {
       calibrationText: spec.calibrationText,
       kvBudgetBytes: spec.kvBudgetBytes,
       threads: spec.threads,
+      slots: spec.slots,
     };
     worker.postMessage(request);
     return {

@@ -4,6 +4,11 @@ import { CancelledError, CapacityError, InputError } from "../errors.ts";
 export interface KvBudget {
   budgetBytes: number;
   bytesPerToken(): number;
+  /**
+   * Tokens one sequence can hold when the active plan's cache is a pool of fixed slots (WebGPU), which
+   * the budget was divided into when the plan was built; null when caches grow as needed.
+   */
+  slotTokens?(): number | null;
 }
 
 const mb = (b: number) => `${(b / 2 ** 20).toFixed(1)} MB`;
@@ -61,10 +66,17 @@ export class Scheduler {
   /**
    * Reserves the KV memory a sequence can grow to (`tokens`, prompt + max_tokens), waiting in FIFO
    * order until the batch fits the budget; resolves with the function that gives it back. A sequence
-   * that could never fit is an InputError naming the sizes.
+   * that could never fit is an InputError naming the sizes. `prompt` is its prompt's length and the
+   * field it came in.
    */
-  reserveKv(tokens: number, signal?: AbortSignal): Promise<() => void> {
+  reserveKv(
+    tokens: number,
+    signal?: AbortSignal,
+    prompt?: { tokens: number; field: string },
+  ): Promise<() => void> {
     if (!this.kv) return Promise.resolve(() => {});
+    const slot = this.kv.slotTokens?.() ?? null;
+    if (slot !== null) return this.reserveSlot(Math.min(tokens, slot), slot, prompt);
     const need = tokens * this.kv.bytesPerToken();
     if (need > this.kv.budgetBytes) {
       return Promise.reject(
@@ -98,6 +110,31 @@ export class Scheduler {
         () => this.pumpKv(),
       );
     });
+  }
+
+  /**
+   * A static cache's memory is held whatever runs, so admission only checks that the prompt fits one
+   * slot, which is the sequence's context: its output stops at the slot's end as at the model's.
+   * Sequences beyond the slots wait in the engine for one to free.
+   */
+  private reserveSlot(
+    tokens: number,
+    slot: number,
+    prompt?: { tokens: number; field: string },
+  ): Promise<() => void> {
+    if (prompt && prompt.tokens + 1 > slot) {
+      return Promise.reject(
+        new InputError(
+          `${prompt.tokens} prompt tokens and one generated do not fit a KV slot of ${slot} tokens (the ` +
+            `KV budget of ${mb(this.kv!.budgetBytes)} divided among the sequences that decode at once: ` +
+            "raise --kv-cache-mb or lower --max-active); shorten the prompt",
+          prompt.field,
+        ),
+      );
+    }
+    const entry = { tokens };
+    this.reserved.add(entry);
+    return Promise.resolve(() => void this.reserved.delete(entry));
   }
 
   private fitsKv(tokens: number): boolean {

@@ -139,7 +139,11 @@ export class SlotDecoder {
     for (const b of this.layout.buckets) if (!this.decodeSessions.has(b)) await this.decode(new Map(), b);
   }
 
-  /** Provider options in the object form: the string form drops them (enableGraphCapture among them). */
+  /**
+   * Provider options in the object form (the string form drops them, enableGraphCapture among them),
+   * and no fallback to the CPU provider: a node placed there would cost a copy each way every step
+   * (and break capture), so a graph with one fails to load, naming it.
+   */
   private static options(capture: boolean): ort.InferenceSession.SessionOptions {
     return {
       executionProviders: [{ name: "webgpu" }],
@@ -147,6 +151,7 @@ export class SlotDecoder {
       enableGraphCapture: capture,
       preferredOutputLocation: "gpu-buffer",
       logSeverityLevel: 3,
+      extra: { session: { disable_cpu_ep_fallback: "1" } },
     };
   }
 
