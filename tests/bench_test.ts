@@ -73,11 +73,25 @@ gpuTest("cli bench on WebGPU: kernels, onnxruntime graphs and decode, as JSON an
     "4",
     "--rounds",
     "3",
+    "--batch",
+    "1,2",
     "--json",
   ]);
   assert.equal(r.code, 0, r.stderr);
   const report = JSON.parse(r.stdout);
   assert.equal(report.device, "webgpu");
+  // Where the step goes: the captured step creates no bind group and reads nothing back.
+  assert.deepEqual(
+    report.steps.map((p: { plan: string; batch: number }) => `${p.plan} ${p.batch}`),
+    ["unfused 1", "unfused 2", "ffn[7-8] 1", "ffn[7-8] 2"],
+  );
+  for (const p of report.steps) {
+    assert.ok(p.nodes > 50 && p.dispatches > 50 && p.submits >= 1, JSON.stringify(p));
+    assert.equal(p.readbacks, 0);
+    assert.equal(p.bind_groups, 0);
+    assert.ok(p.host_ms.median > 0 && p.gpu_ms.median > 0, JSON.stringify(p));
+  }
+  assert.ok(report.steps[2].nodes < report.steps[0].nodes, "fusing 7..8 removes nodes");
   assert.equal(report.source, "tiny-nas layers 7..8");
   assert.deepEqual(report.ffn_kernels.cases.map((c: { tokens: number }) => c.tokens), [1, 4]);
   assert.deepEqual(report.ffn_onnx.cases[0].matmuls, { sequential: 6, fused: 3 });
@@ -187,6 +201,19 @@ Deno.test("cli bench --batch: tokens/s at each batch size, unfused against the f
   }
   assert.equal(cases[0].speedup, 1);
   assert.equal(cases[1].speedup, 1, "each batch size against the unfused model at the same size");
+  const steps = JSON.parse(r.stdout).steps;
+  assert.equal(steps.length, 4);
+  for (const p of steps) {
+    assert.ok(p.nodes > 50 && p.host_ms.median > 0, JSON.stringify(p));
+    assert.equal(p.dispatches, null, "WASM dispatches no GPU work");
+  }
+  const table = await bench([...args, "--rounds", "3", "--batch", "1"]);
+  assert.equal(table.code, 0, table.stderr);
+  assert.match(table.stdout, /where a decode step goes/);
+  assert.match(
+    table.stdout,
+    /fused\/unfused at batch 1 \(ffn\[7-8\]\): measured \d+\.\d+x, predicted \d+\.\d+x/,
+  );
   const bad = await bench([...args, "--batch", "0"]);
   assert.equal(bad.code, 2);
   assert.match(bad.stderr, /--batch/);
@@ -233,3 +260,23 @@ Deno.test("scripts/step_parts.ts: a batched step's parts timed in alternating ro
     assert.match(b.stderr, new RegExp(bad[0]));
   }
 });
+
+gpuTest(
+  "bench/studies/host_step.ts: the baseline's step beside today's in one process; bad flags exit 2",
+  async () => {
+    const r = await runScript("bench/studies/host_step.ts", "--steps", "2", "--rounds", "2", "--json");
+    assert.equal(r.code, 0, r.stderr);
+    const report = JSON.parse(r.stdout);
+    // The hand-built attention, a bind group per kernel, uniforms written per kernel; then the captured
+    // step of fused operators, which makes no bind group.
+    assert.ok(report.before.nodes > 2.5 * report.after.nodes, JSON.stringify(report));
+    assert.ok(report.before.bind_groups > 100 && report.after.bind_groups === 0, JSON.stringify(report));
+    assert.ok(report.before.writes > 100 && report.after.writes <= 4, JSON.stringify(report));
+    assert.equal(report.host_ms_ratio.min > 0, true);
+    for (const bad of [["--sides", "during"], ["--steps", "0"], ["--baseline", "no-such-rev"]]) {
+      const b = await runScript("bench/studies/host_step.ts", ...bad);
+      assert.equal(b.code, 2, `${bad.join(" ")}: ${b.stderr}`);
+      assert.match(b.stderr, new RegExp(bad[0]));
+    }
+  },
+);

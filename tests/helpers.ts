@@ -221,9 +221,10 @@ export function exactLinearData(seed: number, n: number, dIn: number, dOut: numb
 }
 
 /** Runs a script of scripts/ with Deno, its exit code and output as text. */
+/** Runs a script: `name` under scripts/, or a path from the repository's root (bench/studies/...). */
 export async function runScript(name: string, ...args: string[]) {
   const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", join(ROOT, "scripts", name), ...args],
+    args: ["run", "-A", join(ROOT, name.includes("/") ? name : join("scripts", name)), ...args],
     stdout: "piped",
     stderr: "piped",
   }).output();

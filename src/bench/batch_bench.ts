@@ -4,6 +4,7 @@ import type { GraphOptions } from "../onnx/format.ts";
 import { buildInstance, type ModelAssets, type ModelInstance } from "../runtime/engine.ts";
 import type { Backend } from "../runtime/ort.ts";
 import { BENCH_PROMPT, decodePass, generator } from "./decode_bench.ts";
+import { profileSteps, type StepProfile } from "./step_profile.ts";
 
 /** Decode throughput of one plan at one batch size: the paper's cost axis. */
 export interface BatchCase {
@@ -27,7 +28,8 @@ export interface BatchCase {
  * sequences of the same prompt decoded together, greedy, no prefix reuse, each timed as a 1-token
  * and a (steps + 1)-token run whose difference is the decode (decodePass). Instances are built with
  * a slot for every row and warmed; the cases then take turns in `rounds` rounds, the order flipped
- * each round, so the machine's drift falls on all alike.
+ * each round, so the machine's drift falls on all alike. Then each case's step is profiled
+ * (step_profile.ts): what it asks of the device, its host and its GPU time.
  */
 export async function benchBatch(
   assets: ModelAssets,
@@ -37,7 +39,7 @@ export async function benchBatch(
   steps: number,
   rounds: number,
   graph: GraphOptions,
-): Promise<BatchCase[]> {
+): Promise<{ cases: BatchCase[]; profiles: StepProfile[] }> {
   const prompt = assets.tokenizer.encode(BENCH_PROMPT);
   const instances: ModelInstance[] = [];
   try {
@@ -61,7 +63,9 @@ export async function benchBatch(
       for (const i of order) samples[i].push(await sample(cases[i]));
     }
     const rate = samples.map((s) => spread(s.map((x) => x.tps)));
-    return cases.map((c, i) => {
+    const profiles: StepProfile[] = [];
+    for (const c of cases) profiles.push(await profileSteps(c.inst, prompt, c.batch, steps));
+    const measured = cases.map((c, i) => {
       const first = cases.findIndex((x) => x.batch === c.batch);
       return {
         device,
@@ -75,6 +79,7 @@ export async function benchBatch(
         speedup: rate[i].median / rate[first].median,
       };
     });
+    return { cases: measured, profiles };
   } finally {
     for (const inst of instances) await inst.release();
   }

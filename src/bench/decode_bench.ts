@@ -4,11 +4,15 @@ import { FLOAT_WEIGHTS, type GraphOptions } from "../onnx/format.ts";
 import { type Spread, spread } from "../numeric.ts";
 import { buildInstance, type ModelAssets, type ModelInstance } from "../runtime/engine.ts";
 import { generate } from "../runtime/generate.ts";
-import type { Backend } from "../runtime/ort.ts";
+import { type Backend, isNative } from "../runtime/ort.ts";
 import { DEFAULT_SAMPLING } from "../runtime/sampling.ts";
 
 export interface DecodeCase {
-  /** `native` is onnxruntime-node on the CPU running the identical graph: the reference for WASM. */
+  /**
+   * `native` is onnxruntime-node on the CPU running the identical graph, the reference for WASM;
+   * `native-webgpu` its WebGPU provider (Dawn), the reference for Deno's WebGPU, decoding as WASM does
+   * (caches and logits through host memory: the node binding keeps no output on the GPU).
+   */
   device: Backend;
   plan: string;
   /** Where tokens were chosen: on the GPU with batched readback (WebGPU), or on the host. */
@@ -112,7 +116,7 @@ export async function benchDecode(
       try {
         for (const plan of plans) instances.push(await buildInstance(assets, plan, device, graph));
       } catch (e) {
-        if (device !== "native") throw e;
+        if (!isNative(device)) throw e;
         skipped.push({ device, reason: (e as Error).message.split("\n")[0] });
       }
     }
@@ -135,7 +139,7 @@ export async function benchDecode(
         rounds,
         prefill_ms: spread(samples[i].map((x) => x.prefillMs)),
         tokens_per_second: rate[i],
-        tokens_per_cpu_second: inst.device === "webgpu"
+        tokens_per_cpu_second: inst.device === "webgpu" || inst.device === "native-webgpu"
           ? null
           : spread(samples[i].map((x) => x.tokensPerCpuSecond)),
         speedup: rate[i].median / rate[first].median,

@@ -25,6 +25,7 @@ import { benchOnnxFfn, type OnnxFfnReport } from "./onnx_bench.ts";
 import { checkpointRun, type PresetName, presetRun, PRESETS } from "./shapes.ts";
 import { benchServing, type ServingBench, servingFormats } from "./serving_bench.ts";
 import { checkModelFits } from "../runtime/memory.ts";
+import type { StepProfile } from "./step_profile.ts";
 
 export interface BenchOptions {
   model?: string;
@@ -121,6 +122,8 @@ export interface BenchReport {
   serving?: ServingBench;
   /** Batched decode, unfused against the fused plan, per batch size (with --batch). */
   batched?: BatchCase[];
+  /** Where each batched case's decode step goes (with --batch). */
+  steps?: StepProfile[];
 }
 
 /**
@@ -185,7 +188,10 @@ export async function runBench(
     // WASM always exists, so a WebGPU run also reports the CPU fallback; the GPU is timed on its own
     // (its rounds would otherwise wait on the CPU ones), the CPU backends alternated together.
     const groups: Backend[][] = device === "webgpu" ? [["webgpu"], ["wasm"]] : [["wasm"]];
-    if (opts.native) groups.at(-1)!.push("native");
+    if (opts.native) {
+      groups.at(-1)!.push("native");
+      if (device === "webgpu") groups[0].push("native-webgpu");
+    }
     for (const devices of groups) {
       const format: GraphOptions = devices[0] === "webgpu" ? graph : { ...graph, dtype: "fp32" };
       // Both plans' sessions share one WASM heap here: a model too big for that is left to --formats.
@@ -197,11 +203,12 @@ export async function runBench(
     }
   }
   let batched: BatchCase[] | undefined;
+  let steps: StepProfile[] | undefined;
   if (assets && opts.batch?.length) {
     const format: GraphOptions = device === "webgpu" ? graph : { ...graph, dtype: "fp32" };
     if (fits(format, device)) {
       log(`batched decode on ${device}: batch ${opts.batch.join(", ")}`);
-      batched = await benchBatch(
+      ({ cases: batched, profiles: steps } = await benchBatch(
         assets,
         [{ version: 1, ffn_groups: [] }, { version: 1, ffn_groups: [run.layers] }],
         device,
@@ -209,7 +216,7 @@ export async function runBench(
         opts.decodeTokens,
         opts.rounds,
         format,
-      );
+      ));
     }
   }
   let serving: ServingBench | undefined;
@@ -244,11 +251,13 @@ export async function runBench(
     load,
     serving,
     batched,
+    steps,
   };
 }
 
 const f = (x: number, d = 3) => x.toFixed(d);
 type Spread = DecodeCase["tokens_per_second"];
+const sp = (s: Spread, d = 1) => `${f(s.median, d)} [${f(s.min, d)}-${f(s.max, d)}]`;
 
 /** A readable summary of a report: one table per section. */
 export function formatBench(r: BenchReport): string {
@@ -300,7 +309,6 @@ export function formatBench(r: BenchReport): string {
     );
   }
   if (r.decode.length) {
-    const sp = (s: Spread, d = 1) => `${f(s.median, d)} [${f(s.min, d)}-${f(s.max, d)}]`;
     lines.push(
       "",
       `decode (greedy, warm sessions, plans alternated in ${r.decode[0].rounds} rounds; median [min-max])`,
@@ -318,18 +326,21 @@ export function formatBench(r: BenchReport): string {
       ];
       lines.push(cols.join(" "));
     }
-    for (const n of r.decode.filter((c) => c.device === "native")) {
-      const w = r.decode.find((c) => c.device === "wasm" && c.plan === n.plan);
+    const against = { native: "wasm", "native-webgpu": "webgpu" } as const;
+    for (const n of r.decode.filter((c) => c.device === "native" || c.device === "native-webgpu")) {
+      const ref = against[n.device as keyof typeof against];
+      const w = r.decode.find((c) => c.device === ref && c.plan === n.plan);
       if (!w) continue;
       lines.push(
-        `native/wasm ${n.plan}: decode ${f(n.tokens_per_second.median / w.tokens_per_second.median, 2)}x, ` +
+        `${n.device}/${ref} ${n.plan}: decode ${
+          f(n.tokens_per_second.median / w.tokens_per_second.median, 2)
+        }x, ` +
           `prefill ${f(w.prefill_ms.median / n.prefill_ms.median, 2)}x`,
       );
     }
   }
   for (const s of r.decode_skipped ?? []) lines.push(`(${s.device} decode skipped: ${s.reason})`);
   if (r.batched?.length) {
-    const sp = (s: Spread, d = 1) => `${f(s.median, d)} [${f(s.min, d)}-${f(s.max, d)}]`;
     const b = r.batched[0];
     lines.push(
       "",
@@ -348,6 +359,7 @@ export function formatBench(r: BenchReport): string {
       ].join(" "));
     }
   }
+  lines.push(...formatSteps(r), ...formatPredicted(r));
   if (r.load) {
     lines.push(
       "",
@@ -356,7 +368,6 @@ export function formatBench(r: BenchReport): string {
   }
   const sv = r.serving;
   if (sv) {
-    const sp = (s: Spread, d = 2) => `${f(s.median, d)} [${f(s.min, d)}-${f(s.max, d)}]`;
     lines.push(
       "",
       `served end to end on ${sv.device}, each plan in its own worker: unfused, then ${sv.fused_plan} built as a swap ` +
@@ -378,9 +389,9 @@ export function formatBench(r: BenchReport): string {
         lines.push([
           ...head,
           d.plan.padEnd(19),
-          sp(d.tokens_per_second).padEnd(24),
+          sp(d.tokens_per_second, 2).padEnd(24),
           `${f(d.speedup, 2)}x`.padEnd(10),
-          (d.tokens_per_cpu_second ? sp(d.tokens_per_cpu_second) : "-").padEnd(24),
+          (d.tokens_per_cpu_second ? sp(d.tokens_per_cpu_second, 2) : "-").padEnd(24),
           i === 0 ? f(c.peak_rss_mb / 1000, 2) : "",
         ].join(" "));
       });
@@ -388,4 +399,56 @@ export function formatBench(r: BenchReport): string {
     for (const s of sv.skipped) lines.push(`(${s.format} skipped: ${s.reason})`);
   }
   return lines.join("\n");
+}
+
+/** Where each batched case's step goes: what it asks of the device, host and GPU milliseconds. */
+function formatSteps(r: BenchReport): string[] {
+  if (!r.steps?.length) return [];
+  const n = (x: number | null) => (x === null ? "-" : f(x, x % 1 ? 1 : 0)).padStart(6);
+  const lines = [
+    "",
+    `where a decode step goes (${
+      r.steps[0].steps
+    } steps after a warm-up; per step; host ms leaves out time ` +
+    "inside queue.submit, GPU ms spans the step's commands by timestamp queries)",
+    "device  plan                 batch  nodes  dispatches  submits  readbacks  bind groups  writes  host ms              GPU ms",
+  ];
+  for (const p of r.steps) {
+    lines.push([
+      p.device.padEnd(7),
+      p.plan.padEnd(20),
+      String(p.batch).padEnd(6),
+      String(p.nodes).padStart(5),
+      n(p.dispatches).padStart(11),
+      n(p.submits).padStart(8),
+      n(p.readbacks).padStart(10),
+      n(p.bind_groups).padStart(12),
+      n(p.writes).padStart(7),
+      " " + sp(p.host_ms, 2).padEnd(20),
+      p.gpu_ms ? sp(p.gpu_ms, 2) : "-",
+    ].join(" "));
+  }
+  return lines;
+}
+
+/**
+ * Fusion's end-to-end gain at each batch size beside the one the FFN kernels predict: the fused
+ * group saves (sequential - fused) ms of an unfused step of s ms, so the step should speed up by
+ * s / (s - saving). A measured gain far below the prediction means the step's time is elsewhere.
+ */
+function formatPredicted(r: BenchReport): string[] {
+  const lines: string[] = [];
+  for (const fused of r.batched ?? []) {
+    const unfused = r.batched!.find((c) => c.batch === fused.batch && c.device === fused.device);
+    const kernels = r.ffn_onnx.cases.find((c) => c.tokens === fused.batch);
+    if (!unfused || unfused === fused || !kernels) continue;
+    const step = unfused.ms_per_step.median;
+    const saving = kernels.sequential_ms - kernels.fused_ms;
+    const predicted = step / Math.max(step - saving, 1e-9);
+    lines.push(
+      `fused/unfused at batch ${fused.batch} (${fused.plan}): measured ${f(fused.speedup, 2)}x, predicted ` +
+        `${f(predicted, 2)}x from the FFN graphs (they save ${f(saving, 2)} ms of a ${f(step, 2)} ms step)`,
+    );
+  }
+  return lines.length ? ["", ...lines] : [];
 }

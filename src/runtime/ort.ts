@@ -13,10 +13,14 @@ export type Device = "webgpu" | "wasm";
 export type DeviceRequest = Device | "auto";
 
 /**
- * Where a session runs: a serving device, or native onnxruntime on the CPU (onnxruntime-node), which
- * the benchmark runs on the identical graph to show how far the WASM fallback is from native.
+ * Where a session runs: a serving device, or native onnxruntime (onnxruntime-node) on the CPU or on
+ * its own WebGPU provider (Dawn), which the benchmark runs on the identical graph to show how far the
+ * WASM fallback and Deno's WebGPU are from native.
  */
-export type Backend = Device | "native";
+export type Backend = Device | NativeBackend;
+export type NativeBackend = "native" | "native-webgpu";
+
+export const isNative = (b: Backend): b is NativeBackend => b === "native" || b === "native-webgpu";
 
 /** The onnxruntime API (web and node share it, from onnxruntime-common). */
 export type OrtApi = Pick<typeof ort, "InferenceSession" | "Tensor">;
@@ -43,7 +47,7 @@ export async function createSession(
   options: ort.InferenceSession.SessionOptions,
 ): Promise<ort.InferenceSession> {
   const rt = await runtimeFor(backend);
-  if (backend !== "native") {
+  if (!isNative(backend)) {
     return await rt.InferenceSession.create(model.graph, {
       ...options,
       externalData: model.weights,
@@ -60,7 +64,7 @@ export async function createSession(
 }
 
 export async function runtimeFor(backend: Backend): Promise<OrtApi> {
-  if (backend !== "native") {
+  if (!isNative(backend)) {
     await configure();
     return ort;
   }

@@ -65,7 +65,7 @@ export class ModelSession {
       }
     }
     const session = await createSession(device, graph.model, {
-      executionProviders: [device === "native" ? "cpu" : device],
+      executionProviders: [device === "native" ? "cpu" : device === "native-webgpu" ? "webgpu" : device],
       // One thread, like the WASM build under Deno: the comparison is of the kernels, not of cores.
       ...(device === "native" ? { intraOpNumThreads: 1, interOpNumThreads: 1 } : {}),
       graphOptimizationLevel: "all",

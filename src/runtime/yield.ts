@@ -2,6 +2,10 @@
 const MAX_BUSY_MS = 15;
 
 let lastYield = performance.now();
+let yielded = 0;
+
+/** Milliseconds this thread has spent waiting in yieldIfBusy so far (profiles leave it out of host time). */
+export const yieldedMs = () => yielded;
 
 /**
  * A WASM session run resolves through microtasks alone, so a busy decode loop would starve the
@@ -10,9 +14,11 @@ let lastYield = performance.now();
  * turn is taken once per MAX_BUSY_MS of work rather than once per step.
  */
 export async function yieldIfBusy(): Promise<void> {
-  if (performance.now() - lastYield < MAX_BUSY_MS) return;
+  const t0 = performance.now();
+  if (t0 - lastYield < MAX_BUSY_MS) return;
   await new Promise((resolve) => setTimeout(resolve, 0));
   lastYield = performance.now();
+  yielded += lastYield - t0;
 }
 
 /** Waits for `p`, but no longer than `ms`; the timer never outlives the wait. */
