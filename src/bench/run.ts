@@ -1,6 +1,6 @@
 import { InputError } from "../errors.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
-import { type FusionPlan, planId } from "../fusion/plan.ts";
+import { type FusionPlan, planId, validatePlan } from "../fusion/plan.ts";
 import {
   type FloatType,
   type FormatName,
@@ -127,6 +127,20 @@ export interface BenchReport {
 }
 
 /**
+ * The plans a checkpoint's decode is benchmarked under: unfused, and the group of the benchmarked FFN
+ * layers when they are an attention-free run (a model with attention in every layer, such as a plain
+ * Llama, has none: its FFN graphs are still measured, its decode only unfused).
+ */
+function benchPlans(ckpt: Checkpoint, layers: number[]): FusionPlan[] {
+  const unfused: FusionPlan = { version: 1, ffn_groups: [] };
+  try {
+    return [unfused, validatePlan({ ffn_groups: [layers] }, ckpt.config)];
+  } catch {
+    return [unfused];
+  }
+}
+
+/**
  * The self-benchmark: sequential against fused FFN execution with the WGSL kernels (WebGPU only),
  * the same through onnxruntime-web graphs, and, for a checkpoint, end-to-end decode unfused against
  * the plan that fuses the benchmarked layers.
@@ -180,7 +194,7 @@ export async function runBench(
     }
   };
   if (assets) {
-    const fused: FusionPlan[] = [{ version: 1, ffn_groups: [] }, { version: 1, ffn_groups: [run.layers] }];
+    const fused = benchPlans(assets.checkpoint, run.layers);
     // Each plan once: a frontier plan may be the k-layer group itself.
     const plans = [...fused, ...opts.plans ?? []].filter((p, i, all) =>
       all.findIndex((q) => planId(q) === planId(p)) === i
@@ -210,7 +224,7 @@ export async function runBench(
       log(`batched decode on ${device}: batch ${opts.batch.join(", ")}`);
       ({ cases: batched, profiles: steps } = await benchBatch(
         assets,
-        [{ version: 1, ffn_groups: [] }, { version: 1, ffn_groups: [run.layers] }],
+        benchPlans(assets.checkpoint, run.layers),
         device,
         opts.batch,
         opts.decodeTokens,

@@ -22,14 +22,19 @@ export class OrtBuffers {
 
   static async allocate(bytes: number[]): Promise<OrtBuffers> {
     const g = new GraphBuilder();
-    const zero = { tensor: { dataType: 1, dims: [1], rawData: new Uint8Array(4) } };
+    const zero = g.scalar(0);
     bytes.forEach((b, i) => {
-      g.node("ConstantOfShape", [g.ints([Math.max(1, Math.ceil(b / 4))])], { value: zero }, [`b${i}`]);
-      g.output(`b${i}`, "float32", [Math.max(1, Math.ceil(b / 4))]);
+      const words = Math.max(1, Math.ceil(b / 4));
+      g.node("Expand", [zero, g.ints([words])], {}, [`b${i}`]);
+      g.output(`b${i}`, "float32", [words]);
     });
     const session = await createSession("webgpu", g.encode("fusedge_buffers"), {
       executionProviders: [{ name: "webgpu" }],
       preferredOutputLocation: "gpu-buffer",
+      // Folded as a constant, a model's worth of zeros would be built in the WASM heap; on the
+      // CPU provider the buffers would be made there and copied. Neither: made on the GPU.
+      graphOptimizationLevel: "disabled",
+      extra: { session: { disable_cpu_ep_fallback: "1" } },
       logSeverityLevel: 3,
     });
     const out = await session.run({});
