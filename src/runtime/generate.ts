@@ -192,6 +192,7 @@ export async function* generate(opts: GenerateOptions): AsyncGenerator<Generatio
   });
   const cancel = () => opts.engine.cancel(id);
   opts.signal?.addEventListener("abort", cancel, { once: true });
+  if (opts.signal?.aborted) cancel();
   try {
     for (;;) {
       const e = await events.take();

@@ -4,10 +4,16 @@ import type { FusionPlan } from "../fusion/plan.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
 import type { GraphOptions } from "../onnx/format.ts";
 import type { WeightEntries } from "../onnx/weight_cache.ts";
-import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
+import type { SequenceHandlers } from "./engine_base.ts";
+import {
+  generate,
+  type GenerateParams,
+  type GenerationChunk,
+  type GenerationSummary,
+  type SequenceSink,
+} from "./generate.ts";
 import type { InstanceReply, InstanceRequest, KvSlots } from "./instance_worker.ts";
 import type { Device } from "./ort.ts";
-import { Channel } from "./channel.ts";
 import { fromWorkerError } from "./worker_error.ts";
 import { waitAtMost } from "./yield.ts";
 
@@ -92,9 +98,8 @@ export interface BuildProgress {
  * The serving thread's handle on one plan's worker (see instance_worker.ts): generations are
  * messages in and out, so nothing about building or decoding runs on the serving thread.
  */
-export class RemoteInstance implements PlanInstance {
-  private nextId = 1;
-  private readonly streams = new Map<number, Channel<InstanceReply>>();
+export class RemoteInstance implements PlanInstance, SequenceSink {
+  private readonly streams = new Map<number, SequenceHandlers>();
   private dead: string | null = null;
   kvBytes = 0;
 
@@ -114,7 +119,7 @@ export class RemoteInstance implements PlanInstance {
     worker.onmessage = (e: MessageEvent<InstanceReply>) => {
       const m = e.data;
       if (m.type === "kv") this.kvBytes = m.bytes;
-      else if ("id" in m && m.id !== null) this.streams.get(m.id)?.put(m);
+      else if ("id" in m) this.reply(m);
     };
     worker.onerror = (e) => {
       e.preventDefault();
@@ -205,38 +210,33 @@ export class RemoteInstance implements PlanInstance {
   }
 
   /** Streams one generation; aborting `signal` stops it at its next decode step. */
-  async *generate(
+  generate(
     promptIds: number[],
     params: GenerateParams,
     signal: AbortSignal,
   ): AsyncGenerator<GenerationChunk, GenerationSummary> {
-    if (this.dead) throw new Error(this.dead);
-    const id = this.nextId++;
-    const channel = new Channel<InstanceReply>();
-    this.streams.set(id, channel);
-    const cancel = () => this.send({ type: "cancel", id });
-    signal.addEventListener("abort", cancel, { once: true });
-    let finished = false;
-    try {
-      this.send({ type: "generate", id, promptIds, params });
-      if (signal.aborted) cancel();
-      for (;;) {
-        const m = await channel.take();
-        if (m.type === "chunk") yield m.chunk;
-        else if (m.type === "done") {
-          finished = true;
-          return m.summary;
-        } else if (m.type === "failed") {
-          finished = true;
-          throw fromWorkerError(m);
-        }
-      }
-    } finally {
-      signal.removeEventListener("abort", cancel);
-      // A consumer that stops early (a client gone mid-stream) must not leave the worker decoding.
-      if (!finished && !this.dead) cancel();
-      this.streams.delete(id);
-    }
+    return generate({ engine: this, promptIds, params, signal });
+  }
+
+  /** The worker's engine, seen from here: a sequence in, its handlers called as the replies come. */
+  submit(id: number, promptIds: number[], params: GenerateParams, handlers: SequenceHandlers): void {
+    if (this.dead) return handlers.failed(new Error(this.dead));
+    this.streams.set(id, handlers);
+    this.send({ type: "generate", id, promptIds, params });
+  }
+
+  cancel(id: number): void {
+    if (this.streams.has(id)) this.send({ type: "cancel", id });
+  }
+
+  /** Hands a worker's reply about one sequence to its handlers; the last one lets them go. */
+  private reply(m: Extract<InstanceReply, { id: number | null }>): void {
+    const h = m.id === null ? undefined : this.streams.get(m.id);
+    if (!h) return;
+    if (m.type === "chunk") return h.chunk(m.chunk);
+    this.streams.delete(m.id!);
+    if (m.type === "done") h.done(m.summary);
+    else if (m.type === "failed") h.failed(fromWorkerError(m));
   }
 
   private send(m: InstanceRequest): void {
@@ -245,7 +245,8 @@ export class RemoteInstance implements PlanInstance {
 
   private fail(message: string): void {
     this.dead = message;
-    for (const [id, s] of this.streams) s.put({ type: "failed", id, message, user: false });
+    for (const h of this.streams.values()) h.failed(new Error(message));
+    this.streams.clear();
     this.worker.terminate();
   }
 
