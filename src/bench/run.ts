@@ -363,9 +363,7 @@ export function formatBench(r: BenchReport): string {
     );
     for (const c of r.batched) {
       lines.push([
-        c.device.padEnd(7),
-        c.plan.padEnd(20),
-        String(c.batch).padEnd(6),
+        ...caseCells(c),
         sp(c.tokens_per_second).padEnd(24),
         `${f(c.speedup, 2)}x`.padEnd(8),
         sp(c.ms_per_step, 2).padEnd(20),
@@ -415,6 +413,13 @@ export function formatBench(r: BenchReport): string {
   return lines.join("\n");
 }
 
+/** The cells that name a batched case: device, plan and batch size. */
+const caseCells = (c: { device: string; plan: string; batch: number }) => [
+  c.device.padEnd(7),
+  c.plan.padEnd(20),
+  String(c.batch).padEnd(6),
+];
+
 /** Where each batched case's step goes: what it asks of the device, host and GPU milliseconds. */
 function formatSteps(r: BenchReport): string[] {
   if (!r.steps?.length) return [];
@@ -429,9 +434,7 @@ function formatSteps(r: BenchReport): string[] {
   ];
   for (const p of r.steps) {
     lines.push([
-      p.device.padEnd(7),
-      p.plan.padEnd(20),
-      String(p.batch).padEnd(6),
+      ...caseCells(p),
       String(p.nodes).padStart(5),
       n(p.dispatches).padStart(11),
       n(p.submits).padStart(8),
