@@ -142,7 +142,7 @@ Deno.test("cli bench decode: warm sessions in alternating rounds, median with ra
   assert.equal(r.code, 0, r.stderr);
   const report = JSON.parse(r.stdout);
   const rows = report.decode.map((d: { device: string; plan: string }) => `${d.device} ${d.plan}`);
-  assert.deepEqual(rows, ["wasm unfused", "wasm ffn[7-8]", "native unfused", "native ffn[7-8]"]);
+  assert.deepEqual(rows, ["wasm unfused", "wasm ffn[7-8]", "cpu unfused", "cpu ffn[7-8]"]);
   for (const d of report.decode) {
     assert.equal(d.rounds, 3);
     for (const s of [d.tokens_per_second, d.prefill_ms, d.tokens_per_cpu_second]) {
@@ -153,7 +153,7 @@ Deno.test("cli bench decode: warm sessions in alternating rounds, median with ra
   assert.equal(report.decode[2].speedup, 1);
   const table = await bench([...args, "--rounds", "3", "--native"]);
   assert.equal(table.code, 0, table.stderr);
-  assert.match(table.stdout, /native\/wasm unfused: decode \d+\.\d+x, prefill \d+\.\d+x/);
+  assert.match(table.stdout, /cpu\/wasm unfused: decode \d+\.\d+x, prefill \d+\.\d+x/);
 });
 
 Deno.test("cli bench --formats: each format served end to end in workers, the fused plan built as a swap", async () => {

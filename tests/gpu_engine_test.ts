@@ -1,13 +1,13 @@
 import assert from "node:assert/strict";
-import { planId, UNFUSED, validatePlan } from "../src/fusion/plan.ts";
+import { UNFUSED } from "../src/fusion/plan.ts";
 import { GraphBuilder } from "../src/onnx/builder.ts";
-import { FLOAT_WEIGHTS, formatName, type GraphOptions } from "../src/onnx/format.ts";
+import { FLOAT_WEIGHTS } from "../src/onnx/format.ts";
 import { createSession } from "../src/runtime/ort.ts";
-import { buildInstance, type Engine, loadAssets, type ModelInstance } from "../src/runtime/engine.ts";
-import { generate, type GenerateParams, type GenerationSummary } from "../src/runtime/generate.ts";
-import type { TokenLogprob } from "../src/runtime/logprobs.ts";
+import { buildInstance, loadAssets, type ModelInstance } from "../src/runtime/engine.ts";
+import { generate, type GenerateParams } from "../src/runtime/generate.ts";
 import { DEFAULT_SAMPLING } from "../src/runtime/sampling.ts";
-import { EVAL_TEXT, golden, HAS_WEBGPU, relL2, TINY_NAS } from "./helpers.ts";
+import { FP32_INT4, FP32_INT8, planFormsMatchWasm, runToEnd } from "./engine_helpers.ts";
+import { golden, HAS_WEBGPU, TINY_NAS } from "./helpers.ts";
 import { post, readSse, startServer } from "./server_helpers.ts";
 
 /** Every GPU readback in this process (onnxruntime's included) goes through mapAsync: sizes and overlap. */
@@ -21,21 +21,6 @@ if (HAS_WEBGPU) {
     maxInFlight = Math.max(maxInFlight, ++inFlight);
     return original.apply(this, args).finally(() => inFlight--);
   };
-}
-
-async function run(engine: Engine, prompt: number[], params: Partial<GenerateParams>) {
-  const it = generate({
-    engine,
-    promptIds: prompt,
-    params: { ...DEFAULT_SAMPLING, maxTokens: 24, stop: [], ...params },
-  });
-  const logprobs: TokenLogprob[] = [];
-  let r = await it.next();
-  while (!r.done) {
-    logprobs.push(...r.value.logprobs ?? []);
-    r = await it.next();
-  }
-  return { summary: r.value as GenerationSummary, logprobs };
 }
 
 async function instances(): Promise<
@@ -61,7 +46,7 @@ Deno.test({
     try {
       readbacks.length = 0;
       maxInFlight = 0;
-      const greedy = await run(gpu.engine, prompt, { ignoreEos: true, maxTokens: ids.length });
+      const greedy = await runToEnd(gpu.engine, prompt, { ignoreEos: true, maxTokens: ids.length });
       assert.deepEqual(greedy.summary.ids, ids);
       const vocabBytes = 4096 * 4;
       assert.ok(readbacks.length > 0 && readbacks.every((b) => b < vocabBytes), `read back ${readbacks}`);
@@ -69,8 +54,8 @@ Deno.test({
       // A stop string found at a readback ends the text where WASM's host loop ends it.
       const reasons: string[] = [];
       for (const stop of [["\n"], ["(", "x"], ["):"]]) {
-        const a = await run(gpu.engine, prompt, { stop });
-        const b = await run(wasm.engine, prompt, { stop });
+        const a = await runToEnd(gpu.engine, prompt, { stop });
+        const b = await runToEnd(wasm.engine, prompt, { stop });
         assert.equal(a.summary.text, b.summary.text);
         assert.equal(a.summary.finishReason, b.summary.finishReason);
         reasons.push(a.summary.finishReason);
@@ -92,8 +77,8 @@ Deno.test({
     const { gpu, wasm, prompt } = await instances();
     try {
       const scored = { ignoreEos: true, maxTokens: 8, logprobs: 3 };
-      const a = await run(gpu.engine, prompt, scored);
-      const b = await run(wasm.engine, prompt, scored);
+      const a = await runToEnd(gpu.engine, prompt, scored);
+      const b = await runToEnd(wasm.engine, prompt, scored);
       assert.deepEqual(a.summary.ids, b.summary.ids);
       assert.equal(a.logprobs.length, b.logprobs.length);
       a.logprobs.forEach((lp, i) => {
@@ -112,7 +97,7 @@ Deno.test({
       ];
       for (const mode of modes) {
         const draw = (seed: number) =>
-          run(gpu.engine, prompt, { ...mode, seed, ignoreEos: true, maxTokens: 8 });
+          runToEnd(gpu.engine, prompt, { ...mode, seed, ignoreEos: true, maxTokens: 8 });
         const [x, y, z] = await Promise.all([draw(11), draw(11), draw(12)]);
         assert.deepEqual(
           x.summary.ids,
@@ -124,7 +109,7 @@ Deno.test({
       }
       const seeds = await Promise.all(
         [21, 22, 23, 24].map((seed) =>
-          run(gpu.engine, prompt, { temperature: 1.5, seed, ignoreEos: true, maxTokens: 8 })
+          runToEnd(gpu.engine, prompt, { temperature: 1.5, seed, ignoreEos: true, maxTokens: 8 })
         ),
       );
       assert.ok(new Set(seeds.map((s) => s.summary.ids.join())).size > 1, "different seeds draw differently");
@@ -151,7 +136,7 @@ Deno.test({
       assert.deepEqual(inst.decoder!.layout.buckets, [1, 2]);
       const prompt = assets.tokenizer.encode("def main():\n    x = 1\n");
       const params = { ignoreEos: true, maxTokens: 10 };
-      const five = await Promise.all(Array.from({ length: 5 }, () => run(inst.engine, prompt, params)));
+      const five = await Promise.all(Array.from({ length: 5 }, () => runToEnd(inst.engine, prompt, params)));
       assert.ok(five.every((r) => r.summary.ids.join() === five[0].summary.ids.join()), "greedy: one text");
       assert.ok(inst.engine.peakRows <= 2);
       assert.ok(
@@ -160,7 +145,7 @@ Deno.test({
       );
       // A follow-up extending a finished conversation starts from its kept slot.
       const follow = [...prompt, ...five[0].summary.ids, ...assets.tokenizer.encode("    return")];
-      const again = await run(inst.engine, follow, { maxTokens: 4 });
+      const again = await runToEnd(inst.engine, follow, { maxTokens: 4 });
       assert.equal(again.summary.cachedTokens, prompt.length + 9, "the prompt and the 9 tokens fed back");
       const abort = new AbortController();
       const long = generate({
@@ -174,7 +159,10 @@ Deno.test({
       let r = await long.next();
       while (!r.done) r = await long.next();
       assert.equal(r.value.finishReason, "cancelled");
-      const after = await Promise.all([run(inst.engine, prompt, params), run(inst.engine, prompt, params)]);
+      const after = await Promise.all([
+        runToEnd(inst.engine, prompt, params),
+        runToEnd(inst.engine, prompt, params),
+      ]);
       assert.ok(after.every((x) => x.summary.completionTokens === 10), "both slots serve again");
     } finally {
       await inst.release();
@@ -246,35 +234,6 @@ Deno.test({
       }),
       /assigned to the default CPU EP/,
     );
-    const assets = await loadAssets(TINY_NAS, {}, EVAL_TEXT);
-    const prompt = (await golden(TINY_NAS)).cases[1].input_ids;
-    const plans = [
-      { ffn_groups: [[3, 4, 5], [6, 7, 8]] },
-      { version: 2, attention: { remove: [9] }, ffn_groups: [[8, 9]] },
-      { version: 2, attention: { linear: [2] }, ffn_groups: [[2, 3, 4]] },
-      { version: 2, block_groups: [[9, 10]] },
-    ];
-    const formats: GraphOptions[] = [FLOAT_WEIGHTS, { dtype: "fp32", quantize: "int4" }, {
-      dtype: "fp32",
-      quantize: "int8",
-    }];
-    for (const raw of plans) {
-      for (const format of formats) {
-        const plan = validatePlan(raw, assets.checkpoint.config);
-        const gpu = await buildInstance(assets, plan, "webgpu", format);
-        const wasm = await buildInstance(assets, plan, "wasm", format);
-        try {
-          const name = `${planId(plan)} ${formatName(format)}`;
-          const [a, b] = [await gpu.logitsOf(prompt), await wasm.logitsOf(prompt)];
-          assert.ok(relL2(a, b) < 1e-3, `${name}: logits rel err ${relL2(a, b)}`);
-          const params = { ignoreEos: true, maxTokens: 6 };
-          const [x, y] = [await run(gpu.engine, prompt, params), await run(wasm.engine, prompt, params)];
-          assert.deepEqual(x.summary.ids, y.summary.ids, name);
-        } finally {
-          await gpu.release();
-          await wasm.release();
-        }
-      }
-    }
+    await planFormsMatchWasm("webgpu", [FLOAT_WEIGHTS, FP32_INT4, FP32_INT8]);
   },
 });

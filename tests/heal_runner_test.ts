@@ -10,18 +10,18 @@ import { linear, referenceForward, swigluActivations } from "../src/model/forwar
 import { tensor } from "../src/model/tensor.ts";
 import { rng } from "../src/numeric.ts";
 import { healRunner } from "../src/runtime/heal_runner.ts";
-import { HAS_WEBGPU, relL2, runScript, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
+import { HAS_NATIVE, HAS_WEBGPU, relL2, runScript, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
 
 const windowsOf = (vocab: number, lengths: number[]) => {
   const random = rng(3);
   return lengths.map((n) => Array.from({ length: n }, () => Math.floor(random() * vocab)));
 };
 
-for (const device of ["wasm", "webgpu"] as const) {
+for (const device of ["wasm", "webgpu", "cpu"] as const) {
   Deno.test({
     name:
       `heal runner on ${device}: residual streams gathered through onnxruntime are the float64 reference's (1e-3), through every block kind, up to after the last block`,
-    ignore: device === "webgpu" && !HAS_WEBGPU,
+    ignore: (device === "webgpu" && !HAS_WEBGPU) || (device === "cpu" && !HAS_NATIVE),
     sanitizeResources: false,
     sanitizeOps: false,
     fn: async () => {
@@ -72,7 +72,7 @@ for (const device of ["wasm", "webgpu"] as const) {
   Deno.test({
     name:
       `heal runner on ${device}: candidates' held-out losses (scored on the runner's device) equal the float64 reference's (1e-3)`,
-    ignore: device === "webgpu" && !HAS_WEBGPU,
+    ignore: (device === "webgpu" && !HAS_WEBGPU) || (device === "cpu" && !HAS_NATIVE),
     sanitizeResources: false,
     sanitizeOps: false,
     fn: async () => {
@@ -98,7 +98,7 @@ for (const device of ["wasm", "webgpu"] as const) {
   Deno.test({
     name:
       `heal runner on ${device}: the down projection's statistics from onnxruntime (Gram, cross products, squares of the 1/rms-scaled rows) equal the float64 rows' normal equations`,
-    ignore: device === "webgpu" && !HAS_WEBGPU,
+    ignore: (device === "webgpu" && !HAS_WEBGPU) || (device === "cpu" && !HAS_NATIVE),
     sanitizeResources: false,
     sanitizeOps: false,
     fn: async () => {
@@ -142,7 +142,7 @@ for (const device of ["wasm", "webgpu"] as const) {
   Deno.test({
     name:
       `heal runner on ${device}: the member inputs' statistics from onnxruntime (norm(x) against norm(x_j) - norm(x)) equal the float64 rows' normal equations`,
-    ignore: device === "webgpu" && !HAS_WEBGPU,
+    ignore: (device === "webgpu" && !HAS_WEBGPU) || (device === "cpu" && !HAS_NATIVE),
     sanitizeResources: false,
     sanitizeOps: false,
     fn: async () => {

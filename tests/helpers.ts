@@ -3,7 +3,7 @@ import { fileURLToPath } from "node:url";
 import { encodeSafetensors } from "../src/model/safetensors.ts";
 import { type Tensor, tensor } from "../src/model/tensor.ts";
 import { rng } from "../src/numeric.ts";
-import { webgpuAvailable } from "../src/runtime/ort.ts";
+import { resolveDevice, webgpuAvailable } from "../src/runtime/ort.ts";
 
 export const ROOT = fileURLToPath(new URL("..", import.meta.url));
 export const MODELS = join(ROOT, "models");
@@ -28,6 +28,12 @@ export { relL2 } from "../src/numeric.ts";
 /** WebGPU tests run wherever an adapter exists (lavapipe in CI); they are ignored, loudly, elsewhere. */
 export const HAS_WEBGPU = await webgpuAvailable();
 if (!HAS_WEBGPU) console.warn("no WebGPU adapter: WebGPU tests are skipped (install mesa-vulkan-drivers)");
+
+/** Native onnxruntime (`--device cpu`) tests run where onnxruntime-node loads; elsewhere they are ignored, loudly. */
+export const HAS_NATIVE = await resolveDevice("cpu").then(() => true, (e) => {
+  console.warn(`native onnxruntime does not load here: --device cpu tests are skipped (${e.message})`);
+  return false;
+});
 
 export type LayerDesc = {
   attention: "full" | "none" | "linear";

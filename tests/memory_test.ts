@@ -38,9 +38,15 @@ Deno.test("memory check: a 1B model in fp32 is refused on WASM with the sizes an
       assert.ok(e instanceof InputError);
       assert.match(e.message, /needs 6\.0\d GB of fp32 weights and 8\.59 GB of KV cache \(131072 tokens/);
       assert.match(e.message, /more than WASM's 4\.03 GB heap/);
-      assert.match(e.message, /--device webgpu/);
+      assert.match(e.message, /--device cpu \(native onnxruntime: no heap limit\), --device webgpu/);
       return true;
     },
+  );
+  // Native onnxruntime has no heap limit; it is refused only what the host cannot hold.
+  checkModelFits(cfg, FP32, "cpu", { sequences: 1, freeHostBytes: 20e9 });
+  assert.throws(
+    () => checkModelFits(cfg, FP32, "cpu", { sequences: 1, freeHostBytes: 8e9 }),
+    /needs 6\.0\d GB of fp32 weights and 8\.59 GB of KV cache \(131072 tokens x 1\), more than the 8\.00 GB of memory free here; try --quantize/,
   );
   const short = { ...cfg, maxPositions: 2048 };
   assert.throws(

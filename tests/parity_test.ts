@@ -7,15 +7,15 @@ import { type Device, probeAdapter, resolveDevice, resolveGraphOptions } from ".
 import { validatePlan } from "../src/fusion/plan.ts";
 import { InputError } from "../src/errors.ts";
 import { argmax } from "../src/numeric.ts";
-import { golden, HAS_WEBGPU, relL2, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
+import { golden, HAS_NATIVE, HAS_WEBGPU, relL2, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
 
 /** The engine against golden.json (float64 reference of the same fp16 weights), on both EPs. */
 for (const dir of [TINY_NAS, TINY_LLAMA]) {
-  for (const device of ["wasm", "webgpu"] as Device[]) {
+  for (const device of ["wasm", "webgpu", "cpu"] as Device[]) {
     const name = dir.split("/").pop();
     Deno.test({
       name: `golden parity: ${name} on ${device}: logits within 1e-3, greedy ids exact`,
-      ignore: device === "webgpu" && !HAS_WEBGPU,
+      ignore: (device === "webgpu" && !HAS_WEBGPU) || (device === "cpu" && !HAS_NATIVE),
       sanitizeResources: false,
       sanitizeOps: false,
       fn: async () => {
@@ -107,6 +107,13 @@ Deno.test("dtype: fp16 is refused on WASM, naming the flag", async () => {
     return true;
   });
   assert.deepEqual(await resolveGraphOptions("auto", "int4", "wasm"), { dtype: "fp32", quantize: "int4" });
+  await assert.rejects(resolveGraphOptions("fp16", "none", "cpu"), /--dtype fp16 runs on WebGPU only/);
+  assert.deepEqual(await resolveGraphOptions("auto", "int4", "cpu"), {
+    dtype: "fp32",
+    quantize: "int4",
+    accuracy: 4,
+  });
+  assert.deepEqual(await resolveGraphOptions("auto", "none", "cpu"), { dtype: "fp32", quantize: "none" });
 });
 
 Deno.test("CI has a WebGPU adapter (lavapipe), so the WebGPU tests above really ran", () => {

@@ -15,9 +15,13 @@ import {
   quantize,
   weightBytes,
 } from "../src/onnx/quantize.ts";
-import { resolveDevice } from "../src/runtime/ort.ts";
+import { type Device, resolveDevice, resolveGraphOptions } from "../src/runtime/ort.ts";
 import { disposeCache, ModelSession } from "../src/runtime/session.ts";
-import { golden, HAS_WEBGPU, relL2, TINY_NAS } from "./helpers.ts";
+import { EVAL_TEXT, golden, HAS_NATIVE, HAS_WEBGPU, relL2, TINY_NAS } from "./helpers.ts";
+import { evaluateQuality } from "../src/fusion/evaluate.ts";
+import { textWindows } from "../src/fusion/calibration.ts";
+import { UNFUSED } from "../src/fusion/plan.ts";
+import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
 import { rng } from "../src/numeric.ts";
 
 Deno.test("quantize: per-block symmetric int4/int8 in MatMulNBits' layout, error within half a step", () => {
@@ -56,11 +60,14 @@ async function lastLogits(session: ModelSession, ids: number[]): Promise<Float32
   return logits.subarray(logits.length - session.vocabSize);
 }
 
-const cases: [Quantization, "wasm" | "webgpu", number[][]][] = [
+const cases: [Quantization, Device, number[][]][] = [
   ["int8", "wasm", []],
   ["int4", "wasm", []],
   ["int4", "wasm", [[3, 4, 5], [6, 7, 8]]],
   ["int4", "webgpu", []],
+  ["int8", "cpu", []],
+  ["int4", "cpu", []],
+  ["int4", "cpu", [[3, 4, 5], [6, 7, 8]]],
 ];
 
 for (const [q, device, groups] of cases) {
@@ -68,13 +75,14 @@ for (const [q, device, groups] of cases) {
     name: `quantized ${q} on ${device}${
       groups.length ? " with fused groups" : ""
     }: last logits match the float64 forward of the dequantized weights`,
-    ignore: device === "webgpu" && !HAS_WEBGPU,
+    ignore: (device === "webgpu" && !HAS_WEBGPU) || (device === "cpu" && !HAS_NATIVE),
     sanitizeResources: false,
     sanitizeOps: false,
     fn: async () => {
       const ckpt = await loadCheckpoint(TINY_NAS);
       const blocks = applyPlan(unfusedBlocks(ckpt), validatePlan({ ffn_groups: groups }, ckpt.config));
-      const graph = buildDecoderGraph(ckpt, blocks, { dtype: "fp32", quantize: q });
+      const options = await resolveGraphOptions("fp32", q, device);
+      const graph = buildDecoderGraph(ckpt, blocks, options);
       const float = buildDecoderGraph(ckpt, blocks);
       assert.ok(graph.nodeCount > 0);
       const ratio = storedBytes(graph.model) / storedBytes(float.model);
@@ -91,7 +99,11 @@ for (const [q, device, groups] of cases) {
           { logits: "last" },
         ).logits;
         const err = relL2(got, ref);
-        assert.ok(err < 5e-3, `relative L2 ${err}`);
+        // Native onnxruntime computes in int8 (accuracy level 4: activations rounded per block of 32),
+        // about 1% of the logits; its cost in KL is held to the quality table by the test below.
+        const int8Compute = options.accuracy === 4;
+        assert.ok(err < (int8Compute ? 2e-2 : 5e-3), `relative L2 ${err}`);
+        if (int8Compute) return;
         // The check discriminates: against the unquantized weights the same logits are further off.
         const float64 = referenceForward(ckpt, blocks, ids, { logits: "last" }).logits;
         assert.ok(relL2(got, float64) > 3 * err, `vs float ${relL2(got, float64)}, vs dequantized ${err}`);
@@ -101,3 +113,40 @@ for (const [q, device, groups] of cases) {
     },
   });
 }
+
+Deno.test({
+  name: "quantized on cpu (int8 compute): KL to fp32 within the quality table's bounds for int8 and int4",
+  ignore: !HAS_NATIVE,
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const assets = await loadAssets(TINY_NAS);
+    const windows = await textWindows(EVAL_TEXT, assets.tokenizer, {
+      skip: 512,
+      max: 1024,
+      window: 256,
+    });
+    const vocab = assets.checkpoint.config.vocabSize;
+    const fp32 = await buildInstance(assets, UNFUSED, "cpu");
+    try {
+      // The quality table (8160 tokens, fp32 compute): KL 0.0001 for int8, 0.043 for int4.
+      for (const [q, bound] of [["int8", 0.002], ["int4", 0.06]] as const) {
+        const inst = await buildInstance(assets, UNFUSED, "cpu", await resolveGraphOptions("fp32", q, "cpu"));
+        try {
+          assert.equal(inst.graph.accuracy, 4);
+          const r = await evaluateQuality(
+            windows,
+            vocab,
+            (ids) => inst.logitsOf(ids),
+            (ids) => fp32.logitsOf(ids),
+          );
+          assert.ok(r.kl! < bound && r.kl! > 0, `${q}: KL ${r.kl}`);
+        } finally {
+          await inst.release();
+        }
+      }
+    } finally {
+      await fp32.release();
+    }
+  },
+});

@@ -106,7 +106,7 @@ export async function benchDecode(
   devices: Backend[],
   tokens: number,
   rounds: number,
-  graph: GraphOptions = FLOAT_WEIGHTS,
+  formatOn: (device: Backend) => GraphOptions = () => FLOAT_WEIGHTS,
 ): Promise<DecodeBench> {
   const prompt = assets.tokenizer.encode(BENCH_PROMPT);
   const instances: ModelInstance[] = [];
@@ -114,7 +114,7 @@ export async function benchDecode(
   try {
     for (const device of devices) {
       try {
-        for (const plan of plans) instances.push(await buildInstance(assets, plan, device, graph));
+        for (const plan of plans) instances.push(await buildInstance(assets, plan, device, formatOn(device)));
       } catch (e) {
         if (!isNative(device)) throw e;
         skipped.push({ device, reason: (e as Error).message.split("\n")[0] });

@@ -193,25 +193,38 @@ export async function runBench(
       return false;
     }
   };
+  // The GPU's graphs take the requested float type; the CPU's are fp32 (native quantized ones compute in int8).
+  const formatOn = async (d: Backend) =>
+    d === "webgpu" || d === "native-webgpu" ? graph : await resolveGraphOptions("fp32", graph.quantize, d);
   if (assets) {
     const fused = benchPlans(assets.checkpoint, run.layers);
     // Each plan once: a frontier plan may be the k-layer group itself.
     const plans = [...fused, ...opts.plans ?? []].filter((p, i, all) =>
       all.findIndex((q) => planId(q) === planId(p)) === i
     );
-    // WASM always exists, so a WebGPU run also reports the CPU fallback; the GPU is timed on its own
-    // (its rounds would otherwise wait on the CPU ones), the CPU backends alternated together.
-    const groups: Backend[][] = device === "webgpu" ? [["webgpu"], ["wasm"]] : [["wasm"]];
+    // WASM always exists, so a WebGPU or native run also reports the WASM fallback; the GPU is timed on
+    // its own (its rounds would otherwise wait on the CPU ones), the CPU backends alternated together.
+    const groups: Backend[][] = device === "webgpu" ? [["webgpu"], ["wasm"]] : [[device, "wasm"].filter(
+      (d, i, all) => all.indexOf(d) === i,
+    ) as Backend[]];
     if (opts.native) {
-      groups.at(-1)!.push("native");
+      if (!groups.at(-1)!.includes("cpu")) groups.at(-1)!.push("cpu");
       if (device === "webgpu") groups[0].push("native-webgpu");
     }
     for (const devices of groups) {
-      const format: GraphOptions = devices[0] === "webgpu" ? graph : { ...graph, dtype: "fp32" };
+      const formats = new Map<Backend, GraphOptions>();
+      for (const d of devices) formats.set(d, await formatOn(d));
       // Both plans' sessions share one WASM heap here: a model too big for that is left to --formats.
-      if (!fits(format, devices[0] as Device)) continue;
+      if (!devices.every((d) => d === "native-webgpu" || fits(formats.get(d)!, d))) continue;
       log(`decode on ${devices.join(" and ")}`);
-      const r = await benchDecode(assets, plans, devices, opts.decodeTokens, opts.rounds, format);
+      const r = await benchDecode(
+        assets,
+        plans,
+        devices,
+        opts.decodeTokens,
+        opts.rounds,
+        (d) => formats.get(d)!,
+      );
       decode.push(...r.cases);
       skipped.push(...r.skipped);
     }
@@ -219,7 +232,7 @@ export async function runBench(
   let batched: BatchCase[] | undefined;
   let steps: StepProfile[] | undefined;
   if (assets && opts.batch?.length) {
-    const format: GraphOptions = device === "webgpu" ? graph : { ...graph, dtype: "fp32" };
+    const format = await formatOn(device);
     if (fits(format, device)) {
       log(`batched decode on ${device}: batch ${opts.batch.join(", ")}`);
       ({ cases: batched, profiles: steps } = await benchBatch(
@@ -340,8 +353,8 @@ export function formatBench(r: BenchReport): string {
       ];
       lines.push(cols.join(" "));
     }
-    const against = { native: "wasm", "native-webgpu": "webgpu" } as const;
-    for (const n of r.decode.filter((c) => c.device === "native" || c.device === "native-webgpu")) {
+    const against = { cpu: "wasm", "native-webgpu": "webgpu" } as const;
+    for (const n of r.decode.filter((c) => c.device === "cpu" || c.device === "native-webgpu")) {
       const ref = against[n.device as keyof typeof against];
       const w = r.decode.find((c) => c.device === ref && c.plan === n.plan);
       if (!w) continue;

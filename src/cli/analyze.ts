@@ -5,7 +5,10 @@ import { heatmapSvg } from "../fusion/heatmap.ts";
 import { loadCheckpoint } from "../model/checkpoint.ts";
 import { TextTokenizer } from "../model/tokenizer.ts";
 import { DEFAULT_MODEL_DIR } from "./defaults.ts";
-import { defineCommand } from "./flags.ts";
+import { defineCommand, deviceFlag } from "./flags.ts";
+import { modelFlags } from "./load.ts";
+import { resolveDevice } from "../runtime/ort.ts";
+import { useThreads } from "../runtime/threads.ts";
 import { progressPrinter } from "./progress.ts";
 import { frontierFromText } from "../runtime/plan_scorer.ts";
 import { blockCandidates } from "../fusion/frontier.ts";
@@ -21,8 +24,14 @@ export const analyzeCommand = defineCommand({
     model: z.string().default(DEFAULT_MODEL_DIR).describe("checkpoint directory"),
     text: textFlag,
     svg: z.string().optional().describe("also write the heatmap here"),
+    device: deviceFlag.describe(
+      "where the frontier's candidate plans are scored (the analysis itself is float64)",
+    ),
+    threads: modelFlags.threads,
   }),
   async run(flags) {
+    const device = await resolveDevice(flags.device);
+    await useThreads(device, flags.threads);
     const ckpt = await loadCheckpoint(flags.model);
     checkAnalysisRequest(flags, ckpt.config);
     const tokenizer = await TextTokenizer.load(flags.model);
@@ -45,6 +54,7 @@ export const analyzeCommand = defineCommand({
           maxLossIncrease: flags.max_loss_increase,
           maxWidth: flags.max_width,
           blockGroups: blockCandidates(report.analysis, flags.max_width),
+          device,
         },
         progressPrinter("analyze: frontier plans"),
       );

@@ -6,7 +6,7 @@ import { loadPlanFile, UNFUSED } from "../fusion/plan.ts";
 import { exportCheckpoint, MAX_SHARD_BYTES, sourceDtype } from "../export/write.ts";
 import { buildInstance, loadAssets, type ModelAssets } from "../runtime/engine.ts";
 import type { FusionPlan } from "../fusion/plan.ts";
-import { resolveDevice } from "../runtime/ort.ts";
+import { type DeviceRequest, resolveDevice } from "../runtime/ort.ts";
 import { DEFAULT_CALIBRATION_TEXT, DEFAULT_MODEL_DIR } from "./defaults.ts";
 import { defineCommand, deviceFlag } from "./flags.ts";
 import { progressPrinter } from "./progress.ts";
@@ -15,7 +15,7 @@ import { progressPrinter } from "./progress.ts";
 async function measure(
   assets: ModelAssets,
   plan: FusionPlan,
-  flags: { text: string; eval_tokens: number; device: "auto" | "webgpu" | "wasm" },
+  flags: { text: string; eval_tokens: number; device: DeviceRequest },
 ) {
   const device = await resolveDevice(flags.device);
   const window = Math.min(256, assets.checkpoint.config.maxPositions);

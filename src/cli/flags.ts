@@ -166,7 +166,9 @@ export function commandUsage(command: Command): string {
 }
 
 /** Numbers and integers as flag values: zod checks the ranges, the messages name the flag. */
-export const deviceFlag = z.enum(["auto", "webgpu", "wasm"]).default("auto").describe("where the model runs");
+export const deviceFlag = z.enum(["auto", "webgpu", "wasm", "cpu"]).default("auto").describe(
+  "where the model runs (auto: WebGPU on a GPU, else WASM; cpu: native onnxruntime, fetched on first use)",
+);
 
 export const dtypeFlag = z.enum(["auto", "fp32", "fp16"]).default("auto")
   .describe("float type of weights and activations (auto: fp16 on WebGPU with shader-f16, else fp32)");

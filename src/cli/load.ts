@@ -1,12 +1,12 @@
 import { z } from "zod";
-import { useWasmThreads } from "../runtime/wasm_threads.ts";
+import { useThreads } from "../runtime/threads.ts";
 import { DEFAULT_HEAL, type FusionPlan, loadPlanFile, UNFUSED } from "../fusion/plan.ts";
 import { buildInstance, loadAssets, type ModelAssets, type ModelInstance } from "../runtime/engine.ts";
 import type { FloatType } from "../onnx/format.ts";
 import type { Quantization } from "../onnx/quantize.ts";
 import { loadConfig } from "../model/checkpoint.ts";
 import { checkModelFits } from "../runtime/memory.ts";
-import { adapterMaxBuffer, resolveDevice, resolveGraphOptions } from "../runtime/ort.ts";
+import { adapterMaxBuffer, type DeviceRequest, resolveDevice, resolveGraphOptions } from "../runtime/ort.ts";
 import { DEFAULT_CALIBRATION_TEXT, DEFAULT_MODEL_DIR } from "./defaults.ts";
 import { deviceFlag, dtypeFlag, quantizeFlag } from "./flags.ts";
 
@@ -32,8 +32,8 @@ export const modelFlags = {
   dtype: dtypeFlag,
   quantize: quantizeFlag,
   max_context: z.number().int().min(2).optional().describe("serve a shorter context than the model's"),
-  threads: z.number().int().min(1).max(64).default(1).describe(
-    "WASM threads per model session (onnxruntime's pool; the cores the serving thread can spare)",
+  threads: z.number().int().min(1).max(256).optional().describe(
+    "threads per model session (WASM: default 1, the serving thread keeps a core; cpu: default all cores)",
   ),
   calibration: calibrationFlag,
   heal: healFlag,
@@ -48,7 +48,7 @@ export async function loadModel(
   flags: {
     model: string;
     plan?: string;
-    device: "auto" | "webgpu" | "wasm";
+    device: DeviceRequest;
     dtype: FloatType | "auto";
     quantize: Quantization;
     max_context?: number;
@@ -57,8 +57,8 @@ export async function loadModel(
     heal?: boolean;
   },
 ): Promise<LoadedModel> {
-  await useWasmThreads(flags.threads ?? 1);
   const device = await resolveDevice(flags.device);
+  await useThreads(device, flags.threads);
   const graph = await resolveGraphOptions(flags.dtype, flags.quantize, device);
   const maxContext = flags.max_context;
   // Refused before a single weight is read when it cannot fit.

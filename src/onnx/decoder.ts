@@ -124,7 +124,13 @@ export class DecoderEmitter {
       return this.g.node(
         "MatMulNBits",
         [x, this.g.weight(`${name}.q${bits}`, b), this.g.weight(`${name}.scales`, scales)],
-        { K: k, N: n, bits, block_size: BLOCK },
+        {
+          K: k,
+          N: n,
+          bits,
+          block_size: BLOCK,
+          ...(this.opts.accuracy ? { accuracy_level: this.opts.accuracy } : {}),
+        },
         1,
         "com.microsoft",
       )[0];

@@ -221,7 +221,7 @@ export async function buildInstance(
     assets,
     plan,
     onProgress,
-    device === "webgpu" ? "webgpu" : "wasm",
+    device === "native-webgpu" ? "wasm" : device,
   );
   const cfg = assets.checkpoint.config;
   const onWebgpu = device === "webgpu";

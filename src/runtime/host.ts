@@ -56,7 +56,7 @@ export interface HostOptions {
   calibrationText?: string;
   /** The text of `--chat-template FILE`, which replaces the checkpoint's template. */
   chatTemplate?: string;
-  /** onnxruntime's WASM threads per plan instance (`--threads`). */
+  /** onnxruntime's threads per plan instance (`--threads`; the device's default when absent). */
   threads?: number;
   /** WebGPU: sequences decoding at once, one KV slot each (`--max-active`). */
   slots?: number;
@@ -90,7 +90,7 @@ export class ModelHost {
   private readonly weights: WeightEntries = new Map();
   /** Text a version 2 plan's linear attentions are fitted on (`--calibration`). */
   calibrationText?: string;
-  private threads = 1;
+  private threads?: number;
   private slots?: number;
   private active: Slot | null = null;
   private readonly retiring = new Set<Slot>();
@@ -111,7 +111,7 @@ export class ModelHost {
       this.device = device;
       this.graph = opts.graph;
       this.calibrationText = opts.calibrationText;
-      this.threads = opts.threads ?? 1;
+      this.threads = opts.threads;
       this.slots = opts.slots;
       this.modelDir = dir;
       this.name = modelName(dir);

@@ -14,7 +14,7 @@ import { WeightCache, type WeightEntries } from "../onnx/weight_cache.ts";
 import { assetsFrom, buildInstance, type ModelInstance } from "./engine.ts";
 import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
 import { type Device, resolveDevice } from "./ort.ts";
-import { useWasmThreads } from "./wasm_threads.ts";
+import { useThreads } from "./threads.ts";
 import { toWorkerError, type WorkerError } from "./worker_error.ts";
 
 /** A static KV cache's shape (WebGPU): `count` sequences at once, `tokens` each. */
@@ -82,8 +82,8 @@ const failure = (id: number | null, e: unknown): InstanceReply => ({
 });
 
 async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<void> {
-  await useWasmThreads(req.threads ?? 1);
   const device = await resolveDevice(req.device);
+  await useThreads(device, req.threads);
   const loaded = req.checkpoint
     ? null
     : await loadCheckpoint(req.modelDir, { shared: true, maxContext: req.maxContext });

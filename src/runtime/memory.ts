@@ -62,17 +62,26 @@ export function checkModelFits(
   cfg: ModelConfig,
   g: GraphOptions,
   device: Device,
-  opts: { sequences: number; maxBufferBytes?: number },
+  opts: { sequences: number; maxBufferBytes?: number; freeHostBytes?: number },
 ): MemoryEstimate {
   const est = estimateMemory(cfg, g);
   const kv = est.kvBytesPerToken * cfg.maxPositions * opts.sequences;
+  const free = opts.freeHostBytes ?? Deno.systemMemoryInfo().available;
+  if (device === "cpu" && est.weightBytes + kv > free) {
+    throw new InputError(
+      `the model needs ${gb(est.weightBytes)} of ${formatName(g)} weights and ${gb(kv)} of KV cache ` +
+        `(${cfg.maxPositions} tokens x ${opts.sequences}), more than the ${gb(free)} of memory free here; ` +
+        "try --quantize int8 or int4, or --max-context",
+      "model",
+    );
+  }
   if (device === "wasm" && est.weightBytes + kv > WASM_USABLE_BYTES) {
     const options = (["int8", "int4"] as const)
       .filter((alt) => alt !== g.quantize)
       .map((alt) => ({ alt, need: estimateMemory(cfg, { ...g, quantize: alt }).weightBytes + kv }))
       .filter((o) => o.need <= WASM_USABLE_BYTES)
       .map((o) => `--quantize ${o.alt} (${gb(o.need)})`);
-    options.push("--device webgpu");
+    options.push("--device cpu (native onnxruntime: no heap limit)", "--device webgpu");
     throw new InputError(
       `the model needs ${gb(est.weightBytes)} of ${formatName(g)} weights and ${
         gb(kv)

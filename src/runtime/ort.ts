@@ -9,25 +9,40 @@ import { installFastUploads } from "../webgpu/upload_shim.ts";
 
 export { ort };
 
-export type Device = "webgpu" | "wasm";
+/**
+ * Where a model is served: WebGPU (onnxruntime-web's provider), WASM (onnxruntime-web's CPU build,
+ * one 4 GiB heap), or `cpu`, native onnxruntime (onnxruntime-node: the CPU provider's AVX2/AVX-512
+ * kernels and threads).
+ */
+export type Device = "webgpu" | "wasm" | "cpu";
 export type DeviceRequest = Device | "auto";
 
 /**
- * Where a session runs: a serving device, or native onnxruntime (onnxruntime-node) on the CPU or on
- * its own WebGPU provider (Dawn), which the benchmark runs on the identical graph to show how far the
- * WASM fallback and Deno's WebGPU are from native.
+ * Where a session runs: a serving device, or native onnxruntime's own WebGPU provider (Dawn), which
+ * the benchmark runs on the identical graph to show how far Deno's WebGPU is from native.
  */
-export type Backend = Device | NativeBackend;
-export type NativeBackend = "native" | "native-webgpu";
+export type Backend = Device | "native-webgpu";
+export type NativeBackend = "cpu" | "native-webgpu";
 
-export const isNative = (b: Backend): b is NativeBackend => b === "native" || b === "native-webgpu";
+export const isNative = (b: Backend): b is NativeBackend => b === "cpu" || b === "native-webgpu";
+
+/** Threads native onnxruntime's CPU provider uses per session: the cores this process may use, unless set. */
+let cpuThreadCount = navigator.hardwareConcurrency || 1;
+
+export function useCpuThreads(threads: number): void {
+  cpuThreadCount = threads;
+}
+
+export const cpuThreads = () => cpuThreadCount;
 
 /** The onnxruntime API (web and node share it, from onnxruntime-common). */
 export type OrtApi = Pick<typeof ort, "InferenceSession" | "Tensor">;
 
-// The specifier is computed so that Deno fetches the 110 MB native package only when a benchmark
-// asks for it, never for serving or tests that do not.
-const NATIVE_PACKAGE = ["npm:onnxruntime-node", "1.30.0"].join("@");
+// The specifier is computed so that Deno fetches the 110 MB native package only when `--device cpu`
+// or a benchmark's native column asks for it, never for serving or tests that do not.
+// FUSEDGE_ONNXRUNTIME_NODE names another module (a vendored build; the tests, one that cannot load).
+const NATIVE_PACKAGE = Deno.env.get("FUSEDGE_ONNXRUNTIME_NODE") ??
+  ["npm:onnxruntime-node", "1.30.0"].join("@");
 let native: Promise<OrtApi> | null = null;
 
 /** onnxruntime-node, loaded on first use; rejects where its binary does not run. */
@@ -74,7 +89,7 @@ export async function runtimeFor(backend: Backend): Promise<OrtApi> {
 let configured = false;
 
 /**
- * One-time onnxruntime-web setup for Deno. One WASM thread unless `useWasmThreads` (wasm_threads.ts)
+ * One-time onnxruntime-web setup for Deno. One WASM thread unless `useThreads` (threads.ts)
  * asked for more. The wasm binary is read from the package and handed over as bytes, because the
  * library's own fetch of a file: URL fails inside a `deno compile` binary.
  */
@@ -133,6 +148,18 @@ export async function webgpuAvailable(): Promise<boolean> {
 export async function resolveDevice(request: DeviceRequest): Promise<Device> {
   await configure();
   if (request === "wasm") return "wasm";
+  if (request === "cpu") {
+    await nativeOrt().catch((e) => {
+      native = null;
+      throw new InputError(
+        `--device cpu: native onnxruntime (onnxruntime-node) does not load here: ${
+          (e as Error).message.split("\n")[0]
+        }; use --device wasm or --device webgpu`,
+        "device",
+      );
+    });
+    return "cpu";
+  }
   const kind = await probeAdapter();
   if (request === "webgpu" && kind === "none") {
     throw new InputError("--device webgpu: no WebGPU adapter is available");
@@ -144,7 +171,8 @@ export async function resolveDevice(request: DeviceRequest): Promise<Device> {
 
 /**
  * `--dtype auto` is fp16 on WebGPU when the adapter has `shader-f16` and fp32 otherwise: onnxruntime's
- * WASM kernels compute in fp32, so fp16 there would only add casts.
+ * WASM kernels compute in fp32, so fp16 there would only add casts. Quantized weights on native
+ * onnxruntime compute in int8 (MatMulNBits' accuracy level 4).
  */
 export async function resolveGraphOptions(
   dtype: FloatType | "auto",
@@ -160,5 +188,12 @@ export async function resolveGraphOptions(
       "dtype",
     );
   }
-  return { dtype: dtype === "auto" ? (f16 ? "fp16" : "fp32") : dtype, quantize };
+  return {
+    dtype: dtype === "auto" ? (f16 ? "fp16" : "fp32") : dtype,
+    quantize,
+    // Native int8 compute: 1.6x (int4) to 6x (int8, whose fp32 path has no kernel) faster at the 1B
+    // shape, and tiny-nas' KL to unfused fp32 stays 0.0433 (int4; 0.0430 in fp32 compute) and 0.0003
+    // (int8; 0.0001): bench/results/2026-12-04-cpu-tiny-nas-accuracy-level.txt.
+    ...(device === "cpu" && quantize !== "none" ? { accuracy: 4 as const } : {}),
+  };
 }

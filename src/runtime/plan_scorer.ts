@@ -7,6 +7,7 @@ import { type FusionPlan, UNFUSED } from "../fusion/plan.ts";
 import { unfusedBlocks } from "../model/blocks.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
 import type { TextTokenizer } from "../model/tokenizer.ts";
+import type { Device } from "./ort.ts";
 import { type ModelSession, withScoringSession } from "./session.ts";
 
 /** Held-out tokens each candidate plan is measured on. */
@@ -20,6 +21,8 @@ export interface FrontierRequest {
   /** A perplexity budget in percent for the suggested plan. */
   maxLossIncrease?: number;
   maxWidth: number;
+  /** Where candidates are scored: the serving device (WASM when absent). */
+  device?: Device;
 }
 
 /** Scores plans on held-out text; `unfused` is the model's own loss and perplexity there. */
@@ -30,7 +33,7 @@ export interface PlanScorer {
 }
 
 /**
- * Measures plans through the engine that serves them (onnxruntime on WASM, fp32): each candidate gets
+ * Measures plans through onnxruntime on `device` (WASM by default), fp32: each candidate gets
  * a session, its held-out loss, and KL and top-1 agreement against the unfused model's logits.
  * Linear attentions are fitted once per layer on the calibration text and shared by every plan.
  */
@@ -39,6 +42,7 @@ export async function planScorer(
   tokenizer: TextTokenizer,
   textPath: string,
   calibration: { skip: number; max: number },
+  device: Device = "wasm",
 ): Promise<PlanScorer> {
   const cfg = ckpt.config;
   const window = Math.min(128, cfg.maxPositions);
@@ -53,7 +57,7 @@ export async function planScorer(
   const fits = fitLinearAttention(ckpt, candidates, fitWindows);
   const blocks = unfusedBlocks(ckpt);
   const withPlan = <T>(plan: FusionPlan, use: (s: ModelSession) => Promise<T>) =>
-    withScoringSession(ckpt, applyPlan(blocks, plan, "fused", fits), use);
+    withScoringSession(ckpt, applyPlan(blocks, plan, "fused", fits), use, device);
   const baseLogits = new Map<number[], Float32Array | Float64Array>();
   await withPlan(UNFUSED, async (base) => {
     for (const ids of heldOut) baseLogits.set(ids, await base.logitsOf(ids));
@@ -81,7 +85,7 @@ export async function frontierFromText(
   req: FrontierRequest,
   onProgress?: (done: number, total: number) => void,
 ): Promise<FrontierResult> {
-  const scorer = await planScorer(ckpt, tokenizer, textPath, calibration);
+  const scorer = await planScorer(ckpt, tokenizer, textPath, calibration, req.device);
   const report = await searchFrontier(
     ckpt.config,
     { maxSteps: req.steps, maxWidth: req.maxWidth, blockGroups: req.blockGroups },

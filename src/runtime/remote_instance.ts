@@ -33,7 +33,7 @@ export interface BuildSpec {
   calibrationText?: string;
   /** KV bytes the instance's sequences and its kept prefixes may hold (0: keep no prefix). */
   kvBudgetBytes?: number;
-  /** onnxruntime's WASM threads for this instance's session (1 when absent). */
+  /** onnxruntime's threads for this instance's session (the device's default when absent). */
   threads?: number;
   /** WebGPU: sequences decoding at once, one KV slot each. */
   slots?: number;

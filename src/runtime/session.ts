@@ -8,7 +8,7 @@ import {
   presentKey,
   presentValue,
 } from "../onnx/decoder.ts";
-import { type Backend, createSession, ort, type OrtApi, runtimeFor } from "./ort.ts";
+import { type Backend, cpuThreads, createSession, ort, type OrtApi, runtimeFor } from "./ort.ts";
 import { type BatchCache, disposeBatch, packRows, type RowSource } from "./kv_batch.ts";
 import { yieldIfBusy } from "./yield.ts";
 
@@ -65,9 +65,8 @@ export class ModelSession {
       }
     }
     const session = await createSession(device, graph.model, {
-      executionProviders: [device === "native" ? "cpu" : device === "native-webgpu" ? "webgpu" : device],
-      // One thread, like the WASM build under Deno: the comparison is of the kernels, not of cores.
-      ...(device === "native" ? { intraOpNumThreads: 1, interOpNumThreads: 1 } : {}),
+      executionProviders: [device === "native-webgpu" ? "webgpu" : device],
+      ...(device === "cpu" ? { intraOpNumThreads: cpuThreads(), interOpNumThreads: 1 } : {}),
       graphOptimizationLevel: "all",
       preferredOutputLocation: preferred,
       // Warnings such as "shape ops assigned to CPU" are expected for this graph; errors still show.

@@ -79,7 +79,12 @@ export function analysisRoutes(job: AnalysisRunner, host: ModelHost, textPath: s
         slice: { skip: req.skip_tokens, max: req.max_tokens, window: req.window },
         suggest: { maxWidth: req.max_width, threshold: req.threshold },
         frontier: req.remove_steps > 0
-          ? { steps: req.remove_steps, maxLossIncrease: req.max_loss_increase, maxWidth: req.max_width }
+          ? {
+            steps: req.remove_steps,
+            maxLossIncrease: req.max_loss_increase,
+            maxWidth: req.max_width,
+            device: host.device ?? "wasm",
+          }
           : undefined,
       });
       return c.json({ status: "running" }, 202);

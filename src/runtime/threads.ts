@@ -8,7 +8,7 @@
  * is the file URL itself, which Deno imports (and starts module workers from) like any module.
  */
 import { InputError } from "../errors.ts";
-import { ort } from "./ort.ts";
+import { type Device, ort, useCpuThreads } from "./ort.ts";
 
 const GLUE = new URL(
   "ort-wasm-simd-threaded.asyncify.mjs",
@@ -17,8 +17,17 @@ const GLUE = new URL(
 
 let installed = false;
 
+/**
+ * The threads a device's sessions use in this worker or process (`--threads`): WASM's default is one
+ * (the serving thread keeps a core), native onnxruntime's the cores the process may use.
+ */
+export async function useThreads(device: Device, threads?: number): Promise<void> {
+  if (device === "cpu") return useCpuThreads(threads ?? (navigator.hardwareConcurrency || 1));
+  if (device === "wasm") await useWasmThreads(threads ?? 1);
+}
+
 /** Sets onnxruntime's WASM thread count (before its first session in this worker or process). */
-export async function useWasmThreads(threads: number): Promise<void> {
+async function useWasmThreads(threads: number): Promise<void> {
   ort.env.wasm.numThreads = threads;
   if (threads <= 1 || installed) return;
   installed = true;
