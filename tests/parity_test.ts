@@ -106,7 +106,11 @@ Deno.test("dtype: fp16 is refused on WASM, naming the flag", async () => {
     assert.match(e.message, /--dtype fp16 runs on WebGPU only/);
     return true;
   });
-  assert.deepEqual(await resolveGraphOptions("auto", "int4", "wasm"), { dtype: "fp32", quantize: "int4" });
+  assert.deepEqual(await resolveGraphOptions("auto", "int4", "wasm"), {
+    dtype: "fp32",
+    quantize: "int4",
+    integer: true,
+  });
   await assert.rejects(resolveGraphOptions("fp16", "none", "cpu"), /--dtype fp16 runs on WebGPU only/);
   assert.deepEqual(await resolveGraphOptions("auto", "int4", "cpu"), {
     dtype: "fp32",

@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { loadConfig } from "../src/model/checkpoint.ts";
 import { estimateMemory } from "../src/runtime/memory.ts";
+import { resolveGraphOptions } from "../src/runtime/ort.ts";
 import { moduleUrl, probe, synthCheckpoint } from "./helpers.ts";
 import { post, startServer } from "./server_helpers.ts";
 
@@ -64,7 +65,7 @@ Deno.test({
             assert.equal(health.dtype, "fp32");
             assert.equal(health.quantize, quantize);
             const cfg = await loadConfig(dir, { maxContext: 2048 });
-            const est = estimateMemory(cfg, { dtype: "fp32", quantize }).weightBytes;
+            const est = estimateMemory(cfg, await resolveGraphOptions("fp32", quantize, "wasm")).weightBytes;
             assert.ok(Math.abs(health.weight_bytes - est) / est < 0.01, `${health.weight_bytes} vs ${est}`);
             const tokens = FULL ? 16 : 2;
             const res = await post(server.base, "/v1/completions", {

@@ -5,7 +5,7 @@ const { onnx } = onnxProto;
 const DataType = onnx.TensorProto.DataType;
 const AttrType = onnx.AttributeProto.AttributeType;
 
-export type ElemType = "float32" | "float16" | "int64" | "int32" | "bool" | "uint8";
+export type ElemType = "float32" | "float16" | "int64" | "int32" | "bool" | "uint8" | "int8";
 
 const ELEM: Record<ElemType, number> = {
   float32: DataType.FLOAT,
@@ -14,6 +14,7 @@ const ELEM: Record<ElemType, number> = {
   int32: DataType.INT32,
   bool: DataType.BOOL,
   uint8: DataType.UINT8,
+  int8: DataType.INT8,
 };
 
 /** One external-data file: a weight's bytes under the path its initializer names. */
@@ -140,6 +141,17 @@ export class GraphBuilder {
       dataType: DataType.INT64,
       rawData: new Uint8Array(data.buffer),
     });
+    this.constCache.set(key, name);
+    return name;
+  }
+
+  /** A uint8 scalar constant (a zero point), shared between all uses of the same value. */
+  byte(value: number): string {
+    const key = `u8:${value}`;
+    const hit = this.constCache.get(key);
+    if (hit) return hit;
+    const name = this.name("const_u8");
+    this.initializers.push({ name, dims: [], dataType: DataType.UINT8, rawData: Uint8Array.of(value) });
     this.constCache.set(key, name);
     return name;
   }

@@ -6,7 +6,15 @@ import { f32ToF16 } from "../model/dtype.ts";
 import { lazyTensor, type Tensor, transpose2d } from "../model/tensor.ts";
 import { type EncodedModel, GraphBuilder } from "./builder.ts";
 import { FLOAT_WEIGHTS, formatName, type GraphOptions } from "./format.ts";
-import { BITS, BLOCK, quantizable, quantize } from "./quantize.ts";
+import {
+  BITS,
+  BLOCK,
+  integerBlock,
+  quantizable,
+  quantize,
+  quantizeColumns,
+  quantizeRows,
+} from "./quantize.ts";
 import { type Allocator, type StoredWeight, WeightCache } from "./weight_cache.ts";
 
 /** Optimum's names, so that tooling written for exported decoders recognises ours. */
@@ -48,7 +56,7 @@ export interface Residual {
 type FfnConfig = Pick<ModelConfig, "hidden" | "rmsEps">;
 
 /** ONNX TensorProto type numbers, for Cast. */
-const CAST_TO = { float32: 1, float16: 10 } as const;
+const CAST_TO = { float32: 1, uint8: 2, float16: 10 } as const;
 
 /** Float data in the graph's float type, allocated where the cache keeps it. */
 function asFloat(data: Float32Array, half: boolean, alloc: Allocator) {
@@ -106,6 +114,7 @@ export class DecoderEmitter {
   linear(x: string, w: Tensor, name: string): string {
     const q = this.opts.quantize;
     const [n, k] = w.shape;
+    if (q !== "none" && quantizable(w) && this.opts.integer) return this.integerLinear(x, w, name, q);
     if (q !== "none" && quantizable(w)) {
       const bits = BITS[q];
       const blocks = k / BLOCK;
@@ -141,6 +150,83 @@ export class DecoderEmitter {
       return { dims: [k, n], ...asFloat(transposed, this.half, alloc) };
     });
     return this.g.op("MatMul", [x, this.g.weight(name, t)]);
+  }
+
+  /** Activations rounded to int8 per row and block, shared by every linear that reads them in that block. */
+  private readonly blockQuantized = new Map<string, { xq: string; scale: string; lead: string }>();
+
+  /**
+   * x @ W^T through MatMulInteger (the integer path, GraphOptions.integer). Each row of x is cut into
+   * blocks along K (integerBlock) and each block rounded to int8 with its own scale: one scale a row
+   * left the down projection's input (a few large products of gate and up among thousands of small
+   * ones) 10x further from fp32 than the weights' rounding. A row never depends on what else is in
+   * the batch. The blocks are MatMulInteger's batch, [K/B, rows, B] x [K/B, B, N] -> int32 sums a block,
+   * scaled by their block's scale and summed in fp32. Activations are stored as uint8 about the zero
+   * point 128: onnxruntime's WASM SIMD kernel takes uint8 x int8; int8 x int8 has none and is 8x slower.
+   * W is int8 per output column and block.
+   */
+  private integerLinear(x: string, w: Tensor, name: string, q: "int8" | "int4"): string {
+    const g = this.g;
+    const [n, k] = w.shape;
+    const block = integerBlock(n, k);
+    const blocks = k / block;
+    let cols: ReturnType<typeof quantizeColumns> | null = null;
+    const pack = (alloc: Allocator) => (cols ??= quantizeColumns(w, q, block, alloc));
+    const key = `${name}.i8c${BITS[q]}`;
+    const wq = this.cache.get(
+      key,
+      (alloc) => ({ elem: "int8", dims: [blocks, block, n], data: pack(alloc).q }),
+    );
+    const ws = this.cache.get(`${key}.scales`, (alloc) => ({
+      elem: "float32",
+      dims: [blocks, 1, n],
+      data: pack(alloc).scales,
+    }));
+    let act = this.blockQuantized.get(`${x}/${block}`);
+    if (!act) {
+      const lead = g.op("Shape", [x], { end: -1 });
+      const split = g.op("Transpose", [g.op("Reshape", [x, g.ints([-1, blocks, block])])], {
+        perm: [1, 0, 2],
+      });
+      const amax = g.op("ReduceMax", [g.op("Abs", [split])], { axes: [-1], keepdims: 1 });
+      const scale = g.op("Mul", [g.op("Max", [amax, g.scalar(1e-30)]), g.scalar(1 / 127)]);
+      const rounded = g.op("Round", [g.op("Div", [split, scale])]);
+      const xq = g.op("Cast", [g.op("Add", [rounded, g.scalar(128)])], { to: CAST_TO.uint8 });
+      act = { xq, scale, lead };
+      this.blockQuantized.set(`${x}/${block}`, act);
+    }
+    const sums = g.op("MatMulInteger", [act.xq, g.weight(key, wq), g.byte(128)]);
+    const scaled = g.op("Mul", [g.op("Cast", [sums], { to: CAST_TO.float32 }), act.scale]);
+    const both = g.op("Mul", [scaled, g.weight(`${key}.scales`, ws)]);
+    const y = g.op("ReduceSum", [both, g.ints([0])], { keepdims: 0 });
+    return g.op("Reshape", [y, g.op("Concat", [act.lead, g.ints([n])], { axis: 0 })]);
+  }
+
+  /** Token ids to their embeddings: a Gather of the table, in int8 per row on the integer path. */
+  embed(ids: string, table: Tensor): string {
+    const g = this.g;
+    if (!this.opts.integer || this.opts.quantize === "none") {
+      return g.op("Gather", [g.weight("embed_tokens", this.floatWeight("embed_tokens", table)), ids], {
+        axis: 0,
+      });
+    }
+    let rows: ReturnType<typeof quantizeRows> | null = null;
+    const pack = (alloc: Allocator) => (rows ??= quantizeRows(table, alloc));
+    const q = this.cache.get(
+      "embed_tokens.i8r",
+      (alloc) => ({ elem: "int8", dims: [...table.shape], data: pack(alloc).q }),
+    );
+    const s = this.cache.get("embed_tokens.i8r.scales", (alloc) => ({
+      elem: "float32",
+      dims: [table.shape[0]],
+      data: pack(alloc).scales,
+    }));
+    const picked = g.op("Gather", [g.weight("embed_tokens.i8r", q), ids], { axis: 0 });
+    const scale = g.op("Unsqueeze", [
+      g.op("Gather", [g.weight("embed_tokens.i8r.scales", s), ids], { axis: 0 }),
+      g.ints([-1]),
+    ]);
+    return g.op("Mul", [g.op("Cast", [picked], { to: CAST_TO.float32 }), scale]);
   }
 
   private gain(gain: Float32Array, name: string): string {
@@ -324,8 +410,7 @@ function decoderFront(e: DecoderEmitter, ckpt: Checkpoint, blocks: Block[]) {
     g.input(pastValue(layer), e.act, ["batch_size", kvHeads, "past_sequence_length", cfg.headDim]);
   }
   const shared = cache.length ? e.rotaryTables() : { cos: "", sin: "" };
-  const embed = e.floatWeight("embed_tokens", ckpt.embed);
-  const x = g.op("Gather", [g.weight("embed_tokens", embed), inputIds], { axis: 0 });
+  const x = e.embed(inputIds, ckpt.embed);
   return { cache, shared, seq, residual: { base: x, delta: null } as Residual };
 }
 

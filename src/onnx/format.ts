@@ -13,6 +13,12 @@ export interface GraphOptions {
    * leaves the choice to the provider.
    */
   accuracy?: 0 | 4;
+  /**
+   * Where quantized weights go through integer GEMMs instead of MatMulNBits (WASM, whose MatMulNBits
+   * dequantizes every weight to fp32 on every call): int8 weights per output column, activations
+   * rounded to int8 per row, MatMulInteger's int32 sums, and the embedding in int8 per row too.
+   */
+  integer?: boolean;
 }
 
 export const FLOAT_WEIGHTS: GraphOptions = { dtype: "fp32", quantize: "none" };

@@ -63,6 +63,70 @@ export function quantize(
   return { n, k, bits, packed, scales };
 }
 
+/** Bytes of int32 block sums a row of activations may produce on the integer path. */
+const BLOCK_SUMS_BYTES = 4 << 20;
+
+/**
+ * The block along K of the integer path (activations and weights) for a [N, K] weight: 32, the block
+ * whose activation rounding costs what native onnxruntime's int8 compute does (tiny-nas' KL to fp32
+ * 0.0003; one scale a row: 0.0015), doubled while a row's int32 sums (K / block x N of them) would pass
+ * 4 MB: a 128K-vocabulary head at batch 8 would otherwise hold 256 MB of them on a 4 GiB heap.
+ */
+export function integerBlock(n: number, k: number): number {
+  let block = 32;
+  while ((k / block) * n * 4 > BLOCK_SUMS_BYTES && k % (block * 2) === 0) block *= 2;
+  return block;
+}
+
+/**
+ * A [N, K] weight for MatMulInteger: transposed to [K, N] int8, symmetric per output column and block
+ * of `block` along K (scale max|w| / 127, [K / block, N] of them). int4 weights are first rounded to
+ * their MatMulNBits blocks and back, so that an int4 model computes on WASM's integer kernel with int4's
+ * values (at int8's size in memory).
+ */
+export function quantizeColumns(
+  w: Tensor,
+  q: Exclude<Quantization, "none">,
+  block: number,
+  alloc: { i8(n: number): Int8Array<ArrayBufferLike>; f32(n: number): Float32Array<ArrayBufferLike> } = {
+    i8: (n) => new Int8Array(n),
+    f32: (n) => new Float32Array(n),
+  },
+): { q: Int8Array<ArrayBufferLike>; scales: Float32Array<ArrayBufferLike> } {
+  const src = q === "int4" ? dequantize(quantize(w, 4)) : w;
+  const [n, k] = w.shape;
+  const data = src.data;
+  const out = alloc.i8(n * k);
+  const scales = alloc.f32((k / block) * n);
+  for (let row = 0; row < n; row++) {
+    for (let b = 0; b < k / block; b++) {
+      let amax = 0;
+      const at = row * k + b * block;
+      for (let i = 0; i < block; i++) amax = Math.max(amax, Math.abs(data[at + i]));
+      const scale = Math.fround(amax / 127) || 1;
+      scales[b * n + row] = scale;
+      for (let i = 0; i < block; i++) out[(b * block + i) * n + row] = Math.round(data[at + i] / scale);
+    }
+  }
+  return { q: out, scales };
+}
+
+/** The float weights a column-quantized weight stands for, in the checkpoint's [N, K] layout. */
+export function dequantizeColumns(
+  c: { q: Int8Array<ArrayBufferLike>; scales: Float32Array<ArrayBufferLike> },
+  n: number,
+  k: number,
+  block: number,
+): Tensor {
+  const data = new Float32Array(n * k);
+  for (let row = 0; row < n; row++) {
+    for (let i = 0; i < k; i++) {
+      data[row * k + i] = c.q[i * n + row] * c.scales[Math.floor(i / block) * n + row];
+    }
+  }
+  return { shape: [n, k], data };
+}
+
 /** The float weights a packed weight stands for: what the quantized graph computes with. */
 export function dequantize(p: PackedWeight): Tensor {
   const blocks = p.k / BLOCK;
@@ -82,20 +146,28 @@ export function dequantize(p: PackedWeight): Tensor {
   return { shape: [p.n, p.k], data };
 }
 
-/** Bytes a [N, K] weight takes in the graph in a weight format (scales are in the float type). */
+/**
+ * Bytes a [N, K] weight takes in the graph in a weight format: per block of 32 with scales in the float
+ * type (MatMulNBits), or one int8 a weight and a float scale a column (the integer path, int4 too).
+ */
 export function weightBytes(n: number, k: number, g: GraphOptions): number {
   const f = g.dtype === "fp16" ? 2 : 4;
   if (g.quantize === "none" || k % BLOCK !== 0) return n * k * f;
+  if (g.integer) return n * k + (k / integerBlock(n, k)) * n * 4;
   return (n * k * BITS[g.quantize]) / 8 + (n * k / BLOCK) * f;
 }
 
-/**
- * The blocks with every weight the graph would quantize replaced by its dequantized form: the float64
- * reference of these is what a quantized session must reproduce (apply after fusion, as the graph does).
- */
-export function dequantizedBlocks(blocks: Block[], q: Quantization): Block[] {
-  if (q === "none") return blocks;
-  const dq = (w: Tensor) => (quantizable(w) ? dequantize(quantize(w, BITS[q])) : w);
+/** A weight as a quantized graph computes with it: per block (MatMulNBits) or per column (integer GEMMs). */
+function dequantized(w: Tensor, q: Exclude<Quantization, "none">, integer: boolean): Tensor {
+  if (!quantizable(w)) return w;
+  if (!integer) return dequantize(quantize(w, BITS[q]));
+  const block = integerBlock(w.shape[0], w.shape[1]);
+  return dequantizeColumns(quantizeColumns(w, q, block), w.shape[0], w.shape[1], block);
+}
+
+/** The blocks with every weight the graph would quantize replaced by its dequantized form. */
+function dequantizedBlocks(blocks: Block[], q: Exclude<Quantization, "none">, integer: boolean): Block[] {
+  const dq = (w: Tensor) => dequantized(w, q, integer);
   const ffn = (b: FfnBlock): FfnBlock => ({ ...b, gate: dq(b.gate), up: dq(b.up), down: dq(b.down) });
   const each = (b: Block): Block => {
     switch (b.kind) {
@@ -116,7 +188,54 @@ export function dequantizedBlocks(blocks: Block[], q: Quantization): Block[] {
   return blocks.map(each);
 }
 
-/** The LM head as the quantized graph computes with it. */
-export function dequantizedHead(lmHead: Tensor, q: Quantization): Tensor {
-  return q === "none" || !quantizable(lmHead) ? lmHead : dequantize(quantize(lmHead, BITS[q]));
+/** An embedding table in int8, symmetric per row (one token's vector): the integer path's Gather. */
+export function quantizeRows(
+  t: Tensor,
+  alloc: { i8(n: number): Int8Array<ArrayBufferLike>; f32(n: number): Float32Array<ArrayBufferLike> } = {
+    i8: (n) => new Int8Array(n),
+    f32: (n) => new Float32Array(n),
+  },
+) {
+  const [rows, d] = t.shape;
+  const q = alloc.i8(rows * d);
+  const scales = alloc.f32(rows);
+  for (let r = 0; r < rows; r++) {
+    let amax = 0;
+    for (let i = 0; i < d; i++) amax = Math.max(amax, Math.abs(t.data[r * d + i]));
+    const scale = Math.fround(amax / 127) || 1;
+    scales[r] = scale;
+    for (let i = 0; i < d; i++) q[r * d + i] = Math.round(t.data[r * d + i] / scale);
+  }
+  return { q, scales };
+}
+
+/** The embedding as the integer path computes with it. */
+function dequantizedEmbedding(t: Tensor): Tensor {
+  const { q, scales } = quantizeRows(t);
+  const d = t.shape[1];
+  const data = new Float32Array(q.length);
+  for (let i = 0; i < q.length; i++) data[i] = q[i] * scales[Math.floor(i / d)];
+  return { shape: t.shape, data };
+}
+
+/**
+ * A model's weights as a graph in these options computes with them (blocks after fusion, as the graph
+ * takes them): the float64 reference of this is what a quantized session must reproduce, up to the
+ * activations' rounding where the compute is int8 (GraphOptions.integer and accuracy 4).
+ */
+export function dequantizedModel<C extends { embed: Tensor; lmHead: Tensor }>(
+  checkpoint: C,
+  blocks: Block[],
+  g: GraphOptions,
+): { checkpoint: C; blocks: Block[] } {
+  if (g.quantize === "none") return { checkpoint, blocks };
+  const integer = g.integer ?? false;
+  return {
+    checkpoint: {
+      ...checkpoint,
+      embed: integer ? dequantizedEmbedding(checkpoint.embed) : checkpoint.embed,
+      lmHead: dequantized(checkpoint.lmHead, g.quantize, integer),
+    },
+    blocks: dequantizedBlocks(blocks, g.quantize, integer),
+  };
 }

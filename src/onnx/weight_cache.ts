@@ -1,5 +1,5 @@
 /** Element types a stored weight can have in the graph. */
-export type WeightElem = "float32" | "float16" | "uint8";
+export type WeightElem = "float32" | "float16" | "uint8" | "int8";
 
 /** A weight as the graph stores it: the bytes of its external-data file, with their type and dims. */
 export interface StoredWeight {
@@ -8,7 +8,7 @@ export interface StoredWeight {
   bytes: Uint8Array;
 }
 
-export type WeightArray = Float32Array | Uint16Array | Uint8Array;
+export type WeightArray = Float32Array | Uint16Array | Uint8Array | Int8Array;
 
 /** How a cache miss makes a weight: it allocates through `alloc`, so new weights land where the cache keeps them. */
 export type WeightMaker = (alloc: Allocator) => { elem: WeightElem; dims: number[]; data: WeightArray };
@@ -17,6 +17,7 @@ export interface Allocator {
   f32(n: number): Float32Array;
   u16(n: number): Uint16Array;
   u8(n: number): Uint8Array;
+  i8(n: number): Int8Array;
 }
 
 function allocator(shared: boolean): Allocator {
@@ -25,6 +26,7 @@ function allocator(shared: boolean): Allocator {
     f32: (n) => new Float32Array(buffer(n * 4)),
     u16: (n) => new Uint16Array(buffer(n * 2)),
     u8: (n) => new Uint8Array(buffer(n)),
+    i8: (n) => new Int8Array(buffer(n)),
   };
 }
 

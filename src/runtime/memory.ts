@@ -17,7 +17,8 @@ export interface MemoryEstimate {
 export function estimateMemory(cfg: ModelConfig, g: GraphOptions): MemoryEstimate {
   const d = cfg.hidden;
   const f = g.dtype === "fp16" ? 2 : 4;
-  const embed = cfg.vocabSize * d * f;
+  // The integer path keeps the embedding in int8 a value and a float scale a row.
+  const embed = g.integer && g.quantize !== "none" ? cfg.vocabSize * (d + 4) : cfg.vocabSize * d * f;
   const head = weightBytes(cfg.vocabSize, d, g);
   let total = embed + head + d * f;
   let kv = 0;
@@ -78,7 +79,11 @@ export function checkModelFits(
   if (device === "wasm" && est.weightBytes + kv > WASM_USABLE_BYTES) {
     const options = (["int8", "int4"] as const)
       .filter((alt) => alt !== g.quantize)
-      .map((alt) => ({ alt, need: estimateMemory(cfg, { ...g, quantize: alt }).weightBytes + kv }))
+      // WASM serves quantized weights on its integer path (int4 at int8's size).
+      .map((alt) => ({
+        alt,
+        need: estimateMemory(cfg, { ...g, quantize: alt, integer: true }).weightBytes + kv,
+      }))
       .filter((o) => o.need <= WASM_USABLE_BYTES)
       .map((o) => `--quantize ${o.alt} (${gb(o.need)})`);
     options.push("--device cpu (native onnxruntime: no heap limit)", "--device webgpu");

@@ -172,7 +172,7 @@ export async function resolveDevice(request: DeviceRequest): Promise<Device> {
 /**
  * `--dtype auto` is fp16 on WebGPU when the adapter has `shader-f16` and fp32 otherwise: onnxruntime's
  * WASM kernels compute in fp32, so fp16 there would only add casts. Quantized weights on native
- * onnxruntime compute in int8 (MatMulNBits' accuracy level 4).
+ * onnxruntime compute in int8 (MatMulNBits' accuracy level 4), on WASM through integer GEMMs.
  */
 export async function resolveGraphOptions(
   dtype: FloatType | "auto",
@@ -195,5 +195,8 @@ export async function resolveGraphOptions(
     // shape, and tiny-nas' KL to unfused fp32 stays 0.0433 (int4; 0.0430 in fp32 compute) and 0.0003
     // (int8; 0.0001): bench/results/2026-12-04-cpu-tiny-nas-accuracy-level.txt.
     ...(device === "cpu" && quantize !== "none" ? { accuracy: 4 as const } : {}),
+    // WASM's MatMulNBits dequantizes every weight to fp32 on every call (10-17x slower than fp32):
+    // its quantized weights go through MatMulInteger, which has a WASM SIMD kernel.
+    ...(device === "wasm" && quantize !== "none" ? { integer: true } : {}),
   };
 }

@@ -25,7 +25,8 @@ export function bucketsFor(slots: number): number[] {
   return [...out, slots];
 }
 
-type Elem = WeightElem | "int32";
+/** WebGPU graphs never take int8 weights (the integer path is WASM's and native's). */
+type Elem = Exclude<WeightElem, "int8"> | "int32";
 
 interface KvPair {
   key: GPUBuffer;
@@ -98,7 +99,7 @@ export class SlotDecoder {
       const w = graph.model.weightInputs.get(name)!;
       const buffer = buffers.buffer(at++);
       writePadded(device, buffer, w.bytes);
-      weights[name] = view(buffer, w.elem, w.dims);
+      weights[name] = view(buffer, w.elem as Elem, w.dims);
     }
     const pool = new Map<number, KvPair>();
     const scratch = new Map<number, KvPair>();
