@@ -8,7 +8,8 @@
  * and the server's CPU seconds per 1000 decoded tokens (from /proc). Prints a JSON report and a table.
  *
  *   scripts/deno run -A scripts/cpu_paths.ts --model DIR [--paths wasm:fp32,wasm:int8,cpu:fp32,cpu:int8,cpu:int4]
- *     [--threads N] [--max-context 1024] [--tokens 32] [--batch 8] [--prefill 128] [--rounds 3] [--out FILE]
+ *     [--threads N] [--max-context 1024] [--tokens 32] [--batch 8] [--prefill 128] [--rounds 3]
+ *     [--temperature 0.8] [--out FILE]
  *
  * A path whose server refuses the model (too big for WASM's heap, no native onnxruntime) is listed with
  * its reason. Paths are loaded one at a time and stay up together: the machine must hold all of them.
@@ -28,6 +29,7 @@ const values = scriptFlags({
   tokens: { type: "string", default: "32" },
   batch: { type: "string", default: "8" },
   prefill: { type: "string", default: "128" },
+  temperature: { type: "string", default: "0.8" },
   rounds: { type: "string", default: "3" },
   out: { type: "string" },
 });
@@ -35,6 +37,7 @@ const tokens = positive("tokens", values.tokens!);
 const batch = positive("batch", values.batch!);
 const prefill = positive("prefill", values.prefill!);
 const rounds = positive("rounds", values.rounds!);
+const temperature = Number(values.temperature);
 const paths = values.paths!.split(",").map((p) => {
   const [device, weights] = p.split(":");
   if (!["wasm", "cpu"].includes(device) || !["fp32", "int8", "int4"].includes(weights)) {
@@ -122,7 +125,7 @@ async function stream(s: Server, prompt: string, maxTokens: number) {
   const res = await fetch(`${s.url}/v1/completions`, {
     method: "POST",
     headers: { "content-type": "application/json" },
-    body: JSON.stringify({ prompt, max_tokens: maxTokens, temperature: 0.8, seed: nonce, stream: true }),
+    body: JSON.stringify({ prompt, max_tokens: maxTokens, temperature, seed: nonce, stream: true }),
   });
   if (res.status !== 200) throw new Error(`${s.name}: status ${res.status}: ${await res.text()}`);
   const times: number[] = [];
@@ -216,6 +219,7 @@ try {
     batch,
     prefill,
     rounds,
+    temperature,
     rows,
     skipped,
   };

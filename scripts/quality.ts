@@ -84,10 +84,9 @@ const evalArgs = [
   values.eval!,
   "--skip-tokens",
   values.calibration!,
-  "--device",
-  "wasm",
 ];
-const rows = [await cli(["eval", ...evalArgs])];
+const onWasm = [...evalArgs, "--device", "wasm"];
+const rows = [await cli(["eval", ...onWasm])];
 const dir = await Deno.makeTempDir();
 const planFiles: string[] = [];
 const stepsOf = new Map<unknown, number>([[rows[0], 0]]);
@@ -95,19 +94,20 @@ for (const [i, plan] of plans.entries()) {
   const file = join(dir, `plan${i}.json`);
   planFiles.push(file);
   await Deno.writeTextFile(file, JSON.stringify(plan));
-  const row = { ...(await cli(["eval", ...evalArgs, "--plan", file])), suggested: i === 0 };
+  const row = { ...(await cli(["eval", ...onWasm, "--plan", file])), suggested: i === 0 };
   stepsOf.set(row, stepsRemoved(plan));
   rows.push(row);
 }
-// Quantization composes with fusion: each weight format unfused and under the suggested plan.
-for (const q of ["int8", "int4"]) {
-  const unfused = await cli(["eval", ...evalArgs, "--quantize", q]);
-  const fused = {
-    ...(await cli(["eval", ...evalArgs, "--quantize", q, "--plan", planFiles[0]])),
-    suggested: true,
-  };
-  stepsOf.set(unfused, 0).set(fused, stepsRemoved(plans[0]));
-  rows.push(unfused, fused);
+// Quantization composes with fusion: each weight format unfused and under the suggested plan, on each
+// CPU device, which computes it differently (WASM: integer GEMMs; native: MatMulNBits in int8).
+for (const device of ["wasm", "cpu"]) {
+  for (const q of ["int8", "int4"]) {
+    const args = [...evalArgs, "--device", device, "--quantize", q];
+    const unfused = await cli(["eval", ...args]);
+    const fused = { ...(await cli(["eval", ...args, "--plan", planFiles[0]])), suggested: true };
+    stepsOf.set(unfused, 0).set(fused, stepsRemoved(plans[0]));
+    rows.push(unfused, fused);
+  }
 }
 // Healed beside unhealed: every plan with FFN or block groups, healed on calibration tokens far from the
 // evaluation slice (data/eval.py.txt from token 65536; the tokens between are not representative).
@@ -116,7 +116,7 @@ for (const [i, plan] of plans.entries()) {
   if (!healable(plan)) continue;
   const file = join(dir, `healed${i}.json`);
   await Deno.writeTextFile(file, JSON.stringify({ ...plan, heal: { skip_tokens: HEAL_SKIP } }));
-  const row = await cli(["eval", ...evalArgs, "--plan", file]);
+  const row = await cli(["eval", ...onWasm, "--plan", file]);
   const unfused = rows[0].loss as number;
   const fused = rows[i + 1].loss as number;
   healed.push({
@@ -133,7 +133,7 @@ console.log(`| --- | --- | --- | --- | --- | --- | --- |`);
 for (const r of rows) {
   const label = `\`${r.plan}\`${r.suggested ? " (suggested)" : ""}`;
   console.log(
-    `| ${label} | ${r.quantize === "none" ? "fp32" : r.quantize} (${
+    `| ${label} | ${r.quantize === "none" ? "fp32" : `${r.quantize} on ${r.device}`} (${
       ((r.weight_bytes as number) / 1e6).toFixed(1)
     } MB) | ${stepsOf.get(r)} | ${f(r.loss)} | ${f(r.ppl, 3)} | ${f(r.kl)} | ${f(r.top1_agreement, 3)} |`,
   );

@@ -6,9 +6,11 @@ import { parseConfig } from "../src/model/config.ts";
 import { PUBLISHED_CONFIGS } from "../src/model/published_configs.ts";
 import { storedBytes } from "../src/onnx/builder.ts";
 import { buildDecoderGraph } from "../src/onnx/decoder.ts";
-import { FLOAT_WEIGHTS } from "../src/onnx/format.ts";
+import { FLOAT_WEIGHTS, type GraphOptions } from "../src/onnx/format.ts";
 import { checkModelFits, estimateMemory, kvBudgetBytes } from "../src/runtime/memory.ts";
 import { InputError } from "../src/errors.ts";
+import { decodeAdvice } from "../src/runtime/decode_estimate.ts";
+import { resolveGraphOptions } from "../src/runtime/ort.ts";
 import { ROOT, TINY_NAS } from "./helpers.ts";
 
 const LLAMA_32_1B = PUBLISHED_CONFIGS["llama-3.2-1b"];
@@ -16,18 +18,41 @@ const FP32 = FLOAT_WEIGHTS;
 
 Deno.test("memory estimate: matches the bytes of the graph actually built, per weight format", async () => {
   const ckpt = await loadCheckpoint(TINY_NAS);
+  const integer: GraphOptions[] = (["int8", "int4"] as const).map((quantize) => ({
+    dtype: "fp32",
+    quantize,
+    integer: true,
+  }));
   for (const dtype of ["fp32", "fp16"] as const) {
     for (const quantize of ["none", "int8", "int4"] as const) {
-      const g = { dtype, quantize };
-      const built = storedBytes(buildDecoderGraph(ckpt, unfusedBlocks(ckpt), g).model);
-      const est = estimateMemory(ckpt.config, g).weightBytes;
-      // The graph carries a few small tables besides (RoPE frequencies).
-      assert.ok(
-        Math.abs(built - est) / built < 0.01,
-        `${dtype}+${quantize}: built ${built}, estimated ${est}`,
-      );
+      for (
+        const g of [
+          { dtype, quantize } as GraphOptions,
+          ...(dtype === "fp32" && quantize !== "none" ? integer : []),
+        ]
+      ) {
+        const built = storedBytes(buildDecoderGraph(ckpt, unfusedBlocks(ckpt), g).model);
+        const est = estimateMemory(ckpt.config, g).weightBytes;
+        // The graph carries a few small tables besides (RoPE frequencies).
+        assert.ok(
+          Math.abs(built - est) / built < 0.01,
+          `${JSON.stringify(g)}: built ${built}, estimated ${est}`,
+        );
+      }
     }
   }
+});
+
+Deno.test("decode advice: a model WASM would decode slowly names --device cpu with both estimates", async () => {
+  const cfg = { ...parseConfig(LLAMA_32_1B), maxPositions: 2048 };
+  const advice = decodeAdvice(cfg, await resolveGraphOptions("fp32", "int8", "wasm"), "wasm");
+  assert.match(
+    advice ?? "",
+    /^WASM decodes this model at about \d\.\d tokens\/s a stream \(1\.\d\d GB of fp32\+int8 weights read a token; .*--device cpu --quantize int4 .* about \d\d tokens\/s/,
+  );
+  // Not on the devices it recommends, nor for a model WASM serves fast.
+  assert.equal(decodeAdvice(cfg, await resolveGraphOptions("fp32", "int4", "cpu"), "cpu"), null);
+  assert.equal(decodeAdvice((await loadCheckpoint(TINY_NAS)).config, FP32, "wasm"), null);
 });
 
 Deno.test("memory check: a 1B model in fp32 is refused on WASM with the sizes and the options that fit", () => {

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { encodeSafetensors, SafetensorsFile } from "../src/model/safetensors.ts";
+import { attachFiles, encodeSafetensors, SafetensorsFile } from "../src/model/safetensors.ts";
 import { tensor } from "../src/model/tensor.ts";
 import { f16ToF32, f32ToF16 } from "../src/model/dtype.ts";
 import { InputError } from "../src/errors.ts";
@@ -78,4 +78,34 @@ Deno.test("safetensors: truncated or lying files fail with the tensor named", ()
   const notJson = withHeader({}, 0);
   notJson[8] = 0x7b + 1;
   expect(notJson, /not valid JSON/);
+});
+
+Deno.test("safetensors: a file-backed tensor decodes on read, is posted as a reference and reattached", async () => {
+  const path = await Deno.makeTempFile({ suffix: ".safetensors" });
+  try {
+    await Deno.writeFile(path, encodeSafetensors(sample(), "F16"));
+    const file = await SafetensorsFile.open(path);
+    const a = file.tensor("a");
+    assert.deepEqual(a.shape, [2, 3]);
+    assert.deepEqual([...a.data], [...f16ToF32(f32ToF16(sample().a.data))]);
+    // Within a task the decoded data is kept (a loop indexing t.data decodes once), and not after it.
+    assert.equal(a.data, a.data);
+    const first = a.data;
+    await new Promise((r) => setTimeout(r, 1));
+    assert.notEqual(a.data, first);
+    assert.deepEqual([...a.data], [...first]);
+    // Posting keeps the shape and the reference, never the data; attachFiles gives the accessor back.
+    const posted = structuredClone({ layers: [{ a }], tied: a });
+    assert.equal("data" in posted.tied, false);
+    assert.deepEqual(posted.tied.shape, [2, 3]);
+    attachFiles(posted);
+    assert.deepEqual([...posted.layers[0].a.data], [...first]);
+    assert.equal(posted.layers[0].a, posted.tied, "one tensor posted twice stays one");
+    // A file that is gone is a checkpoint error when read, naming the file.
+    await Deno.remove(path);
+    await new Promise((r) => setTimeout(r, 1));
+    assert.throws(() => a.data, (e: Error) => e instanceof InputError && e.message.includes(path));
+  } finally {
+    await Deno.remove(path).catch(() => {});
+  }
 });

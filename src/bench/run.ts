@@ -42,7 +42,7 @@ export interface BenchOptions {
   native?: boolean;
   /** Weight format of the onnxruntime graphs (FFN stacks and decode); the WGSL kernels use --dtype. */
   quantize?: Quantization;
-  /** The model's weights when already in memory (the server's shared copy). */
+  /** The model's checkpoint when already loaded (the server's). */
   checkpoint?: Checkpoint;
   /** Weight formats to serve the model in end to end (`all`: every one the device supports). */
   formats?: (FormatName | "all")[];
@@ -154,12 +154,11 @@ export async function runBench(
     const { d, n } = PRESETS[opts.preset ?? "tiny-nas"];
     checkBenchFits(d, n, opts.k, device, memoryLimits());
   }
-  // A checkpoint read here goes to shared memory, where the serving section's workers read it.
   const t0 = performance.now();
   const assets = opts.model
     ? opts.checkpoint
       ? await assetsFrom(opts.checkpoint, opts.model)
-      : await loadAssets(opts.model, { shared: true, maxContext: BENCH_CONTEXT })
+      : await loadAssets(opts.model, { maxContext: BENCH_CONTEXT })
     : null;
   const load = opts.model && !opts.checkpoint
     ? { ms: performance.now() - t0, peak_rss_mb: peakRss() / 1e6 }

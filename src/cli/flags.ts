@@ -174,4 +174,6 @@ export const dtypeFlag = z.enum(["auto", "fp32", "fp16"]).default("auto")
   .describe("float type of weights and activations (auto: fp16 on WebGPU with shader-f16, else fp32)");
 
 export const quantizeFlag = z.enum(["none", "int8", "int4"]).default("none")
-  .describe("weight-only quantization of every MatMul weight (MatMulNBits, blocks of 32)");
+  .describe(
+    "weight quantization of every MatMul weight (MatMulNBits, blocks of 32; on WASM integer GEMMs, int4 held in int8)",
+  );

@@ -6,6 +6,7 @@ import type { FloatType } from "../onnx/format.ts";
 import type { Quantization } from "../onnx/quantize.ts";
 import { loadConfig } from "../model/checkpoint.ts";
 import { checkModelFits } from "../runtime/memory.ts";
+import { decodeAdvice } from "../runtime/decode_estimate.ts";
 import { adapterMaxBuffer, type DeviceRequest, resolveDevice, resolveGraphOptions } from "../runtime/ort.ts";
 import { DEFAULT_CALIBRATION_TEXT, DEFAULT_MODEL_DIR } from "./defaults.ts";
 import { deviceFlag, dtypeFlag, quantizeFlag } from "./flags.ts";
@@ -62,10 +63,10 @@ export async function loadModel(
   const graph = await resolveGraphOptions(flags.dtype, flags.quantize, device);
   const maxContext = flags.max_context;
   // Refused before a single weight is read when it cannot fit.
-  checkModelFits(await loadConfig(flags.model, { maxContext }), graph, device, {
-    sequences: 1,
-    maxBufferBytes: await adapterMaxBuffer(device),
-  });
+  const config = await loadConfig(flags.model, { maxContext });
+  checkModelFits(config, graph, device, { sequences: 1, maxBufferBytes: await adapterMaxBuffer(device) });
+  const advice = decodeAdvice(config, graph, device);
+  if (advice) console.error(advice);
   const assets = await loadAssets(flags.model, { maxContext }, flags.calibration);
   const plan = healedIf(
     flags.plan ? await loadPlanFile(flags.plan, assets.checkpoint.config) : UNFUSED,

@@ -15,6 +15,7 @@ import { Metrics } from "../server/metrics.ts";
 import { DEFAULT_CALIBRATION_TEXT } from "./defaults.ts";
 import { defineCommand } from "./flags.ts";
 import { healedIf, modelFlags } from "./load.ts";
+import { decodeAdvice } from "../runtime/decode_estimate.ts";
 
 /** Hono's bearer-auth accepts RFC 6750 token characters only; another token could never match. */
 const token = z.string().min(8, "must be at least 8 characters").regex(
@@ -38,13 +39,15 @@ const emit = (event: Record<string, unknown>) => console.log(JSON.stringify(even
 
 /**
  * `serve`: listens at once (so /health can say 503 while loading), then loads the model. stdout
- * carries JSON lines: `listening` (with the bound port, for scripts and tests), `ready`, one line per
+ * carries JSON lines: `listening` (with the bound port, for scripts and tests), `advice` (a model WASM
+ * would decode slower than 10 tokens/s: what --device cpu would give), `ready`, one line per
  * request, `draining` and `stopped`. SIGTERM/SIGINT: /health turns 503 "draining" and new work is
  * refused with 503 while the streams in flight finish (up to --drain-timeout), then the process exits 0.
  */
 export const serveCommand = defineCommand({
   name: "serve",
-  summary: "the HTTP service (JSON lines on stdout: listening, ready, one per request, draining, stopped)",
+  summary:
+    "the HTTP service (JSON lines on stdout: listening, advice, ready, one per request, draining, stopped)",
   schema: z.strictObject({
     ...modelFlags,
     port: z.number().int().min(0).max(65535).default(8000).describe("port (0 picks a free one)"),
@@ -136,6 +139,8 @@ export const serveCommand = defineCommand({
       slots: flags.max_active,
     });
     const inst = host.instance!;
+    const advice = decodeAdvice(host.config!, inst.graph, device);
+    if (advice) emit({ event: "advice", message: advice });
     metrics.loadSeconds.set({}, host.loadMs / 1000);
     metrics.activePlan.set({ plan: inst.planId }, 1);
     emit({ event: "ready", model: host.name, device, plan: inst.planId, load_ms: Math.round(host.loadMs) });

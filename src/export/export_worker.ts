@@ -11,7 +11,7 @@ import { assetsFrom } from "../runtime/engine.ts";
 import { exportCheckpoint, type ExportDtype, type ExportSummary } from "./write.ts";
 
 export interface ExportJob {
-  /** The served weights, in shared memory. */
+  /** The served checkpoint (file-backed). */
   checkpoint: Checkpoint;
   modelDir: string;
   plan: FusionPlan;

@@ -1,11 +1,11 @@
 /// <reference lib="deno.worker" />
 /**
  * Runs an analysis off the serving thread: it is minutes of float64 arithmetic, which on the main
- * thread would stall every stream in flight. The weights come from the serving process's shared
- * copy, so nothing is read from disk again.
+ * thread would stall every stream in flight. The weights are read from the checkpoint's files here.
  */
 import "../runtime/worker_location.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
+import { attachFiles } from "../model/safetensors.ts";
 import { TextTokenizer } from "../model/tokenizer.ts";
 import { serveJob } from "../runtime/background.ts";
 import { frontierFromText, type FrontierRequest } from "../runtime/plan_scorer.ts";
@@ -24,6 +24,7 @@ export interface AnalysisJob {
 }
 
 serveJob<AnalysisJob, AnalysisReport>(async (job, progress) => {
+  attachFiles(job.checkpoint);
   const tokenizer = await TextTokenizer.load(job.modelDir);
   const report = await analyzeText(
     job.checkpoint,

@@ -102,7 +102,7 @@ async function openShards(dir: string): Promise<Map<string, SafetensorsFile>> {
 }
 
 class TensorSource {
-  constructor(private readonly files: Map<string, SafetensorsFile>, private readonly shared: boolean) {}
+  constructor(private readonly files: Map<string, SafetensorsFile>) {}
 
   has(name: string): boolean {
     return this.files.has(name);
@@ -117,7 +117,7 @@ class TensorSource {
         `tensor "${name}" has shape [${entry.shape}] but the config implies [${shape}]`,
       );
     }
-    return file.read(name, this.shared ? (n) => new Float32Array(new SharedArrayBuffer(n * 4)) : undefined);
+    return file.tensor(name);
   }
 
   vector(name: string, size: number): Float32Array {
@@ -181,8 +181,6 @@ export function modelName(dir: string): string {
 }
 
 export interface LoadOptions {
-  /** Tensors in SharedArrayBuffers (see loadCheckpoint). */
-  shared?: boolean;
   /** Serve a shorter context than the model's own (the KV cache grows with it). */
   maxContext?: number;
 }
@@ -196,13 +194,14 @@ export async function loadConfig(dir: string, opts: LoadOptions = {}): Promise<M
 }
 
 /**
- * Loads a Hugging Face checkpoint directory: config.json plus one or many safetensors shards. With
- * `shared`, every tensor lives in a SharedArrayBuffer, so the workers that build sessions and run
- * analyses see the one copy instead of each reading and converting the checkpoint again.
+ * Loads a Hugging Face checkpoint directory: config.json plus one or many safetensors shards, every
+ * header checked against the config. The weight matrices are file-backed (safetensors.ts fileTensor):
+ * decoded when a build reads them, never resident beside the sessions' converted copies, and posted to
+ * workers as references to their bytes (attachFiles on arrival).
  */
 export async function loadCheckpoint(dir: string, opts: LoadOptions = {}): Promise<Checkpoint> {
   const config = await loadConfig(dir, opts);
-  const src = new TensorSource(await openShards(dir), opts.shared ?? false);
+  const src = new TensorSource(await openShards(dir));
   const embed = src.get("model.embed_tokens.weight", [config.vocabSize, config.hidden]);
   let lmHead: Tensor;
   if (src.has("lm_head.weight")) lmHead = src.get("lm_head.weight", [config.vocabSize, config.hidden]);

@@ -88,8 +88,9 @@ export function referenceForward(
   let x: Float64Array = new Float64Array(t * d);
   if (opts.start) x = opts.start.x;
   else {
+    const embed = ckpt.embed.data;
     ids.forEach((id, r) => {
-      for (let i = 0; i < d; i++) x[r * d + i] = ckpt.embed.data[id * d + i];
+      for (let i = 0; i < d; i++) x[r * d + i] = embed[id * d + i];
     });
   }
   const inv = ropeInvFreq(cfg.rope, hd);

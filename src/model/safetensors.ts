@@ -44,6 +44,8 @@ export class SafetensorsFile {
     readonly path: string,
     readonly entries: Map<string, TensorEntry>,
     private readonly source: ByteSource,
+    /** Where the tensor bytes start in the file; null for bytes in memory. */
+    private readonly base: number | null,
   ) {}
 
   static async open(path: string): Promise<SafetensorsFile> {
@@ -66,7 +68,7 @@ export class SafetensorsFile {
     };
     try {
       // The handle stays open for the tensor reads; the process (or worker) ending closes it.
-      return SafetensorsFile.fromReader(path, size, readAt);
+      return SafetensorsFile.fromReader(path, size, readAt, true);
     } catch (e) {
       file.close();
       throw e;
@@ -75,7 +77,7 @@ export class SafetensorsFile {
 
   /** The same over bytes in memory (fixtures, tests). */
   static parse(path: string, bytes: Uint8Array): SafetensorsFile {
-    return SafetensorsFile.fromReader(path, bytes.length, (at, n) => bytes.slice(at, at + n));
+    return SafetensorsFile.fromReader(path, bytes.length, (at, n) => bytes.slice(at, at + n), false);
   }
 
   /** Checks every header field against the file before any tensor is read: a lying header fails here. */
@@ -83,6 +85,7 @@ export class SafetensorsFile {
     path: string,
     size: number,
     readAt: (at: number, n: number) => Uint8Array,
+    onDisk: boolean,
   ): SafetensorsFile {
     if (size < 8) {
       throw new BadCheckpointError(`${path}: file is ${size} bytes, too short for a safetensors header`);
@@ -95,7 +98,12 @@ export class SafetensorsFile {
     }
     const entries = SafetensorsFile.index(path, readAt(8, headerLen), size - 8 - headerLen);
     const base = 8 + headerLen;
-    return new SafetensorsFile(path, entries, (begin, end) => readAt(base + begin, end - begin));
+    return new SafetensorsFile(
+      path,
+      entries,
+      (begin, end) => readAt(base + begin, end - begin),
+      onDisk ? base : null,
+    );
   }
 
   private static index(path: string, headerBytes: Uint8Array, dataLength: number): Map<string, TensorEntry> {
@@ -144,23 +152,143 @@ export class SafetensorsFile {
 
   /** Decodes one tensor to float32 into storage from `alloc` (it does not alias the file's bytes). */
   read(name: string, alloc: Allocate = plain): Tensor {
+    return tensor(this.entry(name).shape, decode(this.entry(name), this.source, alloc));
+  }
+
+  /**
+   * One tensor as a reference to its bytes in the file, decoded on use (see fileTensor); a file parsed
+   * from memory has nothing to refer to, so its tensor is decoded now.
+   */
+  tensor(name: string): Tensor {
+    const e = this.entry(name);
+    if (this.base === null) return this.read(name);
+    return fileTensor({ path: this.path, base: this.base, entry: e });
+  }
+
+  private entry(name: string): TensorEntry {
     const e = this.entries.get(name);
     if (!e) throw new BadCheckpointError(`${this.path}: no tensor "${name}"`);
-    const n = numel(e.shape);
-    const out = alloc(n);
-    const size = DTYPE_SIZE[e.dtype];
-    // In slices, so the raw bytes held at once are one slice, not a whole 128k-vocabulary embedding.
-    const step = Math.max(1, Math.floor(READ_SLICE_BYTES / size));
-    for (let at = 0; at < n; at += step) {
-      const m = Math.min(step, n - at);
-      const raw = this.source(e.begin + at * size, e.begin + (at + m) * size);
-      const dst = out.subarray(at, at + m);
-      if (e.dtype === "F32") dst.set(new Float32Array(raw.buffer, raw.byteOffset, m));
-      else if (e.dtype === "F16") f16ToF32(new Uint16Array(raw.buffer, raw.byteOffset, m), dst);
-      else bf16ToF32(new Uint16Array(raw.buffer, raw.byteOffset, m), dst);
-    }
-    return tensor(e.shape, out);
+    return e;
   }
+}
+
+/** Decodes a tensor's bytes to float32, in slices: the raw bytes held at once are one slice. */
+function decode(e: TensorEntry, source: ByteSource, alloc: Allocate): Float32Array {
+  const n = numel(e.shape);
+  const out = alloc(n);
+  const size = DTYPE_SIZE[e.dtype];
+  const step = Math.max(1, Math.floor(READ_SLICE_BYTES / size));
+  for (let at = 0; at < n; at += step) {
+    const m = Math.min(step, n - at);
+    const raw = source(e.begin + at * size, e.begin + (at + m) * size);
+    const dst = out.subarray(at, at + m);
+    if (e.dtype === "F32") dst.set(new Float32Array(raw.buffer, raw.byteOffset, m));
+    else if (e.dtype === "F16") f16ToF32(new Uint16Array(raw.buffer, raw.byteOffset, m), dst);
+    else bf16ToF32(new Uint16Array(raw.buffer, raw.byteOffset, m), dst);
+  }
+  return out;
+}
+
+/** Where a file-backed tensor's bytes are: plain data, so it survives being posted to a worker. */
+export interface FileRef {
+  path: string;
+  base: number;
+  entry: TensorEntry;
+}
+
+/** A file-backed tensor: its shape, its FileRef, and (not enumerable, so never cloned) its data. */
+interface FileTensor extends Tensor {
+  readonly file: FileRef;
+}
+
+/**
+ * A tensor whose float32 data is decoded from its file when read: a served model's checkpoint is not
+ * resident beside the converted weights the sessions hold (a 1B model is 5 GB in fp32), and a later
+ * build (a swap, an analysis, an export) reads what it needs again. Reading opens the file, so a
+ * worker that receives the tensor (its data accessor stays behind: see attachFiles) reads the same
+ * bytes. The last few tensors read are kept until the current task ends (see RECENT), so a loop that
+ * indexes `t.data` does not decode it again each time.
+ */
+function fileTensor(file: FileRef): FileTensor {
+  const t = { shape: [...file.entry.shape], file } as unknown as FileTensor;
+  attach(t);
+  return t;
+}
+
+/**
+ * Decoded tensors kept for the rest of the current task, most recent last: a few, because a build
+ * reads every weight in one synchronous pass and must not hold them all (a WeakRef would: its target
+ * lives until the task ends), and only until the task ends, so nothing stays resident after a build.
+ */
+const RECENT = new Map<FileTensor, Float32Array>();
+const RECENT_MAX = 4;
+let clearing = false;
+/** The most recent of RECENT: reading it again is one comparison. */
+let last: FileTensor | null = null;
+
+function attach(t: FileTensor): void {
+  Object.defineProperty(t, "data", {
+    enumerable: false,
+    get() {
+      if (last === t) return RECENT.get(t)!;
+      let data = RECENT.get(t);
+      if (data) RECENT.delete(t);
+      else data = readFile(t.file);
+      RECENT.set(t, data);
+      last = t;
+      if (RECENT.size > RECENT_MAX) RECENT.delete(RECENT.keys().next().value!);
+      if (!clearing) {
+        clearing = true;
+        setTimeout(() => {
+          RECENT.clear();
+          last = null;
+          clearing = false;
+        }, 0);
+      }
+      return data;
+    },
+  });
+}
+
+function readFile({ path, base, entry }: FileRef): Float32Array {
+  let file: Deno.FsFile;
+  try {
+    file = Deno.openSync(path);
+  } catch (e) {
+    throw new BadCheckpointError(`cannot read ${path}: ${(e as Error).message}`);
+  }
+  try {
+    return decode(entry, (begin, end) => {
+      const out = new Uint8Array(end - begin);
+      file.seekSync(base + begin, Deno.SeekMode.Start);
+      for (let got = 0; got < out.length;) {
+        const k = file.readSync(out.subarray(got));
+        if (k === null) throw new BadCheckpointError(`${path}: file ended at byte ${base + begin + got}`);
+        got += k;
+      }
+      return out;
+    }, plain);
+  } finally {
+    file.close();
+  }
+}
+
+/**
+ * Gives the file-backed tensors in a value that was posted from another thread their data accessor
+ * back (structured cloning keeps their shape and FileRef, not the accessor). Walks plain objects and
+ * arrays; typed arrays and everything else are left alone.
+ */
+export function attachFiles<T>(value: T): T {
+  const seen = new Set<object>();
+  const walk = (v: unknown) => {
+    if (typeof v !== "object" || v === null || seen.has(v) || ArrayBuffer.isView(v)) return;
+    seen.add(v);
+    const o = v as Record<string, unknown>;
+    if ("file" in o && "shape" in o && !("data" in o)) return attach(o as unknown as FileTensor);
+    for (const child of Array.isArray(v) ? v : Object.values(o)) walk(child);
+  };
+  walk(value);
+  return value;
 }
 
 /** Encodes a safetensors file in memory (test fixtures are built with it). */

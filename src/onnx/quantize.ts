@@ -197,14 +197,15 @@ export function quantizeRows(
   },
 ) {
   const [rows, d] = t.shape;
+  const data = t.data;
   const q = alloc.i8(rows * d);
   const scales = alloc.f32(rows);
   for (let r = 0; r < rows; r++) {
     let amax = 0;
-    for (let i = 0; i < d; i++) amax = Math.max(amax, Math.abs(t.data[r * d + i]));
+    for (let i = 0; i < d; i++) amax = Math.max(amax, Math.abs(data[r * d + i]));
     const scale = Math.fround(amax / 127) || 1;
     scales[r] = scale;
-    for (let i = 0; i < d; i++) q[r * d + i] = Math.round(t.data[r * d + i] / scale);
+    for (let i = 0; i < d; i++) q[r * d + i] = Math.round(data[r * d + i] / scale);
   }
   return { q, scales };
 }

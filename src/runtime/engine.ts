@@ -13,6 +13,7 @@ import {
   type LoadOptions,
   modelName,
 } from "../model/checkpoint.ts";
+import { attachFiles } from "../model/safetensors.ts";
 import { TextTokenizer } from "../model/tokenizer.ts";
 import { storedBytes } from "../onnx/builder.ts";
 import { buildDecoderGraph } from "../onnx/decoder.ts";
@@ -81,12 +82,13 @@ export async function loadAssets(
   return await assetsFrom(await loadCheckpoint(dir, opts), dir, calibrationText);
 }
 
-/** Assets around weights already in memory (shared by the serving process's workers). */
+/** Assets around a loaded checkpoint, one posted from another thread included (its files reattached). */
 export async function assetsFrom(
   checkpoint: Checkpoint,
   dir: string,
   calibrationText?: string,
 ): Promise<ModelAssets> {
+  attachFiles(checkpoint);
   const tokenizer = await TextTokenizer.load(dir);
   return { checkpoint, tokenizer, calibrationText, blocks: unfusedBlocks(checkpoint), name: modelName(dir) };
 }

@@ -81,7 +81,7 @@ export class ModelHost {
   swaps = 0;
   /** What admission keeps the KV caches of all sequences within (see Scheduler.reserveKv). */
   kvBudgetBytes = 0;
-  /** The loaded weights in shared memory: every later build and the analysis worker reuse them. */
+  /** The loaded checkpoint (file-backed): every later build and background job reads its weights from it. */
   checkpoint: Checkpoint | null = null;
   /**
    * Converted weights (transposed, fused, fp16, quantized) of the live instances, in shared memory:

@@ -84,9 +84,7 @@ const failure = (id: number | null, e: unknown): InstanceReply => ({
 async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<void> {
   const device = await resolveDevice(req.device);
   await useThreads(device, req.threads);
-  const loaded = req.checkpoint
-    ? null
-    : await loadCheckpoint(req.modelDir, { shared: true, maxContext: req.maxContext });
+  const loaded = req.checkpoint ? null : await loadCheckpoint(req.modelDir, { maxContext: req.maxContext });
   const assets = await assetsFrom(req.checkpoint ?? loaded!, req.modelDir, req.calibrationText);
   const weights = new WeightCache(formatName(req.graph), req.weights, true);
   instance = await buildInstance(

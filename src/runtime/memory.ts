@@ -12,6 +12,8 @@ export interface MemoryEstimate {
   kvBytesPerToken: number;
   /** The largest single weight tensor: what one GPU buffer must hold. */
   largestTensorBytes: number;
+  /** What a decode step reads of the weights for one token: all but the embedding (a row is gathered). */
+  readBytesPerToken: number;
 }
 
 export function estimateMemory(cfg: ModelConfig, g: GraphOptions): MemoryEstimate {
@@ -46,7 +48,12 @@ export function estimateMemory(cfg: ModelConfig, g: GraphOptions): MemoryEstimat
       add(ffn.intermediate, d), add(ffn.intermediate, d), add(d, ffn.intermediate), total += d * f;
     } else if (ffn.kind === "linear") add(d, d), total += d * f;
   }
-  return { weightBytes: total, kvBytesPerToken: kv, largestTensorBytes: largest };
+  return {
+    weightBytes: total,
+    kvBytesPerToken: kv,
+    largestTensorBytes: largest,
+    readBytesPerToken: total - embed,
+  };
 }
 
 /** WASM's 32-bit heap, less what onnxruntime itself and the activations need. */

@@ -19,7 +19,7 @@ import { waitAtMost } from "./yield.ts";
 
 export interface BuildSpec {
   modelDir: string;
-  /** Weights already loaded (shared memory); null makes the worker load them and hand them back. */
+  /** The checkpoint already loaded (file-backed); null makes the worker load it and hand it back. */
   checkpoint: Checkpoint | null;
   plan: FusionPlan;
   planId: string;
