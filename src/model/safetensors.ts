@@ -196,7 +196,11 @@ export interface FileRef {
   entry: TensorEntry;
 }
 
-/** A file-backed tensor: its shape, its FileRef, and (not enumerable, so never cloned) its data. */
+/**
+ * A file-backed tensor: its shape, its FileRef, and (not enumerable, so never cloned) its data, a fresh
+ * decode once the task that last read it has ended: writing into it changes nothing lasting, so code
+ * that changes weights makes new tensors.
+ */
 interface FileTensor extends Tensor {
   readonly file: FileRef;
 }
