@@ -152,7 +152,8 @@ export class SafetensorsFile {
 
   /** Decodes one tensor to float32 into storage from `alloc` (it does not alias the file's bytes). */
   read(name: string, alloc: Allocate = plain): Tensor {
-    return tensor(this.entry(name).shape, decode(this.entry(name), this.source, alloc));
+    const e = this.entry(name);
+    return tensor(e.shape, decode(e, this.source, alloc));
   }
 
   /**
@@ -160,9 +161,8 @@ export class SafetensorsFile {
    * from memory has nothing to refer to, so its tensor is decoded now.
    */
   tensor(name: string): Tensor {
-    const e = this.entry(name);
     if (this.base === null) return this.read(name);
-    return fileTensor({ path: this.path, base: this.base, entry: e });
+    return fileTensor({ path: this.path, base: this.base, entry: this.entry(name) });
   }
 
   private entry(name: string): TensorEntry {

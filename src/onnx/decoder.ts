@@ -114,8 +114,8 @@ export class DecoderEmitter {
   linear(x: string, w: Tensor, name: string): string {
     const q = this.opts.quantize;
     const [n, k] = w.shape;
-    if (q !== "none" && quantizable(w) && this.opts.integer) return this.integerLinear(x, w, name, q);
     if (q !== "none" && quantizable(w)) {
+      if (this.opts.integer) return this.integerLinear(x, w, name, q);
       const bits = BITS[q];
       const blocks = k / BLOCK;
       let packed: ReturnType<typeof quantize> | null = null;

@@ -1,6 +1,7 @@
 import type { Block, FfnBlock } from "../model/blocks.ts";
 import type { Tensor } from "../model/tensor.ts";
 import type { GraphOptions } from "./format.ts";
+import type { Allocator } from "./weight_cache.ts";
 
 /** Weight-only quantization of the MatMul weights: none (the float type), or 8 / 4 bits a weight. */
 export type Quantization = "none" | "int8" | "int4";
@@ -18,6 +19,16 @@ export interface PackedWeight {
   packed: Uint8Array;
   scales: Float32Array;
 }
+
+/** Symmetric scale of `length` values from `at`: max|x| / qmax (1 for an all-zero run). */
+function symmetricScale(data: Float32Array, at: number, length: number, qmax: number): number {
+  let amax = 0;
+  for (let i = 0; i < length; i++) amax = Math.max(amax, Math.abs(data[at + i]));
+  return Math.fround(amax / qmax) || 1;
+}
+
+/** Where the integer path's int8 values and scales go when the caller keeps no cache. */
+const PLAIN: Pick<Allocator, "i8" | "f32"> = { i8: (n) => new Int8Array(n), f32: (n) => new Float32Array(n) };
 
 /** MatMulNBits needs whole blocks along K; a weight with a ragged K stays in float. */
 export function quantizable(w: Tensor): boolean {
@@ -48,9 +59,7 @@ export function quantize(
   for (let row = 0; row < n; row++) {
     for (let b = 0; b < blocks; b++) {
       const base = row * k + b * BLOCK;
-      let amax = 0;
-      for (let i = 0; i < BLOCK; i++) amax = Math.max(amax, Math.abs(data[base + i]));
-      const scale = Math.fround(amax / qmax) || 1;
+      const scale = symmetricScale(data, base, BLOCK, qmax);
       scales[row * blocks + b] = scale;
       const out = (row * blocks + b) * blob;
       for (let i = 0; i < BLOCK; i++) {
@@ -88,11 +97,8 @@ export function quantizeColumns(
   w: Tensor,
   q: Exclude<Quantization, "none">,
   block: number,
-  alloc: { i8(n: number): Int8Array<ArrayBufferLike>; f32(n: number): Float32Array<ArrayBufferLike> } = {
-    i8: (n) => new Int8Array(n),
-    f32: (n) => new Float32Array(n),
-  },
-): { q: Int8Array<ArrayBufferLike>; scales: Float32Array<ArrayBufferLike> } {
+  alloc = PLAIN,
+): { q: Int8Array; scales: Float32Array } {
   const src = q === "int4" ? dequantize(quantize(w, 4)) : w;
   const [n, k] = w.shape;
   const data = src.data;
@@ -100,10 +106,8 @@ export function quantizeColumns(
   const scales = alloc.f32((k / block) * n);
   for (let row = 0; row < n; row++) {
     for (let b = 0; b < k / block; b++) {
-      let amax = 0;
       const at = row * k + b * block;
-      for (let i = 0; i < block; i++) amax = Math.max(amax, Math.abs(data[at + i]));
-      const scale = Math.fround(amax / 127) || 1;
+      const scale = symmetricScale(data, at, block, 127);
       scales[b * n + row] = scale;
       for (let i = 0; i < block; i++) out[(b * block + i) * n + row] = Math.round(data[at + i] / scale);
     }
@@ -113,7 +117,7 @@ export function quantizeColumns(
 
 /** The float weights a column-quantized weight stands for, in the checkpoint's [N, K] layout. */
 export function dequantizeColumns(
-  c: { q: Int8Array<ArrayBufferLike>; scales: Float32Array<ArrayBufferLike> },
+  c: { q: Int8Array; scales: Float32Array },
   n: number,
   k: number,
   block: number,
@@ -189,21 +193,13 @@ function dequantizedBlocks(blocks: Block[], q: Exclude<Quantization, "none">, in
 }
 
 /** An embedding table in int8, symmetric per row (one token's vector): the integer path's Gather. */
-export function quantizeRows(
-  t: Tensor,
-  alloc: { i8(n: number): Int8Array<ArrayBufferLike>; f32(n: number): Float32Array<ArrayBufferLike> } = {
-    i8: (n) => new Int8Array(n),
-    f32: (n) => new Float32Array(n),
-  },
-) {
+export function quantizeRows(t: Tensor, alloc = PLAIN): { q: Int8Array; scales: Float32Array } {
   const [rows, d] = t.shape;
   const data = t.data;
   const q = alloc.i8(rows * d);
   const scales = alloc.f32(rows);
   for (let r = 0; r < rows; r++) {
-    let amax = 0;
-    for (let i = 0; i < d; i++) amax = Math.max(amax, Math.abs(data[r * d + i]));
-    const scale = Math.fround(amax / 127) || 1;
+    const scale = symmetricScale(data, r * d, d, 127);
     scales[r] = scale;
     for (let i = 0; i < d; i++) q[r * d + i] = Math.round(data[r * d + i] / scale);
   }

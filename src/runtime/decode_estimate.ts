@@ -18,9 +18,13 @@ const READ_BYTES_PER_SECOND = {
 /** Below this, WASM is named as too slow to serve on and `--device cpu` is suggested. */
 const ADVISE_BELOW_TOKENS_PER_SECOND = 10;
 
-function estimate(cfg: ModelConfig, g: GraphOptions, device: "wasm" | "cpu"): number {
-  const rate = READ_BYTES_PER_SECOND[device][g.quantize === "none" ? "fp32" : "quantized"];
-  return rate / estimateMemory(cfg, g).readBytesPerToken;
+/** Weight bytes a token reads in this format, and the tokens/s a stream gets at the measured rate. */
+function estimate(cfg: ModelConfig, g: GraphOptions, device: "wasm" | "cpu") {
+  const bytes = estimateMemory(cfg, g).readBytesPerToken;
+  return {
+    bytes,
+    tokensPerSecond: READ_BYTES_PER_SECOND[device][g.quantize === "none" ? "fp32" : "quantized"] / bytes,
+  };
 }
 
 /**
@@ -30,14 +34,14 @@ function estimate(cfg: ModelConfig, g: GraphOptions, device: "wasm" | "cpu"): nu
 export function decodeAdvice(cfg: ModelConfig, g: GraphOptions, device: Device): string | null {
   if (device !== "wasm") return null;
   const wasm = estimate(cfg, g, "wasm");
-  if (wasm >= ADVISE_BELOW_TOKENS_PER_SECOND) return null;
-  const native: GraphOptions = { dtype: "fp32", quantize: "int4", accuracy: 4 };
-  const cpu = estimate(cfg, native, "cpu");
+  if (wasm.tokensPerSecond >= ADVISE_BELOW_TOKENS_PER_SECOND) return null;
+  const cpu = estimate(cfg, { dtype: "fp32", quantize: "int4", accuracy: 4 }, "cpu");
   const gb = (b: number) => (b / 1e9).toFixed(2);
-  return `WASM decodes this model at about ${wasm.toFixed(1)} tokens/s a stream (${
-    gb(estimateMemory(cfg, g).readBytesPerToken)
+  return `WASM decodes this model at about ${wasm.tokensPerSecond.toFixed(1)} tokens/s a stream (${
+    gb(wasm.bytes)
   } GB of ${formatName(g)} weights read a token; measured on 2 x86 cores); --device cpu --quantize int4 ` +
-    `(native onnxruntime) reads ${gb(estimateMemory(cfg, native).readBytesPerToken)} GB a token: about ${
-      cpu.toFixed(0)
-    } tokens/s on the same cores`;
+    `(native onnxruntime) reads ${gb(cpu.bytes)} GB a token: about ${
+      cpu.tokensPerSecond.toFixed(0)
+    } tokens/s ` +
+    "on the same cores";
 }
