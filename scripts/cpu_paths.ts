@@ -38,6 +38,7 @@ const batch = positive("batch", values.batch!);
 const prefill = positive("prefill", values.prefill!);
 const rounds = positive("rounds", values.rounds!);
 const temperature = Number(values.temperature);
+if (!(temperature >= 0)) fail(`--temperature: expected a number >= 0, got ${values.temperature}`);
 const paths = values.paths!.split(",").map((p) => {
   const [device, weights] = p.split(":");
   if (!["wasm", "cpu"].includes(device) || !["fp32", "int8", "int4"].includes(weights)) {

@@ -9,6 +9,10 @@ Deno.test("measurement scripts: an unknown flag or a bad value exits 2 naming it
     ["loadtest.ts", ["--url", "http://example.com"], /only targets loopback addresses/],
     ["frontier.ts", ["--steps"], /Option '--steps <value>' argument missing/],
     ["quality.ts", ["--bogus"], /Unknown option '--bogus'/],
+    ["cpu_paths.ts", ["--bogus"], /Unknown option '--bogus'/],
+    ["cpu_paths.ts", ["--tokens", "0"], /--tokens: expected a positive integer, got 0/],
+    ["cpu_paths.ts", ["--temperature", "hot"], /--temperature: expected a number >= 0, got hot/],
+    ["cpu_paths.ts", ["--paths", "gpu:fp32"], /--paths: "gpu:fp32" is not device:weights/],
     ["synth_checkpoint.ts", ["--bogus"], /Unknown option '--bogus'/],
     [
       "synth_checkpoint.ts",
