@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { BatchEngine } from "../src/runtime/batch_engine.ts";
+import { BatchEngine, prefillLimit } from "../src/runtime/batch_engine.ts";
 import { PREFILL_CHUNK } from "../src/runtime/engine_base.ts";
 import { buildInstance, type Engine, loadAssets } from "../src/runtime/engine.ts";
 import { generate, type GenerateParams, type GenerationSummary } from "../src/runtime/generate.ts";
@@ -313,4 +313,15 @@ Deno.test({
     );
     await inst.release();
   },
+});
+
+Deno.test("batch engine: a prefill run is cut where each position holds much memory (WASM's integer path at 1B)", () => {
+  assert.equal(prefillLimit({ position: 0, logits: 0 }, true), PREFILL_CHUNK, "float graphs: whole chunks");
+  // The 1B shape's integer path: 4.2 MB of block sums a position, 8.2 MB a row of logits (the 128K head).
+  const oneB = { position: 2 * 64 * 8192 * 4, logits: 2 * 8 * 128256 * 4 };
+  assert.equal(prefillLimit(oneB, false), 30, "128 MB less the one logits row, over 4.2 MB a position");
+  assert.equal(prefillLimit(oneB, true), 10, "prompt logprobs: every position computes the head too");
+  assert.equal(prefillLimit({ position: 1 << 30, logits: 0 }, false), 1, "at least one token a run");
+  // tiny-nas on the integer path: its widest linear holds 48 KB a position, so whole chunks still.
+  assert.equal(prefillLimit({ position: 2 * 8 * 768 * 4, logits: 2 * 8 * 4096 * 4 }, true), PREFILL_CHUNK);
 });

@@ -5,7 +5,7 @@ import { loadCheckpoint } from "../src/model/checkpoint.ts";
 import { referenceForward } from "../src/model/forward.ts";
 import { buildDecoderGraph } from "../src/onnx/decoder.ts";
 import { FLOAT_WEIGHTS, formatName } from "../src/onnx/format.ts";
-import { WeightCache } from "../src/onnx/weight_cache.ts";
+import { readWeight, WeightCache, WeightStore } from "../src/onnx/weight_cache.ts";
 import { type Tensor, tensor, transpose2d } from "../src/model/tensor.ts";
 import { dequantize, quantize } from "../src/onnx/quantize.ts";
 import { f16ToF32, f32ToF16 } from "../src/model/dtype.ts";
@@ -14,7 +14,15 @@ import { applyPlan } from "../src/fusion/apply.ts";
 import { validatePlan } from "../src/fusion/plan.ts";
 import { createSession, ort, resolveDevice } from "../src/runtime/ort.ts";
 import { disposeCache, ModelSession } from "../src/runtime/session.ts";
-import { HAS_WEBGPU, NAS_LIKE, type RandomModelSpec, relL2, TINY_NAS, writeRandomModel } from "./helpers.ts";
+import {
+  HAS_NATIVE,
+  HAS_WEBGPU,
+  NAS_LIKE,
+  type RandomModelSpec,
+  relL2,
+  TINY_NAS,
+  writeRandomModel,
+} from "./helpers.ts";
 
 const LLAMA_LIKE: RandomModelSpec = {
   modelType: "llama",
@@ -87,7 +95,7 @@ Deno.test("graph: weights are external data, so the protobuf stays small whateve
   assert.ok(model.graph.length < 200_000, `graph protobuf is ${model.graph.length} bytes`);
   const decoded = onnxProto.onnx.ModelProto.decode(model.graph);
   const external = decoded.graph!.initializer!.filter((t) => t.dataLocation === 1);
-  const files = new Map(model.weights.map((f) => [f.path, f.data]));
+  const files = new Map(model.weights.map((f) => [f.path, f.weight]));
   for (const t of external) {
     const kv = Object.fromEntries(t.externalData!.map((e) => [e.key, e.value]));
     assert.equal(kv.location, `${t.name}.bin`, "one file per weight, named after it");
@@ -105,10 +113,12 @@ Deno.test("graph: a weight cache kept across plans converts only changed groups,
   const ckpt = await loadCheckpoint(TINY_NAS);
   const blocks = unfusedBlocks(ckpt);
   for (const format of [FLOAT_WEIGHTS, { dtype: "fp16", quantize: "int4" }] as const) {
+    const store = new WeightStore();
     const plan = (...groups: number[][]) =>
       applyPlan(blocks, validatePlan({ ffn_groups: groups }, ckpt.config));
-    const first = new WeightCache(formatName(format), new Map(), true);
+    const first = new WeightCache(formatName(format), new Map(), store.dir);
     buildDecoderGraph(ckpt, plan([3, 4, 5]), format, first);
+    store.add(first.added);
     let fusedTouched = 0;
     const a = plan([3, 4, 5], [6, 7, 8]);
     const watch = (t: Tensor): Tensor => ({
@@ -123,17 +133,94 @@ Deno.test("graph: a weight cache kept across plans converts only changed groups,
         ? { ...b, gate: watch(b.gate), up: watch(b.up), down: watch(b.down) }
         : b
     );
-    const second = new WeightCache(formatName(format), first.added, true);
+    const second = new WeightCache(formatName(format), store.entries, store.dir);
     const cached = buildDecoderGraph(ckpt, spy, format, second);
     assert.equal(fusedTouched, 0, "a cached group's fused weights are never computed again");
     const fresh = buildDecoderGraph(ckpt, a, format);
     assert.equal(second.builtBytes + second.reusedBytes, storedBytes(fresh.model));
     const group = [...second.added.keys()];
     assert.ok(group.length > 0 && group.every((k) => k.includes("/ffn.6_7_8.")), group.join());
-    const files = new Map(fresh.model.weights.map((f) => [f.path, f.data]));
-    for (const f of cached.model.weights) assert.deepEqual(f.data, files.get(f.path), f.path);
-    assert.ok(first.added.values().next().value!.bytes.buffer instanceof SharedArrayBuffer);
+    const files = new Map(fresh.model.weights.map((f) => [f.path, f.weight]));
+    for (const f of cached.model.weights) {
+      assert.ok("file" in f.weight, `${f.path} is kept as a file, not in memory`);
+      assert.deepEqual(readWeight(f.weight), readWeight(files.get(f.path)!), f.path);
+    }
+    // Entries no live instance uses are deleted with their files; closing removes the directory.
+    store.add(second.added);
+    const dropped = [...first.used].filter((k) => !second.used.has(k));
+    assert.ok(dropped.length > 0, "the unfused layers 6-8 are no longer used");
+    const droppedFiles = dropped.map((k) => store.entries.get(k)!).map((w) => "file" in w ? w.file : "");
+    await store.keepOnly(second.used);
+    assert.deepEqual([...store.entries.keys()].sort(), [...second.used].sort());
+    for (const file of droppedFiles) assert.throws(() => Deno.statSync(file), Deno.errors.NotFound);
+    const dir = store.dir;
+    store.close();
+    assert.throws(() => Deno.statSync(dir), Deno.errors.NotFound);
   }
+});
+
+Deno.test("graph: a cache directory frees what it made once written, and never what it borrowed", () => {
+  const store = new WeightStore();
+  try {
+    const cache = new WeightCache("fp32", new Map(), store.dir);
+    const made = Float32Array.of(1, 2, 3);
+    const borrowed = Float32Array.of(4, 5);
+    const a = cache.get("made", () => ({ elem: "float32", dims: [3], data: made }));
+    const b = cache.get("borrowed", () => ({ elem: "float32", dims: [2], data: borrowed, borrowed: true }));
+    assert.equal(made.length, 0, "made data is freed once its file is written");
+    assert.deepEqual([...borrowed], [4, 5], "borrowed data belongs to someone else");
+    assert.deepEqual(new Float32Array(readWeight(a).buffer), Float32Array.of(1, 2, 3));
+    assert.deepEqual(new Float32Array(readWeight(b).buffer), Float32Array.of(4, 5));
+    assert.equal(a.byteLength, 12);
+    // In memory, borrowed data is copied: its owner may free it (releaseDecoded).
+    const memory = new WeightCache("fp32").get(
+      "w",
+      () => ({ elem: "float32", dims: [2], data: borrowed, borrowed: true }),
+    );
+    borrowed.fill(0);
+    assert.deepEqual(new Float32Array(readWeight(memory).buffer), Float32Array.of(4, 5));
+  } finally {
+    store.close();
+  }
+});
+
+Deno.test({
+  name: "graph: a session takes file-backed weights (a cache directory) as it takes weights in memory",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    // onnxruntime-web reads a file's bytes through FileBytes and native onnxruntime through links to
+    // the cache's files: if either read anything but the files, the session would not build or its
+    // logits would differ.
+    const ckpt = await loadCheckpoint(TINY_NAS);
+    const blocks = unfusedBlocks(ckpt);
+    const cases = [
+      ["wasm", FLOAT_WEIGHTS],
+      ["wasm", { dtype: "fp32", quantize: "int8", integer: true }],
+      ...(HAS_NATIVE ? [["cpu", { dtype: "fp32", quantize: "int4", accuracy: 4 }]] as const : []),
+    ] as const;
+    for (const [device, format] of cases) {
+      const store = new WeightStore();
+      try {
+        const files = buildDecoderGraph(
+          ckpt,
+          blocks,
+          format,
+          new WeightCache(formatName(format), new Map(), store.dir),
+        );
+        assert.ok(files.model.weights.every((f) => "file" in f.weight));
+        const logits = [];
+        for (const graph of [files, buildDecoderGraph(ckpt, blocks, format)]) {
+          const session = await ModelSession.create(graph, device, ckpt.config.vocabSize);
+          logits.push(await session.logitsOf(IDS));
+          await session.release();
+        }
+        assert.ok(relL2(logits[0], logits[1]) < 1e-6, `${device} ${formatName(format)}`);
+      } finally {
+        store.close();
+      }
+    }
+  },
 });
 
 Deno.test({
@@ -157,14 +244,25 @@ Deno.test({
         used = tensor([n, k], f16ToF32(f32ToF16(w.data)));
         const t = transpose2d(used);
         const bytes = new Uint8Array(f32ToF16(t.data).buffer);
-        g.op("MatMul", [input, g.weight("w", { elem: "float16", dims: [k, n], bytes })], {}, "y");
+        g.op(
+          "MatMul",
+          [input, g.weight("w", { elem: "float16", dims: [k, n], byteLength: bytes.byteLength, bytes })],
+          {},
+          "y",
+        );
       } else {
         const p = quantize(w, 8);
         used = dequantize({ ...p, scales: f16ToF32(f32ToF16(p.scales)) });
-        const b = g.weight("b", { elem: "uint8", dims: [n, k / 32, 32], bytes: p.packed });
+        const b = g.weight("b", {
+          elem: "uint8",
+          dims: [n, k / 32, 32],
+          byteLength: p.packed.byteLength,
+          bytes: p.packed,
+        });
         const s = g.weight("s", {
           elem: "float16",
           dims: [n * k / 32],
+          byteLength: p.scales.length * 2,
           bytes: new Uint8Array(f32ToF16(p.scales).buffer),
         });
         g.node("MatMulNBits", [input, b, s], { K: k, N: n, bits: 8, block_size: 32 }, ["y"], "com.microsoft");

@@ -73,9 +73,13 @@ function fakeInstance(plan: FusionPlan, log: string[]): PlanInstance {
 /** Builds finish when the test says so; cancellation is recorded. */
 function controlledBuilder(log: string[]) {
   const finish = new Map<string, () => void>();
-  const builder: InstanceBuilder = ({ checkpoint, plan }) => {
+  const dirs = new Map<string, string>();
+  const builder: InstanceBuilder = ({ checkpoint, plan, weightDir }) => {
     const id = planId(plan);
     log.push(`build ${id}${checkpoint ? " (shared weights)" : ""}`);
+    // What a worker's build writes: its converted weights, in the directory it was given.
+    Deno.writeFileSync(`${weightDir}/w.bin`, new Uint8Array(8));
+    dirs.set(id, weightDir);
     let reject: (e: Error) => void = () => {};
     const ready = new Promise<Awaited<PendingBuild["ready"]>>((res, rej) => {
       reject = rej;
@@ -93,7 +97,7 @@ function controlledBuilder(log: string[]) {
       },
     };
   };
-  return { builder, finish: (plan: FusionPlan) => finish.get(planId(plan))!() };
+  return { builder, finish: (plan: FusionPlan) => finish.get(planId(plan))!(), dirs };
 }
 
 const fakeTokenizer = { maxTokenChars: 8, close() {} } as unknown as RemoteTokenizer;
@@ -101,7 +105,7 @@ const plan = (...groups: number[][]): FusionPlan => ({ version: 1, ffn_groups: g
 
 Deno.test("model host: leases, retire after the last lease, invalid plans, superseded builds", async () => {
   const log: string[] = [];
-  const { builder, finish } = controlledBuilder(log);
+  const { builder, finish, dirs } = controlledBuilder(log);
   const host = new ModelHost(builder);
   assert.throws(() => host.lease(), UnavailableError);
   const loading = host.load(MODEL, UNFUSED, "wasm", undefined, fakeTokenizer);
@@ -142,8 +146,14 @@ Deno.test("model host: leases, retire after the last lease, invalid plans, super
     "build ffn[5-7]",
   ]);
   assert.equal(host.swaps, 1);
+  // The cancelled build's weights are discarded; the built ones' stay until the host closes.
+  const exists = (path: string) => Deno.stat(path).then(() => true, () => false);
+  await new Promise((r) => setTimeout(r, 50));
+  assert.equal(await exists(dirs.get("ffn[3-4]")!), false);
+  assert.equal(await exists(dirs.get("ffn[5-7]")!), true);
   await host.close();
   assert.ok(log.includes("closed ffn[5-7]"));
+  assert.equal(await exists(dirs.get("unfused")!), false, "closing removes the weights directory");
 });
 
 Deno.test("scheduler: KV reservations count every row at the longest, wait in FIFO order, and refuse what never fits", async () => {

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { attachFiles, encodeSafetensors, SafetensorsFile } from "../src/model/safetensors.ts";
+import { attachFiles, encodeSafetensors, releaseDecoded, SafetensorsFile } from "../src/model/safetensors.ts";
 import { tensor } from "../src/model/tensor.ts";
 import { f16ToF32, f32ToF16 } from "../src/model/dtype.ts";
 import { InputError } from "../src/errors.ts";
@@ -101,6 +101,11 @@ Deno.test("safetensors: a file-backed tensor decodes on read, is posted as a ref
     attachFiles(posted);
     assert.deepEqual([...posted.layers[0].a.data], [...first]);
     assert.equal(posted.layers[0].a, posted.tied, "one tensor posted twice stays one");
+    // releaseDecoded frees what the task kept at once (the array empties); the next read decodes again.
+    const kept = a.data;
+    releaseDecoded();
+    assert.equal(kept.length, 0);
+    assert.deepEqual([...a.data], [...first]);
     // A file that is gone is a checkpoint error when read, naming the file.
     await Deno.remove(path);
     await new Promise((r) => setTimeout(r, 1));

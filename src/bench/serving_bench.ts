@@ -2,7 +2,7 @@ import { type FusionPlan, planId, UNFUSED } from "../fusion/plan.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
 import { type Spread, spread } from "../numeric.ts";
 import { FLOAT_WEIGHTS, formatName, type GraphOptions } from "../onnx/format.ts";
-import type { WeightEntries } from "../onnx/weight_cache.ts";
+import { type WeightEntries, WeightStore } from "../onnx/weight_cache.ts";
 import { checkModelFits } from "../runtime/memory.ts";
 import { type Device, resolveGraphOptions } from "../runtime/ort.ts";
 import { type PlanInstance, RemoteInstance } from "../runtime/remote_instance.ts";
@@ -76,7 +76,7 @@ const generator = (inst: PlanInstance, promptIds: number[]): GenerateTokens => a
 
 export interface ServingBenchOptions {
   modelDir: string;
-  /** The weights in shared memory: every instance worker reads this one copy. */
+  /** The loaded checkpoint (file-backed): every instance worker reads the weights from its files. */
   checkpoint: Checkpoint;
   promptIds: number[];
   device: Device;
@@ -110,6 +110,7 @@ export async function benchServing(o: ServingBenchOptions): Promise<ServingBench
     const rss = new RssSampler();
     rss.start();
     const live: PlanInstance[] = [];
+    const store = new WeightStore();
     try {
       // Wall time as the caller sees it: worker start, fusing, converting and the session.
       const build = async (plan: FusionPlan, weights: WeightEntries) => {
@@ -122,6 +123,7 @@ export async function benchServing(o: ServingBenchOptions): Promise<ServingBench
           device: o.device,
           graph: format,
           weights,
+          weightDir: store.buildDir(),
         }).ready;
         live.push(built.instance);
         return { ...built, wallMs: performance.now() - t0 };
@@ -164,6 +166,7 @@ export async function benchServing(o: ServingBenchOptions): Promise<ServingBench
     } finally {
       rss.stop();
       await Promise.all(live.map((inst) => inst.close()));
+      store.close();
     }
   }
   return {

@@ -20,7 +20,7 @@ function table(): Float32Array {
   return halfTable;
 }
 
-/** Half -> float32, into `out` when given (so a caller can decode straight into shared memory). */
+/** Half -> float32, into `out` when given (a decode writes each slice into its place in the tensor). */
 export function f16ToF32(src: Uint16Array, out: Float32Array = new Float32Array(src.length)): Float32Array {
   const t = table();
   for (let i = 0; i < src.length; i++) out[i] = t[src[i]];

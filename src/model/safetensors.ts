@@ -29,11 +29,6 @@ export interface TensorEntry {
 /** Where a file's tensor bytes come from: memory (tests, fixtures) or the file, a range at a time. */
 type ByteSource = (begin: number, end: number) => Uint8Array;
 
-/** Allocates a tensor's float32 storage (plain or shared memory). */
-export type Allocate = (elements: number) => Float32Array;
-
-const plain: Allocate = (n) => new Float32Array(n);
-
 /**
  * One .safetensors file: a validated index over its bytes, decoded tensor by tensor. Opened from a
  * path, only the header is read up front and each tensor's bytes are read when it is decoded, so a
@@ -150,10 +145,10 @@ export class SafetensorsFile {
     return entries;
   }
 
-  /** Decodes one tensor to float32 into storage from `alloc` (it does not alias the file's bytes). */
-  read(name: string, alloc: Allocate = plain): Tensor {
+  /** Decodes one tensor to float32 (it does not alias the file's bytes). */
+  read(name: string): Tensor {
     const e = this.entry(name);
-    return tensor(e.shape, decode(e, this.source, alloc));
+    return tensor(e.shape, decode(e, this.source));
   }
 
   /**
@@ -173,9 +168,9 @@ export class SafetensorsFile {
 }
 
 /** Decodes a tensor's bytes to float32, in slices: the raw bytes held at once are one slice. */
-function decode(e: TensorEntry, source: ByteSource, alloc: Allocate): Float32Array {
+function decode(e: TensorEntry, source: ByteSource): Float32Array {
   const n = numel(e.shape);
-  const out = alloc(n);
+  const out = new Float32Array(n);
   const size = DTYPE_SIZE[e.dtype];
   const step = Math.max(1, Math.floor(READ_SLICE_BYTES / size));
   for (let at = 0; at < n; at += step) {
@@ -230,6 +225,22 @@ let clearing = false;
 /** The most recent of RECENT: reading it again is one comparison. */
 let last: FileTensor | null = null;
 
+function forgetDecoded(): void {
+  RECENT.clear();
+  last = null;
+}
+
+/**
+ * Frees the decoded tensors kept for the current task now (their arrays become empty), for a caller
+ * that is done reading weights and is about to take memory of its own in the same task (a session's
+ * weights): the last few a build read include the largest, the LM head (1 GB in fp32 at a 128K
+ * vocabulary), which the collector would free only at its next pass.
+ */
+export function releaseDecoded(): void {
+  for (const data of RECENT.values()) (data.buffer as ArrayBuffer).transfer(0);
+  forgetDecoded();
+}
+
 function attach(t: FileTensor): void {
   Object.defineProperty(t, "data", {
     enumerable: false,
@@ -244,8 +255,7 @@ function attach(t: FileTensor): void {
       if (!clearing) {
         clearing = true;
         setTimeout(() => {
-          RECENT.clear();
-          last = null;
+          forgetDecoded();
           clearing = false;
         }, 0);
       }
@@ -253,6 +263,8 @@ function attach(t: FileTensor): void {
     },
   });
 }
+
+let scratch: Uint8Array | null = null;
 
 function readFile({ path, base, entry }: FileRef): Float32Array {
   let file: Deno.FsFile;
@@ -263,7 +275,10 @@ function readFile({ path, base, entry }: FileRef): Float32Array {
   }
   try {
     return decode(entry, (begin, end) => {
-      const out = new Uint8Array(end - begin);
+      // One buffer for every slice: a new one each slice would leave the build's allocator with
+      // gigabytes it has freed but not returned to the system.
+      scratch ??= new Uint8Array(READ_SLICE_BYTES);
+      const out = scratch.subarray(0, end - begin);
       file.seekSync(base + begin, Deno.SeekMode.Start);
       for (let got = 0; got < out.length;) {
         const k = file.readSync(out.subarray(got));
@@ -271,7 +286,7 @@ function readFile({ path, base, entry }: FileRef): Float32Array {
         got += k;
       }
       return out;
-    }, plain);
+    });
   } finally {
     file.close();
   }

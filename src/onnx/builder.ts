@@ -17,16 +17,16 @@ const ELEM: Record<ElemType, number> = {
   int8: DataType.INT8,
 };
 
-/** One external-data file: a weight's bytes under the path its initializer names. */
+/** One external-data file: a weight under the path its initializer names. */
 export interface ExternalFile {
   path: string;
-  data: Uint8Array;
+  weight: StoredWeight;
 }
 
 /**
  * A graph and its weights, as onnxruntime takes them. A protobuf is capped at 2 GiB, so every weight
- * lives outside it as external data, one file per weight: each file is a view of the weight's own
- * bytes (kept by the weight cache), so creating a session never concatenates a copy of the model.
+ * lives outside it as external data, one file per weight: each is the weight cache's own entry (its
+ * bytes or its file), so creating a session never concatenates a copy of the model.
  */
 export interface EncodedModel {
   /** The ModelProto: nodes, small constants, and references to the files in `weights`. */
@@ -37,8 +37,8 @@ export interface EncodedModel {
 }
 
 export function storedBytes(model: EncodedModel): number {
-  let bytes = model.weights.reduce((sum, f) => sum + f.data.byteLength, 0);
-  for (const w of model.weightInputs.values()) bytes += w.bytes.byteLength;
+  let bytes = model.weights.reduce((sum, f) => sum + f.weight.byteLength, 0);
+  for (const w of model.weightInputs.values()) bytes += w.byteLength;
   return bytes;
 }
 
@@ -113,7 +113,7 @@ export class GraphBuilder {
       return name;
     }
     const path = `${name}.bin`;
-    this.external.push({ path, data: w.bytes });
+    this.external.push({ path, weight: w });
     this.initializers.push({
       name,
       dims: w.dims,
@@ -122,7 +122,7 @@ export class GraphBuilder {
       externalData: [
         { key: "location", value: path },
         { key: "offset", value: "0" },
-        { key: "length", value: String(w.bytes.byteLength) },
+        { key: "length", value: String(w.byteLength) },
       ],
     });
     return name;

@@ -15,7 +15,7 @@ import {
   quantizeColumns,
   quantizeRows,
 } from "./quantize.ts";
-import { type Allocator, type StoredWeight, WeightCache } from "./weight_cache.ts";
+import { type StoredWeight, WeightCache } from "./weight_cache.ts";
 
 /** Optimum's names, so that tooling written for exported decoders recognises ours. */
 export const pastKey = (layer: number) => `past_key_values.${layer}.key`;
@@ -34,6 +34,12 @@ export interface DecoderGraph {
   maxPositions: number;
   matmulCount: number;
   nodeCount: number;
+  /**
+   * Bytes a run holds at once for each position it computes and for each row of logits: the integer
+   * path's block sums (int32 and fp32, [K / B, rows, N] each) in its widest linear; 0 elsewhere, where
+   * a row's activations are a few vectors. A prefill chunk is sized by them.
+   */
+  rowBytes: { position: number; logits: number };
 }
 
 /** The rotary tables GroupQueryAttention reads, [maxPositions, headDim / 2] in the activations' type. */
@@ -55,12 +61,15 @@ export interface Residual {
 /** What the FFN-only graphs need of a model config. */
 type FfnConfig = Pick<ModelConfig, "hidden" | "rmsEps">;
 
+/** The LM head's weight name: the one linear that runs over logit rows, not positions. */
+const HEAD = "lm_head";
+
 /** ONNX TensorProto type numbers, for Cast. */
 const CAST_TO = { float32: 1, uint8: 2, float16: 10 } as const;
 
-/** Float data in the graph's float type, allocated where the cache keeps it. */
-function asFloat(data: Float32Array, half: boolean, alloc: Allocator) {
-  return half ? { elem: "float16" as const, data: f32ToF16(data, alloc.u16(data.length)) } : {
+/** Float data in the graph's float type. */
+function asFloat(data: Float32Array, half: boolean) {
+  return half ? { elem: "float16" as const, data: f32ToF16(data, new Uint16Array(data.length)) } : {
     elem: "float32" as const,
     data,
   };
@@ -102,7 +111,10 @@ export class DecoderEmitter {
 
   /** A float weight stored as it is laid out (no transpose), in the graph's float type. */
   floatWeight(name: string, t: Tensor): StoredWeight {
-    return this.cache.get(name, (alloc) => ({ dims: [...t.shape], ...asFloat(t.data, this.half, alloc) }));
+    return this.cache.get(
+      name,
+      () => ({ dims: [...t.shape], ...asFloat(t.data, this.half), borrowed: !this.half }),
+    );
   }
 
   /**
@@ -119,16 +131,16 @@ export class DecoderEmitter {
       const bits = BITS[q];
       const blocks = k / BLOCK;
       let packed: ReturnType<typeof quantize> | null = null;
-      const pack = (alloc: Allocator) => (packed ??= quantize(w, bits, alloc));
-      const b = this.cache.get(`${name}.q${bits}`, (alloc) => ({
+      const pack = () => (packed ??= quantize(w, bits));
+      const b = this.cache.get(`${name}.q${bits}`, () => ({
         elem: "uint8",
         dims: [n, blocks, (BLOCK * bits) / 8],
-        data: pack(alloc).packed,
+        data: pack().packed,
       }));
       // MatMulNBits takes its scales in the activations' type.
-      const scales = this.cache.get(`${name}.scales`, (alloc) => ({
+      const scales = this.cache.get(`${name}.scales`, () => ({
         dims: [n * blocks],
-        ...asFloat(pack(alloc).scales, this.half, alloc),
+        ...asFloat(pack().scales, this.half),
       }));
       return this.g.node(
         "MatMulNBits",
@@ -144,13 +156,16 @@ export class DecoderEmitter {
         "com.microsoft",
       )[0];
     }
-    const t = this.cache.get(name, (alloc) => {
+    const t = this.cache.get(name, () => {
       // fp16 goes through a transient fp32 transpose: one tensor, never the model.
-      const transposed = transpose2d(w, this.half ? new Float32Array(n * k) : alloc.f32(n * k)).data;
-      return { dims: [k, n], ...asFloat(transposed, this.half, alloc) };
+      const transposed = transpose2d(w).data;
+      return { dims: [k, n], ...asFloat(transposed, this.half) };
     });
     return this.g.op("MatMul", [x, this.g.weight(name, t)]);
   }
+
+  /** Bytes of block sums a row holds in each integer linear, by name (see DecoderGraph.rowBytes). */
+  readonly blockSumBytes = new Map<string, number>();
 
   /** Activations rounded to int8 per row and block, shared by every linear that reads them in that block. */
   private readonly blockQuantized = new Map<string, { xq: string; scale: string; lead: string }>();
@@ -170,17 +185,18 @@ export class DecoderEmitter {
     const [n, k] = w.shape;
     const block = integerBlock(n, k);
     const blocks = k / block;
+    this.blockSumBytes.set(name, 2 * blocks * n * 4);
     let cols: ReturnType<typeof quantizeColumns> | null = null;
-    const pack = (alloc: Allocator) => (cols ??= quantizeColumns(w, q, block, alloc));
+    const pack = () => (cols ??= quantizeColumns(w, q, block));
     const key = `${name}.i8c${BITS[q]}`;
     const wq = this.cache.get(
       key,
-      (alloc) => ({ elem: "int8", dims: [blocks, block, n], data: pack(alloc).q }),
+      () => ({ elem: "int8", dims: [blocks, block, n], data: pack().q }),
     );
-    const ws = this.cache.get(`${key}.scales`, (alloc) => ({
+    const ws = this.cache.get(`${key}.scales`, () => ({
       elem: "float32",
       dims: [blocks, 1, n],
-      data: pack(alloc).scales,
+      data: pack().scales,
     }));
     let act = this.blockQuantized.get(`${x}/${block}`);
     if (!act) {
@@ -211,15 +227,15 @@ export class DecoderEmitter {
       });
     }
     let rows: ReturnType<typeof quantizeRows> | null = null;
-    const pack = (alloc: Allocator) => (rows ??= quantizeRows(table, alloc));
+    const pack = () => (rows ??= quantizeRows(table));
     const q = this.cache.get(
       "embed_tokens.i8r",
-      (alloc) => ({ elem: "int8", dims: [...table.shape], data: pack(alloc).q }),
+      () => ({ elem: "int8", dims: [...table.shape], data: pack().q }),
     );
-    const s = this.cache.get("embed_tokens.i8r.scales", (alloc) => ({
+    const s = this.cache.get("embed_tokens.i8r.scales", () => ({
       elem: "float32",
       dims: [table.shape[0]],
-      data: pack(alloc).scales,
+      data: pack().scales,
     }));
     const picked = g.op("Gather", [g.weight("embed_tokens.i8r", q), ids], { axis: 0 });
     const scale = g.op("Unsqueeze", [
@@ -268,12 +284,12 @@ export class DecoderEmitter {
     const { headDim, maxPositions } = this.cfg;
     const inv = ropeInvFreq(this.cfg.rope, headDim);
     const half = headDim / 2;
-    const table = (fn: (a: number) => number) => (alloc: Allocator) => {
+    const table = (fn: (a: number) => number) => () => {
       const t = new Float32Array(maxPositions * half);
       for (let p = 0; p < maxPositions; p++) {
         for (let i = 0; i < half; i++) t[p * half + i] = fn(p * inv[i]);
       }
-      return { dims: [maxPositions, half], ...asFloat(t, this.half, alloc) };
+      return { dims: [maxPositions, half], ...asFloat(t, this.half) };
     };
     return {
       cos: this.g.weight("rope.cos", this.cache.get(`rope.cos.${maxPositions}`, table(Math.cos))),
@@ -449,7 +465,7 @@ export function buildDecoderGraph(
   const { h } = e.normed(out, ckpt.finalNorm, "final_norm");
   const positions = g.input("logit_positions", "int32", ["batch_size", "logit_rows"]);
   const rows = g.op("Gather", [g.op("Reshape", [h, g.ints([-1, cfg.hidden])]), positions], { axis: 0 });
-  const logits = e.linear(rows, ckpt.lmHead, "lm_head");
+  const logits = e.linear(rows, ckpt.lmHead, HEAD);
   // Sampling reads fp32 logits whatever the graph computes in.
   g.op(
     act === "float16" ? "Cast" : "Identity",
@@ -470,6 +486,10 @@ export function buildDecoderGraph(
     maxPositions: cfg.maxPositions,
     matmulCount: g.countOps("MatMul") + g.countOps("MatMulNBits"),
     nodeCount: g.nodeCount,
+    rowBytes: {
+      position: Math.max(0, ...[...e.blockSumBytes].filter(([name]) => name !== HEAD).map(([, b]) => b)),
+      logits: e.blockSumBytes.get(HEAD) ?? 0,
+    },
   };
 }
 

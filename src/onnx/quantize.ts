@@ -1,7 +1,6 @@
 import type { Block, FfnBlock } from "../model/blocks.ts";
 import type { Tensor } from "../model/tensor.ts";
 import type { GraphOptions } from "./format.ts";
-import type { Allocator } from "./weight_cache.ts";
 
 /** Weight-only quantization of the MatMul weights: none (the float type), or 8 / 4 bits a weight. */
 export type Quantization = "none" | "int8" | "int4";
@@ -27,9 +26,6 @@ function symmetricScale(data: Float32Array, at: number, length: number, qmax: nu
   return Math.fround(amax / qmax) || 1;
 }
 
-/** Where the integer path's int8 values and scales go when the caller keeps no cache. */
-const PLAIN: Pick<Allocator, "i8" | "f32"> = { i8: (n) => new Int8Array(n), f32: (n) => new Float32Array(n) };
-
 /** MatMulNBits needs whole blocks along K; a weight with a ragged K stays in float. */
 export function quantizable(w: Tensor): boolean {
   return w.shape.length === 2 && w.shape[1] % BLOCK === 0;
@@ -40,21 +36,14 @@ export function quantizable(w: Tensor): boolean {
  * is MatMulNBits' own: each block of 32 inputs of one output gets scale max|w| / qmax, values
  * round(w / scale) stored with the implicit zero point 2^(bits-1) (8 for int4, low nibble first).
  */
-export function quantize(
-  w: Tensor,
-  bits: 4 | 8,
-  alloc: { u8(n: number): Uint8Array; f32(n: number): Float32Array } = {
-    u8: (n) => new Uint8Array(n),
-    f32: (n) => new Float32Array(n),
-  },
-): PackedWeight {
+export function quantize(w: Tensor, bits: 4 | 8): PackedWeight {
   const [n, k] = w.shape;
   const blocks = k / BLOCK;
   const qmax = bits === 4 ? 7 : 127;
   const zero = 1 << (bits - 1);
   const blob = (BLOCK * bits) / 8;
-  const packed = alloc.u8(n * blocks * blob);
-  const scales = alloc.f32(n * blocks);
+  const packed = new Uint8Array(n * blocks * blob);
+  const scales = new Float32Array(n * blocks);
   const data = w.data;
   for (let row = 0; row < n; row++) {
     for (let b = 0; b < blocks; b++) {
@@ -97,13 +86,12 @@ export function quantizeColumns(
   w: Tensor,
   q: Exclude<Quantization, "none">,
   block: number,
-  alloc = PLAIN,
 ): { q: Int8Array; scales: Float32Array } {
   const src = q === "int4" ? dequantize(quantize(w, 4)) : w;
   const [n, k] = w.shape;
   const data = src.data;
-  const out = alloc.i8(n * k);
-  const scales = alloc.f32((k / block) * n);
+  const out = new Int8Array(n * k);
+  const scales = new Float32Array((k / block) * n);
   for (let row = 0; row < n; row++) {
     for (let b = 0; b < k / block; b++) {
       const at = row * k + b * block;
@@ -193,11 +181,11 @@ function dequantizedBlocks(blocks: Block[], q: Exclude<Quantization, "none">, in
 }
 
 /** An embedding table in int8, symmetric per row (one token's vector): the integer path's Gather. */
-export function quantizeRows(t: Tensor, alloc = PLAIN): { q: Int8Array; scales: Float32Array } {
+export function quantizeRows(t: Tensor): { q: Int8Array; scales: Float32Array } {
   const [rows, d] = t.shape;
   const data = t.data;
-  const q = alloc.i8(rows * d);
-  const scales = alloc.f32(rows);
+  const q = new Int8Array(rows * d);
+  const scales = new Float32Array(rows);
   for (let r = 0; r < rows; r++) {
     const scale = symmetricScale(data, r * d, d, 127);
     scales[r] = scale;

@@ -1,4 +1,5 @@
 import type { TextTokenizer } from "../model/tokenizer.ts";
+import type { DecoderGraph } from "../onnx/decoder.ts";
 import { commonPrefix, EngineBase, PREFILL_CHUNK, type Sequence } from "./engine_base.ts";
 import { type BatchCache, disposeBatch, kvBytesPerToken } from "./kv_batch.ts";
 import { describe } from "./logprobs.ts";
@@ -7,6 +8,21 @@ import { asBatch, disposeCache, type KvCache, type ModelSession } from "./sessio
 
 /** Decode steps a prefilled sequence waits at most for others to join with it. */
 const JOIN_WAIT_STEPS = 3;
+
+/** Transient bytes one prefill run may hold for its positions (see DecoderGraph.rowBytes). */
+const PREFILL_TRANSIENT_BYTES = 128 << 20;
+
+/**
+ * Prompt tokens one prefill run takes: PREFILL_CHUNK, or fewer where each holds much memory while
+ * it runs. WASM's integer path holds ~4 MB of block sums a position at the 1B shape: 128 positions
+ * would take 0.5 GB of heap (which the heap keeps for good); 30 take 128 MB.
+ */
+export function prefillLimit(rowBytes: DecoderGraph["rowBytes"], allLogits: boolean): number {
+  const perToken = rowBytes.position + (allLogits ? rowBytes.logits : 0);
+  if (perToken === 0) return PREFILL_CHUNK;
+  const room = PREFILL_TRANSIENT_BYTES - (allLogits ? 0 : rowBytes.logits);
+  return Math.max(1, Math.min(PREFILL_CHUNK, Math.floor(room / perToken)));
+}
 
 interface HostSequence extends Sequence {
   sampler: Sampler;
@@ -183,7 +199,8 @@ export class BatchEngine extends EngineBase<HostSequence> {
       return 1;
     }
     if (seq.cached === null) await this.reusePrefix(seq);
-    const chunk = seq.prompt.slice(seq.prefilled, seq.prefilled + budget);
+    const limit = prefillLimit(this.session.graph.rowBytes, seq.promptLogprobs !== null);
+    const chunk = seq.prompt.slice(seq.prefilled, seq.prefilled + Math.min(budget, limit));
     try {
       const r = await this.session.step(
         chunk,

@@ -17,6 +17,7 @@ import { attachFiles } from "../model/safetensors.ts";
 import { TextTokenizer } from "../model/tokenizer.ts";
 import { storedBytes } from "../onnx/builder.ts";
 import { buildDecoderGraph } from "../onnx/decoder.ts";
+import { releaseDecoded } from "../model/safetensors.ts";
 import { FLOAT_WEIGHTS, formatName, type GraphOptions } from "../onnx/format.ts";
 import { WeightCache } from "../onnx/weight_cache.ts";
 import { BatchEngine } from "./batch_engine.ts";
@@ -228,6 +229,7 @@ export async function buildInstance(
   const cfg = assets.checkpoint.config;
   const onWebgpu = device === "webgpu";
   const graph = buildDecoderGraph(assets.checkpoint, blocks, options, weights, { weightsAsInputs: onWebgpu });
+  releaseDecoded();
   const t1 = performance.now();
   const budget = serving.kvBudgetBytes;
   let session: ModelSession | null = null;

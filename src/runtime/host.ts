@@ -5,7 +5,7 @@ import type { ModelConfig } from "../model/config.ts";
 import { FLOAT_WEIGHTS, type GraphOptions } from "../onnx/format.ts";
 import { checkModelFits, kvBudgetBytes } from "./memory.ts";
 import type { Device } from "./ort.ts";
-import type { WeightEntries } from "../onnx/weight_cache.ts";
+import { WeightStore } from "../onnx/weight_cache.ts";
 import {
   type BuildProgress,
   type BuildSpec,
@@ -84,10 +84,10 @@ export class ModelHost {
   /** The loaded checkpoint (file-backed): every later build and background job reads its weights from it. */
   checkpoint: Checkpoint | null = null;
   /**
-   * Converted weights (transposed, fused, fp16, quantized) of the live instances, in shared memory:
-   * a swap converts only the groups its plan changes. Entries no live instance uses are dropped.
+   * Converted weights (transposed, fused, fp16, quantized) of the live instances, as files: a swap
+   * converts only the groups its plan changes. Entries no live instance uses are deleted.
    */
-  private readonly weights: WeightEntries = new Map();
+  private readonly weights = new WeightStore();
   /** Text a version 2 plan's linear attentions are fitted on (`--calibration`). */
   calibrationText?: string;
   private threads?: number;
@@ -120,7 +120,8 @@ export class ModelHost {
       checkModelFits(this.config, opts.graph, device, { sequences: 1, maxBufferBytes: opts.maxBufferBytes });
       this.kvBudgetBytes = kvBudgetBytes(this.config, opts.graph, device, opts.kvCacheMb);
       this.tokenizer = tokenizer ?? await RemoteTokenizer.load(dir, opts.chatTemplate);
-      const built = await this.builder(this.spec(null, plan, opts.maxContext)).ready;
+      const spec = this.spec(null, plan, opts.maxContext);
+      const built = await this.built(spec, this.builder(spec));
       this.checkpoint = built.checkpoint;
       this.active = this.keep(built);
       this.loadMs = performance.now() - t0;
@@ -141,7 +142,8 @@ export class ModelHost {
       device: this.device!,
       graph: this.graph,
       maxContext,
-      weights: this.weights,
+      weights: this.weights.entries,
+      weightDir: this.weights.buildDir(),
       calibrationText: this.calibrationText,
       kvBudgetBytes: this.kvBudgetBytes,
       threads: this.threads,
@@ -149,23 +151,31 @@ export class ModelHost {
     };
   }
 
+  /** The build's result; a build that fails or is cancelled leaves none of the weights it wrote. */
+  private async built(spec: BuildSpec, build: PendingBuild): Promise<Awaited<PendingBuild["ready"]>> {
+    try {
+      return await build.ready;
+    } catch (e) {
+      this.weights.discard(spec.weightDir);
+      throw e;
+    }
+  }
+
   /** A new slot for a built instance; the weights it converted join the cache. */
   private keep(built: Awaited<PendingBuild["ready"]>): Slot {
-    for (const [key, w] of built.weights.added) this.weights.set(key, w);
+    this.weights.add(built.weights.added);
     return { instance: built.instance, users: 0, retired: false, weightKeys: built.weights.keys };
   }
 
   /** Bytes of converted weights kept for reuse. */
   get weightCacheBytes(): number {
-    let sum = 0;
-    for (const w of this.weights.values()) sum += w.bytes.byteLength;
-    return sum;
+    return this.weights.bytes;
   }
 
   /** Drops converted weights that no live instance uses. */
   private pruneWeights(): void {
     const live = new Set([this.active, ...this.retiring].flatMap((s) => s?.weightKeys ?? []));
-    for (const key of this.weights.keys()) if (!live.has(key)) this.weights.delete(key);
+    this.weights.keepOnly(live).catch((e) => console.error(`deleting unused weights failed: ${e}`));
   }
 
   get instance(): PlanInstance | null {
@@ -228,10 +238,11 @@ export class ModelHost {
     checkPlan(plan, this.requireReady());
     const t0 = performance.now();
     this.pending?.cancel(`superseded by a newer plan (${planId(plan)}) before its build finished`);
-    const build = this.builder(this.spec(this.checkpoint, plan));
+    const spec = this.spec(this.checkpoint, plan);
+    const build = this.builder(spec);
     this.pending = build;
     try {
-      const built = await build.ready;
+      const built = await this.built(spec, build);
       const old = this.active;
       this.active = this.keep(built);
       this.swaps++;
@@ -260,7 +271,7 @@ export class ModelHost {
     await Promise.all([this.active, ...this.retiring].map((s) => s?.instance.close()));
     this.active = null;
     this.retiring.clear();
-    this.weights.clear();
+    this.weights.close();
     this.tokenizer?.close();
   }
 }

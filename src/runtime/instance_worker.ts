@@ -32,8 +32,10 @@ export type InstanceRequest =
     device: Device;
     graph: GraphOptions;
     maxContext?: number;
-    /** Weights converted by earlier builds (shared memory): this build converts only what they lack. */
+    /** Weights converted by earlier builds (files): this build converts only what they lack. */
     weights: WeightEntries;
+    /** Where the weights this build converts are written. */
+    weightDir: string;
     calibrationText?: string;
     kvBudgetBytes?: number;
     threads?: number;
@@ -86,7 +88,7 @@ async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<
   await useThreads(device, req.threads);
   const loaded = req.checkpoint ? null : await loadCheckpoint(req.modelDir, { maxContext: req.maxContext });
   const assets = await assetsFrom(req.checkpoint ?? loaded!, req.modelDir, req.calibrationText);
-  const weights = new WeightCache(formatName(req.graph), req.weights, true);
+  const weights = new WeightCache(formatName(req.graph), req.weights, req.weightDir);
   instance = await buildInstance(
     assets,
     req.plan,

@@ -53,8 +53,10 @@ export function nativeOrt(): Promise<OrtApi> {
 
 /**
  * Creates a session for a graph whose weights are external data. onnxruntime-web takes each weight
- * file as bytes (views of the weights, not a copy); onnxruntime-node reads them from files beside the
- * graph, so they are written to a temporary directory for the creation and removed after.
+ * file as bytes: a weight in memory as a view of its bytes, a file-backed one as a FileBytes that
+ * reads the file when the session copies it into the heap. onnxruntime-node reads them from files
+ * beside the graph: a temporary directory gets links to the cache's files (written only for weights
+ * held in memory) and is removed once the session holds the weights.
  */
 export async function createSession(
   backend: Backend,
@@ -63,18 +65,89 @@ export async function createSession(
 ): Promise<ort.InferenceSession> {
   const rt = await runtimeFor(backend);
   if (!isNative(backend)) {
-    return await rt.InferenceSession.create(model.graph, {
-      ...options,
-      externalData: model.weights,
-    });
+    const scratch = new ReadBuffer();
+    try {
+      return await rt.InferenceSession.create(model.graph, {
+        ...options,
+        externalData: model.weights.map(({ path, weight: w }) => ({
+          path,
+          data: "bytes" in w ? w.bytes : new FileBytes(w.file, w.byteLength, scratch),
+        })),
+      });
+    } finally {
+      scratch.release();
+    }
   }
   const dir = await Deno.makeTempDir({ prefix: "fusedge-native-" });
   try {
-    for (const f of model.weights) await Deno.writeFile(join(dir, f.path), f.data);
+    for (const { path, weight: w } of model.weights) {
+      if ("bytes" in w) await Deno.writeFile(join(dir, path), w.bytes);
+      else await linkOrCopy(w.file, join(dir, path));
+    }
     await Deno.writeFile(join(dir, "model.onnx"), model.graph);
     return await rt.InferenceSession.create(join(dir, "model.onnx"), options);
   } finally {
     await Deno.remove(dir, { recursive: true });
+  }
+}
+
+async function linkOrCopy(from: string, to: string): Promise<void> {
+  try {
+    await Deno.link(from, to);
+  } catch {
+    // Another filesystem (a cache directory outside TMPDIR's).
+    await Deno.copyFile(from, to);
+  }
+}
+
+/**
+ * One buffer that every weight of a session's creation is read into in turn: onnxruntime copies each
+ * into its heap before asking for the next, and a new buffer for each weight would leave 1.7 GB (a
+ * 1B model's) for the collector to find while the heap holds the same again.
+ */
+class ReadBuffer {
+  private bytes: Uint8Array<ArrayBuffer> | null = null;
+
+  take(length: number): Uint8Array<ArrayBuffer> {
+    if (!this.bytes || this.bytes.length < length) {
+      this.release();
+      this.bytes = new Uint8Array(length);
+    }
+    return this.bytes.subarray(0, length);
+  }
+
+  release(): void {
+    this.bytes?.buffer.transfer(0);
+    this.bytes = null;
+  }
+}
+
+/**
+ * A weight file as onnxruntime-web's external data, read when the session asks for it. onnxruntime
+ * copies each initializer into its heap with `HEAPU8.set(data.subarray(offset, offset + length))`
+ * after checking `data.byteLength`; answering those two from the file means the weights pass through
+ * this process once, into the heap, instead of being held in JS as well while the session is created.
+ * The external-data parity tests fail if a later onnxruntime-web reads the bytes any other way.
+ */
+class FileBytes extends Uint8Array {
+  constructor(readonly file: string, private readonly size: number, private readonly scratch: ReadBuffer) {
+    super(0);
+  }
+
+  override get byteLength(): number {
+    return this.size;
+  }
+
+  override subarray(begin = 0, end = this.size): Uint8Array<ArrayBuffer> {
+    const out = this.scratch.take(end - begin);
+    using f = Deno.openSync(this.file);
+    f.seekSync(begin, Deno.SeekMode.Start);
+    for (let n = 0; n < out.length;) {
+      const read = f.readSync(out.subarray(n));
+      if (read === null) throw new Error(`${this.file}: ends before byte ${end}`);
+      n += read;
+    }
+    return out;
   }
 }
 

@@ -29,6 +29,8 @@ export interface BuildSpec {
   maxContext?: number;
   /** Converted weights of earlier builds, reused where this plan has the same groups. */
   weights: WeightEntries;
+  /** Where the weights this build converts are written (a WeightStore's directory). */
+  weightDir: string;
   /** Text a plan's linear attentions are fitted on. */
   calibrationText?: string;
   /** KV bytes the instance's sequences and its kept prefixes may hold (0: keep no prefix). */
@@ -189,6 +191,7 @@ export class RemoteInstance implements PlanInstance, SequenceSink {
       graph: spec.graph,
       maxContext: spec.maxContext,
       weights: spec.weights,
+      weightDir: spec.weightDir,
       calibrationText: spec.calibrationText,
       kvBudgetBytes: spec.kvBudgetBytes,
       threads: spec.threads,

@@ -1,5 +1,5 @@
 import { type DecoderGraph, pastKey, pastValue, presentKey, presentValue } from "../onnx/decoder.ts";
-import type { WeightElem } from "../onnx/weight_cache.ts";
+import { readWeight, type WeightElem } from "../onnx/weight_cache.ts";
 import { GpuSampler } from "./gpu_sampler.ts";
 import { createSession, ort } from "./ort.ts";
 import { OrtBuffers } from "./ort_buffers.ts";
@@ -85,7 +85,7 @@ export class SlotDecoder {
     const hd = graph.headDim;
     const sizes: number[] = [];
     const weightNames = [...graph.model.weightInputs.keys()];
-    for (const w of graph.model.weightInputs.values()) sizes.push(w.bytes.byteLength);
+    for (const w of graph.model.weightInputs.values()) sizes.push(w.byteLength);
     for (const { kvHeads } of graph.cache) {
       const row = kvHeads * capacity * hd * elem;
       sizes.push(slots * row, slots * row, row, row);
@@ -98,7 +98,7 @@ export class SlotDecoder {
     for (const name of weightNames) {
       const w = graph.model.weightInputs.get(name)!;
       const buffer = buffers.buffer(at++);
-      writePadded(device, buffer, w.bytes);
+      writePadded(device, buffer, readWeight(w));
       weights[name] = view(buffer, w.elem as Elem, w.dims);
     }
     const pool = new Map<number, KvPair>();
