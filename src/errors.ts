@@ -51,7 +51,7 @@ export class CancelledError extends UserError {}
  * OpenAI error), the message listing every issue.
  */
 export function bodyError(error: z.ZodError): InputError {
-  const [first, ...rest] = error.issues;
+  const [first, ...rest] = error.issues.flatMap(specific);
   const field = first.path.length
     ? first.path.map(String).join(".")
     : first.code === "unrecognized_keys"
@@ -71,11 +71,23 @@ export function formatZodError(
   return formatIssues(error.issues, name);
 }
 
+/**
+ * A union's failure as the failure of the one branch whose type the value has (`stop` with 5 strings:
+ * the array's limit), where "Invalid input" would say nothing.
+ */
+function specific(issue: z.core.$ZodIssue): z.core.$ZodIssue[] {
+  if (issue.code !== "invalid_union") return [issue];
+  const typed = issue.errors.filter((b) => !b.every((i) => i.code === "invalid_type" && !i.path.length));
+  if (typed.length !== 1) return [issue];
+  return typed[0].flatMap((i) => specific({ ...i, path: [...issue.path, ...i.path] }));
+}
+
 function formatIssues(
   issues: z.core.$ZodIssue[],
   name = (path: PropertyKey[]) => path.map(String).join("."),
 ): string {
   return issues
+    .flatMap(specific)
     .map((issue) => {
       if (issue.code === "unrecognized_keys") {
         return `${issue.keys.map((k) => name([...issue.path, k])).join(", ")}: unknown`;

@@ -33,7 +33,7 @@ Deno.test("plan: valid plans pass; bad ones name the group and the rule", async 
     [{ ffn_groups: [[3]] }, /ffn_groups.0: a group needs at least two layers/],
     [{ ffn_groups: [[3, -4]] }, /ffn_groups.0.1/],
     [{ ffn_groups: "3-5" }, /ffn_groups/],
-    [{ version: 3, ffn_groups: [] }, /version/],
+    [{ version: 3, ffn_groups: [] }, /version: expected 1 or 2, got 3/],
     [{ ffn_group: [[3, 4]] }, /ffn_group/],
     [null, /invalid plan/],
   ];

@@ -179,6 +179,9 @@ Deno.test({
         });
         const worstHealth = await probe.stop();
         assert.equal((await (await fetch(`${base}/analysis`)).json()).status, "cancelled");
+        const again = await fetch(`${base}/analysis`, { method: "DELETE", headers: admin });
+        assert.equal(again.status, 404);
+        assert.match((await again.json()).error.message, /^no analysis is running/);
         assert.ok(r.maxGapMs < MAX_GAP_MS, `largest token gap during /analysis ${r.maxGapMs.toFixed(0)} ms`);
         assert.ok(worstHealth < MAX_GAP_MS, `slowest /health ${worstHealth.toFixed(0)} ms`);
       });
@@ -241,6 +244,17 @@ Deno.test({
         });
         assert.equal(wrong.status, 401);
         assert.match((await wrong.json()).error.message, /bearer token/);
+        // A header that is no bearer token at all is as unauthorised as a wrong one: 401, not 400.
+        for (const authorization of ["", "Bearer", "Bearer ", ADMIN, `Basic ${ADMIN}`, "Bearer a b"]) {
+          const res = await fetch(`${base}/fuse`, {
+            method: "POST",
+            headers: { authorization, "content-type": "application/json" },
+            body: "{}",
+          });
+          assert.equal(res.status, 401, JSON.stringify(authorization));
+          assert.match(res.headers.get("www-authenticate") ?? "", /^Bearer/);
+          assert.equal((await res.json()).error.type, "authentication_error");
+        }
       });
 
       await t.step(

@@ -126,7 +126,7 @@ Deno.test({
           [{ prompt: "x", top_p: 0 }, 400, /top_p/],
           [{ prompt: "x", top_k: 1.5 }, 400, /top_k/],
           [{ prompt: "x", n: 9 }, 400, /n/],
-          [{ prompt: "x", stop: ["a", "b", "c", "d", "e"] }, 400, /stop/],
+          [{ prompt: "x", stop: ["a", "b", "c", "d", "e"] }, 400, /stop: .*<=4/],
           [{ prompt: "x", logprobs: 21 }, 400, /logprobs/],
           [{ prompt: "x", echo: "yes" }, 400, /echo/],
           [{ prompt: [1, 99999] }, 400, /token id 99999 is out of range/],
@@ -175,6 +175,19 @@ Deno.test({
           const tok = await (await post(base, "/tokenize", { prompt: text })).json();
           assert.equal(tok.count, tok.tokens.length);
           assert.equal(tok.max_model_len, 1024);
+          // Fields vLLM knows and these routes do not are ignored, as on every route.
+          const special = await post(base, "/tokenize", { prompt: text, add_special_tokens: true });
+          assert.deepEqual((await special.json()).tokens, tok.tokens);
+          for (
+            const [body, re] of [[{}, /prompt: give prompt or messages$/], [
+              { prompt: "a", messages: [] },
+              /not both|messages/,
+            ]] as const
+          ) {
+            const res = await post(base, "/tokenize", body);
+            assert.equal(res.status, 400);
+            assert.match((await res.json()).error.message, re);
+          }
           const detok = await (await post(base, "/detokenize", { tokens: tok.tokens })).json();
           assert.equal(detok.prompt, text);
           const bad = await post(base, "/detokenize", { tokens: [1, 99999] });

@@ -99,7 +99,13 @@ export function planId(plan: FusionPlan): string {
  * version is version 1, so every version 1 file stays valid.
  */
 export function parsePlan(raw: unknown): FusionPlan {
-  const v2 = typeof raw === "object" && raw !== null && (raw as { version?: unknown }).version === 2;
+  const version = typeof raw === "object" && raw !== null
+    ? (raw as { version?: unknown }).version
+    : undefined;
+  if (version !== undefined && version !== 1 && version !== 2) {
+    throw new InvalidPlanError(`invalid plan: version: expected 1 or 2, got ${JSON.stringify(version)}`);
+  }
+  const v2 = version === 2;
   const parsed = (v2 ? planV2 : planV1).safeParse(raw);
   if (!parsed.success) throw new InvalidPlanError(`invalid plan: ${formatZodError(parsed.error)}`);
   return parsed.data;

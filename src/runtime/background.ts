@@ -32,6 +32,11 @@ export class BackgroundJob<J, R> {
 
   constructor(readonly kind: string, private readonly script: URL) {}
 
+  /** The kind without its article ("an analysis": "analysis"), for "no analysis is running". */
+  get noun(): string {
+    return this.kind.replace(/^an? /, "");
+  }
+
   get running(): boolean {
     return this.worker !== null;
   }
@@ -75,7 +80,7 @@ export class BackgroundJob<J, R> {
 
   /** Ends the running job at once; a NotFoundError when none runs. */
   cancel(): void {
-    if (!this.worker) throw new NotFoundError(`no ${this.kind} is running`);
+    if (!this.worker) throw new NotFoundError(`no ${this.noun} is running`);
     this.worker.terminate();
     this.worker = null;
     this.status = "cancelled";

@@ -174,6 +174,9 @@ export class ModelHost {
 
   /** Drops converted weights that no live instance uses. */
   private pruneWeights(): void {
+    // A pending build reads entries of earlier builds from their files until its session holds them:
+    // nothing is deleted under it. Its end prunes instead (swap).
+    if (this.pending) return;
     const live = new Set([this.active, ...this.retiring].flatMap((s) => s?.weightKeys ?? []));
     this.weights.keepOnly(live).catch((e) => console.error(`deleting unused weights failed: ${e}`));
   }
@@ -249,13 +252,15 @@ export class ModelHost {
       if (old) {
         old.retired = true;
         this.retiring.add(old);
-        this.freeIfIdle(old);
       }
-      this.pruneWeights();
       const { rebuiltBytes, reusedBytes } = built.weights;
       return { instance: built.instance, swapMs: performance.now() - t0, rebuiltBytes, reusedBytes };
     } finally {
-      if (this.pending === build) this.pending = null;
+      if (this.pending === build) {
+        this.pending = null;
+        for (const slot of [...this.retiring]) this.freeIfIdle(slot);
+        this.pruneWeights();
+      }
     }
   }
 

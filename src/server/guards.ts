@@ -78,18 +78,28 @@ export function sameSiteOnly(corsOrigins: string[]) {
   };
 }
 
-/** Hono's bearer-auth (case-insensitive scheme, timing-safe compare) with OpenAI-style bodies. */
+/**
+ * Hono's bearer-auth (case-insensitive scheme, timing-safe compare) with OpenAI-style bodies. A header
+ * that is not `Bearer <token>` (empty, another scheme, no scheme) is 401 like a wrong token, as OpenAI
+ * answers it: Hono's 400 (RFC 6750's invalid_request) tells a client its key is fine when it is not.
+ */
 export function requireBearer(token: string | undefined, what: string) {
   if (!token) return async (_c: Context, next: Next) => await next();
-  const message = errorBody(
-    `${what} requires a valid bearer token (Authorization: Bearer ...)`,
-    "authentication_error",
-  );
-  return bearerAuth({
+  const text = `${what} requires a valid bearer token (Authorization: Bearer ...)`;
+  const message = errorBody(text, "authentication_error");
+  const check = bearerAuth({
     token,
     realm: "fusedge",
     noAuthenticationHeader: { message },
     invalidAuthenticationHeader: { message },
     invalidToken: { message },
   });
+  return async (c: Context, next: Next) => {
+    const header = c.req.header("authorization");
+    if (header !== undefined && !/^bearer +[A-Za-z0-9._~+/-]+=*$/i.test(header.trim())) {
+      c.header("WWW-Authenticate", 'Bearer realm="fusedge"');
+      return errorResponse(c, 401, text, "authentication_error");
+    }
+    return await check(c, next);
+  };
 }

@@ -41,7 +41,7 @@ function status<R>(
   render: (r: R) => Record<string, unknown>,
 ) {
   if (job.status === "none") {
-    throw new NotFoundError(`no ${job.kind.replace(/^an? /, "")} yet: POST runs one`);
+    throw new NotFoundError(`no ${job.noun} yet: POST runs one`);
   }
   return c.json({
     status: job.status,

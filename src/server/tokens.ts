@@ -9,18 +9,24 @@ import type { AppEnv } from "./logging.ts";
 
 /**
  * vLLM's /tokenize body (a prompt, or chat messages rendered with the model's template) and /detokenize
- * body (token ids); `model` is accepted and ignored.
+ * body (token ids); `model` and fields vLLM knows and these routes do not (`add_special_tokens`) are
+ * ignored, as the README says of every route.
  */
-const tokenizeSchema = z.strictObject({
+const tokenizeSchema = z.object({
   model: z.string().optional(),
   prompt: z.string().optional(),
   messages: z.array(message).min(1).optional(),
   add_generation_prompt: z.boolean().default(true),
-}).refine((b) => (b.prompt === undefined) !== (b.messages === undefined), {
-  message: "give prompt or messages, not both",
-  path: ["prompt"],
+}).superRefine((b, ctx) => {
+  if ((b.prompt === undefined) === (b.messages === undefined)) {
+    ctx.addIssue({
+      code: "custom",
+      path: ["prompt"],
+      message: b.prompt === undefined ? "give prompt or messages" : "give prompt or messages, not both",
+    });
+  }
 });
-const detokenizeSchema = z.strictObject({
+const detokenizeSchema = z.object({
   model: z.string().optional(),
   tokens: z.array(z.number().int().nonnegative()).max(1 << 20),
 });
