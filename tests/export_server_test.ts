@@ -53,6 +53,16 @@ Deno.test({
       const unauthorised = await fetch(`${server.base}/export`);
       assert.equal(unauthorised.status, 401);
       await unauthorised.body?.cancel();
+      // An export is work a page the operator visits must not start: another site's request is 403,
+      // as on every state-changing route.
+      const crossSite: Record<string, string>[] = [{ origin: "http://evil.example" }, {
+        "sec-fetch-site": "cross-site",
+      }];
+      for (const headers of crossSite) {
+        const cross = await fetch(`${server.base}/export`, { headers: { ...auth, ...headers } });
+        assert.equal(cross.status, 403);
+        assert.match((await cross.json()).error.message, /cross-site request/);
+      }
       const bad = await fetch(`${server.base}/export?dtype=int3`, { headers: auth });
       assert.equal(bad.status, 400);
       assert.equal((await bad.json()).error.param, "dtype");

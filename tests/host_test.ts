@@ -77,13 +77,16 @@ function controlledBuilder(log: string[]) {
   const builder: InstanceBuilder = ({ checkpoint, plan, weightDir }) => {
     const id = planId(plan);
     log.push(`build ${id}${checkpoint ? " (shared weights)" : ""}`);
-    // What a worker's build writes: its converted weights, in the directory it was given.
-    Deno.writeFileSync(`${weightDir}/w.bin`, new Uint8Array(8));
+    // What a worker's build writes: its converted weights, in the directory it was given, each an
+    // entry the host keeps while an instance uses it.
+    const file = `${weightDir}/w.bin`;
+    Deno.writeFileSync(file, new Uint8Array(8));
     dirs.set(id, weightDir);
     let reject: (e: Error) => void = () => {};
     const ready = new Promise<Awaited<PendingBuild["ready"]>>((res, rej) => {
       reject = rej;
-      const weights = { rebuiltBytes: 0, reusedBytes: 0, added: new Map(), keys: [] };
+      const added = new Map([[`w/${id}`, { elem: "uint8" as const, dims: [8], byteLength: 8, file }]]);
+      const weights = { rebuiltBytes: 8, reusedBytes: 0, added, keys: [`w/${id}`] };
       finish.set(
         id,
         () => res({ instance: fakeInstance(plan, log), checkpoint: null, weights, sessionMs: 1 }),
@@ -154,6 +157,33 @@ Deno.test("model host: leases, retire after the last lease, invalid plans, super
   await host.close();
   assert.ok(log.includes("closed ffn[5-7]"));
   assert.equal(await exists(dirs.get("unfused")!), false, "closing removes the weights directory");
+});
+
+Deno.test("model host: a pending build's weight files are not deleted under it; its end deletes what none uses", async () => {
+  const { builder, finish, dirs } = controlledBuilder([]);
+  const host = new ModelHost(builder);
+  const exists = (path: string) => Deno.stat(path).then(() => true, () => false);
+  const loading = host.load(MODEL, UNFUSED, "wasm", undefined, fakeTokenizer);
+  await new Promise((r) => setTimeout(r, 20));
+  finish(UNFUSED);
+  await loading;
+  const unfused = `${dirs.get("unfused")}/w.bin`;
+  const lease = host.lease();
+  const first = host.swap(plan([3, 4]));
+  finish(plan([3, 4]));
+  await first;
+  // A build starts (it may read the unfused plan's files); the unfused plan's last lease ends meanwhile.
+  const second = host.swap(plan([5, 6, 7]));
+  lease.release();
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(await exists(unfused), true, "kept while a build is pending");
+  finish(plan([5, 6, 7]));
+  await second;
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(await exists(unfused), false, "deleted once no live plan and no build uses it");
+  assert.equal(await exists(`${dirs.get("ffn[5-7]")}/w.bin`), true);
+  assert.equal(host.weightCacheBytes, 8);
+  await host.close();
 });
 
 Deno.test("scheduler: KV reservations count every row at the longest, wait in FIFO order, and refuse what never fits", async () => {

@@ -132,6 +132,7 @@ Deno.test({
           [{ prompt: [1, 99999] }, 400, /token id 99999 is out of range/],
           [{ prompt: "x ".repeat(1100) }, 400, /context window is 1024/],
           [{ prompt: "x", presence_penalty: 3 }, 400, /presence_penalty/],
+          [{ prompt: "x", model: "other" }, 404, /the model 'other' does not exist/],
         ];
         for (const [body, status, re, raw] of cases) {
           const res = await post(base, "/v1/completions", body, raw);

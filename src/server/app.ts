@@ -167,7 +167,7 @@ export function createApp(services: Services, opts: AppOptions): Hono<AppEnv> {
   app.get("/bench", benches.get);
   app.post("/bench", sameSite, admin, requireJson, notDraining, benches.post);
   app.delete("/bench", sameSite, admin, benches.delete);
-  app.get("/export", admin, notDraining, exportRoute(services.exports, host));
+  app.get("/export", sameSite, admin, notDraining, exportRoute(services.exports, host));
   app.get("/", dashboardHandler(services));
   return app;
 }

@@ -1,7 +1,7 @@
 import type { Context } from "hono";
 import { streamSSE } from "hono/streaming";
 import type { z } from "zod";
-import { CancelledError, CapacityError } from "../errors.ts";
+import { CancelledError, CapacityError, NotFoundError } from "../errors.ts";
 import {
   type CompletionContext,
   type CompletionEvent,
@@ -53,6 +53,7 @@ export interface ChoiceWriter {
 
 /** What every completion body has, whatever else its endpoint adds. */
 interface CommonBody {
+  model?: string;
   n: number;
   stream: boolean;
   stream_options?: { include_usage?: boolean } | null;
@@ -97,6 +98,10 @@ export function completionRoute<S extends z.ZodType<CommonBody>>(
   const { metrics } = deps;
   return async (c: Context<AppEnv>) => {
     const body = await readBody(c, schema) as z.infer<S>;
+    // As OpenAI answers a model it does not serve, and as GET /v1/models/{id} does here.
+    if (body.model !== undefined && body.model !== deps.modelName()) {
+      throw new NotFoundError(`the model '${body.model.slice(0, 200)}' does not exist`);
+    }
     const job = endpoint.toJob(body, deps.limits);
     const { n, stream: streaming } = body;
     const includeUsage = body.stream_options?.include_usage ?? false;

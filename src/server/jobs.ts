@@ -29,7 +29,7 @@ export const analysisRunner = (): AnalysisRunner =>
 export const benchRunner = (): BenchRunner =>
   new BackgroundJob("a benchmark", new URL("../bench/bench_worker.ts", import.meta.url));
 
-/** The served model's config and shared weights (a ready host always has both). */
+/** The served model's config and its file-backed checkpoint (a ready host always has both). */
 function requireModel(host: ModelHost) {
   return { config: host.requireReady(), checkpoint: host.checkpoint! };
 }
