@@ -2,6 +2,7 @@ import { z } from "zod";
 import { BadCheckpointError } from "../errors.ts";
 import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16 } from "./dtype.ts";
 import { numel, type Tensor, tensor } from "./tensor.ts";
+import { readAt } from "../file_io.ts";
 
 /** Bytes per element of the dtypes a Llama checkpoint is stored in. */
 const DTYPE_SIZE = { F32: 4, F16: 2, BF16: 2 } as const;
@@ -279,12 +280,8 @@ function readFile({ path, base, entry }: FileRef): Float32Array {
       // gigabytes it has freed but not returned to the system.
       scratch ??= new Uint8Array(READ_SLICE_BYTES);
       const out = scratch.subarray(0, end - begin);
-      file.seekSync(base + begin, Deno.SeekMode.Start);
-      for (let got = 0; got < out.length;) {
-        const k = file.readSync(out.subarray(got));
-        if (k === null) throw new BadCheckpointError(`${path}: file ended at byte ${base + begin + got}`);
-        got += k;
-      }
+      const got = readAt(file, base + begin, out);
+      if (got < out.length) throw new BadCheckpointError(`${path}: file ended at byte ${base + begin + got}`);
       return out;
     });
   } finally {

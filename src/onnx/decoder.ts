@@ -69,7 +69,7 @@ const CAST_TO = { float32: 1, uint8: 2, float16: 10 } as const;
 
 /** Float data in the graph's float type. */
 function asFloat(data: Float32Array, half: boolean) {
-  return half ? { elem: "float16" as const, data: f32ToF16(data, new Uint16Array(data.length)) } : {
+  return half ? { elem: "float16" as const, data: f32ToF16(data) } : {
     elem: "float32" as const,
     data,
   };
@@ -164,8 +164,8 @@ export class DecoderEmitter {
     return this.g.op("MatMul", [x, this.g.weight(name, t)]);
   }
 
-  /** Bytes of block sums a row holds in each integer linear, by name (see DecoderGraph.rowBytes). */
-  readonly blockSumBytes = new Map<string, number>();
+  /** What the integer linears emitted so far hold a row (see DecoderGraph.rowBytes). */
+  readonly rowBytes = { position: 0, logits: 0 };
 
   /** Activations rounded to int8 per row and block, shared by every linear that reads them in that block. */
   private readonly blockQuantized = new Map<string, { xq: string; scale: string; lead: string }>();
@@ -185,7 +185,9 @@ export class DecoderEmitter {
     const [n, k] = w.shape;
     const block = integerBlock(n, k);
     const blocks = k / block;
-    this.blockSumBytes.set(name, 2 * blocks * n * 4);
+    const sumBytes = 2 * blocks * n * 4;
+    if (name === HEAD) this.rowBytes.logits = sumBytes;
+    else this.rowBytes.position = Math.max(this.rowBytes.position, sumBytes);
     let cols: ReturnType<typeof quantizeColumns> | null = null;
     const pack = () => (cols ??= quantizeColumns(w, q, block));
     const key = `${name}.i8c${BITS[q]}`;
@@ -486,10 +488,7 @@ export function buildDecoderGraph(
     maxPositions: cfg.maxPositions,
     matmulCount: g.countOps("MatMul") + g.countOps("MatMulNBits"),
     nodeCount: g.nodeCount,
-    rowBytes: {
-      position: Math.max(0, ...[...e.blockSumBytes].filter(([name]) => name !== HEAD).map(([, b]) => b)),
-      logits: e.blockSumBytes.get(HEAD) ?? 0,
-    },
+    rowBytes: { ...e.rowBytes },
   };
 }
 

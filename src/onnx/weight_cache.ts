@@ -77,13 +77,13 @@ export class WeightCache {
   }
 
   /**
-   * Each write is a new file (the key and a random part): a file a live session may still map is
-   * never rewritten, and deleting an old entry never races a new one of the same key. Written in
-   * slices: Deno.writeFileSync copies the whole buffer first (a 1B model's fp32 embedding: 1 GB more
-   * at the build's peak).
+   * Each write is a new file (a build writes a key once, into a directory of its own: `createNew`
+   * fails loudly otherwise): a file a live session may still map is never rewritten, and deleting an
+   * old entry never races a new one of the same key. Written in slices: Deno.writeFileSync copies the
+   * whole buffer first (a 1B model's fp32 embedding: 1 GB more at the build's peak).
    */
   private write(key: string, bytes: Uint8Array): string {
-    const file = join(this.dir!, `${encodeURIComponent(key)}.${crypto.randomUUID()}.bin`);
+    const file = join(this.dir!, `${encodeURIComponent(key)}.bin`);
     using f = Deno.openSync(file, { write: true, createNew: true });
     for (let at = 0; at < bytes.length;) {
       at += f.writeSync(bytes.subarray(at, Math.min(bytes.length, at + WRITE_SLICE_BYTES)));

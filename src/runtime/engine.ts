@@ -13,11 +13,10 @@ import {
   type LoadOptions,
   modelName,
 } from "../model/checkpoint.ts";
-import { attachFiles } from "../model/safetensors.ts";
+import { attachFiles, releaseDecoded } from "../model/safetensors.ts";
 import { TextTokenizer } from "../model/tokenizer.ts";
 import { storedBytes } from "../onnx/builder.ts";
 import { buildDecoderGraph } from "../onnx/decoder.ts";
-import { releaseDecoded } from "../model/safetensors.ts";
 import { FLOAT_WEIGHTS, formatName, type GraphOptions } from "../onnx/format.ts";
 import { WeightCache } from "../onnx/weight_cache.ts";
 import { BatchEngine } from "./batch_engine.ts";

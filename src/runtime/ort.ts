@@ -1,4 +1,5 @@
 import { join } from "node:path";
+import { readAt } from "../file_io.ts";
 import * as ort from "onnxruntime-web";
 import type { EncodedModel } from "../onnx/builder.ts";
 import { InputError } from "../errors.ts";
@@ -141,12 +142,7 @@ class FileBytes extends Uint8Array {
   override subarray(begin = 0, end = this.size): Uint8Array<ArrayBuffer> {
     const out = this.scratch.take(end - begin);
     using f = Deno.openSync(this.file);
-    f.seekSync(begin, Deno.SeekMode.Start);
-    for (let n = 0; n < out.length;) {
-      const read = f.readSync(out.subarray(n));
-      if (read === null) throw new Error(`${this.file}: ends before byte ${end}`);
-      n += read;
-    }
+    if (readAt(f, begin, out) < out.length) throw new Error(`${this.file}: ends before byte ${end}`);
     return out;
   }
 }
