@@ -95,7 +95,7 @@ Deno.test("chat templates: a template that does not parse names its origin; one 
 
 Deno.test("chat templates: the end-of-turn marker stops as a token when the vocabulary has it, else as a stop string", async () => {
   const llama = await Deno.readTextFile(join(FIXTURES, "llama-3.1-8b-instruct.jinja"));
-  const a = await RemoteTokenizer.load(TINY_NAS, llama);
+  const a = await RemoteTokenizer.load(TINY_NAS, { chatTemplate: llama });
   // tiny-nas's vocabulary has no <|eot_id|>: the text is a stop sequence.
   assert.deepEqual(a.chat, { origin: "--chat-template", endOfTurnIds: [], endOfTurnStop: "<|eot_id|>" });
   // The worker renders (no bos_token: tiny-nas has no tokenizer_config.json) and encodes.
@@ -112,10 +112,10 @@ Deno.test("chat templates: the end-of-turn marker stops as a token when the voca
   );
   a.close();
   // Its one special token is <|endoftext|> (id 0): a ChatML-like template ending turns with it stops on the id.
-  const b = await RemoteTokenizer.load(
-    TINY_NAS,
-    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|endoftext|>\n{% endfor %}<|assistant|>",
-  );
+  const b = await RemoteTokenizer.load(TINY_NAS, {
+    chatTemplate:
+      "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|endoftext|>\n{% endfor %}<|assistant|>",
+  });
   assert.deepEqual(b.chat, { origin: "--chat-template", endOfTurnIds: [0], endOfTurnStop: null });
   const none = await RemoteTokenizer.load(TINY_NAS);
   assert.equal(none.chat, null);

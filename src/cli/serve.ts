@@ -6,6 +6,7 @@ import { parsePlan, readPlanFile, UNFUSED } from "../fusion/plan.ts";
 import { ModelHost } from "../runtime/host.ts";
 import { adapterMaxBuffer, resolveDevice, resolveGraphOptions } from "../runtime/ort.ts";
 import { Scheduler } from "../runtime/scheduler.ts";
+import { DEFAULT_TEMPLATE_LIMITS } from "../runtime/template_sandbox.ts";
 import { waitAtMost } from "../runtime/yield.ts";
 import { createApp } from "../server/app.ts";
 import { allowedHosts } from "../server/guards.ts";
@@ -58,6 +59,15 @@ export const serveCommand = defineCommand({
     cors: z.array(z.string().url()).default([]).describe("an origin allowed to call from a browser"),
     chat_template: z.string().optional().describe(
       "a Jinja chat template file for /v1/chat/completions (replaces the checkpoint's)",
+    ),
+    template_time_ms: z.number().int().min(10).max(600_000).default(DEFAULT_TEMPLATE_LIMITS.timeMs).describe(
+      "wall time one chat-template render may take (then 400)",
+    ),
+    template_heap_mb: z.number().int().min(16).max(4096).default(DEFAULT_TEMPLATE_LIMITS.heapMb).describe(
+      "heap one chat-template render may use (then 400)",
+    ),
+    special_tokens_in_content: z.boolean().default(false).describe(
+      "read special-token text in chat messages as special tokens (default: as plain text)",
     ),
     text: z.string().default(DEFAULT_CALIBRATION_TEXT).describe("calibration text for POST /analysis"),
     max_active: z.number().int().min(1).max(1024).default(8).describe("generations decoding at once"),
@@ -134,7 +144,11 @@ export const serveCommand = defineCommand({
       kvCacheMb: flags.kv_cache_mb,
       maxBufferBytes: await adapterMaxBuffer(device),
       calibrationText: flags.calibration,
-      chatTemplate,
+      chat: {
+        chatTemplate,
+        templateLimits: { timeMs: flags.template_time_ms, heapMb: flags.template_heap_mb },
+        specialTokensInContent: flags.special_tokens_in_content,
+      },
       threads: flags.threads,
       slots: flags.max_active,
     });

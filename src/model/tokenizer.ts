@@ -1,6 +1,9 @@
 import { Tokenizer } from "@huggingface/tokenizers";
 import { join } from "node:path";
 import { BadCheckpointError } from "../errors.ts";
+import { type SpecialMark, unmarkSpecialText } from "./special_text.ts";
+
+type AddedToken = ReturnType<Tokenizer["get_added_tokens_decoder"]> extends Map<number, infer T> ? T : never;
 
 /** The checkpoint's tokenizer.json (byte-level BPE and friends) through @huggingface/tokenizers. */
 export class TextTokenizer {
@@ -8,6 +11,9 @@ export class TextTokenizer {
   private readonly pieces = new Map<number, TokenPiece>();
   /** Added tokens by id (the library builds this map afresh on every call). */
   private readonly added: ReturnType<Tokenizer["get_added_tokens_decoder"]>;
+  /** Added tokens by the text they are matched as: the raw text, or the text after normalizing. */
+  private readonly rawAdded = new Map<string, AddedToken>();
+  private readonly normalizedAdded = new Map<string, AddedToken>();
 
   private constructor(
     private readonly tok: Tokenizer,
@@ -16,6 +22,10 @@ export class TextTokenizer {
     private readonly byteLevel: boolean,
   ) {
     this.added = tok.get_added_tokens_decoder();
+    for (const t of this.added.values()) {
+      if (t.normalized && tok.normalizer) this.normalizedAdded.set(tok.normalizer._call(t.content), t);
+      else this.rawAdded.set(t.content, t);
+    }
   }
 
   static async load(dir: string): Promise<TextTokenizer> {
@@ -60,6 +70,55 @@ export class TextTokenizer {
     return this.tok.encode(text, { add_special_tokens: false }).ids;
   }
 
+  /** The texts of the special tokens (BOS, EOS, end-of-turn markers): what a message may not inject. */
+  specialTexts(): string[] {
+    return [...this.added.values()].filter((t) => t.special).map((t) => t.content);
+  }
+
+  specialIds(): number[] {
+    return [...this.added.values()].filter((t) => t.special).map((t) => t.id);
+  }
+
+  /**
+   * Encodes a rendered chat: special-token text inside `mark` (a message's) is tokenized as plain
+   * text, the rest as `encode` does. Special tokens the tokenizer matches only after normalizing are
+   * matched everywhere (Llama, Qwen and Mistral tokenizers match theirs in the raw text).
+   */
+  encodeMarked(rendered: string, mark: SpecialMark): number[] {
+    const { text, plain } = unmarkSpecialText(rendered, mark);
+    return plain.length ? this.encodeSections(text, plain) : this.encode(text);
+  }
+
+  /**
+   * `encode`'s own steps (the library's encode_text), with the added tokens inside `plain` ranges
+   * left as text: split at added tokens, strip around those that ask for it, then normalize,
+   * pre-tokenize (knowing each section's index, as Metaspace's "first" needs) and run the model.
+   */
+  private encodeSections(text: string, plain: Array<[number, number]>): number[] {
+    const sections = splitAdded(text, this.rawAdded, plain);
+    stripAround(sections);
+    const ids: number[] = [];
+    const model = this.tok.model!;
+    sections.forEach((section, index) => {
+      if (section.token) return void ids.push(section.token.id);
+      const normalized = this.tok.normalizer ? this.tok.normalizer._call(section.text) : section.text;
+      const parts = splitAdded(normalized, this.normalizedAdded, []);
+      stripAround(parts);
+      for (const part of parts) {
+        if (part.token) ids.push(part.token.id);
+        else if (part.text) {
+          const words = this.tok.pre_tokenizer
+            ? this.tok.pre_tokenizer._call(part.text, { section_index: index })
+            : [part.text];
+          for (const t of model._call(words)) {
+            ids.push(this.rawAdded.get(t)?.id ?? model.tokens_to_ids.get(t) ?? model.unk_token_id!);
+          }
+        }
+      }
+    });
+    return ids;
+  }
+
   decode(ids: number[], skipSpecial = true): string {
     if (ids.length === 0) return "";
     return this.tok.decode(ids, { skip_special_tokens: skipSpecial, clean_up_tokenization_spaces: false });
@@ -95,6 +154,47 @@ export class TextTokenizer {
   streamDecoder(): StreamDecoder {
     return new StreamDecoder(this);
   }
+}
+
+interface Section {
+  text: string;
+  token?: AddedToken;
+}
+
+/** Splits at the longest added token starting at each place, except inside `plain` ranges (ordered). */
+function splitAdded(text: string, added: Map<string, AddedToken>, plain: Array<[number, number]>): Section[] {
+  if (added.size === 0) return [{ text }];
+  const lengths = [...new Set([...added.keys()].map((k) => k.length))].sort((a, b) => b - a);
+  const out: Section[] = [];
+  let start = 0;
+  let range = 0;
+  for (let i = 0; i < text.length;) {
+    while (range < plain.length && plain[range][1] <= i) range++;
+    if (range < plain.length && plain[range][0] <= i) {
+      i = plain[range][1];
+      continue;
+    }
+    const limit = range < plain.length ? plain[range][0] : text.length;
+    const len = lengths.find((n) => i + n <= limit && added.has(text.slice(i, i + n)));
+    if (len === undefined) {
+      i++;
+      continue;
+    }
+    if (i > start) out.push({ text: text.slice(start, i) });
+    out.push({ text: text.slice(i, i + len), token: added.get(text.slice(i, i + len)) });
+    i += len;
+    start = i;
+  }
+  if (start < text.length) out.push({ text: text.slice(start) });
+  return out;
+}
+
+/** An added token with lstrip/rstrip eats the whitespace beside it, as the library's split does. */
+function stripAround(sections: Section[]): void {
+  sections.forEach((s, i) => {
+    if (s.token?.lstrip && i > 0) sections[i - 1].text = sections[i - 1].text.trimEnd();
+    if (s.token?.rstrip && i < sections.length - 1) sections[i + 1].text = sections[i + 1].text.trimStart();
+  });
 }
 
 export interface TokenPiece {

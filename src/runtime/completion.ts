@@ -4,7 +4,7 @@ import { checkPromptFits } from "./context.ts";
 import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
 import type { ModelHost } from "./host.ts";
 import type { PromptLogprob, TokenLogprob } from "./logprobs.ts";
-import type { ChatInfo } from "./tokenizer_worker.ts";
+import type { ChatInfo } from "./remote_tokenizer.ts";
 import type { Scheduler } from "./scheduler.ts";
 
 /** A validated completion request, as the runtime takes it. */

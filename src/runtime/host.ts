@@ -13,7 +13,7 @@ import {
   type PlanInstance,
   RemoteInstance,
 } from "./remote_instance.ts";
-import { RemoteTokenizer } from "./remote_tokenizer.ts";
+import { RemoteTokenizer, type TokenizerOptions } from "./remote_tokenizer.ts";
 
 /** A counted reference to the instance a request started on; the request keeps it until it ends. */
 export interface Lease {
@@ -54,8 +54,8 @@ export interface HostOptions {
   maxBufferBytes?: number;
   /** Text the linear attentions of version 2 plans are fitted on. */
   calibrationText?: string;
-  /** The text of `--chat-template FILE`, which replaces the checkpoint's template. */
-  chatTemplate?: string;
+  /** The chat template's source and limits, and how messages' special-token text is read. */
+  chat?: TokenizerOptions;
   /** onnxruntime's threads per plan instance (`--threads`; the device's default when absent). */
   threads?: number;
   /** WebGPU: sequences decoding at once, one KV slot each (`--max-active`). */
@@ -119,7 +119,7 @@ export class ModelHost {
       checkPlan(plan, this.config);
       checkModelFits(this.config, opts.graph, device, { sequences: 1, maxBufferBytes: opts.maxBufferBytes });
       this.kvBudgetBytes = kvBudgetBytes(this.config, opts.graph, device, opts.kvCacheMb);
-      this.tokenizer = tokenizer ?? await RemoteTokenizer.load(dir, opts.chatTemplate);
+      this.tokenizer = tokenizer ?? await RemoteTokenizer.load(dir, opts.chat);
       const spec = this.spec(null, plan, opts.maxContext);
       const built = await this.built(spec, this.builder(spec));
       this.checkpoint = built.checkpoint;
