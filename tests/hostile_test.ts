@@ -455,3 +455,120 @@ Deno.test({
     await Deno.remove(dir, { recursive: true });
   },
 });
+
+/** Sends a request's head at once and its body a few bytes at a time; returns what the server answered. */
+async function dripBody(port: number, path: string, body: string, everyMs: number) {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  const t0 = performance.now();
+  const enc = new TextEncoder();
+  await conn.write(enc.encode(
+    `POST ${path} HTTP/1.1\r\nhost: 127.0.0.1:${port}\r\ncontent-type: application/json\r\n` +
+      `content-length: ${body.length}\r\n\r\n`,
+  ));
+  let sending = true;
+  const drip = (async () => {
+    for (let i = 0; i < body.length && sending; i++) {
+      await conn.write(enc.encode(body[i])).catch(() => (sending = false));
+      await new Promise((r) => setTimeout(r, everyMs));
+    }
+  })();
+  const buf = new Uint8Array(65536);
+  const n = await conn.read(buf);
+  sending = false;
+  await drip;
+  try {
+    conn.close();
+  } catch { /* closed by the server */ }
+  const text = new TextDecoder().decode(buf.subarray(0, n ?? 0));
+  return { status: Number(text.split(" ")[1]), text, seconds: (performance.now() - t0) / 1000 };
+}
+
+Deno.test({
+  name:
+    "slow and greedy clients: a body dripped in is 408, deep nesting is 400 unparsed, one address is capped (429)",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async (t) => {
+    const server = await startServer([
+      "--device",
+      "wasm",
+      "--body-timeout",
+      "2",
+      "--max-client-requests",
+      "3",
+    ]);
+    const { base, port } = server;
+    await server.ready;
+    try {
+      await t.step("a body sent a byte every 200 ms is cut off at the deadline with 408", async () => {
+        const r = await dripBody(port, "/v1/completions", JSON.stringify({ prompt: "x".repeat(100) }), 200);
+        assert.equal(r.status, 408, r.text);
+        assert.match(r.text, /did not arrive within 2 s/);
+        assert.ok(r.seconds < 5, `${r.seconds.toFixed(1)} s`);
+        // A chunked body (no declared length) is bounded as it is read: too large is 413.
+        const chunks = new ReadableStream({
+          start(c) {
+            for (let i = 0; i < 20; i++) c.enqueue(new TextEncoder().encode(" ".repeat(100_000)));
+            c.close();
+          },
+        });
+        const chunked = await fetch(`${base}/v1/completions`, {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: chunks,
+        });
+        assert.equal(chunked.status, 413);
+        assert.match((await chunked.json()).error.message, /exceeds 1048576 bytes/);
+        // A body that arrives in time is answered as usual.
+        const ok = await dripBody(port, "/tokenize", JSON.stringify({ prompt: "hi" }), 20);
+        assert.equal(ok.status, 200, ok.text);
+      });
+
+      await t.step("a body nested 400,000 deep is refused before parsing, /health unaffected", async () => {
+        const deep = "[".repeat(400_000) + "]".repeat(400_000);
+        const probe = healthProbe(base);
+        const res = await post(base, "/v1/completions", deep, true);
+        const worst = await probe.stop();
+        assert.equal(res.status, 400);
+        assert.match((await res.json()).error.message, /nests deeper than 64 levels/);
+        assert.ok(worst < MAX_GAP_MS, `slowest /health ${worst.toFixed(0)} ms`);
+        // Brackets inside strings are text, not nesting.
+        const text = await post(base, "/tokenize", { prompt: "[".repeat(1000) });
+        assert.equal(text.status, 200);
+        await text.body?.cancel();
+      });
+
+      await t.step(
+        "one address may have 3 requests in flight: the 4th is 429, and once one ends there is room",
+        async () => {
+          const streams = Array.from(
+            { length: 3 },
+            () =>
+              post(base, "/v1/completions", {
+                prompt: "def main(",
+                max_tokens: 200,
+                temperature: 0,
+                stream: true,
+              })
+                .then(readSse),
+          );
+          await waitFor(async () => {
+            const r = await fetch(`${base}/health`);
+            const ok = r.status === 200 && (await r.json()).active === 3;
+            return ok;
+          });
+          const refused = await post(base, "/v1/completions", { prompt: "x", max_tokens: 1 });
+          assert.equal(refused.status, 429);
+          assert.equal(refused.headers.get("retry-after"), "1");
+          assert.match((await refused.json()).error.message, /at most 3 at once/);
+          for (const s of await Promise.all(streams)) assert.ok(s.done);
+          const after = await post(base, "/v1/completions", { prompt: "x", max_tokens: 1 });
+          assert.equal(after.status, 200);
+          await after.body?.cancel();
+        },
+      );
+    } finally {
+      await server.stop();
+    }
+  },
+});

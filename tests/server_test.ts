@@ -115,6 +115,64 @@ Deno.test({
         assert.equal(a.choices[0].text, b.choices[0].text);
       });
 
+      await t.step(
+        "several prompts: each is completed n times, in prompt order, streamed or whole",
+        async () => {
+          const other = "import os\n";
+          const one = async (p: string) =>
+            (await (await post(base, "/v1/completions", { prompt: p, max_tokens: 8, temperature: 0 })).json())
+              .choices[0].text;
+          const req = { prompt: [prompt, other], n: 2, max_tokens: 8, temperature: 0 };
+          const body = await (await post(base, "/v1/completions", req)).json();
+          assert.deepEqual(body.choices.map((c: { index: number }) => c.index), [0, 1, 2, 3]);
+          const texts = body.choices.map((c: { text: string }) => c.text);
+          const [a, b] = [await one(prompt), await one(other)];
+          assert.deepEqual(texts, [a, a, b, b]);
+          const otherTokens = (await (await post(base, "/tokenize", { prompt: other })).json()).count;
+          assert.equal(body.usage.prompt_tokens, 10 + otherTokens);
+          assert.equal(body.usage.completion_tokens, 32);
+          // Token-id prompts, streamed: each choice's pieces join to its whole answer.
+          const ids = [
+            (await (await post(base, "/tokenize", { prompt })).json()).tokens,
+            (await (await post(base, "/tokenize", { prompt: other })).json()).tokens,
+          ];
+          const sse = await readSse(
+            await post(base, "/v1/completions", { ...req, prompt: ids, stream: true }),
+          );
+          const streamed = ["", "", "", ""];
+          for (const e of sse.events) {
+            for (const c of e.choices as { index: number; text: string }[]) streamed[c.index] += c.text;
+          }
+          assert.deepEqual(streamed, texts);
+          // echo with logprobs: each choice starts with its own prompt, its offsets from that prompt.
+          const echoed = await (await post(base, "/v1/completions", {
+            prompt: ["a b", "c d e"],
+            echo: true,
+            logprobs: 1,
+            max_tokens: 2,
+            temperature: 0,
+          })).json();
+          const [first, second] = echoed.choices;
+          assert.ok(first.text.startsWith("a b") && second.text.startsWith("c d e"));
+          assert.equal(second.logprobs.tokens.slice(0, 3).join(""), "c d e");
+          assert.equal(second.logprobs.token_logprobs[0], null);
+          assert.equal(second.logprobs.text_offset[0], 0);
+          for (
+            const [bad, re, param] of [
+              [{ prompt: ["a", "b", "c"], n: 3 }, /3 prompts x n=3 is 9 choices; at most 8/, "n"],
+              [{ prompt: [] }, /prompt/, "prompt"],
+              [{ prompt: [[1, 2], [99999]] }, /token id 99999 is out of range/, "prompt"],
+            ] as const
+          ) {
+            const res = await post(base, "/v1/completions", bad);
+            assert.equal(res.status, 400, JSON.stringify(bad));
+            const err = (await res.json()).error;
+            assert.match(err.message, re);
+            assert.equal(err.param, param);
+          }
+        },
+      );
+
       await t.step("malformed requests get 4xx with a JSON error naming the problem", async () => {
         const cases: [unknown, number, RegExp, boolean?][] = [
           ["{not json", 400, /not valid JSON/, true],
@@ -162,6 +220,29 @@ Deno.test({
         const missing = await fetch(`${base}/nope`);
         assert.equal(missing.status, 404);
         await missing.body?.cancel();
+        // A path the server has, with a method it does not take: 405 and what it does take.
+        for (
+          const [method, path, allow] of [
+            ["DELETE", "/v1/completions", "POST, OPTIONS"],
+            ["PUT", "/health", "GET, HEAD, OPTIONS"],
+            ["POST", "/v1/models/tiny-nas", "GET, HEAD, OPTIONS"],
+            ["PATCH", "/analysis", "GET, POST, DELETE, HEAD, OPTIONS"],
+          ]
+        ) {
+          const res = await fetch(`${base}${path}`, { method });
+          assert.equal(res.status, 405, `${method} ${path}`);
+          assert.equal(res.headers.get("allow"), allow);
+          assert.match((await res.json()).error.message, new RegExp(`${method} is not allowed on ${path}`));
+        }
+        // A preflight is answered, but with no CORS headers for an origin not allowed (none is, here).
+        const preflight = await fetch(`${base}/v1/completions`, {
+          method: "OPTIONS",
+          headers: { origin: "http://elsewhere.example", "access-control-request-method": "POST" },
+        });
+        assert.equal(preflight.status, 204);
+        assert.equal(preflight.headers.get("allow"), "POST, OPTIONS");
+        assert.equal(preflight.headers.get("access-control-allow-origin"), null);
+        await preflight.body?.cancel();
       });
 
       await t.step(

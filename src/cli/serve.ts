@@ -84,6 +84,12 @@ export const serveCommand = defineCommand({
     max_body_bytes: z.number().int().min(1024).max(64 << 20).default(1 << 20).describe(
       "largest request body",
     ),
+    body_timeout: z.number().gt(0).max(3600).default(30).describe(
+      "seconds a request body may take to arrive (then 408)",
+    ),
+    max_client_requests: z.number().int().min(1).max(100000).default(64).describe(
+      "requests one client address may have in flight (then 429)",
+    ),
     admin_token: token.optional().describe("bearer token for POST/DELETE /fuse, /bench, /analysis"),
     api_key: token.optional().describe("bearer token for /v1/*"),
   }),
@@ -108,6 +114,8 @@ export const serveCommand = defineCommand({
     const exports = exportRunner();
     const app = createApp({ host, scheduler, metrics, analysis, bench, exports, lifecycle }, {
       maxBodyBytes: flags.max_body_bytes,
+      bodyTimeoutMs: flags.body_timeout * 1000,
+      maxClientRequests: flags.max_client_requests,
       maxTokensCap: flags.max_tokens_cap,
       requestTimeoutMs: flags.request_timeout * 1000,
       adminToken: flags.admin_token,

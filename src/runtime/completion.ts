@@ -7,12 +7,18 @@ import type { PromptLogprob, TokenLogprob } from "./logprobs.ts";
 import type { ChatInfo } from "./remote_tokenizer.ts";
 import type { Scheduler } from "./scheduler.ts";
 
+/** Text or ids continued as given, or a conversation rendered with the model's chat template. */
+export type Prompt = { text: string } | { ids: number[] } | { messages: ChatMessage[] };
+
+/** Choices one request may ask for in all (prompts x n): they decode in one batch. */
+export const MAX_CHOICES = 8;
+
 /** A validated completion request, as the runtime takes it. */
 export interface CompletionJob {
-  /** Text or ids continued as given, or a conversation rendered with the model's chat template. */
-  prompt: { text: string } | { ids: number[] } | { messages: ChatMessage[] };
+  /** One or more prompts, each completed n times: choice `p * n + i` is prompt p's i-th. */
+  prompts: Prompt[];
   params: GenerateParams;
-  /** Completions of the one prompt (1..8): they share its prefill and decode in one batch. */
+  /** Completions of each prompt: they share its prefill and decode in one batch. */
   n: number;
   /** Wall-clock limit: the generation ends with what it has (finish "length"). */
   timeoutMs: number;
@@ -21,9 +27,10 @@ export interface CompletionJob {
 }
 
 export type CompletionEvent =
-  | { type: "started"; planId: string; promptTokens: number; promptText?: string }
-  /** Once, before any text, when the prompt's logprobs were asked for (choice 0's; they are the same). */
-  | { type: "prompt"; logprobs: PromptLogprob[] }
+  /** `promptTokens` and `promptTexts` per prompt. */
+  | { type: "started"; planId: string; promptTokens: number[]; promptTexts?: string[] }
+  /** Once a prompt, before its text, when its logprobs were asked for (its first choice's). */
+  | { type: "prompt"; prompt: number; logprobs: PromptLogprob[] }
   | { type: "text"; index: number; text: string; logprobs?: TokenLogprob[] };
 
 export interface CompletionContext {
@@ -53,7 +60,7 @@ export function requireChat(host: ModelHost): ChatInfo {
 }
 
 /** The characters a prompt's text comes to before tokenisation (none for token ids). */
-export function promptChars(prompt: CompletionJob["prompt"]): number {
+export function promptChars(prompt: Prompt): number {
   if ("text" in prompt) return prompt.text.length;
   if ("messages" in prompt) return prompt.messages.reduce((n, m) => n + m.content.length, 0);
   return 0;
@@ -73,16 +80,24 @@ export async function* runCompletion(
 ): AsyncGenerator<CompletionEvent, GenerationSummary[]> {
   const { host, scheduler } = ctx;
   const config = host.requireReady(); // before queueing: a model still loading answers at once
-  const prompt = job.prompt;
-  const field = "messages" in prompt ? "messages" : "prompt";
-  const chat = "messages" in prompt ? requireChat(host) : null;
-  const chars = promptChars(prompt);
-  if (chars > maxPromptChars(host)) {
+  const { prompts, n } = job;
+  const field = "messages" in prompts[0] ? "messages" : "prompt";
+  const chat = "messages" in prompts[0] ? requireChat(host) : null;
+  if (prompts.length * n > MAX_CHOICES) {
     throw new InputError(
-      `${chars} characters cannot fit the context of ${config.maxPositions} tokens ` +
-        `(at most ${maxPromptChars(host)} characters for this tokenizer)`,
-      field,
+      `${prompts.length} prompts x n=${n} is ${prompts.length * n} choices; at most ${MAX_CHOICES} a request`,
+      "n",
     );
+  }
+  for (const prompt of prompts) {
+    const chars = promptChars(prompt);
+    if (chars > maxPromptChars(host)) {
+      throw new InputError(
+        `${chars} characters cannot fit the context of ${config.maxPositions} tokens ` +
+          `(at most ${maxPromptChars(host)} characters for this tokenizer)`,
+        field,
+      );
+    }
   }
   const abort = new AbortController();
   const onAbort = () => abort.abort();
@@ -94,51 +109,64 @@ export async function* runCompletion(
   let runs: AsyncGenerator<GenerationChunk, GenerationSummary>[] = [];
   try {
     free = await scheduler.acquire(abort.signal);
-    const ids = "ids" in prompt
-      ? prompt.ids
-      : "text" in prompt
-      ? await host.tokenizer!.encode(prompt.text)
-      : await host.tokenizer!.encodeChat(prompt.messages);
-    if (signal.aborted) throw new CancelledError("request was cancelled before it started");
-    const bad = ids.find((id) => id >= config.vocabSize);
-    if (bad !== undefined) {
-      throw new InputError(`token id ${bad} is out of range (vocabulary size ${config.vocabSize})`, "prompt");
+    const idsOf: number[][] = [];
+    for (const prompt of prompts) {
+      const ids = "ids" in prompt
+        ? prompt.ids
+        : "text" in prompt
+        ? await host.tokenizer!.encode(prompt.text)
+        : await host.tokenizer!.encodeChat(prompt.messages);
+      if (signal.aborted) throw new CancelledError("request was cancelled before it started");
+      const bad = ids.find((id) => id >= config.vocabSize);
+      if (bad !== undefined) {
+        throw new InputError(
+          `token id ${bad} is out of range (vocabulary size ${config.vocabSize})`,
+          "prompt",
+        );
+      }
+      checkPromptFits(ids.length, config.maxPositions, field);
+      idsOf.push(ids);
     }
-    checkPromptFits(ids.length, config.maxPositions, field);
-    const promptText = !job.promptText
-      ? undefined
-      : "text" in prompt
-      ? prompt.text
-      : "ids" in prompt
-      ? await host.tokenizer!.decode(prompt.ids)
-      : undefined;
-    for (let i = 0; i < job.n; i++) {
-      kvFree.push(
-        await scheduler.reserveKv(
-          Math.min(ids.length + job.params.maxTokens, config.maxPositions),
-          abort.signal,
-          { tokens: ids.length, field },
-        ),
-      );
+    const promptTexts = !job.promptText || chat ? undefined : await Promise.all(
+      prompts.map((p) => "text" in p ? p.text : host.tokenizer!.decode((p as { ids: number[] }).ids)),
+    );
+    for (const ids of idsOf) {
+      for (let i = 0; i < n; i++) {
+        kvFree.push(
+          await scheduler.reserveKv(
+            Math.min(ids.length + job.params.maxTokens, config.maxPositions),
+            abort.signal,
+            { tokens: ids.length, field },
+          ),
+        );
+      }
     }
     lease = host.lease();
     timer = setTimeout(onAbort, job.timeoutMs);
-    yield { type: "started", planId: lease.instance.planId, promptTokens: ids.length, promptText };
+    yield {
+      type: "started",
+      planId: lease.instance.planId,
+      promptTokens: idsOf.map((ids) => ids.length),
+      promptTexts,
+    };
     // A chat ends at the template's end-of-turn marker as well as at EOS.
     const params = !chat ? job.params : {
       ...job.params,
       stopTokenIds: chat.endOfTurnIds,
       stop: chat.endOfTurnStop ? [...job.params.stop, chat.endOfTurnStop] : job.params.stop,
     };
-    // Each choice samples its own stream: seed, seed + 1, ... when the request fixes one. The prompt's
-    // logprobs are the same for all: choice 0 computes them, the others reuse its prefix.
+    // Each choice of a prompt samples its own stream: seed, seed + 1, ... when the request fixes one
+    // (as n separate requests would). A prompt's logprobs are the same for all its choices: the
+    // first computes them, the others reuse its prefix.
     const seeded = (i: number) => ({
       ...params,
       ...(params.seed === undefined ? {} : { seed: (params.seed + i) % 2 ** 32 }),
       promptLogprobs: i === 0 && params.promptLogprobs,
     });
-    runs = Array.from({ length: job.n }, (_, i) => lease!.instance.generate(ids, seeded(i), abort.signal));
-    const summaries: GenerationSummary[] = new Array(job.n);
+    runs = idsOf.flatMap((ids) =>
+      Array.from({ length: n }, (_, i) => lease!.instance.generate(ids, seeded(i), abort.signal))
+    );
+    const summaries: GenerationSummary[] = new Array(runs.length);
     const pending = new Map<
       number,
       Promise<{ i: number; r: IteratorResult<GenerationChunk, GenerationSummary> }>
@@ -156,7 +184,7 @@ export async function* runCompletion(
         pending.delete(i);
       } else {
         const c = r.value;
-        if (c.promptLogprobs) yield { type: "prompt", logprobs: c.promptLogprobs };
+        if (c.promptLogprobs) yield { type: "prompt", prompt: Math.floor(i / n), logprobs: c.promptLogprobs };
         if (c.text || c.logprobs) yield { type: "text", index: i, text: c.text, logprobs: c.logprobs };
         pull(i);
       }

@@ -13,6 +13,7 @@ import { formatName, type GraphOptions } from "../onnx/format.ts";
 import { WeightCache, type WeightEntries } from "../onnx/weight_cache.ts";
 import { assetsFrom, buildInstance, type ModelInstance } from "./engine.ts";
 import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
+import type { PromptLogprob } from "./logprobs.ts";
 import { type Device, resolveDevice } from "./ort.ts";
 import { useThreads } from "./threads.ts";
 import { toWorkerError, type WorkerError } from "./worker_error.ts";
@@ -70,10 +71,15 @@ export type InstanceReply =
   | { type: "kv"; bytes: number }
   /** A long build's stage (healing): the serving thread shows it in GET /fuse. */
   | { type: "progress"; stage: string; done: number; total: number }
+  /** The first positions of a long prompt's logprobs, ahead of the chunk that carries the rest. */
+  | { type: "promptPart"; id: number; logprobs: PromptLogprob[] }
   | { type: "chunk"; id: number; chunk: GenerationChunk }
   | { type: "done"; id: number; summary: GenerationSummary }
   | { type: "failed"; id: number | null } & WorkerError
   | { type: "closed" };
+
+/** Positions of prompt logprobs a message carries (~3 ms to decode on the serving thread). */
+const PROMPT_PART = 128;
 
 let instance: ModelInstance | null = null;
 const post = (m: InstanceReply) => self.postMessage(m);
@@ -121,7 +127,17 @@ async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<
 
 function run(req: Extract<InstanceRequest, { type: "generate" }>): void {
   instance!.engine.submit(req.id, req.promptIds, req.params, {
-    chunk: (chunk) => post({ type: "chunk", id: req.id, chunk }),
+    chunk: (chunk) => {
+      const lps = chunk.promptLogprobs;
+      if (!lps || lps.length <= PROMPT_PART) return post({ type: "chunk", id: req.id, chunk });
+      // The serving thread decodes each message whole: a long echo's logprobs (thousands of
+      // positions, 21 entries each) arrive in parts, so no one part holds it for long.
+      const last = Math.floor((lps.length - 1) / PROMPT_PART) * PROMPT_PART;
+      for (let at = 0; at < last; at += PROMPT_PART) {
+        post({ type: "promptPart", id: req.id, logprobs: lps.slice(at, at + PROMPT_PART) });
+      }
+      post({ type: "chunk", id: req.id, chunk: { ...chunk, promptLogprobs: lps.slice(last) } });
+    },
     done: (summary) => post({ type: "done", id: req.id, summary }),
     failed: (e) => post(failure(req.id, e)),
   });

@@ -14,6 +14,7 @@ import {
 } from "./generate.ts";
 import type { InstanceReply, InstanceRequest, KvSlots } from "./instance_worker.ts";
 import type { Device } from "./ort.ts";
+import type { PromptLogprob } from "./logprobs.ts";
 import { fromWorkerError } from "./worker_error.ts";
 import { waitAtMost } from "./yield.ts";
 
@@ -102,6 +103,8 @@ export interface BuildProgress {
  */
 export class RemoteInstance implements PlanInstance, SequenceSink {
   private readonly streams = new Map<number, SequenceHandlers>();
+  /** A long prompt's logprobs as their parts arrive, until the chunk with the rest. */
+  private readonly promptParts = new Map<number, PromptLogprob[][]>();
   private dead: string | null = null;
   kvBytes = 0;
 
@@ -236,7 +239,18 @@ export class RemoteInstance implements PlanInstance, SequenceSink {
   private reply(m: Extract<InstanceReply, { id: number | null }>): void {
     const h = m.id === null ? undefined : this.streams.get(m.id);
     if (!h) return;
-    if (m.type === "chunk") return h.chunk(m.chunk);
+    if (m.type === "promptPart") {
+      const parts = this.promptParts.get(m.id) ?? [];
+      parts.push(m.logprobs);
+      return void this.promptParts.set(m.id, parts);
+    }
+    if (m.type === "chunk") {
+      const parts = this.promptParts.get(m.id);
+      if (!parts) return h.chunk(m.chunk);
+      this.promptParts.delete(m.id);
+      return h.chunk({ ...m.chunk, promptLogprobs: [...parts.flat(), ...m.chunk.promptLogprobs ?? []] });
+    }
+    this.promptParts.delete(m.id!);
     this.streams.delete(m.id!);
     if (m.type === "done") h.done(m.summary);
     else if (m.type === "failed") h.failed(fromWorkerError(m));
@@ -250,6 +264,7 @@ export class RemoteInstance implements PlanInstance, SequenceSink {
     this.dead = message;
     for (const h of this.streams.values()) h.failed(new Error(message));
     this.streams.clear();
+    this.promptParts.clear();
     this.worker.terminate();
   }
 

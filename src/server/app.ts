@@ -1,6 +1,5 @@
 import { Hono } from "hono";
 import { UnavailableError } from "../errors.ts";
-import { bodyLimit } from "hono/body-limit";
 import { cors } from "hono/cors";
 import type { ModelHost } from "../runtime/host.ts";
 import type { Scheduler } from "../runtime/scheduler.ts";
@@ -10,7 +9,10 @@ import { type CompletionLimits, completionRoute } from "./completion_route.ts";
 import { completionsEndpoint } from "./completions.ts";
 import { exportRoute, type ExportRunner } from "./export_route.ts";
 import { dashboardHandler } from "./dashboard.ts";
-import { errorResponse, onError } from "./errors.ts";
+import { onError } from "./errors.ts";
+import { methodNotAllowed } from "./methods.ts";
+import { perClientLimit } from "./client_limits.ts";
+import { bodyLimits } from "./body.ts";
 import { checkHost, requireBearer, requireJson, sameSiteOnly } from "./guards.ts";
 import { modelObject, tokenRoutes } from "./tokens.ts";
 import { analysisRoutes, type AnalysisRunner, benchRoutes, type BenchRunner } from "./jobs.ts";
@@ -20,6 +22,10 @@ import type { Metrics } from "./metrics.ts";
 export interface AppOptions extends CompletionLimits {
   /** Largest accepted request body in bytes. */
   maxBodyBytes: number;
+  /** How long a request's body may take to arrive after its headers (then 408). */
+  bodyTimeoutMs: number;
+  /** Requests one client address may have in flight (then 429). */
+  maxClientRequests: number;
   /** Bearer token for /fuse, /bench and /analysis writes; open when unset. */
   adminToken?: string;
   /** Bearer token for /v1/*; open when unset. */
@@ -67,17 +73,12 @@ export function createApp(services: Services, opts: AppOptions): Hono<AppEnv> {
   const { host, scheduler, metrics, analysis, bench, lifecycle } = services;
   const app = new Hono<AppEnv>();
   app.onError(onError);
-  app.notFound((c) => errorResponse(c, 404, `no route ${c.req.method} ${c.req.path.slice(0, 200)}`));
+  app.notFound(methodNotAllowed(app));
   app.use("*", requestLogging(metrics, ROUTES, opts.log));
   app.use("*", checkHost(opts.allowedHosts));
   if (opts.corsOrigins.length) app.use("*", cors({ origin: opts.corsOrigins, maxAge: 600 }));
-  app.use(
-    "*",
-    bodyLimit({
-      maxSize: opts.maxBodyBytes,
-      onError: (c) => errorResponse(c, 413, `request body exceeds ${opts.maxBodyBytes} bytes`),
-    }),
-  );
+  app.use("*", perClientLimit(opts.maxClientRequests));
+  app.use("*", bodyLimits(opts.maxBodyBytes, opts.bodyTimeoutMs));
   // Every state-changing route: never from another site's page, JSON bodies only.
   const sameSite = sameSiteOnly(opts.corsOrigins);
   const admin = requireBearer(opts.adminToken, "this admin route");

@@ -91,7 +91,7 @@ export const chatEndpoint: Endpoint<ReturnType<typeof chatSchema>> = {
     const messages = toChatMessages(body.messages);
     const params = toGenerateParams({ ...body, max_tokens: body.max_completion_tokens ?? body.max_tokens });
     return {
-      prompt: { messages },
+      prompts: [{ messages }],
       params: { ...params, logprobs: body.logprobs ? body.top_logprobs ?? 0 : undefined },
       n: body.n,
       timeoutMs: limits.requestTimeoutMs,

@@ -10,7 +10,8 @@ import {
 } from "../runtime/completion.ts";
 import type { GenerationSummary } from "../runtime/generate.ts";
 import type { PromptLogprob, TokenLogprob } from "../runtime/logprobs.ts";
-import { CLIENT_CLOSED, errorResponse, readBody } from "./errors.ts";
+import { readBody } from "./body.ts";
+import { CLIENT_CLOSED, errorResponse } from "./errors.ts";
 import type { AppEnv } from "./logging.ts";
 import type { Metrics } from "./metrics.ts";
 
@@ -35,7 +36,10 @@ type Choice = Record<string, unknown>;
  * was accepted: it may keep state across chunks (text offsets).
  */
 export interface ChoiceWriter {
-  /** Streamed, before a choice's first text: chat's role, an echoed prompt. Null for nothing. */
+  /**
+   * Streamed, before a choice's first text: chat's role, an echoed prompt. Null for nothing.
+   * `prompt`: the logprobs of the choice's prompt, when asked for.
+   */
   opening(index: number, prompt: PromptLogprob[] | null): Choice | null;
   /** Streamed: a piece of choice `index`'s text and the logprobs of the tokens it came from. */
   piece(index: number, text: string, logprobs: TokenLogprob[] | undefined): Choice;
@@ -70,14 +74,19 @@ export interface Endpoint<S extends z.ZodType<CommonBody>> {
   writer(body: z.infer<S>, started: Started): ChoiceWriter;
 }
 
-/** One prompt, n completions: the prompt counts once; its cached tokens are the first choice's. */
-const usage = (all: GenerationSummary[]) => {
-  const completion = all.reduce((n, s) => n + s.completionTokens, 0);
+/**
+ * Each prompt counts once however many completions it has (`n`); its cached tokens are its first
+ * choice's.
+ */
+const usage = (all: GenerationSummary[], n: number) => {
+  const firsts = all.filter((_, i) => i % n === 0);
+  const prompt = firsts.reduce((t, s) => t + s.promptTokens, 0);
+  const completion = all.reduce((t, s) => t + s.completionTokens, 0);
   return {
-    prompt_tokens: all[0].promptTokens,
+    prompt_tokens: prompt,
     completion_tokens: completion,
-    total_tokens: all[0].promptTokens + completion,
-    prompt_tokens_details: { cached_tokens: all[0].cachedTokens },
+    total_tokens: prompt + completion,
+    prompt_tokens_details: { cached_tokens: firsts.reduce((t, s) => t + s.cachedTokens, 0) },
   };
 };
 
@@ -125,7 +134,8 @@ export function completionRoute<S extends z.ZodType<CommonBody>>(
       metrics.live.addTokens(1);
     };
     const finish = (all: GenerationSummary[]) => {
-      metrics.live.addTokens(Math.max(0, usage(all).completion_tokens - streamed));
+      const used = usage(all, n);
+      metrics.live.addTokens(Math.max(0, used.completion_tokens - streamed));
       for (const s of all) {
         metrics.tokens.inc({}, s.completionTokens);
         if (s.cachedTokens > 0) {
@@ -136,8 +146,8 @@ export function completionRoute<S extends z.ZodType<CommonBody>>(
       const left = gone.signal.aborted;
       if (left) metrics.cancelled.inc();
       log.set({
-        completion_tokens: usage(all).completion_tokens,
-        cached_tokens: all[0].cachedTokens,
+        completion_tokens: used.completion_tokens,
+        cached_tokens: used.prompt_tokens_details.cached_tokens,
         finish_reason: left ? "cancelled" : finishReason(all[0]),
         ...(left ? { status: CLIENT_CLOSED } : {}),
       });
@@ -154,10 +164,16 @@ export function completionRoute<S extends z.ZodType<CommonBody>>(
     }
     const started = first.value as Started;
     const writer = endpoint.writer(body, started);
+    const choices = started.promptTokens.length * n;
+    const promptOf = (index: number) => Math.floor(index / n);
     const id = `${endpoint.idPrefix}-${crypto.randomUUID()}`;
     const created = Math.floor(Date.now() / 1000);
     const model = deps.modelName();
-    log.set({ plan: started.planId, prompt_tokens: started.promptTokens, stream: streaming });
+    log.set({
+      plan: started.planId,
+      prompt_tokens: started.promptTokens.reduce((a, b) => a + b, 0),
+      stream: streaming,
+    });
     c.header("x-fusedge-plan", started.planId);
     const envelope = (object: string, choices: Choice[], extra: Record<string, unknown> = {}) => ({
       id,
@@ -168,13 +184,13 @@ export function completionRoute<S extends z.ZodType<CommonBody>>(
       choices,
       ...extra,
     });
-    let prompt: PromptLogprob[] | null = null;
-    /** Runs the task to its end: the prompt's logprobs kept, each text event counted and handed on. */
+    const promptLogprobs: (PromptLogprob[] | null)[] = started.promptTokens.map(() => null);
+    /** Runs the task to its end: the prompts' logprobs kept, each text event counted and handed on. */
     const drain = async (onText: (e: TextEvent) => void | Promise<void>) => {
       let r = await task.next();
       while (!r.done) {
         const e = r.value;
-        if (e.type === "prompt") prompt = e.logprobs;
+        if (e.type === "prompt") promptLogprobs[e.prompt] = e.logprobs;
         else if (e.type === "text") {
           onToken();
           await onText(e);
@@ -186,9 +202,9 @@ export function completionRoute<S extends z.ZodType<CommonBody>>(
 
     if (!streaming) {
       try {
-        const texts = new Array<string>(n).fill("");
+        const texts = new Array<string>(choices).fill("");
         const logprobs = Array.from(
-          { length: n },
+          { length: choices },
           () => job.params.logprobs === undefined ? null : [] as TokenLogprob[],
         );
         const all = await drain((e) => {
@@ -199,8 +215,10 @@ export function completionRoute<S extends z.ZodType<CommonBody>>(
         if (gone.signal.aborted) {
           return errorResponse(c, CLIENT_CLOSED as 400, "client closed request", "cancelled");
         }
-        const choices = all.map((s, i) => writer.whole(i, texts[i], logprobs[i], prompt, finishReason(s)));
-        return c.json(envelope(endpoint.object, choices, { usage: usage(all) }));
+        const answers = all.map((s, i) =>
+          writer.whole(i, texts[i], logprobs[i], promptLogprobs[promptOf(i)], finishReason(s))
+        );
+        return c.json(envelope(endpoint.object, answers, { usage: usage(all, n) }));
       } finally {
         clientSignal.removeEventListener("abort", onGone);
         await task.return(undefined as never);
@@ -212,7 +230,7 @@ export function completionRoute<S extends z.ZodType<CommonBody>>(
     log.set({ status: 200 });
     return streamSSE(c, async (stream) => {
       stream.onAbort(onGone);
-      const opened = new Array<boolean>(n).fill(false);
+      const opened = new Array<boolean>(choices).fill(false);
       const send = async (choices: Choice[], extra?: Record<string, unknown>) => {
         if (!stream.aborted) {
           await stream.writeSSE({ data: JSON.stringify(envelope(endpoint.chunkObject, choices, extra)) });
@@ -221,7 +239,7 @@ export function completionRoute<S extends z.ZodType<CommonBody>>(
       const open = async (index: number) => {
         if (opened[index]) return;
         opened[index] = true;
-        const choice = writer.opening(index, prompt);
+        const choice = writer.opening(index, promptLogprobs[promptOf(index)]);
         if (choice) await send([choice]);
       };
       try {
@@ -230,10 +248,10 @@ export function completionRoute<S extends z.ZodType<CommonBody>>(
           await send([writer.piece(e.index, e.text, e.logprobs)]);
         });
         finish(all);
-        for (let i = 0; i < n; i++) await open(i);
-        await send(all.map((s, i) => writer.end(i, finishReason(s))), { usage: usage(all) });
+        for (let i = 0; i < choices; i++) await open(i);
+        await send(all.map((s, i) => writer.end(i, finishReason(s))), { usage: usage(all, n) });
         // OpenAI's stream_options.include_usage: one more chunk, no choices, the usage.
-        if (includeUsage) await send([], { usage: usage(all) });
+        if (includeUsage) await send([], { usage: usage(all, n) });
         if (!stream.aborted) await stream.writeSSE({ data: "[DONE]" });
         log.set({ status: gone.signal.aborted ? CLIENT_CLOSED : 200 });
       } finally {

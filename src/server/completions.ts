@@ -1,5 +1,6 @@
 import { z } from "zod";
 import { generationFields, toGenerateParams } from "../api/generation.ts";
+import { MAX_CHOICES } from "../runtime/completion.ts";
 import { MAX_TOP_LOGPROBS, type PromptLogprob, type TokenLogprob } from "../runtime/logprobs.ts";
 import type { ChoiceWriter, Endpoint } from "./completion_route.ts";
 
@@ -12,9 +13,10 @@ export const completionSchema = (maxTokensCap?: number) =>
     model: z.string().optional(),
     prompt: z.union([
       z.string(),
-      z.array(z.string()).length(1, "only one prompt per request is supported"),
+      z.array(z.string()).min(1).max(MAX_CHOICES),
       z.array(z.number().int().nonnegative()).min(1),
-    ]),
+      z.array(z.array(z.number().int().nonnegative()).min(1)).min(1).max(MAX_CHOICES),
+    ]).describe("a string, token ids, or a list of either (each completed n times)"),
     stream: z.boolean().default(false),
     n: z.number().int().min(1).max(8).default(1),
     echo: z.boolean().default(false).describe("the prompt before the completion (with its logprobs)"),
@@ -54,14 +56,16 @@ export const completionsEndpoint: Endpoint<ReturnType<typeof completionSchema>> 
   idPrefix: "cmpl",
   toJob(body: CompletionRequest, limits) {
     const p = body.prompt;
-    const prompt = typeof p === "string"
-      ? { text: p }
+    const prompts = typeof p === "string"
+      ? [{ text: p }]
       : typeof p[0] === "string"
-      ? { text: p[0] as string }
-      : { ids: p as number[] };
+      ? (p as string[]).map((text) => ({ text }))
+      : typeof p[0] === "number"
+      ? [{ ids: p as number[] }]
+      : (p as number[][]).map((ids) => ({ ids }));
     const logprobs = body.logprobs ?? undefined;
     return {
-      prompt,
+      prompts,
       params: { ...toGenerateParams(body), logprobs, promptLogprobs: body.echo && logprobs !== undefined },
       n: body.n,
       timeoutMs: limits.requestTimeoutMs,
@@ -69,10 +73,14 @@ export const completionsEndpoint: Endpoint<ReturnType<typeof completionSchema>> 
     };
   },
   writer(body, started): ChoiceWriter {
-    const promptText = started.promptText ?? "";
-    const echoed = body.echo ? promptText : "";
-    // Offsets count from the start of the prompt: the completion's first token is at its length.
-    const offsets = Array.from({ length: body.n }, () => ({ at: body.echo ? 0 : promptText.length }));
+    const texts = started.promptTexts ?? [];
+    const promptText = (index: number) => texts[Math.floor(index / body.n)] ?? "";
+    const echoed = (index: number) => body.echo ? promptText(index) : "";
+    // Offsets count from the start of the choice's prompt: its first token is at the prompt's length.
+    const offsets = Array.from(
+      { length: started.promptTokens.length * body.n },
+      (_, i) => ({ at: body.echo ? 0 : promptText(i).length }),
+    );
     const wanted = body.logprobs !== undefined && body.logprobs !== null;
     const block = (index: number, lps: (TokenLogprob | PromptLogprob)[]) =>
       wanted ? logprobBlock(lps, offsets[index]) : null;
@@ -83,13 +91,14 @@ export const completionsEndpoint: Endpoint<ReturnType<typeof completionSchema>> 
       finish_reason: finish,
     });
     return {
-      opening: (index, prompt) => (echoed ? choice(index, echoed, block(index, prompt ?? []), null) : null),
+      opening: (index, prompt) =>
+        echoed(index) ? choice(index, echoed(index), block(index, prompt ?? []), null) : null,
       piece: (index, text, lps) => choice(index, text, block(index, lps ?? []), null),
       end: (index, finish) => choice(index, "", null, finish),
       whole: (index, text, lps, prompt, finish) =>
         choice(
           index,
-          echoed + text,
+          echoed(index) + text,
           block(index, [...(body.echo ? prompt ?? [] : []), ...(lps ?? [])]),
           finish,
         ),

@@ -1,9 +1,7 @@
 import type { Context } from "hono";
 import { HTTPException } from "hono/http-exception";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
-import type { z } from "zod";
 import {
-  bodyError,
   BusyError,
   CancelledError,
   CapacityError,
@@ -47,19 +45,6 @@ const TYPES: Partial<Record<number, string>> = {
   503: "server_error",
   499: "cancelled",
 };
-
-/** Reads a JSON body and validates it; every failure is an InputError naming the field. */
-export async function readBody<S extends z.ZodType>(c: Context, schema: S): Promise<z.infer<S>> {
-  let raw: unknown;
-  try {
-    raw = JSON.parse(await c.req.text());
-  } catch (e) {
-    throw new InputError(`request body is not valid JSON: ${(e as Error).message}`);
-  }
-  const parsed = schema.safeParse(raw);
-  if (!parsed.success) throw bodyError(parsed.error);
-  return parsed.data;
-}
 
 /** The app's one error handler: domain errors map to their status, anything else is logged as ours. */
 export function onError(err: Error, c: Context): Response {

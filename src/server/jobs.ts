@@ -17,7 +17,7 @@ import { heatmapSvg } from "../fusion/heatmap.ts";
 import { frontierChartSvg } from "./frontier_chart.ts";
 import { BackgroundJob } from "../runtime/background.ts";
 import type { ModelHost } from "../runtime/host.ts";
-import { readBody } from "./errors.ts";
+import { readBody } from "./body.ts";
 import type { AppEnv } from "./logging.ts";
 
 export type AnalysisRunner = BackgroundJob<AnalysisJob, AnalysisReport>;

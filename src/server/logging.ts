@@ -1,8 +1,9 @@
+import type { BodyLimits } from "./body.ts";
 import type { Context, Next } from "hono";
 import type { Metrics } from "./metrics.ts";
 
 /** The context variables every handler may use (Hono's typed `c.get`). */
-export type AppEnv = { Variables: { log: RequestLog } };
+export type AppEnv = { Variables: { log: RequestLog; body: BodyLimits } };
 
 const METHODS = new Set(["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]);
 

@@ -4,7 +4,7 @@ import { InputError, NotFoundError } from "../errors.ts";
 import { maxPromptChars, promptChars, requireChat } from "../runtime/completion.ts";
 import type { ModelHost } from "../runtime/host.ts";
 import { message, toChatMessages } from "./chat.ts";
-import { readBody } from "./errors.ts";
+import { readBody } from "./body.ts";
 import type { AppEnv } from "./logging.ts";
 
 /**
