@@ -7,6 +7,7 @@ import { generateCommand } from "./src/cli/generate.ts";
 import { logitsCommand } from "./src/cli/logits.ts";
 import { serveCommand } from "./src/cli/serve.ts";
 import { InputError, UserError } from "./src/errors.ts";
+import { renderTemplates, TEMPLATE_RENDERER_ARG } from "./src/runtime/template_process.ts";
 
 const COMMANDS: Command[] = [
   serveCommand,
@@ -31,6 +32,11 @@ const wantsHelp = (args: string[]) => args.some((a) => a === "--help" || a === "
 
 export async function main(args: string[]): Promise<number> {
   const [name, ...rest] = args;
+  // A compiled binary starts itself as the chat template's renderer (template_sandbox.ts).
+  if (name === TEMPLATE_RENDERER_ARG) {
+    await renderTemplates();
+    return 0;
+  }
   if (!name || name === "--help" || name === "-h" || name === "help") {
     console.log(usage());
     return name ? 0 : 2;

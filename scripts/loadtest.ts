@@ -6,6 +6,7 @@
  *   scripts/deno run -A scripts/loadtest.ts --url http://127.0.0.1:8000 [--requests 200]
  *     [--concurrency 16] [--max-tokens 16] [--swaps 2] [--storm 1] [--bench] [--admin-token T] [--api-key K]
  *     [--levels 1,4,16 --level-rounds 3 --level-tokens 64] [--chat 8] [--ab URL_B --ab-rounds 3]
+ *     [--heavy 5]
  *
  * --storm N sends N plan swaps at once at each swap point (the newest must win, the others get 409);
  * --bench starts a self-benchmark on the server a third of the way in and waits for it at the end.
@@ -17,6 +18,7 @@
  * order, with a unique first line (nothing to reuse); reports both TTFTs and the prefix-cache hit
  * rate from /metrics.
  * --ab URL_B only compares two servers (say, two versions): see `ab` below.
+ * --heavy N only measures what heavy answers do to a stream: see `heavy` below.
  */
 import { fail, positive, scriptFlags } from "./args.ts";
 import { sseData } from "../src/client/sse.ts";
@@ -36,6 +38,7 @@ const values = scriptFlags({
   chat: { type: "string", default: "0" },
   ab: { type: "string" },
   "ab-rounds": { type: "string", default: "3" },
+  heavy: { type: "string", default: "0" },
   "admin-token": { type: "string" },
   "api-key": { type: "string" },
 });
@@ -330,6 +333,72 @@ async function ab(): Promise<Record<string, unknown> | null> {
   return { rounds, requests_per_round: total, concurrency, a: side("a"), b: side("b") };
 }
 
+/** A stream's largest gap between two events after its first, in ms. */
+async function largestGap(prompt: string, tokens: number): Promise<number> {
+  const res = await fetch(new URL("/v1/completions", url), {
+    method: "POST",
+    headers: headers(values["api-key"]),
+    body: JSON.stringify({ prompt, max_tokens: tokens, temperature: 0, stream: true }),
+  });
+  if (res.status !== 200) throw new Error(`status ${res.status}: ${await res.text()}`);
+  let last = 0;
+  let gap = 0;
+  for await (const _ of sseData(res.body!)) {
+    const now = performance.now();
+    if (last) gap = Math.max(gap, now - last);
+    last = now;
+  }
+  return gap;
+}
+
+/**
+ * --heavy N: the answers a client can make heaviest (n=8, 20 alternatives a token, the prompt of
+ * ~800 tokens echoed with its logprobs: ~4 MB of JSON each, three at once) against one stream's
+ * largest gap between tokens. N rounds after a warm-up; in each, the stream runs alone and beside
+ * the heavy answers, in alternating order. Reports the largest gap of each side, median [min-max].
+ */
+async function heavy(): Promise<Record<string, unknown> | null> {
+  const rounds = whole("heavy", values.heavy!);
+  if (!rounds) return null;
+  const prompt = "def scale(values, factor):\n    return [v * factor for v in values]\n\n".repeat(40);
+  const answer = async () => {
+    const res = await fetch(new URL("/v1/completions", url), {
+      method: "POST",
+      headers: headers(values["api-key"]),
+      body: JSON.stringify({ prompt, n: 8, logprobs: 20, echo: true, max_tokens: 8, temperature: 0.8 }),
+    });
+    if (res.status !== 200) throw new Error(`status ${res.status}: ${await res.text()}`);
+    return (await res.arrayBuffer()).byteLength;
+  };
+  const gaps = { alone: [] as number[], beside: [] as number[] };
+  let bytes = 0;
+  for (let r = -1; r < rounds; r++) {
+    for (const side of r % 2 ? ["alone", "beside"] as const : ["beside", "alone"] as const) {
+      let gap = 0;
+      if (side === "alone") gap = await largestGap("def main(", 96);
+      else {
+        let answering = true;
+        const answers = Promise.all([answer(), answer(), answer()]).finally(() => (answering = false));
+        // Streams for as long as the answers are being made, one after another.
+        while (answering) gap = Math.max(gap, await largestGap("def main(", 96));
+        bytes = Math.max(...await answers);
+      }
+      if (r >= 0) gaps[side].push(gap);
+    }
+  }
+  return {
+    rounds,
+    answer_bytes: bytes,
+    largest_gap_ms_alone: spread(gaps.alone),
+    largest_gap_ms_beside_heavy: spread(gaps.beside),
+  };
+}
+
+const heavyReport = await heavy();
+if (heavyReport) {
+  console.log(JSON.stringify({ heavy: heavyReport }));
+  Deno.exit(0);
+}
 const abReport = await ab();
 if (abReport) {
   console.log(JSON.stringify({ ab: abReport, errors: errors.length, error_samples: errors.slice(0, 5) }));

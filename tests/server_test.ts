@@ -153,6 +153,13 @@ Deno.test({
             temperature: 0,
           })).json();
           const [first, second] = echoed.choices;
+          // Text that String.replace would read as a pattern ($&, $') comes back as written.
+          const dollars = await (await post(base, "/v1/completions", {
+            prompt: "cost = $& + $' + $$",
+            echo: true,
+            max_tokens: 1,
+          })).json();
+          assert.ok(dollars.choices[0].text.startsWith("cost = $& + $' + $$"));
           assert.ok(first.text.startsWith("a b") && second.text.startsWith("c d e"));
           assert.equal(second.logprobs.tokens.slice(0, 3).join(""), "c d e");
           assert.equal(second.logprobs.token_logprobs[0], null);

@@ -1,10 +1,14 @@
-import { Worker } from "node:worker_threads";
 import { InputError } from "../errors.ts";
 import type { ChatMessage, ChatTemplateSource } from "../model/chat_template.ts";
 import { fromWorkerError } from "./worker_error.ts";
-import type { TemplateReply, TemplateRequest, TemplateWorkerData } from "./template_worker.ts";
+import {
+  TEMPLATE_RENDERER_ARG,
+  type TemplateProcessData,
+  type TemplateReply,
+  type TemplateRequest,
+} from "./template_process.ts";
 
-/** What one render may take: wall time, and the heap of the worker that renders it. */
+/** What one render may take: wall time, and the heap of the process that renders it. */
 export interface TemplateLimits {
   timeMs: number;
   heapMb: number;
@@ -15,39 +19,69 @@ export const DEFAULT_TEMPLATE_LIMITS: TemplateLimits = { timeMs: 2000, heapMb: 1
 /** A render that ran past its limits: the template's loops or memory, not the caller's input. */
 export class TemplateOverrunError extends InputError {}
 
-interface Spawned {
-  worker: Worker;
+/**
+ * How to start the renderer: this Deno running template_process.ts with no permissions at all, or
+ * a compiled fusedge binary (`deno compile` embeds no second entry point) told to be the renderer.
+ * The heap cap is V8's; a compiled binary takes V8 flags from DENO_V8_FLAGS only.
+ */
+function rendererCommand(heapMb: number): Deno.Command {
+  const heap = `--max-old-space-size=${heapMb}`;
+  const io = { stdin: "piped", stdout: "piped", stderr: "piped" } as const;
+  if (Deno.build.standalone) {
+    return new Deno.Command(Deno.execPath(), {
+      args: [TEMPLATE_RENDERER_ARG],
+      env: { DENO_V8_FLAGS: heap },
+      ...io,
+    });
+  }
+  return new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--quiet",
+      "--no-prompt",
+      `--v8-flags=${heap}`,
+      `--config=${new URL("../../deno.json", import.meta.url).pathname}`,
+      new URL("./template_process.ts", import.meta.url).href,
+    ],
+    ...io,
+  });
+}
+
+interface Renderer {
+  process: Deno.ChildProcess;
+  send: (m: TemplateRequest) => void;
   ready: Promise<void>;
-  /** Settles when the worker replies, fails or exits (the current render's outcome). */
-  replies: Map<number, (reply: TemplateReply | Error) => void>;
+  /** The reply awaited now: renders go one at a time. */
+  waiting: ((reply: TemplateReply | Error) => void) | null;
   exited: boolean;
 }
 
 /**
- * Renders a chat template in a worker with a capped heap, one render at a time, each under a time
- * limit. A render that overruns (a loop, or a heap at its cap, where V8 stalls collecting) kills the
- * worker and fails that request alone; the next render gets a fresh worker, so memory returns to
- * where it was. Renders queue behind each other: a template that is slow for one conversation costs
- * the others at most the time limit each, and never the serving thread or the streams.
+ * Renders a chat template in a process of its own, one render at a time, each under a time limit,
+ * with a capped heap. A render that overruns (a loop; a heap at its cap, where V8 stalls collecting
+ * or aborts) ends the process and fails that request alone; the next render gets a fresh process,
+ * so memory returns to where it was. Renders queue behind each other: a template that is slow for
+ * one conversation costs the others at most the time limit each, and never the serving thread or
+ * the streams.
  */
 export class TemplateSandbox {
-  private current: Spawned;
+  private current: Renderer;
   private queue: Promise<unknown> = Promise.resolve();
   private nextId = 1;
   private closed = false;
 
   private constructor(
-    private readonly data: TemplateWorkerData,
+    private readonly data: TemplateProcessData,
     readonly limits: TemplateLimits,
   ) {
     this.current = this.spawn();
   }
 
-  /** Starts the worker and waits for the template to parse (a parse error rejects, as compile does). */
+  /** Starts the renderer and waits for the template to parse (a parse error rejects, as compile does). */
   static async open(
     src: ChatTemplateSource,
     limits: TemplateLimits,
-    protect: TemplateWorkerData["protect"],
+    protect: TemplateProcessData["protect"],
   ): Promise<TemplateSandbox> {
     const sandbox = new TemplateSandbox({ src, protect }, limits);
     try {
@@ -74,7 +108,7 @@ export class TemplateSandbox {
 
   close(): void {
     this.closed = true;
-    this.kill(new Error("the chat template's renderer is closed"));
+    this.end(this.current, new Error("the chat template's renderer is closed"));
   }
 
   private run(request: (id: number) => TemplateRequest): Promise<string | null> {
@@ -86,24 +120,23 @@ export class TemplateSandbox {
   private async once(request: TemplateRequest): Promise<string | null> {
     if (this.closed) throw new Error("the chat template's renderer is closed");
     if (this.current.exited) this.current = this.spawn();
-    const spawned = this.current;
-    await spawned.ready;
+    const renderer = this.current;
+    await renderer.ready;
     const reply = await new Promise<TemplateReply | Error>((resolve) => {
       const timer = setTimeout(() => {
-        resolve(this.overrun(`did not finish within ${this.limits.timeMs} ms`));
-        this.restart(spawned);
+        this.end(renderer, this.overrun(`did not finish within ${this.limits.timeMs} ms`));
       }, this.limits.timeMs);
-      spawned.replies.set(request.id, (r) => {
+      renderer.waiting = (r) => {
         clearTimeout(timer);
+        renderer.waiting = null;
         resolve(r);
-      });
-      spawned.worker.postMessage(request);
+      };
+      renderer.send(request);
     });
-    spawned.replies.delete(request.id);
     if (reply instanceof Error) throw reply;
     if (reply.type === "failed") throw fromWorkerError(reply);
     if (reply.type !== "rendered") {
-      throw new Error(`unexpected reply from the template worker: ${reply.type}`);
+      throw new Error(`unexpected reply from the template renderer: ${reply.type}`);
     }
     return reply.text;
   }
@@ -116,45 +149,55 @@ export class TemplateSandbox {
     );
   }
 
-  private spawn(): Spawned {
-    const worker = new Worker(new URL("./template_worker.ts", import.meta.url), {
-      workerData: this.data,
-      resourceLimits: { maxOldGenerationSizeMb: this.limits.heapMb },
-    });
-    const replies = new Map<number, (reply: TemplateReply | Error) => void>();
-    const spawned: Spawned = { worker, replies, ready: Promise.resolve(), exited: false };
-    spawned.ready = new Promise<void>((resolve, reject) => {
-      const fail = (e: Error) => {
+  private spawn(): Renderer {
+    const process = rendererCommand(this.limits.heapMb).spawn();
+    const writer = process.stdin.getWriter();
+    const encoder = new TextEncoder();
+    const renderer: Renderer = {
+      process,
+      send: (m) => void writer.write(encoder.encode(JSON.stringify(m) + "\n")).catch(() => {}),
+      ready: Promise.resolve(),
+      waiting: null,
+      exited: false,
+    };
+    renderer.ready = new Promise<void>((resolve, reject) => {
+      (async () => {
+        let buffered = "";
+        const decoder = new TextDecoder();
+        for await (const chunk of process.stdout) {
+          buffered += decoder.decode(chunk, { stream: true });
+          let at: number;
+          while ((at = buffered.indexOf("\n")) >= 0) {
+            const m = JSON.parse(buffered.slice(0, at)) as TemplateReply;
+            buffered = buffered.slice(at + 1);
+            if (m.type === "ready") resolve();
+            else if (m.type === "failed" && m.id === null) reject(fromWorkerError(m));
+            else renderer.waiting?.(m);
+          }
+        }
+      })().catch(() => {}).finally(async () => {
+        renderer.exited = true;
+        const status = await process.status;
+        const why = status.signal ? `by ${status.signal}` : `with exit code ${status.code}`;
+        const e = this.overrun(`ran out of its heap or ended its renderer (${why})`);
         reject(e);
-        for (const settle of replies.values()) settle(e);
-        replies.clear();
-      };
-      worker.on("message", (m: TemplateReply) => {
-        if (m.type === "ready") resolve();
-        else if (m.type === "failed" && m.id === null) fail(fromWorkerError(m));
-        else if (m.id !== null) replies.get(m.id)?.(m);
-      });
-      worker.on("error", (e: Error) => fail(this.overrun(`stopped its renderer: ${e.message}`)));
-      worker.on("exit", () => {
-        spawned.exited = true;
-        fail(this.overrun("stopped its renderer"));
+        renderer.waiting?.(e);
       });
     });
-    // A worker that dies between renders fails no one; the next render starts another.
-    spawned.ready.catch(() => {});
-    return spawned;
+    // Its diagnostics (V8's out-of-memory report) are not the operator's to read.
+    process.stderr.cancel().catch(() => {});
+    renderer.send(this.data as unknown as TemplateRequest);
+    // A renderer that dies between renders fails no one; the next render starts another.
+    renderer.ready.catch(() => {});
+    return renderer;
   }
 
-  /** Replaces a worker that overran (its heap is freed with it). */
-  private restart(spawned: Spawned): void {
-    if (this.current !== spawned) return;
-    void spawned.worker.terminate();
-    if (!this.closed) this.current = this.spawn();
-  }
-
-  private kill(e: Error): void {
-    for (const settle of this.current.replies.values()) settle(e);
-    this.current.replies.clear();
-    void this.current.worker.terminate();
+  /** Kills a renderer (its memory goes with it), failing what it was rendering with `e`. */
+  private end(renderer: Renderer, e: Error): void {
+    renderer.exited = true;
+    renderer.waiting?.(e);
+    try {
+      renderer.process.kill("SIGKILL");
+    } catch { /* already gone */ }
   }
 }

@@ -27,3 +27,16 @@ export async function waitAtMost(p: Promise<unknown>, ms: number): Promise<void>
   await Promise.race([p, new Promise((r) => (timer = setTimeout(r, ms)))]);
   clearTimeout(timer);
 }
+
+/**
+ * `items.map(f)` that gives the event loop its turn as it goes (yieldIfBusy): building a large
+ * answer (thousands of logprob positions) must not pause other requests' streams.
+ */
+export async function mapSliced<T, R>(items: readonly T[], f: (item: T, index: number) => R): Promise<R[]> {
+  const out = new Array<R>(items.length);
+  for (let i = 0; i < items.length; i++) {
+    if (i % 64 === 63) await yieldIfBusy();
+    out[i] = f(items[i], i);
+  }
+  return out;
+}

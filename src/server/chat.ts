@@ -1,3 +1,4 @@
+import { mapSliced } from "../runtime/yield.ts";
 import { z } from "zod";
 import { generationFields, LIMITS, toGenerateParams } from "../api/generation.ts";
 import { MAX_TOP_LOGPROBS, type TokenLogprob } from "../runtime/logprobs.ts";
@@ -73,8 +74,8 @@ export function toChatMessages(messages: z.infer<typeof message>[]): ChatMessage
 }
 
 /** OpenAI's chat logprobs: one entry per token, its alternatives in the same shape. */
-const chatLogprobs = (lps: TokenLogprob[]) => ({
-  content: lps.map((l) => ({
+const chatLogprobs = async (lps: TokenLogprob[]) => ({
+  content: await mapSliced(lps, (l) => ({
     token: l.token,
     logprob: l.logprob,
     bytes: l.bytes,
@@ -100,20 +101,26 @@ export const chatEndpoint: Endpoint<ReturnType<typeof chatSchema>> = {
   writer(body): ChoiceWriter {
     const block = (
       lps: TokenLogprob[] | null | undefined,
-    ) => (body.logprobs ? chatLogprobs(lps ?? []) : null);
+    ) => (body.logprobs ? chatLogprobs(lps ?? []) : Promise.resolve(null));
     return {
-      opening: (index) => ({
+      opening: (index) =>
+        Promise.resolve({
+          index,
+          delta: { role: "assistant", content: "" },
+          logprobs: null,
+          finish_reason: null,
+        }),
+      piece: async (index, t, lps) => ({
         index,
-        delta: { role: "assistant", content: "" },
-        logprobs: null,
+        delta: { content: t },
+        logprobs: await block(lps),
         finish_reason: null,
       }),
-      piece: (index, t, lps) => ({ index, delta: { content: t }, logprobs: block(lps), finish_reason: null }),
       end: (index, finish) => ({ index, delta: {}, logprobs: null, finish_reason: finish }),
-      whole: (index, t, lps, _prompt, finish) => ({
+      whole: async (index, t, lps, _prompt, finish) => ({
         index,
         message: { role: "assistant", content: t, refusal: null },
-        logprobs: block(lps),
+        logprobs: await block(lps),
         finish_reason: finish,
       }),
     };

@@ -10,6 +10,7 @@ import {
 } from "../runtime/completion.ts";
 import type { GenerationSummary } from "../runtime/generate.ts";
 import type { PromptLogprob, TokenLogprob } from "../runtime/logprobs.ts";
+import { yieldIfBusy } from "../runtime/yield.ts";
 import { readBody } from "./body.ts";
 import { CLIENT_CLOSED, errorResponse } from "./errors.ts";
 import type { AppEnv } from "./logging.ts";
@@ -40,19 +41,19 @@ export interface ChoiceWriter {
    * Streamed, before a choice's first text: chat's role, an echoed prompt. Null for nothing.
    * `prompt`: the logprobs of the choice's prompt, when asked for.
    */
-  opening(index: number, prompt: PromptLogprob[] | null): Choice | null;
+  opening(index: number, prompt: PromptLogprob[] | null): Promise<Choice | null>;
   /** Streamed: a piece of choice `index`'s text and the logprobs of the tokens it came from. */
-  piece(index: number, text: string, logprobs: TokenLogprob[] | undefined): Choice;
+  piece(index: number, text: string, logprobs: TokenLogprob[] | undefined): Promise<Choice>;
   /** Streamed: the end of a choice. */
   end(index: number, finish: string): Choice;
-  /** Answered whole. */
+  /** Answered whole (built in slices: a choice may hold thousands of logprob positions). */
   whole(
     index: number,
     text: string,
     logprobs: TokenLogprob[] | null,
     prompt: PromptLogprob[] | null,
     finish: string,
-  ): Choice;
+  ): Promise<Choice>;
 }
 
 /** What every completion body has, whatever else its endpoint adds. */
@@ -215,10 +216,24 @@ export function completionRoute<S extends z.ZodType<CommonBody>>(
         if (gone.signal.aborted) {
           return errorResponse(c, CLIENT_CLOSED as 400, "client closed request", "cancelled");
         }
-        const answers = all.map((s, i) =>
-          writer.whole(i, texts[i], logprobs[i], promptLogprobs[promptOf(i)], finishReason(s))
-        );
-        return c.json(envelope(endpoint.object, answers, { usage: usage(all, n) }));
+        // One choice at a time, built and serialized with the event loop's turns between: n=8 answers
+        // echoing a long prompt with 20 alternatives a token are megabytes of JSON.
+        const answers: string[] = [];
+        for (const [i, s] of all.entries()) {
+          const choice = await writer.whole(
+            i,
+            texts[i],
+            logprobs[i],
+            promptLogprobs[promptOf(i)],
+            finishReason(s),
+          );
+          answers.push(JSON.stringify(choice));
+          await yieldIfBusy();
+        }
+        const head = JSON.stringify(envelope(endpoint.object, [], { usage: usage(all, n) }));
+        // The envelope's own `"choices":[]` (quotes inside its string values are escaped).
+        c.header("content-type", "application/json");
+        return c.body(head.replace(`"choices":[]`, () => `"choices":[${answers.join(",")}]`));
       } finally {
         clientSignal.removeEventListener("abort", onGone);
         await task.return(undefined as never);
@@ -239,13 +254,13 @@ export function completionRoute<S extends z.ZodType<CommonBody>>(
       const open = async (index: number) => {
         if (opened[index]) return;
         opened[index] = true;
-        const choice = writer.opening(index, promptLogprobs[promptOf(index)]);
+        const choice = await writer.opening(index, promptLogprobs[promptOf(index)]);
         if (choice) await send([choice]);
       };
       try {
         const all = await drain(async (e) => {
           await open(e.index);
-          await send([writer.piece(e.index, e.text, e.logprobs)]);
+          await send([await writer.piece(e.index, e.text, e.logprobs)]);
         });
         finish(all);
         for (let i = 0; i < choices; i++) await open(i);

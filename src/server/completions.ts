@@ -1,6 +1,7 @@
 import { z } from "zod";
 import { generationFields, toGenerateParams } from "../api/generation.ts";
 import { MAX_CHOICES } from "../runtime/completion.ts";
+import { mapSliced } from "../runtime/yield.ts";
 import { MAX_TOP_LOGPROBS, type PromptLogprob, type TokenLogprob } from "../runtime/logprobs.ts";
 import type { ChoiceWriter, Endpoint } from "./completion_route.ts";
 
@@ -34,13 +35,14 @@ type CompletionRequest = z.infer<ReturnType<typeof completionSchema>>;
  * OpenAI's legacy logprobs block: parallel lists, alternatives as a token -> logprob map, and each
  * token's offset in the text (prompt included, as the API counts it).
  */
-function logprobBlock(lps: (TokenLogprob | PromptLogprob)[], offset: { at: number }) {
+async function logprobBlock(lps: (TokenLogprob | PromptLogprob)[], offset: { at: number }) {
   return {
     tokens: lps.map((l) => l.token),
     token_logprobs: lps.map((l) => l.logprob),
-    top_logprobs: lps.map((
-      l,
-    ) => (l.top === null ? null : Object.fromEntries(l.top.map((t) => [t.token, t.logprob])))),
+    top_logprobs: await mapSliced(
+      lps,
+      (l) => (l.top === null ? null : Object.fromEntries(l.top.map((t) => [t.token, t.logprob]))),
+    ),
     text_offset: lps.map((l) => {
       const at = offset.at;
       offset.at += l.token.length;
@@ -83,7 +85,7 @@ export const completionsEndpoint: Endpoint<ReturnType<typeof completionSchema>> 
     );
     const wanted = body.logprobs !== undefined && body.logprobs !== null;
     const block = (index: number, lps: (TokenLogprob | PromptLogprob)[]) =>
-      wanted ? logprobBlock(lps, offsets[index]) : null;
+      wanted ? logprobBlock(lps, offsets[index]) : Promise.resolve(null);
     const choice = (index: number, text: string, logprobs: unknown, finish: string | null) => ({
       text,
       index,
@@ -91,15 +93,15 @@ export const completionsEndpoint: Endpoint<ReturnType<typeof completionSchema>> 
       finish_reason: finish,
     });
     return {
-      opening: (index, prompt) =>
-        echoed(index) ? choice(index, echoed(index), block(index, prompt ?? []), null) : null,
-      piece: (index, text, lps) => choice(index, text, block(index, lps ?? []), null),
+      opening: async (index, prompt) =>
+        echoed(index) ? choice(index, echoed(index), await block(index, prompt ?? []), null) : null,
+      piece: async (index, text, lps) => choice(index, text, await block(index, lps ?? []), null),
       end: (index, finish) => choice(index, "", null, finish),
-      whole: (index, text, lps, prompt, finish) =>
+      whole: async (index, text, lps, prompt, finish) =>
         choice(
           index,
           echoed(index) + text,
-          block(index, [...(body.echo ? prompt ?? [] : []), ...(lps ?? [])]),
+          await block(index, [...(body.echo ? prompt ?? [] : []), ...(lps ?? [])]),
           finish,
         ),
     };

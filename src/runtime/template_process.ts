@@ -1,0 +1,86 @@
+/**
+ * The chat template's renderer, a process of its own (template_sandbox.ts starts it): templates come
+ * inside the checkpoints people download, Jinja has loops, and one render may never end or may fill
+ * memory. In a worker thread such a render stalled the serving thread (the isolates of one process
+ * share the collector's threads: 100-350 ms gaps between a stream's tokens on 2 cores), and a heap
+ * that runs out aborts the whole process. Here it costs its own process alone, whose heap V8 caps
+ * and which runs with no permissions (`deno run`) or none that it uses (a compiled binary).
+ *
+ * Protocol: JSON lines. The first line in is the TemplateProcessData; then requests, one a line,
+ * each answered by one line out, in order.
+ */
+import { type ChatMessage, ChatTemplate, type ChatTemplateSource } from "../model/chat_template.ts";
+import { markSpecialText, type SpecialMark } from "../model/special_text.ts";
+import { toWorkerError, type WorkerError } from "./worker_error.ts";
+
+export interface TemplateProcessData {
+  src: ChatTemplateSource;
+  /** Special-token texts to mark inside messages, and the mark; null leaves messages as they are. */
+  protect: { specials: string[]; mark: SpecialMark } | null;
+}
+
+export type TemplateRequest =
+  | { type: "render"; id: number; messages: ChatMessage[]; addGenerationPrompt: boolean }
+  | { type: "endOfTurn"; id: number };
+
+export type TemplateReply =
+  | { type: "ready" }
+  | { type: "rendered"; id: number; text: string | null }
+  | { type: "failed"; id: number | null } & WorkerError;
+
+/** The argument that makes a compiled fusedge binary this renderer (main.ts). */
+export const TEMPLATE_RENDERER_ARG = "__render-chat-templates";
+
+/** Reads stdin's lines as they come. */
+async function* lines(): AsyncGenerator<string> {
+  const decoder = new TextDecoder();
+  let buffered = "";
+  for await (const chunk of Deno.stdin.readable) {
+    buffered += decoder.decode(chunk, { stream: true });
+    let at: number;
+    while ((at = buffered.indexOf("\n")) >= 0) {
+      yield buffered.slice(0, at);
+      buffered = buffered.slice(at + 1);
+    }
+  }
+}
+
+export async function renderTemplates(): Promise<void> {
+  const out = Deno.stdout.writable.getWriter();
+  const encoder = new TextEncoder();
+  const post = (m: TemplateReply) => out.write(encoder.encode(JSON.stringify(m) + "\n"));
+  const input = lines();
+  const first = await input.next();
+  if (first.done) return;
+  const { src, protect } = JSON.parse(first.value) as TemplateProcessData;
+  const marked = (messages: ChatMessage[]): ChatMessage[] => {
+    if (!protect) return messages;
+    const mark = (text: string) => markSpecialText(text, protect.specials, protect.mark);
+    return messages.map((m) => ({
+      ...m,
+      content: mark(m.content),
+      ...(m.name ? { name: mark(m.name) } : {}),
+    }));
+  };
+  let template: ChatTemplate;
+  try {
+    template = ChatTemplate.compile(src);
+  } catch (e) {
+    await post({ type: "failed", id: null, ...toWorkerError(e) });
+    return;
+  }
+  await post({ type: "ready" });
+  for await (const line of input) {
+    const m = JSON.parse(line) as TemplateRequest;
+    try {
+      const text = m.type === "endOfTurn"
+        ? template.endOfTurn()
+        : template.render(marked(m.messages), m.addGenerationPrompt);
+      await post({ type: "rendered", id: m.id, text });
+    } catch (e) {
+      await post({ type: "failed", id: m.id, ...toWorkerError(e) });
+    }
+  }
+}
+
+if (import.meta.main) await renderTemplates();
