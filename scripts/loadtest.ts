@@ -6,7 +6,7 @@
  *   scripts/deno run -A scripts/loadtest.ts --url http://127.0.0.1:8000 [--requests 200]
  *     [--concurrency 16] [--max-tokens 16] [--swaps 2] [--storm 1] [--bench] [--admin-token T] [--api-key K]
  *     [--levels 1,4,16 --level-rounds 3 --level-tokens 64] [--chat 8] [--ab URL_B --ab-rounds 3]
- *     [--heavy 5]
+ *     [--heavy 5 --heavy-n 8]
  *
  * --storm N sends N plan swaps at once at each swap point (the newest must win, the others get 409);
  * --bench starts a self-benchmark on the server a third of the way in and waits for it at the end.
@@ -39,6 +39,7 @@ const values = scriptFlags({
   ab: { type: "string" },
   "ab-rounds": { type: "string", default: "3" },
   heavy: { type: "string", default: "0" },
+  "heavy-n": { type: "string", default: "8" },
   "admin-token": { type: "string" },
   "api-key": { type: "string" },
 });
@@ -354,18 +355,20 @@ async function largestGap(prompt: string, tokens: number): Promise<number> {
 /**
  * --heavy N: the answers a client can make heaviest (n=8, 20 alternatives a token, the prompt of
  * ~800 tokens echoed with its logprobs: ~4 MB of JSON each, three at once) against one stream's
- * largest gap between tokens. N rounds after a warm-up; in each, the stream runs alone and beside
+ * largest gap between tokens (--heavy-n 1: the same JSON work with one choice, so the engine
+ * decodes 3 sequences beside the stream instead of 24). N rounds after a warm-up; in each, the stream runs alone and beside
  * the heavy answers, in alternating order. Reports the largest gap of each side, median [min-max].
  */
 async function heavy(): Promise<Record<string, unknown> | null> {
   const rounds = whole("heavy", values.heavy!);
   if (!rounds) return null;
+  const n = positive("heavy-n", values["heavy-n"]!);
   const prompt = "def scale(values, factor):\n    return [v * factor for v in values]\n\n".repeat(40);
   const answer = async () => {
     const res = await fetch(new URL("/v1/completions", url), {
       method: "POST",
       headers: headers(values["api-key"]),
-      body: JSON.stringify({ prompt, n: 8, logprobs: 20, echo: true, max_tokens: 8, temperature: 0.8 }),
+      body: JSON.stringify({ prompt, n, logprobs: 20, echo: true, max_tokens: 8, temperature: 0.8 }),
     });
     if (res.status !== 200) throw new Error(`status ${res.status}: ${await res.text()}`);
     return (await res.arrayBuffer()).byteLength;
@@ -388,6 +391,7 @@ async function heavy(): Promise<Record<string, unknown> | null> {
   }
   return {
     rounds,
+    n,
     answer_bytes: bytes,
     largest_gap_ms_alone: spread(gaps.alone),
     largest_gap_ms_beside_heavy: spread(gaps.beside),

@@ -539,6 +539,29 @@ Deno.test({
       });
 
       await t.step(
+        "heavy answers (an 800-token prompt echoed with 20 alternatives a token) leave a stream alone",
+        async () => {
+          const prompt = "def scale(values, factor):\n    return [v * factor for v in values]\n\n".repeat(40);
+          const heavy = () =>
+            post(base, "/v1/completions", { prompt, logprobs: 20, echo: true, max_tokens: 8 }).then(
+              async (r) => {
+                assert.equal(r.status, 200);
+                return (await r.json()).choices[0].logprobs.tokens.length;
+              },
+            );
+          let sizes: number[] = [];
+          // Two at a time: the per-address limit of this server is 3, and the measured stream is one.
+          const { r, worstHealth } = await measureTwice(
+            base,
+            async () => (sizes = await Promise.all([heavy(), heavy()])),
+          );
+          assert.ok(sizes.every((n) => n > 800), `${sizes}`);
+          assert.ok(r.maxGapMs < MAX_GAP_MS, `largest gap ${r.maxGapMs.toFixed(0)} ms`);
+          assert.ok(worstHealth < MAX_GAP_MS, `slowest /health ${worstHealth.toFixed(0)} ms`);
+        },
+      );
+
+      await t.step(
         "one address may have 3 requests in flight: the 4th is 429, and once one ends there is room",
         async () => {
           const streams = Array.from(

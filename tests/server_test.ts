@@ -153,6 +153,20 @@ Deno.test({
             temperature: 0,
           })).json();
           const [first, second] = echoed.choices;
+          // A prompt's logprobs longer than one message's part (128 positions) arrive whole and in order.
+          const long = "for i in range(10):\n    total += i * i\n".repeat(20);
+          const longEcho = await (await post(base, "/v1/completions", {
+            prompt: long,
+            echo: true,
+            logprobs: 0,
+            max_tokens: 1,
+          })).json();
+          const longTokens = (await (await post(base, "/tokenize", { prompt: long })).json()).count;
+          assert.ok(longTokens > 256, `${longTokens} tokens`);
+          const lp = longEcho.choices[0].logprobs;
+          assert.equal(lp.tokens.length, longTokens + 1);
+          assert.equal(lp.tokens.slice(0, longTokens).join(""), long);
+          assert.ok(lp.token_logprobs.slice(1).every((x: number) => x <= 0));
           // Text that String.replace would read as a pattern ($&, $') comes back as written.
           const dollars = await (await post(base, "/v1/completions", {
             prompt: "cost = $& + $' + $$",
