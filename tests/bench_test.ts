@@ -217,6 +217,11 @@ Deno.test("cli bench --batch: tokens/s at each batch size, unfused against the f
   const bad = await bench([...args, "--batch", "0"]);
   assert.equal(bad.code, 2);
   assert.match(bad.stderr, /--batch/);
+  // --constrained: each case also under a grammar, against the unconstrained one at the same size.
+  const c = await bench([...args, "--rounds", "3", "--batch", "1,4", "--constrained"]);
+  assert.equal(c.code, 0, c.stderr);
+  const rows = c.stdout.split("\n").filter((l) => /^wasm\s+unfused\s+\d+\s+(no|yes)\s/.test(l));
+  assert.deepEqual(rows.map((l) => l.split(/\s+/).slice(2, 4).join(" ")), ["1 no", "1 yes", "4 no", "4 yes"]);
 });
 
 Deno.test("scripts/step_parts.ts: a batched step's parts timed in alternating rounds; bad flags exit 2", async () => {

@@ -1,3 +1,5 @@
+import type { GrammarSpec } from "../src/runtime/grammar.ts";
+import { InputError } from "../src/errors.ts";
 import assert from "node:assert/strict";
 import { UNFUSED } from "../src/fusion/plan.ts";
 import { GraphBuilder } from "../src/onnx/builder.ts";
@@ -61,6 +63,15 @@ Deno.test({
         reasons.push(a.summary.finishReason);
       }
       assert.ok(reasons.includes("stop"), `some stop string was met (${reasons})`);
+      // Tokens are chosen on the GPU, with no mask: a grammar is refused, naming its field; WASM compiles it.
+      const spec: GrammarSpec = { field: "guided_choice", type: "choice", choices: ["a", "b"] };
+      await assert.rejects(
+        gpu.engine.checkGrammar(spec),
+        (e) =>
+          e instanceof InputError && e.field === "guided_choice" &&
+          /--device wasm or --device cpu/.test(e.message),
+      );
+      await wasm.engine.checkGrammar(spec);
     } finally {
       await gpu.release();
       await wasm.release();

@@ -63,6 +63,7 @@ function fakeInstance(plan: FusionPlan, log: string[]): PlanInstance {
     generate: () => {
       throw new Error("not used");
     },
+    checkGrammar: () => Promise.reject(new Error("not used")),
     close: () => {
       log.push(`closed ${planId(plan)}`);
       return Promise.resolve();

@@ -24,6 +24,10 @@ export const benchRequest = z.strictObject({
   batch: z.array(z.number().int().min(1).max(64)).min(1).max(6).optional().describe(
     "decode batch sizes: tokens/s of the unfused model and the fused plan at each (the cost axis)",
   ),
+  constrained: z.boolean().default(false).describe(
+    "with batch: also decode each case under a grammar (every token masked by xgrammar), alternated " +
+      "with the unconstrained one: what constrained decoding costs",
+  ),
   frontier: z.boolean().default(false).describe(
     "also decode each budget's best plan of the server's last analysis (POST /bench only): " +
       "the measured speed-up the dashboard's frontier chart plots",

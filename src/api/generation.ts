@@ -1,5 +1,7 @@
 import { z } from "zod";
 import type { GenerateParams } from "../runtime/generate.ts";
+import type { GrammarSpec } from "../runtime/grammar.ts";
+import { InputError } from "../errors.ts";
 
 /** Upper bounds a request may not exceed, whatever the model's context allows. */
 export const LIMITS = {
@@ -53,4 +55,71 @@ export function toGenerateParams(r: GenerationRequest): GenerateParams {
     seed: r.seed,
     stop: r.stop === undefined ? [] : typeof r.stop === "string" ? [r.stop] : r.stop,
   };
+}
+
+/**
+ * What an answer may be constrained to: OpenAI's `response_format` (JSON, or JSON under a schema)
+ * and vLLM's guided decoding fields. At most one of them a request.
+ */
+export const constraintFields = {
+  response_format: z.discriminatedUnion("type", [
+    z.object({ type: z.literal("text") }),
+    z.object({ type: z.literal("json_object") }),
+    z.object({
+      type: z.literal("json_schema"),
+      json_schema: z.object({
+        name: z.string().max(64).optional(),
+        description: z.string().optional(),
+        schema: z.record(z.string(), z.unknown()).default({}),
+        strict: z.boolean().nullable().optional(),
+      }),
+    }),
+  ]).nullable().optional().describe("text, json_object, or json_schema {name, schema, strict}"),
+  guided_json: z.union([z.string(), z.record(z.string(), z.unknown())]).optional().describe(
+    "a JSON schema the answer must follow",
+  ),
+  guided_regex: z.string().min(1).max(10_000).optional().describe(
+    "a regular expression the answer must match",
+  ),
+  guided_choice: z.array(z.string().min(1).max(1000)).min(1).max(1000).optional().describe(
+    "the answer is one of these strings",
+  ),
+  guided_grammar: z.string().min(1).max(100_000).optional().describe(
+    "an EBNF grammar the answer must follow",
+  ),
+};
+
+type ConstraintBody = { [K in keyof typeof constraintFields]?: z.infer<(typeof constraintFields)[K]> };
+
+/** The grammar a body asks for, if any; two at once is bad input naming the second. */
+export function toGrammar(body: ConstraintBody): GrammarSpec | undefined {
+  const specs: GrammarSpec[] = [];
+  const rf = body.response_format;
+  if (rf?.type === "json_object") specs.push({ field: "response_format", type: "json" });
+  if (rf?.type === "json_schema") {
+    specs.push({
+      field: "response_format",
+      type: "json_schema",
+      schema: JSON.stringify(rf.json_schema.schema),
+    });
+  }
+  const gj = body.guided_json;
+  if (gj !== undefined) {
+    specs.push({
+      field: "guided_json",
+      type: "json_schema",
+      schema: typeof gj === "string" ? gj : JSON.stringify(gj),
+    });
+  }
+  if (body.guided_regex !== undefined) {
+    specs.push({ field: "guided_regex", type: "regex", pattern: body.guided_regex });
+  }
+  if (body.guided_choice) specs.push({ field: "guided_choice", type: "choice", choices: body.guided_choice });
+  if (body.guided_grammar) {
+    specs.push({ field: "guided_grammar", type: "ebnf", grammar: body.guided_grammar });
+  }
+  if (specs.length > 1) {
+    throw new InputError(`one constraint a request: ${specs[0].field} is given already`, specs[1].field);
+  }
+  return specs[0];
 }

@@ -3,6 +3,7 @@ import { type Spread, spread } from "../numeric.ts";
 import type { GraphOptions } from "../onnx/format.ts";
 import { buildInstance, type ModelAssets, type ModelInstance } from "../runtime/engine.ts";
 import type { Backend } from "../runtime/ort.ts";
+import type { GrammarSpec } from "../runtime/grammar.ts";
 import { BENCH_PROMPT, decodePass, generator } from "./decode_bench.ts";
 import { profileSteps, type StepProfile } from "./step_profile.ts";
 
@@ -12,6 +13,8 @@ export interface BatchCase {
   plan: string;
   /** Sequences decoded together, one token each per step, through the serving engine. */
   batch: number;
+  /** Decoded under BENCH_GRAMMAR: every token masked. */
+  constrained: boolean;
   steps: number;
   rounds: number;
   /** Tokens (all rows together) per wall-clock second. */
@@ -19,7 +22,7 @@ export interface BatchCase {
   ms_per_step: Spread;
   /** Tokens per second of this process's CPU time (null on WebGPU, where the work is the GPU's). */
   tokens_per_cpu_second: Spread | null;
-  /** This plan's median rate over the first plan's at the same batch size (1 for the first). */
+  /** This case's median rate over the first case's at the same batch size (1 for the first). */
   speedup: number;
 }
 
@@ -39,6 +42,7 @@ export async function benchBatch(
   steps: number,
   rounds: number,
   graph: GraphOptions,
+  constrained = false,
 ): Promise<{ cases: BatchCase[]; profiles: StepProfile[] }> {
   const prompt = assets.tokenizer.encode(BENCH_PROMPT);
   const instances: ModelInstance[] = [];
@@ -48,8 +52,21 @@ export async function benchBatch(
         await buildInstance(assets, plan, device, graph, undefined, undefined, { slots: Math.max(...sizes) }),
       );
     }
+    // A grammar longer than any run (65 characters a token at most): every step is masked, none ends it.
+    const grammar: GrammarSpec = {
+      field: "constrained",
+      type: "ebnf",
+      grammar: `root ::= [a-zA-Z0-9 ,.:_=()]{${(steps + 2) * assets.tokenizer.maxTokenChars()}}`,
+    };
     const cases = instances.flatMap((inst) =>
-      sizes.map((batch) => ({ inst, batch, run: generator(inst, prompt, batch) }))
+      sizes.flatMap((batch) =>
+        (constrained ? [false, true] : [false]).map((c) => ({
+          inst,
+          batch,
+          constrained: c,
+          run: generator(inst, prompt, batch, c ? grammar : undefined),
+        }))
+      )
     );
     const sample = async (c: (typeof cases)[number]) => {
       const s = await decodePass(c.run, steps + 1, c.batch);
@@ -64,13 +81,16 @@ export async function benchBatch(
     }
     const rate = samples.map((s) => spread(s.map((x) => x.tps)));
     const profiles: StepProfile[] = [];
-    for (const c of cases) profiles.push(await profileSteps(c.inst, prompt, c.batch, steps));
+    for (const c of cases) {
+      if (!c.constrained) profiles.push(await profileSteps(c.inst, prompt, c.batch, steps));
+    }
     const measured = cases.map((c, i) => {
       const first = cases.findIndex((x) => x.batch === c.batch);
       return {
         device,
         plan: c.inst.planId,
         batch: c.batch,
+        constrained: c.constrained,
         steps,
         rounds,
         tokens_per_second: rate[i],

@@ -1,3 +1,4 @@
+import type { GrammarSpec } from "../runtime/grammar.ts";
 import process from "node:process";
 import type { FusionPlan } from "../fusion/plan.ts";
 import { FLOAT_WEIGHTS, type GraphOptions } from "../onnx/format.ts";
@@ -79,12 +80,17 @@ export async function decodePass(generateTokens: GenerateTokens, tokens: number,
 }
 
 /** An in-process instance's generation of `rows` sequences at once from one prompt, for decodePass. */
-export function generator(inst: ModelInstance, promptIds: number[], rows = 1): GenerateTokens {
+export function generator(
+  inst: ModelInstance,
+  promptIds: number[],
+  rows = 1,
+  grammar?: GrammarSpec,
+): GenerateTokens {
   const one = async (tokens: number) => {
     const run = generate({
       engine: inst.engine,
       promptIds,
-      params: { ...DEFAULT_SAMPLING, maxTokens: tokens, stop: [], ignoreEos: true },
+      params: { ...DEFAULT_SAMPLING, maxTokens: tokens, stop: [], ignoreEos: true, grammar },
     });
     let r = await run.next();
     while (!r.done) r = await run.next();

@@ -48,6 +48,8 @@ export interface BenchOptions {
   formats?: (FormatName | "all")[];
   /** Decode batch sizes to measure, unfused against the fused plan. */
   batch?: number[];
+  /** Each batched case also under a grammar (constrained decoding's cost). */
+  constrained?: boolean;
   /** More plans to decode beside the unfused model and the k-layer group (a frontier's best plans). */
   plans?: FusionPlan[];
 }
@@ -242,6 +244,7 @@ export async function runBench(
         opts.decodeTokens,
         opts.rounds,
         format,
+        opts.constrained ?? false,
       ));
     }
   }
@@ -371,11 +374,12 @@ export function formatBench(r: BenchReport): string {
     lines.push(
       "",
       `batched decode (${b.steps} steps per sample, cases alternated in ${b.rounds} rounds; median [min-max])`,
-      "device  plan                 batch  tokens/s                 vs first  ms per step          tokens/CPU-s",
+      "device  plan                 batch  grammar  tokens/s                 vs first  ms per step          tokens/CPU-s",
     );
     for (const c of r.batched) {
       lines.push([
         ...caseCells(c),
+        (c.constrained ? "yes" : "no").padEnd(8),
         sp(c.tokens_per_second).padEnd(24),
         `${f(c.speedup, 2)}x`.padEnd(8),
         sp(c.ms_per_step, 2).padEnd(20),
@@ -467,8 +471,9 @@ function formatSteps(r: BenchReport): string[] {
  */
 function formatPredicted(r: BenchReport): string[] {
   const lines: string[] = [];
-  for (const fused of r.batched ?? []) {
-    const unfused = r.batched!.find((c) => c.batch === fused.batch && c.device === fused.device);
+  const plain = (r.batched ?? []).filter((c) => !c.constrained);
+  for (const fused of plain) {
+    const unfused = plain.find((c) => c.batch === fused.batch && c.device === fused.device);
     const kernels = r.ffn_onnx.cases.find((c) => c.tokens === fused.batch);
     if (!unfused || unfused === fused || !kernels) continue;
     const step = unfused.ms_per_step.median;

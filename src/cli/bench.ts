@@ -30,6 +30,7 @@ export const benchCommand = defineCommand({
       quantize: flags.quantize,
       formats: flags.formats,
       batch: flags.batch,
+      constrained: flags.constrained,
     }, (line) => console.error(`bench: ${line}`));
     console.log(flags.json ? JSON.stringify(report) : formatBench(report));
   },

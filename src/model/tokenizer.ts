@@ -70,6 +70,20 @@ export class TextTokenizer {
     return this.tok.encode(text, { add_special_tokens: false }).ids;
   }
 
+  /**
+   * Every id's token string as the constrained decoder reads it, `size` wide (the model's logits may
+   * be wider than the vocabulary), and how token strings stand for bytes.
+   */
+  vocabularyInfo(size: number): { tokens: string[]; kind: "byte_level" | "byte_fallback" | "raw" } {
+    const tokens = Array.from({ length: size }, (_, id) => this.tok.id_to_token(id) ?? "");
+    const kind = this.byteLevel
+      ? "byte_level"
+      : this.tok.token_to_id("<0x00>") !== undefined
+      ? "byte_fallback"
+      : "raw";
+    return { tokens, kind };
+  }
+
   /** The texts of the special tokens (BOS, EOS, end-of-turn markers): what a message may not inject. */
   specialTexts(): string[] {
     return [...this.added.values()].filter((t) => t.special).map((t) => t.content);

@@ -4,6 +4,7 @@ import { commonPrefix, EngineBase, PREFILL_CHUNK, type Sequence } from "./engine
 import { type BatchCache, disposeBatch, kvBytesPerToken } from "./kv_batch.ts";
 import { describe } from "./logprobs.ts";
 import { Sampler } from "./sampling.ts";
+import { Grammars, type GrammarSpec, type GrammarState } from "./grammar.ts";
 import { asBatch, disposeCache, type KvCache, type ModelSession } from "./session.ts";
 
 /** Decode steps a prefilled sequence waits at most for others to join with it. */
@@ -26,6 +27,8 @@ export function prefillLimit(rowBytes: DecoderGraph["rowBytes"], allLogits: bool
 
 interface HostSequence extends Sequence {
   sampler: Sampler;
+  /** Its place in its grammar, when its output is constrained (made at its first token). */
+  grammar: GrammarState | null;
   history: number[];
   /** Its own cache while it prefills; null once it is a row of the batch. */
   cache: KvCache | null;
@@ -76,6 +79,25 @@ export class BatchEngine extends EngineBase<HostSequence> {
   ) {
     super(tokenizer, eosTokenIds, maxPositions, onKv);
     this.bytesPerToken = kvBytesPerToken(session.graph);
+    this.grammars = new Grammars(() => tokenizer.vocabularyInfo(session.vocabSize));
+  }
+
+  private readonly grammars: Grammars;
+
+  override async checkGrammar(spec: GrammarSpec): Promise<void> {
+    await this.grammars.compile(spec);
+  }
+
+  protected override finish(seq: HostSequence): void {
+    seq.grammar?.dispose();
+    seq.grammar = null;
+    super.finish(seq);
+  }
+
+  protected override fail(seq: HostSequence, e: unknown): void {
+    seq.grammar?.dispose();
+    seq.grammar = null;
+    super.fail(seq, e);
   }
 
   /** KV bytes held now: the batch's padded rows, the caches of prompts being prefilled, kept prefixes. */
@@ -97,6 +119,7 @@ export class BatchEngine extends EngineBase<HostSequence> {
     return {
       ...seq,
       sampler: new Sampler(seq.params),
+      grammar: null,
       history: [...seq.prompt],
       cache: null,
       length: 0,
@@ -172,13 +195,13 @@ export class BatchEngine extends EngineBase<HostSequence> {
       const r = await this.session.decodeBatch(batch.seqs.map((s) => s.next), batch.cache);
       batch.cache = r.cache;
       const vocab = this.session.vocabSize;
-      batch.seqs.forEach((s, b) => {
+      for (const [b, s] of batch.seqs.entries()) {
         s.length++;
-        if (s.cancelled) return;
-        this.take(s, r.logits.subarray(b * vocab, (b + 1) * vocab));
+        if (s.cancelled) continue;
+        await this.take(s, r.logits.subarray(b * vocab, (b + 1) * vocab));
         // Answered now; its row leaves the batch at the next regroup.
         if (this.ended(s)) this.finish(s);
-      });
+      }
     } catch (e) {
       this.batch = null;
       disposeBatch(batch.cache);
@@ -216,7 +239,7 @@ export class BatchEngine extends EngineBase<HostSequence> {
       if (seq.prefilled < seq.prompt.length) return chunk.length;
       this.prefilling.shift();
       this.sendPromptLogprobs(seq);
-      this.take(seq, r.logits.subarray(r.logits.length - vocab));
+      await this.take(seq, r.logits.subarray(r.logits.length - vocab));
       if (this.ended(seq)) {
         if (this.keepBytes > 0) await this.keep(seq.prompt, asBatch(seq.cache), 0);
         disposeCache(seq.cache);
@@ -283,9 +306,21 @@ export class BatchEngine extends EngineBase<HostSequence> {
     this.evict();
   }
 
-  /** Chooses the sequence's next token from its row of logits and hands on the text it makes final. */
-  private take(seq: HostSequence, row: Float32Array): void {
+  /**
+   * Chooses the sequence's next token from its row of logits (those its grammar allows, when it has
+   * one) and hands on the text it makes final.
+   */
+  private async take(seq: HostSequence, row: Float32Array): Promise<void> {
+    const spec = seq.params.grammar;
+    if (spec) {
+      seq.grammar ??= await this.grammars.matcher(spec, [
+        ...this.eosTokenIds,
+        ...seq.params.stopTokenIds ?? [],
+      ]);
+      await seq.grammar.mask(row);
+    }
     const id = seq.sampler.next(row, seq.history);
+    seq.grammar?.accept(id);
     seq.history.push(id);
     seq.next = id;
     const scored = seq.logprobs === undefined

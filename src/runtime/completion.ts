@@ -142,6 +142,8 @@ export async function* runCompletion(
       }
     }
     lease = host.lease();
+    // A grammar is compiled where the model runs, before the answer starts: a bad one is a 400.
+    if (job.params.grammar) await lease.instance.checkGrammar(job.params.grammar);
     timer = setTimeout(onAbort, job.timeoutMs);
     yield {
       type: "started",

@@ -1,3 +1,5 @@
+import { InputError } from "../errors.ts";
+import type { GrammarSpec } from "./grammar.ts";
 import type { TextTokenizer } from "../model/tokenizer.ts";
 import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
 import { TokenSink } from "./generate.ts";
@@ -78,6 +80,19 @@ export abstract class EngineBase<S extends Sequence> {
 
   /** Rows decoding now, for peakRows. */
   protected abstract get rows(): number;
+
+  /**
+   * Compiles a grammar ahead of the sequences that use it, so a bad one is refused before any token.
+   * Engines that sample on the GPU have no mask: they refuse every grammar.
+   */
+  checkGrammar(spec: GrammarSpec): Promise<void> {
+    return Promise.reject(
+      new InputError(
+        "constrained decoding samples on the host: serve with --device wasm or --device cpu for it",
+        spec.field,
+      ),
+    );
+  }
 
   submit(id: number, promptIds: number[], params: GenerateParams, handlers: SequenceHandlers): void {
     if (promptIds.length === 0) {

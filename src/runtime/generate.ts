@@ -1,3 +1,4 @@
+import type { GrammarSpec } from "./grammar.ts";
 import type { StreamDecoder, TextTokenizer } from "../model/tokenizer.ts";
 import { Channel } from "./channel.ts";
 import type { SequenceHandlers } from "./engine_base.ts";
@@ -15,6 +16,8 @@ export interface GenerateParams extends SamplingParams {
   logprobs?: number;
   /** Report the prompt's log-probabilities too (OpenAI's echo): the whole prompt is prefilled. */
   promptLogprobs?: boolean;
+  /** What the output must match (a JSON schema, a regex, ...): tokens it does not allow are masked. */
+  grammar?: GrammarSpec;
 }
 
 export type FinishReason = "stop" | "length" | "cancelled";

@@ -14,6 +14,7 @@ import { WeightCache, type WeightEntries } from "../onnx/weight_cache.ts";
 import { assetsFrom, buildInstance, type ModelInstance } from "./engine.ts";
 import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
 import type { PromptLogprob } from "./logprobs.ts";
+import type { GrammarSpec } from "./grammar.ts";
 import { type Device, resolveDevice } from "./ort.ts";
 import { useThreads } from "./threads.ts";
 import { toWorkerError, type WorkerError } from "./worker_error.ts";
@@ -45,6 +46,8 @@ export type InstanceRequest =
   }
   | { type: "generate"; id: number; promptIds: number[]; params: GenerateParams }
   | { type: "cancel"; id: number }
+  /** Compile a grammar: answered `done` (compiled) or `failed`, under this id. */
+  | { type: "grammar"; id: number; spec: GrammarSpec }
   | { type: "close" };
 
 export type InstanceReply =
@@ -77,6 +80,16 @@ export type InstanceReply =
   | { type: "done"; id: number; summary: GenerationSummary }
   | { type: "failed"; id: number | null } & WorkerError
   | { type: "closed" };
+
+/** What a grammar check's `done` carries: it generated nothing. */
+const CHECKED: GenerationSummary = {
+  finishReason: "stop",
+  promptTokens: 0,
+  completionTokens: 0,
+  text: "",
+  ids: [],
+  cachedTokens: 0,
+};
 
 /** Positions of prompt logprobs a message carries (~3 ms to decode on the serving thread). */
 const PROMPT_PART = 128;
@@ -158,6 +171,12 @@ self.onmessage = async (e: MessageEvent<InstanceRequest>) => {
       break;
     case "cancel":
       instance?.engine.cancel(m.id);
+      break;
+    case "grammar":
+      instance!.engine.checkGrammar(m.spec).then(
+        () => post({ type: "done", id: m.id, summary: CHECKED }),
+        (err) => post(failure(m.id, err)),
+      );
       break;
     case "close":
       await instance?.release().catch(() => {});

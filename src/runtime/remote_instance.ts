@@ -15,6 +15,7 @@ import {
 import type { InstanceReply, InstanceRequest, KvSlots } from "./instance_worker.ts";
 import type { Device } from "./ort.ts";
 import type { PromptLogprob } from "./logprobs.ts";
+import type { GrammarSpec } from "./grammar.ts";
 import { fromWorkerError } from "./worker_error.ts";
 import { waitAtMost } from "./yield.ts";
 
@@ -72,6 +73,8 @@ export interface PlanInstance {
     GenerationChunk,
     GenerationSummary
   >;
+  /** Compiles a grammar where the model runs (a bad one is bad input naming its field). */
+  checkGrammar(spec: GrammarSpec): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -103,6 +106,8 @@ export interface BuildProgress {
  */
 export class RemoteInstance implements PlanInstance, SequenceSink {
   private readonly streams = new Map<number, SequenceHandlers>();
+  /** Grammar checks use ids below zero, apart from the sequences' (see checkGrammar). */
+  private nextCheck = -1;
   /** A long prompt's logprobs as their parts arrive, until the chunk with the rest. */
   private readonly promptParts = new Map<number, PromptLogprob[][]>();
   private dead: string | null = null;
@@ -233,6 +238,15 @@ export class RemoteInstance implements PlanInstance, SequenceSink {
 
   cancel(id: number): void {
     if (this.streams.has(id)) this.send({ type: "cancel", id });
+  }
+
+  checkGrammar(spec: GrammarSpec): Promise<void> {
+    if (this.dead) return Promise.reject(new Error(this.dead));
+    const id = this.nextCheck--;
+    return new Promise<void>((resolve, reject) => {
+      this.streams.set(id, { chunk: () => {}, done: () => resolve(), failed: reject });
+      this.send({ type: "grammar", id, spec });
+    });
   }
 
   /** Hands a worker's reply about one sequence to its handlers; the last one lets them go. */

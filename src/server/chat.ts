@@ -1,6 +1,12 @@
 import { mapSliced } from "../runtime/yield.ts";
 import { z } from "zod";
-import { generationFields, LIMITS, toGenerateParams } from "../api/generation.ts";
+import {
+  constraintFields,
+  generationFields,
+  LIMITS,
+  toGenerateParams,
+  toGrammar,
+} from "../api/generation.ts";
 import { MAX_TOP_LOGPROBS, type TokenLogprob } from "../runtime/logprobs.ts";
 import type { ChatMessage } from "../model/chat_template.ts";
 import type { ChoiceWriter, Endpoint } from "./completion_route.ts";
@@ -28,7 +34,7 @@ const unsupported = () =>
 /**
  * OpenAI's /v1/chat/completions body. The conversation is rendered with the model's chat template;
  * sampling fields are those of /v1/completions. Unknown fields are ignored, as OpenAI ignores them;
- * known ones this server cannot honour (tools, structured output, logit bias) are refused.
+ * known ones this server cannot honour (tools, logit bias) are refused.
  */
 export const chatSchema = (maxTokensCap?: number) =>
   z.object({
@@ -49,8 +55,7 @@ export const chatSchema = (maxTokensCap?: number) =>
       (v) => !v || Object.keys(v).length === 0,
       "not supported by this server",
     ),
-    response_format: z.object({ type: z.literal("text", "only text responses are supported") }).nullable()
-      .optional(),
+    ...constraintFields,
     user: z.string().optional(),
     // A chat answer runs to its end of turn: by default only the context (and the cap) bound it.
     ...generationFields(maxTokensCap, 1, maxTokensCap ?? LIMITS.maxTokens),
@@ -93,7 +98,11 @@ export const chatEndpoint: Endpoint<ReturnType<typeof chatSchema>> = {
     const params = toGenerateParams({ ...body, max_tokens: body.max_completion_tokens ?? body.max_tokens });
     return {
       prompts: [{ messages }],
-      params: { ...params, logprobs: body.logprobs ? body.top_logprobs ?? 0 : undefined },
+      params: {
+        ...params,
+        logprobs: body.logprobs ? body.top_logprobs ?? 0 : undefined,
+        grammar: toGrammar(body),
+      },
       n: body.n,
       timeoutMs: limits.requestTimeoutMs,
     };

@@ -1,5 +1,5 @@
 import { z } from "zod";
-import { generationFields, toGenerateParams } from "../api/generation.ts";
+import { constraintFields, generationFields, toGenerateParams, toGrammar } from "../api/generation.ts";
 import { MAX_CHOICES } from "../runtime/completion.ts";
 import { mapSliced } from "../runtime/yield.ts";
 import { MAX_TOP_LOGPROBS, type PromptLogprob, type TokenLogprob } from "../runtime/logprobs.ts";
@@ -26,6 +26,7 @@ export const completionSchema = (maxTokensCap?: number) =>
     ),
     stream_options: z.object({ include_usage: z.boolean().optional() }).nullable().optional(),
     user: z.string().optional(),
+    ...constraintFields,
     ...generationFields(maxTokensCap),
   });
 
@@ -68,7 +69,12 @@ export const completionsEndpoint: Endpoint<ReturnType<typeof completionSchema>> 
     const logprobs = body.logprobs ?? undefined;
     return {
       prompts,
-      params: { ...toGenerateParams(body), logprobs, promptLogprobs: body.echo && logprobs !== undefined },
+      params: {
+        ...toGenerateParams(body),
+        logprobs,
+        promptLogprobs: body.echo && logprobs !== undefined,
+        grammar: toGrammar(body),
+      },
       n: body.n,
       timeoutMs: limits.requestTimeoutMs,
       promptText: body.echo || logprobs !== undefined,

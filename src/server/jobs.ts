@@ -144,6 +144,7 @@ export function benchRoutes(job: BenchRunner, host: ModelHost, analysis: Analysi
         quantize: req.quantize,
         formats: req.formats,
         batch: req.batch,
+        constrained: req.constrained,
         plans: req.frontier ? frontierPlans(analysis) : undefined,
       });
       return c.json({ status: "running" }, 202);

@@ -1,0 +1,165 @@
+// The package's bundle is UMD (CommonJS when `module` exists) under a package.json that says
+// "type": "module", so Deno can import it neither way: it is read as text and run as CommonJS.
+import xgrammarSource from "@mlc-ai/web-xgrammar/lib/index.js" with { type: "text" };
+import { createRequire } from "node:module";
+import type * as XG from "@mlc-ai/web-xgrammar/lib/index.js";
+import { InputError } from "../errors.ts";
+
+/**
+ * What a request constrains its output to: JSON (any object), a JSON schema (its text), a regular
+ * expression, one of a list of strings, or an EBNF grammar; `field` is the request field it came
+ * from, named when it cannot be compiled.
+ */
+export type GrammarSpec =
+  & { field: string }
+  & (
+    | { type: "json" }
+    | { type: "json_schema"; schema: string }
+    | { type: "regex"; pattern: string }
+    | { type: "choice"; choices: string[] }
+    | { type: "ebnf"; grammar: string }
+  );
+
+type XGrammar = typeof XG;
+
+let loaded: XGrammar | null = null;
+/** What xgrammar last reported as fatal: its reason for refusing a schema or grammar. */
+let lastFatal = "";
+
+function xgrammar(): XGrammar {
+  if (loaded) return loaded;
+  // xgrammar's WebAssembly build prints why it refuses a grammar ("[FATAL] file:line: reason", then
+  // "Aborted()") and throws a bare "Aborted()": its reports are kept for the 400 instead of the log.
+  // It binds console.error when its module starts, at the first call, so the filter stays.
+  const print = console.error;
+  console.error = (...args: unknown[]) => {
+    const text = args.map(String).join(" ");
+    const fatal = /^\[FATAL\] \S+:\d+: (.*)$/s.exec(text);
+    if (fatal) lastFatal = fatal[1].trim();
+    else if (text !== "Aborted()") print(...args);
+  };
+  const module = { exports: {} as XGrammar };
+  const here = new URL(import.meta.url).pathname;
+  new Function("exports", "require", "module", "__filename", "__dirname", xgrammarSource)(
+    module.exports,
+    createRequire(import.meta.url),
+    module,
+    here,
+    here.replace(/\/[^/]*$/, ""),
+  );
+  return loaded = module.exports;
+}
+
+/** The vocabulary as xgrammar reads it: each id's token string, and how strings stand for bytes. */
+export interface VocabularyInfo {
+  /** By id, as wide as the model's logits ("" where the tokenizer has no token). */
+  tokens: string[];
+  /** "byte_level" (GPT-2's byte map), "byte_fallback" (<0xNN> pieces), or "raw". */
+  kind: "byte_level" | "byte_fallback" | "raw";
+}
+
+/** A JSON string as EBNF's quoted literal. */
+const literal = (s: string) => JSON.stringify(s);
+
+/**
+ * Grammars compiled against one vocabulary, cached by their text (least recently used out), and a
+ * matcher per constrained sequence. xgrammar (the engine vLLM, SGLang and WebLLM use) computes each
+ * step's token mask from the sequence's grammar state.
+ */
+export class Grammars {
+  private compiler: Promise<XG.GrammarCompiler> | null = null;
+  private readonly compiled = new Map<string, Promise<XG.CompiledGrammar>>();
+
+  constructor(private readonly vocabulary: () => VocabularyInfo, private readonly cacheSize = 32) {}
+
+  private async grammarCompiler(): Promise<XG.GrammarCompiler> {
+    this.compiler ??= (async () => {
+      const v = this.vocabulary();
+      const { GrammarCompiler, TokenizerInfo } = xgrammar();
+      const info = await TokenizerInfo.createTokenizerInfo(v.tokens, v.kind, false, v.tokens.length);
+      return await GrammarCompiler.createGrammarCompiler(info);
+    })();
+    return await this.compiler;
+  }
+
+  /** The spec compiled (once: later calls reuse it); a spec the engine refuses is bad input naming its field. */
+  async compile(spec: GrammarSpec): Promise<XG.CompiledGrammar> {
+    const key = JSON.stringify({ ...spec, field: undefined });
+    let found = this.compiled.get(key);
+    if (found) {
+      this.compiled.delete(key);
+      this.compiled.set(key, found);
+      return await found;
+    }
+    found = this.build(spec);
+    this.compiled.set(key, found);
+    found.catch(() => this.compiled.delete(key));
+    while (this.compiled.size > this.cacheSize) {
+      const [oldest, grammar] = this.compiled.entries().next().value!;
+      this.compiled.delete(oldest);
+      grammar.then((g) => g.dispose(), () => {});
+    }
+    return await found;
+  }
+
+  private async build(spec: GrammarSpec): Promise<XG.CompiledGrammar> {
+    const compiler = await this.grammarCompiler();
+    try {
+      switch (spec.type) {
+        case "json":
+          return await compiler.compileBuiltinJSONGrammar();
+        case "json_schema":
+          return await compiler.compileJSONSchema(spec.schema, false, undefined, undefined, true);
+        case "regex":
+          return await compiler.compileStructuralTag({
+            type: "structural_tag",
+            format: { type: "regex", pattern: spec.pattern },
+          } as XG.StructuralTagLike);
+        case "choice":
+          return await compiler.compileGrammar(`root ::= ${spec.choices.map(literal).join(" | ")}`);
+        case "ebnf":
+          return await compiler.compileGrammar(spec.grammar);
+      }
+    } catch (e) {
+      const why = lastFatal || (e as Error).message || String(e);
+      lastFatal = "";
+      throw new InputError(`cannot be compiled: ${why}`.slice(0, 2000), spec.field);
+    }
+  }
+
+  /** A sequence's matcher; `stopIds` end it (EOS, a chat's end-of-turn token) once the grammar is complete. */
+  async matcher(spec: GrammarSpec, stopIds: number[]): Promise<GrammarState> {
+    const { GrammarMatcher } = xgrammar();
+    return new GrammarState(await GrammarMatcher.createGrammarMatcher(await this.compile(spec), stopIds));
+  }
+}
+
+/** One sequence's place in its grammar: which tokens may come next, and each token it took. */
+export class GrammarState {
+  constructor(private readonly matcher: XG.GrammarMatcher) {}
+
+  /** Sets the logits of every token the grammar does not allow next to -Infinity. */
+  async mask(row: Float32Array): Promise<void> {
+    const bits = await this.matcher.getNextTokenBitmask();
+    for (let word = 0; word * 32 < row.length; word++) {
+      // Ids past the tokenizer's vocabulary (a padded embedding) are never allowed.
+      const w = word < bits.length ? bits[word] : 0;
+      if (w === -1) continue;
+      const end = Math.min(row.length, (word + 1) * 32);
+      for (let id = word * 32; id < end; id++) if (!(w & (1 << (id & 31)))) row[id] = -Infinity;
+    }
+  }
+
+  /** Takes the chosen token; false when the grammar did not allow it. */
+  accept(id: number): boolean {
+    return this.matcher.acceptToken(id);
+  }
+
+  get done(): boolean {
+    return this.matcher.isTerminated();
+  }
+
+  dispose(): void {
+    this.matcher.dispose();
+  }
+}
