@@ -16,6 +16,7 @@ async function cli(args: string[]): Promise<{ code: number; stdout: string; stde
 
 const BROKEN_TEMPLATE = await Deno.makeTempFile({ suffix: ".jinja" });
 await Deno.writeTextFile(BROKEN_TEMPLATE, "{% for m in messages %}{{ m.content }}");
+globalThis.addEventListener("unload", () => Deno.removeSync(BROKEN_TEMPLATE));
 
 /** Each command line exits 2 with a message matching its pattern, and no stack trace. */
 async function expectExit2(cases: [string[], RegExp][]): Promise<void> {

@@ -14,6 +14,9 @@ Deno.test("measurement scripts: an unknown flag or a bad value exits 2 naming it
     ["cpu_paths.ts", ["--temperature", "hot"], /--temperature: expected a number >= 0, got hot/],
     ["cpu_paths.ts", ["--paths", "gpu:fp32"], /--paths: "gpu:fp32" is not device:weights/],
     ["synth_checkpoint.ts", ["--bogus"], /Unknown option '--bogus'/],
+    ["grammar_cost.ts", ["--rounds", "0"], /--rounds: expected a positive integer, got 0/],
+    ["grammar_cost.ts", ["--model", "/nonexistent"], /--model: /],
+    ["loadtest.ts", ["--heavy", "x"], /--heavy: expected a positive integer, got x/],
     [
       "synth_checkpoint.ts",
       ["--model", "nemotron-nas-1b", "--out", "/nonexistent", "--layers", "0"],
@@ -30,5 +33,16 @@ Deno.test("measurement scripts: an unknown flag or a bad value exits 2 naming it
     assert.equal(r.code, 2, `${script} ${args.join(" ")}: ${r.stderr}`);
     assert.match(r.stderr, re, `${script} ${args.join(" ")}`);
     assert.doesNotMatch(r.stderr, /^\s+at /m, "no stack trace");
+  }
+});
+
+Deno.test("scripts/grammar_cost.ts: the vocabulary's tables, a schema's compile and a row's mask, in ms", async () => {
+  const r = await runScript("grammar_cost.ts", "--rounds", "2", "--json");
+  assert.equal(r.code, 0, r.stderr);
+  const report = JSON.parse(r.stdout);
+  assert.equal(report.vocab, 4096);
+  assert.ok(report.tables_ms > 0);
+  for (const s of [report.schema_compile_ms, report.mask_ms_per_row]) {
+    assert.ok(s.min > 0 && s.min <= s.median && s.median <= s.max, JSON.stringify(s));
   }
 });
