@@ -1,6 +1,8 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import OpenAI from "openai";
+import { zodResponseFormat } from "openai/helpers/zod";
+import { z } from "zod";
 import { golden, ROOT, TINY_NAS } from "./helpers.ts";
 import { startServer } from "./server_helpers.ts";
 
@@ -40,6 +42,21 @@ Deno.test({
         { role: "system" as const, content: "You write Python." },
         { role: "user" as const, content: "A function that adds two numbers." },
       ];
+
+      await t.step("structured outputs: chat.completions.parse with a zod schema", async () => {
+        const Person = z.object({ name: z.string().max(10), age: z.number().int().min(0).max(99) });
+        const r = await client.chat.completions.parse({
+          model,
+          messages: [{ role: "user", content: "Make up a person." }],
+          response_format: zodResponseFormat(Person, "person"),
+          max_tokens: 120,
+          temperature: 1,
+          seed: 11,
+        });
+        const parsed = r.choices[0].message.parsed;
+        assert.ok(parsed, r.choices[0].message.content ?? "");
+        assert.deepEqual(Person.parse(parsed), parsed);
+      });
 
       await t.step("chat: whole and streamed answers agree; the first chunk carries the role", async () => {
         const whole = await client.chat.completions.create({
