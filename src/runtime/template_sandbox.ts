@@ -1,3 +1,4 @@
+import { fileURLToPath } from "node:url";
 import { InputError } from "../errors.ts";
 import type { ChatMessage, ChatTemplateSource } from "../model/chat_template.ts";
 import { fromWorkerError } from "./worker_error.ts";
@@ -40,7 +41,7 @@ function rendererCommand(heapMb: number): Deno.Command {
       "--quiet",
       "--no-prompt",
       `--v8-flags=${heap}`,
-      `--config=${new URL("../../deno.json", import.meta.url).pathname}`,
+      `--config=${fileURLToPath(new URL("../../deno.json", import.meta.url))}`,
       new URL("./template_process.ts", import.meta.url).href,
     ],
     ...io,
