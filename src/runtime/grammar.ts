@@ -2,6 +2,8 @@
 // "type": "module", so Deno can import it neither way: it is read as text and run as CommonJS.
 import xgrammarSource from "@mlc-ai/web-xgrammar/lib/index.js" with { type: "text" };
 import { createRequire } from "node:module";
+import { dirname } from "node:path";
+import { fileURLToPath } from "node:url";
 import type * as XG from "@mlc-ai/web-xgrammar/lib/index.js";
 import { InputError } from "../errors.ts";
 
@@ -39,13 +41,13 @@ function xgrammar(): XGrammar {
     else if (text !== "Aborted()") print(...args);
   };
   const module = { exports: {} as XGrammar };
-  const here = new URL(import.meta.url).pathname;
+  const here = fileURLToPath(import.meta.url);
   new Function("exports", "require", "module", "__filename", "__dirname", xgrammarSource)(
     module.exports,
     createRequire(import.meta.url),
     module,
     here,
-    here.replace(/\/[^/]*$/, ""),
+    dirname(here),
   );
   return loaded = module.exports;
 }
@@ -155,10 +157,6 @@ export class GrammarState {
   /** Takes the chosen token; false when the grammar did not allow it. */
   accept(id: number): boolean {
     return this.matcher.acceptToken(id);
-  }
-
-  get done(): boolean {
-    return this.matcher.isTerminated();
   }
 
   dispose(): void {

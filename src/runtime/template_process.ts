@@ -31,11 +31,11 @@ export type TemplateReply =
 /** The argument that makes a compiled fusedge binary this renderer (main.ts). */
 export const TEMPLATE_RENDERER_ARG = "__render-chat-templates";
 
-/** Reads stdin's lines as they come. */
-async function* lines(): AsyncGenerator<string> {
+/** A byte stream's lines as they come: the protocol's reader on both ends. */
+export async function* lines(stream: ReadableStream<Uint8Array>): AsyncGenerator<string> {
   const decoder = new TextDecoder();
   let buffered = "";
-  for await (const chunk of Deno.stdin.readable) {
+  for await (const chunk of stream) {
     buffered += decoder.decode(chunk, { stream: true });
     let at: number;
     while ((at = buffered.indexOf("\n")) >= 0) {
@@ -49,7 +49,7 @@ export async function renderTemplates(): Promise<void> {
   const out = Deno.stdout.writable.getWriter();
   const encoder = new TextEncoder();
   const post = (m: TemplateReply) => out.write(encoder.encode(JSON.stringify(m) + "\n"));
-  const input = lines();
+  const input = lines(Deno.stdin.readable);
   const first = await input.next();
   if (first.done) return;
   const { src, protect } = JSON.parse(first.value) as TemplateProcessData;

@@ -3,6 +3,7 @@ import { InputError } from "../errors.ts";
 import type { ChatMessage, ChatTemplateSource } from "../model/chat_template.ts";
 import { fromWorkerError } from "./worker_error.ts";
 import {
+  lines,
   TEMPLATE_RENDERER_ARG,
   type TemplateProcessData,
   type TemplateReply,
@@ -50,7 +51,8 @@ function rendererCommand(heapMb: number): Deno.Command {
 
 interface Renderer {
   process: Deno.ChildProcess;
-  send: (m: TemplateRequest) => void;
+  /** One line to the renderer: its data first, then requests. */
+  send: (m: TemplateProcessData | TemplateRequest) => void;
   ready: Promise<void>;
   /** The reply awaited now: renders go one at a time. */
   waiting: ((reply: TemplateReply | Error) => void) | null;
@@ -163,18 +165,11 @@ export class TemplateSandbox {
     };
     renderer.ready = new Promise<void>((resolve, reject) => {
       (async () => {
-        let buffered = "";
-        const decoder = new TextDecoder();
-        for await (const chunk of process.stdout) {
-          buffered += decoder.decode(chunk, { stream: true });
-          let at: number;
-          while ((at = buffered.indexOf("\n")) >= 0) {
-            const m = JSON.parse(buffered.slice(0, at)) as TemplateReply;
-            buffered = buffered.slice(at + 1);
-            if (m.type === "ready") resolve();
-            else if (m.type === "failed" && m.id === null) reject(fromWorkerError(m));
-            else renderer.waiting?.(m);
-          }
+        for await (const line of lines(process.stdout)) {
+          const m = JSON.parse(line) as TemplateReply;
+          if (m.type === "ready") resolve();
+          else if (m.type === "failed" && m.id === null) reject(fromWorkerError(m));
+          else renderer.waiting?.(m);
         }
       })().catch(() => {}).finally(async () => {
         renderer.exited = true;
@@ -187,7 +182,7 @@ export class TemplateSandbox {
     });
     // Its diagnostics (V8's out-of-memory report) are not the operator's to read.
     process.stderr.cancel().catch(() => {});
-    renderer.send(this.data as unknown as TemplateRequest);
+    renderer.send(this.data);
     // A renderer that dies between renders fails no one; the next render starts another.
     renderer.ready.catch(() => {});
     return renderer;

@@ -1,3 +1,4 @@
+import { MAX_CHOICES } from "../runtime/completion.ts";
 import { mapSliced } from "../runtime/yield.ts";
 import { z } from "zod";
 import {
@@ -41,7 +42,7 @@ export const chatSchema = (maxTokensCap?: number) =>
     model: z.string().optional(),
     messages: z.array(message).min(1),
     stream: z.boolean().default(false),
-    n: z.number().int().min(1).max(8).default(1),
+    n: z.number().int().min(1).max(MAX_CHOICES).default(1),
     logprobs: z.boolean().nullable().optional().describe("log-probabilities of the generated tokens"),
     top_logprobs: z.number().int().min(0).max(MAX_TOP_LOGPROBS).nullable().optional().describe(
       "alternatives per position (needs logprobs: true)",

@@ -19,7 +19,7 @@ export const completionSchema = (maxTokensCap?: number) =>
       z.array(z.array(z.number().int().nonnegative()).min(1)).min(1).max(MAX_CHOICES),
     ]).describe("a string, token ids, or a list of either (each completed n times)"),
     stream: z.boolean().default(false),
-    n: z.number().int().min(1).max(8).default(1),
+    n: z.number().int().min(1).max(MAX_CHOICES).default(1),
     echo: z.boolean().default(false).describe("the prompt before the completion (with its logprobs)"),
     logprobs: z.number().int().min(0).max(MAX_TOP_LOGPROBS).nullable().optional().describe(
       "log-probabilities of each token and of this many alternatives",
