@@ -1,8 +1,10 @@
 /**
  * What constrained decoding costs at a checkpoint's vocabulary, apart from the model: building
  * xgrammar's tables of the vocabulary (once a process, at the first constrained request), compiling a
- * typical JSON schema (once a schema: `rounds` distinct ones), and one step's mask of one row (a
- * matcher's bitmask applied to the logits), as median [min-max].
+ * typical JSON schema (once a schema: `rounds` distinct ones), the tool calls of a request offering
+ * three functions no request offered before (Hermes format, tool_choice auto and required), and one
+ * step's mask of one row (a matcher's bitmask
+ * applied to the logits), as median [min-max].
  *
  *   scripts/deno run -A scripts/grammar_cost.ts [--model DIR] [--rounds 10] [--json]
  *
@@ -15,6 +17,7 @@ import { spread } from "../src/numeric.ts";
 import { loadConfig } from "../src/model/checkpoint.ts";
 import { TextTokenizer } from "../src/model/tokenizer.ts";
 import { Grammars } from "../src/runtime/grammar.ts";
+import { HERMES, toolCallTag } from "../src/model/tool_calls.ts";
 
 const root = fileURLToPath(new URL("..", import.meta.url));
 const values = scriptFlags({
@@ -48,6 +51,17 @@ const schema = (i: number) =>
     required: ["name", "age", "role"],
   });
 
+/** Three functions with the usual parameters; `i` names them anew, so no cache has seen them. */
+const toolTag = (i: number, choice: "auto" | "required") =>
+  JSON.stringify(toolCallTag(HERMES, {
+    functions: ["search", "weather", "book"].map((name) => ({
+      name: `${name}_${i}`,
+      parameters: JSON.parse(schema(i)),
+    })),
+    choice,
+    parallel: true,
+  }));
+
 const time = async (f: () => Promise<unknown>) => {
   const t0 = performance.now();
   await f();
@@ -57,6 +71,13 @@ const tablesMs = await time(() => grammars.compile({ field: "x", type: "json" })
 const compileMs: number[] = [];
 for (let i = 0; i < rounds; i++) {
   compileMs.push(await time(() => grammars.compile({ field: "x", type: "json_schema", schema: schema(i) })));
+}
+const toolsMs = { auto: [] as number[], required: [] as number[] };
+for (let i = 0; i < rounds; i++) {
+  for (const choice of ["auto", "required"] as const) {
+    const tag = toolTag(rounds + 2 * i + (choice === "auto" ? 0 : 1), choice);
+    toolsMs[choice].push(await time(() => grammars.compile({ field: "x", type: "structural_tag", tag })));
+  }
 }
 const matcher = await grammars.matcher(
   { field: "x", type: "json_schema", schema: schema(0) },
@@ -77,6 +98,8 @@ const report = {
   vocab: config.vocabSize,
   tables_ms: tablesMs,
   schema_compile_ms: spread(compileMs),
+  tools_auto_compile_ms: spread(toolsMs.auto),
+  tools_required_compile_ms: spread(toolsMs.required),
   mask_ms_per_row: spread(maskMs),
 };
 if (values.json) console.log(JSON.stringify(report));
@@ -92,5 +115,7 @@ else {
     } ms`,
   );
   console.log(`a typical JSON schema compiled:     ${sp(report.schema_compile_ms)} ms`);
+  console.log(`three new functions, tool_choice auto:     ${sp(report.tools_auto_compile_ms)} ms`);
+  console.log(`three new functions, tool_choice required: ${sp(report.tools_required_compile_ms)} ms`);
   console.log(`one row's mask in a decode step:    ${sp(report.mask_ms_per_row, 3)} ms`);
 }

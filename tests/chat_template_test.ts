@@ -1,3 +1,4 @@
+import { HERMES, LLAMA3_JSON } from "../src/model/tool_calls.ts";
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { BadCheckpointError, InputError } from "../src/errors.ts";
@@ -97,7 +98,12 @@ Deno.test("chat templates: the end-of-turn marker stops as a token when the voca
   const llama = await Deno.readTextFile(join(FIXTURES, "llama-3.1-8b-instruct.jinja"));
   const a = await RemoteTokenizer.load(TINY_NAS, { chatTemplate: llama });
   // tiny-nas's vocabulary has no <|eot_id|>: the text is a stop sequence.
-  assert.deepEqual(a.chat, { origin: "--chat-template", endOfTurnIds: [], endOfTurnStop: "<|eot_id|>" });
+  assert.deepEqual(a.chat, {
+    origin: "--chat-template",
+    endOfTurnIds: [],
+    endOfTurnStop: "<|eot_id|>",
+    toolFormat: LLAMA3_JSON,
+  });
   // The worker renders (no bos_token: tiny-nas has no tokenizer_config.json) and encodes.
   const rendered = ChatTemplate.compile({ source: llama, origin: "x", specialTokens: {} })
     .render([{ role: "user", content: "hi" }]);
@@ -116,7 +122,12 @@ Deno.test("chat templates: the end-of-turn marker stops as a token when the voca
     chatTemplate:
       "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|endoftext|>\n{% endfor %}<|assistant|>",
   });
-  assert.deepEqual(b.chat, { origin: "--chat-template", endOfTurnIds: [0], endOfTurnStop: null });
+  assert.deepEqual(b.chat, {
+    origin: "--chat-template",
+    endOfTurnIds: [0],
+    endOfTurnStop: null,
+    toolFormat: HERMES,
+  });
   const none = await RemoteTokenizer.load(TINY_NAS);
   assert.equal(none.chat, null);
   b.close();

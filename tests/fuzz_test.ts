@@ -61,6 +61,21 @@ const chatBody = fc.record({
           }),
           anyScalar,
         ),
+        tool_calls: fc.oneof(
+          fc.array(
+            fc.record({
+              id: fc.oneof(fc.string({ maxLength: 8 }), anyScalar),
+              type: fc.oneof(fc.constant("function"), anyScalar),
+              function: fc.record({
+                name: fc.oneof(fc.constantFrom("f", "g"), anyScalar),
+                arguments: fc.oneof(fc.constant('{"a": 1}'), fc.string({ maxLength: 8 }), anyScalar),
+              }, { requiredKeys: [] }),
+            }, { requiredKeys: [] }),
+            { maxLength: 2 },
+          ),
+          anyScalar,
+        ),
+        tool_call_id: fc.oneof(fc.string({ maxLength: 8 }), anyScalar),
       }, { requiredKeys: [] }),
       { maxLength: 4 },
     ),
@@ -70,7 +85,30 @@ const chatBody = fc.record({
   max_completion_tokens: fc.oneof(fc.integer({ min: -3, max: 6 }), anyScalar),
   logprobs: fc.oneof(fc.boolean(), anyScalar),
   top_logprobs: fc.oneof(fc.integer({ min: -2, max: 25 }), anyScalar),
-  tools: anyScalar,
+  tools: fc.oneof(
+    fc.array(
+      fc.record({
+        type: fc.oneof(fc.constant("function"), anyScalar),
+        function: fc.record({
+          name: fc.oneof(fc.constantFrom("f", "g", "a b"), anyScalar),
+          parameters: fc.oneof(
+            fc.constant({ type: "object", properties: { a: { type: "integer", minimum: 0, maximum: 9 } } }),
+            fc.constant({ type: "object", properties: { a: { type: "nonsense" } } }),
+            fc.constant({ type: "string" }),
+            anyScalar,
+          ),
+        }, { requiredKeys: ["name"] }),
+      }, { requiredKeys: [] }),
+      { maxLength: 3 },
+    ),
+    anyScalar,
+  ),
+  tool_choice: fc.oneof(
+    fc.constantFrom("auto", "none", "required"),
+    fc.record({ type: fc.constant("function"), function: fc.record({ name: fc.constantFrom("f", "g") }) }),
+    anyScalar,
+  ),
+  parallel_tool_calls: fc.oneof(fc.boolean(), anyScalar),
   response_format: fc.oneof(fc.record({ type: fc.constantFrom("text", "json_object") }), anyScalar),
   stream: fc.oneof(fc.boolean(), anyScalar),
   extra: anyScalar,

@@ -36,13 +36,20 @@ Deno.test("measurement scripts: an unknown flag or a bad value exits 2 naming it
   }
 });
 
-Deno.test("scripts/grammar_cost.ts: the vocabulary's tables, a schema's compile and a row's mask, in ms", async () => {
+Deno.test("scripts/grammar_cost.ts: the vocabulary's tables, a schema's and three tools' compile, a row's mask, in ms", async () => {
   const r = await runScript("grammar_cost.ts", "--rounds", "2", "--json");
   assert.equal(r.code, 0, r.stderr);
   const report = JSON.parse(r.stdout);
   assert.equal(report.vocab, 4096);
   assert.ok(report.tables_ms > 0);
-  for (const s of [report.schema_compile_ms, report.mask_ms_per_row]) {
+  for (
+    const s of [
+      report.schema_compile_ms,
+      report.tools_auto_compile_ms,
+      report.tools_required_compile_ms,
+      report.mask_ms_per_row,
+    ]
+  ) {
     assert.ok(s.min > 0 && s.min <= s.median && s.median <= s.max, JSON.stringify(s));
   }
 });

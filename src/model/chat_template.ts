@@ -2,11 +2,22 @@ import { Template } from "@huggingface/jinja";
 import { join } from "node:path";
 import { BadCheckpointError, InputError } from "../errors.ts";
 
+/** A call as a template reads it back: arguments as an object, as transformers passes them. */
+export interface TemplateToolCall {
+  id?: string;
+  type: "function";
+  function: { name: string; arguments: unknown };
+}
+
 /** One message of a conversation as the template sees it (OpenAI's roles; text content only). */
 export interface ChatMessage {
   role: string;
   content: string;
   name?: string;
+  /** An assistant's earlier calls, arguments as objects (the key is absent when there are none). */
+  tool_calls?: TemplateToolCall[];
+  /** A tool result's call. */
+  tool_call_id?: string;
 }
 
 /** A template's text, where it came from, and the special tokens it may refer to by name. */

@@ -1,5 +1,7 @@
 import { CancelledError, InputError } from "../errors.ts";
 import type { ChatMessage } from "../model/chat_template.ts";
+import { type ToolCallFormat, toolCallTag, type ToolRequest } from "../model/tool_calls.ts";
+import { asTagFormat, type GrammarSpec } from "./grammar.ts";
 import { checkPromptFits } from "./context.ts";
 import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
 import type { ModelHost } from "./host.ts";
@@ -24,11 +26,26 @@ export interface CompletionJob {
   timeoutMs: number;
   /** The prompt's text is wanted back (echo, or logprobs' text offsets). */
   promptText?: boolean;
+  /** Functions a conversation offers and how the answer may call them. */
+  tools?: ToolRequest;
+}
+
+/** How the answer's calls are read back: the template's format and the names it may call. */
+export interface ToolCalls {
+  format: ToolCallFormat;
+  names: string[];
 }
 
 export type CompletionEvent =
   /** `promptTokens` and `promptTexts` per prompt. */
-  | { type: "started"; planId: string; promptTokens: number[]; promptTexts?: string[] }
+  | {
+    type: "started";
+    planId: string;
+    promptTokens: number[];
+    promptTexts?: string[];
+    /** Present when the answer may hold tool calls. */
+    toolCalls?: ToolCalls;
+  }
   /** Once a prompt, before its text, when its logprobs were asked for (its first choice's). */
   | { type: "prompt"; prompt: number; logprobs: PromptLogprob[] }
   | { type: "text"; index: number; text: string; logprobs?: TokenLogprob[] };
@@ -62,8 +79,24 @@ export function requireChat(host: ModelHost): ChatInfo {
 /** The characters a prompt's text comes to before tokenisation (none for token ids). */
 export function promptChars(prompt: Prompt): number {
   if ("text" in prompt) return prompt.text.length;
-  if ("messages" in prompt) return prompt.messages.reduce((n, m) => n + m.content.length, 0);
+  if ("messages" in prompt) {
+    return prompt.messages.reduce(
+      (n, m) => n + m.content.length + JSON.stringify(m.tool_calls ?? []).length,
+      0,
+    );
+  }
   return 0;
+}
+
+/**
+ * The grammar an answer follows: the request's own, or, where it may call tools, the calls' tag
+ * (with the request's grammar as the alternative to calling under `auto`).
+ */
+function answerGrammar(job: CompletionJob, tools: ToolCalls | undefined): GrammarSpec | undefined {
+  const own = job.params.grammar;
+  if (!tools || !job.tools) return own;
+  const tag = toolCallTag(tools.format, job.tools, own && asTagFormat(own));
+  return tag ? { field: "tools", type: "structural_tag", tag: JSON.stringify(tag) } : own;
 }
 
 /**
@@ -115,7 +148,7 @@ export async function* runCompletion(
         ? prompt.ids
         : "text" in prompt
         ? await host.tokenizer!.encode(prompt.text)
-        : await host.tokenizer!.encodeChat(prompt.messages);
+        : await host.tokenizer!.encodeChat(prompt.messages, job.tools?.functions);
       if (signal.aborted) throw new CancelledError("request was cancelled before it started");
       const bad = ids.find((id) => id >= config.vocabSize);
       if (bad !== undefined) {
@@ -141,19 +174,25 @@ export async function* runCompletion(
         );
       }
     }
+    const toolCalls = chat && job.tools && job.tools.choice !== "none"
+      ? { format: chat.toolFormat, names: job.tools.functions.map((f) => f.name) }
+      : undefined;
+    const grammar = answerGrammar(job, toolCalls);
     lease = host.lease();
     // A grammar is compiled where the model runs, before the answer starts: a bad one is a 400.
-    if (job.params.grammar) await lease.instance.checkGrammar(job.params.grammar);
+    if (grammar) await lease.instance.checkGrammar(grammar);
     timer = setTimeout(onAbort, job.timeoutMs);
     yield {
       type: "started",
       planId: lease.instance.planId,
       promptTokens: idsOf.map((ids) => ids.length),
       promptTexts,
+      toolCalls,
     };
     // A chat ends at the template's end-of-turn marker as well as at EOS.
     const params = !chat ? job.params : {
       ...job.params,
+      grammar,
       stopTokenIds: chat.endOfTurnIds,
       stop: chat.endOfTurnStop ? [...job.params.stop, chat.endOfTurnStop] : job.params.stop,
     };

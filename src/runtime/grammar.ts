@@ -20,6 +20,8 @@ export type GrammarSpec =
     | { type: "regex"; pattern: string }
     | { type: "choice"; choices: string[] }
     | { type: "ebnf"; grammar: string }
+    /** xgrammar's structural tag (its JSON text): free text around tagged, constrained parts. */
+    | { type: "structural_tag"; tag: string }
   );
 
 type XGrammar = typeof XG;
@@ -60,8 +62,53 @@ export interface VocabularyInfo {
   kind: "byte_level" | "byte_fallback" | "raw";
 }
 
+/** xgrammar's indent for JSON on one line, items after ", " and values after ": " (its default is 2). */
+const ONE_LINE = -1;
+
+/**
+ * A structural tag whose JSON parts allow no free whitespace, as `json_schema` requests are compiled:
+ * the tag's own `json_schema` format lets a model pad with spaces and newlines without end, which a
+ * small or fused model does. Each is replaced by its grammar, compiled as compileJSONSchema is.
+ */
+async function tightJson(node: unknown): Promise<unknown> {
+  if (Array.isArray(node)) return await Promise.all(node.map(tightJson));
+  if (!node || typeof node !== "object") return node;
+  const o = node as Record<string, unknown>;
+  if (o.type === "json_schema" && "json_schema" in o) {
+    const grammar = await xgrammar().Grammar.fromJSONSchema(
+      JSON.stringify(o.json_schema),
+      false,
+      ONE_LINE,
+      undefined,
+      true,
+    );
+    return { type: "grammar", grammar: grammar.toString() };
+  }
+  const out: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(o)) out[k] = await tightJson(v);
+  return out;
+}
+
 /** A JSON string as EBNF's quoted literal. */
 const literal = (s: string) => JSON.stringify(s);
+
+/** A spec as one part of a structural tag (an answer that is either tool calls or this). */
+export function asTagFormat(spec: GrammarSpec): Record<string, unknown> {
+  switch (spec.type) {
+    case "json":
+      return { type: "json_schema", json_schema: { type: "object" } };
+    case "json_schema":
+      return { type: "json_schema", json_schema: JSON.parse(spec.schema) };
+    case "regex":
+      return { type: "regex", pattern: spec.pattern };
+    case "choice":
+      return { type: "grammar", grammar: `root ::= ${spec.choices.map(literal).join(" | ")}` };
+    case "ebnf":
+      return { type: "grammar", grammar: spec.grammar };
+    case "structural_tag":
+      return (JSON.parse(spec.tag) as { format: Record<string, unknown> }).format;
+  }
+}
 
 /**
  * Grammars compiled against one vocabulary, cached by their text (least recently used out), and a
@@ -82,6 +129,11 @@ export class Grammars {
       return await GrammarCompiler.createGrammarCompiler(info);
     })();
     return await this.compiler;
+  }
+
+  /** The engine loaded and the vocabulary's tables built, once (their cost: scripts/grammar_cost.ts). */
+  async prepare(): Promise<void> {
+    await this.grammarCompiler();
   }
 
   /** The spec compiled (once: later calls reuse it); a spec the engine refuses is bad input naming its field. */
@@ -111,7 +163,7 @@ export class Grammars {
         case "json":
           return await compiler.compileBuiltinJSONGrammar();
         case "json_schema":
-          return await compiler.compileJSONSchema(spec.schema, false, undefined, undefined, true);
+          return await compiler.compileJSONSchema(spec.schema, false, ONE_LINE, undefined, true);
         case "regex":
           return await compiler.compileStructuralTag({
             type: "structural_tag",
@@ -121,9 +173,15 @@ export class Grammars {
           return await compiler.compileGrammar(`root ::= ${spec.choices.map(literal).join(" | ")}`);
         case "ebnf":
           return await compiler.compileGrammar(spec.grammar);
+        case "structural_tag":
+          return await compiler.compileStructuralTag(
+            await tightJson(JSON.parse(spec.tag)) as XG.StructuralTagLike,
+          );
       }
     } catch (e) {
-      const why = lastFatal || (e as Error).message || String(e);
+      // Without a reason printed, the WebAssembly build throws a bare number (its exception's address).
+      const why = lastFatal ||
+        (typeof e === "number" ? "the grammar engine refused it" : (e as Error).message);
       lastFatal = "";
       throw new InputError(`cannot be compiled: ${why}`.slice(0, 2000), spec.field);
     }

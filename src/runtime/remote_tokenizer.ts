@@ -2,6 +2,7 @@ import { fromWorkerError } from "./worker_error.ts";
 import { BadCheckpointError, InputError } from "../errors.ts";
 import { type ChatMessage, readChatTemplate } from "../model/chat_template.ts";
 import { newSpecialMark, type SpecialMark } from "../model/special_text.ts";
+import { detectToolFormat, type ToolCallFormat, type ToolFunction } from "../model/tool_calls.ts";
 import { DEFAULT_TEMPLATE_LIMITS, type TemplateLimits, TemplateSandbox } from "./template_sandbox.ts";
 import type { TokenizerReply, TokenizerRequest } from "./tokenizer_worker.ts";
 
@@ -11,6 +12,8 @@ export interface ChatInfo {
   origin: string;
   endOfTurnIds: number[];
   endOfTurnStop: string | null;
+  /** How the template has its model write tool calls (Hermes where it knows no tools). */
+  toolFormat: ToolCallFormat;
 }
 
 export interface TokenizerOptions {
@@ -118,6 +121,7 @@ export class RemoteTokenizer {
       origin: src.origin,
       endOfTurnIds: single ? ids : [],
       endOfTurnStop: marker && !single ? marker : null,
+      toolFormat: detectToolFormat(src.source),
     };
   }
 
@@ -125,9 +129,13 @@ export class RemoteTokenizer {
     return this.ask((id) => ({ type: "encode", id, text })) as Promise<number[]>;
   }
 
-  /** The conversation rendered with the chat template (a generation prompt added by default), encoded. */
-  async encodeChat(messages: ChatMessage[], addGenerationPrompt = true): Promise<number[]> {
-    const text = await this.template!.render(messages, addGenerationPrompt);
+  /** The conversation (and the functions it offers) rendered with the chat template, encoded. */
+  async encodeChat(
+    messages: ChatMessage[],
+    tools?: ToolFunction[],
+    addGenerationPrompt = true,
+  ): Promise<number[]> {
+    const text = await this.template!.render(messages, addGenerationPrompt, tools);
     const mark = this.mark ?? undefined;
     return await this.ask((id) => ({ type: "encode", id, text, mark })) as number[];
   }

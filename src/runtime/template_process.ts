@@ -11,6 +11,7 @@
  */
 import { type ChatMessage, ChatTemplate, type ChatTemplateSource } from "../model/chat_template.ts";
 import { markSpecialText, type SpecialMark } from "../model/special_text.ts";
+import { inlineTools, templateKnowsTools, templateTools, type ToolFunction } from "../model/tool_calls.ts";
 import { toWorkerError, type WorkerError } from "./worker_error.ts";
 
 export interface TemplateProcessData {
@@ -20,7 +21,14 @@ export interface TemplateProcessData {
 }
 
 export type TemplateRequest =
-  | { type: "render"; id: number; messages: ChatMessage[]; addGenerationPrompt: boolean }
+  | {
+    type: "render";
+    id: number;
+    messages: ChatMessage[];
+    addGenerationPrompt: boolean;
+    /** Functions offered: the template's own `tools` when it renders them, else the default prompt. */
+    tools?: ToolFunction[];
+  }
   | { type: "endOfTurn"; id: number };
 
 export type TemplateReply =
@@ -53,14 +61,24 @@ export async function renderTemplates(): Promise<void> {
   const first = await input.next();
   if (first.done) return;
   const { src, protect } = JSON.parse(first.value) as TemplateProcessData;
-  const marked = (messages: ChatMessage[]): ChatMessage[] => {
-    if (!protect) return messages;
-    const mark = (text: string) => markSpecialText(text, protect.specials, protect.mark);
-    return messages.map((m) => ({
-      ...m,
-      content: mark(m.content),
-      ...(m.name ? { name: mark(m.name) } : {}),
-    }));
+  // Every string a request wrote (contents, names, earlier calls' arguments, tool descriptions).
+  const mark = <T>(value: T): T => {
+    if (!protect) return value;
+    if (typeof value === "string") return markSpecialText(value, protect.specials, protect.mark) as T;
+    if (Array.isArray(value)) return value.map(mark) as T;
+    if (value && typeof value === "object") {
+      return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, mark(v)])) as T;
+    }
+    return value;
+  };
+  const ownTools = templateKnowsTools(src.source);
+  const render = (m: Extract<TemplateRequest, { type: "render" }>) => {
+    const tools = m.tools && mark(m.tools);
+    const messages = mark(m.messages);
+    if (tools && ownTools) {
+      return template.render(messages, m.addGenerationPrompt, { tools: templateTools(tools) });
+    }
+    return template.render(tools ? inlineTools(messages, tools) : messages, m.addGenerationPrompt);
   };
   let template: ChatTemplate;
   try {
@@ -73,9 +91,7 @@ export async function renderTemplates(): Promise<void> {
   for await (const line of input) {
     const m = JSON.parse(line) as TemplateRequest;
     try {
-      const text = m.type === "endOfTurn"
-        ? template.endOfTurn()
-        : template.render(marked(m.messages), m.addGenerationPrompt);
+      const text = m.type === "endOfTurn" ? template.endOfTurn() : render(m);
       await post({ type: "rendered", id: m.id, text });
     } catch (e) {
       await post({ type: "failed", id: m.id, ...toWorkerError(e) });

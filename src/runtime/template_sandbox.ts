@@ -1,6 +1,7 @@
 import { fileURLToPath } from "node:url";
 import { InputError } from "../errors.ts";
 import type { ChatMessage, ChatTemplateSource } from "../model/chat_template.ts";
+import type { ToolFunction } from "../model/tool_calls.ts";
 import { fromWorkerError } from "./worker_error.ts";
 import {
   lines,
@@ -100,8 +101,10 @@ export class TemplateSandbox {
     return this.data.src.origin;
   }
 
-  render(messages: ChatMessage[], addGenerationPrompt: boolean): Promise<string> {
-    return this.run((id) => ({ type: "render", id, messages, addGenerationPrompt })) as Promise<string>;
+  render(messages: ChatMessage[], addGenerationPrompt: boolean, tools?: ToolFunction[]): Promise<string> {
+    return this.run((id) => ({ type: "render", id, messages, addGenerationPrompt, tools })) as Promise<
+      string
+    >;
   }
 
   /** What the template writes after an answer (ChatTemplate.endOfTurn), under the same limits. */

@@ -42,8 +42,13 @@ export interface ChoiceWriter {
    * `prompt`: the logprobs of the choice's prompt, when asked for.
    */
   opening(index: number, prompt: PromptLogprob[] | null): Promise<Choice | null>;
-  /** Streamed: a piece of choice `index`'s text and the logprobs of the tokens it came from. */
-  piece(index: number, text: string, logprobs: TokenLogprob[] | undefined): Promise<Choice>;
+  /**
+   * Streamed: a piece of choice `index`'s text and the logprobs of the tokens it came from, as none,
+   * one or several deltas (a chat's tool calls are read from the text as it comes).
+   */
+  piece(index: number, text: string, logprobs: TokenLogprob[] | undefined): Promise<Choice[]>;
+  /** Streamed: what a choice held back until its text ended. */
+  flush(index: number): Promise<Choice[]>;
   /** Streamed: the end of a choice. */
   end(index: number, finish: string): Choice;
   /** Answered whole (built in slices: a choice may hold thousands of logprob positions). */
@@ -260,10 +265,13 @@ export function completionRoute<S extends z.ZodType<CommonBody>>(
       try {
         const all = await drain(async (e) => {
           await open(e.index);
-          await send([await writer.piece(e.index, e.text, e.logprobs)]);
+          for (const choice of await writer.piece(e.index, e.text, e.logprobs)) await send([choice]);
         });
         finish(all);
-        for (let i = 0; i < choices; i++) await open(i);
+        for (let i = 0; i < choices; i++) {
+          await open(i);
+          for (const choice of await writer.flush(i)) await send([choice]);
+        }
         await send(all.map((s, i) => writer.end(i, finishReason(s))), { usage: usage(all, n) });
         // OpenAI's stream_options.include_usage: one more chunk, no choices, the usage.
         if (includeUsage) await send([], { usage: usage(all, n) });

@@ -101,7 +101,8 @@ export const completionsEndpoint: Endpoint<ReturnType<typeof completionSchema>> 
     return {
       opening: async (index, prompt) =>
         echoed(index) ? choice(index, echoed(index), await block(index, prompt ?? []), null) : null,
-      piece: async (index, text, lps) => choice(index, text, await block(index, lps ?? []), null),
+      piece: async (index, text, lps) => [choice(index, text, await block(index, lps ?? []), null)],
+      flush: () => Promise.resolve([]),
       end: (index, finish) => choice(index, "", null, finish),
       whole: async (index, text, lps, prompt, finish) =>
         choice(

@@ -3,12 +3,13 @@ import { z } from "zod";
 import { InputError, NotFoundError } from "../errors.ts";
 import { maxPromptChars, promptChars, requireChat } from "../runtime/completion.ts";
 import type { ModelHost } from "../runtime/host.ts";
-import { message, toChatMessages } from "./chat.ts";
+import { message, toChatMessages, tool, toToolFunctions } from "./chat.ts";
 import { readBody } from "./body.ts";
 import type { AppEnv } from "./logging.ts";
 
 /**
- * vLLM's /tokenize body (a prompt, or chat messages rendered with the model's template) and /detokenize
+ * vLLM's /tokenize body (a prompt, or chat messages and the tools they offer rendered with the
+ * model's template) and /detokenize
  * body (token ids); `model` and fields vLLM knows and these routes do not (`add_special_tokens`) are
  * ignored, as the README says of every route.
  */
@@ -16,6 +17,7 @@ const tokenizeSchema = z.object({
   model: z.string().optional(),
   prompt: z.string().optional(),
   messages: z.array(message).min(1).optional(),
+  tools: z.array(tool).max(128).nullable().optional(),
   add_generation_prompt: z.boolean().default(true),
 }).superRefine((b, ctx) => {
   if ((b.prompt === undefined) === (b.messages === undefined)) {
@@ -71,7 +73,11 @@ export function tokenRoutes(host: ModelHost) {
       }
       if (messages) requireChat(host);
       const tokens = messages
-        ? await host.tokenizer!.encodeChat(messages, body.add_generation_prompt)
+        ? await host.tokenizer!.encodeChat(
+          messages,
+          body.tools?.length ? toToolFunctions(body.tools) : undefined,
+          body.add_generation_prompt,
+        )
         : await host.tokenizer!.encode(body.prompt!);
       return c.json({ count: tokens.length, max_model_len: config.maxPositions, tokens });
     },
