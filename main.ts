@@ -21,11 +21,19 @@ const COMMANDS: Command[] = [
 
 const HEADER = `fusedge: FFN Fusion inference for Llama-family models on WebGPU / WASM
 
-usage: fusedge <command> [flags]      (fusedge <command> --help for one command)`;
+usage: fusedge <command> [flags]`;
 
-/** The whole usage text, generated from the commands' schemas. */
+/** The commands, one line each; a command's flags are its own --help (generated from its schema). */
 export function usage(): string {
-  return [HEADER, "", "commands:", ...COMMANDS.map(commandUsage)].join("\n");
+  const width = Math.max(...COMMANDS.map((c) => c.name.length)) + 2;
+  return [
+    HEADER,
+    "",
+    "commands:",
+    ...COMMANDS.map((c) => `  ${c.name.padEnd(width)}${c.summary}`),
+    "",
+    "fusedge <command> --help lists a command's flags, their defaults and what they do.",
+  ].join("\n");
 }
 
 const wantsHelp = (args: string[]) => args.some((a) => a === "--help" || a === "-h");
@@ -50,8 +58,16 @@ export async function main(args: string[]): Promise<number> {
     console.log(`usage: fusedge ${command.name} [flags]\n\n${commandUsage(command)}`);
     return 0;
   }
+  let flags: Parameters<typeof command.run>[0];
   try {
-    await command.run(parseCommandFlags(command, rest));
+    flags = parseCommandFlags(command, rest);
+  } catch (e) {
+    if (!(e instanceof InputError)) throw e;
+    console.error(`error: ${e.message}\n(fusedge ${command.name} --help lists its flags)`);
+    return 2;
+  }
+  try {
+    await command.run(flags);
     return 0;
   } catch (e) {
     if (e instanceof UserError) {

@@ -3,7 +3,7 @@
  * search the service ships), then measures every contiguous FFN plan of the checkpoint's first
  * attention-free run with the same scorer on the same held-out tokens, and compares, for every budget,
  * the frontier's plan with the best plan of that budget found exhaustively. Writes
- * docs/<model>-frontier.json and prints the README's table.
+ * docs/<model>-frontier.json and prints the table in docs/fusion.md.
  *
  *   scripts/deno run -A scripts/frontier.ts [--model DIR] [--steps 6] [--max-width 7]
  */

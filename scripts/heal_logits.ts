@@ -1,6 +1,6 @@
 /**
  * Measures Gauss-Newton steps on the KL of the final logits as a healing objective for one fused FFN
- * group (issue 13's last untried objective; README "Healing without training"): the variables are the
+ * group (issue 13's last untried objective; docs/fusion.md, "Healing without training"): the variables are the
  * group's wide down projection W; the teacher is the unfused model. Each step runs the model over the
  * calibration windows, takes the KL's gradient g_t at the group's output through the layers after it
  * (model/backward.ts), and solves

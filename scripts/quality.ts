@@ -1,5 +1,5 @@
 /**
- * Reproduces the fusion quality table in the README: analysis on the first calibration tokens of
+ * Reproduces the fusion quality table in docs/fusion.md: analysis on the first calibration tokens of
  * data/eval.py.txt, then loss/perplexity/KL/top-1 agreement on the held-out tokens after them, for
  * the unfused model, the suggested plan, a set of hand-written plans and, from the measured frontier
  * (docs/<model>-frontier.json, written by scripts/frontier.ts), the best block-parallel plan and the

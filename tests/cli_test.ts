@@ -151,7 +151,7 @@ Deno.test("cli analyze: matrix, ratios, runs and a valid suggested plan; heatmap
 
 Deno.test("cli analyze/eval: bad flags exit 2", async () => {
   await expectExit2([
-    [["analyze"], /--text: is required/],
+    [["analyze", "--text", "/no/file"], /cannot read text \/no\/file/],
     [["eval", "--text", "/no/file"], /cannot read text \/no\/file/],
     [["analyze", "--text", EVAL_TEXT, "--max-tokens", "1"], /--max-tokens/],
     [["analyze", "--text", EVAL_TEXT, "--threshold", "-1"], /--threshold/],
@@ -168,15 +168,29 @@ Deno.test("cli: usage and --help come from the commands' schemas, every flag lis
   try {
     assert.equal(await main(["serve", "--help"]), 0);
     assert.equal(await main(["--help"]), 0);
+    assert.equal(await main(["generate", "--help"]), 0);
   } finally {
     console.log = log;
   }
-  const [serveHelp, all] = lines;
+  const [serveHelp, all, generateHelp] = lines;
   for (const key of Object.keys(serveCommand.schema.shape)) {
     assert.ok(serveHelp.includes(`--${key.replaceAll("_", "-")}`), `serve --help lists --${key}`);
   }
-  for (const name of ["serve", "generate", "logits", "analyze", "eval", "bench"]) {
-    assert.match(all, new RegExp(`^  ${name}: `, "m"));
+  // The command list is one line a command; flags are each command's own --help.
+  for (const name of ["serve", "generate", "logits", "analyze", "eval", "bench", "export"]) {
+    assert.match(all, new RegExp(`^  ${name} +\\S`, "m"));
   }
-  assert.match(all, /--max-tokens N\]\s+tokens to generate at most \(default 64\)/);
+  assert.ok(all.split("\n").length < 20, all);
+  assert.doesNotMatch(all, /--max-tokens/);
+  assert.match(generateHelp, /--max-tokens N\]\s+tokens to generate at most \(default 64\)/);
+  // A flag no command has points at the command's --help.
+  const errors: string[] = [];
+  const error = console.error;
+  console.error = (s: string) => errors.push(s);
+  try {
+    assert.equal(await main(["serve", "--bogus"]), 2);
+  } finally {
+    console.error = error;
+  }
+  assert.match(errors.join("\n"), /Unknown option '--bogus'\n\(fusedge serve --help lists its flags\)/);
 });

@@ -9,6 +9,7 @@ import {
   LLAMA3_JSON,
   NEMOTRON,
   parseToolCalls,
+  templateKnowsTools,
   templateTools,
   type ToolCallEvent,
   type ToolCallFormat,
@@ -21,7 +22,9 @@ import { ROOT, TINY_NAS } from "./helpers.ts";
 import { post, readSse, startServer } from "./server_helpers.ts";
 
 const CHAT = join(ROOT, "tests", "fixtures", "chat");
-const template = (name: string) => Deno.readTextFile(join(CHAT, name));
+/** ChatML as shipped for the models that come without a template: it renders no tools. */
+const CHATML = join(ROOT, "templates", "chatml.jinja");
+const template = (name: string) => Deno.readTextFile(name === "chatml.jinja" ? CHATML : join(CHAT, name));
 
 /** Two functions whose arguments end within a few tokens (bounded strings and numbers). */
 const FUNCTIONS: ToolFunction[] = [
@@ -129,7 +132,10 @@ Deno.test("tool calls: prose that only looks like a call's start, an answer cut 
 Deno.test("tool calls: the format is read from the template's markers; Hermes where it knows no tools", async () => {
   assert.equal(detectToolFormat(await template("llama-3.1-8b-instruct.jinja")), LLAMA3_JSON);
   assert.equal(detectToolFormat(await template("nemotron-super-49b-v1.5.jinja")), NEMOTRON);
-  assert.equal(detectToolFormat(await template("chatml-no-tools.jinja")), HERMES);
+  assert.equal(detectToolFormat(await template("chatml.jinja")), HERMES);
+  // A comment that names tools is not code that renders them.
+  assert.equal(templateKnowsTools("{# no tools here #}{{ messages[0].content }}"), false);
+  assert.equal(templateKnowsTools("{% for t in tools %}{{ t }}{% endfor %}"), true);
 });
 
 Deno.test("tool calls: the structural tag per tool_choice and format", () => {
@@ -179,7 +185,7 @@ Deno.test("tool calls: rendered by the template that knows tools, by the default
     { role: "tool", content: '{"wind": 9}', tool_call_id: "call_1" },
   ];
   const llama = await readChatTemplate(TINY_NAS, await template("llama-3.1-8b-instruct.jinja"));
-  const chatml = await readChatTemplate(TINY_NAS, await template("chatml-no-tools.jinja"));
+  const chatml = await readChatTemplate(TINY_NAS, await template("chatml.jinja"));
   for (const src of [llama!, chatml!]) {
     const sandbox = await TemplateSandbox.open(src, DEFAULT_TEMPLATE_LIMITS, null);
     try {
@@ -233,7 +239,7 @@ function streamedCalls(events: Record<string, unknown>[]) {
 
 for (
   const [name, file] of [
-    ["Hermes, the default for a template that knows no tools", "chatml-no-tools.jinja"],
+    ["Hermes, the default for a template that knows no tools", "chatml.jinja"],
     ["Llama 3.1's JSON calls", "llama-3.1-8b-instruct.jinja"],
     ["Nemotron's <TOOLCALL> list", "nemotron-super-49b-v1.5.jinja"],
   ]
@@ -243,7 +249,12 @@ for (
     sanitizeResources: false,
     sanitizeOps: false,
     fn: async (t) => {
-      const server = await startServer(["--device", "wasm", "--chat-template", join(CHAT, file)]);
+      const server = await startServer([
+        "--device",
+        "wasm",
+        "--chat-template",
+        file === "chatml.jinja" ? CHATML : join(CHAT, file),
+      ]);
       const { base } = server;
       await server.ready;
       const ajv = new Ajv();
@@ -388,7 +399,7 @@ for (
           }
         });
 
-        if (file !== "chatml-no-tools.jinja") return;
+        if (file !== "chatml.jinja") return;
         await t.step("bad tools, choices and messages are 400s naming the field", async () => {
           const fn = (
             over: Record<string, unknown>,

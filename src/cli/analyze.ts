@@ -4,7 +4,7 @@ import { analyzeText } from "../fusion/analyze.ts";
 import { heatmapSvg } from "../fusion/heatmap.ts";
 import { loadCheckpoint } from "../model/checkpoint.ts";
 import { TextTokenizer } from "../model/tokenizer.ts";
-import { DEFAULT_MODEL_DIR } from "./defaults.ts";
+import { DEFAULT_CALIBRATION_TEXT, DEFAULT_MODEL_DIR } from "./defaults.ts";
 import { defineCommand, deviceFlag } from "./flags.ts";
 import { modelFlags } from "./load.ts";
 import { resolveDevice } from "../runtime/ort.ts";
@@ -13,8 +13,8 @@ import { progressPrinter } from "./progress.ts";
 import { frontierFromText } from "../runtime/plan_scorer.ts";
 import { blockCandidates } from "../fusion/frontier.ts";
 
-export const textFlag = z.string({ error: "is required (a text file for calibration/evaluation)" })
-  .describe("calibration/evaluation text file");
+export const textFlag = z.string().default(DEFAULT_CALIBRATION_TEXT)
+  .describe("calibration/evaluation text file (default: the shipped data/eval.py.txt)");
 
 export const analyzeCommand = defineCommand({
   name: "analyze",

@@ -23,7 +23,7 @@ import { blockGroups, type FusionPlan, planId } from "./plan.ts";
  *
  * Why not the obvious objective alone (the down projection fitted to the sequential output in plain
  * L2): measured on tiny-nas it raises held-out loss at every ridge, even where it halves the output
- * error, because a few tokens of very large norm dominate it (README, "Healing without training").
+ * error, because a few tokens of very large norm dominate it (docs/fusion.md, "Healing without training").
  *
  * Groups are healed in model order, each fitted with the groups before it already fused and healed, so
  * errors do not accumulate. Normal equations are accumulated in float64 over calibration windows

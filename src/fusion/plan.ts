@@ -13,7 +13,7 @@ const groups = z.array(z.array(layer).min(2, "a group needs at least two layers"
 /**
  * Gradient-free healing of the plan's fused FFN groups (fusion/heal.ts): fitted on `calibration_tokens`
  * of the calibration text after `skip_tokens`, the ridge strength chosen on the `heldout_tokens` after
- * those. The defaults are the smallest measured to heal most plans of the README's quality table: with
+ * those. The defaults are the smallest measured to heal most plans of the quality table (docs/fusion.md): with
  * 4096 and 1024, the noise guard kept no stage of five plans of eight, with 16384 and 4096 of one.
  */
 export const healSettings = z.strictObject({

@@ -77,14 +77,18 @@ export const NEMOTRON: ToolCallFormat = {
   parallel: true,
 };
 
+/** A template's code without its comments, which may mention anything. */
+const code = (source: string) => source.replace(/\{#[\s\S]*?#\}/g, "");
+
 /** The template renders `tools` itself; otherwise the default prompt (`inlineTools`) carries them. */
-export const templateKnowsTools = (source: string): boolean => /\btools\b/.test(source);
+export const templateKnowsTools = (source: string): boolean => /\btools\b/.test(code(source));
 
 /**
  * The format a template teaches its model, read from the markers it writes; Hermes where it writes
  * none it knows (and always for templates that know no tools: the default prompt teaches Hermes).
  */
-export function detectToolFormat(source: string): ToolCallFormat {
+export function detectToolFormat(template: string): ToolCallFormat {
+  const source = code(template);
   if (!templateKnowsTools(source)) return HERMES;
   if (source.includes("<TOOLCALL>")) return NEMOTRON;
   if (source.includes("<tool_call>")) return HERMES;

@@ -11,7 +11,7 @@ import type { AppEnv } from "./logging.ts";
  * vLLM's /tokenize body (a prompt, or chat messages and the tools they offer rendered with the
  * model's template) and /detokenize
  * body (token ids); `model` and fields vLLM knows and these routes do not (`add_special_tokens`) are
- * ignored, as the README says of every route.
+ * ignored, as docs/api.md says of every route.
  */
 const tokenizeSchema = z.object({
   model: z.string().optional(),
