@@ -7,7 +7,8 @@ import { generateCommand } from "./src/cli/generate.ts";
 import { logitsCommand } from "./src/cli/logits.ts";
 import { serveCommand } from "./src/cli/serve.ts";
 import { InputError, UserError } from "./src/errors.ts";
-import { renderTemplates, TEMPLATE_RENDERER_ARG } from "./src/runtime/template_process.ts";
+import { TEMPLATE_RENDERER_ARG } from "./src/serving/template_protocol.ts";
+import { renderTemplates } from "./src/workers/template_process.ts";
 
 const COMMANDS: Command[] = [
   serveCommand,

@@ -19,7 +19,7 @@ import {
 import { fusableRuns, planId, UNFUSED } from "../src/fusion/plan.ts";
 import { loadCheckpoint, modelName } from "../src/model/checkpoint.ts";
 import { TextTokenizer } from "../src/model/tokenizer.ts";
-import { planScorer } from "../src/runtime/plan_scorer.ts";
+import { planScorer } from "../src/instance/plan_scorer.ts";
 
 const root = fileURLToPath(new URL("..", import.meta.url));
 const values = scriptFlags({

@@ -16,7 +16,7 @@ import { fail, positive, scriptFlags } from "./args.ts";
 import { spread } from "../src/numeric.ts";
 import { loadConfig } from "../src/model/checkpoint.ts";
 import { TextTokenizer } from "../src/model/tokenizer.ts";
-import { Grammars } from "../src/runtime/grammar.ts";
+import { Grammars } from "../src/sampling/grammar.ts";
 import { HERMES, toolCallTag } from "../src/model/tool_calls.ts";
 
 const root = fileURLToPath(new URL("..", import.meta.url));

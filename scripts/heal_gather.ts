@@ -1,6 +1,6 @@
 /**
  * What healing's data gathering costs, on this machine, float64 JS against onnxruntime's WASM backend or
- * WebGPU (runtime/heal_runner.ts, what healing uses), for one of its two fits of a fused FFN group:
+ * WebGPU (instance/heal_runner.ts, what healing uses), for one of its two fits of a fused FFN group:
  * - `--stage down` (default): the residual streams of the group's sequential run and its down
  *   projection's normal equations, through the float64 reference (the JS forward and the JS Gram
  *   accumulation healing used before) against onnxruntime;
@@ -24,9 +24,9 @@ import { NormalEquations } from "../src/fusion/linear_fit.ts";
 import type { FfnBlock } from "../src/model/blocks.ts";
 import { linear, referenceForward, swigluActivations } from "../src/model/forward.ts";
 import { relL2, type Spread, spread } from "../src/numeric.ts";
-import { loadAssets } from "../src/runtime/engine.ts";
-import { healRunner } from "../src/runtime/heal_runner.ts";
-import type { Device } from "../src/runtime/ort.ts";
+import { loadAssets } from "../src/instance/build.ts";
+import { healRunner } from "../src/instance/heal_runner.ts";
+import type { Device } from "../src/ort/ort.ts";
 
 const root = fileURLToPath(new URL("..", import.meta.url));
 const values = scriptFlags({

@@ -26,14 +26,14 @@ import { applyPlan } from "../src/fusion/apply.ts";
 import { textSlices } from "../src/fusion/calibration.ts";
 import { evaluateQuality } from "../src/fusion/evaluate.ts";
 import { healPlan } from "../src/fusion/heal.ts";
-import { healRunner } from "../src/runtime/heal_runner.ts";
+import { healRunner } from "../src/instance/heal_runner.ts";
 import { type CholeskyFactor, NormalEquations } from "../src/fusion/linear_fit.ts";
 import { streamGradient } from "../src/model/backward.ts";
 import type { Block, FfnBlock } from "../src/model/blocks.ts";
 import { linear, referenceForward, swigluActivations } from "../src/model/forward.ts";
 import { tensor } from "../src/model/tensor.ts";
-import { loadAssets } from "../src/runtime/engine.ts";
-import { withScoringSession } from "../src/runtime/session.ts";
+import { loadAssets } from "../src/instance/build.ts";
+import { withScoringSession } from "../src/ort/session.ts";
 
 const root = fileURLToPath(new URL("..", import.meta.url));
 const values = scriptFlags({

@@ -21,8 +21,8 @@ import { cpuSeconds } from "../src/bench/decode_bench.ts";
 import type { Block } from "../src/model/blocks.ts";
 import { type Spread, spread } from "../src/numeric.ts";
 import { buildDecoderGraph } from "../src/onnx/decoder.ts";
-import { loadAssets } from "../src/runtime/engine.ts";
-import { asBatch, ModelSession } from "../src/runtime/session.ts";
+import { loadAssets } from "../src/instance/build.ts";
+import { asBatch, ModelSession } from "../src/ort/session.ts";
 
 const root = fileURLToPath(new URL("..", import.meta.url));
 const values = scriptFlags({

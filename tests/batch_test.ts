@@ -1,14 +1,14 @@
 import assert from "node:assert/strict";
-import { BatchEngine, prefillLimit } from "../src/runtime/batch_engine.ts";
-import { PREFILL_CHUNK } from "../src/runtime/engine_base.ts";
-import { buildInstance, type Engine, loadAssets } from "../src/runtime/engine.ts";
-import { generate, type GenerateParams, type GenerationSummary } from "../src/runtime/generate.ts";
-import { asBatch } from "../src/runtime/session.ts";
-import { DEFAULT_SAMPLING } from "../src/runtime/sampling.ts";
+import { BatchEngine, prefillLimit } from "../src/decode/batch_engine.ts";
+import { PREFILL_CHUNK } from "../src/decode/engine_base.ts";
+import { buildInstance, type Engine, loadAssets } from "../src/instance/build.ts";
+import { generate, type GenerateParams, type GenerationSummary } from "../src/decode/generate.ts";
+import { asBatch } from "../src/ort/session.ts";
+import { DEFAULT_SAMPLING } from "../src/sampling/sampling.ts";
 import { type FusionPlan, UNFUSED } from "../src/fusion/plan.ts";
 import { EVAL_TEXT, HAS_WEBGPU, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
 import { FLOAT_WEIGHTS, type GraphOptions } from "../src/onnx/format.ts";
-import type { Device } from "../src/runtime/ort.ts";
+import type { Device } from "../src/ort/ort.ts";
 import { post, readSse, startServer } from "./server_helpers.ts";
 
 const params = (maxTokens: number, extra: Partial<GenerateParams> = {}): GenerateParams => ({

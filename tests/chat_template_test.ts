@@ -4,7 +4,7 @@ import { join } from "node:path";
 import { BadCheckpointError, InputError } from "../src/errors.ts";
 import { ChatTemplate, readChatTemplate } from "../src/model/chat_template.ts";
 import { TextTokenizer } from "../src/model/tokenizer.ts";
-import { RemoteTokenizer } from "../src/runtime/remote_tokenizer.ts";
+import { RemoteTokenizer } from "../src/serving/remote_tokenizer.ts";
 import { ROOT, TINY_NAS } from "./helpers.ts";
 
 const FIXTURES = join(ROOT, "tests", "fixtures", "chat");

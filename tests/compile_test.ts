@@ -51,16 +51,28 @@ Deno.test({
   },
 });
 
-Deno.test("scripts/compile names every worker script (a compiled binary only has the files it was told of)", async () => {
+Deno.test("every thread's entry point lives in src/workers/, which scripts/compile includes", async () => {
   const script = await Deno.readTextFile(join(ROOT, "scripts", "compile"));
-  const workers: string[] = [];
+  assert.match(script, /--include "\$path"/);
+  assert.match(script, / src\/workers; do/);
+  const started: string[] = [];
   const walk = async (dir: string) => {
     for await (const e of Deno.readDir(join(ROOT, dir))) {
       if (e.isDirectory) await walk(`${dir}/${e.name}`);
-      else if (e.name.endsWith("_worker.ts")) workers.push(`${dir}/${e.name}`);
+      else if (e.name.endsWith(".ts")) {
+        const text = await Deno.readTextFile(join(ROOT, dir, e.name));
+        // Workers and the template renderer are started by URL: a compiled binary has only what it includes.
+        for (
+          const [, spec] of text.matchAll(/new URL\("([^"]+(?:_worker|_process)\.ts)", import\.meta\.url\)/g)
+        ) {
+          started.push(join(dir, spec));
+        }
+      }
     }
   };
   await walk("src");
-  assert.ok(workers.length >= 5, `${workers}`);
-  for (const w of workers) assert.ok(script.includes(w), `${w} is missing from scripts/compile`);
+  assert.ok(started.length >= 5, `${started}`);
+  for (const path of started) {
+    assert.ok(path.startsWith("src/workers/"), `${path} is started outside src/workers/`);
+  }
 });

@@ -3,8 +3,8 @@ import { Ajv } from "ajv";
 import { validatePlan } from "../src/fusion/plan.ts";
 import { FLOAT_WEIGHTS, formatName } from "../src/onnx/format.ts";
 import { HERMES, NEMOTRON, parseToolCalls, toolCallTag, type ToolFunction } from "../src/model/tool_calls.ts";
-import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
-import type { GrammarSpec } from "../src/runtime/grammar.ts";
+import { buildInstance, loadAssets } from "../src/instance/build.ts";
+import type { GrammarSpec } from "../src/sampling/grammar.ts";
 import { FP32_INT4, FP32_INT8, runToEnd } from "./engine_helpers.ts";
 import { EVAL_TEXT, golden, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
 

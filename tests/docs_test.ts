@@ -25,5 +25,9 @@ Deno.test("docs: the README is a manual (under 250 lines) and every doc's links 
     for (const [file] of text.matchAll(/bench\/results\/[\w.-]+\.(?:txt|json)/g)) {
       assert.ok(existsSync(join(ROOT, file)), `${doc} cites ${file}, which does not exist`);
     }
+    // Source files the docs point a reader at are where they say.
+    for (const [, file] of text.matchAll(/`((?:src|tests|scripts|bench|kernels)\/[\w./-]+\.(?:ts|wgsl))`/g)) {
+      assert.ok(existsSync(join(ROOT, file)), `${doc} names ${file}, which does not exist`);
+    }
   }
 });

@@ -1,11 +1,11 @@
 import assert from "node:assert/strict";
 import { planId, validatePlan } from "../src/fusion/plan.ts";
 import { formatName, type GraphOptions } from "../src/onnx/format.ts";
-import { buildInstance, type Engine, loadAssets } from "../src/runtime/engine.ts";
-import { generate, type GenerateParams, type GenerationSummary } from "../src/runtime/generate.ts";
-import type { TokenLogprob } from "../src/runtime/logprobs.ts";
-import type { Device } from "../src/runtime/ort.ts";
-import { DEFAULT_SAMPLING } from "../src/runtime/sampling.ts";
+import { buildInstance, type Engine, loadAssets } from "../src/instance/build.ts";
+import { generate, type GenerateParams, type GenerationSummary } from "../src/decode/generate.ts";
+import type { TokenLogprob } from "../src/sampling/logprobs.ts";
+import type { Device } from "../src/ort/ort.ts";
+import { DEFAULT_SAMPLING } from "../src/sampling/sampling.ts";
 import { EVAL_TEXT, golden, relL2, TINY_NAS } from "./helpers.ts";
 
 export const FP32_INT4: GraphOptions = { dtype: "fp32", quantize: "int4" };

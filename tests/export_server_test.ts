@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import tar from "tar-stream";
 import { parsePlan } from "../src/fusion/plan.ts";
-import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
+import { buildInstance, loadAssets } from "../src/instance/build.ts";
 import { UNFUSED } from "../src/fusion/plan.ts";
 import { golden, relL2, TINY_NAS } from "./helpers.ts";
 import { post, startServer } from "./server_helpers.ts";

@@ -5,7 +5,7 @@ import { InputError } from "../src/errors.ts";
 import { labelBlocks } from "../src/fusion/analyze.ts";
 import { checkPlan, type FusionPlan, parsePlan, UNFUSED } from "../src/fusion/plan.ts";
 import { ffnMultToIntermediate, parseConfig } from "../src/model/config.ts";
-import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
+import { buildInstance, loadAssets } from "../src/instance/build.ts";
 import {
   EVAL_TEXT,
   golden,

@@ -5,8 +5,8 @@ import { unfusedBlocks } from "../src/model/blocks.ts";
 import { loadCheckpoint } from "../src/model/checkpoint.ts";
 import { referenceForward } from "../src/model/forward.ts";
 import { buildDecoderGraph } from "../src/onnx/decoder.ts";
-import { resolveDevice } from "../src/runtime/ort.ts";
-import { disposeCache, ModelSession } from "../src/runtime/session.ts";
+import { resolveDevice } from "../src/ort/ort.ts";
+import { disposeCache, ModelSession } from "../src/ort/session.ts";
 import { InputError } from "../src/errors.ts";
 import { golden, NAS_LIKE, relL2, TINY_LLAMA, TINY_NAS, writeRandomModel } from "./helpers.ts";
 

@@ -1,8 +1,8 @@
 import assert from "node:assert/strict";
 import { TextTokenizer } from "../src/model/tokenizer.ts";
-import { StopMatcher } from "../src/runtime/generate.ts";
+import { StopMatcher } from "../src/decode/generate.ts";
 import { argmax } from "../src/numeric.ts";
-import { DEFAULT_SAMPLING, Sampler } from "../src/runtime/sampling.ts";
+import { DEFAULT_SAMPLING, Sampler } from "../src/sampling/sampling.ts";
 import { TINY_NAS } from "./helpers.ts";
 
 Deno.test("tokenizer: streaming decode emits whole characters and reassembles the text exactly", async () => {

@@ -1,13 +1,13 @@
-import type { GrammarSpec } from "../src/runtime/grammar.ts";
+import type { GrammarSpec } from "../src/sampling/grammar.ts";
 import { InputError } from "../src/errors.ts";
 import assert from "node:assert/strict";
 import { UNFUSED } from "../src/fusion/plan.ts";
 import { GraphBuilder } from "../src/onnx/builder.ts";
 import { FLOAT_WEIGHTS } from "../src/onnx/format.ts";
-import { createSession } from "../src/runtime/ort.ts";
-import { buildInstance, loadAssets, type ModelInstance } from "../src/runtime/engine.ts";
-import { generate, type GenerateParams } from "../src/runtime/generate.ts";
-import { DEFAULT_SAMPLING } from "../src/runtime/sampling.ts";
+import { createSession } from "../src/ort/ort.ts";
+import { buildInstance, loadAssets, type ModelInstance } from "../src/instance/build.ts";
+import { generate, type GenerateParams } from "../src/decode/generate.ts";
+import { DEFAULT_SAMPLING } from "../src/sampling/sampling.ts";
 import { FP32_INT4, FP32_INT8, planFormsMatchWasm, runToEnd } from "./engine_helpers.ts";
 import { golden, HAS_WEBGPU, TINY_NAS } from "./helpers.ts";
 import { post, readSse, startServer } from "./server_helpers.ts";

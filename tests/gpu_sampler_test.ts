@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { rng } from "../src/numeric.ts";
-import { GpuSampler, ringId, ringScored, type SampleRow } from "../src/runtime/gpu_sampler.ts";
-import { DEFAULT_SAMPLING, Sampler, type SamplingParams } from "../src/runtime/sampling.ts";
+import { GpuSampler, ringId, ringScored, type SampleRow } from "../src/ort/gpu_sampler.ts";
+import { DEFAULT_SAMPLING, Sampler, type SamplingParams } from "../src/sampling/sampling.ts";
 import { requestGpu } from "../src/webgpu/device.ts";
 import { HAS_WEBGPU } from "./helpers.ts";
 

@@ -12,8 +12,8 @@ import { f16ToF32, f32ToF16 } from "../src/model/dtype.ts";
 import { rng } from "../src/numeric.ts";
 import { applyPlan } from "../src/fusion/apply.ts";
 import { validatePlan } from "../src/fusion/plan.ts";
-import { createSession, ort, resolveDevice } from "../src/runtime/ort.ts";
-import { disposeCache, ModelSession } from "../src/runtime/session.ts";
+import { createSession, ort, resolveDevice } from "../src/ort/ort.ts";
+import { disposeCache, ModelSession } from "../src/ort/session.ts";
 import {
   HAS_NATIVE,
   HAS_WEBGPU,

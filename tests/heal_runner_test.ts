@@ -9,7 +9,7 @@ import { loadCheckpoint } from "../src/model/checkpoint.ts";
 import { linear, referenceForward, swigluActivations } from "../src/model/forward.ts";
 import { tensor } from "../src/model/tensor.ts";
 import { rng } from "../src/numeric.ts";
-import { healRunner } from "../src/runtime/heal_runner.ts";
+import { healRunner } from "../src/instance/heal_runner.ts";
 import { HAS_NATIVE, HAS_WEBGPU, relL2, runScript, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
 
 const windowsOf = (vocab: number, lengths: number[]) => {

@@ -5,7 +5,7 @@ import { textWindows } from "../src/fusion/calibration.ts";
 import { type FusionPlan, parsePlan, planId } from "../src/fusion/plan.ts";
 import { applyPlan } from "../src/fusion/apply.ts";
 import type { Block, FfnBlock } from "../src/model/blocks.ts";
-import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
+import { buildInstance, loadAssets } from "../src/instance/build.ts";
 import { join } from "node:path";
 import { EVAL_TEXT, exactLinearData, relL2, ROOT, runScript, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
 import { clearlyBetter, DOWN_RIDGES, INPUT_RIDGES } from "../src/fusion/heal.ts";

@@ -3,7 +3,7 @@ import { fileURLToPath } from "node:url";
 import { encodeSafetensors } from "../src/model/safetensors.ts";
 import { type Tensor, tensor } from "../src/model/tensor.ts";
 import { rng } from "../src/numeric.ts";
-import { resolveDevice, webgpuAvailable } from "../src/runtime/ort.ts";
+import { resolveDevice, webgpuAvailable } from "../src/ort/ort.ts";
 
 export const ROOT = fileURLToPath(new URL("..", import.meta.url));
 export const MODELS = join(ROOT, "models");

@@ -8,10 +8,10 @@ import {
   UnavailableError,
 } from "../src/errors.ts";
 import { type FusionPlan, planId, UNFUSED } from "../src/fusion/plan.ts";
-import { type InstanceBuilder, ModelHost } from "../src/runtime/host.ts";
-import type { PendingBuild, PlanInstance } from "../src/runtime/remote_instance.ts";
-import type { RemoteTokenizer } from "../src/runtime/remote_tokenizer.ts";
-import { Scheduler } from "../src/runtime/scheduler.ts";
+import { type InstanceBuilder, ModelHost } from "../src/serving/host.ts";
+import type { PendingBuild, PlanInstance } from "../src/instance/remote_instance.ts";
+import type { RemoteTokenizer } from "../src/serving/remote_tokenizer.ts";
+import { Scheduler } from "../src/serving/scheduler.ts";
 import { FLOAT_WEIGHTS } from "../src/onnx/format.ts";
 import { ROOT } from "./helpers.ts";
 

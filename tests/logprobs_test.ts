@@ -1,8 +1,8 @@
 import assert from "node:assert/strict";
 import { TextTokenizer } from "../src/model/tokenizer.ts";
-import { TokenSink } from "../src/runtime/generate.ts";
-import { describe, logSoftmaxTop } from "../src/runtime/logprobs.ts";
-import { Sampler } from "../src/runtime/sampling.ts";
+import { TokenSink } from "../src/decode/generate.ts";
+import { describe, logSoftmaxTop } from "../src/sampling/logprobs.ts";
+import { Sampler } from "../src/sampling/sampling.ts";
 import { TINY_NAS } from "./helpers.ts";
 
 function randomRow(n: number, seed: number): Float32Array {

@@ -7,10 +7,10 @@ import { PUBLISHED_CONFIGS } from "../src/model/published_configs.ts";
 import { storedBytes } from "../src/onnx/builder.ts";
 import { buildDecoderGraph } from "../src/onnx/decoder.ts";
 import { FLOAT_WEIGHTS, type GraphOptions } from "../src/onnx/format.ts";
-import { checkModelFits, estimateMemory, kvBudgetBytes } from "../src/runtime/memory.ts";
+import { checkModelFits, estimateMemory, kvBudgetBytes } from "../src/ort/memory.ts";
 import { InputError } from "../src/errors.ts";
-import { decodeAdvice } from "../src/runtime/decode_estimate.ts";
-import { resolveGraphOptions } from "../src/runtime/ort.ts";
+import { decodeAdvice } from "../src/ort/decode_estimate.ts";
+import { resolveGraphOptions } from "../src/ort/ort.ts";
 import { ROOT, TINY_NAS } from "./helpers.ts";
 
 const LLAMA_32_1B = PUBLISHED_CONFIGS["llama-3.2-1b"];

@@ -1,9 +1,9 @@
 import assert from "node:assert/strict";
-import { generate } from "../src/runtime/generate.ts";
-import { DEFAULT_SAMPLING } from "../src/runtime/sampling.ts";
-import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
+import { generate } from "../src/decode/generate.ts";
+import { DEFAULT_SAMPLING } from "../src/sampling/sampling.ts";
+import { buildInstance, loadAssets } from "../src/instance/build.ts";
 import { UNFUSED } from "../src/fusion/plan.ts";
-import { type Device, probeAdapter, resolveDevice, resolveGraphOptions } from "../src/runtime/ort.ts";
+import { type Device, probeAdapter, resolveDevice, resolveGraphOptions } from "../src/ort/ort.ts";
 import { validatePlan } from "../src/fusion/plan.ts";
 import { InputError } from "../src/errors.ts";
 import { argmax } from "../src/numeric.ts";

@@ -5,8 +5,8 @@ import { type Block, layerOf, unfusedBlocks } from "../src/model/blocks.ts";
 import { type Checkpoint, loadCheckpoint } from "../src/model/checkpoint.ts";
 import { referenceForward } from "../src/model/forward.ts";
 import { buildDecoderGraph } from "../src/onnx/decoder.ts";
-import { resolveDevice } from "../src/runtime/ort.ts";
-import { disposeCache, ModelSession } from "../src/runtime/session.ts";
+import { resolveDevice } from "../src/ort/ort.ts";
+import { disposeCache, ModelSession } from "../src/ort/session.ts";
 import { EVAL_TEXT, exactLinearData, golden, relL2, ROOT, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
 import { join } from "node:path";
 import {
@@ -17,7 +17,7 @@ import {
   ridgeFit,
 } from "../src/fusion/linear_fit.ts";
 import { textWindows } from "../src/fusion/calibration.ts";
-import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
+import { buildInstance, loadAssets } from "../src/instance/build.ts";
 
 Deno.test("plan v2: attention removal, FFN groups over removed attention, block groups; rules named", async () => {
   const llama = (await loadCheckpoint(TINY_LLAMA)).config;

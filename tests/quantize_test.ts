@@ -7,22 +7,22 @@ import { referenceForward } from "../src/model/forward.ts";
 import { tensor } from "../src/model/tensor.ts";
 import { storedBytes } from "../src/onnx/builder.ts";
 import { buildDecoderGraph } from "../src/onnx/decoder.ts";
+import type { Quantization } from "../src/onnx/format.ts";
 import {
   dequantize,
   dequantizedModel,
   integerBlock,
-  type Quantization,
   quantize,
   quantizeColumns,
   weightBytes,
 } from "../src/onnx/quantize.ts";
-import { type Device, resolveDevice, resolveGraphOptions } from "../src/runtime/ort.ts";
-import { disposeCache, ModelSession } from "../src/runtime/session.ts";
+import { type Device, resolveDevice, resolveGraphOptions } from "../src/ort/ort.ts";
+import { disposeCache, ModelSession } from "../src/ort/session.ts";
 import { EVAL_TEXT, golden, HAS_NATIVE, HAS_WEBGPU, relL2, TINY_NAS } from "./helpers.ts";
 import { evaluateQuality } from "../src/fusion/evaluate.ts";
 import { textWindows } from "../src/fusion/calibration.ts";
 import { UNFUSED } from "../src/fusion/plan.ts";
-import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
+import { buildInstance, loadAssets } from "../src/instance/build.ts";
 import { rng } from "../src/numeric.ts";
 
 Deno.test("quantize: per-block symmetric int4/int8 in MatMulNBits' layout, error within half a step", () => {

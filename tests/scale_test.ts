@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { loadConfig } from "../src/model/checkpoint.ts";
-import { estimateMemory } from "../src/runtime/memory.ts";
-import { resolveGraphOptions } from "../src/runtime/ort.ts";
+import { estimateMemory } from "../src/ort/memory.ts";
+import { resolveGraphOptions } from "../src/ort/ort.ts";
 import { moduleUrl, probe, synthCheckpoint } from "./helpers.ts";
 import { post, startServer } from "./server_helpers.ts";
 

@@ -4,11 +4,11 @@ import { applyPlan } from "../src/fusion/apply.ts";
 import { UNFUSED } from "../src/fusion/plan.ts";
 import { referenceForward } from "../src/model/forward.ts";
 import { dequantizedModel } from "../src/onnx/quantize.ts";
-import { buildInstance, loadAssets } from "../src/runtime/engine.ts";
-import { generate } from "../src/runtime/generate.ts";
-import { DEFAULT_SAMPLING } from "../src/runtime/sampling.ts";
+import { buildInstance, loadAssets } from "../src/instance/build.ts";
+import { generate } from "../src/decode/generate.ts";
+import { DEFAULT_SAMPLING } from "../src/sampling/sampling.ts";
 import { formatName, type GraphOptions } from "../src/onnx/format.ts";
-import { type Device, resolveDevice, resolveGraphOptions } from "../src/runtime/ort.ts";
+import { type Device, resolveDevice, resolveGraphOptions } from "../src/ort/ort.ts";
 import { HAS_WEBGPU, moduleUrl, probe, relL2, synthCheckpoint } from "./helpers.ts";
 
 /**
@@ -71,10 +71,10 @@ Deno.test({
           rowBytes: { position: number; logits: number };
         }
       >(`
-        import { buildInstance, loadAssets } from "${moduleUrl("src/runtime/engine.ts")}";
+        import { buildInstance, loadAssets } from "${moduleUrl("src/instance/build.ts")}";
         import { UNFUSED } from "${moduleUrl("src/fusion/plan.ts")}";
         import { WeightCache, WeightStore } from "${moduleUrl("src/onnx/weight_cache.ts")}";
-        import { resolveDevice, resolveGraphOptions } from "${moduleUrl("src/runtime/ort.ts")}";
+        import { resolveDevice, resolveGraphOptions } from "${moduleUrl("src/ort/ort.ts")}";
         const device = await resolveDevice("wasm");
         const graph = await resolveGraphOptions("fp32", "int8", device);
         const assets = await loadAssets(${JSON.stringify(dir)}, { maxContext: 4096 });

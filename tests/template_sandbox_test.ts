@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { BadCheckpointError, InputError } from "../src/errors.ts";
-import { RemoteTokenizer } from "../src/runtime/remote_tokenizer.ts";
-import { TemplateOverrunError, TemplateSandbox } from "../src/runtime/template_sandbox.ts";
+import { RemoteTokenizer } from "../src/serving/remote_tokenizer.ts";
+import { TemplateOverrunError, TemplateSandbox } from "../src/serving/template_sandbox.ts";
 import { TINY_NAS } from "./helpers.ts";
 
 const LIMITS = { timeMs: 1000, heapMb: 48 };

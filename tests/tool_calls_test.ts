@@ -17,7 +17,7 @@ import {
   toolCallTag,
   type ToolFunction,
 } from "../src/model/tool_calls.ts";
-import { DEFAULT_TEMPLATE_LIMITS, TemplateSandbox } from "../src/runtime/template_sandbox.ts";
+import { DEFAULT_TEMPLATE_LIMITS, TemplateSandbox } from "../src/serving/template_sandbox.ts";
 import { ROOT, TINY_NAS } from "./helpers.ts";
 import { post, readSse, startServer } from "./server_helpers.ts";
 

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { resolveDevice } from "../src/runtime/ort.ts";
+import { resolveDevice } from "../src/ort/ort.ts";
 import { readFloats } from "../src/webgpu/device.ts";
 import { HAS_WEBGPU } from "./helpers.ts";
 

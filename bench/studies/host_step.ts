@@ -24,8 +24,8 @@ import { fail, positive, scriptFlags } from "../../scripts/args.ts";
 import { profileSteps } from "../../src/bench/step_profile.ts";
 import { UNFUSED } from "../../src/fusion/plan.ts";
 import { type Spread, spread } from "../../src/numeric.ts";
-import { buildInstance, loadAssets } from "../../src/runtime/engine.ts";
-import { resolveDevice, resolveGraphOptions } from "../../src/runtime/ort.ts";
+import { buildInstance, loadAssets } from "../../src/instance/build.ts";
+import { resolveDevice, resolveGraphOptions } from "../../src/ort/ort.ts";
 import { GpuCounters } from "../../src/webgpu/counters.ts";
 
 const root = fileURLToPath(new URL("../..", import.meta.url));

@@ -1,9 +1,9 @@
 import type { FusionPlan } from "../fusion/plan.ts";
 import { type Spread, spread } from "../numeric.ts";
 import type { GraphOptions } from "../onnx/format.ts";
-import { buildInstance, type ModelAssets, type ModelInstance } from "../runtime/engine.ts";
-import type { Backend } from "../runtime/ort.ts";
-import type { GrammarSpec } from "../runtime/grammar.ts";
+import { buildInstance, type ModelAssets, type ModelInstance } from "../instance/build.ts";
+import type { Backend } from "../ort/ort.ts";
+import type { GrammarSpec } from "../sampling/grammar.ts";
 import { BENCH_PROMPT, decodePass, generator } from "./decode_bench.ts";
 import { profileSteps, type StepProfile } from "./step_profile.ts";
 

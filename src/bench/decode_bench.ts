@@ -1,12 +1,12 @@
-import type { GrammarSpec } from "../runtime/grammar.ts";
+import type { GrammarSpec } from "../sampling/grammar.ts";
 import process from "node:process";
 import type { FusionPlan } from "../fusion/plan.ts";
 import { FLOAT_WEIGHTS, type GraphOptions } from "../onnx/format.ts";
 import { type Spread, spread } from "../numeric.ts";
-import { buildInstance, type ModelAssets, type ModelInstance } from "../runtime/engine.ts";
-import { generate } from "../runtime/generate.ts";
-import { type Backend, isNative } from "../runtime/ort.ts";
-import { DEFAULT_SAMPLING } from "../runtime/sampling.ts";
+import { buildInstance, type ModelAssets, type ModelInstance } from "../instance/build.ts";
+import { generate } from "../decode/generate.ts";
+import { type Backend, isNative } from "../ort/ort.ts";
+import { DEFAULT_SAMPLING } from "../sampling/sampling.ts";
 
 export interface DecodeCase {
   /**

@@ -1,8 +1,8 @@
 import { fuseFfns } from "../fusion/apply.ts";
 import { buildFfnStackGraph } from "../onnx/decoder.ts";
 import { FLOAT_WEIGHTS, type GraphOptions } from "../onnx/format.ts";
-import type { Device } from "../runtime/ort.ts";
-import { createSession, ort } from "../runtime/ort.ts";
+import type { Device } from "../ort/ort.ts";
+import { createSession, ort } from "../ort/ort.ts";
 import { type EncodedModel, storedBytes } from "../onnx/builder.ts";
 import { f32ToF16 } from "../model/dtype.ts";
 import { rng, spread } from "../numeric.ts";

@@ -8,15 +8,15 @@ import {
   type GraphOptions,
   parseFormatName,
 } from "../onnx/format.ts";
-import type { Quantization } from "../onnx/quantize.ts";
-import { assetsFrom, loadAssets } from "../runtime/engine.ts";
+import type { Quantization } from "../onnx/format.ts";
+import { assetsFrom, loadAssets } from "../instance/build.ts";
 import {
   adapterMaxBuffer,
   type Backend,
   type Device,
   resolveDevice,
   resolveGraphOptions,
-} from "../runtime/ort.ts";
+} from "../ort/ort.ts";
 import { requestGpu } from "../webgpu/device.ts";
 import { BENCH_PROMPT, benchDecode, type DecodeCase } from "./decode_bench.ts";
 import { type BatchCase, benchBatch } from "./batch_bench.ts";
@@ -24,7 +24,7 @@ import { benchFfn, type FfnBenchReport } from "./ffn_bench.ts";
 import { benchOnnxFfn, type OnnxFfnReport } from "./onnx_bench.ts";
 import { checkpointRun, type PresetName, presetRun, PRESETS } from "./shapes.ts";
 import { benchServing, type ServingBench, servingFormats } from "./serving_bench.ts";
-import { checkModelFits } from "../runtime/memory.ts";
+import { checkModelFits } from "../ort/memory.ts";
 import type { StepProfile } from "./step_profile.ts";
 
 export interface BenchOptions {

@@ -3,10 +3,10 @@ import type { Checkpoint } from "../model/checkpoint.ts";
 import { type Spread, spread } from "../numeric.ts";
 import { FLOAT_WEIGHTS, formatName, type GraphOptions } from "../onnx/format.ts";
 import { type WeightEntries, WeightStore } from "../onnx/weight_cache.ts";
-import { checkModelFits } from "../runtime/memory.ts";
-import { type Device, resolveGraphOptions } from "../runtime/ort.ts";
-import { type PlanInstance, RemoteInstance } from "../runtime/remote_instance.ts";
-import { DEFAULT_SAMPLING } from "../runtime/sampling.ts";
+import { checkModelFits } from "../ort/memory.ts";
+import { type Device, resolveGraphOptions } from "../ort/ort.ts";
+import { type PlanInstance, RemoteInstance } from "../instance/remote_instance.ts";
+import { DEFAULT_SAMPLING } from "../sampling/sampling.ts";
 import { decodePass, type GenerateTokens, type Sample } from "./decode_bench.ts";
 
 /** One weight format served end to end: building, swapping to the fused plan, decoding both. */

@@ -1,9 +1,9 @@
 import { type Spread, spread } from "../numeric.ts";
-import type { ModelInstance } from "../runtime/engine.ts";
-import { ort } from "../runtime/ort.ts";
-import { DEFAULT_SAMPLING } from "../runtime/sampling.ts";
-import { asBatch } from "../runtime/session.ts";
-import { yieldedMs } from "../runtime/yield.ts";
+import type { ModelInstance } from "../instance/build.ts";
+import { ort } from "../ort/ort.ts";
+import { DEFAULT_SAMPLING } from "../sampling/sampling.ts";
+import { asBatch } from "../ort/session.ts";
+import { yieldedMs } from "../yield.ts";
 import { GpuCounters, GpuTimestamps } from "../webgpu/counters.ts";
 
 /** Where one decode step of `batch` rows goes: what it asks of the device, and its host and GPU time. */
@@ -22,7 +22,7 @@ export interface StepProfile {
   writes: number | null;
   /**
    * The step's JS and WASM time on the host, without the time spent inside queue.submit (where a
-   * software adapter runs the kernels) or giving the event loop its turn (runtime/yield.ts).
+   * software adapter runs the kernels) or giving the event loop its turn (src/yield.ts).
    */
   host_ms: Spread;
   /** The GPU's time from the step's first command to its last (timestamp queries); null without them. */

@@ -1,5 +1,5 @@
 import { z } from "zod";
-import { analysisRequest, checkAnalysisRequest } from "../api/analysis.ts";
+import { analysisRequest, checkAnalysisRequest } from "../requests/analysis.ts";
 import { analyzeText } from "../fusion/analyze.ts";
 import { heatmapSvg } from "../fusion/heatmap.ts";
 import { loadCheckpoint } from "../model/checkpoint.ts";
@@ -7,11 +7,11 @@ import { TextTokenizer } from "../model/tokenizer.ts";
 import { DEFAULT_CALIBRATION_TEXT, DEFAULT_MODEL_DIR } from "./defaults.ts";
 import { defineCommand, deviceFlag } from "./flags.ts";
 import { modelFlags } from "./load.ts";
-import { resolveDevice } from "../runtime/ort.ts";
-import { useThreads } from "../runtime/threads.ts";
+import { resolveDevice } from "../ort/ort.ts";
+import { useThreads } from "../ort/threads.ts";
 import { progressPrinter } from "./progress.ts";
-import { frontierFromText } from "../runtime/plan_scorer.ts";
-import { blockCandidates } from "../fusion/frontier.ts";
+import { frontierFromText } from "../instance/plan_scorer.ts";
+import { type AnalysisWithFrontier, blockCandidates } from "../fusion/frontier.ts";
 
 export const textFlag = z.string().default(DEFAULT_CALIBRATION_TEXT)
   .describe("calibration/evaluation text file (default: the shipped data/eval.py.txt)");
@@ -35,7 +35,7 @@ export const analyzeCommand = defineCommand({
     const ckpt = await loadCheckpoint(flags.model);
     checkAnalysisRequest(flags, ckpt.config);
     const tokenizer = await TextTokenizer.load(flags.model);
-    const report = await analyzeText(
+    const report: AnalysisWithFrontier = await analyzeText(
       ckpt,
       tokenizer,
       flags.text,

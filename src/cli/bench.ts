@@ -1,5 +1,5 @@
 import { z } from "zod";
-import { benchRequest } from "../api/bench.ts";
+import { benchRequest } from "../requests/bench.ts";
 import { formatBench, runBench } from "../bench/run.ts";
 import { InputError } from "../errors.ts";
 import { defineCommand, deviceFlag } from "./flags.ts";

@@ -3,7 +3,7 @@ import { evaluateQuality, type Scorer } from "../fusion/evaluate.ts";
 import { textWindows } from "../fusion/calibration.ts";
 import { UNFUSED } from "../fusion/plan.ts";
 import { InputError } from "../errors.ts";
-import { buildInstance, type ModelInstance } from "../runtime/engine.ts";
+import { buildInstance, type ModelInstance } from "../instance/build.ts";
 import { textFlag } from "./analyze.ts";
 import { defineCommand } from "./flags.ts";
 import { loadModel, modelFlags } from "./load.ts";

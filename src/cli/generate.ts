@@ -1,7 +1,7 @@
 import { z } from "zod";
-import { generationFields, toGenerateParams } from "../api/generation.ts";
-import { checkPromptFits } from "../runtime/context.ts";
-import { generate } from "../runtime/generate.ts";
+import { generationFields, toGenerateParams } from "../requests/generation.ts";
+import { checkPromptFits } from "../decode/context.ts";
+import { generate } from "../decode/generate.ts";
 import { defineCommand } from "./flags.ts";
 import { loadModel, modelFlags } from "./load.ts";
 

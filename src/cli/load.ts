@@ -1,13 +1,13 @@
 import { z } from "zod";
-import { useThreads } from "../runtime/threads.ts";
+import { useThreads } from "../ort/threads.ts";
 import { DEFAULT_HEAL, type FusionPlan, loadPlanFile, UNFUSED } from "../fusion/plan.ts";
-import { buildInstance, loadAssets, type ModelAssets, type ModelInstance } from "../runtime/engine.ts";
+import { buildInstance, loadAssets, type ModelAssets, type ModelInstance } from "../instance/build.ts";
 import type { FloatType } from "../onnx/format.ts";
-import type { Quantization } from "../onnx/quantize.ts";
+import type { Quantization } from "../onnx/format.ts";
 import { loadConfig } from "../model/checkpoint.ts";
-import { checkModelFits } from "../runtime/memory.ts";
-import { decodeAdvice } from "../runtime/decode_estimate.ts";
-import { adapterMaxBuffer, type DeviceRequest, resolveDevice, resolveGraphOptions } from "../runtime/ort.ts";
+import { checkModelFits } from "../ort/memory.ts";
+import { decodeAdvice } from "../ort/decode_estimate.ts";
+import { adapterMaxBuffer, type DeviceRequest, resolveDevice, resolveGraphOptions } from "../ort/ort.ts";
 import { DEFAULT_CALIBRATION_TEXT, DEFAULT_MODEL_DIR } from "./defaults.ts";
 import { deviceFlag, dtypeFlag, quantizeFlag } from "./flags.ts";
 

@@ -1,5 +1,5 @@
 import { z } from "zod";
-import { checkPromptFits } from "../runtime/context.ts";
+import { checkPromptFits } from "../decode/context.ts";
 import { defineCommand } from "./flags.ts";
 import { loadModel, modelFlags } from "./load.ts";
 

@@ -1,13 +1,13 @@
 import { z } from "zod";
-import { LIMITS } from "../api/generation.ts";
+import { LIMITS } from "../requests/generation.ts";
 import { InputError } from "../errors.ts";
 import { ChatTemplate } from "../model/chat_template.ts";
 import { parsePlan, readPlanFile, UNFUSED } from "../fusion/plan.ts";
-import { ModelHost } from "../runtime/host.ts";
-import { adapterMaxBuffer, resolveDevice, resolveGraphOptions } from "../runtime/ort.ts";
-import { Scheduler } from "../runtime/scheduler.ts";
-import { DEFAULT_TEMPLATE_LIMITS } from "../runtime/template_sandbox.ts";
-import { waitAtMost } from "../runtime/yield.ts";
+import { ModelHost } from "../serving/host.ts";
+import { adapterMaxBuffer, resolveDevice, resolveGraphOptions } from "../ort/ort.ts";
+import { Scheduler } from "../serving/scheduler.ts";
+import { DEFAULT_TEMPLATE_LIMITS } from "../serving/template_sandbox.ts";
+import { waitAtMost } from "../yield.ts";
 import { createApp } from "../server/app.ts";
 import { allowedHosts } from "../server/guards.ts";
 import { analysisRunner, benchRunner } from "../server/jobs.ts";
@@ -16,7 +16,7 @@ import { Metrics } from "../server/metrics.ts";
 import { DEFAULT_CALIBRATION_TEXT } from "./defaults.ts";
 import { defineCommand } from "./flags.ts";
 import { healedIf, modelFlags } from "./load.ts";
-import { decodeAdvice } from "../runtime/decode_estimate.ts";
+import { decodeAdvice } from "../ort/decode_estimate.ts";
 
 /** Hono's bearer-auth accepts RFC 6750 token characters only; another token could never match. */
 const token = z.string().min(8, "must be at least 8 characters").regex(

@@ -5,7 +5,8 @@ import type { HealReport, HealStage } from "../fusion/heal.ts";
 import { type FusionPlan, planId } from "../fusion/plan.ts";
 import { STORED_SIZE, type StoredType, type TensorToWrite, writeSafetensors } from "../model/safetensors.ts";
 import { numel } from "../model/tensor.ts";
-import { type ModelAssets, planBlocks } from "../runtime/engine.ts";
+import type { Checkpoint } from "../model/checkpoint.ts";
+import { type ModelAssets, planBlocks } from "../instance/build.ts";
 import { blockConfig, type ExportLayer, exportLayers, layerTensors } from "./decilm.ts";
 
 export type ExportDtype = "fp32" | "fp16" | "bf16";
@@ -279,4 +280,16 @@ function modelCard(
       : ["Not measured at export (`main.ts export --eval-tokens N` measures it)."]),
     "",
   ].join("\n");
+}
+
+/** What the export worker is given (GET /export). */
+export interface ExportJob {
+  /** The served checkpoint (file-backed). */
+  checkpoint: Checkpoint;
+  modelDir: string;
+  plan: FusionPlan;
+  dtype: ExportDtype;
+  /** An empty directory the checkpoint is written into. */
+  out: string;
+  calibrationText?: string;
 }

@@ -9,7 +9,6 @@ import { fusableRuns, type FusionPlan, planId } from "./plan.ts";
 import { type TextSlice, textWindows } from "./calibration.ts";
 import type { TextTokenizer } from "../model/tokenizer.ts";
 import { unfusedBlocks } from "../model/blocks.ts";
-import type { FrontierResult } from "./frontier.ts";
 
 export interface BlockLabel {
   index: number;
@@ -226,8 +225,6 @@ export interface AnalysisReport {
   suggested_plan: FusionPlan;
   trials: PlanTrial[];
   unfused_loss: number;
-  /** With remove_steps: the speed/quality frontier measured on held-out text. */
-  frontier?: FrontierResult;
 }
 
 export const DEFAULT_SUGGEST: SuggestOptions = { maxWidth: 4, threshold: 0.2 };

@@ -1,5 +1,5 @@
 import type { ModelConfig } from "../model/config.ts";
-import type { DependencyAnalysis } from "./analyze.ts";
+import type { AnalysisReport, DependencyAnalysis } from "./analyze.ts";
 import type { QualityReport } from "./evaluate.ts";
 import {
   blockGroups,
@@ -42,6 +42,11 @@ export interface FrontierReport {
 }
 
 /** A frontier search's report with the plan its budget allows. */
+/** An analysis and, with remove_steps, the speed/quality frontier measured on held-out text. */
+export interface AnalysisWithFrontier extends AnalysisReport {
+  frontier?: FrontierResult;
+}
+
 export interface FrontierResult extends FrontierReport {
   /** The plan the budget allows (most steps within the perplexity bound), if any. */
   budget_plan: FusionPlan | null;

@@ -79,7 +79,7 @@ export interface HealReport {
 }
 
 /**
- * What healing runs through the model (runtime/heal_runner.ts, onnxruntime): this module only fits.
+ * What healing runs through the model (instance/heal_runner.ts, onnxruntime): this module only fits.
  * Gathered through onnxruntime, a window's streams and statistics cost a seventh of the float64
  * reference forward and JS Gram they replaced (scripts/heal_gather.ts).
  */

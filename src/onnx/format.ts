@@ -1,9 +1,10 @@
-import type { Quantization } from "./quantize.ts";
-
 /** The float type of a graph's weights and activations: fp16 halves the bytes a decode step reads. */
 export type FloatType = "fp32" | "fp16";
 
 /** How a graph stores its weights: float type, and weight-only quantization of the MatMul weights. */
+/** Weight quantization of every MatMul weight. */
+export type Quantization = "none" | "int8" | "int4";
+
 export interface GraphOptions {
   dtype: FloatType;
   quantize: Quantization;

@@ -1,9 +1,8 @@
 import type { Block, FfnBlock } from "../model/blocks.ts";
 import type { Tensor } from "../model/tensor.ts";
-import type { GraphOptions } from "./format.ts";
+import type { GraphOptions, Quantization } from "./format.ts";
 
 /** Weight-only quantization of the MatMul weights: none (the float type), or 8 / 4 bits a weight. */
-export type Quantization = "none" | "int8" | "int4";
 
 /** Weights per scale: onnxruntime's MatMulNBits block, 32 along the input axis. */
 export const BLOCK = 32;

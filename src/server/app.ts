@@ -1,13 +1,11 @@
 import { Hono } from "hono";
 import { UnavailableError } from "../errors.ts";
 import { cors } from "hono/cors";
-import type { ModelHost } from "../runtime/host.ts";
-import type { Scheduler } from "../runtime/scheduler.ts";
-import { getFuseHandler, postFuseHandler } from "./admin.ts";
+import { getFuseHandler, postFuseHandler } from "./fuse.ts";
 import { chatEndpoint } from "./chat.ts";
 import { type CompletionLimits, completionRoute } from "./completion_route.ts";
 import { completionsEndpoint } from "./completions.ts";
-import { exportRoute, type ExportRunner } from "./export_route.ts";
+import { exportRoute } from "./export_route.ts";
 import { dashboardHandler } from "./dashboard.ts";
 import { onError } from "./errors.ts";
 import { methodNotAllowed } from "./methods.ts";
@@ -15,9 +13,9 @@ import { perClientLimit } from "./client_limits.ts";
 import { bodyLimits } from "./body.ts";
 import { checkHost, requireBearer, requireJson, sameSiteOnly } from "./guards.ts";
 import { modelObject, tokenRoutes } from "./tokens.ts";
-import { analysisRoutes, type AnalysisRunner, benchRoutes, type BenchRunner } from "./jobs.ts";
+import { analysisRoutes, benchRoutes } from "./jobs.ts";
 import { type AppEnv, requestLogging } from "./logging.ts";
-import type { Metrics } from "./metrics.ts";
+import type { Services } from "./services.ts";
 
 export interface AppOptions extends CompletionLimits {
   /** Largest accepted request body in bytes. */
@@ -38,17 +36,6 @@ export interface AppOptions extends CompletionLimits {
   textPath: string;
   /** Where the one-line-per-request log goes. */
   log: (line: string) => void;
-}
-
-/** What the routes read and drive; `lifecycle.draining` is set by shutdown. */
-export interface Services {
-  host: ModelHost;
-  scheduler: Scheduler;
-  metrics: Metrics;
-  analysis: AnalysisRunner;
-  bench: BenchRunner;
-  exports: ExportRunner;
-  lifecycle: { draining: boolean };
 }
 
 const ROUTES = new Set([

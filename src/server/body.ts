@@ -5,14 +5,6 @@ import { bodyError, InputError } from "../errors.ts";
 import { errorBody } from "./errors.ts";
 import type { AppEnv } from "./logging.ts";
 
-/** What a request's body may be: its size, and when it must have arrived by. */
-export interface BodyLimits {
-  maxBytes: number;
-  timeoutMs: number;
-  /** performance.now() when the headers were in. */
-  since: number;
-}
-
 const refusal = (status: 408 | 413, message: string, type: string) =>
   new HTTPException(status, {
     res: new Response(JSON.stringify(errorBody(message, type)), {

@@ -1,5 +1,5 @@
-import { MAX_CHOICES } from "../runtime/completion.ts";
-import { mapSliced } from "../runtime/yield.ts";
+import { MAX_CHOICES } from "../serving/completion.ts";
+import { mapSliced } from "../yield.ts";
 import { z } from "zod";
 import {
   constraintFields,
@@ -7,8 +7,8 @@ import {
   LIMITS,
   toGenerateParams,
   toGrammar,
-} from "../api/generation.ts";
-import { MAX_TOP_LOGPROBS, type TokenLogprob } from "../runtime/logprobs.ts";
+} from "../requests/generation.ts";
+import { MAX_TOP_LOGPROBS, type TokenLogprob } from "../sampling/logprobs.ts";
 import type { ChatMessage } from "../model/chat_template.ts";
 import {
   parseToolCalls,

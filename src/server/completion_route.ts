@@ -7,10 +7,10 @@ import {
   type CompletionEvent,
   type CompletionJob,
   runCompletion,
-} from "../runtime/completion.ts";
-import type { GenerationSummary } from "../runtime/generate.ts";
-import type { PromptLogprob, TokenLogprob } from "../runtime/logprobs.ts";
-import { yieldIfBusy } from "../runtime/yield.ts";
+} from "../serving/completion.ts";
+import type { GenerationSummary } from "../decode/generate.ts";
+import type { PromptLogprob, TokenLogprob } from "../sampling/logprobs.ts";
+import { yieldIfBusy } from "../yield.ts";
 import { readBody } from "./body.ts";
 import { CLIENT_CLOSED, errorResponse } from "./errors.ts";
 import type { AppEnv } from "./logging.ts";

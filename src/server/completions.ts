@@ -1,8 +1,8 @@
 import { z } from "zod";
-import { constraintFields, generationFields, toGenerateParams, toGrammar } from "../api/generation.ts";
-import { MAX_CHOICES } from "../runtime/completion.ts";
-import { mapSliced } from "../runtime/yield.ts";
-import { MAX_TOP_LOGPROBS, type PromptLogprob, type TokenLogprob } from "../runtime/logprobs.ts";
+import { constraintFields, generationFields, toGenerateParams, toGrammar } from "../requests/generation.ts";
+import { MAX_CHOICES } from "../serving/completion.ts";
+import { mapSliced } from "../yield.ts";
+import { MAX_TOP_LOGPROBS, type PromptLogprob, type TokenLogprob } from "../sampling/logprobs.ts";
 import type { ChoiceWriter, Endpoint } from "./completion_route.ts";
 
 /**

@@ -5,7 +5,7 @@ import { heatmapSvg } from "../fusion/heatmap.ts";
 import { escapeXml } from "../markup.ts";
 import { type AnalysisRunner, measuredSpeedups } from "./jobs.ts";
 import { frontierChartSvg } from "./frontier_chart.ts";
-import type { Services } from "./app.ts";
+import type { Services } from "./services.ts";
 
 const esc = escapeXml;
 

@@ -3,16 +3,16 @@ import { join } from "node:path";
 import tar from "tar-stream";
 import { z } from "zod";
 import { bodyError, CancelledError } from "../errors.ts";
-import type { ExportJob } from "../export/export_worker.ts";
+import type { ExportJob } from "../export/write.ts";
 import type { ExportSummary } from "../export/write.ts";
-import { BackgroundJob } from "../runtime/background.ts";
-import type { ModelHost } from "../runtime/host.ts";
+import { BackgroundJob } from "../workers/background.ts";
+import type { ModelHost } from "../serving/host.ts";
 import type { AppEnv } from "./logging.ts";
 
 export type ExportRunner = BackgroundJob<ExportJob, ExportSummary>;
 
 export const exportRunner = (): ExportRunner =>
-  new BackgroundJob("an export", new URL("../export/export_worker.ts", import.meta.url));
+  new BackgroundJob("an export", new URL("../workers/export_worker.ts", import.meta.url));
 
 const exportQuery = z.object({
   dtype: z.enum(["fp32", "fp16", "bf16"]).default("bf16").describe("weight type of the safetensors"),

@@ -1,6 +1,6 @@
 import type { Context } from "hono";
-import { analysisRequest, checkAnalysisRequest } from "../api/analysis.ts";
-import { benchRequest } from "../api/bench.ts";
+import { analysisRequest, checkAnalysisRequest } from "../requests/analysis.ts";
+import { benchRequest } from "../requests/bench.ts";
 import { PRESETS } from "../bench/shapes.ts";
 import {
   type BenchOptions,
@@ -11,23 +11,23 @@ import {
 } from "../bench/run.ts";
 import { InputError, NotFoundError } from "../errors.ts";
 import type { FusionPlan } from "../fusion/plan.ts";
-import type { AnalysisReport } from "../fusion/analyze.ts";
-import type { AnalysisJob } from "../fusion/analysis_worker.ts";
+import type { AnalysisWithFrontier } from "../fusion/frontier.ts";
+import type { AnalysisJob } from "../requests/analysis.ts";
 import { heatmapSvg } from "../fusion/heatmap.ts";
 import { frontierChartSvg } from "./frontier_chart.ts";
-import { BackgroundJob } from "../runtime/background.ts";
-import type { ModelHost } from "../runtime/host.ts";
+import { BackgroundJob } from "../workers/background.ts";
+import type { ModelHost } from "../serving/host.ts";
 import { readBody } from "./body.ts";
 import type { AppEnv } from "./logging.ts";
 
-export type AnalysisRunner = BackgroundJob<AnalysisJob, AnalysisReport>;
+export type AnalysisRunner = BackgroundJob<AnalysisJob, AnalysisWithFrontier>;
 export type BenchRunner = BackgroundJob<BenchOptions, BenchReport>;
 
 export const analysisRunner = (): AnalysisRunner =>
-  new BackgroundJob("an analysis", new URL("../fusion/analysis_worker.ts", import.meta.url));
+  new BackgroundJob("an analysis", new URL("../workers/analysis_worker.ts", import.meta.url));
 
 export const benchRunner = (): BenchRunner =>
-  new BackgroundJob("a benchmark", new URL("../bench/bench_worker.ts", import.meta.url));
+  new BackgroundJob("a benchmark", new URL("../workers/bench_worker.ts", import.meta.url));
 
 /** The served model's config and its file-backed checkpoint (a ready host always has both). */
 function requireModel(host: ModelHost) {

@@ -1,8 +1,16 @@
-import type { BodyLimits } from "./body.ts";
 import type { Context, Next } from "hono";
 import type { Metrics } from "./metrics.ts";
 
 /** The context variables every handler may use (Hono's typed `c.get`). */
+/** What a request's body may be: its size, and when it must have arrived by. */
+export interface BodyLimits {
+  maxBytes: number;
+  timeoutMs: number;
+  /** performance.now() when the headers were in. */
+  since: number;
+}
+
+/** The app's typed context variables: the request's log line and its body limits. */
 export type AppEnv = { Variables: { log: RequestLog; body: BodyLimits } };
 
 const METHODS = new Set(["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]);

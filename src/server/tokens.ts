@@ -1,8 +1,8 @@
 import type { Context } from "hono";
 import { z } from "zod";
 import { InputError, NotFoundError } from "../errors.ts";
-import { maxPromptChars, promptChars, requireChat } from "../runtime/completion.ts";
-import type { ModelHost } from "../runtime/host.ts";
+import { maxPromptChars, promptChars, requireChat } from "../serving/completion.ts";
+import type { ModelHost } from "../serving/host.ts";
 import { message, toChatMessages, tool, toToolFunctions } from "./chat.ts";
 import { readBody } from "./body.ts";
 import type { AppEnv } from "./logging.ts";

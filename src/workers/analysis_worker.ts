@@ -3,30 +3,19 @@
  * Runs an analysis off the serving thread: it is minutes of float64 arithmetic, which on the main
  * thread would stall every stream in flight. The weights are read from the checkpoint's files here.
  */
-import "../runtime/worker_location.ts";
-import type { Checkpoint } from "../model/checkpoint.ts";
+import "./worker_location.ts";
 import { attachFiles } from "../model/safetensors.ts";
 import { TextTokenizer } from "../model/tokenizer.ts";
-import { serveJob } from "../runtime/background.ts";
-import { frontierFromText, type FrontierRequest } from "../runtime/plan_scorer.ts";
-import { type AnalysisReport, analyzeText, type SuggestOptions } from "./analyze.ts";
-import { blockCandidates } from "./frontier.ts";
-import type { TextSlice } from "./calibration.ts";
+import { serveJob } from "./background.ts";
+import { frontierFromText } from "../instance/plan_scorer.ts";
+import { analyzeText } from "../fusion/analyze.ts";
+import { type AnalysisWithFrontier, blockCandidates } from "../fusion/frontier.ts";
+import type { AnalysisJob } from "../requests/analysis.ts";
 
-export interface AnalysisJob {
-  checkpoint: Checkpoint;
-  modelDir: string;
-  textPath: string;
-  slice: TextSlice;
-  suggest: SuggestOptions;
-  /** Also measure the speed/quality frontier (sessions built here, in this worker). */
-  frontier?: FrontierRequest;
-}
-
-serveJob<AnalysisJob, AnalysisReport>(async (job, progress) => {
+serveJob<AnalysisJob, AnalysisWithFrontier>(async (job, progress) => {
   attachFiles(job.checkpoint);
   const tokenizer = await TextTokenizer.load(job.modelDir);
-  const report = await analyzeText(
+  const report: AnalysisWithFrontier = await analyzeText(
     job.checkpoint,
     tokenizer,
     job.textPath,

@@ -1,19 +1,12 @@
 import { InputError } from "../errors.ts";
-import type { GrammarSpec } from "./grammar.ts";
+import type { GrammarSpec } from "../sampling/grammar.ts";
 import type { TextTokenizer } from "../model/tokenizer.ts";
-import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
+import type { GenerateParams, SequenceHandlers } from "./generate.ts";
 import { TokenSink } from "./generate.ts";
-import { describe, logSoftmaxTop, type PromptLogprob } from "./logprobs.ts";
+import { describe, logSoftmaxTop, type PromptLogprob } from "../sampling/logprobs.ts";
 
 /** Prompt tokens prefilled per session run: long prompts are cut so decode steps run in between. */
 export const PREFILL_CHUNK = 128;
-
-/** What happens to one sequence's output, in order: chunks, then done or failed. */
-export interface SequenceHandlers {
-  chunk(c: GenerationChunk): void;
-  done(s: GenerationSummary): void;
-  failed(e: unknown): void;
-}
 
 /** What every engine knows of a sequence. */
 export interface Sequence {

@@ -5,9 +5,9 @@ import type { Checkpoint } from "../model/checkpoint.ts";
 import { buildStreamGraph, streamName } from "../onnx/decoder.ts";
 import { buildDownStatsGraph, buildInputStatsGraph } from "../onnx/heal_graph.ts";
 import type { EncodedModel } from "../onnx/builder.ts";
-import { createSession, type Device, type ort, runtimeFor } from "./ort.ts";
-import { emptyPast, lengthFeeds, withScoringSession } from "./session.ts";
-import { yieldIfBusy } from "./yield.ts";
+import { createSession, type Device, type ort, runtimeFor } from "../ort/ort.ts";
+import { emptyPast, lengthFeeds, withScoringSession } from "../ort/session.ts";
+import { yieldIfBusy } from "../yield.ts";
 
 /** Runs `use` on a session of `model` on `device`, and frees the session however `use` ends. */
 async function withSession<T>(

@@ -4,7 +4,7 @@ import * as ort from "onnxruntime-web";
 import type { EncodedModel } from "../onnx/builder.ts";
 import { InputError } from "../errors.ts";
 import type { FloatType, GraphOptions } from "../onnx/format.ts";
-import type { Quantization } from "../onnx/quantize.ts";
+import type { Quantization } from "../onnx/format.ts";
 import { ensureXdgRuntimeDir } from "../webgpu/device.ts";
 import { installFastUploads } from "../webgpu/upload_shim.ts";
 

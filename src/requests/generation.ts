@@ -1,6 +1,6 @@
 import { z } from "zod";
-import type { GenerateParams } from "../runtime/generate.ts";
-import type { GrammarSpec } from "../runtime/grammar.ts";
+import type { GenerateParams } from "../decode/generate.ts";
+import type { GrammarSpec } from "../sampling/grammar.ts";
 import { InputError } from "../errors.ts";
 
 /** Upper bounds a request may not exceed, whatever the model's context allows. */

@@ -1,6 +1,9 @@
 import { z } from "zod";
 import { InputError } from "../errors.ts";
-import { DEFAULT_SUGGEST } from "../fusion/analyze.ts";
+import { DEFAULT_SUGGEST, type SuggestOptions } from "../fusion/analyze.ts";
+import type { TextSlice } from "../fusion/calibration.ts";
+import type { Checkpoint } from "../model/checkpoint.ts";
+import type { FrontierRequest } from "../instance/plan_scorer.ts";
 import type { ModelConfig } from "../model/config.ts";
 
 /**
@@ -38,4 +41,15 @@ export function checkAnalysisRequest(req: { window: number }, config: ModelConfi
       "window",
     );
   }
+}
+
+/** What the analysis worker is given (POST /analysis). */
+export interface AnalysisJob {
+  checkpoint: Checkpoint;
+  modelDir: string;
+  textPath: string;
+  slice: TextSlice;
+  suggest: SuggestOptions;
+  /** Also measure the speed/quality frontier (sessions built here, in this worker). */
+  frontier?: FrontierRequest;
 }

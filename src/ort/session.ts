@@ -10,7 +10,7 @@ import {
 } from "../onnx/decoder.ts";
 import { type Backend, cpuThreads, createSession, ort, type OrtApi, runtimeFor } from "./ort.ts";
 import { type BatchCache, disposeBatch, packRows, type RowSource } from "./kv_batch.ts";
-import { yieldIfBusy } from "./yield.ts";
+import { yieldIfBusy } from "../yield.ts";
 
 /** One sequence's attention cache: on the GPU between steps under WebGPU, in WASM memory otherwise. */
 export interface KvCache {

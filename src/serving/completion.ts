@@ -1,11 +1,11 @@
 import { CancelledError, InputError } from "../errors.ts";
 import type { ChatMessage } from "../model/chat_template.ts";
 import { type ToolCallFormat, toolCallTag, type ToolRequest } from "../model/tool_calls.ts";
-import { asTagFormat, type GrammarSpec } from "./grammar.ts";
-import { checkPromptFits } from "./context.ts";
-import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
+import { asTagFormat, type GrammarSpec } from "../sampling/grammar.ts";
+import { checkPromptFits } from "../decode/context.ts";
+import type { GenerateParams, GenerationChunk, GenerationSummary } from "../decode/generate.ts";
 import type { ModelHost } from "./host.ts";
-import type { PromptLogprob, TokenLogprob } from "./logprobs.ts";
+import type { PromptLogprob, TokenLogprob } from "../sampling/logprobs.ts";
 import type { ChatInfo } from "./remote_tokenizer.ts";
 import type { Scheduler } from "./scheduler.ts";
 

@@ -19,14 +19,14 @@ import { storedBytes } from "../onnx/builder.ts";
 import { buildDecoderGraph } from "../onnx/decoder.ts";
 import { FLOAT_WEIGHTS, formatName, type GraphOptions } from "../onnx/format.ts";
 import { WeightCache } from "../onnx/weight_cache.ts";
-import { BatchEngine } from "./batch_engine.ts";
-import type { EngineBase, Sequence } from "./engine_base.ts";
-import { GpuBatchEngine } from "./gpu_engine.ts";
-import { kvBytesPerToken } from "./kv_batch.ts";
-import { kvBudgetBytes } from "./memory.ts";
-import type { Backend, Device } from "./ort.ts";
-import { ModelSession } from "./session.ts";
-import { bucketsFor, SlotDecoder } from "./slot_decoder.ts";
+import { BatchEngine } from "../decode/batch_engine.ts";
+import type { EngineBase, Sequence } from "../decode/engine_base.ts";
+import { GpuBatchEngine } from "../decode/gpu_engine.ts";
+import { kvBytesPerToken } from "../ort/kv_batch.ts";
+import { kvBudgetBytes } from "../ort/memory.ts";
+import type { Backend, Device } from "../ort/ort.ts";
+import { ModelSession } from "../ort/session.ts";
+import { bucketsFor, SlotDecoder } from "../ort/slot_decoder.ts";
 
 /** What loading a checkpoint directory gives: everything plan-independent, loaded once. */
 export interface ModelAssets {
@@ -113,7 +113,7 @@ const heals = new WeakMap<ModelAssets, Map<string, Promise<{ heal: FusionHeal; r
 
 /**
  * Heals the plan's fused groups on its calibration slice (fusion/heal.ts), gathering and scoring
- * through onnxruntime on `device` (runtime/heal_runner.ts).
+ * through onnxruntime on `device` (instance/heal_runner.ts).
  */
 function planHeal(
   assets: ModelAssets,

@@ -1,11 +1,11 @@
 import type { TextTokenizer } from "../model/tokenizer.ts";
 import type { DecoderGraph } from "../onnx/decoder.ts";
 import { commonPrefix, EngineBase, PREFILL_CHUNK, type Sequence } from "./engine_base.ts";
-import { type BatchCache, disposeBatch, kvBytesPerToken } from "./kv_batch.ts";
-import { describe } from "./logprobs.ts";
-import { Sampler } from "./sampling.ts";
-import { Grammars, type GrammarSpec, type GrammarState } from "./grammar.ts";
-import { asBatch, disposeCache, type KvCache, type ModelSession } from "./session.ts";
+import { type BatchCache, disposeBatch, kvBytesPerToken } from "../ort/kv_batch.ts";
+import { describe } from "../sampling/logprobs.ts";
+import { Sampler } from "../sampling/sampling.ts";
+import { Grammars, type GrammarSpec, type GrammarState } from "../sampling/grammar.ts";
+import { asBatch, disposeCache, type KvCache, type ModelSession } from "../ort/session.ts";
 
 /** Decode steps a prefilled sequence waits at most for others to join with it. */
 const JOIN_WAIT_STEPS = 3;

@@ -3,8 +3,8 @@ import { checkPlan, type FusionPlan, planId } from "../fusion/plan.ts";
 import { type Checkpoint, loadConfig, modelName } from "../model/checkpoint.ts";
 import type { ModelConfig } from "../model/config.ts";
 import { FLOAT_WEIGHTS, type GraphOptions } from "../onnx/format.ts";
-import { checkModelFits, kvBudgetBytes } from "./memory.ts";
-import type { Device } from "./ort.ts";
+import { checkModelFits, kvBudgetBytes } from "../ort/memory.ts";
+import type { Device } from "../ort/ort.ts";
 import { WeightStore } from "../onnx/weight_cache.ts";
 import {
   type BuildProgress,
@@ -12,7 +12,7 @@ import {
   type PendingBuild,
   type PlanInstance,
   RemoteInstance,
-} from "./remote_instance.ts";
+} from "../instance/remote_instance.ts";
 import { RemoteTokenizer, type TokenizerOptions } from "./remote_tokenizer.ts";
 
 /** A counted reference to the instance a request started on; the request keeps it until it ends. */

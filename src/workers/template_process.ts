@@ -5,53 +5,18 @@
  * share the collector's threads: 100-350 ms gaps between a stream's tokens on 2 cores), and a heap
  * that runs out aborts the whole process. Here it costs its own process alone, whose heap V8 caps
  * and which runs with no permissions (`deno run`) or none that it uses (a compiled binary).
- *
- * Protocol: JSON lines. The first line in is the TemplateProcessData; then requests, one a line,
- * each answered by one line out, in order.
+ * Its protocol is src/serving/template_protocol.ts.
  */
-import { type ChatMessage, ChatTemplate, type ChatTemplateSource } from "../model/chat_template.ts";
-import { markSpecialText, type SpecialMark } from "../model/special_text.ts";
-import { inlineTools, templateKnowsTools, templateTools, type ToolFunction } from "../model/tool_calls.ts";
-import { toWorkerError, type WorkerError } from "./worker_error.ts";
-
-export interface TemplateProcessData {
-  src: ChatTemplateSource;
-  /** Special-token texts to mark inside messages, and the mark; null leaves messages as they are. */
-  protect: { specials: string[]; mark: SpecialMark } | null;
-}
-
-export type TemplateRequest =
-  | {
-    type: "render";
-    id: number;
-    messages: ChatMessage[];
-    addGenerationPrompt: boolean;
-    /** Functions offered: the template's own `tools` when it renders them, else the default prompt. */
-    tools?: ToolFunction[];
-  }
-  | { type: "endOfTurn"; id: number };
-
-export type TemplateReply =
-  | { type: "ready" }
-  | { type: "rendered"; id: number; text: string | null }
-  | { type: "failed"; id: number | null } & WorkerError;
-
-/** The argument that makes a compiled fusedge binary this renderer (main.ts). */
-export const TEMPLATE_RENDERER_ARG = "__render-chat-templates";
-
-/** A byte stream's lines as they come: the protocol's reader on both ends. */
-export async function* lines(stream: ReadableStream<Uint8Array>): AsyncGenerator<string> {
-  const decoder = new TextDecoder();
-  let buffered = "";
-  for await (const chunk of stream) {
-    buffered += decoder.decode(chunk, { stream: true });
-    let at: number;
-    while ((at = buffered.indexOf("\n")) >= 0) {
-      yield buffered.slice(0, at);
-      buffered = buffered.slice(at + 1);
-    }
-  }
-}
+import { ChatTemplate } from "../model/chat_template.ts";
+import { markSpecialText } from "../model/special_text.ts";
+import { inlineTools, templateKnowsTools, templateTools } from "../model/tool_calls.ts";
+import {
+  lines,
+  type TemplateProcessData,
+  type TemplateReply,
+  type TemplateRequest,
+} from "../serving/template_protocol.ts";
+import { toWorkerError } from "./worker_error.ts";
 
 export async function renderTemplates(): Promise<void> {
   const out = Deno.stdout.writable.getWriter();

@@ -2,14 +2,14 @@ import { fileURLToPath } from "node:url";
 import { InputError } from "../errors.ts";
 import type { ChatMessage, ChatTemplateSource } from "../model/chat_template.ts";
 import type { ToolFunction } from "../model/tool_calls.ts";
-import { fromWorkerError } from "./worker_error.ts";
+import { fromWorkerError } from "../workers/worker_error.ts";
 import {
   lines,
   TEMPLATE_RENDERER_ARG,
   type TemplateProcessData,
   type TemplateReply,
   type TemplateRequest,
-} from "./template_process.ts";
+} from "./template_protocol.ts";
 
 /** What one render may take: wall time, and the heap of the process that renders it. */
 export interface TemplateLimits {
@@ -44,7 +44,7 @@ function rendererCommand(heapMb: number): Deno.Command {
       "--no-prompt",
       `--v8-flags=${heap}`,
       `--config=${fileURLToPath(new URL("../../deno.json", import.meta.url))}`,
-      new URL("./template_process.ts", import.meta.url).href,
+      new URL("../workers/template_process.ts", import.meta.url).href,
     ],
     ...io,
   });

@@ -1,9 +1,9 @@
 import type { TextTokenizer } from "../model/tokenizer.ts";
 import { commonPrefix, EngineBase, PREFILL_CHUNK, type Sequence } from "./engine_base.ts";
-import { RING, ringId, ringScored, type RingSnapshot } from "./gpu_sampler.ts";
-import { kvBytesPerToken } from "./kv_batch.ts";
-import { describe } from "./logprobs.ts";
-import type { SlotDecoder } from "./slot_decoder.ts";
+import { RING, ringId, ringScored, type RingSnapshot } from "../ort/gpu_sampler.ts";
+import { kvBytesPerToken } from "../ort/kv_batch.ts";
+import { describe } from "../sampling/logprobs.ts";
+import type { SlotDecoder } from "../ort/slot_decoder.ts";
 
 interface GpuSequence extends Sequence {
   /** The seed its draws hash from (the request's, or one chosen for it). */

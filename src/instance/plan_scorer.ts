@@ -7,8 +7,8 @@ import { type FusionPlan, UNFUSED } from "../fusion/plan.ts";
 import { unfusedBlocks } from "../model/blocks.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
 import type { TextTokenizer } from "../model/tokenizer.ts";
-import type { Device } from "./ort.ts";
-import { type ModelSession, withScoringSession } from "./session.ts";
+import type { Device } from "../ort/ort.ts";
+import { type ModelSession, withScoringSession } from "../ort/session.ts";
 
 /** Held-out tokens each candidate plan is measured on. */
 export const HELD_OUT_TOKENS = 256;

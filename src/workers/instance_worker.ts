@@ -5,81 +5,16 @@
  * here keeps the serving thread free: a swap builds in a new worker while the old one keeps
  * decoding, and a retired plan is freed whole by ending its worker.
  */
-import type { HealReport } from "../fusion/heal.ts";
 import "./worker_location.ts";
-import type { FusionPlan } from "../fusion/plan.ts";
-import { type Checkpoint, loadCheckpoint } from "../model/checkpoint.ts";
-import { formatName, type GraphOptions } from "../onnx/format.ts";
-import { WeightCache, type WeightEntries } from "../onnx/weight_cache.ts";
-import { assetsFrom, buildInstance, type ModelInstance } from "./engine.ts";
-import type { GenerateParams, GenerationChunk, GenerationSummary } from "./generate.ts";
-import type { PromptLogprob } from "./logprobs.ts";
-import type { GrammarSpec } from "./grammar.ts";
-import { type Device, resolveDevice } from "./ort.ts";
-import { useThreads } from "./threads.ts";
-import { toWorkerError, type WorkerError } from "./worker_error.ts";
-
-/** A static KV cache's shape (WebGPU): `count` sequences at once, `tokens` each. */
-export interface KvSlots {
-  count: number;
-  tokens: number;
-}
-
-export type InstanceRequest =
-  | {
-    type: "build";
-    modelDir: string;
-    checkpoint: Checkpoint | null;
-    plan: FusionPlan;
-    device: Device;
-    graph: GraphOptions;
-    maxContext?: number;
-    /** Weights converted by earlier builds (files): this build converts only what they lack. */
-    weights: WeightEntries;
-    /** Where the weights this build converts are written. */
-    weightDir: string;
-    calibrationText?: string;
-    kvBudgetBytes?: number;
-    threads?: number;
-    /** WebGPU: sequences decoding at once (one KV slot each). */
-    slots?: number;
-  }
-  | { type: "generate"; id: number; promptIds: number[]; params: GenerateParams }
-  | { type: "cancel"; id: number }
-  /** Compile a grammar: answered `done` (compiled) or `failed`, under this id. */
-  | { type: "grammar"; id: number; spec: GrammarSpec }
-  | { type: "close" };
-
-export type InstanceReply =
-  | {
-    type: "built";
-    buildMs: number;
-    sessionMs: number;
-    ffnBlocks: number;
-    planId: string;
-    weightBytes: number;
-    rebuiltBytes: number;
-    reusedBytes: number;
-    /** The weights this build converted, for later builds, and every weight key its graph uses. */
-    addedWeights: WeightEntries;
-    weightKeys: string[];
-    checkpoint: Checkpoint | null;
-    /** KV cache bytes one token of one sequence takes under this plan (removed attention has none). */
-    kvBytesPerToken: number;
-    /** WebGPU's slots: how many sequences decode at once, and the tokens each can hold. */
-    slots?: KvSlots;
-    heal?: HealReport;
-  }
-  /** KV bytes the instance holds now, after each change. */
-  | { type: "kv"; bytes: number }
-  /** A long build's stage (healing): the serving thread shows it in GET /fuse. */
-  | { type: "progress"; stage: string; done: number; total: number }
-  /** The first positions of a long prompt's logprobs, ahead of the chunk that carries the rest. */
-  | { type: "promptPart"; id: number; logprobs: PromptLogprob[] }
-  | { type: "chunk"; id: number; chunk: GenerationChunk }
-  | { type: "done"; id: number; summary: GenerationSummary }
-  | { type: "failed"; id: number | null } & WorkerError
-  | { type: "closed" };
+import { loadCheckpoint } from "../model/checkpoint.ts";
+import { formatName } from "../onnx/format.ts";
+import { WeightCache } from "../onnx/weight_cache.ts";
+import { assetsFrom, buildInstance, type ModelInstance } from "../instance/build.ts";
+import type { GenerationSummary } from "../decode/generate.ts";
+import { resolveDevice } from "../ort/ort.ts";
+import { useThreads } from "../ort/threads.ts";
+import { toWorkerError } from "./worker_error.ts";
+import type { InstanceReply, InstanceRequest } from "../instance/protocol.ts";
 
 /** What a grammar check's `done` carries: it generated nothing. */
 const CHECKED: GenerationSummary = {

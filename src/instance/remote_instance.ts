@@ -4,20 +4,20 @@ import type { FusionPlan } from "../fusion/plan.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
 import type { GraphOptions } from "../onnx/format.ts";
 import type { WeightEntries } from "../onnx/weight_cache.ts";
-import type { SequenceHandlers } from "./engine_base.ts";
 import {
   generate,
   type GenerateParams,
   type GenerationChunk,
   type GenerationSummary,
+  type SequenceHandlers,
   type SequenceSink,
-} from "./generate.ts";
-import type { InstanceReply, InstanceRequest, KvSlots } from "./instance_worker.ts";
-import type { Device } from "./ort.ts";
-import type { PromptLogprob } from "./logprobs.ts";
-import type { GrammarSpec } from "./grammar.ts";
-import { fromWorkerError } from "./worker_error.ts";
-import { waitAtMost } from "./yield.ts";
+} from "../decode/generate.ts";
+import type { InstanceReply, InstanceRequest, KvSlots } from "./protocol.ts";
+import type { Device } from "../ort/ort.ts";
+import type { PromptLogprob } from "../sampling/logprobs.ts";
+import type { GrammarSpec } from "../sampling/grammar.ts";
+import { fromWorkerError } from "../workers/worker_error.ts";
+import { waitAtMost } from "../yield.ts";
 
 export interface BuildSpec {
   modelDir: string;
@@ -138,7 +138,9 @@ export class RemoteInstance implements PlanInstance, SequenceSink {
   }
 
   static build(spec: BuildSpec): PendingBuild {
-    const worker = new Worker(new URL("./instance_worker.ts", import.meta.url).href, { type: "module" });
+    const worker = new Worker(new URL("../workers/instance_worker.ts", import.meta.url).href, {
+      type: "module",
+    });
     let settle: { reject: (e: Error) => void } | null = null;
     let progress: BuildProgress | null = null;
     const ready = new Promise<BuiltInstance>(

@@ -1,9 +1,8 @@
-import type { GrammarSpec } from "./grammar.ts";
+import type { GrammarSpec } from "../sampling/grammar.ts";
 import type { StreamDecoder, TextTokenizer } from "../model/tokenizer.ts";
-import { Channel } from "./channel.ts";
-import type { SequenceHandlers } from "./engine_base.ts";
-import type { PromptLogprob, TokenLogprob } from "./logprobs.ts";
-import type { SamplingParams } from "./sampling.ts";
+import { Channel } from "../channel.ts";
+import type { PromptLogprob, TokenLogprob } from "../sampling/logprobs.ts";
+import type { SamplingParams } from "../sampling/sampling.ts";
 
 export interface GenerateParams extends SamplingParams {
   maxTokens: number;
@@ -40,6 +39,13 @@ export interface GenerationSummary {
   ids: number[];
   /** Prompt tokens whose KV came from a cached prefix instead of being prefilled. */
   cachedTokens: number;
+}
+
+/** What happens to one sequence's output, in order: chunks, then done or failed. */
+export interface SequenceHandlers {
+  chunk(c: GenerationChunk): void;
+  done(s: GenerationSummary): void;
+  failed(e: unknown): void;
 }
 
 /**

@@ -1,7 +1,7 @@
 import type { Context } from "hono";
 import { z } from "zod";
 import { parsePlan } from "../fusion/plan.ts";
-import type { ModelHost } from "../runtime/host.ts";
+import type { ModelHost } from "../serving/host.ts";
 import { readBody } from "./body.ts";
 import type { AppEnv } from "./logging.ts";
 import type { Metrics } from "./metrics.ts";

@@ -1,6 +1,6 @@
 import { compileKernel } from "../webgpu/shader.ts";
-import { MAX_TOP_LOGPROBS, type Scored } from "./logprobs.ts";
-import type { SamplingParams } from "./sampling.ts";
+import { MAX_TOP_LOGPROBS, type Scored } from "../sampling/logprobs.ts";
+import type { SamplingParams } from "../sampling/sampling.ts";
 
 /** Tokens a slot's rings hold: the host reads a slot's tokens back before the GPU is this far ahead. */
 export const RING = 64;

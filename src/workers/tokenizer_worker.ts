@@ -4,21 +4,9 @@
  * of a few hundred kilobytes would otherwise hold the event loop for seconds. (Chat templates render
  * in their own sandbox, template_sandbox.ts, and their text is tokenized here.)
  */
-import { toWorkerError, type WorkerError } from "./worker_error.ts";
+import { toWorkerError } from "./worker_error.ts";
 import { TextTokenizer } from "../model/tokenizer.ts";
-import type { SpecialMark } from "../model/special_text.ts";
-
-export type TokenizerRequest =
-  | { type: "load"; dir: string }
-  /** `mark`: the text is a rendered chat whose messages' special-token text is marked (special_text.ts). */
-  | { type: "encode"; id: number; text: string; mark?: SpecialMark }
-  | { type: "decode"; id: number; ids: number[] };
-
-export type TokenizerReply =
-  | { type: "loaded"; maxTokenChars: number; vocabSize: number; specials: string[]; specialIds: number[] }
-  | { type: "encoded"; id: number; ids: number[] }
-  | { type: "decoded"; id: number; text: string }
-  | { type: "failed"; id: number | null } & WorkerError;
+import type { TokenizerReply, TokenizerRequest } from "../serving/tokenizer_protocol.ts";
 
 let tokenizer: TextTokenizer | null = null;
 const post = (m: TokenizerReply) => self.postMessage(m);

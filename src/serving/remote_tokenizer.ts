@@ -1,10 +1,10 @@
-import { fromWorkerError } from "./worker_error.ts";
+import { fromWorkerError } from "../workers/worker_error.ts";
 import { BadCheckpointError, InputError } from "../errors.ts";
 import { type ChatMessage, readChatTemplate } from "../model/chat_template.ts";
 import { newSpecialMark, type SpecialMark } from "../model/special_text.ts";
 import { detectToolFormat, type ToolCallFormat, type ToolFunction } from "../model/tool_calls.ts";
 import { DEFAULT_TEMPLATE_LIMITS, type TemplateLimits, TemplateSandbox } from "./template_sandbox.ts";
-import type { TokenizerReply, TokenizerRequest } from "./tokenizer_worker.ts";
+import type { TokenizerReply, TokenizerRequest } from "./tokenizer_protocol.ts";
 
 /** How the served model ends a chat turn: a token when the marker is one, else a stop string. */
 export interface ChatInfo {
@@ -61,7 +61,9 @@ export class RemoteTokenizer {
   }
 
   static async load(dir: string, opts: TokenizerOptions = {}): Promise<RemoteTokenizer> {
-    const worker = new Worker(new URL("./tokenizer_worker.ts", import.meta.url).href, { type: "module" });
+    const worker = new Worker(new URL("../workers/tokenizer_worker.ts", import.meta.url).href, {
+      type: "module",
+    });
     const loaded = await new Promise<Extract<TokenizerReply, { type: "loaded" }>>((resolve, reject) => {
       worker.onmessage = (e: MessageEvent<TokenizerReply>) => {
         if (e.data.type === "loaded") resolve(e.data);

@@ -4,7 +4,7 @@ import { GpuSampler } from "./gpu_sampler.ts";
 import { createSession, ort } from "./ort.ts";
 import { OrtBuffers } from "./ort_buffers.ts";
 import { lengthFeeds, logitPositions, type LogitRows } from "./session.ts";
-import { yieldIfBusy } from "./yield.ts";
+import { yieldIfBusy } from "../yield.ts";
 
 /** How a plan instance's KV cache is laid out on the GPU, and which batch sizes are captured. */
 export interface SlotLayout {

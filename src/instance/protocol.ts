@@ -1,0 +1,76 @@
+/**
+ * The messages between the serving thread's handle on a plan instance (remote_instance.ts) and the
+ * instance's worker (src/workers/instance_worker.ts).
+ */
+import type { HealReport } from "../fusion/heal.ts";
+import type { FusionPlan } from "../fusion/plan.ts";
+import type { Checkpoint } from "../model/checkpoint.ts";
+import type { GraphOptions } from "../onnx/format.ts";
+import type { WeightEntries } from "../onnx/weight_cache.ts";
+import type { GenerateParams, GenerationChunk, GenerationSummary } from "../decode/generate.ts";
+import type { PromptLogprob } from "../sampling/logprobs.ts";
+import type { GrammarSpec } from "../sampling/grammar.ts";
+import type { Device } from "../ort/ort.ts";
+import type { WorkerError } from "../workers/worker_error.ts";
+
+/** A static KV cache's shape (WebGPU): `count` sequences at once, `tokens` each. */
+export interface KvSlots {
+  count: number;
+  tokens: number;
+}
+
+export type InstanceRequest =
+  | {
+    type: "build";
+    modelDir: string;
+    checkpoint: Checkpoint | null;
+    plan: FusionPlan;
+    device: Device;
+    graph: GraphOptions;
+    maxContext?: number;
+    /** Weights converted by earlier builds (files): this build converts only what they lack. */
+    weights: WeightEntries;
+    /** Where the weights this build converts are written. */
+    weightDir: string;
+    calibrationText?: string;
+    kvBudgetBytes?: number;
+    threads?: number;
+    /** WebGPU: sequences decoding at once (one KV slot each). */
+    slots?: number;
+  }
+  | { type: "generate"; id: number; promptIds: number[]; params: GenerateParams }
+  | { type: "cancel"; id: number }
+  /** Compile a grammar: answered `done` (compiled) or `failed`, under this id. */
+  | { type: "grammar"; id: number; spec: GrammarSpec }
+  | { type: "close" };
+
+export type InstanceReply =
+  | {
+    type: "built";
+    buildMs: number;
+    sessionMs: number;
+    ffnBlocks: number;
+    planId: string;
+    weightBytes: number;
+    rebuiltBytes: number;
+    reusedBytes: number;
+    /** The weights this build converted, for later builds, and every weight key its graph uses. */
+    addedWeights: WeightEntries;
+    weightKeys: string[];
+    checkpoint: Checkpoint | null;
+    /** KV cache bytes one token of one sequence takes under this plan (removed attention has none). */
+    kvBytesPerToken: number;
+    /** WebGPU's slots: how many sequences decode at once, and the tokens each can hold. */
+    slots?: KvSlots;
+    heal?: HealReport;
+  }
+  /** KV bytes the instance holds now, after each change. */
+  | { type: "kv"; bytes: number }
+  /** A long build's stage (healing): the serving thread shows it in GET /fuse. */
+  | { type: "progress"; stage: string; done: number; total: number }
+  /** The first positions of a long prompt's logprobs, ahead of the chunk that carries the rest. */
+  | { type: "promptPart"; id: number; logprobs: PromptLogprob[] }
+  | { type: "chunk"; id: number; chunk: GenerationChunk }
+  | { type: "done"; id: number; summary: GenerationSummary }
+  | { type: "failed"; id: number | null } & WorkerError
+  | { type: "closed" };
