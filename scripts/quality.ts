@@ -2,7 +2,7 @@
  * Reproduces the fusion quality table in docs/fusion.md: analysis on the first calibration tokens of
  * data/eval.py.txt, then loss/perplexity/KL/top-1 agreement on the held-out tokens after them, for
  * the unfused model, the suggested plan, a set of hand-written plans and, from the measured frontier
- * (docs/<model>-frontier.json, written by scripts/frontier.ts), the best block-parallel plan and the
+ * (docs/<model>-frontier.json, written by bench/studies/frontier.ts), the best block-parallel plan and the
  * best plans that remove attention or make it linear, alone and with FFNs fused; then every plan that
  * has FFN or block groups again, healed (its "gap closed" against the unhealed plan).
  *
@@ -60,7 +60,7 @@ const plans: FusionPlan[] = [
 const frontierFile = join(values.out!, `${name}-frontier.json`);
 const measured: FrontierPoint[] = JSON.parse(
   await Deno.readTextFile(frontierFile).catch(() => {
-    throw new Error(`${frontierFile} is missing: run scripts/frontier.ts first`);
+    throw new Error(`${frontierFile} is missing: run bench/studies/frontier.ts first`);
   }),
 ).frontier.plans;
 const bestOf = (keep: (p: FusionPlan) => boolean) =>

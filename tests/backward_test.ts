@@ -3,7 +3,7 @@ import { applyPlan, type FusionForm } from "../src/fusion/apply.ts";
 import { validatePlan } from "../src/fusion/plan.ts";
 import { layerOf, unfusedBlocks } from "../src/model/blocks.ts";
 import { loadCheckpoint } from "../src/model/checkpoint.ts";
-import { streamGradient } from "../src/model/backward.ts";
+import { streamGradient } from "../bench/studies/backward.ts";
 import { referenceForward } from "../src/model/forward.ts";
 import { tensor } from "../src/model/tensor.ts";
 import { rng } from "../src/numeric.ts";

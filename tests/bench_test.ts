@@ -224,8 +224,8 @@ Deno.test("cli bench --batch: tokens/s at each batch size, unfused against the f
   assert.deepEqual(rows.map((l) => l.split(/\s+/).slice(2, 4).join(" ")), ["1 no", "1 yes", "4 no", "4 yes"]);
 });
 
-Deno.test("scripts/step_parts.ts: a batched step's parts timed in alternating rounds; bad flags exit 2", async () => {
-  const run = (...args: string[]) => runScript("step_parts.ts", ...args);
+Deno.test("bench/studies/step_parts.ts: a batched step's parts timed in alternating rounds; bad flags exit 2", async () => {
+  const run = (...args: string[]) => runScript("bench/studies/step_parts.ts", ...args);
   const r = await run("--batch", "1,4", "--steps", "2", "--rounds", "2", "--prefix", "8", "--json");
   assert.equal(r.code, 0, r.stderr);
   const rows = JSON.parse(r.stdout).rows as {

@@ -190,11 +190,11 @@ function assertSameEquations(fromOrt: NormalEquations, reference: NormalEquation
 
 Deno.test({
   name:
-    "scripts/heal_gather.ts: both sides gather the same normal equations, for either stage, and are timed; bad flags exit 2",
+    "bench/studies/heal_gather.ts: both sides gather the same normal equations, for either stage, and are timed; bad flags exit 2",
   sanitizeResources: false,
   sanitizeOps: false,
   fn: async () => {
-    const run = (...args: string[]) => runScript("heal_gather.ts", ...args);
+    const run = (...args: string[]) => runScript("bench/studies/heal_gather.ts", ...args);
     const r = await run("--group", "7-8", "--windows", "1", "--rounds", "1", "--json");
     assert.equal(r.code, 0, r.stderr);
     const report = JSON.parse(r.stdout);

@@ -300,11 +300,11 @@ Deno.test("cli: bad heal settings and a calibration text too short for them exit
 
 Deno.test({
   name:
-    "scripts/heal_logits.ts: Gauss-Newton steps on the logits' KL measured on held-out loss, never kept when worse; bad flags exit 2",
+    "bench/studies/heal_logits.ts: Gauss-Newton steps on the logits' KL measured on held-out loss, never kept when worse; bad flags exit 2",
   sanitizeResources: false,
   sanitizeOps: false,
   fn: async () => {
-    const run = (...args: string[]) => runScript("heal_logits.ts", ...args);
+    const run = (...args: string[]) => runScript("bench/studies/heal_logits.ts", ...args);
     const small = [
       "--group",
       "7-8",

@@ -7,15 +7,19 @@ Deno.test("measurement scripts: an unknown flag or a bad value exits 2 naming it
     ["loadtest.ts", ["--requests", "0"], /--requests: expected a positive integer, got 0/],
     ["loadtest.ts", ["--swaps", "1.5"], /--swaps: expected a positive integer, got 1.5/],
     ["loadtest.ts", ["--url", "http://example.com"], /only targets loopback addresses/],
-    ["frontier.ts", ["--steps"], /Option '--steps <value>' argument missing/],
+    ["bench/studies/frontier.ts", ["--steps"], /Option '--steps <value>' argument missing/],
     ["quality.ts", ["--bogus"], /Unknown option '--bogus'/],
-    ["cpu_paths.ts", ["--bogus"], /Unknown option '--bogus'/],
-    ["cpu_paths.ts", ["--tokens", "0"], /--tokens: expected a positive integer, got 0/],
-    ["cpu_paths.ts", ["--temperature", "hot"], /--temperature: expected a number >= 0, got hot/],
-    ["cpu_paths.ts", ["--paths", "gpu:fp32"], /--paths: "gpu:fp32" is not device:weights/],
+    ["bench/studies/cpu_paths.ts", ["--bogus"], /Unknown option '--bogus'/],
+    ["bench/studies/cpu_paths.ts", ["--tokens", "0"], /--tokens: expected a positive integer, got 0/],
+    [
+      "bench/studies/cpu_paths.ts",
+      ["--temperature", "hot"],
+      /--temperature: expected a number >= 0, got hot/,
+    ],
+    ["bench/studies/cpu_paths.ts", ["--paths", "gpu:fp32"], /--paths: "gpu:fp32" is not device:weights/],
     ["synth_checkpoint.ts", ["--bogus"], /Unknown option '--bogus'/],
-    ["grammar_cost.ts", ["--rounds", "0"], /--rounds: expected a positive integer, got 0/],
-    ["grammar_cost.ts", ["--model", "/nonexistent"], /--model: /],
+    ["bench/studies/grammar_cost.ts", ["--rounds", "0"], /--rounds: expected a positive integer, got 0/],
+    ["bench/studies/grammar_cost.ts", ["--model", "/nonexistent"], /--model: /],
     ["loadtest.ts", ["--heavy", "x"], /--heavy: expected a positive integer, got x/],
     [
       "synth_checkpoint.ts",
@@ -36,8 +40,8 @@ Deno.test("measurement scripts: an unknown flag or a bad value exits 2 naming it
   }
 });
 
-Deno.test("scripts/grammar_cost.ts: the vocabulary's tables, a schema's and three tools' compile, a row's mask, in ms", async () => {
-  const r = await runScript("grammar_cost.ts", "--rounds", "2", "--json");
+Deno.test("bench/studies/grammar_cost.ts: the vocabulary's tables, a schema's and three tools' compile, a row's mask, in ms", async () => {
+  const r = await runScript("bench/studies/grammar_cost.ts", "--rounds", "2", "--json");
   assert.equal(r.code, 0, r.stderr);
   const report = JSON.parse(r.stdout);
   assert.equal(report.vocab, 4096);

@@ -11,7 +11,7 @@ import { waitAtMost } from "../yield.ts";
 import { createApp } from "../server/app.ts";
 import { allowedHosts } from "../server/guards.ts";
 import { analysisRunner, benchRunner } from "../server/jobs.ts";
-import { exportRunner } from "../server/export_route.ts";
+import { exportRunner } from "../server/export.ts";
 import { Metrics } from "../server/metrics.ts";
 import { DEFAULT_CALIBRATION_TEXT } from "./defaults.ts";
 import { defineCommand } from "./flags.ts";

@@ -81,7 +81,7 @@ export interface HealReport {
 /**
  * What healing runs through the model (instance/heal_runner.ts, onnxruntime): this module only fits.
  * Gathered through onnxruntime, a window's streams and statistics cost a seventh of the float64
- * reference forward and JS Gram they replaced (scripts/heal_gather.ts).
+ * reference forward and JS Gram they replaced (bench/studies/heal_gather.ts).
  */
 export interface HealRunner {
   /** Per-token held-out losses of a whole model's blocks, in a fixed token order. */
@@ -206,7 +206,7 @@ async function sequentialPass(
 
 /**
  * The float64 rows whose normal equations the member-input statistics graph sums for one window of t
- * tokens (onnx/heal_graph.ts; scripts/heal_gather.ts and the tests measure that graph against them):
+ * tokens (onnx/heal_graph.ts; bench/studies/heal_gather.ts and the tests measure that graph against them):
  * h = norm(x) [t, d] and y [t, (k-1) d], row r holding norm(x_j) - norm(x) for members j = 1.. in order.
  */
 export function memberInputRows(x: Float32Array, inputs: Float32Array[], t: number, eps: number) {
@@ -310,20 +310,7 @@ async function downStage(o: {
     : rows < width / 2
     ? `${rows} calibration tokens are too few to refit a ${width}-wide projection (at least ${width / 2})`
     : null;
-  const none = { before: NaN, after: NaN };
-  if (skip) {
-    return {
-      stage: {
-        objective: "down_projection",
-        kept: false,
-        ridge: null,
-        residual: { calibration: none, heldout: none },
-        tried: [],
-        note: `skipped: ${skip}`,
-      },
-      kept: null,
-    };
-  }
+  if (skip) return { stage: skippedStage("down_projection", skip), kept: null };
   const total = o.cal.length + o.held.length;
   const eq = new NormalEquations(width, d);
   await o.equations(o.cal, eq, (w) => o.progress(w + 1, total));
@@ -392,11 +379,151 @@ interface PlanGroup {
   layers: number[];
 }
 
+/** A stage that did not run, and why: kept nothing, fitted nothing. */
+function skippedStage(objective: HealStage["objective"], why: string): HealStage {
+  const none = { before: NaN, after: NaN };
+  return {
+    objective,
+    kept: false,
+    ridge: null,
+    residual: { calibration: none, heldout: none },
+    tried: [],
+    note: `skipped: ${why}`,
+  };
+}
+
+/** One group's pass over the model: what its fits read, and how a candidate of it is scored. */
+interface GroupHealing {
+  input: HealInput;
+  layers: number[];
+  name: string;
+  /** The model with the earlier groups fused and healed, this group's layers still sequential. */
+  before: Block[];
+  cal: { eq: NormalEquations | null; io: GroupIo[] };
+  held: { eq: NormalEquations | null; io: GroupIo[] };
+  /** The model up to this group fused, with the fits so far and `extra`. */
+  modelWith(extra?: Partial<FusionHeal>): Block[];
+  score(model: Block[]): Promise<Scored>;
+  unhealed: Scored;
+  downProgress(done: number, all: number): void;
+  /** Where the kept fits go. */
+  heal: Required<FusionHeal>;
+}
+
+/** An FFN group: each member's input (stage 1), then the wide down projection (stage 2). */
+async function healFfnGroup(h: GroupHealing): Promise<{ stages: HealStage[]; current: Scored }> {
+  const { input, layers, name, cal, held, unhealed } = h;
+  const d = input.ckpt.config.hidden;
+  const stages: HealStage[] = [];
+  let current = unhealed;
+  // Stage 1: each member's input.
+  const zero = new Float64Array((layers.length - 1) * d * d);
+  const best = await bestRidge(
+    INPUT_RIDGES,
+    (ridge, i) => {
+      input.onProgress?.(`heal ${name}: input maps`, i, INPUT_RIDGES.length);
+      const c = cal.eq!.solve(ridge);
+      return { c, maps: inputMaps(layers, c, d) };
+    },
+    (f) => h.score(h.modelWith({ maps: f.maps })),
+  );
+  const inputKept = clearlyBetter(best.scored.losses, unhealed.losses);
+  const maps: InputMaps = inputKept ? best.fit.maps : new Map();
+  const perToken = (eq: NormalEquations, c: Float64Array) => eq.residual(c) / eq.rows;
+  const chosen = inputKept ? best.fit.c : zero;
+  stages.push({
+    objective: "member_input",
+    kept: inputKept,
+    ridge: inputKept ? best.ridge : null,
+    residual: {
+      calibration: { before: perToken(cal.eq!, zero), after: perToken(cal.eq!, chosen) },
+      heldout: { before: perToken(held.eq!, zero), after: perToken(held.eq!, chosen) },
+    },
+    tried: best.tried,
+    ...(inputKept ? {} : { note: "no ridge lowered the held-out loss beyond its noise" }),
+  });
+  if (inputKept) current = best.scored;
+  // Stage 2: the wide down projection, with the members reading their fitted inputs.
+  const key = groupKey(layers);
+  const fused = h.modelWith({ maps }).find((b) => b.kind === "ffn" && groupKey(b.layers) === key) as FfnBlock;
+  const fit = await downStage({
+    w0: fused.down.data,
+    width: fused.gate.shape[0],
+    d,
+    cal: cal.io,
+    held: held.io,
+    equations: (ios, eq, done) =>
+      input.downStatistics(fused, ios, (w, st) => {
+        eq.addStatistics(ios[w].t, st.gram, st.cross, st.squares);
+        done(w);
+      }),
+    candidate: (w) => h.score(h.modelWith({ maps, downs: new Map([[key, w]]) })),
+    current,
+    progress: h.downProgress,
+  });
+  stages.push(fit.stage);
+  for (const [l, m] of maps) h.heal.maps.set(l, m);
+  if (fit.kept) {
+    h.heal.downs.set(key, fit.kept.weights);
+    current = fit.kept.scored;
+  }
+  return { stages, current };
+}
+
+/**
+ * A block group: each member layer computed from the group's input; its FFN's down projection
+ * refitted (all members' together), the rest of each block as it is.
+ */
+async function healBlockGroup(h: GroupHealing): Promise<{ stages: HealStage[]; current: Scored }> {
+  const { input, layers, before, cal, held, unhealed } = h;
+  const d = input.ckpt.config.hidden;
+  const eps = input.ckpt.config.rmsEps;
+  const memberBlocks = layers.map((l) => before.filter((b) => layerOf(b) === l));
+  const ffns = memberBlocks.map((m) => (m.find((b) => b.kind === "ffn") as FfnBlock | undefined) ?? null);
+  if (ffns.every((f) => f === null)) {
+    return {
+      stages: [skippedStage("down_projection", "no member of the group has a SwiGLU FFN")],
+      current: unhealed,
+    };
+  }
+  const widths = ffns.map((f) => f?.down.shape[1] ?? 0);
+  const split = (w: Float32Array) =>
+    new Map(splitColumns(w, d, widths).flatMap((m, j) => (ffns[j] ? [[layers[j], m] as const] : [])));
+  const windowsOf = new Map<GroupIo, number[]>([
+    ...cal.io.map((io, i) => [io, input.calibration[i]] as const),
+    ...held.io.map((io, i) => [io, input.heldout[i]] as const),
+  ]);
+  const fit = await downStage({
+    w0: concatColumns(ffns.map((f) => f?.down.data ?? new Float32Array(0)), d),
+    width: widths.reduce((a, b) => a + b, 0),
+    d,
+    cal: cal.io,
+    held: held.io,
+    equations: (ios, eq, done) => {
+      for (const [w, io] of ios.entries()) {
+        const x = Float64Array.from(io.x);
+        const passes = memberBlocks.map((m) => blockMemberPass(input.ckpt, m, windowsOf.get(io)!, x, eps));
+        const a = concatColumns(passes.map((p) => p.a ?? new Float64Array(0)), io.t);
+        const predicted = new Float64Array(io.t * d);
+        for (const p of passes) for (let k = 0; k < predicted.length; k++) predicted[k] += p.delta[k];
+        const { y } = scaledRows(io, a, predicted, eps);
+        eq.add(io.t, a, y);
+        done(w);
+      }
+      return Promise.resolve();
+    },
+    candidate: (w) => h.score(h.modelWith({ blockDowns: split(w) })),
+    current: unhealed,
+    progress: h.downProgress,
+  });
+  if (!fit.kept) return { stages: [fit.stage], current: unhealed };
+  for (const [l, w] of split(fit.kept.weights)) h.heal.blockDowns.set(l, w);
+  return { stages: [fit.stage], current: fit.kept.scored };
+}
+
 /** Heals every FFN and block group of the plan in model order; returns the fitted weights and the report. */
 export async function healPlan(input: HealInput): Promise<{ heal: FusionHeal; report: HealReport }> {
-  const { ckpt, blocks, plan, fits } = input;
-  const d = ckpt.config.hidden;
-  const eps = ckpt.config.rmsEps;
+  const { blocks, plan, fits } = input;
   const variant = healVariant(plan);
   const groups: PlanGroup[] = [
     ...plan.ffn_groups.map((layers) => ({ kind: "ffn" as const, layers })),
@@ -418,18 +545,10 @@ export async function healPlan(input: HealInput): Promise<{ heal: FusionHeal; re
     const losses = await input.lossesOf(model);
     return { losses, loss: losses.reduce((a, b) => a + b, 0) / losses.length };
   };
-  const modelWith = (g: number, extra: Partial<FusionHeal> = {}) =>
-    applyPlan(blocks, upTo(g + 1), "fused", fits, {
-      maps: new Map([...heal.maps, ...extra.maps ?? []]),
-      downs: new Map([...heal.downs, ...extra.downs ?? []]),
-      blockDowns: new Map([...heal.blockDowns, ...extra.blockDowns ?? []]),
-      variant,
-    });
   for (const [g, group] of groups.entries()) {
     const t0 = performance.now();
     const { layers } = group;
     const name = `${group.kind === "ffn" ? "ffn" : "blk"}[${layers[0]}-${layers.at(-1)}]`;
-    // The model with the earlier groups fused and healed, this group's layers still sequential.
     const before = applyPlan(blocks, upTo(g), "fused", fits, heal);
     const inGroup = before.map((b, i) => ({ b, i })).filter(({ b }) => layers.includes(layerOf(b) ?? -1));
     const members = group.kind === "ffn"
@@ -438,146 +557,43 @@ export async function healPlan(input: HealInput): Promise<{ heal: FusionHeal; re
     const total = input.calibration.length + input.heldout.length;
     const progress = (offset: number) => (done: number) =>
       input.onProgress?.(`heal ${name}: activations`, offset + done, total);
-    const cal = await sequentialPass(
-      input,
-      before,
-      members,
-      input.calibration,
-      progress(0),
-      group.kind === "ffn",
-    );
+    const ffn = group.kind === "ffn";
+    const cal = await sequentialPass(input, before, members, input.calibration, progress(0), ffn);
     const held = await sequentialPass(
       input,
       before,
       members,
       input.heldout,
       progress(input.calibration.length),
-      group.kind === "ffn",
+      ffn,
     );
-    const unhealed = await score(modelWith(g));
-    const stages: HealStage[] = [];
-    let current = unhealed;
-    const downProgress = (done: number, all: number) =>
-      input.onProgress?.(`heal ${name}: down projection`, done, all);
-    if (group.kind === "ffn") {
-      // Stage 1: each member's input.
-      const zero = new Float64Array((layers.length - 1) * d * d);
-      const best = await bestRidge(
-        INPUT_RIDGES,
-        (ridge, i) => {
-          input.onProgress?.(`heal ${name}: input maps`, i, INPUT_RIDGES.length);
-          const c = cal.eq!.solve(ridge);
-          return { c, maps: inputMaps(layers, c, d) };
-        },
-        (f) => score(modelWith(g, { maps: f.maps })),
-      );
-      const inputKept = clearlyBetter(best.scored.losses, unhealed.losses);
-      const maps: InputMaps = inputKept ? best.fit.maps : new Map();
-      const perToken = (eq: NormalEquations, c: Float64Array) => eq.residual(c) / eq.rows;
-      const chosen = inputKept ? best.fit.c : zero;
-      stages.push({
-        objective: "member_input",
-        kept: inputKept,
-        ridge: inputKept ? best.ridge : null,
-        residual: {
-          calibration: { before: perToken(cal.eq!, zero), after: perToken(cal.eq!, chosen) },
-          heldout: { before: perToken(held.eq!, zero), after: perToken(held.eq!, chosen) },
-        },
-        tried: best.tried,
-        ...(inputKept ? {} : { note: "no ridge lowered the held-out loss beyond its noise" }),
+    const modelWith = (extra: Partial<FusionHeal> = {}) =>
+      applyPlan(blocks, upTo(g + 1), "fused", fits, {
+        maps: new Map([...heal.maps, ...extra.maps ?? []]),
+        downs: new Map([...heal.downs, ...extra.downs ?? []]),
+        blockDowns: new Map([...heal.blockDowns, ...extra.blockDowns ?? []]),
+        variant,
       });
-      if (inputKept) current = best.scored;
-      // Stage 2: the wide down projection, with the members reading their fitted inputs.
-      const key = groupKey(layers);
-      const fused = modelWith(g, { maps }).find((b) =>
-        b.kind === "ffn" && groupKey(b.layers) === key
-      ) as FfnBlock;
-      const width = fused.gate.shape[0];
-      const fit = await downStage({
-        w0: fused.down.data,
-        width,
-        d,
-        cal: cal.io,
-        held: held.io,
-        equations: (ios, eq, done) =>
-          input.downStatistics(fused, ios, (w, st) => {
-            eq.addStatistics(ios[w].t, st.gram, st.cross, st.squares);
-            done(w);
-          }),
-        candidate: (w) => score(modelWith(g, { maps, downs: new Map([[key, w]]) })),
-        current,
-        progress: downProgress,
-      });
-      stages.push(fit.stage);
-      for (const [l, m] of maps) heal.maps.set(l, m);
-      if (fit.kept) {
-        heal.downs.set(key, fit.kept.weights);
-        current = fit.kept.scored;
-      }
-    } else {
-      // Block groups: each member layer computed from the group's input; its FFN's down projection
-      // refitted (all members' together), the rest of each block as it is.
-      const memberBlocks = layers.map((l) => before.filter((b) => layerOf(b) === l));
-      const ffns = memberBlocks.map((m) => (m.find((b) => b.kind === "ffn") as FfnBlock | undefined) ?? null);
-      const refit = layers.filter((_, j) => ffns[j] !== null);
-      const widths = ffns.map((f) => f?.down.shape[1] ?? 0);
-      const width = widths.reduce((a, b) => a + b, 0);
-      const w0 = concatColumns(ffns.map((f) => f?.down.data ?? new Float32Array(0)), d);
-      const split = (w: Float32Array) =>
-        new Map(
-          splitColumns(w, d, widths).flatMap((m, j) => (ffns[j] ? [[layers[j], m] as const] : [])),
-        );
-      const windowsOf = new Map<GroupIo, number[]>([
-        ...cal.io.map((io, i) => [io, input.calibration[i]] as const),
-        ...held.io.map((io, i) => [io, input.heldout[i]] as const),
-      ]);
-      const fit = refit.length === 0 ? null : await downStage({
-        w0,
-        width,
-        d,
-        cal: cal.io,
-        held: held.io,
-        equations: (ios, eq, done) => {
-          for (const [w, io] of ios.entries()) {
-            const x = Float64Array.from(io.x);
-            const passes = memberBlocks.map((m) => blockMemberPass(ckpt, m, windowsOf.get(io)!, x, eps));
-            const a = concatColumns(passes.map((p) => p.a ?? new Float64Array(0)), io.t);
-            const predicted = new Float64Array(io.t * d);
-            for (const p of passes) for (let k = 0; k < predicted.length; k++) predicted[k] += p.delta[k];
-            const { y } = scaledRows(io, a, predicted, eps);
-            eq.add(io.t, a, y);
-            done(w);
-          }
-          return Promise.resolve();
-        },
-        candidate: (w) => score(modelWith(g, { blockDowns: split(w) })),
-        current,
-        progress: downProgress,
-      });
-      if (fit) {
-        stages.push(fit.stage);
-        if (fit.kept) {
-          for (const [l, w] of split(fit.kept.weights)) heal.blockDowns.set(l, w);
-          current = fit.kept.scored;
-        }
-      } else {
-        const none = { before: NaN, after: NaN };
-        stages.push({
-          objective: "down_projection",
-          kept: false,
-          ridge: null,
-          residual: { calibration: none, heldout: none },
-          tried: [],
-          note: "skipped: no member of the group has a SwiGLU FFN",
-        });
-      }
-    }
+    const healing: GroupHealing = {
+      input,
+      layers,
+      name,
+      before,
+      cal,
+      held,
+      modelWith,
+      score,
+      unhealed: await score(modelWith()),
+      downProgress: (done, all) => input.onProgress?.(`heal ${name}: down projection`, done, all),
+      heal,
+    };
+    const { stages, current } = ffn ? await healFfnGroup(healing) : await healBlockGroup(healing);
     reports.push({
       kind: group.kind,
       layers,
       healed: stages.some((s) => s.kept),
       stages,
-      heldout_loss: { unhealed: unhealed.loss, healed: current.loss },
+      heldout_loss: { unhealed: healing.unhealed.loss, healed: current.loss },
       ms: performance.now() - t0,
     });
   }

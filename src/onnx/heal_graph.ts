@@ -38,7 +38,7 @@ export function buildDownStatsGraph(
  * their gains, which fusion/heal.ts folds in after), outputs `gram` = h^T h [hidden, hidden], `cross` =
  * h^T [y_1 .. y_{k-1}] [hidden, (k-1) hidden] and `squares` = sum y^2. At a 1B model's hidden size
  * (2048) the float64 JS accumulation took 8.3 s per 1024 tokens of a two-member group against 1.0 s
- * here on WASM (scripts/heal_gather.ts --stage inputs): minutes a group at the default 16384
+ * here on WASM (bench/studies/heal_gather.ts --stage inputs): minutes a group at the default 16384
  * calibration tokens, and four times that at an 8B's hidden size.
  */
 export function buildInputStatsGraph(

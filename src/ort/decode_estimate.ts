@@ -5,7 +5,7 @@ import type { Device } from "./ort.ts";
 
 /**
  * Weight bytes a batch-1 decode step reads per second on the CPU paths, measured on the Llama-3.2-1B
- * shape on a 2-core x86 machine (scripts/cpu_paths.ts; bench/results/2026-12-04-cpu-llama-3.2-1b-paths.txt),
+ * shape on a 2-core x86 machine (bench/studies/cpu_paths.ts; bench/results/2026-12-04-cpu-llama-3.2-1b-paths.txt),
  * WASM fp32 on the same shape cut to 2 layers (it does not fit WASM's heap whole;
  * bench/results/2026-11-26-cpu-llama-1b-shape-2-layers-step.txt). A step reads every weight but the
  * embedding once, so tokens/s is about this over the bytes: a guide for choosing a device, not a promise.

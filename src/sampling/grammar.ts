@@ -131,7 +131,7 @@ export class Grammars {
     return await this.compiler;
   }
 
-  /** The engine loaded and the vocabulary's tables built, once (their cost: scripts/grammar_cost.ts). */
+  /** The engine loaded and the vocabulary's tables built, once (their cost: bench/studies/grammar_cost.ts). */
   async prepare(): Promise<void> {
     await this.grammarCompiler();
   }

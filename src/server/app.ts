@@ -5,15 +5,19 @@ import { getFuseHandler, postFuseHandler } from "./fuse.ts";
 import { chatEndpoint } from "./chat.ts";
 import { type CompletionLimits, completionRoute } from "./completion_route.ts";
 import { completionsEndpoint } from "./completions.ts";
-import { exportRoute } from "./export_route.ts";
+import { exportRoute } from "./export.ts";
 import { dashboardHandler } from "./dashboard.ts";
 import { onError } from "./errors.ts";
 import { methodNotAllowed } from "./methods.ts";
+import { knownRoutes } from "./routes.ts";
+import { statusRoutes } from "./status.ts";
 import { perClientLimit } from "./client_limits.ts";
 import { bodyLimits } from "./body.ts";
 import { checkHost, requireBearer, requireJson, sameSiteOnly } from "./guards.ts";
-import { modelObject, tokenRoutes } from "./tokens.ts";
-import { analysisRoutes, benchRoutes } from "./jobs.ts";
+import { modelRoutes } from "./models.ts";
+import { tokenRoutes } from "./tokens.ts";
+import { analysisRoutes } from "./analysis.ts";
+import { benchRoutes } from "./bench.ts";
 import { type AppEnv, requestLogging } from "./logging.ts";
 import type { Services } from "./services.ts";
 
@@ -38,30 +42,13 @@ export interface AppOptions extends CompletionLimits {
   log: (line: string) => void;
 }
 
-const ROUTES = new Set([
-  "/",
-  "/health",
-  "/stats",
-  "/metrics",
-  "/v1/models",
-  "/v1/completions",
-  "/v1/chat/completions",
-  "/tokenize",
-  "/detokenize",
-  "/fuse",
-  "/analysis",
-  "/analysis/heatmap.svg",
-  "/analysis/frontier.svg",
-  "/bench",
-  "/export",
-]);
-
 export function createApp(services: Services, opts: AppOptions): Hono<AppEnv> {
   const { host, scheduler, metrics, analysis, bench, lifecycle } = services;
   const app = new Hono<AppEnv>();
+  const routes = knownRoutes(app);
   app.onError(onError);
-  app.notFound(methodNotAllowed(app));
-  app.use("*", requestLogging(metrics, ROUTES, opts.log));
+  app.notFound(methodNotAllowed(routes));
+  app.use("*", requestLogging(metrics, routes, opts.log));
   app.use("*", checkHost(opts.allowedHosts));
   if (opts.corsOrigins.length) app.use("*", cors({ origin: opts.corsOrigins, maxAge: 600 }));
   app.use("*", perClientLimit(opts.maxClientRequests));
@@ -76,55 +63,15 @@ export function createApp(services: Services, opts: AppOptions): Hono<AppEnv> {
   const apiKey = requireBearer(opts.apiKey, "the API");
   app.use("/v1/*", apiKey);
 
-  // The dashboard's live panel: recent throughput and first-token latency, and what is running.
-  app.get(
-    "/stats",
-    (c) => c.json({ ...metrics.live.snapshot(), active: scheduler.active, queued: scheduler.queued }),
-  );
-  app.get("/health", (c) => {
-    if (lifecycle.draining) {
-      return c.json({ status: "draining", active: scheduler.active, queued: scheduler.queued }, 503);
-    }
-    if (host.state === "loading") return c.json({ status: "loading" }, 503);
-    if (host.state === "failed") return c.json({ status: "failed", error: host.error }, 503);
-    const inst = host.instance!;
-    return c.json({
-      status: "ok",
-      model: host.name,
-      device: inst.device,
-      plan: inst.planId,
-      dtype: inst.graph.dtype,
-      quantize: inst.graph.quantize,
-      weight_bytes: inst.weightBytes,
-      active: scheduler.active,
-      queued: scheduler.queued,
-      kv_cache: {
-        budget_bytes: host.kvBudgetBytes,
-        reserved_bytes: scheduler.kvReservedBytes(),
-        used_bytes: host.kvBytes,
-        free_bytes: Math.max(0, host.kvBudgetBytes - scheduler.kvReservedBytes()),
-      },
-    });
-  });
+  const status = statusRoutes(services);
+  app.get("/health", status.health);
+  app.get("/stats", status.stats);
+  app.get("/metrics", status.metrics);
 
-  app.get("/metrics", (c) => {
-    metrics.queueDepth.set({}, scheduler.queued);
-    metrics.active.set({}, scheduler.active);
-    metrics.instances.set({}, host.liveInstances);
-    metrics.weightCache.set({}, host.weightCacheBytes);
-    metrics.kvBudget.set({}, host.kvBudgetBytes);
-    metrics.kvReserved.set({}, scheduler.kvReservedBytes());
-    metrics.kvUsed.set({}, host.kvBytes);
-    c.header("content-type", "text/plain; version=0.0.4; charset=utf-8");
-    return c.body(metrics.render());
-  });
-
+  const models = modelRoutes(host);
+  app.get("/v1/models", models.list);
+  app.get("/v1/models/:id", models.model);
   const tokens = tokenRoutes(host);
-  app.get(
-    "/v1/models",
-    (c) => c.json({ object: "list", data: host.state === "ready" ? [modelObject(host)] : [] }),
-  );
-  app.get("/v1/models/:id", tokens.model);
   app.post("/tokenize", apiKey, sameSite, requireJson, tokens.tokenize);
   app.post("/detokenize", apiKey, sameSite, requireJson, tokens.detokenize);
 

@@ -13,7 +13,7 @@ import type { PromptLogprob, TokenLogprob } from "../sampling/logprobs.ts";
 import { yieldIfBusy } from "../yield.ts";
 import { readBody } from "./body.ts";
 import { CLIENT_CLOSED, errorResponse } from "./errors.ts";
-import type { AppEnv } from "./logging.ts";
+import type { AppEnv, RequestLog } from "./logging.ts";
 import type { Metrics } from "./metrics.ts";
 
 export interface CompletionLimits {
@@ -99,6 +99,147 @@ const usage = (all: GenerationSummary[], n: number) => {
 /** "cancelled" is ours alone (a wall-clock limit here); OpenAI clients only know stop and length. */
 const finishReason = (s: GenerationSummary) => (s.finishReason === "cancelled" ? "length" : s.finishReason);
 
+/** The metrics and log line a completion feeds: first-token and inter-token times, tokens, cached prefixes. */
+function completionMeter(metrics: Metrics, log: RequestLog, gone: AbortSignal, n: number) {
+  const start = performance.now();
+  let last = 0;
+  let streamed = 0;
+  return {
+    onToken: () => {
+      const now = performance.now();
+      if (last === 0) {
+        metrics.ttft.observe((now - start) / 1000);
+        metrics.live.addTtft((now - start) / 1000);
+      } else metrics.interToken.observe((now - last) / 1000);
+      last = now;
+      // A text event is at least one token; the rest (held-back text, EOS) is counted at the end.
+      streamed++;
+      metrics.live.addTokens(1);
+    },
+    finish: (all: GenerationSummary[]) => {
+      const used = usage(all, n);
+      metrics.live.addTokens(Math.max(0, used.completion_tokens - streamed));
+      for (const s of all) {
+        metrics.tokens.inc({}, s.completionTokens);
+        if (s.cachedTokens > 0) {
+          metrics.prefixHits.inc();
+          metrics.prefixTokens.inc({}, s.cachedTokens);
+        }
+      }
+      const left = gone.aborted;
+      if (left) metrics.cancelled.inc();
+      log.set({
+        completion_tokens: used.completion_tokens,
+        cached_tokens: used.prompt_tokens_details.cached_tokens,
+        finish_reason: left ? "cancelled" : finishReason(all[0]),
+        ...(left ? { status: CLIENT_CLOSED } : {}),
+      });
+    },
+  };
+}
+
+/** A started completion, as both ways of answering it see it. */
+interface Answer {
+  c: Context<AppEnv>;
+  task: AsyncGenerator<CompletionEvent, GenerationSummary[]>;
+  writer: ChoiceWriter;
+  /** Choices in all (prompts x n); choice i belongs to prompt `promptOf(i)`. */
+  choices: number;
+  n: number;
+  promptOf(index: number): number;
+  /** Each prompt's logprobs, once they arrive. */
+  promptLogprobs: (PromptLogprob[] | null)[];
+  envelope(object: string, choices: Choice[], extra?: Record<string, unknown>): Record<string, unknown>;
+  /** Runs the task to its end, handing each text event on. */
+  drain(onText: (e: TextEvent) => void | Promise<void>): Promise<GenerationSummary[]>;
+  finish(all: GenerationSummary[]): void;
+  gone: AbortController;
+  log: RequestLog;
+}
+
+/** The whole answer as one JSON body, each choice built and serialized with the event loop's turns between. */
+async function wholeAnswer(a: Answer, object: string, logprobs: boolean): Promise<Response> {
+  const { c, task, writer, choices } = a;
+  try {
+    const texts = new Array<string>(choices).fill("");
+    const lps = Array.from({ length: choices }, () => logprobs ? [] as TokenLogprob[] : null);
+    const all = await a.drain((e) => {
+      texts[e.index] += e.text;
+      if (e.logprobs) lps[e.index]?.push(...e.logprobs);
+    });
+    a.finish(all);
+    if (a.gone.signal.aborted) {
+      return errorResponse(c, CLIENT_CLOSED as 400, "client closed request", "cancelled");
+    }
+    // n=8 answers echoing a long prompt with 20 alternatives a token are megabytes of JSON.
+    const answers: string[] = [];
+    for (const [i, s] of all.entries()) {
+      const choice = await writer.whole(
+        i,
+        texts[i],
+        lps[i],
+        a.promptLogprobs[a.promptOf(i)],
+        finishReason(s),
+      );
+      answers.push(JSON.stringify(choice));
+      await yieldIfBusy();
+    }
+    const head = JSON.stringify(a.envelope(object, [], { usage: usage(all, a.n) }));
+    // The envelope's own `"choices":[]` (quotes inside its string values are escaped).
+    c.header("content-type", "application/json");
+    return c.body(head.replace(`"choices":[]`, () => `"choices":[${answers.join(",")}]`));
+  } finally {
+    await task.return(undefined as never);
+  }
+}
+
+/** SSE chunks as the events come: each choice opened once, its pieces, what it held back, the ends, usage. */
+function streamAnswer(a: Answer, chunkObject: string, includeUsage: boolean, id: string): Response {
+  const { c, task, writer, choices, log } = a;
+  log.defer();
+  log.set({ status: 200 });
+  return streamSSE(c, async (stream) => {
+    stream.onAbort(() => a.gone.abort());
+    const opened = new Array<boolean>(choices).fill(false);
+    const send = async (choices: Choice[], extra?: Record<string, unknown>) => {
+      if (!stream.aborted) {
+        await stream.writeSSE({ data: JSON.stringify(a.envelope(chunkObject, choices, extra)) });
+      }
+    };
+    const open = async (index: number) => {
+      if (opened[index]) return;
+      opened[index] = true;
+      const choice = await writer.opening(index, a.promptLogprobs[a.promptOf(index)]);
+      if (choice) await send([choice]);
+    };
+    try {
+      const all = await a.drain(async (e) => {
+        await open(e.index);
+        for (const choice of await writer.piece(e.index, e.text, e.logprobs)) await send([choice]);
+      });
+      a.finish(all);
+      for (let i = 0; i < choices; i++) {
+        await open(i);
+        for (const choice of await writer.flush(i)) await send([choice]);
+      }
+      await send(all.map((s, i) => writer.end(i, finishReason(s))), { usage: usage(all, a.n) });
+      // OpenAI's stream_options.include_usage: one more chunk, no choices, the usage.
+      if (includeUsage) await send([], { usage: usage(all, a.n) });
+      if (!stream.aborted) await stream.writeSSE({ data: "[DONE]" });
+      log.set({ status: a.gone.signal.aborted ? CLIENT_CLOSED : 200 });
+    } finally {
+      await task.return(undefined as never);
+      log.emit();
+    }
+  }, async (err, stream) => {
+    console.error(`stream ${id} failed:`, err);
+    log.set({ status: 500, error: err.message });
+    await stream.writeSSE({
+      data: JSON.stringify({ error: { message: err.message, type: "server_error" } }),
+    });
+  });
+}
+
 /**
  * POST /v1/completions and /v1/chat/completions: parse the body into a typed job, run it through
  * `runCompletion` (which owns admission, leases, abort, the time limit and every release), and write
@@ -118,46 +259,13 @@ export function completionRoute<S extends z.ZodType<CommonBody>>(
       throw new NotFoundError(`the model '${body.model.slice(0, 200)}' does not exist`);
     }
     const job = endpoint.toJob(body, deps.limits);
-    const { n, stream: streaming } = body;
-    const includeUsage = body.stream_options?.include_usage ?? false;
+    const { n } = body;
     const log = c.get("log");
     const gone = new AbortController();
     const clientSignal = c.req.raw.signal;
     const onGone = () => gone.abort();
     clientSignal.addEventListener("abort", onGone, { once: true });
-    const start = performance.now();
-    let last = 0;
-    let streamed = 0;
-    const onToken = () => {
-      const now = performance.now();
-      if (last === 0) {
-        metrics.ttft.observe((now - start) / 1000);
-        metrics.live.addTtft((now - start) / 1000);
-      } else metrics.interToken.observe((now - last) / 1000);
-      last = now;
-      // A text event is at least one token; the rest (held-back text, EOS) is counted at the end.
-      streamed++;
-      metrics.live.addTokens(1);
-    };
-    const finish = (all: GenerationSummary[]) => {
-      const used = usage(all, n);
-      metrics.live.addTokens(Math.max(0, used.completion_tokens - streamed));
-      for (const s of all) {
-        metrics.tokens.inc({}, s.completionTokens);
-        if (s.cachedTokens > 0) {
-          metrics.prefixHits.inc();
-          metrics.prefixTokens.inc({}, s.cachedTokens);
-        }
-      }
-      const left = gone.signal.aborted;
-      if (left) metrics.cancelled.inc();
-      log.set({
-        completion_tokens: used.completion_tokens,
-        cached_tokens: used.prompt_tokens_details.cached_tokens,
-        finish_reason: left ? "cancelled" : finishReason(all[0]),
-        ...(left ? { status: CLIENT_CLOSED } : {}),
-      });
-    };
+    const meter = completionMeter(metrics, log, gone.signal, n);
     const task = runCompletion(job, deps, gone.signal);
     let first: IteratorResult<CompletionEvent>;
     try {
@@ -169,124 +277,59 @@ export function completionRoute<S extends z.ZodType<CommonBody>>(
       throw e;
     }
     const started = first.value as Started;
-    const writer = endpoint.writer(body, started);
-    const choices = started.promptTokens.length * n;
-    const promptOf = (index: number) => Math.floor(index / n);
     const id = `${endpoint.idPrefix}-${crypto.randomUUID()}`;
     const created = Math.floor(Date.now() / 1000);
     const model = deps.modelName();
     log.set({
       plan: started.planId,
       prompt_tokens: started.promptTokens.reduce((a, b) => a + b, 0),
-      stream: streaming,
+      stream: body.stream,
     });
     c.header("x-fusedge-plan", started.planId);
-    const envelope = (object: string, choices: Choice[], extra: Record<string, unknown> = {}) => ({
-      id,
-      object,
-      created,
-      model,
-      plan: started.planId,
-      choices,
-      ...extra,
-    });
     const promptLogprobs: (PromptLogprob[] | null)[] = started.promptTokens.map(() => null);
-    /** Runs the task to its end: the prompts' logprobs kept, each text event counted and handed on. */
-    const drain = async (onText: (e: TextEvent) => void | Promise<void>) => {
-      let r = await task.next();
-      while (!r.done) {
-        const e = r.value;
-        if (e.type === "prompt") promptLogprobs[e.prompt] = e.logprobs;
-        else if (e.type === "text") {
-          onToken();
-          await onText(e);
+    const answer: Answer = {
+      c,
+      task,
+      writer: endpoint.writer(body, started),
+      choices: started.promptTokens.length * n,
+      n,
+      promptOf: (index) => Math.floor(index / n),
+      promptLogprobs,
+      envelope: (object, choices, extra = {}) => ({
+        id,
+        object,
+        created,
+        model,
+        plan: started.planId,
+        choices,
+        ...extra,
+      }),
+      drain: async (onText) => {
+        let r = await task.next();
+        while (!r.done) {
+          const e = r.value;
+          if (e.type === "prompt") promptLogprobs[e.prompt] = e.logprobs;
+          else if (e.type === "text") {
+            meter.onToken();
+            await onText(e);
+          }
+          r = await task.next();
         }
-        r = await task.next();
-      }
-      return r.value;
+        return r.value;
+      },
+      finish: meter.finish,
+      gone,
+      log,
     };
-
-    if (!streaming) {
+    if (!body.stream) {
       try {
-        const texts = new Array<string>(choices).fill("");
-        const logprobs = Array.from(
-          { length: choices },
-          () => job.params.logprobs === undefined ? null : [] as TokenLogprob[],
-        );
-        const all = await drain((e) => {
-          texts[e.index] += e.text;
-          if (e.logprobs) logprobs[e.index]?.push(...e.logprobs);
-        });
-        finish(all);
-        if (gone.signal.aborted) {
-          return errorResponse(c, CLIENT_CLOSED as 400, "client closed request", "cancelled");
-        }
-        // One choice at a time, built and serialized with the event loop's turns between: n=8 answers
-        // echoing a long prompt with 20 alternatives a token are megabytes of JSON.
-        const answers: string[] = [];
-        for (const [i, s] of all.entries()) {
-          const choice = await writer.whole(
-            i,
-            texts[i],
-            logprobs[i],
-            promptLogprobs[promptOf(i)],
-            finishReason(s),
-          );
-          answers.push(JSON.stringify(choice));
-          await yieldIfBusy();
-        }
-        const head = JSON.stringify(envelope(endpoint.object, [], { usage: usage(all, n) }));
-        // The envelope's own `"choices":[]` (quotes inside its string values are escaped).
-        c.header("content-type", "application/json");
-        return c.body(head.replace(`"choices":[]`, () => `"choices":[${answers.join(",")}]`));
+        return await wholeAnswer(answer, endpoint.object, job.params.logprobs !== undefined);
       } finally {
         clientSignal.removeEventListener("abort", onGone);
-        await task.return(undefined as never);
       }
     }
-
+    // Once streaming, the stream's own abort tells that the client left.
     clientSignal.removeEventListener("abort", onGone);
-    log.defer();
-    log.set({ status: 200 });
-    return streamSSE(c, async (stream) => {
-      stream.onAbort(onGone);
-      const opened = new Array<boolean>(choices).fill(false);
-      const send = async (choices: Choice[], extra?: Record<string, unknown>) => {
-        if (!stream.aborted) {
-          await stream.writeSSE({ data: JSON.stringify(envelope(endpoint.chunkObject, choices, extra)) });
-        }
-      };
-      const open = async (index: number) => {
-        if (opened[index]) return;
-        opened[index] = true;
-        const choice = await writer.opening(index, promptLogprobs[promptOf(index)]);
-        if (choice) await send([choice]);
-      };
-      try {
-        const all = await drain(async (e) => {
-          await open(e.index);
-          for (const choice of await writer.piece(e.index, e.text, e.logprobs)) await send([choice]);
-        });
-        finish(all);
-        for (let i = 0; i < choices; i++) {
-          await open(i);
-          for (const choice of await writer.flush(i)) await send([choice]);
-        }
-        await send(all.map((s, i) => writer.end(i, finishReason(s))), { usage: usage(all, n) });
-        // OpenAI's stream_options.include_usage: one more chunk, no choices, the usage.
-        if (includeUsage) await send([], { usage: usage(all, n) });
-        if (!stream.aborted) await stream.writeSSE({ data: "[DONE]" });
-        log.set({ status: gone.signal.aborted ? CLIENT_CLOSED : 200 });
-      } finally {
-        await task.return(undefined as never);
-        log.emit();
-      }
-    }, async (err, stream) => {
-      console.error(`stream ${id} failed:`, err);
-      log.set({ status: 500, error: err.message });
-      await stream.writeSSE({
-        data: JSON.stringify({ error: { message: err.message, type: "server_error" } }),
-      });
-    });
+    return streamAnswer(answer, endpoint.chunkObject, body.stream_options?.include_usage ?? false, id);
   };
 }

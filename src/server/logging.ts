@@ -1,5 +1,6 @@
 import type { Context, Next } from "hono";
 import type { Metrics } from "./metrics.ts";
+import type { KnownRoute } from "./routes.ts";
 
 /** The context variables every handler may use (Hono's typed `c.get`). */
 /** What a request's body may be: its size, and when it must have arrived by. */
@@ -73,15 +74,10 @@ export class RequestLog {
 }
 
 /** Logs and counts every request, by route: unknown paths share one label, so clients cannot grow it. */
-export function requestLogging(metrics: Metrics, routes: Set<string>, sink: (line: string) => void) {
+export function requestLogging(metrics: Metrics, routes: () => KnownRoute[], sink: (line: string) => void) {
   return async (c: Context<AppEnv>, next: Next) => {
-    const path = c.req.path;
-    // One parameterised route: its label is the pattern, never the id a client sent.
-    const route = routes.has(path)
-      ? path
-      : /^\/v1\/models\/[^/]+$/.test(path)
-      ? "/v1/models/:id"
-      : "unmatched";
+    // A parameterised route's label is its pattern, never the id a client sent.
+    const route = routes().find((r) => r.match.test(c.req.path))?.path ?? "unmatched";
     const log = new RequestLog(c.req.method, c.req.path, route, sink, metrics);
     c.set("log", log);
     await next();

@@ -1,10 +1,7 @@
-import type { Context, Hono } from "hono";
+import type { Context } from "hono";
 import { errorResponse } from "./errors.ts";
 import type { AppEnv } from "./logging.ts";
-
-/** A route's path as a pattern: `:name` matches one segment. */
-const pattern = (path: string) =>
-  new RegExp(`^${path.replace(/[.*+?^${}()|[\]\\]/g, "\\$&").replace(/:[A-Za-z_]+/g, "[^/]+")}$`);
+import type { KnownRoute } from "./routes.ts";
 
 /**
  * What answers a path no route takes with this method: 404 for a path the app does not have;
@@ -12,14 +9,9 @@ const pattern = (path: string) =>
  * from an allowed origin is answered before this by the CORS middleware; from any other origin it
  * gets no CORS headers here, so the browser refuses the call.
  */
-export function methodNotAllowed(app: Hono<AppEnv>) {
-  // Read at the first miss: by then every route is registered.
-  let routes: { method: string; match: RegExp }[] | null = null;
+export function methodNotAllowed(routes: () => KnownRoute[]) {
   return (c: Context<AppEnv>) => {
-    routes ??= app.routes
-      .filter((r) => r.method !== "ALL")
-      .map((r) => ({ method: r.method, match: pattern(r.path) }));
-    const methods = [...new Set(routes.filter((r) => r.match.test(c.req.path)).map((r) => r.method))];
+    const methods = [...new Set(routes().filter((r) => r.match.test(c.req.path)).map((r) => r.method))];
     if (methods.length === 0) {
       return errorResponse(c, 404, `no route ${c.req.method} ${c.req.path.slice(0, 200)}`);
     }

@@ -1,6 +1,6 @@
 import type { ModelHost } from "../serving/host.ts";
 import type { Scheduler } from "../serving/scheduler.ts";
-import type { ExportRunner } from "./export_route.ts";
+import type { ExportRunner } from "./export.ts";
 import type { AnalysisRunner, BenchRunner } from "./jobs.ts";
 import type { Metrics } from "./metrics.ts";
 

@@ -1,6 +1,6 @@
 import type { Context } from "hono";
 import { z } from "zod";
-import { InputError, NotFoundError } from "../errors.ts";
+import { InputError } from "../errors.ts";
 import { maxPromptChars, promptChars, requireChat } from "../serving/completion.ts";
 import type { ModelHost } from "../serving/host.ts";
 import { message, toChatMessages, tool, toToolFunctions } from "./chat.ts";
@@ -33,33 +33,12 @@ const detokenizeSchema = z.object({
   tokens: z.array(z.number().int().nonnegative()).max(1 << 20),
 });
 
-/** The served model as OpenAI's model object. */
-export function modelObject(host: ModelHost) {
-  return {
-    id: host.name,
-    object: "model",
-    created: 0,
-    owned_by: "fusedge",
-    plan: host.instance?.planId ?? null,
-    device: host.device,
-    dtype: host.graph.dtype,
-    quantize: host.graph.quantize,
-    weight_bytes: host.instance?.weightBytes ?? null,
-  };
-}
-
 /**
- * GET /v1/models/{id}, POST /tokenize and POST /detokenize: the model's own tokenizer, in the
- * tokenizer worker (a long prompt never holds the serving thread), with the limits completions use.
+ * POST /tokenize and POST /detokenize: the model's own tokenizer, in the tokenizer worker (a long
+ * prompt never holds the serving thread), with the limits completions use.
  */
 export function tokenRoutes(host: ModelHost) {
   return {
-    model: (c: Context<AppEnv>) => {
-      host.requireReady();
-      const id = c.req.param("id") ?? "";
-      if (id !== host.name) throw new NotFoundError(`the model '${id.slice(0, 200)}' does not exist`);
-      return c.json(modelObject(host));
-    },
     tokenize: async (c: Context<AppEnv>) => {
       const body = await readBody(c, tokenizeSchema);
       const config = host.requireReady();

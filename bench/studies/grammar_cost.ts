@@ -6,20 +6,20 @@
  * step's mask of one row (a matcher's bitmask
  * applied to the logits), as median [min-max].
  *
- *   scripts/deno run -A scripts/grammar_cost.ts [--model DIR] [--rounds 10] [--json]
+ *   scripts/deno run -A bench/studies/grammar_cost.ts [--model DIR] [--rounds 10] [--json]
  *
  * For a 128K vocabulary without downloading one: `scripts/synth_checkpoint.ts --model llama-3.2-1b`.
  */
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { fail, positive, scriptFlags } from "./args.ts";
-import { spread } from "../src/numeric.ts";
-import { loadConfig } from "../src/model/checkpoint.ts";
-import { TextTokenizer } from "../src/model/tokenizer.ts";
-import { Grammars } from "../src/sampling/grammar.ts";
-import { HERMES, toolCallTag } from "../src/model/tool_calls.ts";
+import { fail, positive, scriptFlags } from "../../scripts/args.ts";
+import { spread } from "../../src/numeric.ts";
+import { loadConfig } from "../../src/model/checkpoint.ts";
+import { TextTokenizer } from "../../src/model/tokenizer.ts";
+import { Grammars } from "../../src/sampling/grammar.ts";
+import { HERMES, toolCallTag } from "../../src/model/tool_calls.ts";
 
-const root = fileURLToPath(new URL("..", import.meta.url));
+const root = fileURLToPath(new URL("../..", import.meta.url));
 const values = scriptFlags({
   model: { type: "string", default: join(root, "models", "tiny-nas") },
   rounds: { type: "string", default: "10" },

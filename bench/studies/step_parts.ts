@@ -8,23 +8,23 @@
  * arithmetic grows with the rows) from attention's many small operators (whose cost is mostly per
  * operator and per cached position), which is what bounds the gain of batching on a CPU.
  *
- *   scripts/deno run -A scripts/step_parts.ts [--model DIR] [--batch 1,16] [--prefix 64] [--steps 24]
+ *   scripts/deno run -A bench/studies/step_parts.ts [--model DIR] [--batch 1,16] [--prefix 64] [--steps 24]
  *     [--rounds 5] [--parts whole,no-attention,no-ffn,lm-head] [--json]
  *
  * Each part's session stays loaded for the alternation: for a model whose graphs cannot all fit WASM's
  * heap together, name fewer parts.
  */
 import { join } from "node:path";
-import { fail, positive, scriptFlags } from "./args.ts";
+import { fail, positive, scriptFlags } from "../../scripts/args.ts";
 import { fileURLToPath } from "node:url";
-import { cpuSeconds } from "../src/bench/decode_bench.ts";
-import type { Block } from "../src/model/blocks.ts";
-import { type Spread, spread } from "../src/numeric.ts";
-import { buildDecoderGraph } from "../src/onnx/decoder.ts";
-import { loadAssets } from "../src/instance/build.ts";
-import { asBatch, ModelSession } from "../src/ort/session.ts";
+import { cpuSeconds } from "../../src/bench/decode_bench.ts";
+import type { Block } from "../../src/model/blocks.ts";
+import { type Spread, spread } from "../../src/numeric.ts";
+import { buildDecoderGraph } from "../../src/onnx/decoder.ts";
+import { loadAssets } from "../../src/instance/build.ts";
+import { asBatch, ModelSession } from "../../src/ort/session.ts";
 
-const root = fileURLToPath(new URL("..", import.meta.url));
+const root = fileURLToPath(new URL("../..", import.meta.url));
 const values = scriptFlags({
   model: { type: "string", default: join(root, "models", "tiny-nas") },
   batch: { type: "string", default: "1,16" },

@@ -10,25 +10,25 @@
  * Both sides are warmed, then alternated in rounds; per 1024 tokens, wall and CPU seconds as median
  * [min-max], and how far the two sides' normal equations differ (fp32 gathering against float64).
  *
- *   scripts/deno run -A scripts/heal_gather.ts [--model DIR] [--group 3-8] [--stage down|inputs]
+ *   scripts/deno run -A bench/studies/heal_gather.ts [--model DIR] [--group 3-8] [--stage down|inputs]
  *     [--windows 4] [--rounds 3] [--device wasm|webgpu] [--json]
  */
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { fail, groupPlan, layerRange, positive, scriptFlags } from "./args.ts";
-import { cpuSeconds } from "../src/bench/decode_bench.ts";
-import { textWindows } from "../src/fusion/calibration.ts";
-import { applyPlan } from "../src/fusion/apply.ts";
-import { type GroupIo, memberInputRows, scaledRows } from "../src/fusion/heal.ts";
-import { NormalEquations } from "../src/fusion/linear_fit.ts";
-import type { FfnBlock } from "../src/model/blocks.ts";
-import { linear, referenceForward, swigluActivations } from "../src/model/forward.ts";
-import { relL2, type Spread, spread } from "../src/numeric.ts";
-import { loadAssets } from "../src/instance/build.ts";
-import { healRunner } from "../src/instance/heal_runner.ts";
-import type { Device } from "../src/ort/ort.ts";
+import { fail, groupPlan, layerRange, positive, scriptFlags } from "../../scripts/args.ts";
+import { cpuSeconds } from "../../src/bench/decode_bench.ts";
+import { textWindows } from "../../src/fusion/calibration.ts";
+import { applyPlan } from "../../src/fusion/apply.ts";
+import { type GroupIo, memberInputRows, scaledRows } from "../../src/fusion/heal.ts";
+import { NormalEquations } from "../../src/fusion/linear_fit.ts";
+import type { FfnBlock } from "../../src/model/blocks.ts";
+import { linear, referenceForward, swigluActivations } from "../../src/model/forward.ts";
+import { relL2, type Spread, spread } from "../../src/numeric.ts";
+import { loadAssets } from "../../src/instance/build.ts";
+import { healRunner } from "../../src/instance/heal_runner.ts";
+import type { Device } from "../../src/ort/ort.ts";
 
-const root = fileURLToPath(new URL("..", import.meta.url));
+const root = fileURLToPath(new URL("../..", import.meta.url));
 const values = scriptFlags({
   model: { type: "string", default: join(root, "models", "tiny-nas") },
   group: { type: "string", default: "3-8" },

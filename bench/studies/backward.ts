@@ -1,13 +1,13 @@
-import type { Block, FfnBlock } from "./blocks.ts";
-import type { Checkpoint } from "./checkpoint.ts";
-import { linear, referenceForward, rmsNorm } from "./forward.ts";
-import { applyRope, ropeInvFreq } from "./rope.ts";
-import type { Tensor } from "./tensor.ts";
+import type { Block, FfnBlock } from "../../src/model/blocks.ts";
+import type { Checkpoint } from "../../src/model/checkpoint.ts";
+import { linear, referenceForward, rmsNorm } from "../../src/model/forward.ts";
+import { applyRope, ropeInvFreq } from "../../src/model/rope.ts";
+import type { Tensor } from "../../src/model/tensor.ts";
 
 /**
  * Vector-Jacobian products of the float64 reference forward (forward.ts): the gradient of a loss on
  * the logits with respect to the residual stream where a block list is entered: what fitting a fused
- * group against what the layers after it do with its output needs (scripts/heal_logits.ts measures
+ * group against what the layers after it do with its output needs (bench/studies/heal_logits.ts measures
  * that objective). Weights are never differentiated here, only the stream.
  */
 

@@ -7,7 +7,7 @@
  * tokens/s (a prompt of about `--prefill` tokens that no cache holds, over its time to first token),
  * and the server's CPU seconds per 1000 decoded tokens (from /proc). Prints a JSON report and a table.
  *
- *   scripts/deno run -A scripts/cpu_paths.ts --model DIR [--paths wasm:fp32,wasm:int8,cpu:fp32,cpu:int8,cpu:int4]
+ *   scripts/deno run -A bench/studies/cpu_paths.ts --model DIR [--paths wasm:fp32,wasm:int8,cpu:fp32,cpu:int8,cpu:int4]
  *     [--threads N] [--max-context 1024] [--tokens 32] [--batch 8] [--prefill 128] [--rounds 3]
  *     [--temperature 0.8] [--out FILE]
  *
@@ -16,11 +16,11 @@
  */
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { fail, positive, scriptFlags } from "./args.ts";
-import { sseData } from "../src/client/sse.ts";
-import { type Spread, spread } from "../src/numeric.ts";
+import { fail, positive, scriptFlags } from "../../scripts/args.ts";
+import { sseData } from "../../src/client/sse.ts";
+import { type Spread, spread } from "../../src/numeric.ts";
 
-const root = fileURLToPath(new URL("..", import.meta.url));
+const root = fileURLToPath(new URL("../..", import.meta.url));
 const values = scriptFlags({
   model: { type: "string", default: join(root, "models", "tiny-nas") },
   paths: { type: "string", default: "wasm:fp32,wasm:int8,cpu:fp32,cpu:int8,cpu:int4" },

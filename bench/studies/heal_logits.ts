@@ -13,29 +13,29 @@
  * factored once per ridge. The step length eta (and the ridge) is chosen on held-out loss; a step that
  * lowers nothing ends the run. Held-out and evaluation losses are onnxruntime-web WASM fp32.
  *
- *   scripts/deno run -A scripts/heal_logits.ts [--model DIR] [--group 3-8] [--from fused|healed]
+ *   scripts/deno run -A bench/studies/heal_logits.ts [--model DIR] [--group 3-8] [--from fused|healed]
  *     [--calibration-tokens 4096] [--skip-tokens 65536] [--heldout-tokens 1024] [--eval-tokens 8192]
  *     [--steps 3] [--ridges 0.1,1,10] [--etas 0.008,...,0.512] [--json]
  *
  * `--from healed` first heals the group with heal's own stages on the same slices (fusion/heal.ts).
  */
 import { join } from "node:path";
-import { fail, groupPlan, layerRange, positive, scriptFlags } from "./args.ts";
+import { fail, groupPlan, layerRange, positive, scriptFlags } from "../../scripts/args.ts";
 import { fileURLToPath } from "node:url";
-import { applyPlan } from "../src/fusion/apply.ts";
-import { textSlices } from "../src/fusion/calibration.ts";
-import { evaluateQuality } from "../src/fusion/evaluate.ts";
-import { healPlan } from "../src/fusion/heal.ts";
-import { healRunner } from "../src/instance/heal_runner.ts";
-import { type CholeskyFactor, NormalEquations } from "../src/fusion/linear_fit.ts";
-import { streamGradient } from "../src/model/backward.ts";
-import type { Block, FfnBlock } from "../src/model/blocks.ts";
-import { linear, referenceForward, swigluActivations } from "../src/model/forward.ts";
-import { tensor } from "../src/model/tensor.ts";
-import { loadAssets } from "../src/instance/build.ts";
-import { withScoringSession } from "../src/ort/session.ts";
+import { applyPlan } from "../../src/fusion/apply.ts";
+import { textSlices } from "../../src/fusion/calibration.ts";
+import { evaluateQuality } from "../../src/fusion/evaluate.ts";
+import { healPlan } from "../../src/fusion/heal.ts";
+import { healRunner } from "../../src/instance/heal_runner.ts";
+import { type CholeskyFactor, NormalEquations } from "../../src/fusion/linear_fit.ts";
+import { streamGradient } from "./backward.ts";
+import type { Block, FfnBlock } from "../../src/model/blocks.ts";
+import { linear, referenceForward, swigluActivations } from "../../src/model/forward.ts";
+import { tensor } from "../../src/model/tensor.ts";
+import { loadAssets } from "../../src/instance/build.ts";
+import { withScoringSession } from "../../src/ort/session.ts";
 
-const root = fileURLToPath(new URL("..", import.meta.url));
+const root = fileURLToPath(new URL("../..", import.meta.url));
 const values = scriptFlags({
   model: { type: "string", default: join(root, "models", "tiny-nas") },
   group: { type: "string", default: "3-8" },

@@ -5,23 +5,23 @@
  * the frontier's plan with the best plan of that budget found exhaustively. Writes
  * docs/<model>-frontier.json and prints the table in docs/fusion.md.
  *
- *   scripts/deno run -A scripts/frontier.ts [--model DIR] [--steps 6] [--max-width 7]
+ *   scripts/deno run -A bench/studies/frontier.ts [--model DIR] [--steps 6] [--max-width 7]
  */
 import { join } from "node:path";
-import { scriptFlags } from "./args.ts";
+import { scriptFlags } from "../../scripts/args.ts";
 import { fileURLToPath } from "node:url";
 import {
   contiguousPlans,
   type FrontierPoint,
   type FrontierResult,
   stepsRemoved,
-} from "../src/fusion/frontier.ts";
-import { fusableRuns, planId, UNFUSED } from "../src/fusion/plan.ts";
-import { loadCheckpoint, modelName } from "../src/model/checkpoint.ts";
-import { TextTokenizer } from "../src/model/tokenizer.ts";
-import { planScorer } from "../src/instance/plan_scorer.ts";
+} from "../../src/fusion/frontier.ts";
+import { fusableRuns, planId, UNFUSED } from "../../src/fusion/plan.ts";
+import { loadCheckpoint, modelName } from "../../src/model/checkpoint.ts";
+import { TextTokenizer } from "../../src/model/tokenizer.ts";
+import { planScorer } from "../../src/instance/plan_scorer.ts";
 
-const root = fileURLToPath(new URL("..", import.meta.url));
+const root = fileURLToPath(new URL("../..", import.meta.url));
 const values = scriptFlags({
   model: { type: "string", default: join(root, "models", "tiny-nas") },
   steps: { type: "string", default: "6" },

@@ -1,0 +1,45 @@
+import type { Context } from "hono";
+import { benchRequest } from "../requests/bench.ts";
+import { PRESETS } from "../bench/shapes.ts";
+import { checkBenchFits, formatBench, memoryLimits } from "../bench/run.ts";
+import type { ModelHost } from "../serving/host.ts";
+import { readBody } from "./body.ts";
+import { type AnalysisRunner, type BenchRunner, frontierPlans, requireModel, status } from "./jobs.ts";
+import type { AppEnv } from "./logging.ts";
+
+/** POST, GET and DELETE /bench. */
+export function benchRoutes(job: BenchRunner, host: ModelHost, analysis: AnalysisRunner) {
+  return {
+    get: (c: Context<AppEnv>) => status(job, c, (report) => ({ report, table: formatBench(report) })),
+    post: async (c: Context<AppEnv>) => {
+      const req = await readBody(c, benchRequest);
+      const { checkpoint } = requireModel(host);
+      if (req.preset) {
+        const { d, n } = PRESETS[req.preset];
+        checkBenchFits(d, n, req.k, host.device!, memoryLimits());
+      }
+      job.start({
+        model: req.preset ? undefined : host.modelDir,
+        checkpoint: req.preset ? undefined : checkpoint,
+        preset: req.preset,
+        device: host.device!,
+        k: req.k,
+        tokens: req.tokens,
+        dtype: req.dtype,
+        decodeTokens: req.decode_tokens,
+        rounds: req.rounds,
+        native: req.native,
+        quantize: req.quantize,
+        formats: req.formats,
+        batch: req.batch,
+        constrained: req.constrained,
+        plans: req.frontier ? frontierPlans(analysis) : undefined,
+      });
+      return c.json({ status: "running" }, 202);
+    },
+    delete: (c: Context<AppEnv>) => {
+      job.cancel();
+      return c.json({ status: "cancelled" });
+    },
+  };
+}
