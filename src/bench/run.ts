@@ -82,7 +82,7 @@ export function memoryLimits(): MemoryLimits {
  * Refuses, before anything is allocated, a benchmark whose FFN graphs cannot fit. Each onnxruntime
  * graph holds k x 3 fp32 matrices of d x n; onnxruntime-web keeps both sessions in one WASM heap and
  * briefly a third copy while creating one; the host holds the random weights, the fused copy, both
- * protobufs and the heap (about 10x one graph, measured: 8 GB RSS for llama-1b at k = 4).
+ * protobufs and the heap: about 10x one graph.
  */
 export function checkBenchFits(d: number, n: number, k: number, device: Device, limits: MemoryLimits): void {
   const graph = k * 3 * d * n * 4;

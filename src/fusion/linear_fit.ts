@@ -84,8 +84,7 @@ export class NormalEquations {
         if (wi === 0) continue;
         cross += wi * b[i * dOut + o];
         // w_o^T (H^T H) w_o from the upper triangle alone, the diagonal once and each pair above it twice,
-        // as one contiguous dot per row: picking each entry from either triangle took 18 s at width 4608
-        // against 3.4 s this way.
+        // as one contiguous dot per row: picking each entry from either triangle strides across memory.
         quad += wi * (a[i * dIn + i] * wi + 2 * dot(a, i * dIn + i + 1, w, wo + i + 1, dIn - i - 1));
       }
     }
@@ -123,7 +122,7 @@ export class NormalEquations {
    * Adds H^T H of n rows to the upper triangle of `gram` (unless null) and H^T Y to `cross`; returns sum
    * ||y||^2. Rows are taken in blocks, transposed so that each entry gets a block's products as one
    * contiguous dot product: adding row by row rewrote the whole Gram (170 MB at width 4608) for every
-   * token: memory-bound, 1.7x slower at that width.
+   * token, which is bound by memory.
    */
   private accumulate(
     n: number,
@@ -189,8 +188,7 @@ export class CholeskyFactor {
       a[j * n + j] = ljj;
       const jj = j * n;
       let i = j + 1;
-      // Four rows at a time against row j, which is read once for the four: 1.8x faster at width 3072
-      // than one dot product per entry (measured, alternating runs of a probe).
+      // Four rows at a time against row j, which is read once for the four instead of four times.
       for (; i + 3 < n; i += 4) {
         const i0 = i * n;
         const i1 = i0 + n;

@@ -498,8 +498,8 @@ export const streamName = (i: number) => `stream.${i}`;
 /**
  * The residual streams of a whole sequence (no cache, no logits) entering each block of `taps`, fp32:
  * `taps` index `blocks`, and `blocks.length` is the stream after the last block. Only the blocks up to
- * the last tap are emitted. What healing fits on: gathered through onnxruntime it costs a tenth of the
- * float64 reference's pass (tiny-nas, 4096 tokens: 3.2 s against 34 s here).
+ * the last tap are emitted. What healing fits on: gathered through onnxruntime, not by the float64
+ * reference's pass, which is an order of magnitude slower (bench/results/2026-11-26-cpu-tiny-nas-heal-gather.txt).
  */
 export function buildStreamGraph(
   ckpt: Checkpoint,

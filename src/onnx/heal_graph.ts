@@ -11,8 +11,8 @@ import { WeightCache } from "./weight_cache.ts";
  * with a = the fused block's SwiGLU activations scaled by s = 1/rms(out) per token and y = s (out - x -
  * FFN(x)) what the block misses, `gram` = a^T a [width, width], `cross` = a^T y [width, hidden] and
  * `squares` = sum y^2. The host adds them up across windows in float64 (fusion/heal.ts): in fp32 a
- * window's sums are over T products only. At width 4608 a 256-token window's Gram takes 0.5 s in WASM
- * against 2.5 s for the float64 JS accumulation (measured here, same window).
+ * window's sums are over T products only. onnxruntime computes a window's Gram several times faster
+ * than the float64 JS accumulation it replaced (bench/results/2026-11-26-cpu-tiny-nas-heal-gather.txt).
  */
 export function buildDownStatsGraph(
   cfg: Pick<ModelConfig, "hidden" | "rmsEps">,
@@ -36,10 +36,9 @@ export function buildDownStatsGraph(
  * inputs `x` (the group's input) and `member1`..`member{k-1}` (the sequential run's input to each later
  * member), [T, hidden] fp32; with h = x / rms(x) and y_j = member_j / rms(member_j) - h (norms without
  * their gains, which fusion/heal.ts folds in after), outputs `gram` = h^T h [hidden, hidden], `cross` =
- * h^T [y_1 .. y_{k-1}] [hidden, (k-1) hidden] and `squares` = sum y^2. At a 1B model's hidden size
- * (2048) the float64 JS accumulation took 8.3 s per 1024 tokens of a two-member group against 1.0 s
- * here on WASM (bench/studies/heal_gather.ts --stage inputs): minutes a group at the default 16384
- * calibration tokens, and four times that at an 8B's hidden size.
+ * h^T [y_1 .. y_{k-1}] [hidden, (k-1) hidden] and `squares` = sum y^2. At a 1B model's hidden size the
+ * float64 JS accumulation took minutes a group at the default calibration tokens, four times that at an
+ * 8B's (bench/results/2026-11-26-cpu-nemotron-nas-1b-heal-inputs.txt).
  */
 export function buildInputStatsGraph(
   cfg: Pick<ModelConfig, "hidden" | "rmsEps">,

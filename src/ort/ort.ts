@@ -260,11 +260,10 @@ export async function resolveGraphOptions(
   return {
     dtype: dtype === "auto" ? (f16 ? "fp16" : "fp32") : dtype,
     quantize,
-    // Native int8 compute: 1.6x (int4) to 6x (int8, whose fp32 path has no kernel) faster at the 1B
-    // shape, and tiny-nas' KL to unfused fp32 stays 0.0433 (int4; 0.0430 in fp32 compute) and 0.0003
-    // (int8; 0.0001): bench/results/2026-12-04-cpu-tiny-nas-accuracy-level.txt.
+    // Native int8 compute is faster at the 1B shape (int8's fp32 path has no kernel at all) and keeps
+    // the quality table's KL: bench/results/2026-12-04-cpu-tiny-nas-accuracy-level.txt.
     ...(device === "cpu" && quantize !== "none" ? { accuracy: 4 as const } : {}),
-    // WASM's MatMulNBits dequantizes every weight to fp32 on every call (10-17x slower than fp32):
+    // WASM's MatMulNBits dequantizes every weight to fp32 on every call, slower than fp32 itself:
     // its quantized weights go through MatMulInteger, which has a WASM SIMD kernel.
     ...(device === "wasm" && quantize !== "none" ? { integer: true } : {}),
   };

@@ -34,7 +34,7 @@ export async function requestGpu(): Promise<Gpu> {
 
 export type BufferUse = "storage" | "uniform" | "readback";
 
-/** Uploads go through queue.writeBuffer: mappedAtCreation is ~130x slower under Deno (FINDINGS.md). */
+/** Uploads go through queue.writeBuffer: mappedAtCreation is far slower under Deno (upload_shim.ts). */
 export function upload(device: GPUDevice, data: ArrayBufferView, use: BufferUse = "storage"): GPUBuffer {
   const size = Math.max(16, Math.ceil(data.byteLength / 4) * 4);
   const usage = use === "uniform"
