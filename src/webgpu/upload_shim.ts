@@ -1,8 +1,8 @@
 /**
  * Deno's WebGPU makes `mappedAtCreation` uploads far slower than `queue.writeBuffer` (session
  * creation took tens of seconds for a few hundred MB on an H100), and onnxruntime-web uploads every
- * initializer that way: a MAP_WRITE | COPY_SRC staging buffer created mapped, filled, unmapped, then copied to its
- * storage buffer. This shim gives such staging buffers a host-side mapping instead: the buffer is
+ * initializer that way: a MAP_WRITE | COPY_SRC staging buffer created mapped, filled, unmapped, then
+ * copied to its storage buffer. This shim gives such staging buffers a host-side mapping instead: the buffer is
  * created unmapped with COPY_DST in place of MAP_WRITE, `getMappedRange` hands out host memory, and
  * `unmap` sends it with one `writeBuffer`. The GPU sees the same bytes, in the same queue order.
  */
