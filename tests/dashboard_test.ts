@@ -178,6 +178,40 @@ Deno.test({
       const bad = await post(server.base, "/fuse", { ffn_groups: [[8, 9]] });
       assert.equal(bad.status, 401, "the API still requires the token outside the page");
       await bad.body?.cancel();
+
+      // The benchmark from the page: cancelled while it runs, then run to its end with its progress,
+      // the FFN chart and the decode chart (tokens/s per plan at each batch size) drawn without a reload.
+      await page.fill("#bench-batch", "1, 2");
+      await page.fill("#bench-rounds", "3");
+      await page.fill("#bench-tokens", "4");
+      await page.click("#bench-run");
+      await page.click("#bench-cancel");
+      await page.waitForSelector("#bench-status:text('cancelled')");
+      await until(async () => (await (await fetch(`${server.base}/bench`)).json()).status === "cancelled");
+      await page.click("#bench-run");
+      await until(async () =>
+        /running: .*\d+\/\d+ \(\d+%\)/.test(await page.textContent("#bench-status") ?? "")
+      );
+      assert.ok(await page.isVisible("#bench-progress"), "a progress bar while it runs");
+      await page.waitForSelector("#bench-status:text('done')", { timeout: 180_000 });
+      assert.ok(!(await page.isVisible("#bench-progress")), "no progress bar once done");
+      const decoded = (await (await fetch(`${server.base}/bench`)).json()).report;
+      assert.deepEqual([...new Set(decoded.batched.map((c: { batch: number }) => c.batch))], [1, 2]);
+      const bars = page.locator("#bench-decode svg[aria-label='decode chart'] rect.decode");
+      assert.equal(await bars.count(), decoded.batched.length, "one bar per plan and batch size");
+      for (const c of decoded.batched) {
+        const title = await page.locator(
+          `#bench-decode rect.decode[data-plan="${c.plan}"][data-group="batch ${c.batch}"] title`,
+        ).textContent();
+        assert.ok(title?.includes(`${c.tokens_per_second.median.toFixed(1)} tokens/s`), title ?? "");
+      }
+      assert.ok(await page.isVisible("#bench svg[aria-label='benchmark chart']"));
+      const benchShot = await page.locator("#bench-decode svg").screenshot();
+      assert.ok(benchShot.length > 3_000, `a drawn decode chart (${benchShot.length} bytes)`);
+      await Deno.writeFile(
+        join(Deno.env.get("FUSEDGE_SCREENSHOT_DIR") ?? await Deno.makeTempDir(), "dashboard-bench.png"),
+        await page.screenshot({ fullPage: true }),
+      );
     } finally {
       await browser.close();
       await server.stop();

@@ -19,25 +19,34 @@ export interface KvSlots {
   tokens: number;
 }
 
+/** What a plan instance is built from. */
+export interface BuildSpec {
+  modelDir: string;
+  /** The checkpoint already loaded (file-backed); null makes the worker load it and hand it back. */
+  checkpoint: Checkpoint | null;
+  plan: FusionPlan;
+  planId: string;
+  device: Device;
+  graph: GraphOptions;
+  /** With `checkpoint` null: the context cap applied while loading it. */
+  maxContext?: number;
+  /** Converted weights of earlier builds, reused where this plan has the same groups. */
+  weights: WeightEntries;
+  /** Where the weights this build converts are written (a WeightStore's directory). */
+  weightDir: string;
+  /** Text a plan's linear attentions are fitted on. */
+  calibrationText?: string;
+  /** KV bytes the instance's sequences and its kept prefixes may hold (0: keep no prefix). */
+  kvBudgetBytes?: number;
+  /** onnxruntime's threads for this instance's session (the device's default when absent). */
+  threads?: number;
+  /** WebGPU: sequences decoding at once, one KV slot each. */
+  slots?: number;
+}
+
 export type InstanceRequest =
-  | {
-    type: "build";
-    modelDir: string;
-    checkpoint: Checkpoint | null;
-    plan: FusionPlan;
-    device: Device;
-    graph: GraphOptions;
-    maxContext?: number;
-    /** Weights converted by earlier builds (files): this build converts only what they lack. */
-    weights: WeightEntries;
-    /** Where the weights this build converts are written. */
-    weightDir: string;
-    calibrationText?: string;
-    kvBudgetBytes?: number;
-    threads?: number;
-    /** WebGPU: sequences decoding at once (one KV slot each). */
-    slots?: number;
-  }
+  /** The instance to build: all of its spec but its id, which the worker computes. */
+  | ({ type: "build" } & Omit<BuildSpec, "planId">)
   | { type: "generate"; id: number; promptIds: number[]; params: GenerateParams }
   | { type: "cancel"; id: number }
   /** Compile a grammar: answered `done` (compiled) or `failed`, under this id. */

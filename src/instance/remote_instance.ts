@@ -12,36 +12,14 @@ import {
   type SequenceHandlers,
   type SequenceSink,
 } from "../decode/generate.ts";
-import type { InstanceReply, InstanceRequest, KvSlots } from "./protocol.ts";
+import type { BuildSpec, InstanceReply, InstanceRequest, KvSlots } from "./protocol.ts";
+
+export type { BuildSpec };
 import type { Device } from "../ort/ort.ts";
 import type { PromptLogprob } from "../sampling/logprobs.ts";
 import type { GrammarSpec } from "../sampling/grammar.ts";
 import { fromWorkerError } from "../workers/worker_error.ts";
 import { waitAtMost } from "../yield.ts";
-
-export interface BuildSpec {
-  modelDir: string;
-  /** The checkpoint already loaded (file-backed); null makes the worker load it and hand it back. */
-  checkpoint: Checkpoint | null;
-  plan: FusionPlan;
-  planId: string;
-  device: Device;
-  graph: GraphOptions;
-  /** With `checkpoint` null: the context cap applied while loading it. */
-  maxContext?: number;
-  /** Converted weights of earlier builds, reused where this plan has the same groups. */
-  weights: WeightEntries;
-  /** Where the weights this build converts are written (a WeightStore's directory). */
-  weightDir: string;
-  /** Text a plan's linear attentions are fitted on. */
-  calibrationText?: string;
-  /** KV bytes the instance's sequences and its kept prefixes may hold (0: keep no prefix). */
-  kvBudgetBytes?: number;
-  /** onnxruntime's threads for this instance's session (the device's default when absent). */
-  threads?: number;
-  /** WebGPU: sequences decoding at once, one KV slot each. */
-  slots?: number;
-}
 
 /** What a build converted and reused, and the converted weights it leaves for later builds. */
 export interface BuildWeights {
@@ -192,21 +170,8 @@ export class RemoteInstance implements PlanInstance, SequenceSink {
         };
       },
     );
-    const request: InstanceRequest = {
-      type: "build",
-      modelDir: spec.modelDir,
-      checkpoint: spec.checkpoint,
-      plan: spec.plan,
-      device: spec.device,
-      graph: spec.graph,
-      maxContext: spec.maxContext,
-      weights: spec.weights,
-      weightDir: spec.weightDir,
-      calibrationText: spec.calibrationText,
-      kvBudgetBytes: spec.kvBudgetBytes,
-      threads: spec.threads,
-      slots: spec.slots,
-    };
+    const { planId: _, ...build } = spec;
+    const request: InstanceRequest = { type: "build", ...build };
     worker.postMessage(request);
     return {
       ready,

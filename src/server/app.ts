@@ -100,6 +100,8 @@ export function createApp(services: Services, opts: AppOptions): Hono<AppEnv> {
   app.delete("/analysis", sameSite, admin, analyses.delete);
   const benches = benchRoutes(bench, host, analysis);
   app.get("/bench", benches.get);
+  app.get("/bench/ffn.svg", benches.ffnChart);
+  app.get("/bench/decode.svg", benches.decodeChart);
   app.post("/bench", sameSite, admin, requireJson, notDraining, benches.post);
   app.delete("/bench", sameSite, admin, benches.delete);
   app.get("/export", sameSite, admin, notDraining, exportRoute(services.exports, host));

@@ -3,14 +3,29 @@ import { benchRequest } from "../requests/bench.ts";
 import { PRESETS } from "../bench/shapes.ts";
 import { checkBenchFits, formatBench, memoryLimits } from "../bench/run.ts";
 import type { ModelHost } from "../serving/host.ts";
+import { NotFoundError } from "../errors.ts";
 import { readBody } from "./body.ts";
+import { benchChartSvg, decodeChartSvg } from "./bench_charts.ts";
 import { type AnalysisRunner, type BenchRunner, frontierPlans, requireModel, status } from "./jobs.ts";
 import type { AppEnv } from "./logging.ts";
 
-/** POST, GET and DELETE /bench. */
+/** POST, GET and DELETE /bench; GET /bench/ffn.svg and /bench/decode.svg, the last report as charts. */
 export function benchRoutes(job: BenchRunner, host: ModelHost, analysis: AnalysisRunner) {
   return {
     get: (c: Context<AppEnv>) => status(job, c, (report) => ({ report, table: formatBench(report) })),
+    /** The last report's FFN runs, sequential against fused, as a chart. */
+    ffnChart: (c: Context<AppEnv>) => {
+      if (!job.last) throw new NotFoundError("no benchmark yet: POST /bench runs one");
+      c.header("content-type", "image/svg+xml");
+      return c.body(benchChartSvg(job.last));
+    },
+    /** The last report's decode tokens/s per plan and batch size, as a chart. */
+    decodeChart: (c: Context<AppEnv>) => {
+      const svg = job.last && decodeChartSvg(job.last);
+      if (!svg) throw new NotFoundError("no decode measured yet: POST /bench runs one");
+      c.header("content-type", "image/svg+xml");
+      return c.body(svg);
+    },
     post: async (c: Context<AppEnv>) => {
       const req = await readBody(c, benchRequest);
       const { checkpoint } = requireModel(host);

@@ -1,43 +1,34 @@
 import type { Context } from "hono";
-import type { BenchReport } from "../bench/run.ts";
 import { formatName } from "../onnx/format.ts";
 import { heatmapSvg } from "../fusion/heatmap.ts";
 import { escapeXml } from "../markup.ts";
-import { type AnalysisRunner, measuredSpeedups } from "./jobs.ts";
+import { type AnalysisRunner, type BenchRunner, measuredSpeedups } from "./jobs.ts";
+import type { BenchReport } from "../bench/run.ts";
 import { frontierChartSvg } from "./frontier_chart.ts";
+import { benchChartSvg, decodeChartSvg } from "./bench_charts.ts";
 import type { Services } from "./services.ts";
 
 const esc = escapeXml;
 
-/** Sequential vs fused ms per token count, as grouped bars (kernels when measured, else onnxruntime). */
-export function benchChartSvg(r: BenchReport): string {
-  const source = r.ffn_kernels ? "WGSL kernels" : `onnxruntime-web (${r.ffn_onnx.device})`;
-  const cases = r.ffn_kernels?.cases ?? r.ffn_onnx.cases;
-  const max = Math.max(...cases.flatMap((c) => [c.sequential_ms, c.fused_ms]));
-  const w = Math.max(460, 120 + cases.length * 110);
-  const h = 260;
-  const scale = (v: number) => (v / max) * 170;
-  const parts = [
-    `<svg xmlns="http://www.w3.org/2000/svg" width="${w}" height="${h}" font-family="sans-serif" font-size="11" role="img" aria-label="benchmark chart">`,
-    `<text x="10" y="16" font-size="13">FFN run, sequential vs fused (${esc(source)}, ms per run)</text>`,
-    `<rect x="10" y="26" width="10" height="10" fill="#8899aa"/><text x="24" y="35">sequential</text>`,
-    `<rect x="100" y="26" width="10" height="10" fill="#d0553a"/><text x="114" y="35">fused</text>`,
-  ];
-  cases.forEach((c, i) => {
-    const x = 40 + i * 110;
-    const base = 225;
-    parts.push(
-      `<rect x="${x}" y="${base - scale(c.sequential_ms)}" width="36" height="${
-        scale(c.sequential_ms)
-      }" fill="#8899aa"><title>${c.sequential_ms.toFixed(3)} ms</title></rect>`,
-      `<rect x="${x + 40}" y="${base - scale(c.fused_ms)}" width="36" height="${
-        scale(c.fused_ms)
-      }" fill="#d0553a"><title>${c.fused_ms.toFixed(3)} ms</title></rect>`,
-      `<text x="${x}" y="${base + 14}">T=${c.tokens}: ${c.speedup.toFixed(2)}x</text>`,
-    );
+/** The decode cases of a report as a table: device, plan, tokens/s. */
+function decodeTable(r: BenchReport): string {
+  if (!r.decode.length) return "";
+  const rows = r.decode.map((d) => {
+    const t = d.tokens_per_second;
+    return `<tr><td>${d.device}</td><td>${esc(d.plan)}</td><td>${t.median.toFixed(1)} [${t.min.toFixed(1)}-${
+      t.max.toFixed(1)
+    }]</td></tr>`;
   });
-  parts.push("</svg>");
-  return parts.join("\n");
+  return `<table><tr><th>device</th><th>plan</th><th>tokens/s (median [min-max])</th></tr>${
+    rows.join("")
+  }</table>`;
+}
+
+function benchStatus(job: BenchRunner): string {
+  if (job.running) return `running: ${job.progress?.stage ?? ""}`;
+  if (job.status === "failed") return `failed: ${job.error}`;
+  if (job.status === "cancelled") return "cancelled";
+  return job.last ? "" : "no benchmark yet";
 }
 
 function analysisStatus(job: AnalysisRunner): string {
@@ -55,7 +46,6 @@ function page(s: Services): string {
   const cfg = host.config;
   const free = cfg?.layers.flatMap((l, i) => (l.attention.kind === "none" ? [i] : [])) ?? [];
   const suggested = analysis.last?.suggested_plan ?? inst?.plan ?? { version: 1, ffn_groups: [] };
-  const decode = bench.last?.decode ?? [];
   return `<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>fusedge</title>
 <style>
@@ -128,25 +118,20 @@ code, textarea { font-family: monospace; } textarea { width: 100%; height: 60px;
       : ""
   }</div>
 <h2>Benchmark</h2>
-<div id="bench">${
-    bench.last
-      ? benchChartSvg(bench.last) +
-        (decode.length
-          ? `<table><tr><th>device</th><th>plan</th><th>tokens/s (median [min-max])</th></tr>${
-            decode.map((d) => {
-              const t = d.tokens_per_second;
-              return `<tr><td>${d.device}</td><td>${esc(d.plan)}</td><td>${t.median.toFixed(1)} [${
-                t.min.toFixed(1)
-              }-${t.max.toFixed(1)}]</td></tr>`;
-            }).join("")
-          }</table>`
-          : "")
-      : `<p class="muted">${
-        bench.running
-          ? `benchmark running: ${esc(bench.progress?.stage ?? "")}`
-          : "no benchmark yet: POST /bench runs one"
-      }</p>`
-  }</div>
+<form id="bench-form">
+<label for="bench-batch">batch sizes</label>
+<input id="bench-batch" value="1,8" style="width:6em">
+<label for="bench-rounds">rounds</label>
+<input id="bench-rounds" type="number" min="3" max="50" value="3" style="width:4em">
+<label for="bench-tokens">tokens a round</label>
+<input id="bench-tokens" type="number" min="2" max="1000" value="16" style="width:5em">
+<button type="submit" id="bench-run">Run benchmark</button>
+<button type="button" id="bench-cancel">Cancel</button>
+<progress id="bench-progress" max="1" value="0"${bench.running ? "" : " hidden"}></progress>
+<span id="bench-status" class="muted">${esc(benchStatus(bench))}</span>
+</form>
+<div id="bench">${bench.last ? benchChartSvg(bench.last) + decodeTable(bench.last) : ""}</div>
+<div id="bench-decode">${(bench.last && decodeChartSvg(bench.last)) ?? ""}</div>
 <script>
 const $ = (id) => document.getElementById(id);
 function adminHeaders() {
@@ -242,7 +227,51 @@ $("frontier").addEventListener("mouseover", (e) => {
   const point = e.target.closest("circle.plan");
   if (point) $("frontier-info").textContent = point.querySelector("title").textContent;
 });
+// The benchmark: runs in the server's background worker; its progress while it runs, its charts when done.
+function benchRow(d) {
+  const t = d.tokens_per_second;
+  return "<tr><td>" + d.device + "</td><td>" + d.plan + "</td><td>" + t.median.toFixed(1) + " [" +
+    t.min.toFixed(1) + "-" + t.max.toFixed(1) + "]</td></tr>";
+}
+async function pollBench() {
+  const res = await fetch("/bench");
+  if (!res.ok) return;
+  const job = await res.json();
+  const p = job.progress;
+  if (job.status === "running") {
+    $("bench-progress").hidden = false;
+    $("bench-progress").value = p ? p.done / Math.max(1, p.total) : 0;
+    $("bench-status").textContent = "running: " + (p && p.stage ? p.stage + " " : "") +
+      (p ? p.done + "/" + p.total + " (" + Math.round(100 * p.done / Math.max(1, p.total)) + "%)" : "");
+    setTimeout(pollBench, 1000);
+    return;
+  }
+  $("bench-progress").hidden = true;
+  $("bench-status").textContent = job.status === "failed" ? "failed: " + job.error : job.status;
+  if (job.status !== "done") return;
+  const ffn = await fetch("/bench/ffn.svg");
+  const rows = job.report.decode.map(benchRow).join("");
+  $("bench").innerHTML = (ffn.ok ? await ffn.text() : "") + (rows
+    ? "<table><tr><th>device</th><th>plan</th><th>tokens/s (median [min-max])</th></tr>" + rows + "</table>"
+    : "");
+  const decode = await fetch("/bench/decode.svg");
+  $("bench-decode").innerHTML = decode.ok ? await decode.text() : "";
+}
+$("bench-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const batch = $("bench-batch").value.split(",").map((s) => Number(s.trim())).filter((n) => n > 0);
+  const body = { tokens: [1, 8], rounds: Number($("bench-rounds").value), decode_tokens: Number($("bench-tokens").value) };
+  if (batch.length) body.batch = batch;
+  const res = await fetch("/bench", { method: "POST", headers: adminHeaders(), body: JSON.stringify(body) });
+  if (res.ok) { $("bench-status").textContent = "running"; setTimeout(pollBench, 300); }
+  else $("bench-status").textContent = (await res.json()).error.message;
+});
+$("bench-cancel").addEventListener("click", async () => {
+  const res = await fetch("/bench", { method: "DELETE", headers: adminHeaders() });
+  $("bench-status").textContent = res.ok ? "cancelled" : (await res.json()).error.message;
+});
 if (${JSON.stringify(analysis.running)}) poll();
+if (${JSON.stringify(bench.running)}) pollBench();
 </script>
 </body></html>`;
 }
