@@ -289,38 +289,33 @@ type Spread = DecodeCase["tokens_per_second"];
 const sp = (s: Spread, d = 1) => `${f(s.median, d)} [${f(s.min, d)}-${f(s.max, d)}]`;
 
 /** A readable summary of a report: one table per section. */
-export function formatBench(r: BenchReport): string {
-  const lines: string[] = [
-    `fusedge bench ${r.date} on ${r.device}: ${r.source}${
-      r.dtype === "fp16" || (r.quantize && r.quantize !== "none")
-        ? `, ${
-          formatName({ dtype: r.dtype ?? "fp32", quantize: r.quantize ?? "none" })
-        } weights in the ${r.device} graphs`
-        : ""
-    }`,
-  ];
-  // Results written before ranges were recorded show the median alone.
-  const ranged = (m: number, range?: [number, number]) =>
-    (range ? `${f(m)} [${f(range[0])}-${f(range[1])}]` : f(m)).padEnd(22);
-  const k = r.ffn_kernels;
-  if (k) {
+/** Results written before ranges were recorded show the median alone. */
+const ranged = (m: number, range?: [number, number]) =>
+  (range ? `${f(m)} [${f(range[0])}-${f(range[1])}]` : f(m)).padEnd(22);
+
+function formatKernels(k: FfnBenchReport): string[] {
+  const lines: string[] = [];
+  lines.push(
+    "",
+    `WGSL FFN kernels (${k.adapter}, ${k.weight_type} weights, d=${k.d}, k=${k.k} x n=${
+      k.n_per_layer[0]
+    }); streaming read ${f(k.streaming_read_gbps, 1)} GB/s; median [min-max] of alternating rounds`,
+    "T      sequential ms          fused ms               fused/seq  fused GB/s  of read bw  max rel err",
+  );
+  for (const c of k.cases) {
     lines.push(
-      "",
-      `WGSL FFN kernels (${k.adapter}, ${k.weight_type} weights, d=${k.d}, k=${k.k} x n=${
-        k.n_per_layer[0]
-      }); streaming read ${f(k.streaming_read_gbps, 1)} GB/s; median [min-max] of alternating rounds`,
-      "T      sequential ms          fused ms               fused/seq  fused GB/s  of read bw  max rel err",
+      `${String(c.tokens).padEnd(6)} ${ranged(c.sequential_ms, c.sequential_range_ms)} ${
+        ranged(c.fused_ms, c.fused_range_ms)
+      } ${f(c.speedup, 2).padStart(8)}x  ${f(c.fused_gbps, 1).padStart(10)}  ${
+        (100 * c.fused_fraction_of_read_bw).toFixed(1).padStart(9)
+      }%  ${Math.max(c.sequential_rel_err, c.fused_rel_err).toExponential(1)}`,
     );
-    for (const c of k.cases) {
-      lines.push(
-        `${String(c.tokens).padEnd(6)} ${ranged(c.sequential_ms, c.sequential_range_ms)} ${
-          ranged(c.fused_ms, c.fused_range_ms)
-        } ${f(c.speedup, 2).padStart(8)}x  ${f(c.fused_gbps, 1).padStart(10)}  ${
-          (100 * c.fused_fraction_of_read_bw).toFixed(1).padStart(9)
-        }%  ${Math.max(c.sequential_rel_err, c.fused_rel_err).toExponential(1)}`,
-      );
-    }
   }
+  return lines;
+}
+
+function formatOnnx(r: BenchReport): string[] {
+  const lines: string[] = [];
   const o = r.ffn_onnx;
   const created = `${f(o.session_create_ms.sequential, 0)} / ${f(o.session_create_ms.fused, 0)} ms`;
   lines.push(
@@ -337,56 +332,114 @@ export function formatBench(r: BenchReport): string {
       } ${f(c.speedup, 2)}x`,
     );
   }
-  if (r.decode.length) {
-    lines.push(
-      "",
-      `decode (greedy, warm sessions, plans alternated in ${r.decode[0].rounds} rounds; median [min-max])`,
-      "device  plan                 sampling  tokens/s                 vs first  tokens/CPU-s             prefill ms",
-    );
-    for (const c of r.decode) {
-      const cols = [
-        c.device.padEnd(7),
-        c.plan.padEnd(20),
-        c.sampling.padEnd(8),
-        sp(c.tokens_per_second).padEnd(24),
-        `${f(c.speedup, 2)}x`.padEnd(8),
-        (c.tokens_per_cpu_second ? sp(c.tokens_per_cpu_second) : "-").padEnd(24),
-        sp(c.prefill_ms),
-      ];
-      lines.push(cols.join(" "));
-    }
-    const against = { cpu: "wasm", "native-webgpu": "webgpu" } as const;
-    for (const n of r.decode.filter((c) => c.device === "cpu" || c.device === "native-webgpu")) {
-      const ref = against[n.device as keyof typeof against];
-      const w = r.decode.find((c) => c.device === ref && c.plan === n.plan);
-      if (!w) continue;
-      lines.push(
-        `${n.device}/${ref} ${n.plan}: decode ${
-          f(n.tokens_per_second.median / w.tokens_per_second.median, 2)
-        }x, ` +
-          `prefill ${f(w.prefill_ms.median / n.prefill_ms.median, 2)}x`,
-      );
-    }
+  return lines;
+}
+
+function formatDecode(r: BenchReport): string[] {
+  const lines: string[] = [];
+  lines.push(
+    "",
+    `decode (greedy, warm sessions, plans alternated in ${r.decode[0].rounds} rounds; median [min-max])`,
+    "device  plan                 sampling  tokens/s                 vs first  tokens/CPU-s             prefill ms",
+  );
+  for (const c of r.decode) {
+    const cols = [
+      c.device.padEnd(7),
+      c.plan.padEnd(20),
+      c.sampling.padEnd(8),
+      sp(c.tokens_per_second).padEnd(24),
+      `${f(c.speedup, 2)}x`.padEnd(8),
+      (c.tokens_per_cpu_second ? sp(c.tokens_per_cpu_second) : "-").padEnd(24),
+      sp(c.prefill_ms),
+    ];
+    lines.push(cols.join(" "));
   }
-  for (const s of r.decode_skipped ?? []) lines.push(`(${s.device} decode skipped: ${s.reason})`);
-  if (r.batched?.length) {
-    const b = r.batched[0];
+  const against = { cpu: "wasm", "native-webgpu": "webgpu" } as const;
+  for (const n of r.decode.filter((c) => c.device === "cpu" || c.device === "native-webgpu")) {
+    const ref = against[n.device as keyof typeof against];
+    const w = r.decode.find((c) => c.device === ref && c.plan === n.plan);
+    if (!w) continue;
     lines.push(
-      "",
-      `batched decode (${b.steps} steps per sample, cases alternated in ${b.rounds} rounds; median [min-max])`,
-      "device  plan                 batch  grammar  tokens/s                 vs first  ms per step          tokens/CPU-s",
+      `${n.device}/${ref} ${n.plan}: decode ${
+        f(n.tokens_per_second.median / w.tokens_per_second.median, 2)
+      }x, ` +
+        `prefill ${f(w.prefill_ms.median / n.prefill_ms.median, 2)}x`,
     );
-    for (const c of r.batched) {
+  }
+  return lines;
+}
+
+function formatBatched(batched: BatchCase[]): string[] {
+  const lines: string[] = [];
+  const b = batched[0];
+  lines.push(
+    "",
+    `batched decode (${b.steps} steps per sample, cases alternated in ${b.rounds} rounds; median [min-max])`,
+    "device  plan                 batch  grammar  tokens/s                 vs first  ms per step          tokens/CPU-s",
+  );
+  for (const c of batched) {
+    lines.push([
+      ...caseCells(c),
+      (c.constrained ? "yes" : "no").padEnd(8),
+      sp(c.tokens_per_second).padEnd(24),
+      `${f(c.speedup, 2)}x`.padEnd(8),
+      sp(c.ms_per_step, 2).padEnd(20),
+      c.tokens_per_cpu_second ? sp(c.tokens_per_cpu_second) : "-",
+    ].join(" "));
+  }
+  return lines;
+}
+
+function formatServing(sv: ServingBench): string[] {
+  const lines: string[] = [];
+  lines.push(
+    "",
+    `served end to end on ${sv.device}, each plan in its own worker: unfused, then ${sv.fused_plan} built as a swap ` +
+      `through the unfused plan's converted weights; ${sv.tokens}-token greedy decode, ${sv.rounds} alternating rounds`,
+    "format      weights MB  build s  session s  swap s  rebuilt MB  plan                tokens/s                 vs unfused  tokens/CPU-s             peak RSS GB",
+  );
+  for (const c of sv.cases) {
+    c.decode.forEach((d, i) => {
+      const head = i === 0
+        ? [
+          c.format.padEnd(11),
+          f(c.weight_mb, 0).padStart(10),
+          f(c.build_ms / 1000, 1).padStart(7),
+          f(c.session_create_ms / 1000, 1).padStart(9),
+          f(c.swap.ms / 1000, 1).padStart(6),
+          f(c.swap.rebuilt_mb, 0).padStart(10),
+        ]
+        : ["".padEnd(11), "".padStart(10), "".padStart(7), "".padStart(9), "".padStart(6), "".padStart(10)];
       lines.push([
-        ...caseCells(c),
-        (c.constrained ? "yes" : "no").padEnd(8),
-        sp(c.tokens_per_second).padEnd(24),
-        `${f(c.speedup, 2)}x`.padEnd(8),
-        sp(c.ms_per_step, 2).padEnd(20),
-        c.tokens_per_cpu_second ? sp(c.tokens_per_cpu_second) : "-",
+        ...head,
+        d.plan.padEnd(19),
+        sp(d.tokens_per_second, 2).padEnd(24),
+        `${f(d.speedup, 2)}x`.padEnd(10),
+        (d.tokens_per_cpu_second ? sp(d.tokens_per_cpu_second, 2) : "-").padEnd(24),
+        i === 0 ? f(c.peak_rss_mb / 1000, 2) : "",
       ].join(" "));
-    }
+    });
   }
+  for (const s of sv.skipped) lines.push(`(${s.format} skipped: ${s.reason})`);
+  return lines;
+}
+
+/** The report as text tables, one section per measurement it holds. */
+export function formatBench(r: BenchReport): string {
+  const lines: string[] = [
+    `fusedge bench ${r.date} on ${r.device}: ${r.source}${
+      r.dtype === "fp16" || (r.quantize && r.quantize !== "none")
+        ? `, ${
+          formatName({ dtype: r.dtype ?? "fp32", quantize: r.quantize ?? "none" })
+        } weights in the ${r.device} graphs`
+        : ""
+    }`,
+  ];
+  if (r.ffn_kernels) lines.push(...formatKernels(r.ffn_kernels));
+  lines.push(...formatOnnx(r));
+  if (r.decode.length) lines.push(...formatDecode(r));
+  for (const s of r.decode_skipped ?? []) lines.push(`(${s.device} decode skipped: ${s.reason})`);
+  if (r.batched?.length) lines.push(...formatBatched(r.batched));
   lines.push(...formatSteps(r), ...formatPredicted(r));
   if (r.load) {
     lines.push(
@@ -394,38 +447,7 @@ export function formatBench(r: BenchReport): string {
       `checkpoint loaded in ${f(r.load.ms / 1000, 1)} s, peak RSS ${f(r.load.peak_rss_mb / 1000, 2)} GB`,
     );
   }
-  const sv = r.serving;
-  if (sv) {
-    lines.push(
-      "",
-      `served end to end on ${sv.device}, each plan in its own worker: unfused, then ${sv.fused_plan} built as a swap ` +
-        `through the unfused plan's converted weights; ${sv.tokens}-token greedy decode, ${sv.rounds} alternating rounds`,
-      "format      weights MB  build s  session s  swap s  rebuilt MB  plan                tokens/s                 vs unfused  tokens/CPU-s             peak RSS GB",
-    );
-    for (const c of sv.cases) {
-      c.decode.forEach((d, i) => {
-        const head = i === 0
-          ? [
-            c.format.padEnd(11),
-            f(c.weight_mb, 0).padStart(10),
-            f(c.build_ms / 1000, 1).padStart(7),
-            f(c.session_create_ms / 1000, 1).padStart(9),
-            f(c.swap.ms / 1000, 1).padStart(6),
-            f(c.swap.rebuilt_mb, 0).padStart(10),
-          ]
-          : ["".padEnd(11), "".padStart(10), "".padStart(7), "".padStart(9), "".padStart(6), "".padStart(10)];
-        lines.push([
-          ...head,
-          d.plan.padEnd(19),
-          sp(d.tokens_per_second, 2).padEnd(24),
-          `${f(d.speedup, 2)}x`.padEnd(10),
-          (d.tokens_per_cpu_second ? sp(d.tokens_per_cpu_second, 2) : "-").padEnd(24),
-          i === 0 ? f(c.peak_rss_mb / 1000, 2) : "",
-        ].join(" "));
-      });
-    }
-    for (const s of sv.skipped) lines.push(`(${s.format} skipped: ${s.reason})`);
-  }
+  if (r.serving) lines.push(...formatServing(r.serving));
   return lines.join("\n");
 }
 
