@@ -212,6 +212,35 @@ Deno.test({
         join(Deno.env.get("FUSEDGE_SCREENSHOT_DIR") ?? await Deno.makeTempDir(), "dashboard-bench.png"),
         await page.screenshot({ fullPage: true }),
       );
+
+      // The playground: one prompt streamed through the active plan and the unfused model at once; each
+      // pane's text is what a greedy completion of that plan gives, with its rate.
+      await page.fill("#play-prompt", "def main(");
+      await page.fill("#play-tokens", "12");
+      await page.click("#play-run");
+      await page.waitForSelector("#play-status:text('done')", { timeout: 120_000 });
+      const greedyOf = async (plan: string) =>
+        (await (await post(server.base, "/v1/completions", {
+          prompt: "def main(",
+          max_tokens: 12,
+          temperature: 0,
+          plan,
+        })).json()).choices[0].text;
+      assert.equal(await page.textContent("#play-active-plan"), "ffn[3-5]");
+      assert.equal(await page.textContent("#play-unfused-plan"), "unfused");
+      assert.equal(await page.textContent("#play-active-text"), await greedyOf("active"));
+      assert.equal(await page.textContent("#play-unfused-text"), await greedyOf("unfused"));
+      for (const side of ["active", "unfused"]) {
+        assert.match(await page.textContent(`#play-${side}-speed`) ?? "", /^\d+ tokens, \d+\.\d tokens\/s$/);
+      }
+      assert.match(
+        await page.textContent("#play-diff") ?? "",
+        /the two texts are the same|agree for their first \d+/,
+      );
+      await Deno.writeFile(
+        join(Deno.env.get("FUSEDGE_SCREENSHOT_DIR") ?? await Deno.makeTempDir(), "dashboard-playground.png"),
+        await page.screenshot({ fullPage: true }),
+      );
     } finally {
       await browser.close();
       await server.stop();

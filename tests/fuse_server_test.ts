@@ -29,8 +29,9 @@ Deno.test({
           const streams = prompts.map((prompt) =>
             post(base, "/v1/completions", {
               prompt,
-              // Long enough to outlast two builds even now that the six decode as one batch.
-              max_tokens: 600,
+              // Long enough to outlast two builds (each also builds the vocabulary's grammar tables) on a
+              // loaded 2-core machine, even now that the six decode as one batch; within the 1024 context.
+              max_tokens: 1000,
               temperature: 0.7,
               seed: 3,
               stream: true,
@@ -58,7 +59,7 @@ Deno.test({
             const last = r.events.at(-1)!;
             const finished = (last.choices as { finish_reason: string }[])[0].finish_reason;
             const tokens = (last.usage as { completion_tokens: number }).completion_tokens;
-            assert.ok(tokens === 600 || finished === "stop", `${tokens} tokens, ${finished}`);
+            assert.ok(tokens === 1000 || finished === "stop", `${tokens} tokens, ${finished}`);
             const plans = new Set(r.events.map((e) => e.plan));
             assert.deepEqual([...plans], ["unfused"], "a stream finishes on the session it started on");
           }

@@ -236,3 +236,55 @@ Deno.test("scheduler: a static KV cache (slots) takes any output length up to it
       /100 prompt tokens and one generated do not fit a KV slot of 100 tokens/.test(e.message),
   );
 });
+
+Deno.test("model host: the unfused reference beside a fused plan is built once, shared, and closed when idle or redundant", async () => {
+  const log: string[] = [];
+  const { builder, finish } = controlledBuilder(log);
+  const host = new ModelHost(builder);
+  host.referenceIdleMs = 30;
+  const tick = (ms = 20) => new Promise((r) => setTimeout(r, ms));
+  await assert.rejects(host.leaseUnfused(), UnavailableError, "nothing before the model loads");
+  const loading = host.load(MODEL, plan([3, 4]), "wasm", undefined, fakeTokenizer);
+  await tick();
+  finish(plan([3, 4]));
+  await loading;
+
+  // Two comparisons at once share one build.
+  const [first, second] = [host.leaseUnfused(), host.leaseUnfused()];
+  await tick();
+  finish(UNFUSED);
+  const [a, b] = await Promise.all([first, second]);
+  assert.equal(a.instance.planId, "unfused");
+  assert.equal(a.instance, b.instance);
+  assert.equal(host.instance!.planId, "ffn[3-4]", "the active plan is untouched");
+  assert.deepEqual(log.filter((l) => l.startsWith("build")), ["build ffn[3-4]", "build unfused"]);
+  assert.equal(host.liveInstances, 2);
+  a.release();
+  b.release();
+  await tick(80);
+  assert.ok(log.includes("closed unfused"), "closed after its idle time");
+  assert.equal(host.liveInstances, 1);
+
+  // Built again on demand; a swap to the unfused plan makes it redundant: it closes after its lease.
+  const again = host.leaseUnfused();
+  await tick();
+  finish(UNFUSED);
+  const c = await again;
+  const swap = host.swap(UNFUSED);
+  await tick();
+  finish(UNFUSED);
+  await swap;
+  assert.equal(log.filter((l) => l === "closed unfused").length, 1, "still leased");
+  c.release();
+  assert.equal(log.filter((l) => l === "closed unfused").length, 2);
+  // With the unfused plan active, the comparison is the active instance: nothing is built.
+  const d = await host.leaseUnfused();
+  assert.equal(d.instance, host.instance);
+  d.release();
+  assert.equal(
+    log.filter((l) => l.startsWith("build unfused")).length,
+    3,
+    "two references and the swap",
+  );
+  await host.close();
+});

@@ -89,6 +89,13 @@ export const constraintFields = {
   ),
 };
 
+/** Which model answers: the active plan, or the unfused model beside it (to compare the two). */
+export const planField = {
+  plan: z.enum(["active", "unfused"]).default("active").describe(
+    "active (the served plan) or unfused (the model without fusion, built beside it on first use)",
+  ),
+};
+
 type ConstraintBody = { [K in keyof typeof constraintFields]?: z.infer<(typeof constraintFields)[K]> };
 
 /** The grammar a body asks for, if any; two at once is bad input naming the second. */

@@ -5,6 +5,7 @@ import {
   constraintFields,
   generationFields,
   LIMITS,
+  planField,
   toGenerateParams,
   toGrammar,
 } from "../requests/generation.ts";
@@ -114,6 +115,7 @@ export const chatSchema = (maxTokensCap?: number) =>
       "not supported by this server",
     ),
     ...constraintFields,
+    ...planField,
     user: z.string().optional(),
     // A chat answer runs to its end of turn: by default only the context (and the cap) bound it.
     ...generationFields(maxTokensCap, 1, maxTokensCap ?? LIMITS.maxTokens),
@@ -208,6 +210,7 @@ export const chatEndpoint: Endpoint<ReturnType<typeof chatSchema>> = {
       },
       n: body.n,
       timeoutMs: limits.requestTimeoutMs,
+      plan: body.plan,
       tools: toToolRequest(body),
     };
   },

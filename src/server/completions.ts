@@ -1,5 +1,11 @@
 import { z } from "zod";
-import { constraintFields, generationFields, toGenerateParams, toGrammar } from "../requests/generation.ts";
+import {
+  constraintFields,
+  generationFields,
+  planField,
+  toGenerateParams,
+  toGrammar,
+} from "../requests/generation.ts";
 import { MAX_CHOICES } from "../serving/completion.ts";
 import { mapSliced } from "../yield.ts";
 import { MAX_TOP_LOGPROBS, type PromptLogprob, type TokenLogprob } from "../sampling/logprobs.ts";
@@ -27,6 +33,7 @@ export const completionSchema = (maxTokensCap?: number) =>
     stream_options: z.object({ include_usage: z.boolean().optional() }).nullable().optional(),
     user: z.string().optional(),
     ...constraintFields,
+    ...planField,
     ...generationFields(maxTokensCap),
   });
 
@@ -77,6 +84,7 @@ export const completionsEndpoint: Endpoint<ReturnType<typeof completionSchema>> 
       },
       n: body.n,
       timeoutMs: limits.requestTimeoutMs,
+      plan: body.plan,
       promptText: body.echo || logprobs !== undefined,
     };
   },

@@ -54,6 +54,7 @@ h1 { margin: 0 0 4px; } h2 { margin-top: 28px; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; } td, th { padding: 2px 10px; text-align: left; }
 code, textarea { font-family: monospace; } textarea { width: 100%; height: 60px; }
 .muted { color: #777; } #fuse-result.ok { color: #2a7; } #fuse-result.err { color: #c33; }
+pre { white-space: pre-wrap; background: #f6f6f6; padding: 6px; min-height: 3em; }
 </style></head>
 <body>
 <h1>fusedge</h1>
@@ -132,6 +133,24 @@ code, textarea { font-family: monospace; } textarea { width: 100%; height: 60px;
 </form>
 <div id="bench">${bench.last ? benchChartSvg(bench.last) + decodeTable(bench.last) : ""}</div>
 <div id="bench-decode">${(bench.last && decodeChartSvg(bench.last)) ?? ""}</div>
+<h2>Playground</h2>
+<p class="muted">One prompt through the active plan and through the unfused model at once, greedy: what fusion
+changes in speed and in output (the unfused model is built beside the plan on first use).</p>
+<form id="play-form">
+<textarea id="play-prompt">def fibonacci(n):</textarea>
+<label for="play-tokens">tokens</label>
+<input id="play-tokens" type="number" min="1" max="512" value="64" style="width:5em">
+<label for="play-key">API key</label> <input id="play-key" type="password" autocomplete="off">
+<button type="submit" id="play-run">Run both</button>
+<span id="play-status" class="muted"></span>
+</form>
+<div style="display:flex; gap:16px">
+<div style="flex:1"><h3>active plan <code id="play-active-plan"></code></h3>
+<div id="play-active-speed" class="muted"></div><pre id="play-active-text"></pre></div>
+<div style="flex:1"><h3>unfused <code id="play-unfused-plan"></code></h3>
+<div id="play-unfused-speed" class="muted"></div><pre id="play-unfused-text"></pre></div>
+</div>
+<div id="play-diff" class="muted"></div>
 <script>
 const $ = (id) => document.getElementById(id);
 function adminHeaders() {
@@ -269,6 +288,63 @@ $("bench-form").addEventListener("submit", async (e) => {
 $("bench-cancel").addEventListener("click", async () => {
   const res = await fetch("/bench", { method: "DELETE", headers: adminHeaders() });
   $("bench-status").textContent = res.ok ? "cancelled" : (await res.json()).error.message;
+});
+// The playground: the same prompt streamed through both models at once, each pane with its live rate.
+async function streamSide(side, plan, prompt, maxTokens) {
+  const headers = { "content-type": "application/json" };
+  if ($("play-key").value) headers.authorization = "Bearer " + $("play-key").value;
+  const body = { prompt, max_tokens: maxTokens, temperature: 0, stream: true, stream_options: { include_usage: true }, plan };
+  const res = await fetch("/v1/completions", { method: "POST", headers, body: JSON.stringify(body) });
+  if (!res.ok) throw new Error((await res.json()).error.message);
+  const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffered = "", text = "", first = 0, pieces = 0, tokens = 0;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffered += value;
+    let at;
+    while ((at = buffered.indexOf("\\n\\n")) >= 0) {
+      const data = buffered.slice(0, at).replace(/^data: /, "");
+      buffered = buffered.slice(at + 2);
+      if (data === "[DONE]") continue;
+      const chunk = JSON.parse(data);
+      $("play-" + side + "-plan").textContent = chunk.plan;
+      if (chunk.usage) tokens = chunk.usage.completion_tokens;
+      const c = chunk.choices[0];
+      if (!c || !c.text) continue;
+      if (!first) first = performance.now();
+      pieces++;
+      text += c.text;
+      $("play-" + side + "-text").textContent = text;
+      const s = (performance.now() - first) / 1000;
+      if (s > 0) $("play-" + side + "-speed").textContent = (pieces / s).toFixed(1) + " tokens/s so far";
+    }
+  }
+  // The rate after the first token, over the tokens the server counted.
+  const s = (performance.now() - first) / 1000;
+  const n = Math.max(tokens, pieces);
+  $("play-" + side + "-speed").textContent = n + " tokens, " + (s > 0 ? ((n - 1) / s).toFixed(1) : "-") + " tokens/s";
+  return text;
+}
+$("play-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  $("play-status").textContent = "running";
+  $("play-diff").textContent = "";
+  for (const side of ["active", "unfused"]) $("play-" + side + "-text").textContent = "";
+  try {
+    const prompt = $("play-prompt").value;
+    const tokens = Number($("play-tokens").value);
+    const [fused, unfused] = await Promise.all([
+      streamSide("active", "active", prompt, tokens),
+      streamSide("unfused", "unfused", prompt, tokens),
+    ]);
+    let same = 0;
+    while (same < Math.min(fused.length, unfused.length) && fused[same] === unfused[same]) same++;
+    $("play-diff").textContent = fused === unfused
+      ? "the two texts are the same"
+      : "the texts agree for their first " + same + " characters";
+    $("play-status").textContent = "done";
+  } catch (err) { $("play-status").textContent = String(err.message || err); }
 });
 if (${JSON.stringify(analysis.running)}) poll();
 if (${JSON.stringify(bench.running)}) pollBench();

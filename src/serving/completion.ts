@@ -28,6 +28,8 @@ export interface CompletionJob {
   promptText?: boolean;
   /** Functions a conversation offers and how the answer may call them. */
   tools?: ToolRequest;
+  /** Who answers: the active plan (the default), or the unfused model beside it. */
+  plan?: "active" | "unfused";
 }
 
 /** How the answer's calls are read back: the template's format and the names it may call. */
@@ -178,7 +180,7 @@ export async function* runCompletion(
       ? { format: chat.toolFormat, names: job.tools.functions.map((f) => f.name) }
       : undefined;
     const grammar = answerGrammar(job, toolCalls);
-    lease = host.lease();
+    lease = job.plan === "unfused" ? await host.leaseUnfused() : host.lease();
     // A grammar is compiled where the model runs, before the answer starts: a bad one is a 400.
     if (grammar) await lease.instance.checkGrammar(grammar);
     timer = setTimeout(onAbort, job.timeoutMs);

@@ -1,5 +1,5 @@
 import { UnavailableError } from "../errors.ts";
-import { checkPlan, type FusionPlan, planId } from "../fusion/plan.ts";
+import { checkPlan, type FusionPlan, planId, UNFUSED } from "../fusion/plan.ts";
 import { type Checkpoint, loadConfig, modelName } from "../model/checkpoint.ts";
 import type { ModelConfig } from "../model/config.ts";
 import { FLOAT_WEIGHTS, type GraphOptions } from "../onnx/format.ts";
@@ -30,6 +30,14 @@ interface Slot {
 }
 
 export type HostState = "loading" | "ready" | "failed";
+
+/** The unfused reference instance: its build while it runs, then its slot. */
+interface Reference {
+  slot: Promise<Slot>;
+  build: PendingBuild | null;
+  ready: Slot | null;
+  idle?: ReturnType<typeof setTimeout>;
+}
 
 export interface SwapResult {
   instance: PlanInstance;
@@ -95,6 +103,14 @@ export class ModelHost {
   private active: Slot | null = null;
   private readonly retiring = new Set<Slot>();
   private pending: PendingBuild | null = null;
+  /**
+   * The unfused model beside a fused active plan, for side-by-side comparisons (the dashboard's
+   * playground): built on first use in a worker of its own, closed after an idle minute or when a
+   * swap makes the active plan unfused.
+   */
+  private reference: Reference | null = null;
+  /** How long the unfused reference stays after its last lease ends. */
+  referenceIdleMs = 60_000;
 
   constructor(private readonly builder: InstanceBuilder = workerBuilder) {}
 
@@ -176,8 +192,10 @@ export class ModelHost {
   private pruneWeights(): void {
     // A pending build reads entries of earlier builds from their files until its session holds them:
     // nothing is deleted under it. Its end prunes instead (swap).
-    if (this.pending) return;
-    const live = new Set([this.active, ...this.retiring].flatMap((s) => s?.weightKeys ?? []));
+    if (this.pending || this.reference?.build) return;
+    const live = new Set(
+      [this.active, ...this.retiring, this.reference?.ready].flatMap((s) => s?.weightKeys ?? []),
+    );
     this.weights.keepOnly(live).catch((e) => console.error(`deleting unused weights failed: ${e}`));
   }
 
@@ -192,12 +210,13 @@ export class ModelHost {
 
   /** KV bytes the live instances hold now (their batches and the prompts they are prefilling). */
   get kvBytes(): number {
-    return [this.active, ...this.retiring].reduce((n, s) => n + (s?.instance.kvBytes ?? 0), 0);
+    return [this.active, ...this.retiring, this.reference?.ready]
+      .reduce((n, s) => n + (s?.instance.kvBytes ?? 0), 0);
   }
 
   /** Plan instances alive (each a worker with its own session): active, retiring and being built. */
   get liveInstances(): number {
-    return (this.active ? 1 : 0) + this.retiring.size + (this.pending ? 1 : 0);
+    return (this.active ? 1 : 0) + this.retiring.size + (this.pending ? 1 : 0) + (this.reference ? 1 : 0);
   }
 
   get swapInProgress(): boolean {
@@ -219,6 +238,10 @@ export class ModelHost {
   lease(): Lease {
     this.requireReady();
     const slot = this.active!;
+    return this.leaseOf(slot, () => this.freeIfIdle(slot));
+  }
+
+  private leaseOf(slot: Slot, idle: () => void): Lease {
     slot.users++;
     let done = false;
     return {
@@ -227,9 +250,67 @@ export class ModelHost {
         if (done) return;
         done = true;
         slot.users--;
-        this.freeIfIdle(slot);
+        if (slot.users === 0) idle();
       },
     };
+  }
+
+  /**
+   * The unfused model, to compare the active plan against: the active instance itself when its plan
+   * is unfused, else the reference instance (built now if there is none; the first call waits for
+   * its build). Refused while loading, and when the machine lacks the memory for a second copy.
+   */
+  async leaseUnfused(): Promise<Lease> {
+    this.requireReady();
+    if (this.active!.instance.planId === planId(UNFUSED)) return this.lease();
+    if (!this.reference) {
+      this.checkRoomForReference();
+      const spec = this.spec(this.checkpoint, UNFUSED);
+      const build = this.builder({ ...spec, kvBudgetBytes: 0 });
+      const reference: Reference = {
+        build,
+        ready: null,
+        slot: this.built(spec, build).then((built) => {
+          reference.build = null;
+          return reference.ready = this.keep(built);
+        }),
+      };
+      reference.slot.catch(() => {
+        if (this.reference === reference) this.reference = null;
+      });
+      this.reference = reference;
+    }
+    const reference = this.reference;
+    const slot = await reference.slot;
+    clearTimeout(reference.idle);
+    return this.leaseOf(slot, () => {
+      if (slot.retired) this.freeIfIdle(slot);
+      else reference.idle = setTimeout(() => this.closeReference(reference), this.referenceIdleMs);
+    });
+  }
+
+  /** A second copy of the weights must fit beside the first in the memory the machine has free. */
+  private checkRoomForReference(): void {
+    const need = this.active!.instance.weightBytes * 1.5;
+    const free = Deno.systemMemoryInfo().available;
+    if (free < need) {
+      throw new UnavailableError(
+        `the unfused model needs about ${(need / 2 ** 20).toFixed(0)} MB beside the active plan and ` +
+          `${(free / 2 ** 20).toFixed(0)} MB are free`,
+      );
+    }
+  }
+
+  private closeReference(reference: Reference): void {
+    if (this.reference !== reference) return;
+    this.reference = null;
+    clearTimeout(reference.idle);
+    reference.build?.cancel("the unfused reference is no longer needed");
+    reference.slot.then((slot) => {
+      slot.retired = true;
+      this.retiring.add(slot);
+      this.freeIfIdle(slot);
+    }, () => {});
   }
 
   /**
@@ -249,6 +330,7 @@ export class ModelHost {
       const old = this.active;
       this.active = this.keep(built);
       this.swaps++;
+      if (this.reference && built.instance.planId === planId(UNFUSED)) this.closeReference(this.reference);
       if (old) {
         old.retired = true;
         this.retiring.add(old);
@@ -273,7 +355,11 @@ export class ModelHost {
 
   async close(): Promise<void> {
     this.pending?.cancel("the service is shutting down");
-    await Promise.all([this.active, ...this.retiring].map((s) => s?.instance.close()));
+    const reference = this.reference;
+    this.reference = null;
+    clearTimeout(reference?.idle);
+    reference?.build?.cancel("the service is shutting down");
+    await Promise.all([this.active, ...this.retiring, reference?.ready].map((s) => s?.instance.close()));
     this.active = null;
     this.retiring.clear();
     this.weights.close();
