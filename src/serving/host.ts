@@ -266,7 +266,8 @@ export class ModelHost {
     if (!this.reference) {
       this.checkRoomForReference();
       const spec = this.spec(this.checkpoint, UNFUSED);
-      const build = this.builder({ ...spec, kvBudgetBytes: 0 });
+      // It keeps no prefixes for reuse (a budget of 0), except on WebGPU, where the budget is its slots.
+      const build = this.builder(this.device === "webgpu" ? spec : { ...spec, kvBudgetBytes: 0 });
       const reference: Reference = {
         build,
         ready: null,
