@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
 import { post, startServer } from "./server_helpers.ts";
+import { ROOT } from "./helpers.ts";
 
 const CHROMIUM = ["/usr/bin/chromium", "/usr/bin/chromium-browser"].find((p) => {
   try {
@@ -11,6 +12,13 @@ const CHROMIUM = ["/usr/bin/chromium", "/usr/bin/chromium-browser"].find((p) => 
   }
 });
 if (!CHROMIUM) console.warn("dashboard test skipped: no Chromium (apt-get install chromium)");
+
+/** Where the screenshots are kept for a look by eye: FUSEDGE_SCREENSHOT_DIR, else .tools/artifacts/. */
+async function artifacts(): Promise<string> {
+  const dir = Deno.env.get("FUSEDGE_SCREENSHOT_DIR") ?? join(ROOT, ".tools", "artifacts");
+  await Deno.mkdir(dir, { recursive: true });
+  return dir;
+}
 
 /** Polls `cond` until it holds; fails after `ms`. */
 async function until(cond: () => Promise<boolean>, ms = 30_000): Promise<void> {
@@ -121,9 +129,8 @@ Deno.test({
       assert.equal(w, 1200);
       assert.ok(h >= 900, `page height ${h}`);
       assert.ok(shot.length > 30_000, `a screenshot of a real page, not a blank one (${shot.length} bytes)`);
-      // Kept for a look by eye: FUSEDGE_SCREENSHOT_DIR=... scripts/deno task test
       await Deno.writeFile(
-        join(Deno.env.get("FUSEDGE_SCREENSHOT_DIR") ?? await Deno.makeTempDir(), "dashboard.png"),
+        join(await artifacts(), "dashboard.png"),
         shot,
       );
 
@@ -209,7 +216,7 @@ Deno.test({
       const benchShot = await page.locator("#bench-decode svg").screenshot();
       assert.ok(benchShot.length > 3_000, `a drawn decode chart (${benchShot.length} bytes)`);
       await Deno.writeFile(
-        join(Deno.env.get("FUSEDGE_SCREENSHOT_DIR") ?? await Deno.makeTempDir(), "dashboard-bench.png"),
+        join(await artifacts(), "dashboard-bench.png"),
         await page.screenshot({ fullPage: true }),
       );
 
@@ -238,7 +245,7 @@ Deno.test({
         /the two texts are the same|agree for their first \d+/,
       );
       await Deno.writeFile(
-        join(Deno.env.get("FUSEDGE_SCREENSHOT_DIR") ?? await Deno.makeTempDir(), "dashboard-playground.png"),
+        join(await artifacts(), "dashboard-playground.png"),
         await page.screenshot({ fullPage: true }),
       );
     } finally {
