@@ -10,8 +10,8 @@ export const yieldedMs = () => yielded;
 /**
  * A WASM session run resolves through microtasks alone, so a busy decode loop would starve the
  * event loop (new requests, /fuse, client disconnects) until it ends. Only a timer turn lets Deno
- * poll sockets (a MessageChannel round trip does not), and `setTimeout(0)` costs ~2 ms here, so the
- * turn is taken once per MAX_BUSY_MS of work rather than once per step.
+ * poll sockets (a MessageChannel round trip does not), and `setTimeout(0)` costs milliseconds under
+ * Deno, so the turn is taken once per MAX_BUSY_MS of work rather than once per step.
  */
 export async function yieldIfBusy(): Promise<void> {
   const t0 = performance.now();

@@ -174,10 +174,11 @@ export class DecoderEmitter {
    * x @ W^T through MatMulInteger (the integer path, GraphOptions.integer). Each row of x is cut into
    * blocks along K (integerBlock) and each block rounded to int8 with its own scale: one scale a row
    * left the down projection's input (a few large products of gate and up among thousands of small
-   * ones) 10x further from fp32 than the weights' rounding. A row never depends on what else is in
+   * ones) much further from fp32 than the weights' rounding. A row never depends on what else is in
    * the batch. The blocks are MatMulInteger's batch, [K/B, rows, B] x [K/B, B, N] -> int32 sums a block,
    * scaled by their block's scale and summed in fp32. Activations are stored as uint8 about the zero
-   * point 128: onnxruntime's WASM SIMD kernel takes uint8 x int8; int8 x int8 has none and is 8x slower.
+   * point 128: onnxruntime's WASM SIMD kernel takes uint8 x int8; int8 x int8 has none and falls back to
+   * scalar code.
    * W is int8 per output column and block.
    */
   private integerLinear(x: string, w: Tensor, name: string, q: "int8" | "int4"): string {

@@ -2,7 +2,8 @@
  * The chat template's renderer, a process of its own (template_sandbox.ts starts it): templates come
  * inside the checkpoints people download, Jinja has loops, and one render may never end or may fill
  * memory. In a worker thread such a render stalled the serving thread (the isolates of one process
- * share the collector's threads: 100-350 ms gaps between a stream's tokens on 2 cores), and a heap
+ * share the collector's threads: gaps between a stream's tokens beyond tests/hostile_test.ts's bound
+ * on 2 cores), and a heap
  * that runs out aborts the whole process. Here it costs its own process alone, whose heap V8 caps
  * and which runs with no permissions (`deno run`) or none that it uses (a compiled binary).
  * Its protocol is src/serving/template_protocol.ts.

@@ -1,7 +1,7 @@
 /// <reference lib="deno.worker" />
 /**
- * Prompt tokenisation off the serving thread: a long prompt costs ~5 us a character, so a prompt
- * of a few hundred kilobytes would otherwise hold the event loop for seconds. (Chat templates render
+ * Prompt tokenisation off the serving thread: its cost grows with the prompt's characters, so a
+ * prompt of a few hundred kilobytes would otherwise hold the event loop for seconds. (Chat templates render
  * in their own sandbox, template_sandbox.ts, and their text is tokenized here.)
  */
 import { toWorkerError } from "./worker_error.ts";
