@@ -84,10 +84,6 @@ export class BatchEngine extends EngineBase<HostSequence> {
 
   private readonly grammars: Grammars;
 
-  override async prepareGrammars(): Promise<void> {
-    await this.grammars.prepare();
-  }
-
   override async checkGrammar(spec: GrammarSpec): Promise<void> {
     await this.grammars.compile(spec);
   }

@@ -74,11 +74,6 @@ export abstract class EngineBase<S extends Sequence> {
   /** Rows decoding now, for peakRows. */
   protected abstract get rows(): number;
 
-  /** Builds what constrained decoding needs of the vocabulary, before any request waits on it. */
-  prepareGrammars(): Promise<void> {
-    return Promise.resolve();
-  }
-
   /**
    * Compiles a grammar ahead of the sequences that use it, so a bad one is refused before any token.
    * Engines that sample on the GPU have no mask: they refuse every grammar.

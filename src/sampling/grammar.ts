@@ -131,11 +131,6 @@ export class Grammars {
     return await this.compiler;
   }
 
-  /** The engine loaded and the vocabulary's tables built, once (their cost: bench/studies/grammar_cost.ts). */
-  async prepare(): Promise<void> {
-    await this.grammarCompiler();
-  }
-
   /** The spec compiled (once: later calls reuse it); a spec the engine refuses is bad input naming its field. */
   async compile(spec: GrammarSpec): Promise<XG.CompiledGrammar> {
     const key = JSON.stringify({ ...spec, field: undefined });

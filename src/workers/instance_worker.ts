@@ -54,8 +54,6 @@ async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<
   );
   // Serving must not wait for a batch size's first step to be recorded: all of them are, now.
   await instance.decoder?.warm();
-  // Nor the first constrained request for the vocabulary's tables, which would stall every row.
-  await instance.engine.prepareGrammars();
   const layout = instance.decoder?.layout;
   post({
     type: "built",
