@@ -29,8 +29,8 @@ Deno.test({
           const streams = prompts.map((prompt) =>
             post(base, "/v1/completions", {
               prompt,
-              // Long enough to outlast two builds (each also builds the vocabulary's grammar tables) on a
-              // loaded 2-core machine, even now that the six decode as one batch; within the 1024 context.
+              // Long enough to outlast two builds on a loaded 2-core machine, even now that the six decode
+              // as one batch; within the 1024 context.
               max_tokens: 1000,
               temperature: 0.7,
               seed: 3,
