@@ -4,6 +4,7 @@ import type { z } from "zod";
 import { bodyError, InputError } from "../errors.ts";
 import { errorBody } from "./errors.ts";
 import type { AppEnv } from "./logging.ts";
+import { yieldIfBusy } from "../yield.ts";
 
 const refusal = (status: 408 | 413, message: string, type: string) =>
   new HTTPException(status, {
@@ -81,19 +82,29 @@ export const MAX_JSON_DEPTH = 64;
 
 /**
  * How deep `text`'s arrays and objects nest, counted until it passes `limit`: one pass over the
- * text, where JSON.parse of 400,000 levels holds the thread for a third of a second.
+ * text, where JSON.parse of 400,000 levels holds the thread for a third of a second. Strings are
+ * crossed by a native search for their end (a megabyte prompt is one string).
  */
 export function jsonDepth(text: string, limit = MAX_JSON_DEPTH): number {
+  const stringEnd = /["\\]/g;
   let depth = 0;
   let max = 0;
-  let inString = false;
   for (let i = 0; i < text.length; i++) {
     const ch = text.charCodeAt(i);
-    if (inString) {
-      if (ch === 92) i++; // a backslash escapes the next character
-      else if (ch === 34) inString = false;
-    } else if (ch === 34) inString = true;
-    else if (ch === 91 || ch === 123) {
+    if (ch === 34) {
+      stringEnd.lastIndex = i + 1;
+      for (;;) {
+        const found = stringEnd.exec(text);
+        // Unterminated: JSON.parse says so.
+        if (!found) return max;
+        // A backslash escapes the character after it.
+        if (text.charCodeAt(found.index) === 92) stringEnd.lastIndex = found.index + 2;
+        else {
+          i = found.index;
+          break;
+        }
+      }
+    } else if (ch === 91 || ch === 123) {
       if (++depth > max && (max = depth) > limit) return max;
     } else if (ch === 93 || ch === 125) depth--;
   }
@@ -106,9 +117,12 @@ export function jsonDepth(text: string, limit = MAX_JSON_DEPTH): number {
  */
 export async function readBody<S extends z.ZodType>(c: Context<AppEnv>, schema: S): Promise<z.infer<S>> {
   const text = await bodyText(c);
+  // Megabyte bodies arriving together are each milliseconds of work: other requests get turns between.
+  await yieldIfBusy();
   if (jsonDepth(text) > MAX_JSON_DEPTH) {
     throw new InputError(`request body nests deeper than ${MAX_JSON_DEPTH} levels`);
   }
+  await yieldIfBusy();
   let raw: unknown;
   try {
     raw = JSON.parse(text);
