@@ -92,6 +92,9 @@ async function tightJson(node: unknown): Promise<unknown> {
 /** A JSON string as EBNF's quoted literal. */
 const literal = (s: string) => JSON.stringify(s);
 
+/** EBNF for exactly one of `choices`. */
+const choiceGrammar = (choices: string[]) => `root ::= ${choices.map(literal).join(" | ")}`;
+
 /** A spec as one part of a structural tag (an answer that is either tool calls or this). */
 export function asTagFormat(spec: GrammarSpec): Record<string, unknown> {
   switch (spec.type) {
@@ -102,7 +105,7 @@ export function asTagFormat(spec: GrammarSpec): Record<string, unknown> {
     case "regex":
       return { type: "regex", pattern: spec.pattern };
     case "choice":
-      return { type: "grammar", grammar: `root ::= ${spec.choices.map(literal).join(" | ")}` };
+      return { type: "grammar", grammar: choiceGrammar(spec.choices) };
     case "ebnf":
       return { type: "grammar", grammar: spec.grammar };
     case "structural_tag":
@@ -165,7 +168,7 @@ export class Grammars {
             format: { type: "regex", pattern: spec.pattern },
           } as XG.StructuralTagLike);
         case "choice":
-          return await compiler.compileGrammar(`root ::= ${spec.choices.map(literal).join(" | ")}`);
+          return await compiler.compileGrammar(choiceGrammar(spec.choices));
         case "ebnf":
           return await compiler.compileGrammar(spec.grammar);
         case "structural_tag":
