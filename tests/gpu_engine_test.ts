@@ -9,7 +9,7 @@ import { buildInstance, loadAssets, type ModelInstance } from "../src/instance/b
 import { generate, type GenerateParams } from "../src/decode/generate.ts";
 import { DEFAULT_SAMPLING } from "../src/sampling/sampling.ts";
 import { FP32_INT4, FP32_INT8, planFormsMatchWasm, runToEnd } from "./engine_helpers.ts";
-import { golden, HAS_WEBGPU, TINY_NAS } from "./helpers.ts";
+import { golden, HAS_WEBGPU, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
 import { post, readSse, startServer } from "./server_helpers.ts";
 
 /** Every GPU readback in this process (onnxruntime's included) goes through mapAsync: sizes and overlap. */
@@ -246,5 +246,49 @@ Deno.test({
       /assigned to the default CPU EP/,
     );
     await planFormsMatchWasm("webgpu", [FLOAT_WEIGHTS, FP32_INT4, FP32_INT8]);
+  },
+});
+
+/**
+ * Split decode steps (src/onnx/split_k.ts) against unsplit ones and the float64 references: the
+ * shipped models' inner widths are below the default's threshold, so the split is forced here, every
+ * linear but the head cut into parts of 32 to 128: captured and not, fp32 and fp16, unfused and fused.
+ */
+Deno.test({
+  name: "GPU engine: split decode steps give the golden greedy ids, captured or not, fp32 and fp16",
+  ignore: !HAS_WEBGPU,
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const forced = { workgroups: 4096, minPart: 32, minInner: 256 };
+    const fused = { version: 1 as const, ffn_groups: [[3, 4, 5]] };
+    const cases = [
+      { dir: TINY_NAS, plan: UNFUSED, dtype: "fp32", capture: true },
+      { dir: TINY_NAS, plan: UNFUSED, dtype: "fp32", capture: false },
+      { dir: TINY_NAS, plan: fused, dtype: "fp16", capture: true },
+      { dir: TINY_LLAMA, plan: UNFUSED, dtype: "fp32", capture: true },
+    ] as const;
+    for (const { dir, plan, dtype, capture } of cases) {
+      const assets = await loadAssets(dir);
+      const c = (await golden(dir)).cases[0];
+      const graph = { dtype, quantize: "none" as const };
+      const what = `${dir.split("/").pop()} ${
+        JSON.stringify(plan.ffn_groups ?? [])
+      } ${dtype} capture ${capture}`;
+      const build = (splitK: typeof forced | false) =>
+        buildInstance(assets, plan, "webgpu", graph, undefined, undefined, { splitK, capture, slots: 2 });
+      const split = await build(forced);
+      const whole = await build(false);
+      try {
+        assert.ok(split.nodeCount > whole.nodeCount + 20, `${what}: ${split.nodeCount} nodes split`);
+        const a = await runToEnd(split.engine, c.input_ids, { ignoreEos: true, maxTokens: 8 });
+        const b = await runToEnd(whole.engine, c.input_ids, { ignoreEos: true, maxTokens: 8 });
+        assert.deepEqual(a.summary.ids, b.summary.ids, what);
+        if (plan === UNFUSED) assert.deepEqual(a.summary.ids, c.greedy_ids.slice(0, 8), what);
+      } finally {
+        await split.release();
+        await whole.release();
+      }
+    }
   },
 });

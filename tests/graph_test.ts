@@ -4,6 +4,7 @@ import { unfusedBlocks } from "../src/model/blocks.ts";
 import { loadCheckpoint } from "../src/model/checkpoint.ts";
 import { referenceForward } from "../src/model/forward.ts";
 import { buildDecoderGraph } from "../src/onnx/decoder.ts";
+import { splitFactor } from "../src/onnx/split_k.ts";
 import { FLOAT_WEIGHTS, formatName } from "../src/onnx/format.ts";
 import { readWeight, WeightCache, WeightStore } from "../src/onnx/weight_cache.ts";
 import { type Tensor, tensor, transpose2d } from "../src/model/tensor.ts";
@@ -86,6 +87,44 @@ Deno.test("graph: only layers with attention get past/present tensors, named as 
   assert.deepEqual(cache.tensors.get("past_key_values.1.key")!.dims, [1, 1, 2, 16]);
   await session.release();
   await Deno.remove(dir, { recursive: true });
+});
+
+Deno.test("graph: a decode step's split linears: parts per shape, the same weight bytes in [parts, K / parts, N]", async () => {
+  // The 1B shapes: q/k/v stacked, o, gate and up, down; a fused group of four; tiny widths stay whole.
+  const cases: [number, number, number][] = [
+    [2048, 3072, 16],
+    [2048, 2048, 16],
+    [2048, 8192, 16],
+    [8192, 2048, 64],
+    [2048, 32768, 4],
+    [32768, 2048, 64],
+    [2048, 128256, 1],
+    [256, 768, 1],
+    [768, 256, 1],
+  ];
+  for (const [k, n, parts] of cases) assert.equal(splitFactor(k, n), parts, `[${k}, ${n}]`);
+  assert.equal(splitFactor(768, 256, { workgroups: 4096, minPart: 32, minInner: 256 }), 16);
+
+  const ck = await loadCheckpoint(TINY_NAS);
+  const blocks = unfusedBlocks(ck);
+  const cache = new WeightCache("fp32");
+  const split = { workgroups: 4096, minPart: 64, minInner: 256 };
+  const whole = buildDecoderGraph(ck, blocks, FLOAT_WEIGHTS, cache, { weightsAsInputs: true });
+  const step = buildDecoderGraph(ck, blocks, FLOAT_WEIGHTS, cache, { weightsAsInputs: true, step: split });
+  assert.deepEqual([...step.model.weightInputs.keys()], [...whole.model.weightInputs.keys()]);
+  let splitCount = 0;
+  for (const [name, w] of whole.model.weightInputs) {
+    const s = step.model.weightInputs.get(name)!;
+    assert.equal(s.byteLength, w.byteLength, name);
+    if (s.dims.length === 3) {
+      splitCount++;
+      const [k, n] = w.dims;
+      assert.deepEqual(s.dims, [splitFactor(k, n, split), k / splitFactor(k, n, split), n], name);
+    } else assert.deepEqual(s.dims, w.dims, name);
+  }
+  assert.equal(step.model.weightInputs.get("lm_head")?.dims.length ?? 2, 2, "the head is never split");
+  assert.ok(splitCount >= 9 * 3, `${splitCount} linears split`);
+  assert.equal(step.nodeCount, whole.nodeCount + 4 * splitCount);
 });
 
 Deno.test("graph: weights are external data, so the protobuf stays small whatever the model's size", async () => {

@@ -22,6 +22,12 @@ Deno.test("measurement scripts: an unknown flag or a bad value exits 2 naming it
     ["bench/studies/grammar_cost.ts", ["--model", "/nonexistent"], /--model: /],
     ["loadtest.ts", ["--heavy", "x"], /--heavy: expected a positive integer, got x/],
     [
+      "bench/studies/split_k.ts",
+      ["--variants", "off,lots"],
+      /--variants: expected a positive integer, got lots/,
+    ],
+    ["bench/studies/split_k.ts", ["--dtype", "fp8"], /--dtype: auto, fp32 or fp16, got fp8/],
+    [
       "synth_checkpoint.ts",
       ["--model", "nemotron-nas-1b", "--out", "/nonexistent", "--layers", "0"],
       /--layers: expected a positive integer/,

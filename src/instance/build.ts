@@ -18,6 +18,7 @@ import { TextTokenizer } from "../model/tokenizer.ts";
 import { storedBytes } from "../onnx/builder.ts";
 import { buildDecoderGraph } from "../onnx/decoder.ts";
 import { FLOAT_WEIGHTS, formatName, type GraphOptions } from "../onnx/format.ts";
+import { DEFAULT_SPLIT_K, type SplitK } from "../onnx/split_k.ts";
 import { WeightCache } from "../onnx/weight_cache.ts";
 import { BatchEngine } from "../decode/batch_engine.ts";
 import type { EngineBase, Sequence } from "../decode/engine_base.ts";
@@ -196,6 +197,11 @@ export interface EngineOptions {
   slots?: number;
   /** WebGPU: replay each batch size's recorded step (graph capture; default on). */
   capture?: boolean;
+  /**
+   * WebGPU: how decode steps split their float linears' inner dimension (src/onnx/split_k.ts; default
+   * DEFAULT_SPLIT_K), or false for steps that run the prefill's graph.
+   */
+  splitK?: SplitK | false;
   /** Told the KV bytes the engine holds, after each change. */
   onKv?: (bytes: number) => void;
 }
@@ -228,6 +234,11 @@ export async function buildInstance(
   const cfg = assets.checkpoint.config;
   const onWebgpu = device === "webgpu";
   const graph = buildDecoderGraph(assets.checkpoint, blocks, options, weights, { weightsAsInputs: onWebgpu });
+  // WebGPU's decode steps run a graph of their own over the same weight buffers.
+  const split = serving.splitK ?? DEFAULT_SPLIT_K;
+  const step = onWebgpu && split
+    ? buildDecoderGraph(assets.checkpoint, blocks, options, weights, { weightsAsInputs: true, step: split })
+    : graph;
   releaseDecoded();
   const t1 = performance.now();
   const budget = serving.kvBudgetBytes;
@@ -248,7 +259,7 @@ export async function buildInstance(
         "kv_cache_mb",
       );
     }
-    decoder = await SlotDecoder.create(graph, cfg.vocabSize, {
+    decoder = await SlotDecoder.create(graph, step, cfg.vocabSize, {
       slots,
       capacity,
       buckets: bucketsFor(slots),
@@ -282,7 +293,7 @@ export async function buildInstance(
     session,
     decoder,
     logitsOf: (ids) => scorer.logitsOf(ids),
-    nodeCount: graph.nodeCount,
+    nodeCount: step.nodeCount,
     matmulCount: graph.matmulCount,
     release: async () => {
       await engine.close();

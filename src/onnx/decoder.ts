@@ -5,6 +5,7 @@ import { ropeInvFreq } from "../model/rope.ts";
 import { f32ToF16 } from "../model/dtype.ts";
 import { lazyTensor, type Tensor, transpose2d } from "../model/tensor.ts";
 import { type EncodedModel, GraphBuilder } from "./builder.ts";
+import { splitFactor, type SplitK } from "./split_k.ts";
 import { FLOAT_WEIGHTS, formatName, type GraphOptions } from "./format.ts";
 import {
   BITS,
@@ -100,6 +101,8 @@ export class DecoderEmitter {
     private readonly opts: GraphOptions,
     private readonly cache: WeightCache,
     weightsAsInputs = false,
+    /** A decode step's graph (one position a row): how its float linears split their inner dimension. */
+    private readonly step: SplitK | null = null,
   ) {
     this.act = opts.dtype === "fp16" ? "float16" : "float32";
     this.g = new GraphBuilder(weightsAsInputs);
@@ -161,7 +164,16 @@ export class DecoderEmitter {
       const transposed = transpose2d(w).data;
       return { dims: [k, n], ...asFloat(transposed, this.half) };
     });
-    return this.g.op("MatMul", [x, this.g.weight(name, t)]);
+    // Never the LM head: thousands of column groups already at real vocabularies, and its output is
+    // the graph's, which a captured fp32 step leaves unwritten behind a Reshape (measured on lavapipe).
+    const parts = this.step && name !== HEAD ? splitFactor(k, n, this.step) : 1;
+    if (parts === 1) return this.g.op("MatMul", [x, this.g.weight(name, t)]);
+    // The same bytes seen as [parts, K / parts, N]: the step's sessions bind the prefill's buffer.
+    const w3 = this.g.weight(name, { ...t, dims: [parts, k / parts, n] });
+    const g = this.g;
+    const xs = g.op("Transpose", [g.op("Reshape", [x, g.ints([-1, parts, k / parts])])], { perm: [1, 0, 2] });
+    const sum = g.op("ReduceSum", [g.op("MatMul", [xs, w3]), g.ints([0])], { keepdims: 0 });
+    return g.op("Reshape", [sum, g.ints([-1, 1, n])]);
   }
 
   /** What the integer linears emitted so far hold a row (see DecoderGraph.rowBytes). */
@@ -441,6 +453,12 @@ export interface DecoderLayout {
    * one copy of the weights.
    */
   weightsAsInputs?: boolean;
+  /**
+   * The graph of one decode step: one position and one logit row a sequence. Its float linears run
+   * split along their inner dimension (src/onnx/split_k.ts); the weights stay the same bytes, declared
+   * as [parts, K / parts, N], so with `weightsAsInputs` the step's sessions bind the prefill's buffers.
+   */
+  step?: SplitK;
 }
 
 /**
@@ -460,7 +478,7 @@ export function buildDecoderGraph(
   layout: DecoderLayout = {},
 ): DecoderGraph {
   const cfg = ckpt.config;
-  const e = new DecoderEmitter(cfg, opts, weights, layout.weightsAsInputs);
+  const e = new DecoderEmitter(cfg, opts, weights, layout.weightsAsInputs, layout.step);
   const g = e.g;
   const act = e.act;
   const { cache, shared, seq, residual } = decoderFront(e, ckpt, blocks);

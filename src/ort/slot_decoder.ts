@@ -48,14 +48,19 @@ export class SlotDecoder {
   private readonly captured = new Set<number>();
   private readonly bucketIo = new Map<number, ReturnType<SlotDecoder["kv"]>>();
 
+  /** The step graph's session when steps are not captured and it is not the prefill's graph. */
+  private uncaptured: ort.InferenceSession | null = null;
+
   private constructor(
     readonly graph: DecoderGraph,
+    private readonly step: DecoderGraph,
     readonly vocab: number,
     readonly layout: SlotLayout,
     private readonly device: GPUDevice,
     private readonly buffers: OrtBuffers,
     private readonly prefillSession: ort.InferenceSession,
     private readonly weights: Record<string, ort.Tensor>,
+    private readonly stepWeights: Record<string, ort.Tensor>,
     private readonly pool: Map<number, KvPair>,
     private readonly scratch: Map<number, KvPair>,
     private readonly io: {
@@ -79,7 +84,16 @@ export class SlotDecoder {
     return this.io.logits;
   }
 
-  static async create(graph: DecoderGraph, vocab: number, layout: SlotLayout): Promise<SlotDecoder> {
+  /**
+   * `step` is the graph a decode step runs: `graph` itself, or its step form (src/onnx/decoder.ts
+   * DecoderLayout.step), whose weight inputs are the same bytes in other shapes.
+   */
+  static async create(
+    graph: DecoderGraph,
+    step: DecoderGraph,
+    vocab: number,
+    layout: SlotLayout,
+  ): Promise<SlotDecoder> {
     const { slots, capacity } = layout;
     const elem = graph.floatType === "float16" ? 2 : 4;
     const hd = graph.headDim;
@@ -95,11 +109,14 @@ export class SlotDecoder {
     const device = await ort.env.webgpu.device as GPUDevice;
     let at = 0;
     const weights: Record<string, ort.Tensor> = {};
+    const stepWeights: Record<string, ort.Tensor> = {};
     for (const name of weightNames) {
       const w = graph.model.weightInputs.get(name)!;
       const buffer = buffers.buffer(at++);
       writePadded(device, buffer, readWeight(w));
       weights[name] = view(buffer, w.elem as Elem, w.dims);
+      const s = step.model.weightInputs.get(name)!;
+      stepWeights[name] = s === w ? weights[name] : view(buffer, s.elem as Elem, s.dims);
     }
     const pool = new Map<number, KvPair>();
     const scratch = new Map<number, KvPair>();
@@ -116,12 +133,14 @@ export class SlotDecoder {
     const sampler = await GpuSampler.create(device, vocab, slots, ids);
     const decoder = new SlotDecoder(
       graph,
+      step,
       vocab,
       layout,
       device,
       buffers,
       prefillSession,
       weights,
+      stepWeights,
       pool,
       scratch,
       { ids, seqlens, total, positions, logits, prefillLogits },
@@ -251,7 +270,7 @@ export class SlotDecoder {
     let io = this.bucketIo.get(bucket);
     if (!io) {
       io = this.kv(this.pool, bucket);
-      Object.assign(io.feeds, this.weights, {
+      Object.assign(io.feeds, this.stepWeights, {
         input_ids: view(this.io.ids, "int32", [bucket, 1]),
         seqlens_k: view(this.io.seqlens, "int32", [bucket]),
         total_sequence_length: view(this.io.total, "int32", []),
@@ -282,12 +301,14 @@ export class SlotDecoder {
     const { feeds, fetches } = this.decodeIo(bucket);
     await yieldIfBusy();
     if (!this.layout.capture) {
-      await this.prefillSession.run(feeds, fetches);
+      if (this.step === this.graph) return void await this.prefillSession.run(feeds, fetches);
+      this.uncaptured ??= await createSession("webgpu", this.step.model, SlotDecoder.options(false));
+      await this.uncaptured.run(feeds, fetches);
       return;
     }
     let captured = this.decodeSessions.get(bucket);
     if (!captured) {
-      captured = await createSession("webgpu", this.graph.model, SlotDecoder.options(true));
+      captured = await createSession("webgpu", this.step.model, SlotDecoder.options(true));
       this.decodeSessions.set(bucket, captured);
     }
     // A captured session keeps the buffers it was bound to at its first run; later runs hand the
@@ -300,7 +321,8 @@ export class SlotDecoder {
 
   async release(): Promise<void> {
     this.sampler.destroy();
-    for (const s of [this.prefillSession, ...this.decodeSessions.values()]) await s.release();
+    const sessions = [this.prefillSession, this.uncaptured, ...this.decodeSessions.values()];
+    for (const s of sessions) await s?.release();
     await this.buffers.release();
   }
 }
