@@ -10,13 +10,14 @@
  *
  * Weights are random but scaled like a trained model's: projections N(0, 1/in), output projections
  * (o_proj, down_proj) further scaled by 1/sqrt(2 * layers) so the residual stream stays bounded
- * through every layer, norms 1, embeddings N(0, 0.02^2). Tensors are generated and written one at a
- * time, so memory stays at one tensor whatever the model's size.
+ * through every layer, norms 1, embeddings N(0, 0.02^2). Tensors are generated in parallel by a pool
+ * of workers (scripts/synth_tensor.ts), each from its own seed and written in chunks at its offset, so
+ * a 1B checkpoint takes seconds on a many-core machine and memory stays at a few chunks.
  */
 import { join } from "node:path";
 import { fail, positive, scriptFlags } from "./args.ts";
 import { PUBLISHED_CONFIGS as MODELS } from "../src/model/published_configs.ts";
-import { rng } from "../src/numeric.ts";
+import type { TensorJob } from "./synth_tensor.ts";
 
 /**
  * A Nemotron-NAS style model at the 1B shapes: attention removed from a run of layers in the middle
@@ -105,17 +106,34 @@ for (const t of tensors) {
 
 const out = values.out;
 await Deno.mkdir(out, { recursive: true });
-const random = rng(positive("seed", values.seed!));
-const f32 = new Float32Array(1);
-const u32 = new Uint32Array(f32.buffer);
-/** bf16 of a normal sample (Box-Muller; rounding to nearest even on the 16 dropped bits). */
-function bf16(std: number): number {
-  if (std === 0) return 0x3f80;
-  f32[0] = Math.sqrt(-2 * Math.log(Math.max(random(), 1e-12))) * Math.cos(2 * Math.PI * random()) * std;
-  const x = u32[0];
-  return ((x + 0x7fff + ((x >> 16) & 1)) >>> 16) & 0xffff;
+const seed = positive("seed", values.seed!);
+const PART = 1 << 24;
+type Job = { name: string; shape: number[]; last: boolean; job: TensorJob };
+/** Runs the jobs on a pool of workers, largest first so that none is left alone at the end. */
+async function runJobs(all: Job[]): Promise<void> {
+  const queue = [...all].sort((a, b) => b.job.n - a.job.n);
+  const url = new URL("./synth_tensor.ts", import.meta.url);
+  const workers = Math.max(1, Math.min(navigator.hardwareConcurrency, queue.length));
+  await Promise.all(Array.from({ length: workers }, async () => {
+    const worker = new Worker(url, { type: "module" });
+    try {
+      for (let t = queue.shift(); t; t = queue.shift()) {
+        const job = t.job;
+        const done = await new Promise<{ ok: boolean; error?: string }>((resolve, reject) => {
+          worker.onmessage = (e) => resolve(e.data);
+          worker.onerror = (e) => reject(new Error(e.message));
+          worker.postMessage(job);
+        });
+        if (!done.ok) throw new Error(`${t.name}: ${done.error}`);
+        if (t.last) console.error(`synth: ${t.name} [${t.shape}]`);
+      }
+    } finally {
+      worker.terminate();
+    }
+  }));
 }
 
+const jobs: Job[] = [];
 const weightMap: Record<string, string> = {};
 let total = 0;
 for (const [k, shard] of shards.entries()) {
@@ -138,19 +156,21 @@ for (const [k, shard] of shards.entries()) {
   new DataView(head.buffer).setBigUint64(0, BigInt(json.length), true);
   head.set(new TextEncoder().encode(json), 8);
   await f.write(head);
+  // The file at its full size, so the workers' writes land inside it.
+  await f.truncate(head.length + offset);
+  f.close();
+  let at = head.length;
   for (const [name, shape, std] of shard) {
     const n = shape.reduce((a, b) => a * b, 1);
-    const chunk = new Uint16Array(Math.min(n, 1 << 22));
-    for (let done = 0; done < n; done += chunk.length) {
-      const m = Math.min(chunk.length, n - done);
-      for (let i = 0; i < m; i++) chunk[i] = bf16(std);
-      const bytes = new Uint8Array(chunk.buffer, 0, m * 2);
-      for (let w = 0; w < bytes.length;) w += await f.write(bytes.subarray(w));
+    // Parts of at most PART values, each its own job and seed: an embedding is not one worker's minute.
+    for (let from = 0; from < n; from += PART) {
+      const job = { file: join(out, file), offset: at + 2 * from, n: Math.min(PART, n - from), std };
+      jobs.push({ name, shape, last: from + PART >= n, job: { ...job, seed: seed + jobs.length * 7919 } });
     }
-    console.error(`synth: ${name} [${shape}]`);
+    at += n * 2;
   }
-  f.close();
 }
+await runJobs(jobs);
 await Deno.writeTextFile(
   join(out, "model.safetensors.index.json"),
   JSON.stringify({ metadata: { total_size: total }, weight_map: weightMap }, null, 1),

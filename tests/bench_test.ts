@@ -154,6 +154,13 @@ Deno.test("cli bench decode: warm sessions in alternating rounds, median with ra
   const table = await bench([...args, "--rounds", "3", "--native"]);
   assert.equal(table.code, 0, table.stderr);
   assert.match(table.stdout, /cpu\/wasm unfused: decode \d+\.\d+x, prefill \d+\.\d+x/);
+  // --skip-wasm: the device's own rows alone (a 1B model's WASM rounds take minutes on a GPU machine).
+  const alone = await bench([...args.with(3, "cpu"), "--rounds", "3", "--skip-wasm", "--json"]);
+  assert.equal(alone.code, 0, alone.stderr);
+  assert.deepEqual(
+    JSON.parse(alone.stdout).decode.map((d: { device: string; plan: string }) => `${d.device} ${d.plan}`),
+    ["cpu unfused", "cpu ffn[7-8]"],
+  );
 });
 
 Deno.test("cli bench --formats: each format served end to end in workers, the fused plan built as a swap", async () => {

@@ -1,6 +1,7 @@
 import type { FusionPlan } from "../fusion/plan.ts";
 import { type Spread, spread } from "../numeric.ts";
 import type { GraphOptions } from "../onnx/format.ts";
+import type { WeightCache } from "../onnx/weight_cache.ts";
 import { buildInstance, type ModelAssets, type ModelInstance } from "../instance/build.ts";
 import type { Backend } from "../ort/ort.ts";
 import type { GrammarSpec } from "../sampling/grammar.ts";
@@ -43,13 +44,14 @@ export async function benchBatch(
   rounds: number,
   graph: GraphOptions,
   constrained = false,
+  weights?: WeightCache,
 ): Promise<{ cases: BatchCase[]; profiles: StepProfile[] }> {
   const prompt = assets.tokenizer.encode(BENCH_PROMPT);
   const instances: ModelInstance[] = [];
   try {
     for (const plan of plans) {
       instances.push(
-        await buildInstance(assets, plan, device, graph, undefined, undefined, { slots: Math.max(...sizes) }),
+        await buildInstance(assets, plan, device, graph, weights, undefined, { slots: Math.max(...sizes) }),
       );
     }
     // A grammar longer than any run (65 characters a token at most): every step is masked, none ends it.

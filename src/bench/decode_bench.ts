@@ -2,6 +2,7 @@ import type { GrammarSpec } from "../sampling/grammar.ts";
 import process from "node:process";
 import type { FusionPlan } from "../fusion/plan.ts";
 import { FLOAT_WEIGHTS, type GraphOptions } from "../onnx/format.ts";
+import type { WeightCache } from "../onnx/weight_cache.ts";
 import { type Spread, spread } from "../numeric.ts";
 import { buildInstance, type ModelAssets, type ModelInstance } from "../instance/build.ts";
 import { generate } from "../decode/generate.ts";
@@ -113,6 +114,7 @@ export async function benchDecode(
   tokens: number,
   rounds: number,
   formatOn: (device: Backend) => GraphOptions = () => FLOAT_WEIGHTS,
+  weightsFor?: (format: GraphOptions) => WeightCache,
 ): Promise<DecodeBench> {
   const prompt = assets.tokenizer.encode(BENCH_PROMPT);
   const instances: ModelInstance[] = [];
@@ -120,7 +122,10 @@ export async function benchDecode(
   try {
     for (const device of devices) {
       try {
-        for (const plan of plans) instances.push(await buildInstance(assets, plan, device, formatOn(device)));
+        const format = formatOn(device);
+        for (const plan of plans) {
+          instances.push(await buildInstance(assets, plan, device, format, weightsFor?.(format)));
+        }
       } catch (e) {
         if (!isNative(device)) throw e;
         skipped.push({ device, reason: (e as Error).message.split("\n")[0] });

@@ -7,8 +7,9 @@ import {
   formatName,
   type GraphOptions,
   parseFormatName,
+  type Quantization,
 } from "../onnx/format.ts";
-import type { Quantization } from "../onnx/format.ts";
+import { WeightCache } from "../onnx/weight_cache.ts";
 import { assetsFrom, loadAssets } from "../instance/build.ts";
 import {
   adapterMaxBuffer,
@@ -40,6 +41,8 @@ export interface BenchOptions {
   rounds: number;
   /** Also decode with native onnxruntime on the CPU (onnxruntime-node), the reference for WASM. */
   native?: boolean;
+  /** Leave out the WASM fallback's decode that a webgpu or cpu run reports beside its own. */
+  skipWasm?: boolean;
   /** Weight format of the onnxruntime graphs (FFN stacks and decode); the WGSL kernels use --dtype. */
   quantize?: Quantization;
   /** The model's checkpoint when already loaded (the server's). */
@@ -183,6 +186,14 @@ export async function runBench(
   }
   log(`onnxruntime-web graphs on ${device}`);
   const onnx = await benchOnnxFfn(run, device, opts.tokens, opts.rounds, graph);
+  // One weight cache per format for every instance built here: a plan's build then converts (fuses,
+  // casts, quantizes) only the groups the last build did not, as a server's swaps do.
+  const caches = new Map<string, WeightCache>();
+  const weightsFor = (format: GraphOptions) => {
+    const name = formatName(format) + (format.integer ? "+integer" : "");
+    if (!caches.has(name)) caches.set(name, new WeightCache(name));
+    return caches.get(name)!;
+  };
   const decode: DecodeCase[] = [];
   const skipped: BenchReport["decode_skipped"] = [];
   const fits = (format: GraphOptions, on: Device) => {
@@ -203,16 +214,17 @@ export async function runBench(
     const plans = [...fused, ...opts.plans ?? []].filter((p, i, all) =>
       all.findIndex((q) => planId(q) === planId(p)) === i
     );
-    // WASM always exists, so a WebGPU or native run also reports the WASM fallback; the GPU is timed on
+    // WASM always exists, so a WebGPU or native run also reports the WASM fallback (unless skipWasm); the GPU is timed on
     // its own (its rounds would otherwise wait on the CPU ones), the CPU backends alternated together.
-    const groups: Backend[][] = device === "webgpu" ? [["webgpu"], ["wasm"]] : [[device, "wasm"].filter(
+    const wasm: Backend[] = opts.skipWasm && device !== "wasm" ? [] : ["wasm"];
+    const cpuSide: Backend[] = device === "webgpu" ? wasm : [device, ...wasm].filter(
       (d, i, all) => all.indexOf(d) === i,
-    ) as Backend[]];
-    if (opts.native) {
-      if (!groups.at(-1)!.includes("cpu")) groups.at(-1)!.push("cpu");
-      if (device === "webgpu") groups[0].push("native-webgpu");
-    }
-    for (const devices of groups) {
+    ) as Backend[];
+    if (opts.native && !cpuSide.includes("cpu")) cpuSide.push("cpu");
+    const groups: Backend[][] = device === "webgpu"
+      ? [opts.native ? ["webgpu", "native-webgpu"] : ["webgpu"], cpuSide]
+      : [cpuSide];
+    for (const devices of groups.filter((g) => g.length)) {
       const formats = new Map<Backend, GraphOptions>();
       for (const d of devices) formats.set(d, await formatOn(d));
       // Both plans' sessions share one WASM heap here: a model too big for that is left to --formats.
@@ -225,6 +237,7 @@ export async function runBench(
         opts.decodeTokens,
         opts.rounds,
         (d) => formats.get(d)!,
+        weightsFor,
       );
       decode.push(...r.cases);
       skipped.push(...r.skipped);
@@ -245,6 +258,7 @@ export async function runBench(
         opts.rounds,
         format,
         opts.constrained ?? false,
+        weightsFor(format),
       ));
     }
   }
@@ -500,10 +514,17 @@ function formatPredicted(r: BenchReport): string[] {
     if (!unfused || unfused === fused || !kernels) continue;
     const step = unfused.ms_per_step.median;
     const saving = kernels.sequential_ms - kernels.fused_ms;
-    const predicted = step / Math.max(step - saving, 1e-9);
+    const measured = `fused/unfused at batch ${fused.batch} (${fused.plan}): measured ${
+      f(fused.speedup, 2)
+    }x`;
+    // The FFN graphs run as sessions of their own, uncaptured: on a GPU their per-run cost can exceed
+    // a whole captured step, and then they predict nothing.
     lines.push(
-      `fused/unfused at batch ${fused.batch} (${fused.plan}): measured ${f(fused.speedup, 2)}x, predicted ` +
-        `${f(predicted, 2)}x from the FFN graphs (they save ${f(saving, 2)} ms of a ${f(step, 2)} ms step)`,
+      saving >= step
+        ? `${measured}; the FFN graphs, run uncaptured, save ${f(saving, 2)} ms, more than the whole ` +
+          `${f(step, 2)} ms step: no prediction`
+        : `${measured}, predicted ${f(step / (step - saving), 2)}x from the FFN graphs (they save ` +
+          `${f(saving, 2)} ms of a ${f(step, 2)} ms step)`,
     );
   }
   return lines.length ? ["", ...lines] : [];

@@ -27,6 +27,7 @@ export const benchCommand = defineCommand({
       decodeTokens: flags.decode_tokens,
       rounds: flags.rounds,
       native: flags.native,
+      skipWasm: flags.skip_wasm,
       quantize: flags.quantize,
       formats: flags.formats,
       batch: flags.batch,

@@ -32,6 +32,10 @@ export const benchRequest = z.strictObject({
     "also decode each budget's best plan of the server's last analysis (POST /bench only): " +
       "the measured speed-up the dashboard's frontier chart plots",
   ),
+  skip_wasm: z.boolean().default(false).describe(
+    "leave out the decode on the WASM fallback that a webgpu or cpu run reports beside its own " +
+      "(at 1B its rounds take minutes)",
+  ),
   native: z.boolean().default(false).describe(
     "also decode with native onnxruntime on the CPU (fetches onnxruntime-node)",
   ),

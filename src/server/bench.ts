@@ -44,6 +44,7 @@ export function benchRoutes(job: BenchRunner, host: ModelHost, analysis: Analysi
         decodeTokens: req.decode_tokens,
         rounds: req.rounds,
         native: req.native,
+        skipWasm: req.skip_wasm,
         quantize: req.quantize,
         formats: req.formats,
         batch: req.batch,
