@@ -236,9 +236,11 @@ export async function buildInstance(
   const graph = buildDecoderGraph(assets.checkpoint, blocks, options, weights, { weightsAsInputs: onWebgpu });
   // WebGPU's decode steps run a graph of their own over the same weight buffers.
   const split = serving.splitK ?? DEFAULT_SPLIT_K;
-  const step = onWebgpu && split
+  const stepGraph = onWebgpu && split
     ? buildDecoderGraph(assets.checkpoint, blocks, options, weights, { weightsAsInputs: true, step: split })
     : graph;
+  // Nothing split (small or quantized linears): the prefill's graph serves the steps too.
+  const step = stepGraph.nodeCount === graph.nodeCount ? graph : stepGraph;
   releaseDecoded();
   const t1 = performance.now();
   const budget = serving.kvBudgetBytes;
