@@ -72,10 +72,10 @@ for (let r = 0; r < rounds; r++) {
 }
 for (const inst of instances) await inst.release();
 
+const off = variants.findIndex((w) => !w.split);
 const rows = variants.flatMap((v, i) =>
   sizes.map((batch) => {
     const s = samples.get(key(i, batch))!;
-    const off = variants.findIndex((w) => !w.split);
     const base = off >= 0 ? samples.get(key(off, batch))! : null;
     const gpu = s.gpu.length ? spread(s.gpu) : null;
     return {

@@ -186,11 +186,12 @@ export async function runBench(
   }
   log(`onnxruntime-web graphs on ${device}`);
   const onnx = await benchOnnxFfn(run, device, opts.tokens, opts.rounds, graph);
-  // One weight cache per format for every instance built here: a plan's build then converts (fuses,
-  // casts, quantizes) only the groups the last build did not, as a server's swaps do.
+  // One weight cache per format for every instance built here (keyed as buildInstance keys its own;
+  // the integer path's weights have names of their own): a plan's build then converts (fuses, casts,
+  // quantizes) only the groups the last build did not, as a server's swaps do.
   const caches = new Map<string, WeightCache>();
   const weightsFor = (format: GraphOptions) => {
-    const name = formatName(format) + (format.integer ? "+integer" : "");
+    const name = formatName(format);
     if (!caches.has(name)) caches.set(name, new WeightCache(name));
     return caches.get(name)!;
   };
