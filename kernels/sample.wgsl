@@ -7,6 +7,9 @@
 // softmax(logits / T) renormalised over them. The id goes to `ids[slot]` (the next step's input), to
 // the slot's history ring (read back by the host in batches) and to the slot's counts (penalties);
 // when asked, the chosen token's log-probability and the n likeliest go to the log-probability ring.
+// A constrained row (flag bit 2) reads its slot's token mask, written by the host from the row's
+// grammar state: a token whose bit is clear gets a logit far below any real one (finite: WGSL has no
+// infinity constant), so no draw, argmax or kept mass ever takes it while the grammar allows any.
 
 struct Row {
   logits_row: u32,
@@ -20,7 +23,8 @@ struct Row {
   repetition: f32,
   presence: f32,
   frequency: f32,
-  // bit 0: penalties apply; bits 8..15: alternatives reported (0..20) when bit 1 asks for logprobs.
+  // bit 0: penalties apply; bit 2: the slot's mask applies; bits 8..15: alternatives reported
+  // (0..20) when bit 1 asks for logprobs.
   flags: u32,
   _pad: u32,
 }
@@ -41,6 +45,8 @@ struct Consts {
 // Per slot and ring entry, LP_STRIDE words: the chosen token's log-probability, then 20 (id, logprob).
 @group(0) @binding(5) var<storage, read_write> lp: array<u32>;
 @group(0) @binding(6) var<uniform> c: Consts;
+// Per slot, one bit per id (ceil(vocab / 32) words): set where the slot's grammar allows the id.
+@group(0) @binding(7) var<storage, read> masks: array<u32>;
 
 const WG: u32 = 256u;
 const PROMPT: u32 = 0x80000000u;
@@ -66,7 +72,15 @@ fn key(x: f32) -> u32 {
   return select(b | 0x80000000u, ~b, (b & 0x80000000u) != 0u);
 }
 
+const MASKED: f32 = -3.0e38;
+
 fn adjusted(r: Row, i: u32) -> f32 {
+  if ((r.flags & 4u) != 0u) {
+    let words = (c.vocab + 31u) / 32u;
+    if ((masks[r.slot * words + i / 32u] & (1u << (i % 32u))) == 0u) {
+      return MASKED;
+    }
+  }
   var l = logits[r.logits_row * c.vocab + i];
   if ((r.flags & 1u) != 0u) {
     let n = counts[r.slot * c.vocab + i];
@@ -139,7 +153,9 @@ fn next_best(lid: u32, r: Row, floor: u32, after_v: f32, after_i: u32) -> u32 {
   for (var i = lid; i < c.vocab; i += WG) {
     let a = adjusted(r, i);
     let later = a < after_v || (a == after_v && i > after_i);
-    if (key(a) >= floor && later && (a > v || (a == v && i < idx))) {
+    // A masked token is no alternative: the list ends where the allowed ones do.
+    let allowed = a != MASKED;
+    if (allowed && key(a) >= floor && later && (a > v || (a == v && i < idx))) {
       v = a;
       idx = i;
     }

@@ -1,5 +1,5 @@
 import type { GrammarSpec } from "../src/sampling/grammar.ts";
-import { InputError } from "../src/errors.ts";
+import { Ajv } from "ajv";
 import assert from "node:assert/strict";
 import { UNFUSED } from "../src/fusion/plan.ts";
 import { GraphBuilder } from "../src/onnx/builder.ts";
@@ -9,7 +9,8 @@ import { buildInstance, loadAssets, type ModelInstance } from "../src/instance/b
 import { generate, type GenerateParams } from "../src/decode/generate.ts";
 import { DEFAULT_SAMPLING } from "../src/sampling/sampling.ts";
 import { FP32_INT4, FP32_INT8, planFormsMatchWasm, runToEnd } from "./engine_helpers.ts";
-import { golden, HAS_WEBGPU, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
+import { join } from "node:path";
+import { golden, HAS_WEBGPU, ROOT, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
 import { post, readSse, startServer } from "./server_helpers.ts";
 
 /** Every GPU readback in this process (onnxruntime's included) goes through mapAsync: sizes and overlap. */
@@ -63,15 +64,66 @@ Deno.test({
         reasons.push(a.summary.finishReason);
       }
       assert.ok(reasons.includes("stop"), `some stop string was met (${reasons})`);
-      // Tokens are chosen on the GPU, with no mask: a grammar is refused, naming its field; WASM compiles it.
-      const spec: GrammarSpec = { field: "guided_choice", type: "choice", choices: ["a", "b"] };
-      await assert.rejects(
-        gpu.engine.checkGrammar(spec),
-        (e) =>
-          e instanceof InputError && e.field === "guided_choice" &&
-          /--device wasm or --device cpu/.test(e.message),
-      );
-      await wasm.engine.checkGrammar(spec);
+    } finally {
+      await gpu.release();
+      await wasm.release();
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "GPU engine: constrained rows masked on the GPU answer as WASM's, validate when sampled, free rows unchanged",
+  ignore: !HAS_WEBGPU,
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const { gpu, wasm, prompt, ids } = await instances();
+    const schema = {
+      type: "object",
+      properties: {
+        name: { type: "string", maxLength: 8 },
+        n: { type: "integer", minimum: 0, maximum: 999 },
+      },
+      required: ["name", "n"],
+      additionalProperties: false,
+    };
+    const specs: [GrammarSpec, (text: string) => boolean][] = [
+      [
+        { field: "guided_choice", type: "choice", choices: ["yes", "no", "maybe"] },
+        (t) => ["yes", "no", "maybe"].includes(t),
+      ],
+      [
+        { field: "response_format", type: "json_schema", schema: JSON.stringify(schema) },
+        (t) => new Ajv().validate(schema, JSON.parse(t)),
+      ],
+      [
+        { field: "guided_regex", type: "regex", pattern: "[a-z]{3}-[0-9]{2}" },
+        (t) => /^[a-z]{3}-[0-9]{2}$/.test(t),
+      ],
+    ];
+    try {
+      for (const [spec, valid] of specs) {
+        await gpu.engine.checkGrammar(spec);
+        const params = { grammar: spec, maxTokens: 48 };
+        const [a, b] = [
+          await runToEnd(gpu.engine, prompt, params),
+          await runToEnd(wasm.engine, prompt, params),
+        ];
+        assert.equal(a.summary.text, b.summary.text, `${spec.type}: greedy under the mask as on WASM`);
+        assert.ok(valid(a.summary.text), `${spec.type}: ${a.summary.text}`);
+        // Sampled, beside a free row in the same batch: the constrained one validates, its logprobs
+        // are of allowed tokens, and the free one decodes as it would alone.
+        const [drawn, free] = await Promise.all([
+          runToEnd(gpu.engine, prompt, { ...params, temperature: 1, seed: 7, logprobs: 3 }),
+          runToEnd(gpu.engine, prompt, { ignoreEos: true, maxTokens: ids.length }),
+        ]);
+        assert.ok(valid(drawn.summary.text), `${spec.type} sampled: ${drawn.summary.text}`);
+        for (const lp of drawn.logprobs) {
+          assert.ok(Number.isFinite(lp.logprob) && lp.top.every((t) => Number.isFinite(t.logprob)), lp.token);
+        }
+        assert.deepEqual(free.summary.ids, ids);
+      }
     } finally {
       await gpu.release();
       await wasm.release();
@@ -220,6 +272,57 @@ Deno.test({
         await post(server.base, "/v1/completions", { prompt: "import os\n", max_tokens: 12, stream: true }),
       );
       assert.ok(streamed.done);
+    } finally {
+      await server.stop();
+    }
+  },
+});
+
+Deno.test({
+  name: "GPU engine over HTTP: tool calls and response_format under masks drawn on the GPU",
+  ignore: !HAS_WEBGPU,
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const server = await startServer([
+      "--device",
+      "webgpu",
+      "--chat-template",
+      join(ROOT, "templates", "chatml.jinja"),
+    ]);
+    await server.ready;
+    const parameters = {
+      type: "object",
+      properties: {
+        city: { type: "string", maxLength: 12 },
+        days: { type: "integer", minimum: 1, maximum: 7 },
+      },
+      required: ["city", "days"],
+      additionalProperties: false,
+    };
+    const ajv = new Ajv();
+    try {
+      const res = await post(server.base, "/v1/chat/completions", {
+        messages: [{ role: "user", content: "Weather in Oslo?" }],
+        tools: [{ type: "function", function: { name: "get_weather", parameters } }],
+        tool_choice: "required",
+        parallel_tool_calls: false,
+        max_tokens: 120,
+      });
+      assert.equal(res.status, 200);
+      const { choices } = await res.json();
+      assert.equal(choices[0].finish_reason, "tool_calls", JSON.stringify(choices[0].message));
+      const call = choices[0].message.tool_calls[0].function;
+      assert.equal(call.name, "get_weather");
+      assert.ok(ajv.validate(parameters, JSON.parse(call.arguments)), call.arguments);
+      const json = await post(server.base, "/v1/completions", {
+        prompt: "def main(",
+        max_tokens: 48,
+        response_format: { type: "json_schema", json_schema: { name: "w", schema: parameters } },
+      });
+      assert.equal(json.status, 200);
+      const text = (await json.json()).choices[0].text;
+      assert.ok(ajv.validate(parameters, JSON.parse(text)), text);
     } finally {
       await server.stop();
     }

@@ -4,7 +4,6 @@ import { commonPrefix, EngineBase, PREFILL_CHUNK, type Sequence } from "./engine
 import { type BatchCache, disposeBatch, kvBytesPerToken } from "../ort/kv_batch.ts";
 import { describe } from "../sampling/logprobs.ts";
 import { Sampler } from "../sampling/sampling.ts";
-import { Grammars, type GrammarSpec, type GrammarState } from "../sampling/grammar.ts";
 import { asBatch, disposeCache, type KvCache, type ModelSession } from "../ort/session.ts";
 
 /** Decode steps a prefilled sequence waits at most for others to join with it. */
@@ -27,8 +26,6 @@ export function prefillLimit(rowBytes: DecoderGraph["rowBytes"], allLogits: bool
 
 interface HostSequence extends Sequence {
   sampler: Sampler;
-  /** Its place in its grammar, when its output is constrained (made at its first token). */
-  grammar: GrammarState | null;
   history: number[];
   /** Its own cache while it prefills; null once it is a row of the batch. */
   cache: KvCache | null;
@@ -79,25 +76,10 @@ export class BatchEngine extends EngineBase<HostSequence> {
   ) {
     super(tokenizer, eosTokenIds, maxPositions, onKv);
     this.bytesPerToken = kvBytesPerToken(session.graph);
-    this.grammars = new Grammars(() => tokenizer.vocabularyInfo(session.vocabSize));
   }
 
-  private readonly grammars: Grammars;
-
-  override async checkGrammar(spec: GrammarSpec): Promise<void> {
-    await this.grammars.compile(spec);
-  }
-
-  protected override finish(seq: HostSequence): void {
-    seq.grammar?.dispose();
-    seq.grammar = null;
-    super.finish(seq);
-  }
-
-  protected override fail(seq: HostSequence, e: unknown): void {
-    seq.grammar?.dispose();
-    seq.grammar = null;
-    super.fail(seq, e);
+  protected get vocabSize(): number {
+    return this.session.vocabSize;
   }
 
   /** KV bytes held now: the batch's padded rows, the caches of prompts being prefilled, kept prefixes. */
@@ -119,7 +101,6 @@ export class BatchEngine extends EngineBase<HostSequence> {
     return {
       ...seq,
       sampler: new Sampler(seq.params),
-      grammar: null,
       history: [...seq.prompt],
       cache: null,
       length: 0,
@@ -311,14 +292,7 @@ export class BatchEngine extends EngineBase<HostSequence> {
    * one) and hands on the text it makes final.
    */
   private async take(seq: HostSequence, row: Float32Array): Promise<void> {
-    const spec = seq.params.grammar;
-    if (spec) {
-      seq.grammar ??= await this.grammars.matcher(spec, [
-        ...this.eosTokenIds,
-        ...seq.params.stopTokenIds ?? [],
-      ]);
-      await seq.grammar.mask(row);
-    }
+    await (await this.grammarOf(seq))?.mask(row);
     const id = seq.sampler.next(row, seq.history);
     seq.grammar?.accept(id);
     seq.history.push(id);

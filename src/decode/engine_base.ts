@@ -1,5 +1,4 @@
-import { InputError } from "../errors.ts";
-import type { GrammarSpec } from "../sampling/grammar.ts";
+import { Grammars, type GrammarSpec, type GrammarState } from "../sampling/grammar.ts";
 import type { TextTokenizer } from "../model/tokenizer.ts";
 import type { GenerateParams, SequenceHandlers } from "./generate.ts";
 import { TokenSink } from "./generate.ts";
@@ -24,6 +23,8 @@ export interface Sequence {
   /** Prompt tokens taken from a cached prefix; null until its prefix was looked up. */
   cached: number | null;
   cancelled: boolean;
+  /** Its place in its grammar, when its output is constrained (made before its first token). */
+  grammar: GrammarState | null;
 }
 
 /** Length of the common prefix of two token lists. */
@@ -59,6 +60,26 @@ export abstract class EngineBase<S extends Sequence> {
   /** KV bytes one token of one sequence takes. */
   abstract readonly bytesPerToken: number;
 
+  /** Width of a row of logits: what a grammar's mask covers. */
+  protected abstract readonly vocabSize: number;
+
+  private compiledGrammars: Grammars | null = null;
+
+  /** Grammars compiled against this engine's vocabulary (its tables built at the first one). */
+  protected get grammars(): Grammars {
+    return this.compiledGrammars ??= new Grammars(() => this.tokenizer.vocabularyInfo(this.vocabSize));
+  }
+
+  /** The sequence's matcher, made at its first token; null when its output is free. */
+  protected async grammarOf(seq: S): Promise<GrammarState | null> {
+    const spec = seq.params.grammar;
+    if (!spec) return null;
+    return seq.grammar ??= await this.grammars.matcher(spec, [
+      ...this.eosTokenIds,
+      ...seq.params.stopTokenIds ?? [],
+    ]);
+  }
+
   /** KV bytes held now. */
   abstract get kvBytes(): number;
 
@@ -74,17 +95,9 @@ export abstract class EngineBase<S extends Sequence> {
   /** Rows decoding now, for peakRows. */
   protected abstract get rows(): number;
 
-  /**
-   * Compiles a grammar ahead of the sequences that use it, so a bad one is refused before any token.
-   * Engines that sample on the GPU have no mask: they refuse every grammar.
-   */
-  checkGrammar(spec: GrammarSpec): Promise<void> {
-    return Promise.reject(
-      new InputError(
-        "constrained decoding samples on the host: serve with --device wasm or --device cpu for it",
-        spec.field,
-      ),
-    );
+  /** Compiles a grammar ahead of the sequences that use it, so a bad one is refused before any token. */
+  async checkGrammar(spec: GrammarSpec): Promise<void> {
+    await this.grammars.compile(spec);
   }
 
   submit(id: number, promptIds: number[], params: GenerateParams, handlers: SequenceHandlers): void {
@@ -103,6 +116,7 @@ export abstract class EngineBase<S extends Sequence> {
       prefilled: 0,
       cached: null,
       cancelled: false,
+      grammar: null,
     });
     this.byId.set(id, seq);
     this.prefilling.push(seq);
@@ -171,6 +185,7 @@ export abstract class EngineBase<S extends Sequence> {
   }
 
   protected finish(seq: S): void {
+    this.dropGrammar(seq);
     if (!this.release(seq)) return;
     if (seq.cancelled) seq.sink.finish("cancelled");
     const tail = seq.sink.tail();
@@ -179,7 +194,13 @@ export abstract class EngineBase<S extends Sequence> {
   }
 
   protected fail(seq: S, e: unknown): void {
+    this.dropGrammar(seq);
     if (this.release(seq)) seq.handlers.failed(e);
+  }
+
+  private dropGrammar(seq: S): void {
+    seq.grammar?.dispose();
+    seq.grammar = null;
   }
 
   /** Tracks the largest batch; tells the owner the KV bytes at each regroup and at most every 100 ms between. */

@@ -19,6 +19,8 @@ interface GpuSequence extends Sequence {
   outputs: number[];
   /** No more steps: its length or the context is reached, or its text ended. */
   stopped: boolean;
+  /** Under a grammar: the output index its slot's mask is for (it steps only when that is `produced`). */
+  maskedFor: number;
 }
 
 /** What a slot holds when no sequence decodes in it: nothing, or a finished sequence's cache kept for reuse. */
@@ -67,6 +69,10 @@ export class GpuBatchEngine extends EngineBase<GpuSequence> {
     return (live + kept) * this.bytesPerToken;
   }
 
+  protected get vocabSize(): number {
+    return this.decoder.vocab;
+  }
+
   protected start(seq: Sequence): GpuSequence {
     return {
       ...seq,
@@ -77,6 +83,7 @@ export class GpuBatchEngine extends EngineBase<GpuSequence> {
       read: 0,
       outputs: [],
       stopped: false,
+      maskedFor: -1,
     };
   }
 
@@ -90,7 +97,7 @@ export class GpuBatchEngine extends EngineBase<GpuSequence> {
 
   protected async turn(): Promise<void> {
     this.settle();
-    const stepping = this.decoding.filter((s) => !s.stopped && !s.cancelled);
+    const stepping = this.decoding.filter((s) => !s.stopped && !s.cancelled && this.masked(s));
     if (stepping.length) await this.decodeStep(stepping);
     this.startReadback();
     const canPrefill = this.prefilling.length > 0 && (this.prefilling[0].cancelled || this.freeSlot() >= 0);
@@ -99,6 +106,15 @@ export class GpuBatchEngine extends EngineBase<GpuSequence> {
     // slot's ring never laps the tokens it has not read.
     const ahead = this.decoding.some((s) => s.produced - s.read >= RING - 1);
     if ((!stepping.length && !canPrefill) || ahead) await (this.pending ?? this.startReadback());
+  }
+
+  /**
+   * Whether a sequence's next token may be drawn: always, unless a grammar constrains it; then only
+   * once its last token is read back and the mask that token leads to is in its slot. A constrained
+   * row thus waits for a readback each token (>= 11 ms under Deno) while the others step on.
+   */
+  private masked(s: GpuSequence): boolean {
+    return !s.params.grammar || s.maskedFor === s.produced;
   }
 
   /** Ends what has ended: cancelled sequences at once, others once all their tokens are read. */
@@ -151,6 +167,7 @@ export class GpuBatchEngine extends EngineBase<GpuSequence> {
           seed: s.seed,
           params: s.params,
           logprobs: s.logprobs,
+          masked: s.grammar !== null,
         })),
       );
       for (const s of stepping) {
@@ -179,18 +196,30 @@ export class GpuBatchEngine extends EngineBase<GpuSequence> {
     if (!due.length) return Promise.resolve();
     const upTo = new Map(due.map((s) => [s, s.produced]));
     const withLogprobs = due.some((s) => s.logprobs !== undefined);
-    const read = this.decoder.sampler.readBack(withLogprobs).then((snap) => this.take(snap, upTo));
+    const read = this.decoder.sampler.readBack(withLogprobs).then((snap) => this.take(snap, upTo)).catch(
+      (e) => {
+        for (const s of upTo.keys()) {
+          if (!this.decoding.includes(s)) continue;
+          this.decoding.splice(this.decoding.indexOf(s), 1);
+          this.fail(s, e);
+        }
+      },
+    );
     this.pending = read.finally(() => (this.pending = null));
     return this.pending;
   }
 
-  /** Hands on the tokens a readback brought, in order, up to where each sequence's text ends. */
-  private take(snap: RingSnapshot, upTo: Map<GpuSequence, number>): void {
+  /**
+   * Hands on the tokens a readback brought, in order, up to where each sequence's text ends; a
+   * constrained sequence's grammar takes them and its slot gets the mask of the next.
+   */
+  private async take(snap: RingSnapshot, upTo: Map<GpuSequence, number>): Promise<void> {
     for (const [s, end] of upTo) {
       if (!this.decoding.includes(s)) continue;
       for (let i = s.read; i < end; i++) {
         const id = ringId(snap, s.slot, i);
         s.outputs.push(id);
+        s.grammar?.accept(id);
         if (s.sink.done || s.cancelled) continue;
         const scored = s.logprobs === undefined
           ? undefined
@@ -200,7 +229,16 @@ export class GpuBatchEngine extends EngineBase<GpuSequence> {
         if (s.sink.done) s.stopped = true;
       }
       s.read = end;
+      if (s.grammar && !s.stopped && !s.cancelled) await this.setMask(s);
     }
+  }
+
+  /** Writes the mask of the sequence's next token into its slot (unless it ended meanwhile: the slot may be another's). */
+  private async setMask(s: GpuSequence): Promise<void> {
+    const bits = await s.grammar!.bitmask();
+    if (!s.grammar) return;
+    this.decoder.sampler.setMask(s.slot, bits);
+    s.maskedFor = s.produced;
   }
 
   /** Prefills up to one chunk of the oldest prompt; its last chunk takes a slot and chooses its first token. */
@@ -220,7 +258,7 @@ export class GpuBatchEngine extends EngineBase<GpuSequence> {
       if (seq.prefilled < seq.prompt.length) return;
       this.prefilling.shift();
       this.sendPromptLogprobs(seq);
-      this.join(seq);
+      await this.join(seq);
     } catch (e) {
       this.prefilling.shift();
       this.fail(seq, e);
@@ -228,13 +266,15 @@ export class GpuBatchEngine extends EngineBase<GpuSequence> {
   }
 
   /** The prefilled sequence takes a slot: its cache is copied in and its first token chosen. */
-  private join(seq: GpuSequence): void {
+  private async join(seq: GpuSequence): Promise<void> {
+    const grammar = await this.grammarOf(seq);
     const slot = this.freeSlot();
     this.contents[slot].ids = [];
     this.decoder.join(slot, seq.prompt.length);
     seq.slot = slot;
     seq.length = seq.prompt.length;
     this.decoder.sampler.startSequence(slot, seq.prompt, seq.params);
+    if (grammar) await this.setMask(seq);
     this.decoder.sampler.sample(this.decoder.prefillLogits, [{
       logitsRow: 0,
       slot,
@@ -242,6 +282,7 @@ export class GpuBatchEngine extends EngineBase<GpuSequence> {
       seed: seq.seed,
       params: seq.params,
       logprobs: seq.logprobs,
+      masked: grammar !== null,
     }]);
     seq.produced = 1;
     this.decoding.push(seq);

@@ -21,6 +21,8 @@ export interface SampleRow {
   params: SamplingParams;
   /** Alternatives whose log-probabilities to report; undefined when none were asked for. */
   logprobs?: number;
+  /** Only the tokens of the slot's mask (setMask) may be chosen. */
+  masked?: boolean;
 }
 
 /** Whether the penalties change anything: only then does the kernel read the slot's counts. */
@@ -55,6 +57,7 @@ export class GpuSampler {
     private readonly history: GPUBuffer,
     private readonly lp: GPUBuffer,
     private readonly consts: GPUBuffer,
+    private readonly masks: GPUBuffer,
   ) {}
 
   static async create(device: GPUDevice, vocab: number, slots: number, ids: GPUBuffer): Promise<GpuSampler> {
@@ -81,6 +84,7 @@ export class GpuSampler {
       storage(slots * RING * 4),
       storage(slots * RING * LP_STRIDE * 4),
       consts,
+      storage(slots * maskWords(vocab) * 4),
     );
   }
 
@@ -93,6 +97,17 @@ export class GpuSampler {
     const row = new Uint32Array(this.vocab);
     for (const id of prompt) row[id] = PROMPT;
     this.device.queue.writeBuffer(this.counts, slot * this.vocab * 4, row);
+  }
+
+  /**
+   * The tokens a constrained sequence in `slot` may take next (a grammar's bitmask: bit i of word
+   * i / 32 allows id i; ids past its words are not allowed), for the rows sampled after this call.
+   */
+  setMask(slot: number, bits: Int32Array): void {
+    const words = maskWords(this.vocab);
+    const row = new Int32Array(words);
+    row.set(bits.subarray(0, words));
+    this.device.queue.writeBuffer(this.masks, slot * words * 4, row);
   }
 
   /** Queues the choice of a token for each row from `logits` ([rows, vocab] f32). */
@@ -114,7 +129,7 @@ export class GpuSampler {
       f[o + 7] = p.repetitionPenalty;
       f[o + 8] = p.presencePenalty ?? 0;
       f[o + 9] = p.frequencyPenalty ?? 0;
-      u[o + 10] = (hasPenalties(p) ? 1 : 0) |
+      u[o + 10] = (hasPenalties(p) ? 1 : 0) | (r.masked ? 4 : 0) |
         (r.logprobs === undefined ? 0 : 2 | (Math.min(r.logprobs, MAX_TOP_LOGPROBS) << 8));
     });
     this.device.queue.writeBuffer(this.rows, 0, data);
@@ -131,7 +146,16 @@ export class GpuSampler {
   private group(logits: GPUBuffer): GPUBindGroup {
     let g = this.groups.get(logits);
     if (!g) {
-      const buffers = [logits, this.rows, this.counts, this.ids, this.history, this.lp, this.consts];
+      const buffers = [
+        logits,
+        this.rows,
+        this.counts,
+        this.ids,
+        this.history,
+        this.lp,
+        this.consts,
+        this.masks,
+      ];
       g = this.device.createBindGroup({
         layout: this.pipeline.getBindGroupLayout(0),
         entries: buffers.map((buffer, binding) => ({ binding, resource: { buffer } })),
@@ -172,9 +196,12 @@ export class GpuSampler {
   }
 
   destroy(): void {
-    for (const b of [this.rows, this.counts, this.history, this.lp, this.consts]) b.destroy();
+    for (const b of [this.rows, this.counts, this.history, this.lp, this.consts, this.masks]) b.destroy();
   }
 }
+
+/** 32-bit words of a token mask over `vocab` ids. */
+const maskWords = (vocab: number) => Math.ceil(vocab / 32);
 
 /** Token `index` of `slot` in a snapshot. */
 export function ringId(snap: RingSnapshot, slot: number, index: number): number {

@@ -196,9 +196,14 @@ export class Grammars {
 export class GrammarState {
   constructor(private readonly matcher: XG.GrammarMatcher) {}
 
+  /** The tokens the grammar allows next: bit i of word i / 32 for id i. */
+  async bitmask(): Promise<Int32Array> {
+    return await this.matcher.getNextTokenBitmask();
+  }
+
   /** Sets the logits of every token the grammar does not allow next to -Infinity. */
   async mask(row: Float32Array): Promise<void> {
-    const bits = await this.matcher.getNextTokenBitmask();
+    const bits = await this.bitmask();
     for (let word = 0; word * 32 < row.length; word++) {
       // Ids past the tokenizer's vocabulary (a padded embedding) are never allowed.
       const w = word < bits.length ? bits[word] : 0;

@@ -38,7 +38,8 @@ export function logSoftmaxTop(row: Float32Array, id: number, n: number, temperat
   if (n > 0) {
     for (let i = 0; i < row.length; i++) {
       const v = row[i];
-      if (top.length === n && v <= row[top[n - 1][0]]) continue;
+      // A token a grammar masked out is no alternative: the list ends where the allowed ones do.
+      if (v === -Infinity || (top.length === n && v <= row[top[n - 1][0]])) continue;
       let at = top.length;
       while (at > 0 && row[top[at - 1][0]] < v) at--;
       top.splice(at, 0, [i, 0]);
