@@ -1,6 +1,11 @@
 import assert from "node:assert/strict";
 import { Ajv } from "ajv";
 import { join } from "node:path";
+import { BatchEngine } from "../src/decode/batch_engine.ts";
+import { EAGER_GRAMMAR_VOCAB } from "../src/decode/engine_base.ts";
+import type { TextTokenizer } from "../src/model/tokenizer.ts";
+import type { ModelSession } from "../src/ort/session.ts";
+import type { GrammarSpec, VocabularyInfo } from "../src/sampling/grammar.ts";
 import { ROOT } from "./helpers.ts";
 import { post, readSse, startServer } from "./server_helpers.ts";
 
@@ -209,4 +214,35 @@ Deno.test({
       await server.stop();
     }
   },
+});
+
+Deno.test("grammar tables: built while idle for a large vocabulary, at the first grammar for a small one", async () => {
+  const engineWith = (vocabSize: number) => {
+    let built = 0;
+    const tokenizer = {
+      vocabularyInfo: (n: number): VocabularyInfo => {
+        built++;
+        return { tokens: Array.from({ length: n }, (_, i) => `t${i}`), kind: "raw" };
+      },
+    };
+    const session = { vocabSize, graph: { cache: [], headDim: 64, floatType: "float32" } };
+    const engine = new BatchEngine(
+      session as unknown as ModelSession,
+      tokenizer as unknown as TextTokenizer,
+      [0],
+      1024,
+    );
+    return { engine, built: () => built };
+  };
+  const spec: GrammarSpec = { field: "guided_regex", type: "regex", pattern: "t1" };
+  const large = engineWith(EAGER_GRAMMAR_VOCAB);
+  await large.engine.prepareGrammars();
+  assert.equal(large.built(), 1, "the tables are built before any request");
+  await large.engine.checkGrammar(spec);
+  assert.equal(large.built(), 1, "and the first grammar finds them");
+  const small = engineWith(4096);
+  await small.engine.prepareGrammars();
+  assert.equal(small.built(), 0, "a small vocabulary waits for its first grammar");
+  await small.engine.checkGrammar(spec);
+  assert.equal(small.built(), 1);
 });

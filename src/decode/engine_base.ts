@@ -27,6 +27,9 @@ export interface Sequence {
   grammar: GrammarState | null;
 }
 
+/** Vocabularies from this size get their grammar tables built when the instance is idle (prepareGrammars). */
+export const EAGER_GRAMMAR_VOCAB = 32768;
+
 /** Length of the common prefix of two token lists. */
 export function commonPrefix(a: number[], b: number[]): number {
   const n = Math.min(a.length, b.length);
@@ -94,6 +97,18 @@ export abstract class EngineBase<S extends Sequence> {
 
   /** Rows decoding now, for peakRows. */
   protected abstract get rows(): number;
+
+  /**
+   * Builds the grammar engine's vocabulary tables while nothing decodes, for vocabularies large enough
+   * that building them at the first constrained request would pause every stream of the instance
+   * (173 ms at 128K tokens, bench/results/2026-12-04-grammar-cost.txt; ~13 ms at tiny-nas's 4096,
+   * where loading the engine for models that may never see a grammar would cost more than it saves).
+   * Requests that arrive meanwhile wait for it; no stream is running to pause.
+   */
+  async prepareGrammars(): Promise<void> {
+    if (this.vocabSize < EAGER_GRAMMAR_VOCAB || this.busy) return;
+    await this.grammars.prepare();
+  }
 
   /** Compiles a grammar ahead of the sequences that use it, so a bad one is refused before any token. */
   async checkGrammar(spec: GrammarSpec): Promise<void> {

@@ -134,6 +134,11 @@ export class Grammars {
     return await this.compiler;
   }
 
+  /** Loads the engine and builds the vocabulary's tables now, so that the first grammar does not wait for them. */
+  async prepare(): Promise<void> {
+    await this.grammarCompiler();
+  }
+
   /** The spec compiled (once: later calls reuse it); a spec the engine refuses is bad input naming its field. */
   async compile(spec: GrammarSpec): Promise<XG.CompiledGrammar> {
     const key = JSON.stringify({ ...spec, field: undefined });

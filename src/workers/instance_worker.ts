@@ -71,6 +71,8 @@ async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<
     ...(layout ? { slots: { count: layout.slots, tokens: layout.capacity } } : {}),
     heal: instance.heal,
   });
+  // After "built", so neither a start nor a swap waits for it; errors surface at the first grammar.
+  setTimeout(() => instance?.engine.prepareGrammars().catch(() => {}), 0);
 }
 
 function run(req: Extract<InstanceRequest, { type: "generate" }>): void {
