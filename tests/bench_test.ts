@@ -4,7 +4,7 @@ import { benchFfn } from "../src/bench/ffn_bench.ts";
 import { checkpointRun, presetRun } from "../src/bench/shapes.ts";
 import { loadCheckpoint } from "../src/model/checkpoint.ts";
 import { requestGpu } from "../src/webgpu/device.ts";
-import { HAS_WEBGPU, NAS_LIKE, ROOT, runScript, TINY_NAS, writeRandomModel } from "./helpers.ts";
+import { HAS_NATIVE, HAS_WEBGPU, NAS_LIKE, ROOT, runScript, TINY_NAS, writeRandomModel } from "./helpers.ts";
 
 const gpuTest = (name: string, fn: () => Promise<void>) =>
   Deno.test({ name, ignore: !HAS_WEBGPU, sanitizeResources: false, sanitizeOps: false, fn });
@@ -271,6 +271,38 @@ Deno.test("bench/studies/step_parts.ts: a batched step's parts timed in alternat
     assert.equal(b.code, 2, bad.join(" "));
     assert.match(b.stderr, new RegExp(bad[0]));
   }
+});
+
+Deno.test({
+  name:
+    "bench/studies/host_kv.ts: native steps with caches in place beside copied ones, alternated; bad flags exit 2",
+  ignore: !HAS_NATIVE,
+  fn: async () => {
+    const run = (...args: string[]) => runScript("bench/studies/host_kv.ts", ...args);
+    const r = await run("--batch", "1,4", "--lengths", "8,40", "--steps", "2", "--rounds", "2", "--json");
+    assert.equal(r.code, 0, r.stderr);
+    const rows = JSON.parse(r.stdout).rows as {
+      variant: string;
+      batch: number;
+      length: number;
+      ms_per_step: { median: number; min: number; max: number };
+      over_in_place: number;
+    }[];
+    assert.deepEqual(
+      rows.map((x) => `${x.variant} ${x.batch} ${x.length}`),
+      ["in place", "copied"].flatMap((v) => ["1 8", "1 40", "4 8", "4 40"].map((c) => `${v} ${c}`)),
+    );
+    for (const x of rows) {
+      const s = x.ms_per_step;
+      assert.ok(s.min > 0 && s.min <= s.median && s.median <= s.max, JSON.stringify(x));
+      if (x.variant === "in place") assert.equal(x.over_in_place, 1);
+    }
+    for (const bad of [["--lengths", "0"], ["--lengths", "5000"], ["--bogus"]]) {
+      const b = await run(...bad);
+      assert.equal(b.code, 2, bad.join(" "));
+      assert.match(b.stderr, new RegExp(bad[0]));
+    }
+  },
 });
 
 gpuTest(

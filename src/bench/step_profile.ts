@@ -44,7 +44,10 @@ export async function profileSteps(
   if (inst.decoder) return { ...base, ...await profileGpu(inst, prompt, batch, steps) };
   const s = inst.session!;
   const prefix = (await s.step(prompt, s.emptyCache(), "last")).cache;
-  let cache = await s.packRows(Array.from({ length: batch }, () => ({ cache: asBatch(prefix), row: 0 })));
+  let cache = await s.packRows(
+    Array.from({ length: batch }, () => ({ cache: asBatch(prefix), row: 0 })),
+    true,
+  );
   const ids = new Array<number>(batch).fill(prompt.at(-1)!);
   const ms: number[] = [];
   for (let k = 0; k < steps + 2; k++) {

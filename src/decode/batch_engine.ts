@@ -152,7 +152,7 @@ export class BatchEngine extends EngineBase<HostSequence> {
           await this.keep(s.history.slice(0, s.length), old.cache, old.seqs.indexOf(s));
         }
       }
-      const cache = sources.length ? await this.session.packRows(sources) : null;
+      const cache = sources.length ? await this.session.packRows(sources, true) : null;
       this.batch = cache ? { seqs: [...stay, ...joining], cache } : null;
     } catch (e) {
       this.batch = null;

@@ -233,7 +233,11 @@ export async function buildInstance(
   );
   const cfg = assets.checkpoint.config;
   const onWebgpu = device === "webgpu";
-  const graph = buildDecoderGraph(assets.checkpoint, blocks, options, weights, { weightsAsInputs: onWebgpu });
+  // Native onnxruntime reads a step's inputs where they lie: its caches are written in place.
+  const graph = buildDecoderGraph(assets.checkpoint, blocks, options, weights, {
+    weightsAsInputs: onWebgpu,
+    newKv: device === "cpu",
+  });
   // WebGPU's decode steps run a graph of their own over the same weight buffers.
   const split = serving.splitK ?? DEFAULT_SPLIT_K;
   const stepGraph = onWebgpu && split

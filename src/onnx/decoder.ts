@@ -23,6 +23,9 @@ export const pastKey = (layer: number) => `past_key_values.${layer}.key`;
 export const pastValue = (layer: number) => `past_key_values.${layer}.value`;
 export const presentKey = (layer: number) => `present.${layer}.key`;
 export const presentValue = (layer: number) => `present.${layer}.value`;
+/** A step's own keys and values (DecoderLayout.newKv): what a cache kept in place takes from it. */
+export const newKey = (layer: number) => `new.${layer}.key`;
+export const newValue = (layer: number) => `new.${layer}.value`;
 
 export interface DecoderGraph {
   model: EncodedModel;
@@ -41,6 +44,8 @@ export interface DecoderGraph {
    * a row's activations are a few vectors. A prefill chunk is sized by them.
    */
   rowBytes: { position: number; logits: number };
+  /** It outputs each step's new keys and values (DecoderLayout.newKv). */
+  newKv: boolean;
 }
 
 /** The rotary tables GroupQueryAttention reads, [maxPositions, headDim / 2] in the activations' type. */
@@ -66,7 +71,7 @@ type FfnConfig = Pick<ModelConfig, "hidden" | "rmsEps">;
 const HEAD = "lm_head";
 
 /** ONNX TensorProto type numbers, for Cast. */
-const CAST_TO = { float32: 1, uint8: 2, float16: 10 } as const;
+const CAST_TO = { float32: 1, uint8: 2, int64: 7, float16: 10 } as const;
 
 /** Float data in the graph's float type. */
 function asFloat(data: Float32Array, half: boolean) {
@@ -459,6 +464,12 @@ export interface DecoderLayout {
    * as [parts, K / parts, N], so with `weightsAsInputs` the step's sessions bind the prefill's buffers.
    */
   step?: SplitK;
+  /**
+   * Outputs `new.{i}.key/value` [batch, kvHeads, seq, headDim] too: the positions this step wrote,
+   * each row's last `seq` (seqlens_k - seq + 1 .. seqlens_k). A caller that keeps its caches in
+   * place fetches these instead of the presents, which it then never copies out of onnxruntime.
+   */
+  newKv?: boolean;
 }
 
 /**
@@ -499,6 +510,7 @@ export function buildDecoderGraph(
     g.output(presentKey(layer), act, ["batch_size", kvHeads, "present_sequence_length", cfg.headDim]);
     g.output(presentValue(layer), act, ["batch_size", kvHeads, "present_sequence_length", cfg.headDim]);
   }
+  if (layout.newKv && cache.length) newKvOutputs(g, cache, cfg.headDim, act);
   return {
     model: g.encode("fusedge_decoder"),
     floatType: act,
@@ -508,7 +520,39 @@ export function buildDecoderGraph(
     matmulCount: g.countOps("MatMul") + g.countOps("MatMulNBits"),
     nodeCount: g.nodeCount,
     rowBytes: { ...e.rowBytes },
+    newKv: (layout.newKv ?? false) && cache.length > 0,
   };
+}
+
+/** The positions a step wrote, gathered from each present: `new.{i}.*` (see DecoderLayout.newKv). */
+function newKvOutputs(
+  g: GraphBuilder,
+  cache: { layer: number; kvHeads: number }[],
+  headDim: number,
+  act: "float32" | "float16",
+): void {
+  const shape = g.op("Shape", ["input_ids"]);
+  const batch = g.op("Slice", [shape, g.ints([0]), g.ints([1])]);
+  const seq = g.op("Slice", [shape, g.ints([1]), g.ints([2])]);
+  // Row b's new positions: seqlens_k[b] - seq + 1 + t, t < seq, as [batch, 1, seq, 1].
+  const last = g.op("Cast", ["seqlens_k"], { to: CAST_TO.int64 });
+  const first = g.op("Add", [g.op("Sub", [last, seq]), g.ints([1])]);
+  const steps = g.op("Range", [g.ints([0], true), g.op("Squeeze", [seq, g.ints([0])]), g.ints([1], true)]);
+  const at = g.op("Add", [g.op("Unsqueeze", [first, g.ints([1])]), g.op("Unsqueeze", [steps, g.ints([0])])]);
+  const at4 = g.op("Unsqueeze", [at, g.ints([1, 3])]);
+  const kvHeads = [...new Set(cache.map((c) => c.kvHeads))];
+  const index = new Map(kvHeads.map((h) => [
+    h,
+    g.op("Expand", [at4, g.op("Concat", [batch, g.ints([h]), seq, g.ints([headDim])], { axis: 0 })]),
+  ]));
+  for (const { layer, kvHeads: h } of cache) {
+    for (
+      const [present, out] of [[presentKey(layer), newKey(layer)], [presentValue(layer), newValue(layer)]]
+    ) {
+      g.op("GatherElements", [present, index.get(h)!], { axis: 2 }, out);
+      g.output(out, act, ["batch_size", h, "sequence_length", headDim]);
+    }
+  }
 }
 
 /** The name of a stream graph's output: the residual stream entering block i. */

@@ -4,8 +4,9 @@ import { ort, type OrtApi } from "./ort.ts";
 /**
  * The attention caches of sequences decoded together: each cache tensor is [rows, kvHeads, width,
  * headDim], row b's `lengths[b]` real positions first (GroupQueryAttention reads each row up to its
- * own length, so what follows is never read). A step writes one position after every row's own,
- * so the layout survives steps untouched; it is redrawn only when rows join or leave.
+ * own length, so what follows is never read). A step writes one position after every row's own (in
+ * these tensors where steps write in place, into the presents that replace them elsewhere), so the
+ * layout survives steps untouched; it is redrawn only when rows join or leave, or outgrow the width.
  */
 export interface BatchCache {
   width: number;
@@ -57,16 +58,18 @@ export function kvBytesPerToken(graph: Pick<DecoderGraph, "cache" | "headDim" | 
 }
 
 /**
- * A new batch cache whose rows are `sources`, in order, at the width of the longest of them: the
- * one copy a join or a leave costs (the steps between copy nothing on the host).
+ * A new batch cache whose rows are `sources`, in order, at the width of the longest of them (or
+ * `minWidth`): the one copy a join or a leave costs (the steps between copy nothing on the host).
  */
 export async function packRows(
   rt: OrtApi,
   graph: Pick<DecoderGraph, "cache" | "headDim" | "floatType">,
   sources: RowSource[],
+  /** Positions a row may hold, when more than the longest (steps that write in place grow into them). */
+  minWidth = 0,
 ): Promise<BatchCache> {
   const lengths = sources.map((s) => Math.min(s.length ?? Infinity, s.cache.lengths[s.row]));
-  const width = Math.max(0, ...lengths);
+  const width = Math.max(minWidth, ...lengths);
   const rows = sources.length;
   const hd = graph.headDim;
   const data = new Map<BatchCache, Map<string, FloatData>>();

@@ -3,6 +3,8 @@ import type { Checkpoint } from "../model/checkpoint.ts";
 import {
   buildDecoderGraph,
   type DecoderGraph,
+  newKey,
+  newValue,
   pastKey,
   pastValue,
   presentKey,
@@ -12,11 +14,17 @@ import { type Backend, cpuThreads, createSession, ort, type OrtApi, runtimeFor }
 import { type BatchCache, disposeBatch, packRows, type RowSource } from "./kv_batch.ts";
 import { yieldIfBusy } from "../yield.ts";
 
-/** One sequence's attention cache: on the GPU between steps under WebGPU, in WASM memory otherwise. */
+/**
+ * One sequence's attention cache: on the GPU between steps under WebGPU, in JS memory otherwise,
+ * [1, kvHeads, width, headDim] with its `length` tokens first (width is more where steps write in place).
+ */
 export interface KvCache {
   length: number;
   tensors: Map<string, ort.Tensor>;
 }
+
+/** Positions a cache kept in place grows by beyond what a step needs: a quarter more, at least 32. */
+const headroom = (need: number) => need + Math.max(32, need >> 2);
 
 export interface StepResult {
   /** [tokens, vocab] row-major: one row of next-token logits per input position. */
@@ -44,6 +52,13 @@ export type LogitRows = "all" | "last";
 export class ModelSession {
   private chain: Promise<unknown> = Promise.resolve();
   private released = false;
+  /**
+   * Steps write into the caches they were given (native onnxruntime, whose inputs are read where they
+   * lie): a step fetches only the positions it wrote (DecoderLayout.newKv), not every present, whose
+   * copy out of onnxruntime into new memory grew each step's time with every row's length.
+   */
+  private readonly inPlace: boolean;
+  private readonly fetches: string[] | undefined;
 
   private constructor(
     private readonly session: ort.InferenceSession,
@@ -51,7 +66,12 @@ export class ModelSession {
     readonly device: Backend,
     readonly vocabSize: number,
     private readonly rt: OrtApi,
-  ) {}
+  ) {
+    this.inPlace = graph.newKv && device === "cpu";
+    this.fetches = this.inPlace
+      ? ["logits", ...graph.cache.flatMap(({ layer }) => [newKey(layer), newValue(layer)])]
+      : undefined;
+  }
 
   static async create(graph: DecoderGraph, device: Backend, vocabSize: number): Promise<ModelSession> {
     const rt = await runtimeFor(device);
@@ -119,13 +139,19 @@ export class ModelSession {
     const run = this.chain.then(async () => {
       const rows = ids.length;
       const lengths = cache.lengths.map((l) => l + 1);
+      const past = this.inPlace ? await this.withRoom(cache, 1) : cache;
       const out = await this.run({
         input_ids: new this.rt.Tensor("int32", Int32Array.from(ids), [rows, 1]),
         ...lengthFeeds(this.rt, lengths),
         logit_positions: logitPositions(this.rt, rows, 1, "last"),
-      }, cache.tensors);
-      disposeBatch(cache);
+      }, past.tensors);
       const logits = (await out.logits.getData(true)) as Float32Array;
+      if (this.inPlace) {
+        this.writeNew(out, past, 1);
+        // A map of its own: disposing the cache this step consumed must not empty this one.
+        return { logits, cache: { width: past.width, lengths, tensors: new Map(past.tensors) } };
+      }
+      disposeBatch(cache);
       const tensors = this.presents(out);
       const width = tensors.values().next().value?.dims[2] ?? Math.max(...lengths);
       return { logits, cache: { width, lengths, tensors } };
@@ -134,9 +160,42 @@ export class ModelSession {
     return run;
   }
 
-  /** A batch cache of `sources`' rows (see kv_batch.ts packRows), in this session's tensors. */
-  packRows(sources: RowSource[]): Promise<BatchCache> {
-    return packRows(this.rt, this.graph, sources);
+  /**
+   * A batch cache of `sources`' rows (see kv_batch.ts packRows), in this session's tensors; `forSteps`:
+   * it is a batch about to decode, given room to write its next positions in place where steps do.
+   */
+  packRows(sources: RowSource[], forSteps = false): Promise<BatchCache> {
+    if (!forSteps || !this.inPlace) return packRows(this.rt, this.graph, sources);
+    const longest = Math.max(
+      0,
+      ...sources.map((s) => Math.min(s.length ?? Infinity, s.cache.lengths[s.row])),
+    );
+    return packRows(this.rt, this.graph, sources, headroom(longest + 1));
+  }
+
+  /** The cache, or a wider copy of it, with room for `tokens` more positions in every row. */
+  private async withRoom(cache: BatchCache, tokens: number): Promise<BatchCache> {
+    const need = Math.max(...cache.lengths) + tokens;
+    if (need <= cache.width) return cache;
+    const rows = cache.lengths.map((_, row) => ({ cache, row }));
+    return await packRows(this.rt, this.graph, rows, headroom(need));
+  }
+
+  /** Writes the positions a step computed (`tokens` a row, after each row's `lengths`) into its caches. */
+  private writeNew(out: ort.InferenceSession.OnnxValueMapType, cache: BatchCache, tokens: number): void {
+    const hd = this.graph.headDim;
+    for (const { layer, kvHeads } of this.graph.cache) {
+      for (const [from, to] of [[newKey(layer), pastKey(layer)], [newValue(layer), pastValue(layer)]]) {
+        const src = out[from].data as Float32Array;
+        const dst = cache.tensors.get(to)!.data as Float32Array;
+        cache.lengths.forEach((length, b) => {
+          for (let h = 0; h < kvHeads; h++) {
+            const i = b * kvHeads + h;
+            dst.set(src.subarray(i * tokens * hd, (i + 1) * tokens * hd), (i * cache.width + length) * hd);
+          }
+        });
+      }
+    }
   }
 
   private async run(
@@ -146,7 +205,7 @@ export class ModelSession {
     await yieldIfBusy();
     if (this.released) throw new Error("session was released");
     for (const [name, tensor] of cache) feeds[name] = tensor;
-    return await this.session.run(feeds);
+    return await (this.fetches ? this.session.run(feeds, this.fetches) : this.session.run(feeds));
   }
 
   /** The step's present K/V, renamed as the next step's past. */
@@ -162,13 +221,18 @@ export class ModelSession {
   private async runStep(input: StepInput, cache: KvCache, rows: LogitRows): Promise<TensorStepResult> {
     const t = Array.isArray(input) ? input.length : 1;
     const total = cache.length + t;
+    const past = this.inPlace ? await this.withRoom(asBatch(cache), t) : asBatch(cache);
     const out = await this.run({
       input_ids: Array.isArray(input)
         ? new this.rt.Tensor("int32", Int32Array.from(input), [1, t])
         : ort.Tensor.fromGpuBuffer(input, { dataType: "int32", dims: [1, 1] }),
       ...lengthFeeds(this.rt, [total]),
       logit_positions: logitPositions(this.rt, 1, t, rows),
-    }, cache.tensors);
+    }, past.tensors);
+    if (this.inPlace) {
+      this.writeNew(out, past, t);
+      return { logits: out.logits, cache: { length: total, tensors: new Map(past.tensors) } };
+    }
     disposeCache(cache);
     return { logits: out.logits, cache: { length: total, tensors: this.presents(out) } };
   }
@@ -222,7 +286,8 @@ export function logitPositions(rt: OrtApi, batch: number, seq: number, rows: Log
 
 /** A single sequence's cache seen as a batch of one row. */
 export function asBatch(cache: KvCache): BatchCache {
-  return { width: cache.length, lengths: [cache.length], tensors: cache.tensors };
+  const width = cache.tensors.values().next().value?.dims[2] ?? cache.length;
+  return { width, lengths: [cache.length], tensors: cache.tensors };
 }
 
 /** Frees GPU-resident cache tensors; CPU ones are left to the garbage collector. */

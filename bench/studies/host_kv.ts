@@ -1,0 +1,123 @@
+/**
+ * What a native CPU decode step costs with its caches written in place (the step fetches only the
+ * positions it wrote: DecoderLayout.newKv, what `--device cpu` serves with) against caches copied out
+ * of onnxruntime every step (each present fetched whole into new memory, what it served with before),
+ * at each batch size and cached length. Cases are warmed, then alternated in rounds; ms per step and
+ * CPU ms per step as median [min-max], and the copied step's time over the in-place one's.
+ *
+ *   scripts/deno run -A bench/studies/host_kv.ts [--model DIR] [--batch 1,16] [--lengths 32,128,512]
+ *     [--steps 16] [--rounds 5] [--json]
+ */
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { fail, positive, scriptFlags } from "../../scripts/args.ts";
+import { cpuSeconds } from "../../src/bench/decode_bench.ts";
+import { UNFUSED } from "../../src/fusion/plan.ts";
+import { applyPlan } from "../../src/fusion/apply.ts";
+import { loadAssets } from "../../src/instance/build.ts";
+import { type Spread, spread } from "../../src/numeric.ts";
+import { buildDecoderGraph } from "../../src/onnx/decoder.ts";
+import { resolveDevice } from "../../src/ort/ort.ts";
+import { asBatch, ModelSession } from "../../src/ort/session.ts";
+
+const root = fileURLToPath(new URL("../..", import.meta.url));
+const values = scriptFlags({
+  model: { type: "string", default: join(root, "models", "tiny-nas") },
+  batch: { type: "string", default: "1,16" },
+  lengths: { type: "string", default: "32,128,512" },
+  steps: { type: "string", default: "16" },
+  rounds: { type: "string", default: "5" },
+  json: { type: "boolean", default: false },
+});
+const sizes = values.batch!.split(",").map((s) => positive("batch", s));
+const lengths = values.lengths!.split(",").map((s) => positive("lengths", s));
+const steps = positive("steps", values.steps!);
+const rounds = positive("rounds", values.rounds!);
+
+await resolveDevice("cpu").catch((e) =>
+  fail(`native onnxruntime does not load here: ${(e as Error).message}`)
+);
+const assets = await loadAssets(values.model!).catch((e) =>
+  fail(`--model ${values.model}: ${(e as Error).message}`)
+);
+const cfg = assets.checkpoint.config;
+const longest = Math.max(...lengths);
+const text = await Deno.readTextFile(join(root, "data", "eval.py.txt"));
+const ids = assets.tokenizer.encode(text.slice(0, longest * 16)).slice(0, longest + 1);
+if (ids.length <= longest || longest + steps + 1 >= cfg.maxPositions) {
+  fail(`--lengths up to ${longest} with --steps ${steps} do not fit the text or the context`);
+}
+
+const blocks = applyPlan(assets.blocks, UNFUSED);
+const variants = ["in place", "copied"] as const;
+type Variant = (typeof variants)[number];
+const sessions = new Map<Variant, ModelSession>();
+for (const v of variants) {
+  const graph = buildDecoderGraph(assets.checkpoint, blocks, undefined, undefined, {
+    newKv: v === "in place",
+  });
+  sessions.set(v, await ModelSession.create(graph, "cpu", cfg.vocabSize));
+}
+
+const cases = variants.flatMap((variant) =>
+  sizes.flatMap((batch) => lengths.map((length) => ({ variant, batch, length })))
+);
+/** One sample: `steps` batched steps, every row continuing a `length`-token prefix. */
+const sample = async ({ variant, batch, length }: (typeof cases)[number]) => {
+  const s = sessions.get(variant)!;
+  const prefix = (await s.step(ids.slice(0, length), s.emptyCache(), "last")).cache;
+  let cache = await s.packRows(
+    Array.from({ length: batch }, () => ({ cache: asBatch(prefix), row: 0 })),
+    true,
+  );
+  const next = new Array<number>(batch).fill(ids[length]);
+  const cpu0 = cpuSeconds();
+  const t0 = performance.now();
+  for (let k = 0; k < steps; k++) cache = (await s.decodeBatch(next, cache)).cache;
+  return { ms: (performance.now() - t0) / steps, cpuMs: ((cpuSeconds() - cpu0) * 1000) / steps };
+};
+for (const c of cases) await sample(c);
+const samples = cases.map(() => [] as { ms: number; cpuMs: number }[]);
+for (let round = 0; round < rounds; round++) {
+  const order = cases.map((_, i) => i);
+  if (round % 2) order.reverse();
+  for (const i of order) samples[i].push(await sample(cases[i]));
+}
+for (const s of sessions.values()) await s.release();
+
+interface Row {
+  variant: Variant;
+  batch: number;
+  length: number;
+  ms_per_step: Spread;
+  cpu_ms_per_step: Spread;
+  /** Median ms per step over the in-place case's at the same batch and length. */
+  over_in_place: number;
+}
+const rows: Row[] = cases.map((c, i) => ({
+  ...c,
+  ms_per_step: spread(samples[i].map((x) => x.ms)),
+  cpu_ms_per_step: spread(samples[i].map((x) => x.cpuMs)),
+  over_in_place: 0,
+}));
+for (const r of rows) {
+  const base = rows.find((x) => x.variant === "in place" && x.batch === r.batch && x.length === r.length)!;
+  r.over_in_place = r.ms_per_step.median / base.ms_per_step.median;
+}
+if (values.json) {
+  console.log(JSON.stringify({ model: values.model, steps, rounds, rows }, null, 1));
+} else {
+  const f = (s: Spread) => `${s.median.toFixed(2)} [${s.min.toFixed(2)}-${s.max.toFixed(2)}]`;
+  console.log(
+    `native CPU decode steps of ${values.model}, ${steps} steps per sample, cases alternated in ${rounds} ` +
+      "rounds; median [min-max]",
+  );
+  console.log("caches    batch  cached  ms per step          CPU ms per step      over in place");
+  for (const r of rows) {
+    console.log(
+      `${r.variant.padEnd(9)} ${String(r.batch).padEnd(6)} ${String(r.length).padEnd(7)} ${
+        f(r.ms_per_step).padEnd(20)
+      } ${f(r.cpu_ms_per_step).padEnd(20)} ${r.over_in_place.toFixed(2)}x`,
+    );
+  }
+}
