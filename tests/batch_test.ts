@@ -3,10 +3,12 @@ import { BatchEngine, prefillLimit } from "../src/decode/batch_engine.ts";
 import { PREFILL_CHUNK } from "../src/decode/engine_base.ts";
 import { buildInstance, type Engine, loadAssets } from "../src/instance/build.ts";
 import { generate, type GenerateParams, type GenerationSummary } from "../src/decode/generate.ts";
-import { asBatch } from "../src/ort/session.ts";
+import { asBatch, ModelSession } from "../src/ort/session.ts";
+import { buildDecoderGraph } from "../src/onnx/decoder.ts";
+import { applyPlan } from "../src/fusion/apply.ts";
 import { DEFAULT_SAMPLING } from "../src/sampling/sampling.ts";
 import { type FusionPlan, UNFUSED } from "../src/fusion/plan.ts";
-import { EVAL_TEXT, HAS_WEBGPU, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
+import { EVAL_TEXT, HAS_NATIVE, HAS_WEBGPU, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
 import { FLOAT_WEIGHTS, type GraphOptions } from "../src/onnx/format.ts";
 import type { Device } from "../src/ort/ort.ts";
 import { post, readSse, startServer } from "./server_helpers.ts";
@@ -101,6 +103,48 @@ for (const [name, dir, plan, device, format] of CASES) {
     },
   });
 }
+
+Deno.test({
+  name:
+    "caches written in place (WASM, native) outgrow their room, rows joining and leaving, and decode as copied caches do",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const assets = await loadAssets(TINY_NAS);
+    const cfg = assets.checkpoint.config;
+    const ids = assets.tokenizer.encode(await Deno.readTextFile(EVAL_TEXT));
+    // Prompts from 1 to 300 tokens, up to 120 new ones: rows outgrow their first room (32 positions
+    // past the longest) several times, some while others join and leave.
+    const reqs = Array.from({ length: 8 }, (_, i) => ({
+      prompt: ids.slice(i * 53, i * 53 + [1, 9, 40, 300][i % 4]),
+      params: params(20 + 100 * (i % 2)),
+    }));
+    // The reference: each step's presents copied out as the next step's caches (no newKv outputs).
+    const copied = await ModelSession.create(
+      buildDecoderGraph(assets.checkpoint, applyPlan(assets.blocks, UNFUSED)),
+      "wasm",
+      cfg.vocabSize,
+    );
+    const reference = await runAll(
+      new BatchEngine(copied, assets.tokenizer, cfg.eosTokenIds, cfg.maxPositions),
+      reqs,
+    );
+    await copied.release();
+    for (const device of HAS_NATIVE ? ["wasm", "cpu"] as const : ["wasm"] as const) {
+      const inst = await buildInstance(assets, UNFUSED, device);
+      try {
+        assert.ok(inst.session!.graph.newKv, `${device}: steps fetch only the positions they wrote`);
+        const got = await runAll(inst.engine, reqs);
+        got.forEach((s, i) =>
+          assert.equal(s.ids.join(","), reference[i].ids.join(","), `${device} request ${i}`)
+        );
+        assert.ok(inst.engine.peakRows >= 4, `rows shared steps (peak ${inst.engine.peakRows})`);
+      } finally {
+        await inst.release();
+      }
+    }
+  },
+});
 
 Deno.test({
   name: "batched decode: cancel ends one sequence, the rest go on; a full context ends a row",

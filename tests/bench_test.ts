@@ -297,7 +297,7 @@ Deno.test({
       assert.ok(s.min > 0 && s.min <= s.median && s.median <= s.max, JSON.stringify(x));
       if (x.variant === "in place") assert.equal(x.over_in_place, 1);
     }
-    for (const bad of [["--lengths", "0"], ["--lengths", "5000"], ["--bogus"]]) {
+    for (const bad of [["--lengths", "0"], ["--lengths", "5000"], ["--device", "gpu"], ["--bogus"]]) {
       const b = await run(...bad);
       assert.equal(b.code, 2, bad.join(" "));
       assert.match(b.stderr, new RegExp(bad[0]));

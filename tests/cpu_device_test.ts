@@ -1,11 +1,8 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { FLOAT_WEIGHTS } from "../src/onnx/format.ts";
-import { buildInstance, loadAssets } from "../src/instance/build.ts";
-import { UNFUSED } from "../src/fusion/plan.ts";
-import { DEFAULT_SAMPLING } from "../src/sampling/sampling.ts";
-import { FP32_INT4, planFormsMatchWasm, runToEnd } from "./engine_helpers.ts";
-import { EVAL_TEXT, HAS_NATIVE, ROOT, TINY_NAS } from "./helpers.ts";
+import { FP32_INT4, planFormsMatchWasm } from "./engine_helpers.ts";
+import { HAS_NATIVE, ROOT } from "./helpers.ts";
 import { post, readSse, startServer } from "./server_helpers.ts";
 
 const nativeTest = (name: string, fn: () => Promise<void>) =>
@@ -77,37 +74,3 @@ Deno.test("--device cpu where native onnxruntime cannot load: exit 2, the reason
     /--device cpu: native onnxruntime \(onnxruntime-node\) does not load here: .*; use --device wasm or --device webgpu/,
   );
 });
-
-nativeTest(
-  "--device cpu: caches written in place grow past their room and decode as WASM's (greedy ids, batched)",
-  async () => {
-    const assets = await loadAssets(TINY_NAS);
-    const ids = assets.tokenizer.encode(await Deno.readTextFile(EVAL_TEXT));
-    // Prompts from 1 to 300 tokens, up to 120 new ones: every row outgrows its first room (32
-    // positions past the longest) several times, some while others join and leave.
-    const reqs = Array.from({ length: 8 }, (_, i) => ({
-      prompt: ids.slice(i * 53, i * 53 + [1, 9, 40, 300][i % 4]),
-      params: { ...DEFAULT_SAMPLING, maxTokens: 20 + 100 * (i % 2), stop: [], ignoreEos: true },
-    }));
-    const outputs: number[][][] = [];
-    for (const device of ["cpu", "wasm"] as const) {
-      const inst = await buildInstance(assets, UNFUSED, device);
-      try {
-        assert.equal(
-          inst.session!.graph.newKv,
-          device === "cpu",
-          "only native steps fetch the new positions",
-        );
-        outputs.push(
-          await Promise.all(
-            reqs.map(async (r) => (await runToEnd(inst.engine, r.prompt, r.params)).summary.ids),
-          ),
-        );
-        assert.ok(inst.engine.peakRows >= 4, `rows shared steps (peak ${inst.engine.peakRows})`);
-      } finally {
-        await inst.release();
-      }
-    }
-    outputs[0].forEach((got, i) => assert.deepEqual(got, outputs[1][i], `request ${i}`));
-  },
-);

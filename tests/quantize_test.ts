@@ -14,6 +14,8 @@ import {
   integerBlock,
   quantize,
   quantizeColumns,
+  roundTrip,
+  roundTripColumns,
   weightBytes,
 } from "../src/onnx/quantize.ts";
 import { type Device, resolveDevice, resolveGraphOptions } from "../src/ort/ort.ts";
@@ -73,6 +75,21 @@ Deno.test("quantizeColumns: int8 [K, N] for MatMulInteger, one scale per column 
   const c4 = quantizeColumns(w, "int4", block);
   const levels = new Set(Array.from({ length: 32 }, (_, i) => c4.q[i * n]));
   assert.ok(levels.size <= 15, `${levels.size} levels`);
+  // What the references compute with: the same values as the packed forms, without packing.
+  const wide = tensor([5, 256], Float32Array.from({ length: 5 * 256 }, () => (r() - 0.5) * 3));
+  for (const bits of [4, 8] as const) {
+    const [a, b] = [roundTrip(wide, bits).data, dequantize(quantize(wide, bits)).data];
+    assert.ok(a.length === b.length && a.every((x, i) => x === b[i]), `roundTrip ${bits}`);
+  }
+  for (const quant of ["int8", "int4"] as const) {
+    const cols = quantizeColumns(wide, quant, 64);
+    const back = Float32Array.from({ length: 5 * 256 }, (_, j) => {
+      const [row, i] = [Math.floor(j / 256), j % 256];
+      return cols.q[i * 5 + row] * cols.scales[Math.floor(i / 64) * 5 + row];
+    });
+    const got = roundTripColumns(wide, quant, 64).data;
+    assert.ok(got.length === back.length && got.every((x, i) => x === back[i]), `roundTripColumns ${quant}`);
+  }
   // Blocks widen only where a row's int32 sums would pass 4 MB: a 128K-vocabulary head, not a layer.
   assert.equal(integerBlock(2048, 8192), 32);
   assert.equal(integerBlock(128256, 2048), 256);

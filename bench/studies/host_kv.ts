@@ -1,12 +1,12 @@
 /**
- * What a native CPU decode step costs with its caches written in place (the step fetches only the
- * positions it wrote: DecoderLayout.newKv, what `--device cpu` serves with) against caches copied out
- * of onnxruntime every step (each present fetched whole into new memory, what it served with before),
- * at each batch size and cached length. Cases are warmed, then alternated in rounds; ms per step and
- * CPU ms per step as median [min-max], and the copied step's time over the in-place one's.
+ * What a decode step on a host device (native CPU, or WASM) costs with its caches written in place (the
+ * step fetches only the positions it wrote: DecoderLayout.newKv) against caches copied out of
+ * onnxruntime every step (each present fetched whole into new memory), at each batch size and cached
+ * length. Cases are warmed, then alternated in rounds; ms per step and CPU ms per step as median
+ * [min-max], and the copied step's time over the in-place one's.
  *
- *   scripts/deno run -A bench/studies/host_kv.ts [--model DIR] [--batch 1,16] [--lengths 32,128,512]
- *     [--steps 16] [--rounds 5] [--json]
+ *   scripts/deno run -A bench/studies/host_kv.ts [--device cpu|wasm] [--model DIR] [--batch 1,16]
+ *     [--lengths 32,128,512] [--steps 16] [--rounds 5] [--json]
  */
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -23,6 +23,7 @@ import { asBatch, ModelSession } from "../../src/ort/session.ts";
 const root = fileURLToPath(new URL("../..", import.meta.url));
 const values = scriptFlags({
   model: { type: "string", default: join(root, "models", "tiny-nas") },
+  device: { type: "string", default: "cpu" },
   batch: { type: "string", default: "1,16" },
   lengths: { type: "string", default: "32,128,512" },
   steps: { type: "string", default: "16" },
@@ -34,9 +35,9 @@ const lengths = values.lengths!.split(",").map((s) => positive("lengths", s));
 const steps = positive("steps", values.steps!);
 const rounds = positive("rounds", values.rounds!);
 
-await resolveDevice("cpu").catch((e) =>
-  fail(`native onnxruntime does not load here: ${(e as Error).message}`)
-);
+const device = values.device!;
+if (device !== "cpu" && device !== "wasm") fail(`--device: cpu or wasm, got ${device}`);
+await resolveDevice(device).catch((e) => fail(`--device ${device}: ${(e as Error).message}`));
 const assets = await loadAssets(values.model!).catch((e) =>
   fail(`--model ${values.model}: ${(e as Error).message}`)
 );
@@ -56,7 +57,7 @@ for (const v of variants) {
   const graph = buildDecoderGraph(assets.checkpoint, blocks, undefined, undefined, {
     newKv: v === "in place",
   });
-  sessions.set(v, await ModelSession.create(graph, "cpu", cfg.vocabSize));
+  sessions.set(v, await ModelSession.create(graph, device, cfg.vocabSize));
 }
 
 const cases = variants.flatMap((variant) =>
@@ -68,7 +69,7 @@ const sample = async ({ variant, batch, length }: (typeof cases)[number]) => {
   const prefix = (await s.step(ids.slice(0, length), s.emptyCache(), "last")).cache;
   let cache = await s.packRows(
     Array.from({ length: batch }, () => ({ cache: asBatch(prefix), row: 0 })),
-    true,
+    length + steps + 1,
   );
   const next = new Array<number>(batch).fill(ids[length]);
   const cpu0 = cpuSeconds();
@@ -105,11 +106,11 @@ for (const r of rows) {
   r.over_in_place = r.ms_per_step.median / base.ms_per_step.median;
 }
 if (values.json) {
-  console.log(JSON.stringify({ model: values.model, steps, rounds, rows }, null, 1));
+  console.log(JSON.stringify({ model: values.model, device, steps, rounds, rows }, null, 1));
 } else {
   const f = (s: Spread) => `${s.median.toFixed(2)} [${s.min.toFixed(2)}-${s.max.toFixed(2)}]`;
   console.log(
-    `native CPU decode steps of ${values.model}, ${steps} steps per sample, cases alternated in ${rounds} ` +
+    `${device} decode steps of ${values.model}, ${steps} steps per sample, cases alternated in ${rounds} ` +
       "rounds; median [min-max]",
   );
   console.log("caches    batch  cached  ms per step          CPU ms per step      over in place");

@@ -46,7 +46,7 @@ export async function profileSteps(
   const prefix = (await s.step(prompt, s.emptyCache(), "last")).cache;
   let cache = await s.packRows(
     Array.from({ length: batch }, () => ({ cache: asBatch(prefix), row: 0 })),
-    true,
+    prompt.length + steps + 3,
   );
   const ids = new Array<number>(batch).fill(prompt.at(-1)!);
   const ms: number[] = [];

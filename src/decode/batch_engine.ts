@@ -152,8 +152,9 @@ export class BatchEngine extends EngineBase<HostSequence> {
           await this.keep(s.history.slice(0, s.length), old.cache, old.seqs.indexOf(s));
         }
       }
-      const cache = sources.length ? await this.session.packRows(sources, true) : null;
-      this.batch = cache ? { seqs: [...stay, ...joining], cache } : null;
+      const seqs = [...stay, ...joining];
+      const cache = sources.length ? await this.session.packRows(sources, this.widthLimit(seqs)) : null;
+      this.batch = cache ? { seqs, cache } : null;
     } catch (e) {
       this.batch = null;
       for (const s of [...stay, ...joining]) this.fail(s, e);
@@ -173,7 +174,11 @@ export class BatchEngine extends EngineBase<HostSequence> {
     const batch = this.batch!;
     this.steps++;
     try {
-      const r = await this.session.decodeBatch(batch.seqs.map((s) => s.next), batch.cache);
+      const r = await this.session.decodeBatch(
+        batch.seqs.map((s) => s.next),
+        batch.cache,
+        this.widthLimit(batch.seqs),
+      );
       batch.cache = r.cache;
       const vocab = this.session.vocabSize;
       for (const [b, s] of batch.seqs.entries()) {
@@ -191,6 +196,20 @@ export class BatchEngine extends EngineBase<HostSequence> {
     // The live rows grew by a position each: kept prefixes make room, so the total stays in budget.
     this.evict();
     this.noteKv();
+  }
+
+  /**
+   * The widest a batch of `seqs` may pad its rows to, where steps write its cache in place: no row
+   * grows past its prompt and token limit, and the padded rows stay within the KV budget.
+   */
+  private widthLimit(seqs: HostSequence[]): number {
+    const final = Math.max(
+      ...seqs.map((s) => Math.min(this.maxPositions, s.prompt.length + s.params.maxTokens)),
+    );
+    const budget = this.keepBytes > 0
+      ? Math.floor(this.keepBytes / (seqs.length * this.bytesPerToken))
+      : Infinity;
+    return Math.min(final, budget);
   }
 
   /** Prefills up to `budget` tokens of the oldest prompt; returns how many it ran (at least one). */

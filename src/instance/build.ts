@@ -233,10 +233,10 @@ export async function buildInstance(
   );
   const cfg = assets.checkpoint.config;
   const onWebgpu = device === "webgpu";
-  // Native onnxruntime reads a step's inputs where they lie: its caches are written in place.
+  // On the host devices a step's caches are written in place (bench/studies/host_kv.ts).
   const graph = buildDecoderGraph(assets.checkpoint, blocks, options, weights, {
     weightsAsInputs: onWebgpu,
-    newKv: device === "cpu",
+    newKv: device === "cpu" || device === "wasm",
   });
   // WebGPU's decode steps run a graph of their own over the same weight buffers.
   const split = serving.splitK ?? DEFAULT_SPLIT_K;

@@ -26,6 +26,8 @@ export const presentValue = (layer: number) => `present.${layer}.value`;
 /** A step's own keys and values (DecoderLayout.newKv): what a cache kept in place takes from it. */
 export const newKey = (layer: number) => `new.${layer}.key`;
 export const newValue = (layer: number) => `new.${layer}.value`;
+/** Where the positions a step wrote lie in layers with `kvHeads` heads (see newKvOutputs). */
+export const newKvIndex = (kvHeads: number) => `new_kv_index.${kvHeads}`;
 
 export interface DecoderGraph {
   model: EncodedModel;
@@ -71,7 +73,7 @@ type FfnConfig = Pick<ModelConfig, "hidden" | "rmsEps">;
 const HEAD = "lm_head";
 
 /** ONNX TensorProto type numbers, for Cast. */
-const CAST_TO = { float32: 1, uint8: 2, int64: 7, float16: 10 } as const;
+const CAST_TO = { float32: 1, uint8: 2, float16: 10 } as const;
 
 /** Float data in the graph's float type. */
 function asFloat(data: Float32Array, half: boolean) {
@@ -524,32 +526,26 @@ export function buildDecoderGraph(
   };
 }
 
-/** The positions a step wrote, gathered from each present: `new.{i}.*` (see DecoderLayout.newKv). */
+/**
+ * The positions a step wrote, gathered from each present: `new.{i}.*` (see DecoderLayout.newKv). The
+ * caller feeds where they are, `new_kv_index.{kvHeads}` int32 [batch, kvHeads, seq, headDim] (row b's
+ * seqlens_k - seq + 1 + t at every head and element), because shape arithmetic in the graph would
+ * cost a dozen more nodes a step, and a CPU step is dominated by its nodes' fixed costs.
+ */
 function newKvOutputs(
   g: GraphBuilder,
   cache: { layer: number; kvHeads: number }[],
   headDim: number,
   act: "float32" | "float16",
 ): void {
-  const shape = g.op("Shape", ["input_ids"]);
-  const batch = g.op("Slice", [shape, g.ints([0]), g.ints([1])]);
-  const seq = g.op("Slice", [shape, g.ints([1]), g.ints([2])]);
-  // Row b's new positions: seqlens_k[b] - seq + 1 + t, t < seq, as [batch, 1, seq, 1].
-  const last = g.op("Cast", ["seqlens_k"], { to: CAST_TO.int64 });
-  const first = g.op("Add", [g.op("Sub", [last, seq]), g.ints([1])]);
-  const steps = g.op("Range", [g.ints([0], true), g.op("Squeeze", [seq, g.ints([0])]), g.ints([1], true)]);
-  const at = g.op("Add", [g.op("Unsqueeze", [first, g.ints([1])]), g.op("Unsqueeze", [steps, g.ints([0])])]);
-  const at4 = g.op("Unsqueeze", [at, g.ints([1, 3])]);
-  const kvHeads = [...new Set(cache.map((c) => c.kvHeads))];
-  const index = new Map(kvHeads.map((h) => [
-    h,
-    g.op("Expand", [at4, g.op("Concat", [batch, g.ints([h]), seq, g.ints([headDim])], { axis: 0 })]),
-  ]));
+  for (const h of new Set(cache.map((c) => c.kvHeads))) {
+    g.input(newKvIndex(h), "int32", ["batch_size", h, "sequence_length", headDim]);
+  }
   for (const { layer, kvHeads: h } of cache) {
     for (
       const [present, out] of [[presentKey(layer), newKey(layer)], [presentValue(layer), newValue(layer)]]
     ) {
-      g.op("GatherElements", [present, index.get(h)!], { axis: 2 }, out);
+      g.op("GatherElements", [present, newKvIndex(h)], { axis: 2 }, out);
       g.output(out, act, ["batch_size", h, "sequence_length", headDim]);
     }
   }

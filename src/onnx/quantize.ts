@@ -75,6 +75,9 @@ export function integerBlock(n: number, k: number): number {
   return block;
 }
 
+/** Output columns quantizeColumns takes at a time: their int8 rows land in whole cache lines of [K, N]. */
+const COLUMN_TILE = 64;
+
 /**
  * A [N, K] weight for MatMulInteger: transposed to [K, N] int8, symmetric per output column and block
  * of `block` along K (scale max|w| / 127, [K / block, N] of them). int4 weights are first rounded to
@@ -86,36 +89,57 @@ export function quantizeColumns(
   q: Exclude<Quantization, "none">,
   block: number,
 ): { q: Int8Array; scales: Float32Array } {
-  const src = q === "int4" ? dequantize(quantize(w, 4)) : w;
+  const src = q === "int4" ? roundTrip(w, 4) : w;
   const [n, k] = w.shape;
   const data = src.data;
   const out = new Int8Array(n * k);
   const scales = new Float32Array((k / block) * n);
-  for (let row = 0; row < n; row++) {
+  for (let row0 = 0; row0 < n; row0 += COLUMN_TILE) {
+    const rows = Math.min(COLUMN_TILE, n - row0);
     for (let b = 0; b < k / block; b++) {
-      const at = row * k + b * block;
-      const scale = symmetricScale(data, at, block, 127);
-      scales[b * n + row] = scale;
-      for (let i = 0; i < block; i++) out[(b * block + i) * n + row] = Math.round(data[at + i] / scale);
+      for (let r = 0; r < rows; r++) {
+        scales[b * n + row0 + r] = symmetricScale(data, (row0 + r) * k + b * block, block, 127);
+      }
+      for (let i = b * block; i < (b + 1) * block; i++) {
+        for (let r = 0; r < rows; r++) {
+          out[i * n + row0 + r] = Math.round(data[(row0 + r) * k + i] / scales[b * n + row0 + r]);
+        }
+      }
     }
   }
   return { q: out, scales };
 }
 
-/** The float weights a column-quantized weight stands for, in the checkpoint's [N, K] layout. */
-export function dequantizeColumns(
-  c: { q: Int8Array; scales: Float32Array },
-  n: number,
-  k: number,
-  block: number,
-): Tensor {
-  const data = new Float32Array(n * k);
-  for (let row = 0; row < n; row++) {
-    for (let i = 0; i < k; i++) {
-      data[row * k + i] = c.q[i * n + row] * c.scales[Math.floor(i / block) * n + row];
+/**
+ * The float weights quantizeColumns' weight stands for, in the checkpoint's [N, K] layout: the same
+ * scales and rounding, without the int8 copy and its transpose.
+ */
+export function roundTripColumns(w: Tensor, q: Exclude<Quantization, "none">, block: number): Tensor {
+  const src = q === "int4" ? roundTrip(w, 4) : w;
+  const [n, k] = w.shape;
+  const data = src.data;
+  const out = new Float32Array(n * k);
+  for (let at = 0; at < n * k; at += block) {
+    const scale = symmetricScale(data, at, block, 127);
+    for (let i = at; i < at + block; i++) out[i] = Math.round(data[i] / scale) * scale;
+  }
+  return { shape: [n, k], data: out };
+}
+
+/** The float weights `quantize(w, bits)` stands for (dequantize of it), without packing them. */
+export function roundTrip(w: Tensor, bits: 4 | 8): Tensor {
+  const [n, k] = w.shape;
+  const qmax = bits === 4 ? 7 : 127;
+  const zero = 1 << (bits - 1);
+  const data = w.data;
+  const out = new Float32Array(n * k);
+  for (let at = 0; at < n * k; at += BLOCK) {
+    const scale = symmetricScale(data, at, BLOCK, qmax);
+    for (let i = at; i < at + BLOCK; i++) {
+      out[i] = Math.max(-zero, Math.min(qmax, Math.round(data[i] / scale))) * scale;
     }
   }
-  return { shape: [n, k], data };
+  return { shape: [n, k], data: out };
 }
 
 /** The float weights a packed weight stands for: what the quantized graph computes with. */
@@ -151,9 +175,8 @@ export function weightBytes(n: number, k: number, g: GraphOptions): number {
 /** A weight as a quantized graph computes with it: per block (MatMulNBits) or per column (integer GEMMs). */
 function dequantized(w: Tensor, q: Exclude<Quantization, "none">, integer: boolean): Tensor {
   if (!quantizable(w)) return w;
-  if (!integer) return dequantize(quantize(w, BITS[q]));
-  const block = integerBlock(w.shape[0], w.shape[1]);
-  return dequantizeColumns(quantizeColumns(w, q, block), w.shape[0], w.shape[1], block);
+  if (!integer) return roundTrip(w, BITS[q]);
+  return roundTripColumns(w, q, integerBlock(w.shape[0], w.shape[1]));
 }
 
 /** The blocks with every weight the graph would quantize replaced by its dequantized form. */
@@ -198,7 +221,10 @@ function dequantizedEmbedding(t: Tensor): Tensor {
   const { q, scales } = quantizeRows(t);
   const d = t.shape[1];
   const data = new Float32Array(q.length);
-  for (let i = 0; i < q.length; i++) data[i] = q[i] * scales[Math.floor(i / d)];
+  for (let row = 0; row < scales.length; row++) {
+    const scale = scales[row];
+    for (let i = row * d; i < (row + 1) * d; i++) data[i] = q[i] * scale;
+  }
   return { shape: t.shape, data };
 }
 

@@ -4,6 +4,7 @@ import {
   buildDecoderGraph,
   type DecoderGraph,
   newKey,
+  newKvIndex,
   newValue,
   pastKey,
   pastValue,
@@ -23,8 +24,12 @@ export interface KvCache {
   tensors: Map<string, ort.Tensor>;
 }
 
-/** Positions a cache kept in place grows by beyond what a step needs: a quarter more, at least 32. */
-const headroom = (need: number) => need + Math.max(32, need >> 2);
+/**
+ * The width a cache kept in place grows to when a step needs `need` positions: a quarter more, at
+ * least 32, but no more than `limit` (what the caller may hold) unless the step needs it.
+ */
+const headroom = (need: number, limit = Infinity) =>
+  Math.max(need, Math.min(need + Math.max(32, need >> 2), limit));
 
 export interface StepResult {
   /** [tokens, vocab] row-major: one row of next-token logits per input position. */
@@ -53,9 +58,9 @@ export class ModelSession {
   private chain: Promise<unknown> = Promise.resolve();
   private released = false;
   /**
-   * Steps write into the caches they were given (native onnxruntime, whose inputs are read where they
-   * lie): a step fetches only the positions it wrote (DecoderLayout.newKv), not every present, whose
-   * copy out of onnxruntime into new memory grew each step's time with every row's length.
+   * Steps write into the caches they were given (a graph with DecoderLayout.newKv on a host device): a
+   * step fetches only the positions it wrote, not every present, whose copy out of onnxruntime into new
+   * memory grew each step's time with every row's length.
    */
   private readonly inPlace: boolean;
   private readonly fetches: string[] | undefined;
@@ -67,7 +72,7 @@ export class ModelSession {
     readonly vocabSize: number,
     private readonly rt: OrtApi,
   ) {
-    this.inPlace = graph.newKv && device === "cpu";
+    this.inPlace = graph.newKv && (device === "cpu" || device === "wasm");
     this.fetches = this.inPlace
       ? ["logits", ...graph.cache.flatMap(({ layer }) => [newKey(layer), newValue(layer)])]
       : undefined;
@@ -135,15 +140,21 @@ export class ModelSession {
    * each at its own position. The old cache is consumed; the new one has every row one position
    * longer, in the same layout.
    */
-  decodeBatch(ids: number[], cache: BatchCache): Promise<{ logits: Float32Array; cache: BatchCache }> {
+  decodeBatch(
+    ids: number[],
+    cache: BatchCache,
+    /** The widest a cache kept in place may grow to (beyond what the step needs). */
+    maxWidth = Infinity,
+  ): Promise<{ logits: Float32Array; cache: BatchCache }> {
     const run = this.chain.then(async () => {
       const rows = ids.length;
       const lengths = cache.lengths.map((l) => l + 1);
-      const past = this.inPlace ? await this.withRoom(cache, 1) : cache;
+      const past = this.inPlace ? await this.withRoom(cache, 1, maxWidth) : cache;
       const out = await this.run({
         input_ids: new this.rt.Tensor("int32", Int32Array.from(ids), [rows, 1]),
         ...lengthFeeds(this.rt, lengths),
         logit_positions: logitPositions(this.rt, rows, 1, "last"),
+        ...this.newKvFeeds(cache.lengths, 1),
       }, past.tensors);
       const logits = (await out.logits.getData(true)) as Float32Array;
       if (this.inPlace) {
@@ -161,24 +172,45 @@ export class ModelSession {
   }
 
   /**
-   * A batch cache of `sources`' rows (see kv_batch.ts packRows), in this session's tensors; `forSteps`:
-   * it is a batch about to decode, given room to write its next positions in place where steps do.
+   * A batch cache of `sources`' rows (see kv_batch.ts packRows), in this session's tensors. `maxWidth`:
+   * it is a batch about to decode, given room up to that width to write its next positions in place
+   * where steps do.
    */
-  packRows(sources: RowSource[], forSteps = false): Promise<BatchCache> {
-    if (!forSteps || !this.inPlace) return packRows(this.rt, this.graph, sources);
+  packRows(sources: RowSource[], maxWidth = 0): Promise<BatchCache> {
+    if (!maxWidth || !this.inPlace) return packRows(this.rt, this.graph, sources);
     const longest = Math.max(
       0,
       ...sources.map((s) => Math.min(s.length ?? Infinity, s.cache.lengths[s.row])),
     );
-    return packRows(this.rt, this.graph, sources, headroom(longest + 1));
+    return packRows(this.rt, this.graph, sources, headroom(longest + 1, maxWidth));
   }
 
-  /** The cache, or a wider copy of it, with room for `tokens` more positions in every row. */
-  private async withRoom(cache: BatchCache, tokens: number): Promise<BatchCache> {
+  /** The cache, or a wider copy of it (at most `maxWidth` unless it needs more), with room for `tokens` more positions in every row. */
+  private async withRoom(cache: BatchCache, tokens: number, maxWidth = Infinity): Promise<BatchCache> {
     const need = Math.max(...cache.lengths) + tokens;
     if (need <= cache.width) return cache;
     const rows = cache.lengths.map((_, row) => ({ cache, row }));
-    return await packRows(this.rt, this.graph, rows, headroom(need));
+    return await packRows(this.rt, this.graph, rows, headroom(need, maxWidth));
+  }
+
+  /** Where the positions a step writes (`tokens` a row, after each row's `lengths`) lie, for newKvOutputs. */
+  private newKvFeeds(lengths: number[], tokens: number): Record<string, ort.Tensor> {
+    if (!this.inPlace) return {};
+    const hd = this.graph.headDim;
+    const feeds: Record<string, ort.Tensor> = {};
+    for (const h of new Set(this.graph.cache.map((c) => c.kvHeads))) {
+      const at = new Int32Array(lengths.length * h * tokens * hd);
+      lengths.forEach((length, b) => {
+        for (let head = 0; head < h; head++) {
+          for (let t = 0; t < tokens; t++) {
+            const from = ((b * h + head) * tokens + t) * hd;
+            at.fill(length + t, from, from + hd);
+          }
+        }
+      });
+      feeds[newKvIndex(h)] = new this.rt.Tensor("int32", at, [lengths.length, h, tokens, hd]);
+    }
+    return feeds;
   }
 
   /** Writes the positions a step computed (`tokens` a row, after each row's `lengths`) into its caches. */
@@ -188,12 +220,15 @@ export class ModelSession {
       for (const [from, to] of [[newKey(layer), pastKey(layer)], [newValue(layer), pastValue(layer)]]) {
         const src = out[from].data as Float32Array;
         const dst = cache.tensors.get(to)!.data as Float32Array;
-        cache.lengths.forEach((length, b) => {
+        // Element by element: a view a row and head would be hundreds of short-lived objects a step.
+        const run = tokens * hd;
+        for (let b = 0; b < cache.lengths.length; b++) {
           for (let h = 0; h < kvHeads; h++) {
             const i = b * kvHeads + h;
-            dst.set(src.subarray(i * tokens * hd, (i + 1) * tokens * hd), (i * cache.width + length) * hd);
+            const to = (i * cache.width + cache.lengths[b]) * hd;
+            for (let e = 0; e < run; e++) dst[to + e] = src[i * run + e];
           }
-        });
+        }
       }
     }
   }
@@ -228,6 +263,7 @@ export class ModelSession {
         : ort.Tensor.fromGpuBuffer(input, { dataType: "int32", dims: [1, 1] }),
       ...lengthFeeds(this.rt, [total]),
       logit_positions: logitPositions(this.rt, 1, t, rows),
+      ...this.newKvFeeds([cache.length], t),
     }, past.tensors);
     if (this.inPlace) {
       this.writeNew(out, past, t);
