@@ -233,10 +233,12 @@ export async function buildInstance(
   );
   const cfg = assets.checkpoint.config;
   const onWebgpu = device === "webgpu";
-  // On the host devices a step's caches are written in place (bench/studies/host_kv.ts).
+  // Native onnxruntime reads a step's inputs where they lie: its caches are written in place
+  // (bench/results/2026-12-04-cpu-tiny-nas-host-kv.txt). onnxruntime-web copies every input into its
+  // heap anyway, and there a one-off probe of long rows joining did worse in place: it keeps the presents.
   const graph = buildDecoderGraph(assets.checkpoint, blocks, options, weights, {
     weightsAsInputs: onWebgpu,
-    newKv: device === "cpu" || device === "wasm",
+    newKv: device === "cpu",
   });
   // WebGPU's decode steps run a graph of their own over the same weight buffers.
   const split = serving.splitK ?? DEFAULT_SPLIT_K;
