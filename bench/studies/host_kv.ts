@@ -11,14 +11,15 @@
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { fail, positive, scriptFlags } from "../../scripts/args.ts";
-import { cpuSeconds } from "../../src/bench/decode_bench.ts";
+import { batchStepTimes } from "../../src/bench/decode_bench.ts";
+import { inRounds } from "../../src/bench/rounds.ts";
 import { UNFUSED } from "../../src/fusion/plan.ts";
 import { applyPlan } from "../../src/fusion/apply.ts";
 import { loadAssets } from "../../src/instance/build.ts";
 import { type Spread, spread } from "../../src/numeric.ts";
 import { buildDecoderGraph } from "../../src/onnx/decoder.ts";
 import { resolveDevice } from "../../src/ort/ort.ts";
-import { asBatch, ModelSession } from "../../src/ort/session.ts";
+import { ModelSession } from "../../src/ort/session.ts";
 
 const root = fileURLToPath(new URL("../..", import.meta.url));
 const values = scriptFlags({
@@ -64,26 +65,11 @@ const cases = variants.flatMap((variant) =>
   sizes.flatMap((batch) => lengths.map((length) => ({ variant, batch, length })))
 );
 /** One sample: `steps` batched steps, every row continuing a `length`-token prefix. */
-const sample = async ({ variant, batch, length }: (typeof cases)[number]) => {
-  const s = sessions.get(variant)!;
-  const prefix = (await s.step(ids.slice(0, length), s.emptyCache(), "last")).cache;
-  let cache = await s.packRows(
-    Array.from({ length: batch }, () => ({ cache: asBatch(prefix), row: 0 })),
-    length + steps + 1,
-  );
-  const next = new Array<number>(batch).fill(ids[length]);
-  const cpu0 = cpuSeconds();
-  const t0 = performance.now();
-  for (let k = 0; k < steps; k++) cache = (await s.decodeBatch(next, cache)).cache;
-  return { ms: (performance.now() - t0) / steps, cpuMs: ((cpuSeconds() - cpu0) * 1000) / steps };
-};
-for (const c of cases) await sample(c);
-const samples = cases.map(() => [] as { ms: number; cpuMs: number }[]);
-for (let round = 0; round < rounds; round++) {
-  const order = cases.map((_, i) => i);
-  if (round % 2) order.reverse();
-  for (const i of order) samples[i].push(await sample(cases[i]));
-}
+const samples = await inRounds(
+  cases,
+  rounds,
+  ({ variant, batch, length }) => batchStepTimes(sessions.get(variant)!, ids, length, batch, steps),
+);
 for (const s of sessions.values()) await s.release();
 
 interface Row {

@@ -17,12 +17,13 @@
 import { join } from "node:path";
 import { fail, positive, scriptFlags } from "../../scripts/args.ts";
 import { fileURLToPath } from "node:url";
-import { cpuSeconds } from "../../src/bench/decode_bench.ts";
+import { batchStepTimes } from "../../src/bench/decode_bench.ts";
+import { inRounds } from "../../src/bench/rounds.ts";
 import type { Block } from "../../src/model/blocks.ts";
 import { type Spread, spread } from "../../src/numeric.ts";
 import { buildDecoderGraph } from "../../src/onnx/decoder.ts";
 import { loadAssets } from "../../src/instance/build.ts";
-import { asBatch, ModelSession } from "../../src/ort/session.ts";
+import { ModelSession } from "../../src/ort/session.ts";
 
 const root = fileURLToPath(new URL("../..", import.meta.url));
 const values = scriptFlags({
@@ -70,23 +71,11 @@ for (const name of chosen) {
 
 const cases = [...sessions.keys()].flatMap((part) => sizes.map((batch) => ({ part, batch })));
 /** One sample: `steps` batched steps after the prefix, every row continuing it. */
-const sample = async ({ part, batch }: (typeof cases)[number]) => {
-  const s = sessions.get(part)!;
-  const prefix = (await s.step(ids.slice(0, prefixLength), s.emptyCache())).cache;
-  let cache = await s.packRows(Array.from({ length: batch }, () => ({ cache: asBatch(prefix), row: 0 })));
-  const next = new Array<number>(batch).fill(ids[prefixLength]);
-  const cpu0 = cpuSeconds();
-  const t0 = performance.now();
-  for (let k = 0; k < steps; k++) cache = (await s.decodeBatch(next, cache)).cache;
-  return { ms: (performance.now() - t0) / steps, cpuMs: ((cpuSeconds() - cpu0) * 1000) / steps };
-};
-for (const c of cases) await sample(c);
-const samples = cases.map(() => [] as { ms: number; cpuMs: number }[]);
-for (let round = 0; round < rounds; round++) {
-  const order = cases.map((_, i) => i);
-  if (round % 2) order.reverse();
-  for (const i of order) samples[i].push(await sample(cases[i]));
-}
+const samples = await inRounds(
+  cases,
+  rounds,
+  ({ part, batch }) => batchStepTimes(sessions.get(part)!, ids, prefixLength, batch, steps),
+);
 for (const s of sessions.values()) await s.release();
 
 interface Row {

@@ -7,6 +7,7 @@ import type { Backend } from "../ort/ort.ts";
 import type { GrammarSpec } from "../sampling/grammar.ts";
 import { BENCH_PROMPT, decodePass, generator } from "./decode_bench.ts";
 import { profileSteps, type StepProfile } from "./step_profile.ts";
+import { inRounds } from "./rounds.ts";
 
 /** Decode throughput of one plan at one batch size: the paper's cost axis. */
 export interface BatchCase {
@@ -74,13 +75,7 @@ export async function benchBatch(
       const s = await decodePass(c.run, steps + 1, c.batch);
       return { tps: s.tokensPerSecond, tpc: s.tokensPerCpuSecond };
     };
-    for (const c of cases) await sample(c);
-    const samples = cases.map(() => [] as Awaited<ReturnType<typeof sample>>[]);
-    for (let round = 0; round < rounds; round++) {
-      const order = cases.map((_, i) => i);
-      if (round % 2) order.reverse();
-      for (const i of order) samples[i].push(await sample(cases[i]));
-    }
+    const samples = await inRounds(cases, rounds, sample);
     const rate = samples.map((s) => spread(s.map((x) => x.tps)));
     const profiles: StepProfile[] = [];
     for (const c of cases) {

@@ -8,6 +8,8 @@ import { buildInstance, type ModelAssets, type ModelInstance } from "../instance
 import { generate } from "../decode/generate.ts";
 import { type Backend, isNative } from "../ort/ort.ts";
 import { DEFAULT_SAMPLING } from "../sampling/sampling.ts";
+import { asBatch, type ModelSession } from "../ort/session.ts";
+import { inRounds } from "./rounds.ts";
 
 export interface DecodeCase {
   /**
@@ -54,6 +56,29 @@ export const cpuSeconds = () => {
   const u = process.cpuUsage();
   return (u.user + u.system) / 1e6;
 };
+
+/**
+ * Wall and CPU milliseconds a step of `batch` rows takes, each row continuing the first `length` ids
+ * (prefilled once, untimed) and fed `ids[length]`, over `steps` batched steps.
+ */
+export async function batchStepTimes(
+  s: ModelSession,
+  ids: number[],
+  length: number,
+  batch: number,
+  steps: number,
+): Promise<{ ms: number; cpuMs: number }> {
+  const prefix = (await s.step(ids.slice(0, length), s.emptyCache(), "last")).cache;
+  let cache = await s.packRows(
+    Array.from({ length: batch }, () => ({ cache: asBatch(prefix), row: 0 })),
+    length + steps + 1,
+  );
+  const next = new Array<number>(batch).fill(ids[length]);
+  const cpu0 = cpuSeconds();
+  const t0 = performance.now();
+  for (let k = 0; k < steps; k++) cache = (await s.decodeBatch(next, cache)).cache;
+  return { ms: (performance.now() - t0) / steps, cpuMs: ((cpuSeconds() - cpu0) * 1000) / steps };
+}
 
 /** Wall and CPU time (the whole process's: workers included) of one generation. */
 async function timeGeneration(generateTokens: GenerateTokens, tokens: number) {
@@ -132,13 +157,7 @@ export async function benchDecode(
       }
     }
     const runs = instances.map((inst) => generator(inst, prompt));
-    for (const run of runs) for (let w = 0; w < 2; w++) await decodePass(run, tokens);
-    const samples: Sample[][] = instances.map(() => []);
-    for (let round = 0; round < rounds; round++) {
-      const order = instances.map((_, i) => i);
-      if (round % 2) order.reverse();
-      for (const i of order) samples[i].push(await decodePass(runs[i], tokens));
-    }
+    const samples: Sample[][] = await inRounds(runs, rounds, (run) => decodePass(run, tokens), 2);
     const rate = samples.map((s) => spread(s.map((x) => x.tokensPerSecond)));
     const cases = instances.map((inst, i): DecodeCase => {
       const first = instances.findIndex((x) => x.device === inst.device);
