@@ -9,6 +9,19 @@ import { asBatch, disposeCache, type KvCache, type ModelSession } from "../ort/s
 /** Decode steps a prefilled sequence waits at most for others to join with it. */
 const JOIN_WAIT_STEPS = 3;
 
+/**
+ * While rows decode, a turn's prefill takes about this long at most, or one decode step's time where
+ * that is longer: the rows' next tokens wait for it (a 128-token chunk of a prompt asking for its
+ * logprobs after 768 cached positions took ~120 ms on WASM at tiny-nas's shape).
+ */
+export const PREFILL_TURN_MS = 40;
+
+/** Weight of the latest run in the running means of prefill and step times. */
+const MEAN_WEIGHT = 0.3;
+
+/** Tokens a finished sequence may add to a kept prefix and still not be kept itself (see keep). */
+const NEAR_PREFIX_TOKENS = 16;
+
 /** Transient bytes one prefill run may hold for its positions (see DecoderGraph.rowBytes). */
 const PREFILL_TRANSIENT_BYTES = 128 << 20;
 
@@ -22,6 +35,22 @@ export function prefillLimit(rowBytes: DecoderGraph["rowBytes"], allLogits: bool
   if (perToken === 0) return PREFILL_CHUNK;
   const room = PREFILL_TRANSIENT_BYTES - (allLogits ? 0 : rowBytes.logits);
   return Math.max(1, Math.min(PREFILL_CHUNK, Math.floor(room / perToken)));
+}
+
+/**
+ * Prompt tokens a turn may prefill: a whole chunk when nothing decodes (or nothing is measured yet);
+ * otherwise as many as `msPerToken` says fit in PREFILL_TURN_MS or one decode step (`stepMs`),
+ * whichever is longer, at least one.
+ */
+export function turnPrefillTokens(decoding: boolean, msPerToken: number, stepMs: number): number {
+  if (!decoding || msPerToken === 0) return PREFILL_CHUNK;
+  const ms = Math.max(PREFILL_TURN_MS, stepMs);
+  return Math.max(1, Math.min(PREFILL_CHUNK, Math.floor(ms / msPerToken)));
+}
+
+/** A running mean's next value: the first sample as it is. */
+function mean(previous: number, sample: number): number {
+  return previous === 0 ? sample : previous + MEAN_WEIGHT * (sample - previous);
 }
 
 interface HostSequence extends Sequence {
@@ -45,11 +74,12 @@ interface KeptPrefix {
 }
 
 /**
- * The engine of a session whose caches live on the host (WASM): each turn of its loop runs ONE decode
- * step for every sequence that is decoding, as one batch, then one chunk of the oldest prompt still
- * prefilling, the logits read back and every token chosen on the host. A sequence joins the batch after its prefill and leaves when it finishes, between
- * steps; only then is the batch's cache redrawn (kv_batch.ts), so the steps in between copy nothing
- * on the host. Sampling stays per sequence (its own seeded stream), so what else is in the batch
+ * The engine of a session whose caches live on the host (WASM, native CPU): each turn of its loop runs ONE decode
+ * step for every sequence that is decoding, as one batch, then a chunk of the oldest prompts still
+ * prefilling (shorter while rows decode: turnPrefillTokens), the logits read back and every token chosen
+ * on the host. A sequence joins the batch after its prefill and leaves when it finishes, between
+ * steps; only then are rows of the batch's cache moved (kv_batch.ts), so the steps in between copy
+ * nothing on the host. Sampling stays per sequence (its own seeded stream), so what else is in the batch
  * never changes a sequence's draws.
  *
  * Prefix reuse: before its prefill, a prompt looks for the longest run of its first tokens already
@@ -64,6 +94,9 @@ export class BatchEngine extends EngineBase<HostSequence> {
   readonly bytesPerToken: number;
   /** Decode steps run so far. */
   private steps = 0;
+  /** Running means of a prefill run's ms per prompt token and of a decode step's ms; 0 until measured. */
+  private prefillMs = 0;
+  private stepMs = 0;
 
   constructor(
     private readonly session: ModelSession,
@@ -88,7 +121,8 @@ export class BatchEngine extends EngineBase<HostSequence> {
   }
 
   private get liveBytes(): number {
-    const rows = this.batch ? this.batch.seqs.length * this.batch.cache.width : 0;
+    const cache = this.batch?.cache;
+    const rows = cache ? (cache.capacity ?? cache.lengths.length) * cache.width : 0;
     const own = [...this.prefilling, ...this.joining].reduce((n, s) => n + (s.cache?.length ?? 0), 0);
     return (rows + own) * this.bytesPerToken;
   }
@@ -121,17 +155,22 @@ export class BatchEngine extends EngineBase<HostSequence> {
     await this.regroup();
     if (this.batch) await this.decodeStep();
     // Prompt tokens up to one chunk per turn: many short prompts join together, a long one is cut.
-    for (let budget = PREFILL_CHUNK; budget > 0 && this.prefilling.length;) {
+    const tokens = turnPrefillTokens(this.batch !== null, this.prefillMs, this.stepMs);
+    for (let budget = tokens; budget > 0 && this.prefilling.length;) {
       budget -= await this.prefillChunk(budget);
     }
   }
 
-  /** Takes finished rows out and prefilled sequences in: the only time the batch cache is copied. */
+  /**
+   * Takes finished rows out and prefilled sequences in: the only time the batch cache is copied (the
+   * rows that move, where steps write in place; the whole batch elsewhere).
+   */
   private async regroup(): Promise<void> {
     const stay = this.batch?.seqs.filter((s) => !this.ended(s)) ?? [];
     const leaving = this.batch?.seqs.filter((s) => this.ended(s)) ?? [];
-    // A redraw copies every row, so joins wait for company: a leave, a second joiner, or a few steps
-    // (their first token is already out; only their second waits).
+    // A redraw (joiners longer than the rows are wide, or more than the buffers hold) copies every
+    // row, so joins wait for company: a leave, a second joiner, or a few steps (their first token is
+    // already out; only their second waits).
     const due = leaving.length || this.joining.length >= 2 || !this.batch ||
       this.joining.some((s) => this.steps - s.prefilledAt >= JOIN_WAIT_STEPS);
     const joining = (due ? this.joining.splice(0) : []).filter((s) => {
@@ -142,19 +181,22 @@ export class BatchEngine extends EngineBase<HostSequence> {
     });
     if (!leaving.length && !joining.length) return;
     const old = this.batch;
-    const sources = [
-      ...stay.map((s) => ({ cache: old!.cache, row: old!.seqs.indexOf(s) })),
-      ...joining.map((s) => ({ cache: asBatch(s.cache!), row: 0 })),
-    ];
     try {
       if (old && this.keepBytes > 0) {
         for (const s of leaving) {
           await this.keep(s.history.slice(0, s.length), old.cache, old.seqs.indexOf(s));
         }
       }
-      const seqs = [...stay, ...joining];
-      const cache = sources.length ? await this.session.packRows(sources, this.widthLimit(seqs)) : null;
-      this.batch = cache ? { seqs, cache } : null;
+      const all = [...old?.seqs ?? [], ...joining];
+      const width = this.widthLimit([...stay, ...joining]);
+      const { cache, from } = await this.session.regroupRows(
+        old?.cache ?? null,
+        leaving.map((s) => old!.seqs.indexOf(s)),
+        joining.map((s) => ({ cache: asBatch(s.cache!), row: 0 })),
+        width,
+        this.spareRows(stay.length + joining.length, width),
+      );
+      this.batch = cache ? { seqs: from.map((i) => all[i]), cache } : null;
     } catch (e) {
       this.batch = null;
       for (const s of [...stay, ...joining]) this.fail(s, e);
@@ -174,11 +216,13 @@ export class BatchEngine extends EngineBase<HostSequence> {
     const batch = this.batch!;
     this.steps++;
     try {
+      const t0 = performance.now();
       const r = await this.session.decodeBatch(
         batch.seqs.map((s) => s.next),
         batch.cache,
         this.widthLimit(batch.seqs),
       );
+      this.stepMs = mean(this.stepMs, performance.now() - t0);
       batch.cache = r.cache;
       const vocab = this.session.vocabSize;
       for (const [b, s] of batch.seqs.entries()) {
@@ -196,6 +240,16 @@ export class BatchEngine extends EngineBase<HostSequence> {
     // The live rows grew by a position each: kept prefixes make room, so the total stays in budget.
     this.evict();
     this.noteKv();
+  }
+
+  /**
+   * Rows beyond `rows` a redrawn batch keeps room for: the sequences prefilling or waiting to join,
+   * within the KV budget at `width` positions a row.
+   */
+  private spareRows(rows: number, width: number): number {
+    const waiting = this.prefilling.length + this.joining.length;
+    if (this.keepBytes <= 0) return waiting;
+    return Math.max(0, Math.min(waiting, Math.floor(this.keepBytes / (width * this.bytesPerToken)) - rows));
   }
 
   /**
@@ -225,6 +279,7 @@ export class BatchEngine extends EngineBase<HostSequence> {
     const limit = prefillLimit(this.session.graph.rowBytes, seq.promptLogprobs !== null);
     const chunk = seq.prompt.slice(seq.prefilled, seq.prefilled + Math.min(budget, limit));
     try {
+      const t0 = performance.now();
       const r = await this.session.step(
         chunk,
         seq.cache ?? this.session.emptyCache(),
@@ -233,6 +288,7 @@ export class BatchEngine extends EngineBase<HostSequence> {
       seq.cache = r.cache;
       const vocab = this.session.vocabSize;
       if (seq.promptLogprobs) this.scorePrompt(seq, r.logits, vocab);
+      this.prefillMs = mean(this.prefillMs, (performance.now() - t0) / chunk.length);
       seq.prefilled += chunk.length;
       seq.length = seq.prefilled;
       this.evict();
@@ -264,7 +320,11 @@ export class BatchEngine extends EngineBase<HostSequence> {
     const covered = this.kept.findIndex((k) =>
       k.ids.length <= ids.length && commonPrefix(k.ids, ids) === k.ids.length
     );
+    // One that adds little to a kept one (the other choices of an n > 1 request: the same prompt, a
+    // few sampled tokens apart) is not worth its copy: a later prompt re-prefills at most those tokens.
+    const slack = Math.max(NEAR_PREFIX_TOKENS, ids.length >> 3);
     if (covered >= 0) disposeCache(this.kept.splice(covered, 1)[0].cache);
+    else if (this.kept.some((k) => ids.length - commonPrefix(k.ids, ids) <= slack)) return;
     const copy = await this.session.packRows([{ cache, row, length: ids.length }]);
     this.kept.push({ ids, cache: { length: ids.length, tensors: copy.tensors } });
     this.evict();

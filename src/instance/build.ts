@@ -26,7 +26,7 @@ import { GpuBatchEngine } from "../decode/gpu_engine.ts";
 import { kvBytesPerToken } from "../ort/kv_batch.ts";
 import { kvBudgetBytes } from "../ort/memory.ts";
 import type { Backend, Device } from "../ort/ort.ts";
-import { ModelSession } from "../ort/session.ts";
+import { attentionFor, ModelSession } from "../ort/session.ts";
 import { bucketsFor, SlotDecoder } from "../ort/slot_decoder.ts";
 
 /** What loading a checkpoint directory gives: everything plan-independent, loaded once. */
@@ -233,12 +233,13 @@ export async function buildInstance(
   );
   const cfg = assets.checkpoint.config;
   const onWebgpu = device === "webgpu";
-  // Native onnxruntime reads a step's inputs where they lie: its caches are written in place
-  // (bench/results/2026-12-04-cpu-tiny-nas-host-kv.txt). onnxruntime-web copies every input into its
-  // heap anyway, and there a one-off probe of long rows joining did worse in place: it keeps the presents.
+  // Host caches are written in place (bench/results/2026-12-04-cpu-tiny-nas-host-kv.txt): native
+  // onnxruntime's fused attention outputs each step's positions beside its presents (newKv); WASM's
+  // attention from MatMuls outputs only those (bench/results/2026-12-04-wasm-attention-forms.txt).
   const graph = buildDecoderGraph(assets.checkpoint, blocks, options, weights, {
     weightsAsInputs: onWebgpu,
     newKv: device === "cpu",
+    attention: attentionFor(device, options.dtype),
   });
   // WebGPU's decode steps run a graph of their own over the same weight buffers.
   const split = serving.splitK ?? DEFAULT_SPLIT_K;

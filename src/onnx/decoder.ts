@@ -5,6 +5,7 @@ import { ropeInvFreq } from "../model/rope.ts";
 import { f32ToF16 } from "../model/dtype.ts";
 import { lazyTensor, type Tensor, transpose2d } from "../model/tensor.ts";
 import { type EncodedModel, GraphBuilder } from "./builder.ts";
+import { matmulAttention, type StepPositions, stepPositions } from "./matmul_attention.ts";
 import { splitFactor, type SplitK } from "./split_k.ts";
 import { FLOAT_WEIGHTS, formatName, type GraphOptions } from "./format.ts";
 import {
@@ -48,7 +49,17 @@ export interface DecoderGraph {
   rowBytes: { position: number; logits: number };
   /** It outputs each step's new keys and values (DecoderLayout.newKv). */
   newKv: boolean;
+  /** It takes `new_kv_index.{h}`: where each row's new positions lie (newKv with fused attention). */
+  kvIndex: boolean;
+  attention: AttentionForm;
 }
+
+/**
+ * How attention is emitted: onnxruntime's fused GroupQueryAttention, or standard operators over caches
+ * kept in place (matmul_attention.ts: no presents, only each step's new keys and values), which
+ * onnxruntime-web's WASM kernels run many times faster.
+ */
+export type AttentionForm = "fused" | "matmul";
 
 /** The rotary tables GroupQueryAttention reads, [maxPositions, headDim / 2] in the activations' type. */
 interface Shared {
@@ -110,8 +121,13 @@ export class DecoderEmitter {
     weightsAsInputs = false,
     /** A decode step's graph (one position a row): how its float linears split their inner dimension. */
     private readonly step: SplitK | null = null,
+    readonly attentionForm: AttentionForm = "fused",
   ) {
     this.act = opts.dtype === "fp16" ? "float16" : "float32";
+    // The MatMul form's mask and scale are fp32; onnxruntime's CPU kernels are what it is for.
+    if (attentionForm === "matmul" && this.act !== "float32") {
+      throw new Error("attention from MatMuls is built for fp32 graphs only");
+    }
     this.g = new GraphBuilder(weightsAsInputs);
   }
 
@@ -331,6 +347,15 @@ export class DecoderEmitter {
     const { x, h } = this.normed(r, b.weights.norm, `${p}.norm`);
     const { q, k, v, o } = b.weights;
     const qkv = this.linear(h, stackRows([q, k, v]), `${p}.qkv`);
+    if (seq.step) {
+      const ctx = matmulAttention(this.g, qkv, { numHeads, kvHeads: b.kvHeads, headDim }, seq.step, s, {
+        pastKey: pastKey(b.layer),
+        pastValue: pastValue(b.layer),
+        newKey: newKey(b.layer),
+        newValue: newValue(b.layer),
+      });
+      return { base: x, delta: this.linear(ctx, o, `${p}.o`) };
+    }
     const [ctx] = this.g.node(
       "GroupQueryAttention",
       [qkv, "", "", pastKey(b.layer), pastValue(b.layer), seq.seqlensK, seq.totalLength, s.cos, s.sin],
@@ -431,25 +456,38 @@ interface Sequence {
   seqlensK: string;
   /** int32 scalar: the longest row's tokens after this step. */
   totalLength: string;
+  /** What the MatMul form's layers share; null where attention is fused. */
+  step: StepPositions | null;
 }
 
-/** The decoder's inputs, shared values and embedded tokens: what every graph over token ids starts from. */
-function decoderFront(e: DecoderEmitter, ckpt: Checkpoint, blocks: Block[]) {
+/**
+ * The decoder's inputs, shared values and embedded tokens: what every graph over token ids starts
+ * from. `kvIndex`: it takes `new_kv_index.{h}` (see newKvOutputs).
+ */
+function decoderFront(e: DecoderEmitter, ckpt: Checkpoint, blocks: Block[], kvIndex = false) {
   const cfg = ckpt.config;
   const g = e.g;
   const inputIds = g.input("input_ids", "int32", ["batch_size", "sequence_length"]);
-  const seq = {
-    seqlensK: g.input("seqlens_k", "int32", ["batch_size"]),
-    totalLength: g.input("total_sequence_length", "int32", []),
-  };
+  const seqlensK = g.input("seqlens_k", "int32", ["batch_size"]);
+  const totalLength = g.input("total_sequence_length", "int32", []);
   const cache = cachedLayers(blocks);
   for (const { layer, kvHeads } of cache) {
     g.input(pastKey(layer), e.act, ["batch_size", kvHeads, "past_sequence_length", cfg.headDim]);
     g.input(pastValue(layer), e.act, ["batch_size", kvHeads, "past_sequence_length", cfg.headDim]);
   }
+  const indexed = cache.length > 0 && kvIndex;
+  if (indexed) {
+    for (const h of new Set(cache.map((c) => c.kvHeads))) {
+      g.input(newKvIndex(h), "int32", ["batch_size", h, "sequence_length", cfg.headDim]);
+    }
+  }
+  const step = cache.length && e.attentionForm === "matmul"
+    ? stepPositions(g, inputIds, seqlensK, pastKey(cache[0].layer))
+    : null;
+  const seq: Sequence = { seqlensK, totalLength, step };
   const shared = cache.length ? e.rotaryTables() : { cos: "", sin: "" };
   const x = e.embed(inputIds, ckpt.embed);
-  return { cache, shared, seq, residual: { base: x, delta: null } as Residual };
+  return { cache, shared, seq, indexed, residual: { base: x, delta: null } as Residual };
 }
 
 /** How a decoder graph is laid out for its sessions. */
@@ -472,6 +510,8 @@ export interface DecoderLayout {
    * place fetches these instead of the presents, which it then never copies out of onnxruntime.
    */
   newKv?: boolean;
+  /** How attention is emitted (AttentionForm); fused by default. "matmul" implies `newKv`. */
+  attention?: AttentionForm;
 }
 
 /**
@@ -481,7 +521,8 @@ export interface DecoderLayout {
  * batch * seq positions whose logits are computed (a prefill wants only its last position's: the LM
  * head is the largest matrix of a small model); `past_key_values.{i}.key/value` [batch, kvHeads,
  * past, headDim]. Rows are right-padded: row b's tokens are positions 0..seqlens_k[b] of its cache.
- * Outputs `logits` fp32 [batch, rows, vocab] and `present.{i}.*`, which may share the past's buffers.
+ * Outputs `logits` fp32 [batch, rows, vocab] and `present.{i}.*`, which may share the past's buffers
+ * (under the MatMul form, `new.{i}.*` instead: see DecoderLayout.attention).
  */
 export function buildDecoderGraph(
   ckpt: Checkpoint,
@@ -491,10 +532,12 @@ export function buildDecoderGraph(
   layout: DecoderLayout = {},
 ): DecoderGraph {
   const cfg = ckpt.config;
-  const e = new DecoderEmitter(cfg, opts, weights, layout.weightsAsInputs, layout.step);
+  const e = new DecoderEmitter(cfg, opts, weights, layout.weightsAsInputs, layout.step, layout.attention);
   const g = e.g;
   const act = e.act;
-  const { cache, shared, seq, residual } = decoderFront(e, ckpt, blocks);
+  // The MatMul form keeps caches in place by construction: it writes no presents.
+  const matmul = e.attentionForm === "matmul";
+  const { cache, shared, seq, indexed, residual } = decoderFront(e, ckpt, blocks, layout.newKv && !matmul);
   const out = blocks.reduce((r, b) => e.block(r, b, shared, seq), residual);
   const { h } = e.normed(out, ckpt.finalNorm, "final_norm");
   const positions = g.input("logit_positions", "int32", ["batch_size", "logit_rows"]);
@@ -509,10 +552,15 @@ export function buildDecoderGraph(
   );
   g.output("logits", "float32", ["batch_size", "logit_rows", cfg.vocabSize]);
   for (const { layer, kvHeads } of cache) {
+    if (matmul) {
+      g.output(newKey(layer), act, ["batch_size", kvHeads, "sequence_length", cfg.headDim]);
+      g.output(newValue(layer), act, ["batch_size", kvHeads, "sequence_length", cfg.headDim]);
+      continue;
+    }
     g.output(presentKey(layer), act, ["batch_size", kvHeads, "present_sequence_length", cfg.headDim]);
     g.output(presentValue(layer), act, ["batch_size", kvHeads, "present_sequence_length", cfg.headDim]);
   }
-  if (layout.newKv && cache.length) newKvOutputs(g, cache, cfg.headDim, act);
+  if (indexed) newKvOutputs(g, cache, cfg.headDim, act);
   return {
     model: g.encode("fusedge_decoder"),
     floatType: act,
@@ -522,15 +570,18 @@ export function buildDecoderGraph(
     matmulCount: g.countOps("MatMul") + g.countOps("MatMulNBits"),
     nodeCount: g.nodeCount,
     rowBytes: { ...e.rowBytes },
-    newKv: (layout.newKv ?? false) && cache.length > 0,
+    newKv: ((layout.newKv ?? false) || matmul) && cache.length > 0,
+    kvIndex: indexed,
+    attention: e.attentionForm,
   };
 }
 
 /**
  * The positions a step wrote, gathered from each present: `new.{i}.*` (see DecoderLayout.newKv). The
  * caller feeds where they are, `new_kv_index.{kvHeads}` int32 [batch, kvHeads, seq, headDim] (row b's
- * seqlens_k - seq + 1 + t at every head and element), because shape arithmetic in the graph would
- * cost a dozen more nodes a step, and a CPU step is dominated by its nodes' fixed costs.
+ * seqlens_k - seq + 1 + t at every head and element, declared by decoderFront), because shape
+ * arithmetic in the graph would cost a dozen more nodes a step, and a CPU step is dominated by its
+ * nodes' fixed costs.
  */
 function newKvOutputs(
   g: GraphBuilder,
@@ -538,9 +589,6 @@ function newKvOutputs(
   headDim: number,
   act: "float32" | "float16",
 ): void {
-  for (const h of new Set(cache.map((c) => c.kvHeads))) {
-    g.input(newKvIndex(h), "int32", ["batch_size", h, "sequence_length", headDim]);
-  }
   for (const { layer, kvHeads: h } of cache) {
     for (
       const [present, out] of [[presentKey(layer), newKey(layer)], [presentValue(layer), newValue(layer)]]

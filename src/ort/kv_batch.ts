@@ -12,6 +12,11 @@ export interface BatchCache {
   width: number;
   lengths: number[];
   tensors: Map<string, ort.Tensor>;
+  /**
+   * Rows its host buffers hold, when more than `lengths.length` (packRows' `rowCapacity`): rows that
+   * join later are copied into them (appendRows) instead of the whole batch into new memory.
+   */
+  capacity?: number;
 }
 
 /** Where a row of a new batch comes from: row `row` of `cache`, its first `length` positions (all by default). */
@@ -22,6 +27,25 @@ export interface RowSource {
 }
 
 type FloatData = Float32Array | Uint16Array;
+
+/** The whole buffer behind each host cache tensor's data that packRows made with room for more rows. */
+const roomy = new WeakMap<FloatData, FloatData>();
+
+/** Elements one row of a cache tensor takes. */
+const rowElements = (t: Pick<ort.Tensor, "dims">) => t.dims[1] * t.dims[2] * t.dims[3];
+
+/**
+ * A cache tensor of `rows` rows shaped like `like` ([rows, kvHeads, width, headDim]) over the first
+ * rows of `whole`, remembered as having room for the rest.
+ */
+function rowsOf(rt: OrtApi, like: Pick<ort.Tensor, "dims">, whole: FloatData, rows: number): ort.Tensor {
+  const view = whole.subarray(0, rows * rowElements(like));
+  roomy.set(view, whole);
+  const dims = [rows, like.dims[1], like.dims[2], like.dims[3]];
+  return view instanceof Uint16Array
+    ? new rt.Tensor("float16", view, dims)
+    : new rt.Tensor("float32", view, dims);
+}
 
 /**
  * Host copies of a cache's tensors. A cache is never changed in place (a step makes a new one), so a
@@ -67,6 +91,8 @@ export async function packRows(
   sources: RowSource[],
   /** Positions a row may hold, when more than the longest (steps that write in place grow into them). */
   minWidth = 0,
+  /** Rows the buffers hold (see BatchCache.capacity). */
+  rowCapacity = sources.length,
 ): Promise<BatchCache> {
   const lengths = sources.map((s) => Math.min(s.length ?? Infinity, s.cache.lengths[s.row]));
   const width = Math.max(minWidth, ...lengths);
@@ -78,7 +104,8 @@ export async function packRows(
   for (const [name] of sources[0]?.cache.tensors ?? []) {
     const kvH = graph.cache.find((c) => name.startsWith(`past_key_values.${c.layer}.`))!.kvHeads;
     const half = graph.floatType === "float16";
-    const out = half ? new Uint16Array(rows * kvH * width * hd) : new Float32Array(rows * kvH * width * hd);
+    const held = Math.max(rows, rowCapacity) * kvH * width * hd;
+    const whole = half ? new Uint16Array(held) : new Float32Array(held);
     sources.forEach((s, b) => {
       const src = data.get(s.cache)!.get(name)!;
       const len = lengths[b];
@@ -86,18 +113,79 @@ export async function packRows(
       for (let h = 0; h < kvH; h++) {
         const from = (s.row * kvH + h) * srcWidth * hd;
         const to = (b * kvH + h) * width * hd;
-        out.set(src.subarray(from, from + len * hd), to);
+        whole.set(src.subarray(from, from + len * hd), to);
       }
     });
-    const dims = [rows, kvH, width, hd];
-    tensors.set(
-      name,
-      half
-        ? new rt.Tensor("float16", out as Uint16Array, dims)
-        : new rt.Tensor("float32", out as Float32Array, dims),
-    );
+    tensors.set(name, rowsOf(rt, { dims: [rows, kvH, width, hd] }, whole, rows));
   }
-  return { width, lengths, tensors };
+  return { width, lengths, tensors, capacity: Math.max(rows, rowCapacity) };
+}
+
+/**
+ * `cache` without its rows `drop`, in place: each is overwritten by the last row still in it (one
+ * row's copy, not the batch's), so rows move. Returns the cache and, for each of its rows, the row it
+ * was. Host tensors only; `cache` is consumed.
+ */
+export function dropRows(
+  rt: OrtApi,
+  cache: BatchCache,
+  drop: number[],
+): { cache: BatchCache; from: number[] } {
+  const from = cache.lengths.map((_, row) => row);
+  const lengths = [...cache.lengths];
+  const tensors = new Map<string, ort.Tensor>();
+  const wholes = new Map([...cache.tensors].map(([name, t]) => [name, wholeOf(t)]));
+  for (const row of [...new Set(drop)].sort((a, b) => b - a)) {
+    const last = from.length - 1;
+    if (row !== last) {
+      for (const [name, t] of cache.tensors) {
+        const n = rowElements(t);
+        wholes.get(name)!.copyWithin(row * n, last * n, (last + 1) * n);
+      }
+      from[row] = from[last];
+      lengths[row] = lengths[last];
+    }
+    from.pop();
+    lengths.pop();
+  }
+  for (const [name, t] of cache.tensors) tensors.set(name, rowsOf(rt, t, wholes.get(name)!, from.length));
+  return { cache: { width: cache.width, lengths, tensors, capacity: cache.capacity }, from };
+}
+
+/** The buffer a host cache tensor's rows lie in: with room for more where packRows made it so. */
+function wholeOf(t: ort.Tensor): FloatData {
+  const data = t.data as FloatData;
+  return roomy.get(data) ?? data;
+}
+
+/**
+ * `cache` with `sources` appended as its last rows, copied into the room its buffers have (only the
+ * new rows are copied); null where they do not fit its width or its capacity. `cache` is consumed.
+ */
+export async function appendRows(
+  rt: OrtApi,
+  cache: BatchCache,
+  sources: RowSource[],
+): Promise<BatchCache | null> {
+  const rows = cache.lengths.length;
+  const lengths = sources.map((s) => Math.min(s.length ?? Infinity, s.cache.lengths[s.row]));
+  if (rows + sources.length > (cache.capacity ?? rows) || lengths.some((l) => l > cache.width)) return null;
+  const data = new Map<BatchCache, Map<string, FloatData>>();
+  for (const s of sources) if (!data.has(s.cache)) data.set(s.cache, await hostData(s.cache));
+  const tensors = new Map<string, ort.Tensor>();
+  for (const [name, t] of cache.tensors) {
+    const whole = wholeOf(t);
+    const [, kvH, width, hd] = t.dims;
+    sources.forEach((s, j) => {
+      const src = data.get(s.cache)!.get(name)!;
+      for (let h = 0; h < kvH; h++) {
+        const at = (s.row * kvH + h) * s.cache.width * hd;
+        whole.set(src.subarray(at, at + lengths[j] * hd), ((rows + j) * kvH + h) * width * hd);
+      }
+    });
+    tensors.set(name, rowsOf(rt, t, whole, rows + sources.length));
+  }
+  return { width: cache.width, lengths: [...cache.lengths, ...lengths], tensors, capacity: cache.capacity };
 }
 
 /** Frees GPU-resident tensors of a batch cache; host ones are left to the garbage collector. */

@@ -1,6 +1,7 @@
 import type { Block } from "../model/blocks.ts";
 import type { Checkpoint } from "../model/checkpoint.ts";
 import {
+  type AttentionForm,
   buildDecoderGraph,
   type DecoderGraph,
   newKey,
@@ -11,8 +12,9 @@ import {
   presentKey,
   presentValue,
 } from "../onnx/decoder.ts";
+import type { FloatType } from "../onnx/format.ts";
 import { type Backend, cpuThreads, createSession, ort, type OrtApi, runtimeFor } from "./ort.ts";
-import { type BatchCache, disposeBatch, packRows, type RowSource } from "./kv_batch.ts";
+import { appendRows, type BatchCache, disposeBatch, dropRows, packRows, type RowSource } from "./kv_batch.ts";
 import { yieldIfBusy } from "../yield.ts";
 
 /**
@@ -154,13 +156,13 @@ export class ModelSession {
         input_ids: new this.rt.Tensor("int32", Int32Array.from(ids), [rows, 1]),
         ...lengthFeeds(this.rt, lengths),
         logit_positions: logitPositions(this.rt, rows, 1, "last"),
-        ...this.newKvFeeds(cache.lengths, 1),
+        ...this.kvIndexFeeds(cache.lengths, 1),
       }, past.tensors);
       const logits = (await out.logits.getData(true)) as Float32Array;
       if (this.inPlace) {
         this.writeNew(out, past, 1);
         // A map of its own: disposing the cache this step consumed must not empty this one.
-        return { logits, cache: { width: past.width, lengths, tensors: new Map(past.tensors) } };
+        return { logits, cache: { ...past, lengths, tensors: new Map(past.tensors) } };
       }
       disposeBatch(cache);
       const tensors = this.presents(out);
@@ -174,15 +176,51 @@ export class ModelSession {
   /**
    * A batch cache of `sources`' rows (see kv_batch.ts packRows), in this session's tensors. `maxWidth`:
    * it is a batch about to decode, given room up to that width to write its next positions in place
-   * where steps do.
+   * where steps do, and buffers for `rowCapacity` rows.
    */
-  packRows(sources: RowSource[], maxWidth = 0): Promise<BatchCache> {
+  packRows(sources: RowSource[], maxWidth = 0, rowCapacity = sources.length): Promise<BatchCache> {
     if (!maxWidth || !this.inPlace) return packRows(this.rt, this.graph, sources);
     const longest = Math.max(
       0,
       ...sources.map((s) => Math.min(s.length ?? Infinity, s.cache.lengths[s.row])),
     );
-    return packRows(this.rt, this.graph, sources, headroom(longest + 1, maxWidth));
+    return packRows(this.rt, this.graph, sources, headroom(longest + 1, maxWidth), rowCapacity);
+  }
+
+  /**
+   * A batch's rows after some leave and others join, for a batch engine: `cache` (consumed; null when
+   * nothing decodes) without its rows `drop`, then `join` appended. Where steps write in place, a
+   * leaving row is overwritten by the last one and joining rows are copied into the room the buffers
+   * have (`spare` rows are given when they are redrawn): a join or a leave copies the rows it moves,
+   * not the batch. Returns the cache (null when no row is left) and, for each of its rows, the row it
+   * was: an index into the old rows, then the joining ones.
+   */
+  async regroupRows(
+    cache: BatchCache | null,
+    drop: number[],
+    join: RowSource[],
+    maxWidth: number,
+    spare = 0,
+  ): Promise<{ cache: BatchCache | null; from: number[] }> {
+    const rows = cache?.lengths.length ?? 0;
+    const joined = join.map((_, j) => rows + j);
+    if (cache && this.inPlace) {
+      const left = dropRows(this.rt, cache, drop);
+      if (!join.length) return { cache: left.from.length ? left.cache : null, from: left.from };
+      const from = [...left.from, ...joined];
+      const grown = await appendRows(this.rt, left.cache, join);
+      if (grown) return { cache: grown, from };
+      // Wider rows or no room: the batch is redrawn.
+      const sources = [...left.from.map((_, row) => ({ cache: left.cache, row })), ...join];
+      return { cache: await this.packRows(sources, maxWidth, sources.length + spare), from };
+    }
+    const stay = Array.from({ length: rows }, (_, row) => row).filter((row) => !drop.includes(row));
+    const sources = [...stay.map((row) => ({ cache: cache!, row })), ...join];
+    if (!sources.length) return { cache: null, from: [] };
+    return {
+      cache: await this.packRows(sources, maxWidth, sources.length + spare),
+      from: [...stay, ...joined],
+    };
   }
 
   /** The cache, or a wider copy of it (at most `maxWidth` unless it needs more), with room for `tokens` more positions in every row. */
@@ -190,12 +228,15 @@ export class ModelSession {
     const need = Math.max(...cache.lengths) + tokens;
     if (need <= cache.width) return cache;
     const rows = cache.lengths.map((_, row) => ({ cache, row }));
-    return await packRows(this.rt, this.graph, rows, headroom(need, maxWidth));
+    return await packRows(this.rt, this.graph, rows, headroom(need, maxWidth), cache.capacity);
   }
 
-  /** Where the positions a step writes (`tokens` a row, after each row's `lengths`) lie, for newKvOutputs. */
-  private newKvFeeds(lengths: number[], tokens: number): Record<string, ort.Tensor> {
-    if (!this.inPlace) return {};
+  /**
+   * Where the positions a step writes (`tokens` a row, after each row's `lengths`) lie, for graphs that
+   * take them (DecoderGraph.kvIndex).
+   */
+  private kvIndexFeeds(lengths: number[], tokens: number): Record<string, ort.Tensor> {
+    if (!this.graph.kvIndex) return {};
     const hd = this.graph.headDim;
     const feeds: Record<string, ort.Tensor> = {};
     for (const h of new Set(this.graph.cache.map((c) => c.kvHeads))) {
@@ -263,7 +304,7 @@ export class ModelSession {
         : ort.Tensor.fromGpuBuffer(input, { dataType: "int32", dims: [1, 1] }),
       ...lengthFeeds(this.rt, [total]),
       logit_positions: logitPositions(this.rt, 1, t, rows),
-      ...this.newKvFeeds([cache.length], t),
+      ...this.kvIndexFeeds([cache.length], t),
     }, past.tensors);
     if (this.inPlace) {
       this.writeNew(out, past, t);
@@ -279,6 +320,15 @@ export class ModelSession {
     await this.chain;
     await this.session.release();
   }
+}
+
+/**
+ * The attention a device's graphs are built with: onnxruntime-web's WASM kernels run the MatMul form
+ * 7-20x faster once a run holds many positions (matmul_attention.ts); native onnxruntime and WebGPU
+ * keep the fused operator, as do fp16 graphs.
+ */
+export function attentionFor(device: Backend, dtype: FloatType): AttentionForm {
+  return device === "wasm" && dtype === "fp32" ? "matmul" : "fused";
 }
 
 /** Empty past K/V for each cached layer of a decoder graph: what a sequence starts from. */
@@ -344,7 +394,10 @@ export async function withScoringSession<T>(
   use: (session: ModelSession) => Promise<T>,
   device: Backend = "wasm",
 ): Promise<T> {
-  const session = await ModelSession.create(buildDecoderGraph(ckpt, blocks), device, ckpt.config.vocabSize);
+  const graph = buildDecoderGraph(ckpt, blocks, undefined, undefined, {
+    attention: attentionFor(device, "fp32"),
+  });
+  const session = await ModelSession.create(graph, device, ckpt.config.vocabSize);
   try {
     return await use(session);
   } finally {
