@@ -1,5 +1,12 @@
 import assert from "node:assert/strict";
-import { BatchEngine, PREFILL_TURN_MS, prefillLimit, turnPrefillTokens } from "../src/decode/batch_engine.ts";
+import {
+  BatchEngine,
+  JOIN_COPY_BYTES,
+  joinersTaken,
+  PREFILL_TURN_MS,
+  prefillLimit,
+  turnPrefillTokens,
+} from "../src/decode/batch_engine.ts";
 import { PREFILL_CHUNK } from "../src/decode/engine_base.ts";
 import { buildInstance, type Engine, loadAssets } from "../src/instance/build.ts";
 import { generate, type GenerateParams, type GenerationSummary } from "../src/decode/generate.ts";
@@ -416,4 +423,24 @@ Deno.test({
       await inst.release();
     }
   },
+});
+
+Deno.test("batch engine: joiners are taken shortest first within a copy budget, all where the batch is redrawn", () => {
+  // tiny-nas: 6144 bytes a token, so 8 MB is 1365 positions.
+  const perToken = 6144;
+  const room = { rows: 2, width: 900, capacity: 16 };
+  assert.equal(JOIN_COPY_BYTES / perToken > 1300, true);
+  assert.equal(
+    joinersTaken([43, 800, 800, 800], perToken, room),
+    2,
+    "a stream and one long row fit the budget",
+  );
+  assert.equal(joinersTaken([1500, 1600], perToken, { ...room, width: 2000 }), 1, "at least one");
+  assert.equal(joinersTaken([43, 800, 800], perToken, null), 2, "a new batch too: the rest append later");
+  assert.equal(
+    joinersTaken([43, 800, 800], perToken, { ...room, width: 500 }),
+    3,
+    "wider than the rows: all",
+  );
+  assert.equal(joinersTaken([10, 10, 10], perToken, { ...room, capacity: 3 }), 3, "no room: all");
 });

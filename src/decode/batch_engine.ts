@@ -19,6 +19,13 @@ export const PREFILL_TURN_MS = 40;
 /** Weight of the latest run in the running means of prefill and step times. */
 const MEAN_WEIGHT = 0.3;
 
+/**
+ * Cache bytes one regroup copies into a batch's room at most (one joiner at least): 8 rows of 800
+ * positions joining at once took 100-190 ms to copy into fresh memory on this 2-core VM, a wait
+ * for every stream in the batch; spread over turns, the joiners wait a few steps for their second token.
+ */
+export const JOIN_COPY_BYTES = 8 << 20;
+
 /** Tokens a finished sequence may add to a kept prefix and still not be kept itself (see keep). */
 const NEAR_PREFIX_TOKENS = 16;
 
@@ -46,6 +53,27 @@ export function turnPrefillTokens(decoding: boolean, msPerToken: number, stepMs:
   if (!decoding || msPerToken === 0) return PREFILL_CHUNK;
   const ms = Math.max(PREFILL_TURN_MS, stepMs);
   return Math.max(1, Math.min(PREFILL_CHUNK, Math.floor(ms / msPerToken)));
+}
+
+/**
+ * How many of the joiners, shortest first (their caches' `lengths`, ascending, `bytesPerToken` each), a
+ * regroup takes: as many as JOIN_COPY_BYTES of cache (at least one), so that copying them does not
+ * hold a step up, the cheapest first so that a stream's second token does not wait behind long rows;
+ * all of them where the batch (`rows` staying, its `width` and `capacity`) must be redrawn anyway: a
+ * joiner wider than its rows, or no room left.
+ */
+export function joinersTaken(
+  lengths: number[],
+  bytesPerToken: number,
+  batch: { rows: number; width: number; capacity: number } | null,
+): number {
+  let n = 1;
+  let total = lengths[0] * bytesPerToken;
+  while (n < lengths.length && total + lengths[n] * bytesPerToken <= JOIN_COPY_BYTES) {
+    total += lengths[n++] * bytesPerToken;
+  }
+  const redrawn = batch !== null && (lengths[n - 1] > batch.width || batch.rows + n > batch.capacity);
+  return redrawn ? lengths.length : n;
 }
 
 /** A running mean's next value: the first sample as it is. */
@@ -173,7 +201,7 @@ export class BatchEngine extends EngineBase<HostSequence> {
     // already out; only their second waits).
     const due = leaving.length || this.joining.length >= 2 || !this.batch ||
       this.joining.some((s) => this.steps - s.prefilledAt >= JOIN_WAIT_STEPS);
-    const joining = (due ? this.joining.splice(0) : []).filter((s) => {
+    const joining = (due && this.joining.length ? this.takeJoiners(stay.length) : []).filter((s) => {
       if (!this.ended(s)) return true;
       disposeCache(s.cache!);
       this.finish(s);
@@ -240,6 +268,18 @@ export class BatchEngine extends EngineBase<HostSequence> {
     // The live rows grew by a position each: kept prefixes make room, so the total stays in budget.
     this.evict();
     this.noteKv();
+  }
+
+  /** Takes the joiners this regroup joins (see joinersTaken). */
+  private takeJoiners(stay: number): HostSequence[] {
+    this.joining.sort((a, b) => a.length - b.length);
+    const cache = this.batch?.cache;
+    const n = joinersTaken(
+      this.joining.map((s) => s.length),
+      this.bytesPerToken,
+      cache ? { rows: stay, width: cache.width, capacity: cache.capacity ?? 0 } : null,
+    );
+    return this.joining.splice(0, n);
   }
 
   /**
