@@ -305,6 +305,57 @@ Deno.test({
   },
 });
 
+Deno.test(
+  "bench/studies/attention_forms.ts: fused and MatMul attention on WASM, decode and prefill, alternated; bad flags exit 2",
+  async () => {
+    const run = (...args: string[]) => runScript("bench/studies/attention_forms.ts", ...args);
+    const r = await run(
+      "--batch",
+      "1,3",
+      "--lengths",
+      "8,40",
+      "--chunk",
+      "16",
+      "--steps",
+      "2",
+      "--rounds",
+      "2",
+      "--json",
+    );
+    assert.equal(r.code, 0, r.stderr);
+    const rows = JSON.parse(r.stdout).rows as {
+      form: string;
+      kind: string;
+      batch: number;
+      length: number;
+      ms: { median: number; min: number; max: number };
+      fused_over_this: number;
+    }[];
+    assert.deepEqual(
+      rows.map((x) => `${x.form} ${x.kind} ${x.batch} ${x.length}`),
+      ["fused", "matmul"].flatMap((f) =>
+        ["decode 1 8", "decode 1 40", "decode 3 8", "decode 3 40", "prefill 1 8", "prefill 1 40"].map((c) =>
+          `${f} ${c}`
+        )
+      ),
+    );
+    for (const x of rows) {
+      const s = x.ms;
+      assert.ok(s.min > 0 && s.min <= s.median && s.median <= s.max, JSON.stringify(x));
+      if (x.form === "fused") assert.equal(x.fused_over_this, 1);
+    }
+    for (
+      const bad of [["--lengths", "0"], ["--lengths", "5000"], ["--chunk", "0"], ["--device", "gpu"], [
+        "--bogus",
+      ]]
+    ) {
+      const b = await run(...bad);
+      assert.equal(b.code, 2, bad.join(" "));
+      assert.match(b.stderr, new RegExp(bad[0]));
+    }
+  },
+);
+
 gpuTest(
   "bench/studies/host_step.ts: the baseline's step beside today's in one process; bad flags exit 2",
   async () => {

@@ -9,22 +9,18 @@
  *   scripts/deno run -A bench/studies/attention_forms.ts [--device wasm|cpu] [--model DIR]
  *     [--batch 1,16] [--lengths 32,256,768] [--chunk 128] [--steps 8] [--rounds 5] [--json]
  */
-import { join } from "node:path";
-import { fileURLToPath } from "node:url";
-import { fail, positive, scriptFlags } from "../../scripts/args.ts";
+import { positive, scriptFlags } from "../../scripts/args.ts";
 import { batchStepTimes, cpuSeconds } from "../../src/bench/decode_bench.ts";
 import { inRounds } from "../../src/bench/rounds.ts";
 import { UNFUSED } from "../../src/fusion/plan.ts";
 import { applyPlan } from "../../src/fusion/apply.ts";
-import { loadAssets } from "../../src/instance/build.ts";
 import { type Spread, spread } from "../../src/numeric.ts";
 import { type AttentionForm, buildDecoderGraph } from "../../src/onnx/decoder.ts";
-import { resolveDevice } from "../../src/ort/ort.ts";
+import { DEFAULT_MODEL, hostStudy } from "./host_setup.ts";
 import { disposeCache, ModelSession } from "../../src/ort/session.ts";
 
-const root = fileURLToPath(new URL("../..", import.meta.url));
 const values = scriptFlags({
-  model: { type: "string", default: join(root, "models", "tiny-nas") },
+  model: { type: "string", default: DEFAULT_MODEL },
   device: { type: "string", default: "wasm" },
   batch: { type: "string", default: "1,16" },
   lengths: { type: "string", default: "32,256,768" },
@@ -39,19 +35,15 @@ const chunk = positive("chunk", values.chunk!);
 const steps = positive("steps", values.steps!);
 const rounds = positive("rounds", values.rounds!);
 
-const device = values.device!;
-if (device !== "cpu" && device !== "wasm") fail(`--device: cpu or wasm, got ${device}`);
-await resolveDevice(device).catch((e) => fail(`--device ${device}: ${(e as Error).message}`));
-const assets = await loadAssets(values.model!).catch((e) =>
-  fail(`--model ${values.model}: ${(e as Error).message}`)
+const longest = Math.max(...lengths) + Math.max(chunk, steps + 1);
+const { device, assets, ids } = await hostStudy(
+  values.device!,
+  values.model!,
+  longest + 1,
+  longest,
+  `--lengths up to ${Math.max(...lengths)} with --chunk ${chunk} do not fit the text or the context`,
 );
 const cfg = assets.checkpoint.config;
-const longest = Math.max(...lengths) + Math.max(chunk, steps + 1);
-const text = await Deno.readTextFile(join(root, "data", "eval.py.txt"));
-const ids = assets.tokenizer.encode(text.slice(0, longest * 16)).slice(0, longest + 1);
-if (ids.length <= longest || longest >= cfg.maxPositions) {
-  fail(`--lengths up to ${Math.max(...lengths)} with --chunk ${chunk} do not fit the text or the context`);
-}
 
 const blocks = applyPlan(assets.blocks, UNFUSED);
 const forms: AttentionForm[] = ["fused", "matmul"];

@@ -8,22 +8,18 @@
  *   scripts/deno run -A bench/studies/host_kv.ts [--device cpu|wasm] [--model DIR] [--batch 1,16]
  *     [--lengths 32,128,512] [--steps 16] [--rounds 5] [--json]
  */
-import { join } from "node:path";
-import { fileURLToPath } from "node:url";
-import { fail, positive, scriptFlags } from "../../scripts/args.ts";
+import { positive, scriptFlags } from "../../scripts/args.ts";
 import { batchStepTimes } from "../../src/bench/decode_bench.ts";
 import { inRounds } from "../../src/bench/rounds.ts";
 import { UNFUSED } from "../../src/fusion/plan.ts";
 import { applyPlan } from "../../src/fusion/apply.ts";
-import { loadAssets } from "../../src/instance/build.ts";
 import { type Spread, spread } from "../../src/numeric.ts";
 import { buildDecoderGraph } from "../../src/onnx/decoder.ts";
-import { resolveDevice } from "../../src/ort/ort.ts";
+import { DEFAULT_MODEL, hostStudy } from "./host_setup.ts";
 import { ModelSession } from "../../src/ort/session.ts";
 
-const root = fileURLToPath(new URL("../..", import.meta.url));
 const values = scriptFlags({
-  model: { type: "string", default: join(root, "models", "tiny-nas") },
+  model: { type: "string", default: DEFAULT_MODEL },
   device: { type: "string", default: "cpu" },
   batch: { type: "string", default: "1,16" },
   lengths: { type: "string", default: "32,128,512" },
@@ -36,19 +32,15 @@ const lengths = values.lengths!.split(",").map((s) => positive("lengths", s));
 const steps = positive("steps", values.steps!);
 const rounds = positive("rounds", values.rounds!);
 
-const device = values.device!;
-if (device !== "cpu" && device !== "wasm") fail(`--device: cpu or wasm, got ${device}`);
-await resolveDevice(device).catch((e) => fail(`--device ${device}: ${(e as Error).message}`));
-const assets = await loadAssets(values.model!).catch((e) =>
-  fail(`--model ${values.model}: ${(e as Error).message}`)
+const longest = Math.max(...lengths);
+const { device, assets, ids } = await hostStudy(
+  values.device!,
+  values.model!,
+  longest + 1,
+  longest + steps + 1,
+  `--lengths up to ${longest} with --steps ${steps} do not fit the text or the context`,
 );
 const cfg = assets.checkpoint.config;
-const longest = Math.max(...lengths);
-const text = await Deno.readTextFile(join(root, "data", "eval.py.txt"));
-const ids = assets.tokenizer.encode(text.slice(0, longest * 16)).slice(0, longest + 1);
-if (ids.length <= longest || longest + steps + 1 >= cfg.maxPositions) {
-  fail(`--lengths up to ${longest} with --steps ${steps} do not fit the text or the context`);
-}
 
 const blocks = applyPlan(assets.blocks, UNFUSED);
 const variants = ["in place", "copied"] as const;

@@ -75,6 +75,32 @@ async function hostData(cache: BatchCache): Promise<Map<string, FloatData>> {
   return out;
 }
 
+/** The positions a row source takes: its first `length`, or all its row holds. */
+export const sourceLength = (s: RowSource) => Math.min(s.length ?? Infinity, s.cache.lengths[s.row]);
+
+/**
+ * Copies each source's first `lengths[j]` positions of cache tensor `name` into row `first + j` of
+ * `whole`, laid out [rows, kvHeads, width, headDim]; each source cache's data is read once.
+ */
+async function copyRows(
+  whole: FloatData,
+  name: string,
+  sources: RowSource[],
+  lengths: number[],
+  at: { first: number; kvHeads: number; width: number; headDim: number },
+  data = new Map<BatchCache, Map<string, FloatData>>(),
+): Promise<void> {
+  const { first, kvHeads: kvH, width, headDim: hd } = at;
+  for (const s of sources) if (!data.has(s.cache)) data.set(s.cache, await hostData(s.cache));
+  sources.forEach((s, j) => {
+    const src = data.get(s.cache)!.get(name)!;
+    for (let h = 0; h < kvH; h++) {
+      const from = (s.row * kvH + h) * s.cache.width * hd;
+      whole.set(src.subarray(from, from + lengths[j] * hd), ((first + j) * kvH + h) * width * hd);
+    }
+  });
+}
+
 /** Bytes the cache of `tokens` positions of one sequence takes (keys and values of every layer). */
 export function kvBytesPerToken(graph: Pick<DecoderGraph, "cache" | "headDim" | "floatType">): number {
   const elem = graph.floatType === "float16" ? 2 : 4;
@@ -94,28 +120,17 @@ export async function packRows(
   /** Rows the buffers hold (see BatchCache.capacity). */
   rowCapacity = sources.length,
 ): Promise<BatchCache> {
-  const lengths = sources.map((s) => Math.min(s.length ?? Infinity, s.cache.lengths[s.row]));
+  const lengths = sources.map(sourceLength);
   const width = Math.max(minWidth, ...lengths);
   const rows = sources.length;
   const hd = graph.headDim;
   const data = new Map<BatchCache, Map<string, FloatData>>();
-  for (const s of sources) if (!data.has(s.cache)) data.set(s.cache, await hostData(s.cache));
   const tensors = new Map<string, ort.Tensor>();
   for (const [name] of sources[0]?.cache.tensors ?? []) {
     const kvH = graph.cache.find((c) => name.startsWith(`past_key_values.${c.layer}.`))!.kvHeads;
-    const half = graph.floatType === "float16";
     const held = Math.max(rows, rowCapacity) * kvH * width * hd;
-    const whole = half ? new Uint16Array(held) : new Float32Array(held);
-    sources.forEach((s, b) => {
-      const src = data.get(s.cache)!.get(name)!;
-      const len = lengths[b];
-      const srcWidth = s.cache.width;
-      for (let h = 0; h < kvH; h++) {
-        const from = (s.row * kvH + h) * srcWidth * hd;
-        const to = (b * kvH + h) * width * hd;
-        whole.set(src.subarray(from, from + len * hd), to);
-      }
-    });
+    const whole = graph.floatType === "float16" ? new Uint16Array(held) : new Float32Array(held);
+    await copyRows(whole, name, sources, lengths, { first: 0, kvHeads: kvH, width, headDim: hd }, data);
     tensors.set(name, rowsOf(rt, { dims: [rows, kvH, width, hd] }, whole, rows));
   }
   return { width, lengths, tensors, capacity: Math.max(rows, rowCapacity) };
@@ -168,21 +183,14 @@ export async function appendRows(
   sources: RowSource[],
 ): Promise<BatchCache | null> {
   const rows = cache.lengths.length;
-  const lengths = sources.map((s) => Math.min(s.length ?? Infinity, s.cache.lengths[s.row]));
+  const lengths = sources.map(sourceLength);
   if (rows + sources.length > (cache.capacity ?? rows) || lengths.some((l) => l > cache.width)) return null;
   const data = new Map<BatchCache, Map<string, FloatData>>();
-  for (const s of sources) if (!data.has(s.cache)) data.set(s.cache, await hostData(s.cache));
   const tensors = new Map<string, ort.Tensor>();
   for (const [name, t] of cache.tensors) {
     const whole = wholeOf(t);
-    const [, kvH, width, hd] = t.dims;
-    sources.forEach((s, j) => {
-      const src = data.get(s.cache)!.get(name)!;
-      for (let h = 0; h < kvH; h++) {
-        const at = (s.row * kvH + h) * s.cache.width * hd;
-        whole.set(src.subarray(at, at + lengths[j] * hd), ((rows + j) * kvH + h) * width * hd);
-      }
-    });
+    const [, kvHeads, width, headDim] = t.dims;
+    await copyRows(whole, name, sources, lengths, { first: rows, kvHeads, width, headDim }, data);
     tensors.set(name, rowsOf(rt, t, whole, rows + sources.length));
   }
   return { width: cache.width, lengths: [...cache.lengths, ...lengths], tensors, capacity: cache.capacity };

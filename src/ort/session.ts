@@ -14,7 +14,15 @@ import {
 } from "../onnx/decoder.ts";
 import type { FloatType } from "../onnx/format.ts";
 import { type Backend, cpuThreads, createSession, ort, type OrtApi, runtimeFor } from "./ort.ts";
-import { appendRows, type BatchCache, disposeBatch, dropRows, packRows, type RowSource } from "./kv_batch.ts";
+import {
+  appendRows,
+  type BatchCache,
+  disposeBatch,
+  dropRows,
+  packRows,
+  type RowSource,
+  sourceLength,
+} from "./kv_batch.ts";
 import { yieldIfBusy } from "../yield.ts";
 
 /**
@@ -180,10 +188,7 @@ export class ModelSession {
    */
   packRows(sources: RowSource[], maxWidth = 0, rowCapacity = sources.length): Promise<BatchCache> {
     if (!maxWidth || !this.inPlace) return packRows(this.rt, this.graph, sources);
-    const longest = Math.max(
-      0,
-      ...sources.map((s) => Math.min(s.length ?? Infinity, s.cache.lengths[s.row])),
-    );
+    const longest = Math.max(0, ...sources.map(sourceLength));
     return packRows(this.rt, this.graph, sources, headroom(longest + 1, maxWidth), rowCapacity);
   }
 
@@ -204,23 +209,24 @@ export class ModelSession {
   ): Promise<{ cache: BatchCache | null; from: number[] }> {
     const rows = cache?.lengths.length ?? 0;
     const joined = join.map((_, j) => rows + j);
+    let stay: RowSource[];
+    let from: number[];
     if (cache && this.inPlace) {
       const left = dropRows(this.rt, cache, drop);
       if (!join.length) return { cache: left.from.length ? left.cache : null, from: left.from };
-      const from = [...left.from, ...joined];
+      from = [...left.from, ...joined];
       const grown = await appendRows(this.rt, left.cache, join);
       if (grown) return { cache: grown, from };
-      // Wider rows or no room: the batch is redrawn.
-      const sources = [...left.from.map((_, row) => ({ cache: left.cache, row })), ...join];
-      return { cache: await this.packRows(sources, maxWidth, sources.length + spare), from };
+      stay = left.from.map((_, row) => ({ cache: left.cache, row }));
+    } else {
+      const kept = Array.from({ length: rows }, (_, row) => row).filter((row) => !drop.includes(row));
+      stay = kept.map((row) => ({ cache: cache!, row }));
+      from = [...kept, ...joined];
     }
-    const stay = Array.from({ length: rows }, (_, row) => row).filter((row) => !drop.includes(row));
-    const sources = [...stay.map((row) => ({ cache: cache!, row })), ...join];
+    // Rows wider than the batch, no room, or steps that do not write in place: the batch is redrawn.
+    const sources = [...stay, ...join];
     if (!sources.length) return { cache: null, from: [] };
-    return {
-      cache: await this.packRows(sources, maxWidth, sources.length + spare),
-      from: [...stay, ...joined],
-    };
+    return { cache: await this.packRows(sources, maxWidth, sources.length + spare), from };
   }
 
   /** The cache, or a wider copy of it (at most `maxWidth` unless it needs more), with room for `tokens` more positions in every row. */
