@@ -3,8 +3,18 @@ import { join } from "node:path";
 import { benchFfn } from "../src/bench/ffn_bench.ts";
 import { checkpointRun, presetRun } from "../src/bench/shapes.ts";
 import { loadCheckpoint } from "../src/model/checkpoint.ts";
+import type { Spread } from "../src/numeric.ts";
 import { requestGpu } from "../src/webgpu/device.ts";
-import { HAS_NATIVE, HAS_WEBGPU, NAS_LIKE, ROOT, runScript, TINY_NAS, writeRandomModel } from "./helpers.ts";
+import {
+  assertSpread,
+  HAS_NATIVE,
+  HAS_WEBGPU,
+  NAS_LIKE,
+  ROOT,
+  runScript,
+  TINY_NAS,
+  writeRandomModel,
+} from "./helpers.ts";
 
 const gpuTest = (name: string, fn: () => Promise<void>) =>
   Deno.test({ name, ignore: !HAS_WEBGPU, sanitizeResources: false, sanitizeOps: false, fn });
@@ -44,6 +54,18 @@ gpuTest("WGSL FFN kernels: a wrong result fails the check instead of being timed
   );
   gpu.device.destroy();
 });
+
+/** Each set of flags makes a study exit 2 with a message naming its first flag. */
+async function assertRefused(
+  run: (...args: string[]) => Promise<{ code: number; stderr: string }>,
+  bads: string[][],
+): Promise<void> {
+  for (const bad of bads) {
+    const b = await run(...bad);
+    assert.equal(b.code, 2, `${bad.join(" ")}: ${b.stderr}`);
+    assert.match(b.stderr, new RegExp(bad[0]));
+  }
+}
 
 async function bench(args: string[]) {
   const out = await new Deno.Command(Deno.execPath(), {
@@ -146,7 +168,7 @@ Deno.test("cli bench decode: warm sessions in alternating rounds, median with ra
   for (const d of report.decode) {
     assert.equal(d.rounds, 3);
     for (const s of [d.tokens_per_second, d.prefill_ms, d.tokens_per_cpu_second]) {
-      assert.ok(s.min > 0 && s.min <= s.median && s.median <= s.max, JSON.stringify(d));
+      assertSpread(s, d);
     }
   }
   assert.equal(report.decode[0].speedup, 1);
@@ -203,7 +225,7 @@ Deno.test("cli bench --batch: tokens/s at each batch size, unfused against the f
   );
   for (const c of cases) {
     for (const s of [c.tokens_per_second, c.ms_per_step, c.tokens_per_cpu_second]) {
-      assert.ok(s.min > 0 && s.min <= s.median && s.median <= s.max, JSON.stringify(c));
+      assertSpread(s, c);
     }
   }
   assert.equal(cases[0].speedup, 1);
@@ -238,7 +260,7 @@ Deno.test("bench/studies/step_parts.ts: a batched step's parts timed in alternat
   const rows = JSON.parse(r.stdout).rows as {
     part: string;
     batch: number;
-    ms_per_step: { median: number; min: number; max: number };
+    ms_per_step: Spread;
     over_first: number;
   }[];
   assert.deepEqual(
@@ -255,22 +277,19 @@ Deno.test("bench/studies/step_parts.ts: a batched step's parts timed in alternat
     ],
   );
   for (const x of rows) {
-    const s = x.ms_per_step;
-    assert.ok(s.min > 0 && s.min <= s.median && s.median <= s.max, JSON.stringify(x));
+    assertSpread(x.ms_per_step, x);
   }
   const ms = (part: string, batch: number) =>
     rows.find((x) => x.part === part && x.batch === batch)!.ms_per_step.median;
   assert.ok(ms("lm-head", 4) < ms("whole", 4), "the LM head alone is a part of the whole step");
   assert.equal(rows[0].over_first, 1);
-  for (
-    const bad of [["--batch", "0"], ["--parts", "whole,mlp"], ["--steps", "x"], ["--model", "/nonexistent"], [
-      "--bogus",
-    ]]
-  ) {
-    const b = await run(...bad);
-    assert.equal(b.code, 2, bad.join(" "));
-    assert.match(b.stderr, new RegExp(bad[0]));
-  }
+  await assertRefused(run, [
+    ["--batch", "0"],
+    ["--parts", "whole,mlp"],
+    ["--steps", "x"],
+    ["--model", "/nonexistent"],
+    ["--bogus"],
+  ]);
 });
 
 Deno.test({
@@ -285,7 +304,7 @@ Deno.test({
       variant: string;
       batch: number;
       length: number;
-      ms_per_step: { median: number; min: number; max: number };
+      ms_per_step: Spread;
       over_in_place: number;
     }[];
     assert.deepEqual(
@@ -293,15 +312,10 @@ Deno.test({
       ["in place", "copied"].flatMap((v) => ["1 8", "1 40", "4 8", "4 40"].map((c) => `${v} ${c}`)),
     );
     for (const x of rows) {
-      const s = x.ms_per_step;
-      assert.ok(s.min > 0 && s.min <= s.median && s.median <= s.max, JSON.stringify(x));
+      assertSpread(x.ms_per_step, x);
       if (x.variant === "in place") assert.equal(x.over_in_place, 1);
     }
-    for (const bad of [["--lengths", "0"], ["--lengths", "5000"], ["--device", "gpu"], ["--bogus"]]) {
-      const b = await run(...bad);
-      assert.equal(b.code, 2, bad.join(" "));
-      assert.match(b.stderr, new RegExp(bad[0]));
-    }
+    await assertRefused(run, [["--lengths", "0"], ["--lengths", "5000"], ["--device", "gpu"], ["--bogus"]]);
   },
 });
 
@@ -328,7 +342,7 @@ Deno.test(
       kind: string;
       batch: number;
       length: number;
-      ms: { median: number; min: number; max: number };
+      ms: Spread;
       fused_over_this: number;
     }[];
     assert.deepEqual(
@@ -340,19 +354,16 @@ Deno.test(
       ),
     );
     for (const x of rows) {
-      const s = x.ms;
-      assert.ok(s.min > 0 && s.min <= s.median && s.median <= s.max, JSON.stringify(x));
+      assertSpread(x.ms, x);
       if (x.form === "fused") assert.equal(x.fused_over_this, 1);
     }
-    for (
-      const bad of [["--lengths", "0"], ["--lengths", "5000"], ["--chunk", "0"], ["--device", "gpu"], [
-        "--bogus",
-      ]]
-    ) {
-      const b = await run(...bad);
-      assert.equal(b.code, 2, bad.join(" "));
-      assert.match(b.stderr, new RegExp(bad[0]));
-    }
+    await assertRefused(run, [
+      ["--lengths", "0"],
+      ["--lengths", "5000"],
+      ["--chunk", "0"],
+      ["--device", "gpu"],
+      ["--bogus"],
+    ]);
   },
 );
 
@@ -368,10 +379,10 @@ gpuTest(
     assert.ok(report.before.bind_groups > 100 && report.after.bind_groups === 0, JSON.stringify(report));
     assert.ok(report.before.writes > 100 && report.after.writes <= 4, JSON.stringify(report));
     assert.equal(report.host_ms_ratio.min > 0, true);
-    for (const bad of [["--sides", "during"], ["--steps", "0"], ["--baseline", "no-such-rev"]]) {
-      const b = await runScript("bench/studies/host_step.ts", ...bad);
-      assert.equal(b.code, 2, `${bad.join(" ")}: ${b.stderr}`);
-      assert.match(b.stderr, new RegExp(bad[0]));
-    }
+    await assertRefused((...args) => runScript("bench/studies/host_step.ts", ...args), [
+      ["--sides", "during"],
+      ["--steps", "0"],
+      ["--baseline", "no-such-rev"],
+    ]);
   },
 );

@@ -1,8 +1,9 @@
+import assert from "node:assert/strict";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { encodeSafetensors } from "../src/model/safetensors.ts";
 import { type Tensor, tensor } from "../src/model/tensor.ts";
-import { rng } from "../src/numeric.ts";
+import { rng, type Spread } from "../src/numeric.ts";
 import { resolveDevice, webgpuAvailable } from "../src/ort/ort.ts";
 
 export const ROOT = fileURLToPath(new URL("..", import.meta.url));
@@ -236,4 +237,9 @@ export async function runScript(name: string, ...args: string[]) {
   }).output();
   const text = (b: Uint8Array) => new TextDecoder().decode(b);
   return { code: out.code, stdout: text(out.stdout), stderr: text(out.stderr) };
+}
+
+/** A reported figure's spread is well formed: positive, min <= median <= max; `context` names it on failure. */
+export function assertSpread(s: Spread, context: unknown = s): void {
+  assert.ok(s.min > 0 && s.min <= s.median && s.median <= s.max, JSON.stringify(context));
 }

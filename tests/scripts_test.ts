@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { runScript } from "./helpers.ts";
+import { assertSpread, runScript } from "./helpers.ts";
 
 Deno.test("measurement scripts: an unknown flag or a bad value exits 2 naming it, never a stack trace", async () => {
   const cases: [string, string[], RegExp][] = [
@@ -60,6 +60,6 @@ Deno.test("bench/studies/grammar_cost.ts: the vocabulary's tables, a schema's an
       report.mask_ms_per_row,
     ]
   ) {
-    assert.ok(s.min > 0 && s.min <= s.median && s.median <= s.max, JSON.stringify(s));
+    assertSpread(s);
   }
 });
