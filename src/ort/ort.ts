@@ -1,8 +1,8 @@
 import { join } from "node:path";
-import { readAt } from "../file_io.ts";
 import * as ort from "onnxruntime-web";
 import type { EncodedModel } from "../onnx/builder.ts";
 import { InputError } from "../errors.ts";
+import { externalData } from "./external_data.ts";
 import type { FloatType, GraphOptions } from "../onnx/format.ts";
 import type { Quantization } from "../onnx/format.ts";
 import { ensureXdgRuntimeDir } from "../webgpu/device.ts";
@@ -53,11 +53,10 @@ export function nativeOrt(): Promise<OrtApi> {
 }
 
 /**
- * Creates a session for a graph whose weights are external data. onnxruntime-web takes each weight
- * file as bytes: a weight in memory as a view of its bytes, a file-backed one as a FileBytes that
- * reads the file when the session copies it into the heap. onnxruntime-node reads them from files
- * beside the graph: a temporary directory gets links to the cache's files (written only for weights
- * held in memory) and is removed once the session holds the weights.
+ * Creates a session for a graph whose weights are external data: onnxruntime-web takes them as bytes
+ * (external_data.ts), onnxruntime-node reads them from files beside the graph: a temporary directory
+ * gets links to the cache's files (written only for weights held in memory) and is removed once the
+ * session holds the weights.
  */
 export async function createSession(
   backend: Backend,
@@ -66,17 +65,16 @@ export async function createSession(
 ): Promise<ort.InferenceSession> {
   const rt = await runtimeFor(backend);
   if (!isNative(backend)) {
-    const scratch = new ReadBuffer();
+    const weights = externalData(model, backend === "wasm");
     try {
-      return await rt.InferenceSession.create(model.graph, {
+      const session = await rt.InferenceSession.create(model.graph, {
         ...options,
-        externalData: model.weights.map(({ path, weight: w }) => ({
-          path,
-          data: "bytes" in w ? w.bytes : new FileBytes(w.file, w.byteLength, scratch),
-        })),
+        externalData: weights.data,
       });
+      releaseWasmBinary();
+      return session;
     } finally {
-      scratch.release();
+      weights.release();
     }
   }
   const dir = await Deno.makeTempDir({ prefix: "fusedge-native-" });
@@ -98,52 +96,6 @@ async function linkOrCopy(from: string, to: string): Promise<void> {
   } catch {
     // Another filesystem (a cache directory outside TMPDIR's).
     await Deno.copyFile(from, to);
-  }
-}
-
-/**
- * One buffer that every weight of a session's creation is read into in turn: onnxruntime copies each
- * into its heap before asking for the next, and a new buffer for each weight would leave 1.7 GB (a
- * 1B model's) for the collector to find while the heap holds the same again.
- */
-class ReadBuffer {
-  private bytes: Uint8Array<ArrayBuffer> | null = null;
-
-  take(length: number): Uint8Array<ArrayBuffer> {
-    if (!this.bytes || this.bytes.length < length) {
-      this.release();
-      this.bytes = new Uint8Array(length);
-    }
-    return this.bytes.subarray(0, length);
-  }
-
-  release(): void {
-    this.bytes?.buffer.transfer(0);
-    this.bytes = null;
-  }
-}
-
-/**
- * A weight file as onnxruntime-web's external data, read when the session asks for it. onnxruntime
- * copies each initializer into its heap with `HEAPU8.set(data.subarray(offset, offset + length))`
- * after checking `data.byteLength`; answering those two from the file means the weights pass through
- * this process once, into the heap, instead of being held in JS as well while the session is created.
- * The external-data parity tests fail if a later onnxruntime-web reads the bytes any other way.
- */
-class FileBytes extends Uint8Array {
-  constructor(readonly file: string, private readonly size: number, private readonly scratch: ReadBuffer) {
-    super(0);
-  }
-
-  override get byteLength(): number {
-    return this.size;
-  }
-
-  override subarray(begin = 0, end = this.size): Uint8Array<ArrayBuffer> {
-    const out = this.scratch.take(end - begin);
-    using f = Deno.openSync(this.file);
-    if (readAt(f, begin, out) < out.length) throw new Error(`${this.file}: ends before byte ${end}`);
-    return out;
   }
 }
 
@@ -169,6 +121,18 @@ async function configure(): Promise<void> {
   const url = import.meta.resolve("onnxruntime-web/asyncify.wasm");
   ort.env.wasm.wasmBinary = await Deno.readFile(new URL(url));
   configured = true;
+}
+
+/**
+ * Frees the binary's 27 MB once a session exists: onnxruntime instantiates it once a thread, at its
+ * first session, and its glue keeps a reference to the bytes for good. Detaching the buffer frees
+ * them whoever holds it.
+ */
+function releaseWasmBinary(): void {
+  const binary = ort.env.wasm.wasmBinary;
+  if (binary instanceof Uint8Array && binary.buffer instanceof ArrayBuffer && !binary.buffer.detached) {
+    binary.buffer.transfer(0);
+  }
 }
 
 /** What adapter this process can get: none, a software one (lavapipe), or real hardware. */
@@ -215,7 +179,6 @@ export async function webgpuAvailable(): Promise<boolean> {
  * when there is none.
  */
 export async function resolveDevice(request: DeviceRequest): Promise<Device> {
-  await configure();
   if (request === "wasm") return "wasm";
   if (request === "cpu") {
     await nativeOrt().catch((e) => {

@@ -14,6 +14,7 @@ import type { GenerationSummary } from "../decode/generate.ts";
 import { resolveDevice } from "../ort/ort.ts";
 import { useThreads } from "../ort/threads.ts";
 import { toWorkerError } from "./worker_error.ts";
+import { returnFreeMemory } from "../free_memory.ts";
 import type { InstanceReply, InstanceRequest } from "../instance/protocol.ts";
 
 /** What a grammar check's `done` carries: it generated nothing. */
@@ -54,6 +55,7 @@ async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<
   );
   // Serving must not wait for a batch size's first step to be recorded: all of them are, now.
   await instance.decoder?.warm();
+  returnFreeMemory();
   const layout = instance.decoder?.layout;
   post({
     type: "built",
