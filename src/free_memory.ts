@@ -11,7 +11,7 @@ let trim: (() => void) | null | undefined;
 
 /** Whether the trim ran. */
 export function returnFreeMemory(): boolean {
-  trim ??= openTrim();
+  if (trim === undefined) trim = openTrim();
   if (!trim) return false;
   trim();
   return true;
