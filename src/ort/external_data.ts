@@ -2,7 +2,7 @@ import { readAt } from "../file_io.ts";
 import type { EncodedModel } from "../onnx/builder.ts";
 
 /** onnxruntime-web's external data: each weight file's path and its bytes, or a stand-in that reads them. */
-export interface ExternalData {
+interface ExternalData {
   path: string;
   data: Uint8Array;
 }
@@ -26,19 +26,16 @@ export function externalData(
   model: EncodedModel,
   intoHeap: boolean,
 ): { data: ExternalData[]; release: () => void } {
-  const scratch = new ReadBuffer();
+  const scratch = intoHeap ? null : new ReadBuffer();
   if (intoHeap) installHeapReads();
   const data = model.weights.map(({ path, weight: w }) => ({
     path,
-    data: "bytes" in w ? w.bytes : new FileBytes(w.file, w.byteLength, intoHeap ? null : scratch),
+    data: "bytes" in w ? w.bytes : new FileBytes(w.file, w.byteLength, scratch),
   }));
-  let released = false;
   return {
     data,
     release: () => {
-      if (released) return;
-      released = true;
-      scratch.release();
+      scratch?.release();
       if (intoHeap) uninstallHeapReads();
     },
   };
@@ -83,23 +80,21 @@ class FileBytes extends Uint8Array {
   override subarray(begin = 0, end = this.size): Uint8Array<ArrayBuffer> {
     if (!this.scratch) return new FileRange(this.file, begin, end) as Uint8Array<ArrayBuffer>;
     const out = this.scratch.take(end - begin);
-    using f = Deno.openSync(this.file);
-    if (readAt(f, begin, out) < out.length) throw new Error(`${this.file}: ends before byte ${end}`);
+    readRange(this.file, begin, out);
     return out;
   }
+}
+
+/** Reads `out.length` bytes of `file` from byte `begin`, all of them or an error. */
+function readRange(file: string, begin: number, out: Uint8Array): void {
+  using f = Deno.openSync(file);
+  if (readAt(f, begin, out) < out.length) throw new Error(`${file}: ends before byte ${begin + out.length}`);
 }
 
 /** [begin, end) of a file, not yet read: what `set` reads into the heap in place. */
 class FileRange extends Uint8Array {
   constructor(readonly file: string, readonly begin: number, readonly end: number) {
     super(0);
-  }
-
-  readInto(target: Uint8Array): void {
-    using f = Deno.openSync(this.file);
-    if (readAt(f, this.begin, target) < target.length) {
-      throw new Error(`${this.file}: ends before byte ${this.end}`);
-    }
   }
 }
 
@@ -113,7 +108,7 @@ function installHeapReads(): void {
     if (!(source instanceof FileRange)) return originalSet.call(this, source, offset);
     const length = source.end - source.begin;
     if (offset < 0 || offset + length > this.length) throw new RangeError("offset is out of bounds");
-    source.readInto(this.subarray(offset, offset + length));
+    readRange(source.file, source.begin, this.subarray(offset, offset + length));
   } as typeof originalSet;
 }
 

@@ -55,7 +55,6 @@ async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<
   );
   // Serving must not wait for a batch size's first step to be recorded: all of them are, now.
   await instance.decoder?.warm();
-  returnFreeMemory();
   const layout = instance.decoder?.layout;
   post({
     type: "built",
@@ -73,6 +72,8 @@ async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<
     ...(layout ? { slots: { count: layout.slots, tokens: layout.capacity } } : {}),
     heal: instance.heal,
   });
+  // What the build freed goes back after "built", so neither a start nor a swap waits for it.
+  returnFreeMemory();
   // After "built", so neither a start nor a swap waits for it; errors surface at the first grammar.
   setTimeout(() => instance?.engine.prepareGrammars().catch(() => {}), 0);
 }
