@@ -1,6 +1,12 @@
 /** Longest stretch of back-to-back session runs before the event loop gets a turn. */
 const MAX_BUSY_MS = 15;
 
+/**
+ * Longest the serving thread builds answers before other streams' events get a turn: every token of
+ * every stream passes through that thread, so a slice of it is a gap in all of them.
+ */
+export const ANSWER_SLICE_MS = 5;
+
 let lastYield = performance.now();
 let yielded = 0;
 
@@ -13,9 +19,9 @@ export const yieldedMs = () => yielded;
  * poll sockets (a MessageChannel round trip does not), and `setTimeout(0)` costs milliseconds under
  * Deno, so the turn is taken once per MAX_BUSY_MS of work rather than once per step.
  */
-export async function yieldIfBusy(): Promise<void> {
+export async function yieldIfBusy(maxMs = MAX_BUSY_MS): Promise<void> {
   const t0 = performance.now();
-  if (t0 - lastYield < MAX_BUSY_MS) return;
+  if (t0 - lastYield < maxMs) return;
   await new Promise((resolve) => setTimeout(resolve, 0));
   lastYield = performance.now();
   yielded += lastYield - t0;
@@ -35,7 +41,7 @@ export async function waitAtMost(p: Promise<unknown>, ms: number): Promise<void>
 export async function mapSliced<T, R>(items: readonly T[], f: (item: T, index: number) => R): Promise<R[]> {
   const out = new Array<R>(items.length);
   for (let i = 0; i < items.length; i++) {
-    if (i % 64 === 63) await yieldIfBusy();
+    if (i % 64 === 63) await yieldIfBusy(ANSWER_SLICE_MS);
     out[i] = f(items[i], i);
   }
   return out;

@@ -5,7 +5,8 @@ import {
   joinersTaken,
   PREFILL_TURN_MS,
   prefillLimit,
-  turnPrefillTokens,
+  runPrefillTokens,
+  turnPrefillMs,
 } from "../src/decode/batch_engine.ts";
 import { PREFILL_CHUNK } from "../src/decode/engine_base.ts";
 import { buildInstance, type Engine, loadAssets } from "../src/instance/build.ts";
@@ -266,9 +267,9 @@ Deno.test({
     assert.equal(again.cachedTokens, 30 + 8, "the kept prefix covers the first prompt and its output");
     const [reference] = await run(cold2, [follow]);
     assert.equal(again.ids.join(), reference.ids.join(), "the same tokens as a cold prefill");
-    // The same prompt three times at once (n = 3): one prefill, the others start from it.
+    // The same prompt three times at once (n = 3): one prefill, the others fork from it.
     const three = await run(warm2, [ids.slice(5, 35), ids.slice(5, 35), ids.slice(5, 35)]);
-    assert.deepEqual(three.map((t) => t.cachedTokens), [0, 29, 29]);
+    assert.deepEqual(three.map((t) => t.cachedTokens), [0, 30, 30]);
     assert.ok(three.every((t) => t.ids.join() === three[0].ids.join()), "greedy: the same text");
     await s.release();
   },
@@ -360,7 +361,7 @@ Deno.test({
     );
     await running;
     await prefilled;
-    // At most a chunk a turn (fewer while the stream decodes: turnPrefillTokens), so the stream gets a
+    // At most a chunk a turn (less while the stream decodes: turnPrefillMs), so the stream gets a
     // step between every two chunks, unless it ends first.
     const chunks = Math.ceil(long.length / PREFILL_CHUNK);
     assert.ok(
@@ -382,14 +383,161 @@ Deno.test("batch engine: a prefill run is cut where each position holds much mem
   assert.equal(prefillLimit({ position: 2 * 8 * 768 * 4, logits: 2 * 8 * 4096 * 4 }, true), PREFILL_CHUNK);
 });
 
-Deno.test("batch engine: while rows decode, a turn prefills what takes about 40 ms or one decode step", () => {
-  assert.equal(turnPrefillTokens(false, 5, 3), PREFILL_CHUNK, "nothing decodes: a whole chunk");
-  assert.equal(turnPrefillTokens(true, 0, 3), PREFILL_CHUNK, "nothing measured yet");
-  assert.equal(turnPrefillTokens(true, 1, 3), PREFILL_TURN_MS, "1 ms a token beside 3 ms steps");
-  assert.equal(turnPrefillTokens(true, 0.1, 3), PREFILL_CHUNK, "never more than a chunk");
-  // A 1B model on WASM: 50 ms a prompt token, 400 ms a step: a step's worth, not 40 ms's.
-  assert.equal(turnPrefillTokens(true, 50, 400), 8);
-  assert.equal(turnPrefillTokens(true, 500, 20), 1, "at least one token a turn");
+Deno.test("batch engine: while rows decode, a turn prefills for about 40 ms or one decode step", () => {
+  assert.equal(turnPrefillMs(false, 3), Infinity, "nothing decodes: a whole chunk, however long");
+  assert.equal(turnPrefillMs(true, 3), PREFILL_TURN_MS);
+  assert.equal(turnPrefillMs(true, 400), 400, "a 1B model on WASM: a step's worth, not 40 ms's");
+  assert.equal(runPrefillTokens(0, 40), PREFILL_CHUNK, "nothing measured yet");
+  assert.equal(runPrefillTokens(5, Infinity), PREFILL_CHUNK, "no limit");
+  assert.equal(runPrefillTokens(1, 40), 40, "1 ms a token, 40 ms left");
+  assert.equal(runPrefillTokens(0.1, 40), PREFILL_CHUNK, "never more than a chunk");
+  assert.equal(runPrefillTokens(50, 400), 8);
+  assert.equal(runPrefillTokens(500, 20), 1, "at least one token a run");
+  assert.equal(runPrefillTokens(1, -5), 1, "the turn's first run when the step used it up");
+});
+
+/**
+ * Logs the session's prefill runs and decode steps in order: "p" a prefill run, "d" a decode step, and
+ * "P" a one-token prompt's run from an empty cache, slowed by `delayMs` (as a run over a long cached
+ * prefix costs, whatever its tokens).
+ */
+function traceRuns(s: ModelSession, delayMs = 0): string[] {
+  const runs: string[] = [];
+  const step = s.step.bind(s);
+  const decode = s.decodeBatch.bind(s);
+  s.step = async (...a: Parameters<ModelSession["step"]>) => {
+    const slow = delayMs > 0 && a[0].length === 1 && a[1].length === 0;
+    runs.push(slow ? "P" : "p");
+    if (slow) await new Promise((r) => setTimeout(r, delayMs));
+    return await step(...a);
+  };
+  s.decodeBatch = (...a: Parameters<ModelSession["decodeBatch"]>) => {
+    runs.push("d");
+    return decode(...a);
+  };
+  return runs;
+}
+
+Deno.test({
+  name: "fork: the n choices of one prompt run its prefill once and draw their first tokens from its logits",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const { assets, inst, engine } = await unfusedEngine();
+    const ids = assets.tokenizer.encode(await Deno.readTextFile(EVAL_TEXT));
+    const prompt = ids.slice(200, 240);
+    const sampled = (seed: number) => params(6, { temperature: 0.9, seed });
+    // Each choice alone, from a cold prefill of its own.
+    const alone = [];
+    for (const seed of [7, 8, 9]) alone.push((await runAll(engine, [{ prompt, params: sampled(seed) }]))[0]);
+    const runs = traceRuns(inst.session!);
+    const three = await runAll(engine, [7, 8, 9].map((seed) => ({ prompt, params: sampled(seed) })));
+    assert.equal(runs.filter((r) => r === "p").length, 1, `one prefill run for the three: ${runs.join("")}`);
+    assert.deepEqual(
+      three.map((t) => t.cachedTokens),
+      [0, 40, 40],
+      "the forks' prompts came from the first's cache",
+    );
+    assert.deepEqual(three.map((t) => t.ids), alone.map((t) => t.ids), "each draws what it draws alone");
+    assert.ok(new Set(three.map((t) => t.ids.join())).size > 1, "the seeds differ, so do the draws");
+    await inst.release();
+  },
+});
+
+Deno.test({
+  name:
+    "slots: a step decodes at most `slots` rows, the n choices of a prompt included; the rest wait their turn",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const { assets, inst, engine: unlimited } = await unfusedEngine();
+    const s = inst.session!;
+    const cfg = assets.checkpoint.config;
+    const ids = assets.tokenizer.encode(await Deno.readTextFile(EVAL_TEXT));
+    const prompts = [
+      ids.slice(0, 20),
+      ids.slice(40, 52),
+      ...Array(5).fill(ids.slice(100, 130)),
+      ids.slice(200, 203),
+    ];
+    const reqs = prompts.map((prompt) => ({ prompt, params: params(6) }));
+    const want = await runAll(unlimited, reqs);
+    const rows: number[] = [];
+    const decode = s.decodeBatch.bind(s);
+    s.decodeBatch = (...a: Parameters<ModelSession["decodeBatch"]>) => {
+      rows.push(a[0].length);
+      return decode(...a);
+    };
+    const slotted = new BatchEngine(
+      s,
+      assets.tokenizer,
+      cfg.eosTokenIds,
+      cfg.maxPositions,
+      () => {},
+      2 ** 26,
+      3,
+    );
+    const got = await runAll(slotted, reqs);
+    assert.equal(Math.max(...rows), 3, `rows a step: ${rows.join(",")}`);
+    assert.deepEqual(got.map((g) => g.ids), want.map((w) => w.ids), "greedy: what each decodes unlimited");
+    // The room a batch keeps for 8 rows is memory only once written: under a 1 MB budget (170 tokens
+    // of tiny-nas' KV) a finished prompt is still kept beside a batch that could hold 4 rows of 36.
+    const tight = new BatchEngine(
+      s,
+      assets.tokenizer,
+      cfg.eosTokenIds,
+      cfg.maxPositions,
+      () => {},
+      2 ** 20,
+      8,
+    );
+    const [, again] = [await runAll(tight, [reqs[4]]), await runAll(tight, [reqs[4]])];
+    assert.equal(again[0].cachedTokens, 29, "the prompt's prefix came from the kept cache");
+    await inst.release();
+  },
+});
+
+Deno.test({
+  name:
+    "chunked prefill: while a stream decodes, a turn's prefill runs end on the clock, however few tokens they took",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const { assets, inst, engine } = await unfusedEngine();
+    const ids = assets.tokenizer.encode(await Deno.readTextFile(EVAL_TEXT));
+    // One-token prompts cost 60 ms a run, after a 130-token prompt made a token look cheap.
+    const runs = traceRuns(inst.session!, 60);
+    let streamed = 0;
+    let waiting: Promise<unknown> = Promise.resolve();
+    await new Promise<void>((resolve, reject) =>
+      engine.submit(100, ids.slice(0, 8), params(40), {
+        chunk: () => {
+          if (++streamed !== 3) return;
+          waiting = runAll(
+            engine,
+            [ids.slice(300, 430), ...ids.slice(500, 508).map((id) => [id])].map((prompt) => ({
+              prompt,
+              params: params(1),
+            })),
+          );
+        },
+        done: () => resolve(),
+        failed: reject,
+      })
+    );
+    await waiting;
+    const order = runs.join("");
+    // The turns between two of the stream's steps.
+    const between = order.slice(order.indexOf("d"), order.lastIndexOf("d")).split("d");
+    const slow = between.map((t) => t.replaceAll("p", "").length);
+    assert.equal(
+      slow.reduce((a, b) => a + b, 0),
+      8,
+      `the one-token prompts ran while the stream decoded: ${order}`,
+    );
+    assert.ok(Math.max(...slow) === 1, `one slow run a turn: ${order}`);
+    await inst.release();
+  },
 });
 
 Deno.test({

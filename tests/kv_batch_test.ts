@@ -104,7 +104,7 @@ for (const device of ["wasm", "cpu"] as Device[]) {
         const step = async () => {
           const next = rows.map((i) => ids[starts[i] + lengths[i] + fed[i]]);
           const r = await s.decodeBatch(next, batch.cache!, 200);
-          batch = { cache: r.cache, from: rows };
+          batch = { cache: r.cache, from: rows, redrawn: false };
           const out = rows.map((i, b) => ({
             i,
             fed: fed[i],
@@ -126,6 +126,7 @@ for (const device of ["wasm", "cpu"] as Device[]) {
         rows = regrouped.from.map((k) => k < all.length ? all[k] : [3, 4][k - all.length]);
         batch = regrouped;
         assert.deepEqual([...rows].sort(), [0, 2, 3, 4]);
+        assert.equal(batch.redrawn, false);
         assert.equal(
           (batch.cache!.tensors.values().next().value!.data as Float32Array).buffer,
           buffer,

@@ -44,14 +44,17 @@ export function prefillLimit(rowBytes: DecoderGraph["rowBytes"], allLogits: bool
   return Math.max(1, Math.min(PREFILL_CHUNK, Math.floor(room / perToken)));
 }
 
+/** How long a turn may prefill: no limit when nothing decodes, else PREFILL_TURN_MS or one decode step. */
+export function turnPrefillMs(decoding: boolean, stepMs: number): number {
+  return decoding ? Math.max(PREFILL_TURN_MS, stepMs) : Infinity;
+}
+
 /**
- * Prompt tokens a turn may prefill: a whole chunk when nothing decodes (or nothing is measured yet);
- * otherwise as many as `msPerToken` says fit in PREFILL_TURN_MS or one decode step (`stepMs`),
- * whichever is longer, at least one.
+ * Prompt tokens the next prefill run of a turn takes, with `ms` of the turn left at `msPerToken`: a
+ * whole chunk when nothing is measured yet or no time limit holds, at least one.
  */
-export function turnPrefillTokens(decoding: boolean, msPerToken: number, stepMs: number): number {
-  if (!decoding || msPerToken === 0) return PREFILL_CHUNK;
-  const ms = Math.max(PREFILL_TURN_MS, stepMs);
+export function runPrefillTokens(msPerToken: number, ms: number): number {
+  if (msPerToken === 0 || ms === Infinity) return PREFILL_CHUNK;
   return Math.max(1, Math.min(PREFILL_CHUNK, Math.floor(ms / msPerToken)));
 }
 
@@ -104,7 +107,7 @@ interface KeptPrefix {
 /**
  * The engine of a session whose caches live on the host (WASM, native CPU): each turn of its loop runs ONE decode
  * step for every sequence that is decoding, as one batch, then a chunk of the oldest prompts still
- * prefilling (shorter while rows decode: turnPrefillTokens), the logits read back and every token chosen
+ * prefilling (less while rows decode: turnPrefillMs), the logits read back and every token chosen
  * on the host. A sequence joins the batch after its prefill and leaves when it finishes, between
  * steps; only then are rows of the batch's cache moved (kv_batch.ts), so the steps in between copy
  * nothing on the host. Sampling stays per sequence (its own seeded stream), so what else is in the batch
@@ -113,11 +116,12 @@ interface KeptPrefix {
  * Prefix reuse: before its prefill, a prompt looks for the longest run of its first tokens already
  * in a cache (a row decoding now, a prompt just prefilled, or a finished sequence kept, least recently
  * used first out, within `keepBytes` beside what the live sequences hold) and prefills only the rest.
- * The same prompt sent n times therefore prefills once: the later copies find the first one's cache.
+ * The same prompt sent n times prefills once: the copies waiting when it is in fork from it (fork).
  */
 export class BatchEngine extends EngineBase<HostSequence> {
   private readonly joining: HostSequence[] = [];
-  private batch: { seqs: HostSequence[]; cache: BatchCache } | null = null;
+  /** The rows decoding, and `held`: the most its buffers have held since they were drawn (see liveBytes). */
+  private batch: { seqs: HostSequence[]; cache: BatchCache; held: number } | null = null;
   private readonly kept: KeptPrefix[] = [];
   readonly bytesPerToken: number;
   /** Decode steps run so far. */
@@ -134,6 +138,8 @@ export class BatchEngine extends EngineBase<HostSequence> {
     onKv: (bytes: number) => void = () => {},
     /** KV bytes the live sequences and the kept prefixes may hold together; 0 keeps nothing. */
     private readonly keepBytes = 0,
+    /** Sequences the server decodes at once (`--max-active`): the rows a batch keeps room for. */
+    private readonly slots = 0,
   ) {
     super(tokenizer, eosTokenIds, maxPositions, onKv);
     this.bytesPerToken = kvBytesPerToken(session.graph);
@@ -148,9 +154,12 @@ export class BatchEngine extends EngineBase<HostSequence> {
     return this.liveBytes + this.keptBytes;
   }
 
+  /**
+   * A batch's rows count as the most it has held: the room kept beyond them (spareRows) is memory only
+   * once a row is written, and stays so after that row leaves.
+   */
   private get liveBytes(): number {
-    const cache = this.batch?.cache;
-    const rows = cache ? (cache.capacity ?? cache.lengths.length) * cache.width : 0;
+    const rows = this.batch ? this.batch.held * this.batch.cache.width : 0;
     const own = [...this.prefilling, ...this.joining].reduce((n, s) => n + (s.cache?.length ?? 0), 0);
     return (rows + own) * this.bytesPerToken;
   }
@@ -182,10 +191,15 @@ export class BatchEngine extends EngineBase<HostSequence> {
   protected async turn(): Promise<void> {
     await this.regroup();
     if (this.batch) await this.decodeStep();
-    // Prompt tokens up to one chunk per turn: many short prompts join together, a long one is cut.
-    const tokens = turnPrefillTokens(this.batch !== null, this.prefillMs, this.stepMs);
-    for (let budget = tokens; budget > 0 && this.prefilling.length;) {
-      budget -= await this.prefillChunk(budget);
+    // Prompt tokens up to one chunk a turn: many short prompts join together, a long one is cut. While
+    // rows decode the turn also ends on the clock, whatever the runs were expected to cost: a run's cost
+    // is not its tokens' (a one-token run over 800 cached positions took 5-30 ms on tiny-nas against
+    // ~1.5 ms a token in whole chunks), and runs of several prompts could add up to 180 ms.
+    const until = performance.now() + turnPrefillMs(this.batch !== null, this.stepMs);
+    for (let budget = PREFILL_CHUNK; budget > 0 && this.prefilling.length && this.mayPrefill;) {
+      const left = until - performance.now();
+      if (left <= 0 && budget < PREFILL_CHUNK) break;
+      budget -= await this.prefillChunk(Math.min(budget, runPrefillTokens(this.prefillMs, left)));
     }
   }
 
@@ -197,10 +211,10 @@ export class BatchEngine extends EngineBase<HostSequence> {
     const stay = this.batch?.seqs.filter((s) => !this.ended(s)) ?? [];
     const leaving = this.batch?.seqs.filter((s) => this.ended(s)) ?? [];
     // A redraw (joiners longer than the rows are wide, or more than the buffers hold) copies every
-    // row, so joins wait for company: a leave, a second joiner, or a few steps (their first token is
-    // already out; only their second waits).
+    // row, so joins that need one wait for company: a leave, a second joiner, or a few steps (their
+    // first token is already out; only their second waits). One that fits joins at once.
     const due = leaving.length || this.joining.length >= 2 || !this.batch ||
-      this.joining.some((s) => this.steps - s.prefilledAt >= JOIN_WAIT_STEPS);
+      this.joining.some((s) => this.steps - s.prefilledAt >= JOIN_WAIT_STEPS || this.fits(s, stay.length));
     const joining = (due && this.joining.length ? this.takeJoiners(stay.length) : []).filter((s) => {
       if (!this.ended(s)) return true;
       disposeCache(s.cache!);
@@ -217,14 +231,15 @@ export class BatchEngine extends EngineBase<HostSequence> {
       }
       const all = [...old?.seqs ?? [], ...joining];
       const width = this.widthLimit([...stay, ...joining]);
-      const { cache, from } = await this.session.regroupRows(
+      const { cache, from, redrawn } = await this.session.regroupRows(
         old?.cache ?? null,
         leaving.map((s) => old!.seqs.indexOf(s)),
         joining.map((s) => ({ cache: asBatch(s.cache!), row: 0 })),
         width,
         this.spareRows(stay.length + joining.length, width),
       );
-      this.batch = cache ? { seqs: from.map((i) => all[i]), cache } : null;
+      const held = Math.max(from.length, redrawn || !old ? 0 : old.held);
+      this.batch = cache ? { seqs: from.map((i) => all[i]), cache, held } : null;
     } catch (e) {
       this.batch = null;
       for (const s of [...stay, ...joining]) this.fail(s, e);
@@ -282,14 +297,38 @@ export class BatchEngine extends EngineBase<HostSequence> {
     return this.joining.splice(0, n);
   }
 
+  /** Sequences holding a row or a cache: the batch's rows, those waiting to join, a prompt part prefilled. */
+  private get occupied(): number {
+    return this.rows + this.joining.length + this.prefilling.filter((s) => s.cache !== null).length;
+  }
+
   /**
-   * Rows beyond `rows` a redrawn batch keeps room for: the sequences prefilling or waiting to join,
-   * within the KV budget at `width` positions a row.
+   * Whether the oldest prompt may run: it has started (or is cancelled), or fewer than `slots`
+   * sequences hold rows, so that a step never decodes more rows than the server decodes at once
+   * (`n` choices each take one: three n = 8 answers beside a stream made steps of 23 rows, 296 ms at
+   * 800 positions on tiny-nas).
+   */
+  private get mayPrefill(): boolean {
+    const head = this.prefilling[0];
+    return !this.slots || head.cache !== null || head.cancelled || this.occupied < this.slots;
+  }
+
+  /** Whether `seq` joins the batch (its `rows` staying) without a redraw: room for its row and its length. */
+  private fits(seq: HostSequence, rows: number): boolean {
+    const cache = this.batch?.cache;
+    return !!cache && this.session.inPlace && seq.length <= cache.width && rows < (cache.capacity ?? 0);
+  }
+
+  /**
+   * Rows beyond `rows` a redrawn batch keeps room for, within the KV budget at `width` positions a row:
+   * up to `slots` rows in all, where the server decodes that many at once (a stream that starts later
+   * joins without a redraw or a wait; rows never written take address space, not memory), else the
+   * sequences prefilling or waiting to join.
    */
   private spareRows(rows: number, width: number): number {
-    const waiting = this.prefilling.length + this.joining.length;
-    if (this.keepBytes <= 0) return waiting;
-    return Math.max(0, Math.min(waiting, Math.floor(this.keepBytes / (width * this.bytesPerToken)) - rows));
+    const spare = this.slots ? Math.max(0, this.slots - rows) : this.prefilling.length + this.joining.length;
+    if (this.keepBytes <= 0) return spare;
+    return Math.max(0, Math.min(spare, Math.floor(this.keepBytes / (width * this.bytesPerToken)) - rows));
   }
 
   /**
@@ -335,22 +374,65 @@ export class BatchEngine extends EngineBase<HostSequence> {
       if (seq.prefilled < seq.prompt.length) return chunk.length;
       this.prefilling.shift();
       this.sendPromptLogprobs(seq);
-      await this.take(seq, r.logits.subarray(r.logits.length - vocab));
-      if (this.ended(seq)) {
-        if (this.keepBytes > 0) await this.keep(seq.prompt, asBatch(seq.cache), 0);
-        disposeCache(seq.cache);
-        seq.cache = null;
-        this.finish(seq);
-      } else {
-        seq.prefilledAt = this.steps;
-        this.joining.push(seq);
-      }
+      const last = r.logits.subarray(r.logits.length - vocab);
+      await this.fork(seq, last);
+      await this.take(seq, last);
+      await this.prefilled(seq);
     } catch (e) {
       this.prefilling.shift();
       if (seq.cache) disposeCache(seq.cache);
       this.fail(seq, e);
     }
     return chunk.length;
+  }
+
+  /** A sequence whose prompt is in its cache and whose first token is chosen: answered, or waiting to join. */
+  private async prefilled(seq: HostSequence): Promise<void> {
+    if (this.ended(seq)) {
+      if (this.keepBytes > 0) await this.keep(seq.prompt, asBatch(seq.cache!), 0);
+      disposeCache(seq.cache!);
+      seq.cache = null;
+      this.finish(seq);
+    } else {
+      seq.prefilledAt = this.steps;
+      this.joining.push(seq);
+    }
+  }
+
+  /**
+   * Starts the prompts waiting that are `seq`'s prompt exactly (the other choices of an n > 1 request,
+   * or the same prompt sent again) from its prefill, as vLLM forks a parallel-sampling request once its
+   * prompt is in: a copy of its cache each, and their first tokens drawn from its last logits (each
+   * with its own sampler), where prefix reuse would run the last prompt token again over the whole
+   * context for each of them. Called before `seq` takes its token, which may mask `last` in place.
+   */
+  private async fork(seq: HostSequence, last: Float32Array): Promise<void> {
+    // As many as there are free slots (mayPrefill; `seq` takes one); the others wait their turn.
+    const room = this.slots ? this.slots - this.occupied - 1 : Infinity;
+    const twins = this.prefilling.filter((t) =>
+      t.cached === null && !t.cancelled && !t.promptLogprobs && t.prompt.length === seq.prompt.length &&
+      commonPrefix(t.prompt, seq.prompt) === seq.prompt.length
+    ).slice(0, Math.max(0, room));
+    if (!twins.length) return;
+    const rows = twins.map(() => last.slice());
+    for (const [i, twin] of twins.entries()) {
+      this.prefilling.splice(this.prefilling.indexOf(twin), 1);
+      try {
+        const copy = await this.session.packRows([{
+          cache: asBatch(seq.cache!),
+          row: 0,
+          length: seq.length,
+        }]);
+        twin.cache = { length: seq.length, tensors: copy.tensors };
+        twin.prefilled = twin.length = twin.cached = seq.length;
+        await this.take(twin, rows[i]);
+        await this.prefilled(twin);
+      } catch (e) {
+        if (twin.cache) disposeCache(twin.cache);
+        this.fail(twin, e);
+      }
+    }
+    this.evict();
   }
 
   /** Keeps a copy of the first `ids.length` positions of row `row` of `cache` for later prompts. */

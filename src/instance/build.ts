@@ -193,7 +193,10 @@ export interface EngineOptions {
    * on WebGPU the slot pool, preallocated. Default: the device's budget (memory.ts kvBudgetBytes).
    */
   kvBudgetBytes?: number;
-  /** WebGPU: sequences decoding at once, one KV slot each (default 8). */
+  /**
+   * Sequences decoding at once: on WebGPU one KV slot each (default 8); on the host the rows a batch
+   * keeps room for.
+   */
   slots?: number;
   /** WebGPU: replay each batch size's recorded step (graph capture; default on). */
   capture?: boolean;
@@ -291,6 +294,7 @@ export async function buildInstance(
       cfg.maxPositions,
       serving.onKv,
       budget,
+      serving.slots,
     );
   }
   const scorer = session ?? decoder!;

@@ -40,7 +40,7 @@ export interface BuildSpec {
   kvBudgetBytes?: number;
   /** onnxruntime's threads for this instance's session (the device's default when absent). */
   threads?: number;
-  /** WebGPU: sequences decoding at once, one KV slot each. */
+  /** Sequences decoding at once (EngineOptions.slots). */
   slots?: number;
 }
 

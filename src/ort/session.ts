@@ -72,7 +72,7 @@ export class ModelSession {
    * step fetches only the positions it wrote, not every present, whose copy out of onnxruntime into new
    * memory grew each step's time with every row's length.
    */
-  private readonly inPlace: boolean;
+  readonly inPlace: boolean;
   private readonly fetches: string[] | undefined;
 
   private constructor(
@@ -197,8 +197,8 @@ export class ModelSession {
    * nothing decodes) without its rows `drop`, then `join` appended. Where steps write in place, a
    * leaving row is overwritten by the last one and joining rows are copied into the room the buffers
    * have (`spare` rows are given when they are redrawn): a join or a leave copies the rows it moves,
-   * not the batch. Returns the cache (null when no row is left) and, for each of its rows, the row it
-   * was: an index into the old rows, then the joining ones.
+   * not the batch. Returns the cache (null when no row is left), for each of its rows the row it
+   * was (an index into the old rows, then the joining ones), and whether its buffers are new.
    */
   async regroupRows(
     cache: BatchCache | null,
@@ -206,17 +206,19 @@ export class ModelSession {
     join: RowSource[],
     maxWidth: number,
     spare = 0,
-  ): Promise<{ cache: BatchCache | null; from: number[] }> {
+  ): Promise<{ cache: BatchCache | null; from: number[]; redrawn: boolean }> {
     const rows = cache?.lengths.length ?? 0;
     const joined = join.map((_, j) => rows + j);
     let stay: RowSource[];
     let from: number[];
     if (cache && this.inPlace) {
       const left = dropRows(this.rt, cache, drop);
-      if (!join.length) return { cache: left.from.length ? left.cache : null, from: left.from };
+      if (!join.length) {
+        return { cache: left.from.length ? left.cache : null, from: left.from, redrawn: false };
+      }
       from = [...left.from, ...joined];
       const grown = await appendRows(this.rt, left.cache, join);
-      if (grown) return { cache: grown, from };
+      if (grown) return { cache: grown, from, redrawn: false };
       stay = left.from.map((_, row) => ({ cache: left.cache, row }));
     } else {
       const kept = Array.from({ length: rows }, (_, row) => row).filter((row) => !drop.includes(row));
@@ -225,8 +227,8 @@ export class ModelSession {
     }
     // Rows wider than the batch, no room, or steps that do not write in place: the batch is redrawn.
     const sources = [...stay, ...join];
-    if (!sources.length) return { cache: null, from: [] };
-    return { cache: await this.packRows(sources, maxWidth, sources.length + spare), from };
+    if (!sources.length) return { cache: null, from: [], redrawn: true };
+    return { cache: await this.packRows(sources, maxWidth, sources.length + spare), from, redrawn: true };
   }
 
   /** The cache, or a wider copy of it (at most `maxWidth` unless it needs more), with room for `tokens` more positions in every row. */

@@ -10,7 +10,7 @@ import {
 } from "../serving/completion.ts";
 import type { GenerationSummary } from "../decode/generate.ts";
 import type { PromptLogprob, TokenLogprob } from "../sampling/logprobs.ts";
-import { yieldIfBusy } from "../yield.ts";
+import { ANSWER_SLICE_MS, yieldIfBusy } from "../yield.ts";
 import { readBody } from "./body.ts";
 import { CLIENT_CLOSED, errorResponse } from "./errors.ts";
 import type { AppEnv, RequestLog } from "./logging.ts";
@@ -171,23 +171,33 @@ async function wholeAnswer(a: Answer, object: string, logprobs: boolean): Promis
     if (a.gone.signal.aborted) {
       return errorResponse(c, CLIENT_CLOSED as 400, "client closed request", "cancelled");
     }
-    // n=8 answers echoing a long prompt with 20 alternatives a token are megabytes of JSON.
-    const answers: string[] = [];
-    for (const [i, s] of all.entries()) {
-      const choice = await writer.whole(
-        i,
-        texts[i],
-        lps[i],
-        a.promptLogprobs[a.promptOf(i)],
-        finishReason(s),
-      );
-      answers.push(JSON.stringify(choice));
-      await yieldIfBusy();
-    }
+    // n=8 answers echoing a long prompt with 20 alternatives a token are megabytes of JSON: each
+    // choice is built and encoded as the connection takes it, never the whole body at once.
     const head = JSON.stringify(a.envelope(object, [], { usage: usage(all, a.n) }));
     // The envelope's own `"choices":[]` (quotes inside its string values are escaped).
+    const open = head.indexOf(`"choices":[]`) + `"choices":[`.length;
+    const encoder = new TextEncoder();
+    let next = 0;
+    const body = new ReadableStream<Uint8Array>({
+      async pull(out) {
+        if (next === all.length) {
+          out.enqueue(encoder.encode(head.slice(open)));
+          return out.close();
+        }
+        const i = next++;
+        const choice = await writer.whole(
+          i,
+          texts[i],
+          lps[i],
+          a.promptLogprobs[a.promptOf(i)],
+          finishReason(all[i]),
+        );
+        await yieldIfBusy(ANSWER_SLICE_MS);
+        out.enqueue(encoder.encode((i ? "," : head.slice(0, open)) + JSON.stringify(choice)));
+      },
+    });
     c.header("content-type", "application/json");
-    return c.body(head.replace(`"choices":[]`, () => `"choices":[${answers.join(",")}]`));
+    return c.body(body);
   } finally {
     await task.return(undefined as never);
   }

@@ -66,7 +66,7 @@ export interface HostOptions {
   chat?: TokenizerOptions;
   /** onnxruntime's threads per plan instance (`--threads`; the device's default when absent). */
   threads?: number;
-  /** WebGPU: sequences decoding at once, one KV slot each (`--max-active`). */
+  /** Sequences decoding at once (`--max-active`; EngineOptions.slots). */
   slots?: number;
 }
 
