@@ -496,10 +496,71 @@ Deno.test({
       "2",
       "--max-client-requests",
       "3",
+      "--header-timeout",
+      "1",
+      "--max-client-connections",
+      "24",
     ]);
     const { base, port } = server;
     await server.ready;
     try {
+      await t.step(
+        "headers sent a line every 300 ms get 408 at the deadline; one address holds 24 connections",
+        async () => {
+          const t0 = performance.now();
+          const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+          const enc = new TextEncoder();
+          const lines = [
+            "GET /health HTTP/1.1\r\n",
+            `host: 127.0.0.1:${port}\r\n`,
+            "x-a: 1\r\n",
+            "x-b: 1\r\n",
+            "x-c: 1\r\n",
+          ];
+          const drip = (async () => {
+            for (const l of lines) {
+              await conn.write(enc.encode(l)).catch(() => 0);
+              await new Promise((r) => setTimeout(r, 300));
+            }
+          })();
+          const buf = new Uint8Array(4096);
+          const text = new TextDecoder().decode(buf.subarray(0, (await conn.read(buf)) ?? 0));
+          const seconds = (performance.now() - t0) / 1000;
+          await drip;
+          conn.close();
+          assert.match(text, /^HTTP\/1\.1 408 /);
+          assert.match(text, /request headers took longer than 1 s/);
+          assert.ok(seconds >= 0.9 && seconds < 3, `${seconds.toFixed(1)} s`);
+          // Connections beyond the limit (this process's fetch may hold some of them already) are 429 at
+          // once; the others wait for a request (within the header timeout, so none is 408 yet).
+          const held = await Promise.all(
+            Array.from({ length: 25 }, () => Deno.connect({ hostname: "127.0.0.1", port })),
+          );
+          const answers = await Promise.all(held.map(async (c) => {
+            const b = new Uint8Array(4096);
+            const n = await Promise.race([
+              c.read(b),
+              new Promise<"open">((r) => setTimeout(() => r("open"), 500)),
+            ]);
+            return n === "open" ? "open" : new TextDecoder().decode(b.subarray(0, n ?? 0));
+          }));
+          const refused = answers.filter((a) => a !== "open");
+          for (const c of held) c.close();
+          assert.ok(
+            refused.length >= 1 && refused.every((a) => /^HTTP\/1\.1 429 /.test(a)),
+            refused.join("\n"),
+          );
+          assert.ok(answers.filter((a) => a === "open").length <= 24);
+          assert.match(refused[0], /connections from 127\.0\.0\.1 are open; at most 24 at once/);
+          await new Promise((r) => setTimeout(r, 100));
+          assert.equal(
+            (await fetch(`${base}/health`)).status,
+            200,
+            "a connection is taken again once others close",
+          );
+        },
+      );
+
       await t.step("a body sent a byte every 200 ms is cut off at the deadline with 408", async () => {
         const r = await dripBody(port, "/v1/completions", JSON.stringify({ prompt: "x".repeat(100) }), 200);
         assert.equal(r.status, 408, r.text);

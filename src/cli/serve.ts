@@ -17,6 +17,7 @@ import { DEFAULT_CALIBRATION_TEXT } from "./defaults.ts";
 import { defineCommand } from "./flags.ts";
 import { healedIf, modelFlags } from "./load.ts";
 import { decodeAdvice } from "../ort/decode_estimate.ts";
+import { serveFronted } from "../server/front.ts";
 
 /** Hono's bearer-auth accepts RFC 6750 token characters only; another token could never match. */
 const token = z.string().min(8, "must be at least 8 characters").regex(
@@ -90,6 +91,12 @@ export const serveCommand = defineCommand({
     max_client_requests: z.number().int().min(1).max(100000).default(64).describe(
       "requests one client address may have in flight (then 429)",
     ),
+    header_timeout: z.number().gt(0).max(3600).default(10).describe(
+      "seconds a request's headers may take to arrive (then 408)",
+    ),
+    max_client_connections: z.number().int().min(1).max(100000).default(128).describe(
+      "connections one client address may hold open (then 429)",
+    ),
     admin_token: token.optional().describe("bearer token for POST/DELETE /fuse, /bench, /analysis"),
     api_key: token.optional().describe("bearer token for /v1/*"),
   }),
@@ -125,8 +132,13 @@ export const serveCommand = defineCommand({
       textPath: flags.text,
       log: console.log,
     });
-    const server = Deno.serve({ hostname: flags.host, port: flags.port, onListen: () => {} }, app.fetch);
-    const addr = server.addr as Deno.NetAddr;
+    const server = await serveFronted({
+      hostname: flags.host,
+      port: flags.port,
+      headerTimeoutMs: flags.header_timeout * 1000,
+      maxConnections: flags.max_client_connections,
+    }, app.fetch);
+    const addr = server.addr;
     emit({ event: "listening", host: addr.hostname, port: addr.port });
     const { promise: stopped, resolve: exit } = Promise.withResolvers<void>();
     let stopping = false;
