@@ -397,25 +397,26 @@ Deno.test("batch engine: while rows decode, a turn prefills for about 40 ms or o
 });
 
 /**
- * Logs the session's prefill runs and decode steps in order: "p" a prefill run, "d" a decode step, and
- * "P" a one-token prompt's run from an empty cache, slowed by `delayMs` (as a run over a long cached
- * prefix costs, whatever its tokens).
+ * Logs the session's prefill runs and decode steps in order (`order`): "p" a prefill run, "d" a decode
+ * step, and "P" a one-token prompt's run from an empty cache, slowed by `delayMs` (as a run over a long
+ * cached prefix costs, whatever its tokens); and each decode step's rows (`rows`).
  */
-function traceRuns(s: ModelSession, delayMs = 0): string[] {
-  const runs: string[] = [];
+function traceRuns(s: ModelSession, delayMs = 0): { order: string[]; rows: number[] } {
+  const trace = { order: [] as string[], rows: [] as number[] };
   const step = s.step.bind(s);
   const decode = s.decodeBatch.bind(s);
   s.step = async (...a: Parameters<ModelSession["step"]>) => {
     const slow = delayMs > 0 && a[0].length === 1 && a[1].length === 0;
-    runs.push(slow ? "P" : "p");
+    trace.order.push(slow ? "P" : "p");
     if (slow) await new Promise((r) => setTimeout(r, delayMs));
     return await step(...a);
   };
   s.decodeBatch = (...a: Parameters<ModelSession["decodeBatch"]>) => {
-    runs.push("d");
+    trace.order.push("d");
+    trace.rows.push(a[0].length);
     return decode(...a);
   };
-  return runs;
+  return trace;
 }
 
 Deno.test({
@@ -430,9 +431,13 @@ Deno.test({
     // Each choice alone, from a cold prefill of its own.
     const alone = [];
     for (const seed of [7, 8, 9]) alone.push((await runAll(engine, [{ prompt, params: sampled(seed) }]))[0]);
-    const runs = traceRuns(inst.session!);
+    const { order } = traceRuns(inst.session!);
     const three = await runAll(engine, [7, 8, 9].map((seed) => ({ prompt, params: sampled(seed) })));
-    assert.equal(runs.filter((r) => r === "p").length, 1, `one prefill run for the three: ${runs.join("")}`);
+    assert.equal(
+      order.filter((r) => r === "p").length,
+      1,
+      `one prefill run for the three: ${order.join("")}`,
+    );
     assert.deepEqual(
       three.map((t) => t.cachedTokens),
       [0, 40, 40],
@@ -462,12 +467,7 @@ Deno.test({
     ];
     const reqs = prompts.map((prompt) => ({ prompt, params: params(6) }));
     const want = await runAll(unlimited, reqs);
-    const rows: number[] = [];
-    const decode = s.decodeBatch.bind(s);
-    s.decodeBatch = (...a: Parameters<ModelSession["decodeBatch"]>) => {
-      rows.push(a[0].length);
-      return decode(...a);
-    };
+    const { rows } = traceRuns(s);
     const slotted = new BatchEngine(
       s,
       assets.tokenizer,
@@ -506,7 +506,7 @@ Deno.test({
     const { assets, inst, engine } = await unfusedEngine();
     const ids = assets.tokenizer.encode(await Deno.readTextFile(EVAL_TEXT));
     // One-token prompts cost 60 ms a run, after a 130-token prompt made a token look cheap.
-    const runs = traceRuns(inst.session!, 60);
+    const runs = traceRuns(inst.session!, 60).order;
     let streamed = 0;
     let waiting: Promise<unknown> = Promise.resolve();
     await new Promise<void>((resolve, reject) =>

@@ -99,6 +99,9 @@ Deno.test("cli: bad input exits 2 with a message, never a stack trace", async ()
     [["serve", "--max-active", "0"], /--max-active/],
     [["serve", "--max-queue", "-1"], /--max-queue/],
     [["serve", "--request-timeout", "0"], /--request-timeout/],
+    [["serve", "--header-timeout", "0"], /--header-timeout/],
+    [["serve", "--header-timeout", "soon"], /--header-timeout/],
+    [["serve", "--max-client-connections", "0"], /--max-client-connections/],
     [["serve", "--max-tokens-cap", "99999"], /--max-tokens-cap/],
     [["serve", "--admin-token", "short"], /--admin-token: must be at least 8 characters/],
   ];

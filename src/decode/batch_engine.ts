@@ -58,6 +58,14 @@ export function runPrefillTokens(msPerToken: number, ms: number): number {
   return Math.max(1, Math.min(PREFILL_CHUNK, Math.floor(ms / msPerToken)));
 }
 
+/** A batch's rows staying, the positions each holds and the rows its buffers hold. */
+type BatchRoom = { rows: number; width: number; capacity: number };
+
+/** Whether `n` joiners, the longest `longest` positions, fit the batch's buffers without a redraw. */
+function roomFor(batch: BatchRoom, n: number, longest: number): boolean {
+  return longest <= batch.width && batch.rows + n <= batch.capacity;
+}
+
 /**
  * How many of the joiners, shortest first (their caches' `lengths`, ascending, `bytesPerToken` each), a
  * regroup takes: as many as JOIN_COPY_BYTES of cache (at least one), so that copying them does not
@@ -68,14 +76,14 @@ export function runPrefillTokens(msPerToken: number, ms: number): number {
 export function joinersTaken(
   lengths: number[],
   bytesPerToken: number,
-  batch: { rows: number; width: number; capacity: number } | null,
+  batch: BatchRoom | null,
 ): number {
   let n = 1;
   let total = lengths[0] * bytesPerToken;
   while (n < lengths.length && total + lengths[n] * bytesPerToken <= JOIN_COPY_BYTES) {
     total += lengths[n++] * bytesPerToken;
   }
-  const redrawn = batch !== null && (lengths[n - 1] > batch.width || batch.rows + n > batch.capacity);
+  const redrawn = batch !== null && !roomFor(batch, n, lengths[n - 1]);
   return redrawn ? lengths.length : n;
 }
 
@@ -316,7 +324,8 @@ export class BatchEngine extends EngineBase<HostSequence> {
   /** Whether `seq` joins the batch (its `rows` staying) without a redraw: room for its row and its length. */
   private fits(seq: HostSequence, rows: number): boolean {
     const cache = this.batch?.cache;
-    return !!cache && this.session.inPlace && seq.length <= cache.width && rows < (cache.capacity ?? 0);
+    return !!cache && this.session.inPlace &&
+      roomFor({ rows, width: cache.width, capacity: cache.capacity ?? 0 }, 1, seq.length);
   }
 
   /**

@@ -162,12 +162,12 @@ async function relay(
   connect: () => Promise<Deno.Conn>,
   timeoutMs: number,
 ): Promise<void> {
-  const input = new Input(conn);
+  const input = new Input(conn, timeoutMs);
   const peer = `${conn.remoteAddr.hostname} ${conn.remoteAddr.port}`;
   let up: Deno.Conn | null = null;
   try {
     for (let deadline: number | null = performance.now() + timeoutMs;; deadline = null) {
-      const head = await input.head(deadline, timeoutMs);
+      const head = await input.head(deadline);
       if (!head) break;
       const framing = frame(head.lines);
       if (!up) {
@@ -264,13 +264,14 @@ class Input {
   private start = 0;
   private end = 0;
 
-  constructor(private readonly conn: Deno.Conn) {}
+  /** `timeoutMs`: how long a head may take (see head). */
+  constructor(private readonly conn: Deno.Conn, private readonly timeoutMs: number) {}
 
   /**
    * The next request's head, or null where the client closed between requests. It must be whole by
    * `deadline`, or within `timeoutMs` of its first byte where none is set.
    */
-  async head(deadline: number | null, timeoutMs: number) {
+  async head(deadline: number | null) {
     // Bytes of this head already searched, counted from `start` (a read may move the buffer).
     for (let searched = 0;;) {
       const at = this.find(this.start + searched);
@@ -299,8 +300,8 @@ class Input {
         };
       }
       searched = Math.max(0, this.end - this.start - 3);
-      if (deadline === null && this.end > this.start) deadline = performance.now() + timeoutMs;
-      if (!await this.fill(deadline, timeoutMs)) {
+      if (deadline === null && this.end > this.start) deadline = performance.now() + this.timeoutMs;
+      if (!await this.fill(deadline)) {
         if (this.end > this.start) throw new Error("the client closed inside a request's headers");
         return null;
       }
@@ -320,14 +321,14 @@ class Input {
       if (this.end - this.start > MAX_LINE_BYTES) {
         throw new Refusal(400, "Bad Request", "chunk line too long");
       }
-      if (!await this.fill(null, 0)) throw new Error("the client closed inside a chunked body");
+      if (!await this.fill(null)) throw new Error("the client closed inside a chunked body");
     }
   }
 
   /** Relays the next `n` bytes to `to` as they arrive. */
   async relay(to: Deno.Conn, n: number): Promise<void> {
     while (n > 0) {
-      if (this.end === this.start && !await this.fill(null, 0)) {
+      if (this.end === this.start && !await this.fill(null)) {
         throw new Error("the client closed inside a body");
       }
       const take = Math.min(n, this.end - this.start);
@@ -348,7 +349,7 @@ class Input {
   }
 
   /** Reads more; false at the client's end. Past `deadline` (ms, performance.now()) it throws 408. */
-  private async fill(deadline: number | null, timeoutMs: number): Promise<boolean> {
+  private async fill(deadline: number | null): Promise<boolean> {
     const used = this.end - this.start;
     if (this.buf.length - this.end < READ_BYTES) {
       if (used + READ_BYTES <= this.buf.length) this.buf.copyWithin(0, this.start, this.end);
@@ -372,7 +373,11 @@ class Input {
       clearTimeout(timer);
       if (won === "late") {
         read.catch(() => {});
-        throw new Refusal(408, "Request Timeout", `request headers took longer than ${timeoutMs / 1000} s`);
+        throw new Refusal(
+          408,
+          "Request Timeout",
+          `request headers took longer than ${this.timeoutMs / 1000} s`,
+        );
       }
       n = won;
     }
