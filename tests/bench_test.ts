@@ -7,7 +7,6 @@ import type { Spread } from "../src/numeric.ts";
 import { requestGpu } from "../src/webgpu/device.ts";
 import {
   assertSpread,
-  HAS_NATIVE,
   HAS_WEBGPU,
   NAS_LIKE,
   ROOT,
@@ -292,35 +291,8 @@ Deno.test("bench/studies/step_parts.ts: a batched step's parts timed in alternat
   ]);
 });
 
-Deno.test({
-  name:
-    "bench/studies/host_kv.ts: native steps with caches in place beside copied ones, alternated; bad flags exit 2",
-  ignore: !HAS_NATIVE,
-  fn: async () => {
-    const run = (...args: string[]) => runScript("bench/studies/host_kv.ts", ...args);
-    const r = await run("--batch", "1,4", "--lengths", "8,40", "--steps", "2", "--rounds", "2", "--json");
-    assert.equal(r.code, 0, r.stderr);
-    const rows = JSON.parse(r.stdout).rows as {
-      variant: string;
-      batch: number;
-      length: number;
-      ms_per_step: Spread;
-      over_in_place: number;
-    }[];
-    assert.deepEqual(
-      rows.map((x) => `${x.variant} ${x.batch} ${x.length}`),
-      ["in place", "copied"].flatMap((v) => ["1 8", "1 40", "4 8", "4 40"].map((c) => `${v} ${c}`)),
-    );
-    for (const x of rows) {
-      assertSpread(x.ms_per_step, x);
-      if (x.variant === "in place") assert.equal(x.over_in_place, 1);
-    }
-    await assertRefused(run, [["--lengths", "0"], ["--lengths", "5000"], ["--device", "gpu"], ["--bogus"]]);
-  },
-});
-
 Deno.test(
-  "bench/studies/attention_forms.ts: fused and MatMul attention on WASM, decode and prefill, alternated; bad flags exit 2",
+  "bench/studies/attention_forms.ts: fused and MatMul attention on WASM (int8 weights), decode and prefill, alternated; bad flags exit 2",
   async () => {
     const run = (...args: string[]) => runScript("bench/studies/attention_forms.ts", ...args);
     const r = await run(
@@ -334,10 +306,14 @@ Deno.test(
       "2",
       "--rounds",
       "2",
+      "--quantize",
+      "int8",
       "--json",
     );
     assert.equal(r.code, 0, r.stderr);
-    const rows = JSON.parse(r.stdout).rows as {
+    const report = JSON.parse(r.stdout);
+    assert.equal(report.quantize, "int8");
+    const rows = report.rows as {
       form: string;
       kind: string;
       batch: number;
@@ -362,6 +338,7 @@ Deno.test(
       ["--lengths", "5000"],
       ["--chunk", "0"],
       ["--device", "gpu"],
+      ["--quantize", "int3"],
       ["--bogus"],
     ]);
   },

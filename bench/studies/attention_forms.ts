@@ -1,15 +1,19 @@
 /**
  * What each attention form costs a whole decoder on a host device: onnxruntime's fused
- * GroupQueryAttention (caches in place on native onnxruntime, presents copied out on WASM, as each
- * device builds it) against attention from MatMuls over caches in place (src/onnx/matmul_attention.ts), for
+ * GroupQueryAttention (which copies each past into a present, fetched as the next step's cache)
+ * against attention from MatMuls over caches in place (src/onnx/matmul_attention.ts), for
  * decode steps of `batch` rows after `length` cached positions and for one prefill run of `chunk`
  * prompt tokens after `length` cached. Cases are warmed, then alternated in rounds; ms and CPU ms as
  * median [min-max], and the fused form's time over the MatMul form's.
  *
  *   scripts/deno run -A bench/studies/attention_forms.ts [--device wasm|cpu] [--model DIR]
- *     [--batch 1,16] [--lengths 32,256,768] [--chunk 128] [--steps 8] [--rounds 5] [--json]
+ *     [--quantize none|int8|int4] [--batch 1,16] [--lengths 32,256,768] [--chunk 128] [--steps 8]
+ *     [--rounds 5] [--json]
+ *
+ * `--quantize` builds the weights as the device serves them (`serve --quantize`), so that a real-sized
+ * model's attention is weighed against the linears it runs beside.
  */
-import { positive, scriptFlags } from "../../scripts/args.ts";
+import { fail, positive, scriptFlags } from "../../scripts/args.ts";
 import { batchStepTimes, cpuSeconds } from "../../src/bench/decode_bench.ts";
 import { inRounds } from "../../src/bench/rounds.ts";
 import { UNFUSED } from "../../src/fusion/plan.ts";
@@ -18,10 +22,13 @@ import { type Spread, spread } from "../../src/numeric.ts";
 import { type AttentionForm, buildDecoderGraph } from "../../src/onnx/decoder.ts";
 import { DEFAULT_MODEL, hostStudy } from "./host_setup.ts";
 import { disposeCache, ModelSession } from "../../src/ort/session.ts";
+import { resolveGraphOptions } from "../../src/ort/ort.ts";
+import type { Quantization } from "../../src/onnx/format.ts";
 
 const values = scriptFlags({
   model: { type: "string", default: DEFAULT_MODEL },
   device: { type: "string", default: "wasm" },
+  quantize: { type: "string", default: "none" },
   batch: { type: "string", default: "1,16" },
   lengths: { type: "string", default: "32,256,768" },
   chunk: { type: "string", default: "128" },
@@ -34,6 +41,8 @@ const lengths = values.lengths!.split(",").map((s) => positive("lengths", s));
 const chunk = positive("chunk", values.chunk!);
 const steps = positive("steps", values.steps!);
 const rounds = positive("rounds", values.rounds!);
+const quantize = values.quantize! as Quantization;
+if (!["none", "int8", "int4"].includes(quantize)) fail(`--quantize: none, int8 or int4, got ${quantize}`);
 
 const longest = Math.max(...lengths) + Math.max(chunk, steps + 1);
 const { device, assets, ids } = await hostStudy(
@@ -46,14 +55,11 @@ const { device, assets, ids } = await hostStudy(
 const cfg = assets.checkpoint.config;
 
 const blocks = applyPlan(assets.blocks, UNFUSED);
+const options = await resolveGraphOptions("fp32", quantize, device);
 const forms: AttentionForm[] = ["fused", "matmul"];
 const sessions = new Map<AttentionForm, ModelSession>();
 for (const form of forms) {
-  // Both keep caches in place where the device's fused graph does (native: newKv); the MatMul form always does.
-  const graph = buildDecoderGraph(assets.checkpoint, blocks, undefined, undefined, {
-    attention: form,
-    newKv: device === "cpu",
-  });
+  const graph = buildDecoderGraph(assets.checkpoint, blocks, options, undefined, { attention: form });
   sessions.set(form, await ModelSession.create(graph, device, cfg.vocabSize));
 }
 
@@ -109,11 +115,13 @@ for (const r of rows) {
   r.fused_over_this = fused.ms.median / r.ms.median;
 }
 if (values.json) {
-  console.log(JSON.stringify({ model: values.model, device, chunk, steps, rounds, rows }, null, 1));
+  console.log(JSON.stringify({ model: values.model, device, quantize, chunk, steps, rounds, rows }, null, 1));
 } else {
   const f = (s: Spread) => `${s.median.toFixed(2)} [${s.min.toFixed(2)}-${s.max.toFixed(2)}]`;
   console.log(
-    `${device}, ${values.model}: a decode step (${steps} per sample) and a ${chunk}-token prefill run after ` +
+    `${device}, ${values.model}${
+      quantize === "none" ? "" : ` (${quantize})`
+    }: a decode step (${steps} per sample) and a ${chunk}-token prefill run after ` +
       `\`cached\` positions, cases alternated in ${rounds} rounds; median [min-max]`,
   );
   console.log(

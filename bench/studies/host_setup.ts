@@ -1,5 +1,5 @@
 /**
- * What the host-device studies (host_kv.ts, attention_forms.ts) start from; not a study itself.
+ * What the host-device studies (attention_forms.ts) start from; not a study itself.
  */
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";

@@ -236,12 +236,9 @@ export async function buildInstance(
   );
   const cfg = assets.checkpoint.config;
   const onWebgpu = device === "webgpu";
-  // Host caches are written in place (bench/results/2026-12-04-cpu-tiny-nas-host-kv.txt): native
-  // onnxruntime's fused attention outputs each step's positions beside its presents (newKv); WASM's
-  // attention from MatMuls outputs only those (bench/results/2026-12-04-wasm-attention-forms.txt).
+  // Host caches are written in place: the MatMul form outputs only each step's own positions.
   const graph = buildDecoderGraph(assets.checkpoint, blocks, options, weights, {
     weightsAsInputs: onWebgpu,
-    newKv: device === "cpu",
     attention: attentionFor(device, options.dtype),
   });
   // WebGPU's decode steps run a graph of their own over the same weight buffers.

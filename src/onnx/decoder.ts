@@ -24,11 +24,9 @@ export const pastKey = (layer: number) => `past_key_values.${layer}.key`;
 export const pastValue = (layer: number) => `past_key_values.${layer}.value`;
 export const presentKey = (layer: number) => `present.${layer}.key`;
 export const presentValue = (layer: number) => `present.${layer}.value`;
-/** A step's own keys and values (DecoderLayout.newKv): what a cache kept in place takes from it. */
+/** A step's own keys and values (the MatMul form's outputs): what a cache kept in place takes from it. */
 export const newKey = (layer: number) => `new.${layer}.key`;
 export const newValue = (layer: number) => `new.${layer}.value`;
-/** Where the positions a step wrote lie in layers with `kvHeads` heads (see newKvOutputs). */
-export const newKvIndex = (kvHeads: number) => `new_kv_index.${kvHeads}`;
 
 export interface DecoderGraph {
   model: EncodedModel;
@@ -47,10 +45,8 @@ export interface DecoderGraph {
    * a row's activations are a few vectors. A prefill chunk is sized by them.
    */
   rowBytes: { position: number; logits: number };
-  /** It outputs each step's new keys and values (DecoderLayout.newKv). */
+  /** It outputs each step's new keys and values, not presents (the MatMul form). */
   newKv: boolean;
-  /** It takes `new_kv_index.{h}`: where each row's new positions lie (newKv with fused attention). */
-  kvIndex: boolean;
   attention: AttentionForm;
 }
 
@@ -462,9 +458,9 @@ interface Sequence {
 
 /**
  * The decoder's inputs, shared values and embedded tokens: what every graph over token ids starts
- * from. `kvIndex`: it takes `new_kv_index.{h}` (see newKvOutputs).
+ * from.
  */
-function decoderFront(e: DecoderEmitter, ckpt: Checkpoint, blocks: Block[], kvIndex = false) {
+function decoderFront(e: DecoderEmitter, ckpt: Checkpoint, blocks: Block[]) {
   const cfg = ckpt.config;
   const g = e.g;
   const inputIds = g.input("input_ids", "int32", ["batch_size", "sequence_length"]);
@@ -475,19 +471,13 @@ function decoderFront(e: DecoderEmitter, ckpt: Checkpoint, blocks: Block[], kvIn
     g.input(pastKey(layer), e.act, ["batch_size", kvHeads, "past_sequence_length", cfg.headDim]);
     g.input(pastValue(layer), e.act, ["batch_size", kvHeads, "past_sequence_length", cfg.headDim]);
   }
-  const indexed = cache.length > 0 && kvIndex;
-  if (indexed) {
-    for (const h of new Set(cache.map((c) => c.kvHeads))) {
-      g.input(newKvIndex(h), "int32", ["batch_size", h, "sequence_length", cfg.headDim]);
-    }
-  }
   const step = cache.length && e.attentionForm === "matmul"
     ? stepPositions(g, inputIds, seqlensK, pastKey(cache[0].layer))
     : null;
   const seq: Sequence = { seqlensK, totalLength, step };
   const shared = cache.length ? e.rotaryTables() : { cos: "", sin: "" };
   const x = e.embed(inputIds, ckpt.embed);
-  return { cache, shared, seq, indexed, residual: { base: x, delta: null } as Residual };
+  return { cache, shared, seq, residual: { base: x, delta: null } as Residual };
 }
 
 /** How a decoder graph is laid out for its sessions. */
@@ -504,13 +494,7 @@ export interface DecoderLayout {
    * as [parts, K / parts, N], so with `weightsAsInputs` the step's sessions bind the prefill's buffers.
    */
   step?: SplitK;
-  /**
-   * Outputs `new.{i}.key/value` [batch, kvHeads, seq, headDim] too: the positions this step wrote,
-   * each row's last `seq` (seqlens_k - seq + 1 .. seqlens_k). A caller that keeps its caches in
-   * place fetches these instead of the presents, which it then never copies out of onnxruntime.
-   */
-  newKv?: boolean;
-  /** How attention is emitted (AttentionForm); fused by default. "matmul" implies `newKv`. */
+  /** How attention is emitted (AttentionForm); fused by default. */
   attention?: AttentionForm;
 }
 
@@ -537,7 +521,7 @@ export function buildDecoderGraph(
   const act = e.act;
   // The MatMul form keeps caches in place by construction: it writes no presents.
   const matmul = e.attentionForm === "matmul";
-  const { cache, shared, seq, indexed, residual } = decoderFront(e, ckpt, blocks, layout.newKv && !matmul);
+  const { cache, shared, seq, residual } = decoderFront(e, ckpt, blocks);
   const out = blocks.reduce((r, b) => e.block(r, b, shared, seq), residual);
   const { h } = e.normed(out, ckpt.finalNorm, "final_norm");
   const positions = g.input("logit_positions", "int32", ["batch_size", "logit_rows"]);
@@ -560,7 +544,6 @@ export function buildDecoderGraph(
     g.output(presentKey(layer), act, ["batch_size", kvHeads, "present_sequence_length", cfg.headDim]);
     g.output(presentValue(layer), act, ["batch_size", kvHeads, "present_sequence_length", cfg.headDim]);
   }
-  if (indexed) newKvOutputs(g, cache, cfg.headDim, act);
   return {
     model: g.encode("fusedge_decoder"),
     floatType: act,
@@ -570,33 +553,9 @@ export function buildDecoderGraph(
     matmulCount: g.countOps("MatMul") + g.countOps("MatMulNBits"),
     nodeCount: g.nodeCount,
     rowBytes: { ...e.rowBytes },
-    newKv: ((layout.newKv ?? false) || matmul) && cache.length > 0,
-    kvIndex: indexed,
+    newKv: matmul && cache.length > 0,
     attention: e.attentionForm,
   };
-}
-
-/**
- * The positions a step wrote, gathered from each present: `new.{i}.*` (see DecoderLayout.newKv). The
- * caller feeds where they are, `new_kv_index.{kvHeads}` int32 [batch, kvHeads, seq, headDim] (row b's
- * seqlens_k - seq + 1 + t at every head and element, declared by decoderFront), because shape
- * arithmetic in the graph would cost a dozen more nodes a step, and a CPU step is dominated by its
- * nodes' fixed costs.
- */
-function newKvOutputs(
-  g: GraphBuilder,
-  cache: { layer: number; kvHeads: number }[],
-  headDim: number,
-  act: "float32" | "float16",
-): void {
-  for (const { layer, kvHeads: h } of cache) {
-    for (
-      const [present, out] of [[presentKey(layer), newKey(layer)], [presentValue(layer), newValue(layer)]]
-    ) {
-      g.op("GatherElements", [present, newKvIndex(h)], { axis: 2 }, out);
-      g.output(out, act, ["batch_size", h, "sequence_length", headDim]);
-    }
-  }
 }
 
 /** The name of a stream graph's output: the residual stream entering block i. */

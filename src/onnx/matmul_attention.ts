@@ -4,8 +4,9 @@ import type { GraphBuilder } from "./builder.ts";
  * Attention from standard operators (MatMul, Softmax, Concat) for caches kept in place on the host
  * (DecoderLayout.newKv): packed q/k/v in, rotary at each row's own positions, each query attending to
  * its row's cached positions and to the step's new ones up to itself. Its outputs are the step's own
- * keys and values (`new.{i}.*`), which the session writes into its caches; there are no presents, so
- * nothing in the graph copies a cache into a wider one or scatters into it.
+ * keys and values (`new.{i}.*`), which the session writes into its caches; there are no presents, and
+ * the caches are only read: scores against the cached keys and against the step's own are computed
+ * apart and joined (a few floats a query), and so are the two halves of the context.
  *
  * Why not the fused operator everywhere: onnxruntime-web's WASM kernel of GroupQueryAttention costs
  * ~140 ns per query, key and head, 7-20x more than these operators once a run holds many positions,
@@ -28,6 +29,8 @@ export interface StepPositions {
   positions: string;
   /** float [batch, 1, 1, seq, past + seq]: 0 where a query sees a key (past, then new), MASKED elsewhere. */
   mask: string;
+  /** int64 [2]: past and seq, where the mask's last axis splits between cached and new keys. */
+  parts: string;
 }
 
 /**
@@ -47,7 +50,8 @@ export function stepPositions(
   const cached = g.op("Unsqueeze", [lengths, g.ints([1])]);
   const positions = g.op("Add", [cached, range(seq)]);
   // Each key's position in its row: the past's own index while it is cache, then the new positions.
-  const past = range(g.op("Shape", [anyPast], { start: 2, end: 3 }));
+  const width = g.op("Shape", [anyPast], { start: 2, end: 3 });
+  const past = range(width);
   const pastAt = g.op("Where", [g.op("Less", [past, cached]), past, g.ints([UNSEEN], true)]);
   const keyAt = g.op("Concat", [pastAt, positions], { axis: 1 });
   const seen = g.op("LessOrEqual", [
@@ -55,7 +59,7 @@ export function stepPositions(
     g.op("Unsqueeze", [positions, g.ints([2])]),
   ]);
   const mask = g.op("Unsqueeze", [g.op("Where", [seen, g.scalar(0), g.scalar(MASKED)]), g.ints([1, 2])]);
-  return { positions, mask };
+  return { positions, mask, parts: g.op("Concat", [width, seq], { axis: 0 }) };
 }
 
 export interface AttentionShape {
@@ -94,19 +98,25 @@ export function matmulAttention(
   });
   const heads = (x: string, name: string) =>
     g.op("Transpose", [g.op("Reshape", [x, g.ints([0, 0, kv, d])])], { perm: [0, 2, 1, 3] }, name);
-  // [batch, kv, 1, past + seq, d]: broadcast over the group.
-  const all = (past: string, step: string) =>
-    g.op("Unsqueeze", [g.op("Concat", [past, step], { axis: 2 }), g.ints([2])]);
-  const keys = all(cache.pastKey, heads(rotate(k, kv), cache.newKey));
-  const values = all(cache.pastValue, heads(v, cache.newValue));
-  const [scores] = g.node(
-    "FusedMatMul",
-    [queries, keys],
-    { transB: 1, alpha: { float: 1 / Math.sqrt(d) } },
-    1,
-    "com.microsoft",
-  );
+  // [batch, kv, 1, positions, d], broadcast over the group. The cache is read where it lies: joining
+  // it to the step's keys first copied every row's whole cache each layer and step.
+  const grouped = (x: string) => g.op("Unsqueeze", [x, g.ints([2])]);
+  const pastKeys = grouped(cache.pastKey);
+  const newKeys = grouped(heads(rotate(k, kv), cache.newKey));
+  const scored = (keys: string) =>
+    g.node(
+      "FusedMatMul",
+      [queries, keys],
+      { transB: 1, alpha: { float: 1 / Math.sqrt(d) } },
+      1,
+      "com.microsoft",
+    )[0];
+  const scores = g.op("Concat", [scored(pastKeys), scored(newKeys)], { axis: -1 });
   const probs = g.op("Softmax", [g.op("Add", [scores, step.mask])], { axis: -1 });
-  const context = g.op("MatMul", [probs, values]);
+  const [pastProbs, newProbs] = g.node("Split", [probs, step.parts], { axis: -1 }, 2);
+  const context = g.op("Add", [
+    g.op("MatMul", [pastProbs, grouped(cache.pastValue)]),
+    g.op("MatMul", [newProbs, grouped(heads(v, cache.newValue))]),
+  ]);
   return g.op("Reshape", [g.op("Transpose", [context], { perm: [0, 3, 1, 2, 4] }), g.ints([0, 0, h * d])]);
 }

@@ -5,7 +5,6 @@ import {
   buildDecoderGraph,
   type DecoderGraph,
   newKey,
-  newKvIndex,
   newValue,
   pastKey,
   pastValue,
@@ -68,12 +67,11 @@ export class ModelSession {
   private chain: Promise<unknown> = Promise.resolve();
   private released = false;
   /**
-   * Steps write into the caches they were given (a graph with DecoderLayout.newKv on a host device): a
-   * step fetches only the positions it wrote, not every present, whose copy out of onnxruntime into new
-   * memory grew each step's time with every row's length.
+   * Steps write into the caches they were given (the MatMul form, on a host device): a step outputs
+   * only the positions it wrote, not every present, whose copy out of onnxruntime into new memory grew
+   * each step's time with every row's length.
    */
   readonly inPlace: boolean;
-  private readonly fetches: string[] | undefined;
 
   private constructor(
     private readonly session: ort.InferenceSession,
@@ -83,9 +81,6 @@ export class ModelSession {
     private readonly rt: OrtApi,
   ) {
     this.inPlace = graph.newKv && (device === "cpu" || device === "wasm");
-    this.fetches = this.inPlace
-      ? ["logits", ...graph.cache.flatMap(({ layer }) => [newKey(layer), newValue(layer)])]
-      : undefined;
   }
 
   static async create(graph: DecoderGraph, device: Backend, vocabSize: number): Promise<ModelSession> {
@@ -164,7 +159,6 @@ export class ModelSession {
         input_ids: new this.rt.Tensor("int32", Int32Array.from(ids), [rows, 1]),
         ...lengthFeeds(this.rt, lengths),
         logit_positions: logitPositions(this.rt, rows, 1, "last"),
-        ...this.kvIndexFeeds(cache.lengths, 1),
       }, past.tensors);
       const logits = (await out.logits.getData(true)) as Float32Array;
       if (this.inPlace) {
@@ -239,29 +233,6 @@ export class ModelSession {
     return await packRows(this.rt, this.graph, rows, headroom(need, maxWidth), cache.capacity);
   }
 
-  /**
-   * Where the positions a step writes (`tokens` a row, after each row's `lengths`) lie, for graphs that
-   * take them (DecoderGraph.kvIndex).
-   */
-  private kvIndexFeeds(lengths: number[], tokens: number): Record<string, ort.Tensor> {
-    if (!this.graph.kvIndex) return {};
-    const hd = this.graph.headDim;
-    const feeds: Record<string, ort.Tensor> = {};
-    for (const h of new Set(this.graph.cache.map((c) => c.kvHeads))) {
-      const at = new Int32Array(lengths.length * h * tokens * hd);
-      lengths.forEach((length, b) => {
-        for (let head = 0; head < h; head++) {
-          for (let t = 0; t < tokens; t++) {
-            const from = ((b * h + head) * tokens + t) * hd;
-            at.fill(length + t, from, from + hd);
-          }
-        }
-      });
-      feeds[newKvIndex(h)] = new this.rt.Tensor("int32", at, [lengths.length, h, tokens, hd]);
-    }
-    return feeds;
-  }
-
   /** Writes the positions a step computed (`tokens` a row, after each row's `lengths`) into its caches. */
   private writeNew(out: ort.InferenceSession.OnnxValueMapType, cache: BatchCache, tokens: number): void {
     const hd = this.graph.headDim;
@@ -289,7 +260,7 @@ export class ModelSession {
     await yieldIfBusy();
     if (this.released) throw new Error("session was released");
     for (const [name, tensor] of cache) feeds[name] = tensor;
-    return await (this.fetches ? this.session.run(feeds, this.fetches) : this.session.run(feeds));
+    return await this.session.run(feeds);
   }
 
   /** The step's present K/V, renamed as the next step's past. */
@@ -312,7 +283,6 @@ export class ModelSession {
         : ort.Tensor.fromGpuBuffer(input, { dataType: "int32", dims: [1, 1] }),
       ...lengthFeeds(this.rt, [total]),
       logit_positions: logitPositions(this.rt, 1, t, rows),
-      ...this.kvIndexFeeds([cache.length], t),
     }, past.tensors);
     if (this.inPlace) {
       this.writeNew(out, past, t);
@@ -331,12 +301,14 @@ export class ModelSession {
 }
 
 /**
- * The attention a device's graphs are built with: onnxruntime-web's WASM kernels run the MatMul form
- * 7-20x faster once a run holds many positions (matmul_attention.ts); native onnxruntime and WebGPU
- * keep the fused operator, as do fp16 graphs.
+ * The attention a device's graphs are built with: the host devices' fp32 graphs take the MatMul form
+ * (matmul_attention.ts), which onnxruntime-web's WASM kernels run 7-20x faster than the fused operator
+ * once a run holds many positions, and native onnxruntime as fast alone and faster in batches, where
+ * its fused operator copies every row's cache into a present each layer (the last figures in
+ * bench/results/2026-12-05-cpu-attention-in-place.txt); WebGPU and fp16 graphs keep the fused operator.
  */
 export function attentionFor(device: Backend, dtype: FloatType): AttentionForm {
-  return device === "wasm" && dtype === "fp32" ? "matmul" : "fused";
+  return (device === "wasm" || device === "cpu") && dtype === "fp32" ? "matmul" : "fused";
 }
 
 /** Empty past K/V for each cached layer of a decoder graph: what a sequence starts from. */
