@@ -334,7 +334,7 @@ Deno.test(
       if (x.form === "fused") assert.equal(x.fused_over_this, 1);
     }
     await assertRefused(run, [
-      ["--lengths", "0"],
+      ["--lengths", "-1"],
       ["--lengths", "5000"],
       ["--chunk", "0"],
       ["--device", "gpu"],

@@ -37,7 +37,8 @@ const values = scriptFlags({
   json: { type: "boolean", default: false },
 });
 const sizes = values.batch!.split(",").map((s) => positive("batch", s));
-const lengths = values.lengths!.split(",").map((s) => positive("lengths", s));
+// 0 cached: a prompt's first run (prefill only; a decode step needs a cached position).
+const lengths = values.lengths!.split(",").map((s) => s === "0" ? 0 : positive("lengths", s));
 const chunk = positive("chunk", values.chunk!);
 const steps = positive("steps", values.steps!);
 const rounds = positive("rounds", values.rounds!);
@@ -65,7 +66,7 @@ for (const form of forms) {
 
 /** One prefill run of `chunk` tokens after `length` cached ones (the prefix prefilled untimed). */
 async function prefillTime(s: ModelSession, length: number): Promise<{ ms: number; cpuMs: number }> {
-  const prefix = (await s.step(ids.slice(0, length), s.emptyCache(), "last")).cache;
+  const prefix = length ? (await s.step(ids.slice(0, length), s.emptyCache(), "last")).cache : s.emptyCache();
   const cpu0 = cpuSeconds();
   const t0 = performance.now();
   const r = await s.step(ids.slice(length, length + chunk), prefix, "last");
@@ -81,7 +82,13 @@ const runs: Run[] = [...sizes.map((batch) => ({ kind: "decode" as const, batch }
   batch: 1,
 }];
 const cases = forms.flatMap((form) =>
-  runs.flatMap((run) => lengths.map((length) => ({ form, ...run, length })))
+  runs.flatMap((run) =>
+    lengths.filter((length) => length > 0 || run.kind === "prefill").map((length) => ({
+      form,
+      ...run,
+      length,
+    }))
+  )
 );
 const samples = await inRounds(cases, rounds, ({ form, kind, batch, length }) => {
   const s = sessions.get(form)!;
