@@ -376,8 +376,8 @@ Deno.test("batch engine: a prefill run is cut where each position holds much mem
   assert.equal(prefillLimit({ position: 0, logits: 0 }, true), PREFILL_CHUNK, "float graphs: whole chunks");
   // The 1B shape's integer path: 4.2 MB of block sums a position, 8.2 MB a row of logits (the 128K head).
   const oneB = { position: 2 * 64 * 8192 * 4, logits: 2 * 8 * 128256 * 4 };
-  assert.equal(prefillLimit(oneB, false), 30, "128 MB less the one logits row, over 4.2 MB a position");
-  assert.equal(prefillLimit(oneB, true), 10, "prompt logprobs: every position computes the head too");
+  assert.equal(prefillLimit(oneB, false), 14, "64 MB less the one logits row, over 4.2 MB a position");
+  assert.equal(prefillLimit(oneB, true), 5, "prompt logprobs: every position computes the head too");
   assert.equal(prefillLimit({ position: 1 << 30, logits: 0 }, false), 1, "at least one token a run");
   // tiny-nas on the integer path: its widest linear holds 48 KB a position, so whole chunks still.
   assert.equal(prefillLimit({ position: 2 * 8 * 768 * 4, logits: 2 * 8 * 4096 * 4 }, true), PREFILL_CHUNK);

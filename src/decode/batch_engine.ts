@@ -29,13 +29,18 @@ export const JOIN_COPY_BYTES = 8 << 20;
 /** Tokens a finished sequence may add to a kept prefix and still not be kept itself (see keep). */
 const NEAR_PREFIX_TOKENS = 16;
 
-/** Transient bytes one prefill run may hold for its positions (see DecoderGraph.rowBytes). */
-const PREFILL_TRANSIENT_BYTES = 128 << 20;
+/**
+ * Transient bytes one prefill run may hold for its positions (see DecoderGraph.rowBytes): about what a
+ * decode step of 8 rows already holds at the 1B shape on WASM's integer path (the head's block sums, 8.2
+ * MB a row), so a prompt's run does not raise the heap's high-water mark above the steps'
+ * (bench/results/2026-12-05-cpu-llama-3.2-1b-wasm-prefill-bytes.txt).
+ */
+const PREFILL_TRANSIENT_BYTES = 64 << 20;
 
 /**
  * Prompt tokens one prefill run takes: PREFILL_CHUNK, or fewer where each holds much memory while
  * it runs. WASM's integer path holds ~4 MB of block sums a position at the 1B shape: 128 positions
- * would take 0.5 GB of heap (which the heap keeps for good); 30 take 128 MB.
+ * would take 0.5 GB of heap (which the heap keeps for good); 14 take 64 MB.
  */
 export function prefillLimit(rowBytes: DecoderGraph["rowBytes"], allLogits: boolean): number {
   const perToken = rowBytes.position + (allLogits ? rowBytes.logits : 0);
