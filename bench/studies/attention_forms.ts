@@ -23,7 +23,7 @@ import { type AttentionForm, buildDecoderGraph } from "../../src/onnx/decoder.ts
 import { DEFAULT_MODEL, hostStudy } from "./host_setup.ts";
 import { disposeCache, ModelSession } from "../../src/ort/session.ts";
 import { resolveGraphOptions } from "../../src/ort/ort.ts";
-import type { Quantization } from "../../src/onnx/format.ts";
+import { quantizeFlag } from "../../src/cli/flags.ts";
 
 const values = scriptFlags({
   model: { type: "string", default: DEFAULT_MODEL },
@@ -42,8 +42,12 @@ const lengths = values.lengths!.split(",").map((s) => s === "0" ? 0 : positive("
 const chunk = positive("chunk", values.chunk!);
 const steps = positive("steps", values.steps!);
 const rounds = positive("rounds", values.rounds!);
-const quantize = values.quantize! as Quantization;
-if (!["none", "int8", "int4"].includes(quantize)) fail(`--quantize: none, int8 or int4, got ${quantize}`);
+// The CLI's own schema: the study builds what `serve --quantize` would.
+const quantized = quantizeFlag.safeParse(values.quantize);
+if (!quantized.success) {
+  fail(`--quantize: one of ${quantizeFlag.unwrap().options.join(", ")}, got ${values.quantize}`);
+}
+const quantize = quantized.data;
 
 const longest = Math.max(...lengths) + Math.max(chunk, steps + 1);
 const { device, assets, ids } = await hostStudy(

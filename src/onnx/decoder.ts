@@ -52,8 +52,8 @@ export interface DecoderGraph {
 
 /**
  * How attention is emitted: onnxruntime's fused GroupQueryAttention, or standard operators over caches
- * kept in place (matmul_attention.ts: no presents, only each step's new keys and values), which
- * onnxruntime-web's WASM kernels run many times faster.
+ * kept in place (matmul_attention.ts: no presents, only each step's new keys and values), which the
+ * host devices build.
  */
 export type AttentionForm = "fused" | "matmul";
 

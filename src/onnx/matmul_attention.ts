@@ -2,16 +2,17 @@ import type { GraphBuilder } from "./builder.ts";
 
 /**
  * Attention from standard operators (MatMul, Softmax, Concat) for caches kept in place on the host
- * (DecoderLayout.newKv): packed q/k/v in, rotary at each row's own positions, each query attending to
+ * (DecoderGraph.newKv): packed q/k/v in, rotary at each row's own positions, each query attending to
  * its row's cached positions and to the step's new ones up to itself. Its outputs are the step's own
  * keys and values (`new.{i}.*`), which the session writes into its caches; there are no presents, and
  * the caches are only read: scores against the cached keys and against the step's own are computed
  * apart and joined (a few floats a query), and so are the two halves of the context.
  *
- * Why not the fused operator everywhere: onnxruntime-web's WASM kernel of GroupQueryAttention costs
- * ~140 ns per query, key and head, 7-20x more than these operators once a run holds many positions,
- * and copies each past into a new present (bench/results/2026-12-04-wasm-attention-forms.txt).
- * Native onnxruntime's kernel has no such cost.
+ * Why not the fused operator on the host: onnxruntime-web's WASM kernel of GroupQueryAttention costs
+ * ~140 ns per query, key and head, 7-20x more than these operators once a run holds many positions
+ * (bench/results/2026-12-04-wasm-attention-forms.txt), and on both host devices the kernel copies
+ * every row's cache into a new present each layer unless the present shares the past's buffer, which
+ * Deno would hand back as a copy of its own (bench/results/2026-12-05-cpu-attention-in-place.txt).
  */
 
 /** ONNX TensorProto type number of int64, for Cast. */

@@ -305,9 +305,10 @@ export class ModelSession {
 /**
  * The attention a device's graphs are built with: the host devices' fp32 graphs take the MatMul form
  * (matmul_attention.ts), which onnxruntime-web's WASM kernels run 7-20x faster than the fused operator
- * once a run holds many positions, and native onnxruntime as fast alone and faster in batches, where
- * its fused operator copies every row's cache into a present each layer (the last figures in
- * bench/results/2026-12-05-cpu-attention-in-place.txt); WebGPU and fp16 graphs keep the fused operator.
+ * once a run holds many positions, and native onnxruntime faster in batches and at length, where its
+ * fused operator copies every row's cache into a present each layer, at some cost to a small model's
+ * lone step (bench/results/2026-12-05-cpu-attention-in-place.txt); WebGPU and fp16 graphs keep the
+ * fused operator.
  */
 export function attentionFor(device: Backend, dtype: FloatType): AttentionForm {
   return (device === "wasm" || device === "cpu") && dtype === "fp32" ? "matmul" : "fused";
