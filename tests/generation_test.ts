@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { TextTokenizer } from "../src/model/tokenizer.ts";
 import { StopMatcher } from "../src/decode/generate.ts";
-import { argmax } from "../src/numeric.ts";
+import { argmax, expNonPositive, rng } from "../src/numeric.ts";
 import { DEFAULT_SAMPLING, Sampler } from "../src/sampling/sampling.ts";
 import { TINY_NAS } from "./helpers.ts";
 
@@ -80,4 +80,16 @@ Deno.test("sampling: presence and frequency penalties count the tokens this samp
     [sticky.next(Float32Array.from([1, 0.9]), []), sticky.next(Float32Array.from([0, 1]), [])],
     [0, 0],
   );
+});
+
+Deno.test("expNonPositive: e^x for x <= 0 within 2e-7 relative, 0 past the last subnormal", () => {
+  const r = rng(11);
+  for (let i = 0; i < 100000; i++) {
+    const x = -(r() ** 2) * 700;
+    const rel = Math.abs(expNonPositive(x) / Math.exp(x) - 1);
+    assert.ok(rel < 2e-7, `e^${x}: ${expNonPositive(x)} against ${Math.exp(x)}`);
+  }
+  assert.equal(expNonPositive(0), 1);
+  assert.equal(expNonPositive(-800), 0);
+  assert.ok(expNonPositive(-740) > 0);
 });

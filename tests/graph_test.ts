@@ -5,10 +5,10 @@ import { loadCheckpoint } from "../src/model/checkpoint.ts";
 import { referenceForward } from "../src/model/forward.ts";
 import { buildDecoderGraph } from "../src/onnx/decoder.ts";
 import { splitFactor } from "../src/onnx/split_k.ts";
-import { FLOAT_WEIGHTS, formatName } from "../src/onnx/format.ts";
+import { FLOAT_WEIGHTS, formatName, NATIVE_QUANTIZED } from "../src/onnx/format.ts";
 import { readWeight, WeightCache, WeightStore } from "../src/onnx/weight_cache.ts";
 import { type Tensor, tensor, transpose2d } from "../src/model/tensor.ts";
-import { dequantize, quantize } from "../src/onnx/quantize.ts";
+import { dequantize, quantize, symmetric32 } from "../src/onnx/quantize.ts";
 import { f16ToF32, f32ToF16 } from "../src/model/dtype.ts";
 import { rng } from "../src/numeric.ts";
 import { applyPlan } from "../src/fusion/apply.ts";
@@ -236,7 +236,7 @@ Deno.test({
     const cases = [
       ["wasm", FLOAT_WEIGHTS],
       ["wasm", { dtype: "fp32", quantize: "int8", integer: true }],
-      ...(HAS_NATIVE ? [["cpu", { dtype: "fp32", quantize: "int4", accuracy: 4 }]] as const : []),
+      ...(HAS_NATIVE ? [["cpu", { dtype: "fp32", quantize: "int4", ...NATIVE_QUANTIZED }]] as const : []),
     ] as const;
     for (const [device, format] of cases) {
       const store = new WeightStore();
@@ -290,7 +290,7 @@ Deno.test({
           "y",
         );
       } else {
-        const p = quantize(w, 8);
+        const p = quantize(w, symmetric32(8));
         used = dequantize({ ...p, scales: f16ToF32(f32ToF16(p.scales)) });
         const b = g.weight("b", {
           elem: "uint8",

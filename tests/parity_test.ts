@@ -116,6 +116,8 @@ Deno.test("dtype: fp16 is refused on WASM, naming the flag", async () => {
     dtype: "fp32",
     quantize: "int4",
     accuracy: 4,
+    block: 128,
+    asymmetric: true,
   });
   assert.deepEqual(await resolveGraphOptions("auto", "none", "cpu"), { dtype: "fp32", quantize: "none" });
 });

@@ -12,7 +12,7 @@ import {
   BITS,
   BLOCK,
   integerBlock,
-  quantizable,
+  nbitsLayout,
   quantize,
   quantizeColumns,
   quantizeRows,
@@ -148,30 +148,42 @@ export class DecoderEmitter {
   linear(x: string, w: Tensor, name: string): string {
     const q = this.opts.quantize;
     const [n, k] = w.shape;
-    if (q !== "none" && quantizable(w)) {
+    const layout = nbitsLayout(k, this.opts);
+    if (q !== "none" && layout) {
       if (this.opts.integer) return this.integerLinear(x, w, name, q);
-      const bits = BITS[q];
-      const blocks = k / BLOCK;
+      const { bits, block, zeroPoints } = layout;
+      const blocks = k / block;
+      // The layout is in the names: a cache kept across builds never hands one layout's bytes to another.
+      const key = `${name}.q${bits}${block === BLOCK ? "" : `b${block}`}${zeroPoints ? "z" : ""}`;
       let packed: ReturnType<typeof quantize> | null = null;
-      const pack = () => (packed ??= quantize(w, bits));
-      const b = this.cache.get(`${name}.q${bits}`, () => ({
+      const pack = () => (packed ??= quantize(w, layout));
+      const b = this.cache.get(key, () => ({
         elem: "uint8",
-        dims: [n, blocks, (BLOCK * bits) / 8],
+        dims: [n, blocks, (block * bits) / 8],
         data: pack().packed,
       }));
       // MatMulNBits takes its scales in the activations' type.
-      const scales = this.cache.get(`${name}.scales`, () => ({
+      const scales = this.cache.get(`${key}.scales`, () => ({
         dims: [n * blocks],
         ...asFloat(pack().scales, this.half),
       }));
+      const inputs = [x, this.g.weight(key, b), this.g.weight(`${key}.scales`, scales)];
+      if (zeroPoints) {
+        const zeros = this.cache.get(`${key}.zeros`, () => ({
+          elem: "uint8",
+          dims: [n * Math.ceil(blocks / 2)],
+          data: pack().zeros!,
+        }));
+        inputs.push(this.g.weight(`${key}.zeros`, zeros));
+      }
       return this.g.node(
         "MatMulNBits",
-        [x, this.g.weight(`${name}.q${bits}`, b), this.g.weight(`${name}.scales`, scales)],
+        inputs,
         {
           K: k,
           N: n,
           bits,
-          block_size: BLOCK,
+          block_size: block,
           ...(this.opts.accuracy ? { accuracy_level: this.opts.accuracy } : {}),
         },
         1,

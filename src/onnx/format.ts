@@ -15,6 +15,13 @@ export interface GraphOptions {
    */
   accuracy?: 0 | 4;
   /**
+   * MatMulNBits' weights per scale along K: 32 unless set (a weight whose K it does not divide takes
+   * the largest of its halves down to 32 that does).
+   */
+  block?: number;
+  /** int4 blocks with a fitted zero point each (MatMulNBits' zero_points) instead of the implicit 8. */
+  asymmetric?: boolean;
+  /**
    * Where quantized weights go through integer GEMMs instead of MatMulNBits (WASM, whose MatMulNBits
    * dequantizes every weight to fp32 on every call): int8 weights per output column, activations
    * rounded to int8 per row, MatMulInteger's int32 sums, and the embedding in int8 per row too.
@@ -23,6 +30,17 @@ export interface GraphOptions {
 }
 
 export const FLOAT_WEIGHTS: GraphOptions = { dtype: "fp32", quantize: "none" };
+
+/**
+ * How native onnxruntime (`--device cpu`) computes quantized weights. int8 compute (accuracy 4) is
+ * faster at the 1B shape (int8's fp32 path has no kernel at all) and keeps the quality table's KL
+ * (bench/results/2026-12-04-cpu-tiny-nas-accuracy-level.txt). Its kernel pays per block for each row
+ * of a batch: 128 a block, with zero points fitted so that int4 keeps the error it had at 32
+ * (bench/results/2026-12-05-cpu-llama-3.2-1b-int4-blocks.txt).
+ */
+export const NATIVE_QUANTIZED = { accuracy: 4, block: 128, asymmetric: true } as const satisfies Partial<
+  GraphOptions
+>;
 
 /** `fp16`, `fp32+int4`: how the loaded weights are described to users and keyed in the weight cache. */
 export function formatName(g: GraphOptions): string {

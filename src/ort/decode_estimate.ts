@@ -1,18 +1,19 @@
 import type { ModelConfig } from "../model/config.ts";
-import { formatName, type GraphOptions } from "../onnx/format.ts";
+import { formatName, type GraphOptions, NATIVE_QUANTIZED } from "../onnx/format.ts";
 import { estimateMemory } from "./memory.ts";
 import type { Device } from "./ort.ts";
 
 /**
  * Weight bytes a batch-1 decode step reads per second on the CPU paths, measured on the Llama-3.2-1B
- * shape on a 2-core x86 machine (bench/studies/cpu_paths.ts; bench/results/2026-12-04-cpu-llama-3.2-1b-paths.txt),
- * WASM fp32 on the same shape cut to 2 layers (it does not fit WASM's heap whole;
+ * shape on a 2-core x86 machine (bench/studies/cpu_paths.ts; bench/results/2026-12-04-cpu-llama-3.2-1b-paths.txt,
+ * native int4 at 128 a block in bench/results/2026-12-05-cpu-llama-3.2-1b-int4-blocks.txt: 0.66 GB at 31-38
+ * tokens/s), WASM fp32 on the same shape cut to 2 layers (it does not fit WASM's heap whole;
  * bench/results/2026-11-26-cpu-llama-1b-shape-2-layers-step.txt). A step reads every weight but the
  * embedding once, so tokens/s is about this over the bytes: a guide for choosing a device, not a promise.
  */
 const READ_BYTES_PER_SECOND = {
   wasm: { fp32: 26e9, quantized: 3.0e9 },
-  cpu: { fp32: 35e9, quantized: 22e9 },
+  cpu: { fp32: 35e9, quantized: 23e9 },
 };
 
 /** Below this, WASM is named as too slow to serve on and `--device cpu` is suggested. */
@@ -35,7 +36,7 @@ export function decodeAdvice(cfg: ModelConfig, g: GraphOptions, device: Device):
   if (device !== "wasm") return null;
   const wasm = estimate(cfg, g, "wasm");
   if (wasm.tokensPerSecond >= ADVISE_BELOW_TOKENS_PER_SECOND) return null;
-  const cpu = estimate(cfg, { dtype: "fp32", quantize: "int4", accuracy: 4 }, "cpu");
+  const cpu = estimate(cfg, { dtype: "fp32", quantize: "int4", ...NATIVE_QUANTIZED }, "cpu");
   const gb = (b: number) => (b / 1e9).toFixed(2);
   return `WASM decodes this model at about ${wasm.tokensPerSecond.toFixed(1)} tokens/s a stream (${
     gb(wasm.bytes)

@@ -3,7 +3,7 @@ import * as ort from "onnxruntime-web";
 import type { EncodedModel } from "../onnx/builder.ts";
 import { InputError } from "../errors.ts";
 import { externalData } from "./external_data.ts";
-import type { FloatType, GraphOptions } from "../onnx/format.ts";
+import { type FloatType, type GraphOptions, NATIVE_QUANTIZED } from "../onnx/format.ts";
 import type { Quantization } from "../onnx/format.ts";
 import { ensureXdgRuntimeDir } from "../webgpu/device.ts";
 import { installFastUploads } from "../webgpu/upload_shim.ts";
@@ -223,9 +223,7 @@ export async function resolveGraphOptions(
   return {
     dtype: dtype === "auto" ? (f16 ? "fp16" : "fp32") : dtype,
     quantize,
-    // Native int8 compute is faster at the 1B shape (int8's fp32 path has no kernel at all) and keeps
-    // the quality table's KL: bench/results/2026-12-04-cpu-tiny-nas-accuracy-level.txt.
-    ...(device === "cpu" && quantize !== "none" ? { accuracy: 4 as const } : {}),
+    ...(device === "cpu" && quantize !== "none" ? NATIVE_QUANTIZED : {}),
     // WASM's MatMulNBits dequantizes every weight to fp32 on every call, slower than fp32 itself:
     // its quantized weights go through MatMulInteger, which has a WASM SIMD kernel.
     ...(device === "wasm" && quantize !== "none" ? { integer: true } : {}),

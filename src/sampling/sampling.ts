@@ -1,4 +1,4 @@
-import { argmax, rng } from "../numeric.ts";
+import { argmax, expNonPositive, rng } from "../numeric.ts";
 import { logSoftmaxTop, type Scored } from "./logprobs.ts";
 
 /** How the next token is chosen from a row of logits. temperature 0 means greedy (argmax). */
@@ -110,15 +110,17 @@ export class Sampler {
 
   /**
    * Plain temperature sampling in two linear passes: no sort of the vocabulary, which in a batch of
-   * 16 sequences would cost more than the decode step. The same distribution as `distribution`.
+   * 16 sequences would cost more than the decode step. The same distribution as `distribution`, up to
+   * expNonPositive's 2e-7: at 128K tokens a row took 1.3 ms with Math.exp, 2 ms of every row's turn
+   * in a served batch of the 1B shape on 2 cores.
    */
   private sampleFull(row: Float32Array): number {
-    const t = this.params.temperature;
+    const scale = 1 / this.params.temperature;
     const max = row[argmax(row)];
     if (this.weights.length !== row.length) this.weights = new Float64Array(row.length);
     const w = this.weights;
     let sum = 0;
-    for (let i = 0; i < row.length; i++) sum += w[i] = Math.exp((row[i] - max) / t);
+    for (let i = 0; i < row.length; i++) sum += w[i] = expNonPositive((row[i] - max) * scale);
     let u = this.random() * sum;
     for (let i = 0; i < row.length; i++) {
       u -= w[i];
