@@ -3,7 +3,7 @@ import { appendRows, type BatchCache, dropRows, packRows } from "../src/ort/kv_b
 import { ort } from "../src/ort/ort.ts";
 import { buildInstance, loadAssets } from "../src/instance/build.ts";
 import { UNFUSED } from "../src/fusion/plan.ts";
-import { asBatch, type KvCache } from "../src/ort/session.ts";
+import { asBatch, freeHostArray, type KvCache } from "../src/ort/session.ts";
 import { EVAL_TEXT, HAS_NATIVE, relL2, TINY_NAS } from "./helpers.ts";
 import type { Device } from "../src/ort/ort.ts";
 
@@ -143,3 +143,15 @@ for (const device of ["wasm", "cpu"] as Device[]) {
     },
   });
 }
+
+Deno.test("freeHostArray frees an array that is its whole buffer, and never a view into a larger one", () => {
+  const whole = new Float32Array(1024);
+  freeHostArray(whole);
+  assert.ok(whole.buffer.detached && whole.length === 0);
+  freeHostArray(whole); // twice is harmless
+  const shared = new Float32Array(1024);
+  const view = shared.subarray(512);
+  freeHostArray(view);
+  freeHostArray(shared.subarray(0, 512));
+  assert.ok(!shared.buffer.detached && shared.length === 1024 && view.length === 512);
+});

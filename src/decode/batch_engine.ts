@@ -4,7 +4,7 @@ import { commonPrefix, EngineBase, PREFILL_CHUNK, type Sequence } from "./engine
 import { type BatchCache, disposeBatch, kvBytesPerToken } from "../ort/kv_batch.ts";
 import { describe } from "../sampling/logprobs.ts";
 import { Sampler } from "../sampling/sampling.ts";
-import { asBatch, disposeCache, type KvCache, type ModelSession } from "../ort/session.ts";
+import { asBatch, disposeCache, freeHostArray, type KvCache, type ModelSession } from "../ort/session.ts";
 
 /** Decode steps a prefilled sequence waits at most for others to join with it. */
 const JOIN_WAIT_STEPS = 3;
@@ -288,6 +288,7 @@ export class BatchEngine extends EngineBase<HostSequence> {
         // Answered now; its row leaves the batch at the next regroup.
         if (this.ended(s)) this.finish(s);
       }
+      freeHostArray(r.logits);
     } catch (e) {
       this.batch = null;
       disposeBatch(batch.cache);
@@ -371,6 +372,7 @@ export class BatchEngine extends EngineBase<HostSequence> {
     if (seq.cached === null) await this.reusePrefix(seq);
     const limit = prefillLimit(this.session.graph.rowBytes, seq.promptLogprobs !== null);
     const chunk = seq.prompt.slice(seq.prefilled, seq.prefilled + Math.min(budget, limit));
+    let logits: Float32Array | null = null;
     try {
       const t0 = performance.now();
       const r = await this.session.step(
@@ -378,6 +380,7 @@ export class BatchEngine extends EngineBase<HostSequence> {
         seq.cache ?? this.session.emptyCache(),
         seq.promptLogprobs ? "all" : "last",
       );
+      logits = r.logits;
       seq.cache = r.cache;
       const vocab = this.session.vocabSize;
       if (seq.promptLogprobs) this.scorePrompt(seq, r.logits, vocab);
@@ -396,6 +399,8 @@ export class BatchEngine extends EngineBase<HostSequence> {
       this.prefilling.shift();
       if (seq.cache) disposeCache(seq.cache);
       this.fail(seq, e);
+    } finally {
+      if (logits) freeHostArray(logits);
     }
     return chunk.length;
   }
