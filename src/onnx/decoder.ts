@@ -16,6 +16,7 @@ import {
   quantize,
   quantizeColumns,
   quantizeRows,
+  zeroPointBytes,
 } from "./quantize.ts";
 import { type StoredWeight, WeightCache } from "./weight_cache.ts";
 
@@ -171,7 +172,7 @@ export class DecoderEmitter {
       if (zeroPoints) {
         const zeros = this.cache.get(`${key}.zeros`, () => ({
           elem: "uint8",
-          dims: [n * Math.ceil(blocks / 2)],
+          dims: [n * zeroPointBytes(blocks)],
           data: pack().zeros!,
         }));
         inputs.push(this.g.weight(`${key}.zeros`, zeros));

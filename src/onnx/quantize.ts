@@ -31,6 +31,16 @@ export interface PackedWeight extends NbitsLayout {
   zeros?: Uint8Array;
 }
 
+/** Bytes a row of `blocks` int4 zero points takes: two a byte. */
+export const zeroPointBytes = (blocks: number) => Math.ceil(blocks / 2);
+
+/** The byte that holds block i's zero point in a [N, blocks] grid; zeroPointShift, its nibble (low first). */
+function zeroPointByte(i: number, blocks: number): number {
+  const b = i % blocks;
+  return ((i - b) / blocks) * zeroPointBytes(blocks) + (b >> 1);
+}
+const zeroPointShift = (i: number, blocks: number) => ((i % blocks) & 1) * 4;
+
 /** Symmetric scale of `length` values from `at`: max|x| / qmax (1 for an all-zero run). */
 function symmetricScale(data: Float32Array, at: number, length: number, qmax: number): number {
   let amax = 0;
@@ -78,9 +88,12 @@ function asymmetricFit(data: Float32Array, at: number, length: number, fit: Floa
     if (v > hi) hi = v;
     sum += v;
   }
-  fit[0] = Math.fround(Math.abs(lo) / 7) || 1;
-  fit[1] = 8;
-  if (hi - lo === 0) return;
+  if (hi - lo === 0) {
+    // A constant block: the implicit zero point, and c = 7 steps of |c| / 7 either way.
+    fit[0] = Math.fround(Math.abs(lo) / 7) || 1;
+    fit[1] = 8;
+    return;
+  }
   let bestErr = Infinity;
   for (let start = 0; start < RANGE_SHRINKS.length; start++) {
     const shrink = RANGE_SHRINKS[start];
@@ -138,10 +151,9 @@ export function quantize(w: Tensor, layout: NbitsLayout): PackedWeight {
   const implicit = 1 << (bits - 1);
   const top = (1 << bits) - 1;
   const blob = (block * bits) / 8;
-  const zeroBytes = Math.ceil(blocks / 2);
   const packed = new Uint8Array(n * blocks * blob);
   const scales = new Float32Array(n * blocks);
-  const zeros = zeroPoints ? new Uint8Array(n * zeroBytes) : undefined;
+  const zeros = zeroPoints ? new Uint8Array(n * zeroPointBytes(blocks)) : undefined;
   const data = w.data;
   const fit = new Float64Array(2);
   // Block i of the [N, K / block] grid starts at i * block in the row-major weight.
@@ -152,8 +164,7 @@ export function quantize(w: Tensor, layout: NbitsLayout): PackedWeight {
     if (zeros) {
       asymmetricFit(data, at, block, fit);
       [scale, zero] = [fit[0], fit[1]];
-      const b = i % blocks;
-      zeros[(i - b) / blocks * zeroBytes + (b >> 1)] |= b & 1 ? zero << 4 : zero;
+      zeros[zeroPointByte(i, blocks)] |= zero << zeroPointShift(i, blocks);
     } else {
       scale = symmetricScale(data, at, block, qmax);
     }
@@ -245,12 +256,12 @@ export function roundTrip(w: Tensor, layout: NbitsLayout): Tensor {
 export function dequantize(p: PackedWeight): Tensor {
   const blocks = p.k / p.block;
   const blob = (p.block * p.bits) / 8;
-  const zeroBytes = Math.ceil(blocks / 2);
   const data = new Float32Array(p.n * p.k);
   for (let i = 0; i < p.n * blocks; i++) {
     const scale = p.scales[i];
-    const [row, b] = [Math.floor(i / blocks), i % blocks];
-    const zero = p.zeros ? (p.zeros[row * zeroBytes + (b >> 1)] >> (b & 1 ? 4 : 0)) & 15 : 1 << (p.bits - 1);
+    const zero = p.zeros
+      ? (p.zeros[zeroPointByte(i, blocks)] >> zeroPointShift(i, blocks)) & 15
+      : 1 << (p.bits - 1);
     const at = i * blob;
     for (let j = 0; j < p.block; j++) {
       const q = p.bits === 8 ? p.packed[at + j] : (p.packed[at + (j >> 1)] >> (j & 1 ? 4 : 0)) & 15;
@@ -271,7 +282,7 @@ export function weightBytes(n: number, k: number, g: GraphOptions): number {
   if (!layout) return n * k * f;
   if (g.integer) return n * k + (k / integerBlock(n, k)) * n * 4;
   const blocks = k / layout.block;
-  return (n * k * layout.bits) / 8 + n * blocks * f + (layout.zeroPoints ? n * Math.ceil(blocks / 2) : 0);
+  return (n * k * layout.bits) / 8 + n * blocks * f + (layout.zeroPoints ? n * zeroPointBytes(blocks) : 0);
 }
 
 /** A weight as a quantized graph computes with it: per block (MatMulNBits) or per column (integer GEMMs). */
