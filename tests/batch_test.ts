@@ -5,6 +5,7 @@ import {
   joinersTaken,
   PREFILL_TURN_MS,
   prefillLimit,
+  runFits,
   runPrefillTokens,
   turnPrefillMs,
 } from "../src/decode/batch_engine.ts";
@@ -372,6 +373,137 @@ Deno.test({
   },
 });
 
+for (const device of ["wasm", "cpu"] as const) {
+  Deno.test({
+    name:
+      `batched prefill (${device}): rows of different lengths and cached prefixes give each prompt's own logits and cache (1e-5)`,
+    ignore: device === "cpu" && !HAS_NATIVE,
+    sanitizeResources: false,
+    sanitizeOps: false,
+    fn: async () => {
+      const assets = await loadAssets(TINY_NAS);
+      const inst = await buildInstance(assets, UNFUSED, device);
+      const s = inst.session!;
+      const vocab = assets.checkpoint.config.vocabSize;
+      const ids = assets.tokenizer.encode(await Deno.readTextFile(EVAL_TEXT));
+      try {
+        const close = (got: Float32Array, want: Float32Array, what: string) => {
+          const scale = Math.max(...want.map(Math.abs));
+          const err = Math.max(...got.map((v, i) => Math.abs(v - want[i]))) / scale;
+          assert.ok(err < 1e-5, `${what}: relative error ${err}`);
+        };
+        // Row 1 continues a prompt whose first 30 tokens are cached; rows 0 and 2 start from nothing.
+        const prefix = await s.step(ids.slice(100, 130), s.emptyCache(), "last");
+        const rows = [ids.slice(0, 9), ids.slice(130, 134), ids.slice(200, 201)];
+        const r = await s.prefillRows([
+          { ids: rows[0], from: null },
+          { ids: rows[1], from: { cache: asBatch(prefix.cache), row: 0 } },
+          { ids: rows[2], from: null },
+        ], "last");
+        assert.deepEqual(r.cache.lengths, [9, 34, 1]);
+        const alone = [
+          await s.step(rows[0], s.emptyCache(), "last"),
+          await s.step(ids.slice(100, 134), s.emptyCache(), "last"),
+          await s.step(rows[2], s.emptyCache(), "last"),
+        ];
+        alone.forEach((a, b) => close(r.logits.subarray(b * vocab, (b + 1) * vocab), a.logits, `row ${b}`));
+        // The caches: a decode step from the run's rows gives each prompt's next logits alone.
+        const next = [ids[9], ids[134], ids[201]];
+        const step = await s.decodeBatch(next, r.cache);
+        for (const [b, a] of alone.entries()) {
+          const own = await s.step([next[b]], a.cache, "last");
+          close(step.logits.subarray(b * vocab, (b + 1) * vocab), own.logits, `row ${b}'s next step`);
+        }
+        // Every position's logits, row after row, where the run asks for them all.
+        const all = await s.prefillRows(
+          rows.map((ids) => ({ ids, from: null })).filter((_, b) => b !== 1),
+          "all",
+        );
+        assert.equal(all.logits.length, (9 + 1) * vocab);
+        const whole = await s.logitsOf(rows[0]);
+        close(all.logits.subarray(0, 9 * vocab), whole, "row 0, every position");
+      } finally {
+        await inst.release();
+      }
+    },
+  });
+
+  Deno.test({
+    name:
+      `batched prefill (${device}): short prompts arriving together run as one prefill, a long one's first chunk cut to their width, each decoding what it decodes alone`,
+    ignore: device === "cpu" && !HAS_NATIVE,
+    sanitizeResources: false,
+    sanitizeOps: false,
+    fn: async () => {
+      const assets = await loadAssets(TINY_NAS);
+      const inst = await buildInstance(assets, UNFUSED, device);
+      const s = inst.session!;
+      const cfg = assets.checkpoint.config;
+      const ids = assets.tokenizer.encode(await Deno.readTextFile(EVAL_TEXT));
+      try {
+        // Seven prompts of 7-8 tokens and one of 40, greedy and sampled.
+        const reqs = Array.from({ length: 8 }, (_, i) => ({
+          prompt: ids.slice(i * 50, i * 50 + (i === 3 ? 40 : 7 + (i % 2))),
+          params: params(5 + i, i % 3 === 2 ? { temperature: 0.8, seed: i } : {}),
+        }));
+        const alone: number[][] = [];
+        for (const r of reqs) alone.push((await runAll(inst.engine, [r]))[0].ids);
+        const { prompts } = traceRuns(s);
+        const engine = new BatchEngine(
+          s,
+          assets.tokenizer,
+          cfg.eosTokenIds,
+          cfg.maxPositions,
+          () => {},
+          0,
+          8,
+        );
+        const together = await runAll(engine, reqs);
+        together.forEach((t, i) => assert.deepEqual(t.ids, alone[i], `request ${i}`));
+        assert.equal(prompts[0], 8, `the first run took every prompt: ${prompts.join(",")}`);
+        assert.ok(
+          prompts.length >= 2 && prompts.slice(1).every((n) => n === 1),
+          `then the long prompt's rest alone: ${prompts.join(",")}`,
+        );
+        assert.ok(engine.peakRows >= 7, `they decoded together (peak ${engine.peakRows})`);
+
+        // Prompts that all end in one run start the batch as that run's cache: no copy.
+        const seen: { run?: unknown; step?: unknown } = {};
+        const prefill = s.prefillRows.bind(s);
+        s.prefillRows = async (...a) => {
+          const r = await prefill(...a);
+          seen.run ??= r.cache.tensors.values().next().value?.data;
+          return r;
+        };
+        const decode = s.decodeBatch.bind(s);
+        s.decodeBatch = (...a) => {
+          seen.step ??= a[1].tensors.values().next().value?.data;
+          return decode(...a);
+        };
+        const three = await runAll(engine, [0, 1, 2].map((i) => reqs[i]));
+        three.forEach((t, i) => assert.deepEqual(t.ids, alone[i], `request ${i} again`));
+        assert.ok(
+          seen.run !== undefined && seen.step === seen.run,
+          "the first step decoded in the run's own cache",
+        );
+      } finally {
+        await inst.release();
+      }
+    },
+  });
+}
+
+Deno.test("batch engine: a prefill run of several prompts holds at most a quarter of padding", () => {
+  assert.ok(runFits([{ tokens: 8 }, { tokens: 7 }, { tokens: 8 }], 128), "1 of 24 positions padding");
+  assert.ok(!runFits([{ tokens: 40 }, { tokens: 7 }], 128), "33 of 80 padding");
+  assert.ok(runFits([{ tokens: 8 }, { tokens: 7 }, { tokens: 6 }, { tokens: 8 }], 128), "3 of 32");
+  assert.ok(!runFits([{ tokens: 8 }, { tokens: 8 }], 15), "over the run's positions");
+  assert.ok(runFits([{ tokens: 128 }], 128), "one chunk alone");
+  // The positions a run of several rows may hold shrink by a row of logits each (WASM's integer path at 1B).
+  const oneB = { position: 2 * 64 * 8192 * 4, logits: 2 * 8 * 128256 * 4 };
+  assert.equal(prefillLimit(oneB, false, 4), 8, "64 MB less four rows of logits, over 4.2 MB a position");
+});
+
 Deno.test("batch engine: a prefill run is cut where each position holds much memory (WASM's integer path at 1B)", () => {
   assert.equal(prefillLimit({ position: 0, logits: 0 }, true), PREFILL_CHUNK, "float graphs: whole chunks");
   // The 1B shape's integer path: 4.2 MB of block sums a position, 8.2 MB a row of logits (the 128K head).
@@ -398,18 +530,21 @@ Deno.test("batch engine: while rows decode, a turn prefills for about 40 ms or o
 
 /**
  * Logs the session's prefill runs and decode steps in order (`order`): "p" a prefill run, "d" a decode
- * step, and "P" a one-token prompt's run from an empty cache, slowed by `delayMs` (as a run over a long
- * cached prefix costs, whatever its tokens); and each decode step's rows (`rows`).
+ * step, and "P" a run of one one-token prompt from an empty cache, slowed by `delayMs` (as a run over a
+ * long cached prefix costs, whatever its tokens); each decode step's rows (`rows`) and each prefill
+ * run's (`prompts`).
  */
-function traceRuns(s: ModelSession, delayMs = 0): { order: string[]; rows: number[] } {
-  const trace = { order: [] as string[], rows: [] as number[] };
-  const step = s.step.bind(s);
+function traceRuns(s: ModelSession, delayMs = 0): { order: string[]; rows: number[]; prompts: number[] } {
+  const trace = { order: [] as string[], rows: [] as number[], prompts: [] as number[] };
+  const prefill = s.prefillRows.bind(s);
   const decode = s.decodeBatch.bind(s);
-  s.step = async (...a: Parameters<ModelSession["step"]>) => {
-    const slow = delayMs > 0 && a[0].length === 1 && a[1].length === 0;
+  s.prefillRows = async (...a: Parameters<ModelSession["prefillRows"]>) => {
+    const [rows] = a;
+    const slow = delayMs > 0 && rows.length === 1 && rows[0].ids.length === 1 && rows[0].from === null;
     trace.order.push(slow ? "P" : "p");
+    trace.prompts.push(rows.length);
     if (slow) await new Promise((r) => setTimeout(r, delayMs));
-    return await step(...a);
+    return await prefill(...a);
   };
   s.decodeBatch = (...a: Parameters<ModelSession["decodeBatch"]>) => {
     trace.order.push("d");
@@ -515,9 +650,10 @@ Deno.test({
           if (++streamed !== 3) return;
           waiting = runAll(
             engine,
+            // Prompts asking for their logprobs run one a run (short prompts share runs otherwise).
             [ids.slice(300, 430), ...ids.slice(500, 508).map((id) => [id])].map((prompt) => ({
               prompt,
-              params: params(1),
+              params: params(1, { promptLogprobs: true }),
             })),
           );
         },

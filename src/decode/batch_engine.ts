@@ -1,10 +1,10 @@
 import type { TextTokenizer } from "../model/tokenizer.ts";
 import type { DecoderGraph } from "../onnx/decoder.ts";
 import { commonPrefix, EngineBase, PREFILL_CHUNK, type Sequence } from "./engine_base.ts";
-import { type BatchCache, disposeBatch, kvBytesPerToken } from "../ort/kv_batch.ts";
+import { type BatchCache, disposeBatch, kvBytesPerToken, type RowSource } from "../ort/kv_batch.ts";
 import { describe } from "../sampling/logprobs.ts";
 import { Sampler } from "../sampling/sampling.ts";
-import { asBatch, disposeCache, freeHostArray, type KvCache, type ModelSession } from "../ort/session.ts";
+import { freeHostArray, type ModelSession } from "../ort/session.ts";
 
 /** Decode steps a prefilled sequence waits at most for others to join with it. */
 const JOIN_WAIT_STEPS = 3;
@@ -38,15 +38,37 @@ const NEAR_PREFIX_TOKENS = 16;
 const PREFILL_TRANSIENT_BYTES = 64 << 20;
 
 /**
- * Prompt tokens one prefill run takes: PREFILL_CHUNK, or fewer where each holds much memory while
- * it runs. WASM's integer path holds ~4 MB of block sums a position at the 1B shape: 128 positions
- * would take 0.5 GB of heap (which the heap keeps for good); 14 take 64 MB.
+ * Positions one prefill run of `rows` prompts takes (padding included): PREFILL_CHUNK, or fewer where
+ * each holds much memory while it runs. WASM's integer path holds ~4 MB of block sums a position at the
+ * 1B shape: 128 positions would take 0.5 GB of heap (which the heap keeps for good); 14 take 64 MB.
  */
-export function prefillLimit(rowBytes: DecoderGraph["rowBytes"], allLogits: boolean): number {
+export function prefillLimit(rowBytes: DecoderGraph["rowBytes"], allLogits: boolean, rows = 1): number {
   const perToken = rowBytes.position + (allLogits ? rowBytes.logits : 0);
   if (perToken === 0) return PREFILL_CHUNK;
-  const room = PREFILL_TRANSIENT_BYTES - (allLogits ? 0 : rowBytes.logits);
+  const room = PREFILL_TRANSIENT_BYTES - (allLogits ? 0 : rows * rowBytes.logits);
   return Math.max(1, Math.min(PREFILL_CHUNK, Math.floor(room / perToken)));
+}
+
+/**
+ * Padding a prefill run of several prompts may hold, against its real tokens: a quarter more work
+ * at most, for a run saved (each run reads every weight once: 8 ten-token prompts took 305-412 ms in
+ * one run on the 1B shape's native int4 graph against 442-494 in eight).
+ */
+export const PADDING_SHARE = 0.25;
+
+/** A prompt's place in a prefill run: its tokens this run. */
+export interface RunRow {
+  tokens: number;
+}
+
+/**
+ * Whether a prefill run of `rows` (their tokens), padded to the longest, stays within `positions`
+ * and PADDING_SHARE.
+ */
+export function runFits(rows: RunRow[], positions: number): boolean {
+  const real = rows.reduce((n, r) => n + r.tokens, 0);
+  const padded = rows.length * Math.max(...rows.map((r) => r.tokens));
+  return padded <= positions && padded - real <= PADDING_SHARE * real;
 }
 
 /** How long a turn may prefill: no limit when nothing decodes, else PREFILL_TURN_MS or one decode step. */
@@ -100,8 +122,11 @@ function mean(previous: number, sample: number): number {
 interface HostSequence extends Sequence {
   sampler: Sampler;
   history: number[];
-  /** Its own cache while it prefills; null once it is a row of the batch. */
-  cache: KvCache | null;
+  /**
+   * Its row while it prefills or waits to join: a row of its last prefill run's cache, which the
+   * prompts prefilled beside it share; null once it is a row of the batch.
+   */
+  cache: RowSource | null;
   /** Tokens in its cache. */
   length: number;
   /** The token the next decode step feeds. */
@@ -112,16 +137,16 @@ interface HostSequence extends Sequence {
 
 /** A finished sequence's cache, kept for a later prompt that starts with the same tokens. */
 interface KeptPrefix {
-  /** The tokens whose keys and values `cache` holds, in order. */
+  /** The tokens whose keys and values `cache` (one row) holds, in order. */
   ids: number[];
-  cache: KvCache;
+  cache: BatchCache;
 }
 
 /**
  * The engine of a session whose caches live on the host (WASM, native CPU): each turn of its loop runs ONE decode
  * step for every sequence that is decoding, as one batch, then a chunk of the oldest prompts still
- * prefilling (less while rows decode: turnPrefillMs), the logits read back and every token chosen
- * on the host. A sequence joins the batch after its prefill and leaves when it finishes, between
+ * prefilling (less while rows decode: turnPrefillMs), short prompts side by side in one run
+ * (runRows), the logits read back and every token chosen on the host. A sequence joins the batch after its prefill and leaves when it finishes, between
  * steps; only then are rows of the batch's cache moved (kv_batch.ts), so the steps in between copy
  * nothing on the host. Sampling stays per sequence (its own seeded stream), so what else is in the batch
  * never changes a sequence's draws.
@@ -173,12 +198,12 @@ export class BatchEngine extends EngineBase<HostSequence> {
    */
   private get liveBytes(): number {
     const rows = this.batch ? this.batch.held * this.batch.cache.width : 0;
-    const own = [...this.prefilling, ...this.joining].reduce((n, s) => n + (s.cache?.length ?? 0), 0);
+    const own = [...this.prefilling, ...this.joining].reduce((n, s) => n + (s.cache ? s.length : 0), 0);
     return (rows + own) * this.bytesPerToken;
   }
 
   private get keptBytes(): number {
-    return this.kept.reduce((n, k) => n + k.cache.length, 0) * this.bytesPerToken;
+    return this.kept.reduce((n, k) => n + k.ids.length, 0) * this.bytesPerToken;
   }
 
   protected start(seq: Sequence): HostSequence {
@@ -212,7 +237,7 @@ export class BatchEngine extends EngineBase<HostSequence> {
     for (let budget = PREFILL_CHUNK; budget > 0 && this.prefilling.length && this.mayPrefill;) {
       const left = until - performance.now();
       if (left <= 0 && budget < PREFILL_CHUNK) break;
-      budget -= await this.prefillChunk(Math.min(budget, runPrefillTokens(this.prefillMs, left)));
+      budget -= await this.prefillRun(Math.min(budget, runPrefillTokens(this.prefillMs, left)));
     }
   }
 
@@ -230,7 +255,7 @@ export class BatchEngine extends EngineBase<HostSequence> {
       this.joining.some((s) => this.steps - s.prefilledAt >= JOIN_WAIT_STEPS || this.fits(s, stay.length));
     const joining = (due && this.joining.length ? this.takeJoiners(stay.length) : []).filter((s) => {
       if (!this.ended(s)) return true;
-      disposeCache(s.cache!);
+      s.cache = null;
       this.finish(s);
       return false;
     });
@@ -247,7 +272,7 @@ export class BatchEngine extends EngineBase<HostSequence> {
       const { cache, from, redrawn } = await this.session.regroupRows(
         old?.cache ?? null,
         leaving.map((s) => old!.seqs.indexOf(s)),
-        joining.map((s) => ({ cache: asBatch(s.cache!), row: 0 })),
+        joining.map((s) => s.cache!),
         width,
         this.spareRows(stay.length + joining.length, width),
       );
@@ -258,10 +283,7 @@ export class BatchEngine extends EngineBase<HostSequence> {
       for (const s of [...stay, ...joining]) this.fail(s, e);
     } finally {
       if (old) disposeBatch(old.cache);
-      for (const s of joining) {
-        disposeCache(s.cache!);
-        s.cache = null;
-      }
+      for (const s of joining) s.cache = null;
       for (const s of leaving) this.finish(s);
     }
     this.evict();
@@ -360,56 +382,115 @@ export class BatchEngine extends EngineBase<HostSequence> {
     return Math.min(final, budget);
   }
 
-  /** Prefills up to `budget` tokens of the oldest prompt; returns how many it ran (at least one). */
-  private async prefillChunk(budget: number): Promise<number> {
-    const seq = this.prefilling[0];
-    if (seq.cancelled) {
+  /**
+   * One prefill run of at most `budget` positions: the oldest prompt's next chunk and, in the same run,
+   * the next chunks of the prompts after it that fit beside it (runRows). Returns the positions it ran
+   * (padding included), at least one.
+   */
+  private async prefillRun(budget: number): Promise<number> {
+    const head = this.prefilling[0];
+    if (head.cancelled) {
       this.prefilling.shift();
-      if (seq.cache) disposeCache(seq.cache);
-      this.finish(seq);
+      head.cache = null;
+      this.finish(head);
       return 1;
     }
-    if (seq.cached === null) await this.reusePrefix(seq);
-    const limit = prefillLimit(this.session.graph.rowBytes, seq.promptLogprobs !== null);
-    const chunk = seq.prompt.slice(seq.prefilled, seq.prefilled + Math.min(budget, limit));
+    if (head.cached === null) await this.reusePrefix(head);
+    const rows = await this.runRows(head, budget);
+    const seqs = rows.map((r) => r.seq);
+    const width = Math.max(...rows.map((r) => r.tokens));
+    const all = head.promptLogprobs !== null;
     let logits: Float32Array | null = null;
     try {
       const t0 = performance.now();
-      const r = await this.session.step(
-        chunk,
-        seq.cache ?? this.session.emptyCache(),
-        seq.promptLogprobs ? "all" : "last",
+      const r = await this.session.prefillRows(
+        rows.map(({ seq, tokens }) => ({
+          ids: seq.prompt.slice(seq.prefilled, seq.prefilled + tokens),
+          from: seq.cache,
+        })),
+        all ? "all" : "last",
+        this.widthLimit(seqs),
+        rows.length + (this.batch ? 0 : this.spareRows(rows.length, this.widthLimit(seqs))),
       );
       logits = r.logits;
-      seq.cache = r.cache;
-      const vocab = this.session.vocabSize;
-      if (seq.promptLogprobs) this.scorePrompt(seq, r.logits, vocab);
-      this.prefillMs = mean(this.prefillMs, (performance.now() - t0) / chunk.length);
-      seq.prefilled += chunk.length;
-      seq.length = seq.prefilled;
-      this.evict();
-      if (seq.prefilled < seq.prompt.length) return chunk.length;
-      this.prefilling.shift();
-      this.sendPromptLogprobs(seq);
-      const last = r.logits.subarray(r.logits.length - vocab);
-      await this.fork(seq, last);
-      await this.take(seq, last);
-      await this.prefilled(seq);
+      this.prefillMs = mean(this.prefillMs, (performance.now() - t0) / (rows.length * width));
+      for (const [row, { seq, tokens }] of rows.entries()) {
+        if (all) this.scorePrompt(seq, r.logits, this.vocabSize);
+        seq.cache = { cache: r.cache, row };
+        seq.prefilled += tokens;
+        seq.length = seq.prefilled;
+      }
     } catch (e) {
-      this.prefilling.shift();
-      if (seq.cache) disposeCache(seq.cache);
-      this.fail(seq, e);
-    } finally {
+      for (const seq of seqs) {
+        this.prefilling.splice(this.prefilling.indexOf(seq), 1);
+        seq.cache = null;
+        this.fail(seq, e);
+      }
       if (logits) freeHostArray(logits);
+      return rows.length * width;
     }
-    return chunk.length;
+    this.evict();
+    const vocab = this.vocabSize;
+    for (const [row, seq] of seqs.entries()) {
+      if (seq.prefilled < seq.prompt.length) continue;
+      this.prefilling.splice(this.prefilling.indexOf(seq), 1);
+      try {
+        this.sendPromptLogprobs(seq);
+        const last = all
+          ? logits.subarray(logits.length - vocab)
+          : logits.subarray(row * vocab, (row + 1) * vocab);
+        await this.fork(seq, last);
+        await this.take(seq, last);
+        await this.prefilled(seq);
+      } catch (e) {
+        seq.cache = null;
+        this.fail(seq, e);
+      }
+    }
+    freeHostArray(logits);
+    return rows.length * width;
+  }
+
+  /**
+   * The prompts a prefill run of at most `budget` positions takes, with their tokens: `head`'s next
+   * chunk, then, where steps write in place, the prompts after it that may run (not cancelled, no
+   * prompt logprobs, a slot free), each its next chunk, cut to the run's width or widening it, while
+   * the run fits (runFits, prefillLimit). A prompt that shares more than half of what it would run
+   * with a prompt taken waits for that one's cache instead (prefix reuse; a copy is forked from it).
+   */
+  private async runRows(head: HostSequence, budget: number): Promise<(RunRow & { seq: HostSequence })[]> {
+    const rowBytes = this.session.graph.rowBytes;
+    const left = (s: HostSequence) => s.prompt.length - s.prefilled;
+    const cap = Math.min(budget, prefillLimit(rowBytes, head.promptLogprobs !== null));
+    const rows = [{ seq: head, tokens: Math.min(left(head), cap) }];
+    if (!this.session.inPlace || head.promptLogprobs) return rows;
+    let free = this.slots ? this.slots - this.occupied - (head.cache ? 0 : 1) : Infinity;
+    for (const seq of this.prefilling.slice(1)) {
+      const held = seq.cache !== null;
+      if (seq.cancelled || seq.promptLogprobs || (!held && free <= 0)) continue;
+      const shared = Math.max(...rows.map((r) => commonPrefix(seq.prompt, r.seq.prompt))) - seq.prefilled;
+      if (2 * shared > left(seq)) continue;
+      const positions = Math.min(budget, prefillLimit(rowBytes, false, rows.length + 1));
+      const width = Math.max(...rows.map((r) => r.tokens));
+      // Its whole chunk widens the run; cut to the run's width, it runs the rest later.
+      const whole = Math.min(left(seq), cap);
+      const fitting = [whole, Math.min(whole, width)].find((t) =>
+        runFits([...rows, { tokens: t }], positions)
+      );
+      if (fitting === undefined) continue;
+      if (seq.cached === null) await this.reusePrefix(seq);
+      const tokens = Math.min(left(seq), fitting);
+      const taken = runFits([...rows, { tokens }], positions);
+      if (!held && (taken || seq.cache)) free--;
+      if (taken) rows.push({ seq, tokens });
+    }
+    return rows;
   }
 
   /** A sequence whose prompt is in its cache and whose first token is chosen: answered, or waiting to join. */
   private async prefilled(seq: HostSequence): Promise<void> {
     if (this.ended(seq)) {
-      if (this.keepBytes > 0) await this.keep(seq.prompt, asBatch(seq.cache!), 0);
-      disposeCache(seq.cache!);
+      if (this.keepBytes > 0) await this.keep(seq.prompt, seq.cache!.cache, seq.cache!.row);
       seq.cache = null;
       this.finish(seq);
     } else {
@@ -429,25 +510,21 @@ export class BatchEngine extends EngineBase<HostSequence> {
     // As many as there are free slots (mayPrefill; `seq` takes one); the others wait their turn.
     const room = this.slots ? this.slots - this.occupied - 1 : Infinity;
     const twins = this.prefilling.filter((t) =>
-      t.cached === null && !t.cancelled && !t.promptLogprobs && t.prompt.length === seq.prompt.length &&
-      commonPrefix(t.prompt, seq.prompt) === seq.prompt.length
-    ).slice(0, Math.max(0, room));
+      t.cached === null && !t.cancelled && !t.promptLogprobs && isCopy(t, seq)
+    )
+      .slice(0, Math.max(0, room));
     if (!twins.length) return;
     const rows = twins.map(() => last.slice());
     for (const [i, twin] of twins.entries()) {
       this.prefilling.splice(this.prefilling.indexOf(twin), 1);
       try {
-        const copy = await this.session.packRows([{
-          cache: asBatch(seq.cache!),
-          row: 0,
-          length: seq.length,
-        }]);
-        twin.cache = { length: seq.length, tensors: copy.tensors };
+        const copy = await this.session.packRows([{ ...seq.cache!, length: seq.length }]);
+        twin.cache = { cache: copy, row: 0 };
         twin.prefilled = twin.length = twin.cached = seq.length;
         await this.take(twin, rows[i]);
         await this.prefilled(twin);
       } catch (e) {
-        if (twin.cache) disposeCache(twin.cache);
+        twin.cache = null;
         this.fail(twin, e);
       }
     }
@@ -464,17 +541,16 @@ export class BatchEngine extends EngineBase<HostSequence> {
     // One that adds little to a kept one (the other choices of an n > 1 request: the same prompt, a
     // few sampled tokens apart) is not worth its copy: a later prompt re-prefills at most those tokens.
     const slack = Math.max(NEAR_PREFIX_TOKENS, ids.length >> 3);
-    if (covered >= 0) disposeCache(this.kept.splice(covered, 1)[0].cache);
+    if (covered >= 0) disposeBatch(this.kept.splice(covered, 1)[0].cache);
     else if (this.kept.some((k) => ids.length - commonPrefix(k.ids, ids) <= slack)) return;
-    const copy = await this.session.packRows([{ cache, row, length: ids.length }]);
-    this.kept.push({ ids, cache: { length: ids.length, tensors: copy.tensors } });
+    this.kept.push({ ids, cache: await this.session.packRows([{ cache, row, length: ids.length }]) });
     this.evict();
   }
 
   /** Drops the least recently used prefixes until live and kept bytes fit `keepBytes`. */
   private evict(): void {
     while (this.kept.length && this.liveBytes + this.keptBytes > this.keepBytes) {
-      disposeCache(this.kept.shift()!.cache);
+      disposeBatch(this.kept.shift()!.cache);
     }
   }
 
@@ -488,21 +564,21 @@ export class BatchEngine extends EngineBase<HostSequence> {
     // Prompt logprobs need every position's logits: the whole prompt is prefilled.
     if (this.keepBytes <= 0 || seq.promptLogprobs) return;
     const limit = seq.prompt.length - 1;
-    let best: { n: number; source: { cache: BatchCache; row: number }; kept?: KeptPrefix } | null = null;
-    const consider = (ids: number[], source: { cache: BatchCache; row: number }, kept?: KeptPrefix) => {
+    let best: { n: number; source: RowSource; kept?: KeptPrefix } | null = null;
+    const consider = (ids: number[], source: RowSource, kept?: KeptPrefix) => {
       const n = Math.min(commonPrefix(ids, seq.prompt), limit);
       if (n > (best?.n ?? 0)) best = { n, source, kept };
     };
-    for (const k of this.kept) consider(k.ids, { cache: asBatch(k.cache), row: 0 }, k);
+    for (const k of this.kept) consider(k.ids, { cache: k.cache, row: 0 }, k);
     this.batch?.seqs.forEach((s, row) =>
       consider(s.history.slice(0, s.length), { cache: this.batch!.cache, row })
     );
-    for (const s of this.joining) consider(s.prompt, { cache: asBatch(s.cache!), row: 0 });
-    const found = best as { n: number; source: { cache: BatchCache; row: number }; kept?: KeptPrefix } | null;
+    for (const s of this.joining) consider(s.prompt, s.cache!);
+    const found = best as { n: number; source: RowSource; kept?: KeptPrefix } | null;
     if (!found || found.n < 1) return;
     if (found.kept) this.kept.push(...this.kept.splice(this.kept.indexOf(found.kept), 1)); // most recently used
     const copy = await this.session.packRows([{ ...found.source, length: found.n }]);
-    seq.cache = { length: found.n, tensors: copy.tensors };
+    seq.cache = { cache: copy, row: 0 };
     seq.prefilled = seq.length = seq.cached = found.n;
     this.evict();
   }
@@ -528,4 +604,9 @@ export class BatchEngine extends EngineBase<HostSequence> {
   private ended(seq: HostSequence): boolean {
     return seq.cancelled || seq.sink.done || seq.length + 1 >= this.maxPositions;
   }
+}
+
+/** Whether `a`'s prompt is `b`'s exactly (another choice of an n > 1 request, or the same prompt again). */
+function isCopy(a: Sequence, b: Sequence): boolean {
+  return a.prompt.length === b.prompt.length && commonPrefix(a.prompt, b.prompt) === a.prompt.length;
 }
