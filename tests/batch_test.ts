@@ -493,6 +493,67 @@ for (const device of ["wasm", "cpu"] as const) {
   });
 }
 
+for (const device of ["wasm", "cpu"] as const) {
+  Deno.test({
+    name:
+      `in-graph sampling (${device}): a step's exponentials are the softmax of its rows over their temperatures, and the engine draws from them what it draws from the logits`,
+    ignore: device === "cpu" && !HAS_NATIVE,
+    sanitizeResources: false,
+    sanitizeOps: false,
+    fn: async () => {
+      const assets = await loadAssets(TINY_NAS);
+      const inst = await buildInstance(assets, UNFUSED, device);
+      const s = inst.session!;
+      const cfg = assets.checkpoint.config;
+      const vocab = cfg.vocabSize;
+      const ids = assets.tokenizer.encode(await Deno.readTextFile(EVAL_TEXT));
+      try {
+        assert.ok(s.graph.sampling, "host graphs compute the exponentials");
+        const r = await s.prefillRows(
+          [0, 1, 2].map((b) => ({ ids: ids.slice(b * 20, b * 20 + 12), from: null })),
+          "last",
+        );
+        const step = await s.decodeBatch([ids[12], ids[32], ids[52]], r.cache, Infinity, {
+          rows: [0, 2],
+          inverseTemperature: [1 / 0.7, 1 / 1.3],
+          logits: true,
+        });
+        for (const [k, [b, t]] of [[0, 0.7], [2, 1.3]].entries()) {
+          const row = step.logits.subarray(b * vocab, (b + 1) * vocab);
+          const max = Math.max(...row);
+          const e = Array.from(row, (l) => Math.exp((l - max) / t));
+          const sum = e.reduce((x, y) => x + y);
+          const got = step.probs!.subarray(k * vocab, (k + 1) * vocab);
+          // Relative to the likeliest token's probability: fp32 exponentials of fp32 products.
+          const err = Math.max(...e.map((x, i) => Math.abs(got[i] - x / sum))) * sum;
+          assert.ok(err < 1e-5, `row ${b}: largest difference ${err} of the likeliest's probability`);
+        }
+        const noLogits = await s.decodeBatch([ids[13], ids[33], ids[53]], step.cache, Infinity, {
+          rows: [0, 1, 2],
+          inverseTemperature: [1, 1, 1],
+          logits: false,
+        });
+        assert.equal(noLogits.logits.length, 0, "no row reads logits: none fetched");
+        assert.equal(noLogits.probs!.length, 3 * vocab);
+
+        // A request asking for logprobs draws on the host from its logits; without, from the graph's
+        // exponentials: the same seed, the same tokens.
+        const sampled = (logprobs?: number) =>
+          params(24, { temperature: 0.9, seed: 5, ...(logprobs ? { logprobs } : {}) });
+        const prompt = ids.slice(300, 320);
+        const [host, graph] = [
+          await runAll(inst.engine, [{ prompt, params: sampled(1) }]),
+          await runAll(inst.engine, [{ prompt, params: sampled() }]),
+        ];
+        assert.deepEqual(graph[0].ids, host[0].ids);
+        assert.ok(new Set(graph[0].ids).size > 5, "the draws vary");
+      } finally {
+        await inst.release();
+      }
+    },
+  });
+}
+
 Deno.test("batch engine: a prefill run of several prompts holds at most a quarter of padding", () => {
   assert.ok(runFits([{ tokens: 8 }, { tokens: 7 }, { tokens: 8 }], 128), "1 of 24 positions padding");
   assert.ok(!runFits([{ tokens: 40 }, { tokens: 7 }], 128), "33 of 80 padding");

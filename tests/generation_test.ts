@@ -53,6 +53,31 @@ Deno.test("sampling: a seed makes sampling reproducible; frequencies follow the 
   assert.ok(Math.abs(ones - 0.75) < 0.03, `P(1) = ${ones}`);
 });
 
+Deno.test("sampling: a plain sampler draws from exponentials computed elsewhere what it draws from the row", () => {
+  const rng0 = rng(3);
+  const row = Float32Array.from({ length: 5000 }, () => (rng0() - 0.5) * 12);
+  const params = { ...DEFAULT_SAMPLING, temperature: 0.7, seed: 11 };
+  const exps = Array.from(row, (l) => Math.exp((l - Math.max(...row)) / 0.7));
+  const sum = exps.reduce((a, b) => a + b);
+  const probs = Float32Array.from(exps, (x) => x / sum);
+  const fromRow = new Sampler(params);
+  const fromProbs = new Sampler(params);
+  const a = Array.from({ length: 300 }, () => fromRow.next(row, []));
+  const b = Array.from({ length: 300 }, () => fromProbs.draw(probs));
+  assert.deepEqual(b, a, "the same random numbers, the same tokens");
+  assert.ok(new Set(a).size > 50, "the draws really vary");
+  assert.ok(new Sampler(params).plain);
+  for (
+    const other of [{ temperature: 0 }, { topK: 5 }, { topP: 0.9 }, { repetitionPenalty: 1.1 }, {
+      presencePenalty: 0.5,
+    }]
+  ) {
+    assert.ok(!new Sampler({ ...params, ...other }).plain, JSON.stringify(other));
+  }
+  // Rounding that leaves the draw past the sum takes the likeliest.
+  assert.equal(new Sampler({ ...params, seed: 1 }).draw(Float32Array.from([0, 0, 0])), 0);
+});
+
 Deno.test("stop sequences: text is held back while it may still become a stop, and cut before it", () => {
   const m = new StopMatcher(["\n\n", "END"]);
   assert.deepEqual(m.push("abc\n"), { emit: "abc", stopped: false });

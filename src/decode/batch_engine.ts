@@ -295,10 +295,17 @@ export class BatchEngine extends EngineBase<HostSequence> {
     this.steps++;
     try {
       const t0 = performance.now();
+      const drawn = batch.seqs.map((s) => !s.cancelled && this.drawnInGraph(s));
+      const rows = batch.seqs.map((_, b) => b).filter((b) => drawn[b]);
       const r = await this.session.decodeBatch(
         batch.seqs.map((s) => s.next),
         batch.cache,
         this.widthLimit(batch.seqs),
+        {
+          rows,
+          inverseTemperature: rows.map((b) => 1 / batch.seqs[b].params.temperature),
+          logits: rows.length < batch.seqs.filter((s) => !s.cancelled).length,
+        },
       );
       this.stepMs = mean(this.stepMs, performance.now() - t0);
       batch.cache = r.cache;
@@ -306,11 +313,15 @@ export class BatchEngine extends EngineBase<HostSequence> {
       for (const [b, s] of batch.seqs.entries()) {
         s.length++;
         if (s.cancelled) continue;
-        await this.take(s, r.logits.subarray(b * vocab, (b + 1) * vocab));
+        if (r.probs && drawn[b]) {
+          const k = rows.indexOf(b);
+          this.emit(s, s.sampler.draw(r.probs.subarray(k * vocab, (k + 1) * vocab)));
+        } else await this.take(s, r.logits.subarray(b * vocab, (b + 1) * vocab));
         // Answered now; its row leaves the batch at the next regroup.
         if (this.ended(s)) this.finish(s);
       }
       freeHostArray(r.logits);
+      if (r.probs) freeHostArray(r.probs);
     } catch (e) {
       this.batch = null;
       disposeBatch(batch.cache);
@@ -589,7 +600,20 @@ export class BatchEngine extends EngineBase<HostSequence> {
    */
   private async take(seq: HostSequence, row: Float32Array): Promise<void> {
     await (await this.grammarOf(seq))?.mask(row);
-    const id = seq.sampler.next(row, seq.history);
+    this.emit(seq, seq.sampler.next(row, seq.history));
+  }
+
+  /**
+   * Whether a step draws `seq`'s next token from the graph's exponentials: plain temperature sampling,
+   * no grammar, no logprobs (which read the row itself).
+   */
+  private drawnInGraph(seq: HostSequence): boolean {
+    return this.session.graph.sampling && seq.sampler.plain && !seq.params.grammar &&
+      seq.logprobs === undefined;
+  }
+
+  /** Takes `id` as the sequence's next token and hands on the text it makes final. */
+  private emit(seq: HostSequence, id: number): void {
     seq.grammar?.accept(id);
     seq.history.push(id);
     seq.next = id;

@@ -240,6 +240,8 @@ export async function buildInstance(
   const graph = buildDecoderGraph(assets.checkpoint, blocks, options, weights, {
     weightsAsInputs: onWebgpu,
     attention: attentionFor(device, options.dtype),
+    // WebGPU samples on the GPU (gpu_sampler.ts); a host engine draws from the graph's exponentials.
+    sampling: !onWebgpu,
   });
   // WebGPU's decode steps run a graph of their own over the same weight buffers.
   const split = serving.splitK ?? DEFAULT_SPLIT_K;

@@ -59,6 +59,19 @@ export type StepInput = number[] | GPUBuffer;
 /** Which positions of a step get logits: every one (scoring, prompt logprobs) or the last (the next token). */
 export type LogitRows = "all" | "last";
 
+/**
+ * Rows of a decode step whose next tokens are drawn from the graph's exponentials
+ * (DecoderGraph.sampling) instead of from their logits on the host.
+ */
+export interface StepDraws {
+  /** Rows of the batch, ascending. */
+  rows: number[];
+  /** Each one's 1 / temperature. */
+  inverseTemperature: number[];
+  /** Whether another row reads its logits (greedy, penalties, a grammar, logprobs): if not, none are fetched. */
+  logits: boolean;
+}
+
 /** A sequence's next prompt tokens in a prefill run: `ids` after the positions `from` holds (null: none). */
 export interface PrefillRow {
   ids: number[];
@@ -156,26 +169,36 @@ export class ModelSession {
     cache: BatchCache,
     /** The widest a cache kept in place may grow to (beyond what the step needs). */
     maxWidth = Infinity,
-  ): Promise<{ logits: Float32Array; cache: BatchCache }> {
+    /** Rows drawn from the graph's exponentials, where the graph has them. */
+    draws?: StepDraws,
+  ): Promise<{ logits: Float32Array; probs: Float32Array | null; cache: BatchCache }> {
     const run = this.chain.then(async () => {
       const rows = ids.length;
       const lengths = cache.lengths.map((l) => l + 1);
       const past = this.inPlace ? await this.withRoom(cache, 1, maxWidth) : cache;
-      const out = await this.run({
-        input_ids: new this.rt.Tensor("int32", Int32Array.from(ids), [rows, 1]),
-        ...lengthFeeds(this.rt, lengths),
-        logit_positions: logitPositions(this.rt, rows, 1, "last"),
-      }, past.tensors);
-      const logits = (await out.logits.getData(true)) as Float32Array;
+      const drawn = this.graph.sampling && draws?.rows.length ? draws : null;
+      const out = await this.run(
+        {
+          input_ids: new this.rt.Tensor("int32", Int32Array.from(ids), [rows, 1]),
+          ...lengthFeeds(this.rt, lengths),
+          logit_positions: logitPositions(this.rt, rows, 1, "last"),
+          ...(drawn ? this.drawFeeds(drawn) : {}),
+        },
+        past.tensors,
+        { logits: !drawn || drawn.logits, probs: !!drawn },
+      );
+      // Not fetched: an empty row, so that callers index nothing.
+      const logits = out.logits ? (await out.logits.getData(true)) as Float32Array : new Float32Array(0);
+      const probs = drawn ? out.sample_probs.data as Float32Array : null;
       if (this.inPlace) {
         this.writeNew(out, past, ids.map(() => 1), 1);
         // A map of its own: disposing the cache this step consumed must not empty this one.
-        return { logits, cache: { ...past, lengths, tensors: new Map(past.tensors) } };
+        return { logits, probs, cache: { ...past, lengths, tensors: new Map(past.tensors) } };
       }
       disposeBatch(cache);
       const tensors = this.presents(out);
       const width = tensors.values().next().value?.dims[2] ?? Math.max(...lengths);
-      return { logits, cache: { width, lengths, tensors } };
+      return { logits, probs, cache: { width, lengths, tensors } };
     });
     this.chain = run.catch(() => {});
     return run;
@@ -376,14 +399,36 @@ export class ModelSession {
     }
   }
 
+  /** The sampling inputs of a step drawing `draws`' rows from the graph's exponentials. */
+  private drawFeeds(draws: StepDraws): Record<string, ort.Tensor> {
+    const n = draws.rows.length;
+    return {
+      sample_rows: new this.rt.Tensor("int32", Int32Array.from(draws.rows), [n]),
+      inverse_temperature: new this.rt.Tensor("float32", Float32Array.from(draws.inverseTemperature), [n]),
+    };
+  }
+
+  /**
+   * Runs the graph; `want` says whether the logits and the sampling exponentials are fetched (each
+   * output fetched is copied out of onnxruntime: 4 MB of logits a step of 8 rows at 128K tokens).
+   */
   private async run(
     feeds: Record<string, ort.Tensor>,
     cache: Map<string, ort.Tensor>,
+    want = { logits: true, probs: false },
   ): Promise<ort.InferenceSession.OnnxValueMapType> {
     await yieldIfBusy();
     if (this.released) throw new Error("session was released");
     for (const [name, tensor] of cache) feeds[name] = tensor;
-    return await this.session.run(feeds);
+    if (this.graph.sampling && !feeds.sample_rows) {
+      Object.assign(feeds, this.drawFeeds({ rows: [], inverseTemperature: [], logits: true }));
+    }
+    const fetches = this.graph.cache.flatMap(({ layer }) =>
+      this.graph.newKv ? [newKey(layer), newValue(layer)] : [presentKey(layer), presentValue(layer)]
+    );
+    if (want.logits) fetches.push("logits");
+    if (want.probs) fetches.push("sample_probs");
+    return await this.session.run(feeds, fetches);
   }
 
   /** The step's present K/V, renamed as the next step's past. */

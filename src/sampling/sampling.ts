@@ -58,6 +58,33 @@ export class Sampler {
   }
 
   /**
+   * Whether its draws need only the temperature's softmax of each row: no top-k, top-p or penalty
+   * changes the row first. Such a sampler may draw from exponentials computed elsewhere (`draw`).
+   */
+  get plain(): boolean {
+    const p = this.params;
+    return p.temperature > 0 && p.topK === 0 && p.topP === 1 && p.repetitionPenalty === 1 &&
+      !p.presencePenalty && !p.frequencyPenalty;
+  }
+
+  /**
+   * A plain sampler's next id from `probs`, the softmax of its row over its temperature: the draw
+   * `next` makes from the row itself (the same random number, up to the softmax's rounding).
+   * `score` is not available after it.
+   */
+  draw(probs: Float32Array): number {
+    let u = this.random();
+    let id = -1;
+    for (let i = 0; i < probs.length && id < 0; i++) if ((u -= probs[i]) < 0) id = i;
+    // Rounding left u past the sum: the likeliest, as `next` does.
+    if (id < 0) id = argmax(probs);
+    this.lastRow = new Float32Array(0);
+    this.lastDistribution = null;
+    this.generated.set(id, (this.generated.get(id) ?? 0) + 1);
+    return id;
+  }
+
+  /**
    * Log-probabilities from the distribution the last `next` sampled from (penalties, temperature,
    * top-k and top-p applied): of `id` and of the `n` likeliest. Greedy reports the model's own
    * distribution (temperature 1), whose argmax it took.
