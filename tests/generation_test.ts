@@ -42,6 +42,45 @@ Deno.test("sampling: top-k and top-p really restrict the support, and the distri
   }
 });
 
+Deno.test("sampling: top-k and top-p found without sorting the vocabulary give the sorted definition's distribution", () => {
+  // The definition: sort every id by logit (stable), keep k, softmax over them, keep the prefix reaching p.
+  const reference = (row: Float32Array, t: number, k: number, p: number) => {
+    let ids = Array.from(row, (_, i) => i).sort((a, b) => row[b] - row[a]);
+    if (k > 0 && k < ids.length) ids = ids.slice(0, k);
+    const e = ids.map((id) => Math.exp((row[id] - row[ids[0]]) / t));
+    const sum = e.reduce((a, b) => a + b);
+    let probs = e.map((x) => x / sum);
+    if (p < 1) {
+      let cum = 0;
+      let keep = 0;
+      while (keep < probs.length && cum < p) cum += probs[keep++];
+      ids = ids.slice(0, Math.max(1, keep));
+      const kept = probs.slice(0, ids.length).reduce((a, b) => a + b);
+      probs = probs.slice(0, ids.length).map((x) => x / kept);
+    }
+    return { ids, probs };
+  };
+  const random = rng(9);
+  for (const spread of [0.5, 4, 30]) {
+    // Rounded logits make ties; a few masked ones (a grammar's -Infinity).
+    const row = Float32Array.from({ length: 20000 }, () => Math.round((random() - 0.5) * spread * 8) / 8);
+    for (let i = 0; i < 50; i++) row[Math.floor(random() * row.length)] = -Infinity;
+    for (
+      const [t, k, p] of [[0.7, 0, 0.9], [1, 40, 1], [1.3, 500, 0.95], [0.5, 0, 0.5], [1, 0, 0.999], [
+        1,
+        3,
+        0.1,
+      ]]
+    ) {
+      const got = new Sampler({ ...DEFAULT_SAMPLING, temperature: t, topK: k, topP: p }).distribution(row);
+      const want = reference(row, t, k, p);
+      const what = `spread ${spread}, T ${t}, k ${k}, p ${p}`;
+      assert.deepEqual(got.ids, want.ids, what);
+      got.probs.forEach((x, i) => assert.ok(Math.abs(x - want.probs[i]) < 1e-12, what));
+    }
+  }
+});
+
 Deno.test("sampling: a seed makes sampling reproducible; frequencies follow the distribution", () => {
   const row = Float32Array.from([0, Math.log(3)]);
   const draw = (seed: number) => {
