@@ -1,6 +1,6 @@
 import { argmax, expNonPositive, rng } from "../numeric.ts";
 import { logSoftmaxTop, type Scored } from "./logprobs.ts";
-import { byRank, nucleusIds, topIds } from "./support.ts";
+import { byRank, topIds, weighSupport } from "./support.ts";
 
 /** How the next token is chosen from a row of logits. temperature 0 means greedy (argmax). */
 export interface SamplingParams {
@@ -107,27 +107,25 @@ export class Sampler {
   /** The filtered, renormalised distribution `next` samples from: exposed so tests can check it. */
   distribution(row: Float32Array): { ids: number[]; probs: number[] } {
     const p = this.params;
-    const support = p.topK > 0 && p.topK < row.length
-      ? topIds(row, p.topK)
-      : Array.from({ length: row.length }, (_, i) => i);
+    const support = p.topK > 0 && p.topK < row.length ? topIds(row, p.topK) : null;
     let max = -Infinity;
-    for (const id of support) max = Math.max(max, row[id]);
-    const logWeight = Float64Array.from(support, (id) => (row[id] - max) / p.temperature);
-    const weight = logWeight.map(Math.exp);
-    const sum = weight.reduce((a, b) => a + b, 0);
+    if (support) { for (const id of support) max = Math.max(max, row[id]); }
+    else max = row[argmax(row)];
+    const { sum, candidates } = weighSupport(row, support, max, p.temperature, p.topP);
     const probOf = (id: number) => Math.exp((row[id] - max) / p.temperature) / sum;
-    // The ranked prefix holding top-p of the mass, from `candidates`; null where they run out first
-    // (rounding at the edge of nucleusIds' bins), so that the whole support is ranked instead.
-    const nucleus = (candidates: number[]) => {
-      const ranked = byRank(row, candidates);
+    const size = support?.length ?? row.length;
+    // The ranked prefix holding top-p of the mass; null where the candidates run out first (rounding at
+    // the edge of weighSupport's bins), so that the whole support is ranked instead.
+    const nucleus = (ids: number[]) => {
+      const ranked = byRank(row, ids);
+      if (p.topP >= 1) return ranked;
       let cum = 0;
       let keep = 0;
       while (keep < ranked.length && cum < p.topP) cum += probOf(ranked[keep++]);
-      return cum < p.topP && ranked.length < support.length ? null : ranked.slice(0, Math.max(1, keep));
+      return cum < p.topP && ranked.length < size ? null : ranked.slice(0, Math.max(1, keep));
     };
-    const ids = p.topP < 1
-      ? nucleus(nucleusIds(support, logWeight, weight.map((w) => w / sum), p.topP)) ?? nucleus(support)!
-      : byRank(row, support);
+    const ids = nucleus(candidates) ??
+      nucleus(support ?? Array.from({ length: row.length }, (_, i) => i))!;
     const probs = ids.map(probOf);
     const kept = p.topP < 1 ? probs.reduce((a, b) => a + b, 0) : 1;
     return { ids, probs: probs.map((x) => x / kept) };

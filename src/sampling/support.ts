@@ -41,31 +41,46 @@ export function topIds(row: Float32Array, k: number): number[] {
   return heap;
 }
 
-/** Bins of log-weight a row's mass is counted in to find where its top-p ends. */
+/** Bins a row's mass is counted in by log-weight, from 0 down to -LOG_WEIGHT_SPAN (the rest in the last). */
 const BINS = 1024;
+/** Log-weights below this weigh under 1e-17 each: together less than float64 can tell beside the top's. */
+const LOG_WEIGHT_SPAN = 40;
 
 /**
- * The ids among `ids` that the first `p` of their mass can need, in no order: `logWeight[j]` is id j's
- * log-weight (at most 0), `weight[j]` its weight over the mass's total. Mass is counted in bins of
- * log-weight from the top; ids in the bins up to the one where it reaches `p` are kept, and one bin
- * more, against the rounding of a sum taken in another order.
+ * The weight sum(exp((row[id] - max) / t)) over `support` (null: every id), and the ids that the first
+ * `p` of it can need, in no order: one pass counts the mass in bins of log-weight; ids in the bins from
+ * the top to the one where it reaches `p` are kept, and the next bin that holds any, against the rounding
+ * of a sum taken in another order. Every id of the support where `p` is 1.
  */
-export function nucleusIds(
-  ids: number[],
-  logWeight: Float64Array,
-  weight: Float64Array,
+export function weighSupport(
+  row: Float32Array,
+  support: number[] | null,
+  max: number,
+  t: number,
   p: number,
-): number[] {
-  let low = 0;
-  for (let j = 0; j < ids.length; j++) if (logWeight[j] > -Infinity) low = Math.min(low, logWeight[j]);
-  if (low === 0) return ids;
+): { sum: number; candidates: number[] } {
+  const size = support ? support.length : row.length;
+  const mass = p < 1 ? new Float64Array(BINS) : null;
   // A token a grammar masked (-Infinity, no weight) counts in the last bin.
-  const binOf = (j: number) => Math.min(BINS - 1, Math.floor((Math.max(logWeight[j], low) / low) * BINS));
-  const mass = new Float64Array(BINS);
-  for (let j = 0; j < ids.length; j++) mass[binOf(j)] += weight[j];
-  let last = 0;
-  for (let cum = mass[0]; cum < p && last < BINS - 1;) cum += mass[++last];
-  let bound = Math.min(BINS - 1, last + 1);
+  const binOf = (id: number) =>
+    Math.min(BINS - 1, Math.floor(((max - row[id]) / t / LOG_WEIGHT_SPAN) * BINS));
+  let sum = 0;
+  for (let j = 0; j < size; j++) {
+    const id = support ? support[j] : j;
+    const w = Math.exp((row[id] - max) / t);
+    sum += w;
+    if (mass) mass[binOf(id)] += w;
+  }
+  const all = () => support ?? Array.from({ length: row.length }, (_, i) => i);
+  if (!mass) return { sum, candidates: all() };
+  let bound = 0;
+  for (let cum = mass[0]; cum < p * sum && bound < BINS - 1;) cum += mass[++bound];
+  bound = Math.min(BINS - 1, bound + 1);
   while (bound < BINS - 1 && mass[bound] === 0) bound++;
-  return ids.filter((_, j) => binOf(j) <= bound);
+  const candidates: number[] = [];
+  for (let j = 0; j < size; j++) {
+    const id = support ? support[j] : j;
+    if (binOf(id) <= bound) candidates.push(id);
+  }
+  return { sum, candidates };
 }
