@@ -26,7 +26,7 @@ import { GpuBatchEngine } from "../decode/gpu_engine.ts";
 import { kvBytesPerToken } from "../ort/kv_batch.ts";
 import { kvBudgetBytes } from "../ort/memory.ts";
 import type { Backend, Device } from "../ort/ort.ts";
-import { attentionFor, ModelSession } from "../ort/session.ts";
+import { attentionFor, ModelSession, samplesInGraph } from "../ort/session.ts";
 import { bucketsFor, SlotDecoder } from "../ort/slot_decoder.ts";
 
 /** What loading a checkpoint directory gives: everything plan-independent, loaded once. */
@@ -240,8 +240,8 @@ export async function buildInstance(
   const graph = buildDecoderGraph(assets.checkpoint, blocks, options, weights, {
     weightsAsInputs: onWebgpu,
     attention: attentionFor(device, options.dtype),
-    // WebGPU samples on the GPU (gpu_sampler.ts); a host engine draws from the graph's exponentials.
-    sampling: !onWebgpu,
+    // WebGPU samples on the GPU (gpu_sampler.ts); a host engine draws from the graph's softmax.
+    sampling: samplesInGraph(device, cfg.vocabSize),
   });
   // WebGPU's decode steps run a graph of their own over the same weight buffers.
   const split = serving.splitK ?? DEFAULT_SPLIT_K;

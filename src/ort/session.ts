@@ -482,6 +482,18 @@ export function attentionFor(device: Backend, dtype: FloatType): AttentionForm {
   return (device === "wasm" || device === "cpu") && dtype === "fp32" ? "matmul" : "fused";
 }
 
+/**
+ * Vocabularies from this size get the softmax of sampled rows in their host graphs
+ * (DecoderGraph.sampling): at 128K tokens JS took ~1 ms a row, at tiny-nas' 4096 ~0.02 ms, about what
+ * the extra nodes, inputs and output cost a step of a small model, so small vocabularies keep JS's.
+ */
+export const GRAPH_SAMPLING_VOCAB = 32768;
+
+/** Whether a device's graphs compute the softmax a host engine draws from (DecoderGraph.sampling). */
+export function samplesInGraph(device: Backend, vocabSize: number): boolean {
+  return (device === "wasm" || device === "cpu") && vocabSize >= GRAPH_SAMPLING_VOCAB;
+}
+
 /** Empty past K/V for each cached layer of a decoder graph: what `rows` sequences start from. */
 export function emptyPast(
   rt: OrtApi,
