@@ -18,6 +18,7 @@ import { applyPlan } from "../src/fusion/apply.ts";
 import { DEFAULT_SAMPLING } from "../src/sampling/sampling.ts";
 import { type FusionPlan, UNFUSED } from "../src/fusion/plan.ts";
 import { EVAL_TEXT, HAS_NATIVE, HAS_WEBGPU, TINY_LLAMA, TINY_NAS } from "./helpers.ts";
+import { onHostDevices } from "./engine_helpers.ts";
 import { FLOAT_WEIGHTS, type GraphOptions } from "../src/onnx/format.ts";
 import type { Device } from "../src/ort/ort.ts";
 import { post, readSse, startServer } from "./server_helpers.ts";
@@ -373,125 +374,101 @@ Deno.test({
   },
 });
 
-for (const device of ["wasm", "cpu"] as const) {
-  Deno.test({
-    name:
-      `batched prefill (${device}): rows of different lengths and cached prefixes give each prompt's own logits and cache (1e-5)`,
-    ignore: device === "cpu" && !HAS_NATIVE,
-    sanitizeResources: false,
-    sanitizeOps: false,
-    fn: async () => {
-      const assets = await loadAssets(TINY_NAS);
-      const inst = await buildInstance(assets, UNFUSED, device);
-      const s = inst.session!;
-      const vocab = assets.checkpoint.config.vocabSize;
-      const ids = assets.tokenizer.encode(await Deno.readTextFile(EVAL_TEXT));
-      try {
-        const close = (got: Float32Array, want: Float32Array, what: string) => {
-          const scale = Math.max(...want.map(Math.abs));
-          const err = Math.max(...got.map((v, i) => Math.abs(v - want[i]))) / scale;
-          assert.ok(err < 1e-5, `${what}: relative error ${err}`);
-        };
-        // Row 1 continues a prompt whose first 30 tokens are cached; rows 0 and 2 start from nothing.
-        const prefix = await s.step(ids.slice(100, 130), s.emptyCache(), "last");
-        const rows = [ids.slice(0, 9), ids.slice(130, 134), ids.slice(200, 201)];
-        const r = await s.prefillRows([
-          { ids: rows[0], from: null },
-          { ids: rows[1], from: { cache: asBatch(prefix.cache), row: 0 } },
-          { ids: rows[2], from: null },
-        ], "last");
-        assert.deepEqual(r.cache.lengths, [9, 34, 1]);
-        const alone = [
-          await s.step(rows[0], s.emptyCache(), "last"),
-          await s.step(ids.slice(100, 134), s.emptyCache(), "last"),
-          await s.step(rows[2], s.emptyCache(), "last"),
-        ];
-        alone.forEach((a, b) => close(r.logits.subarray(b * vocab, (b + 1) * vocab), a.logits, `row ${b}`));
-        // The caches: a decode step from the run's rows gives each prompt's next logits alone.
-        const next = [ids[9], ids[134], ids[201]];
-        const step = await s.decodeBatch(next, r.cache);
-        for (const [b, a] of alone.entries()) {
-          const own = await s.step([next[b]], a.cache, "last");
-          close(step.logits.subarray(b * vocab, (b + 1) * vocab), own.logits, `row ${b}'s next step`);
-        }
-        // Every position's logits, row after row, where the run asks for them all.
-        const all = await s.prefillRows(
-          rows.map((ids) => ({ ids, from: null })).filter((_, b) => b !== 1),
-          "all",
-        );
-        assert.equal(all.logits.length, (9 + 1) * vocab);
-        const whole = await s.logitsOf(rows[0]);
-        close(all.logits.subarray(0, 9 * vocab), whole, "row 0, every position");
-      } finally {
-        await inst.release();
-      }
-    },
-  });
+onHostDevices(
+  (device) =>
+    `batched prefill (${device}): rows of different lengths and cached prefixes give each prompt's own logits and cache (1e-5)`,
+  async ({ assets, s, ids }) => {
+    const vocab = assets.checkpoint.config.vocabSize;
+    const close = (got: Float32Array, want: Float32Array, what: string) => {
+      const scale = Math.max(...want.map(Math.abs));
+      const err = Math.max(...got.map((v, i) => Math.abs(v - want[i]))) / scale;
+      assert.ok(err < 1e-5, `${what}: relative error ${err}`);
+    };
+    // Row 1 continues a prompt whose first 30 tokens are cached; rows 0 and 2 start from nothing.
+    const prefix = await s.step(ids.slice(100, 130), s.emptyCache(), "last");
+    const rows = [ids.slice(0, 9), ids.slice(130, 134), ids.slice(200, 201)];
+    const r = await s.prefillRows([
+      { ids: rows[0], from: null },
+      { ids: rows[1], from: { cache: asBatch(prefix.cache), row: 0 } },
+      { ids: rows[2], from: null },
+    ], "last");
+    assert.deepEqual(r.cache.lengths, [9, 34, 1]);
+    const alone = [
+      await s.step(rows[0], s.emptyCache(), "last"),
+      await s.step(ids.slice(100, 134), s.emptyCache(), "last"),
+      await s.step(rows[2], s.emptyCache(), "last"),
+    ];
+    alone.forEach((a, b) => close(r.logits.subarray(b * vocab, (b + 1) * vocab), a.logits, `row ${b}`));
+    // The caches: a decode step from the run's rows gives each prompt's next logits alone.
+    const next = [ids[9], ids[134], ids[201]];
+    const step = await s.decodeBatch(next, r.cache);
+    for (const [b, a] of alone.entries()) {
+      const own = await s.step([next[b]], a.cache, "last");
+      close(step.logits.subarray(b * vocab, (b + 1) * vocab), own.logits, `row ${b}'s next step`);
+    }
+    // Every position's logits, row after row, where the run asks for them all.
+    const all = await s.prefillRows(
+      rows.map((ids) => ({ ids, from: null })).filter((_, b) => b !== 1),
+      "all",
+    );
+    assert.equal(all.logits.length, (9 + 1) * vocab);
+    const whole = await s.logitsOf(rows[0]);
+    close(all.logits.subarray(0, 9 * vocab), whole, "row 0, every position");
+  },
+);
 
-  Deno.test({
-    name:
-      `batched prefill (${device}): short prompts arriving together run as one prefill, a long one's first chunk cut to their width, each decoding what it decodes alone`,
-    ignore: device === "cpu" && !HAS_NATIVE,
-    sanitizeResources: false,
-    sanitizeOps: false,
-    fn: async () => {
-      const assets = await loadAssets(TINY_NAS);
-      const inst = await buildInstance(assets, UNFUSED, device);
-      const s = inst.session!;
-      const cfg = assets.checkpoint.config;
-      const ids = assets.tokenizer.encode(await Deno.readTextFile(EVAL_TEXT));
-      try {
-        // Seven prompts of 7-8 tokens and one of 40, greedy and sampled.
-        const reqs = Array.from({ length: 8 }, (_, i) => ({
-          prompt: ids.slice(i * 50, i * 50 + (i === 3 ? 40 : 7 + (i % 2))),
-          params: params(5 + i, i % 3 === 2 ? { temperature: 0.8, seed: i } : {}),
-        }));
-        const alone: number[][] = [];
-        for (const r of reqs) alone.push((await runAll(inst.engine, [r]))[0].ids);
-        const { prompts } = traceRuns(s);
-        const engine = new BatchEngine(
-          s,
-          assets.tokenizer,
-          cfg.eosTokenIds,
-          cfg.maxPositions,
-          () => {},
-          0,
-          8,
-        );
-        const together = await runAll(engine, reqs);
-        together.forEach((t, i) => assert.deepEqual(t.ids, alone[i], `request ${i}`));
-        assert.equal(prompts[0], 8, `the first run took every prompt: ${prompts.join(",")}`);
-        assert.ok(
-          prompts.length >= 2 && prompts.slice(1).every((n) => n === 1),
-          `then the long prompt's rest alone: ${prompts.join(",")}`,
-        );
-        assert.ok(engine.peakRows >= 7, `they decoded together (peak ${engine.peakRows})`);
+onHostDevices(
+  (device) =>
+    `batched prefill (${device}): short prompts arriving together run as one prefill, a long one's first chunk cut to their width, each decoding what it decodes alone`,
+  async ({ assets, inst, s, ids }) => {
+    const cfg = assets.checkpoint.config;
+    // Seven prompts of 7-8 tokens and one of 40, greedy and sampled.
+    const reqs = Array.from({ length: 8 }, (_, i) => ({
+      prompt: ids.slice(i * 50, i * 50 + (i === 3 ? 40 : 7 + (i % 2))),
+      params: params(5 + i, i % 3 === 2 ? { temperature: 0.8, seed: i } : {}),
+    }));
+    const alone: number[][] = [];
+    for (const r of reqs) alone.push((await runAll(inst.engine, [r]))[0].ids);
+    const { prompts } = traceRuns(s);
+    const engine = new BatchEngine(
+      s,
+      assets.tokenizer,
+      cfg.eosTokenIds,
+      cfg.maxPositions,
+      () => {},
+      0,
+      8,
+    );
+    const together = await runAll(engine, reqs);
+    together.forEach((t, i) => assert.deepEqual(t.ids, alone[i], `request ${i}`));
+    assert.equal(prompts[0], 8, `the first run took every prompt: ${prompts.join(",")}`);
+    assert.ok(
+      prompts.length >= 2 && prompts.slice(1).every((n) => n === 1),
+      `then the long prompt's rest alone: ${prompts.join(",")}`,
+    );
+    assert.ok(engine.peakRows >= 7, `they decoded together (peak ${engine.peakRows})`);
 
-        // Prompts that all end in one run start the batch as that run's cache: no copy.
-        const seen: { run?: unknown; step?: unknown } = {};
-        const prefill = s.prefillRows.bind(s);
-        s.prefillRows = async (...a) => {
-          const r = await prefill(...a);
-          seen.run ??= r.cache.tensors.values().next().value?.data;
-          return r;
-        };
-        const decode = s.decodeBatch.bind(s);
-        s.decodeBatch = (...a) => {
-          seen.step ??= a[1].tensors.values().next().value?.data;
-          return decode(...a);
-        };
-        const three = await runAll(engine, [0, 1, 2].map((i) => reqs[i]));
-        three.forEach((t, i) => assert.deepEqual(t.ids, alone[i], `request ${i} again`));
-        assert.ok(
-          seen.run !== undefined && seen.step === seen.run,
-          "the first step decoded in the run's own cache",
-        );
-      } finally {
-        await inst.release();
-      }
-    },
-  });
-}
+    // Prompts that all end in one run start the batch as that run's cache: no copy.
+    const seen: { run?: unknown; step?: unknown } = {};
+    const prefill = s.prefillRows.bind(s);
+    s.prefillRows = async (...a) => {
+      const r = await prefill(...a);
+      seen.run ??= r.cache.tensors.values().next().value?.data;
+      return r;
+    };
+    const decode = s.decodeBatch.bind(s);
+    s.decodeBatch = (...a) => {
+      seen.step ??= a[1].tensors.values().next().value?.data;
+      return decode(...a);
+    };
+    const three = await runAll(engine, [0, 1, 2].map((i) => reqs[i]));
+    three.forEach((t, i) => assert.deepEqual(t.ids, alone[i], `request ${i} again`));
+    assert.ok(
+      seen.run !== undefined && seen.step === seen.run,
+      "the first step decoded in the run's own cache",
+    );
+  },
+);
 
 for (const device of ["wasm", "cpu"] as const) {
   Deno.test({

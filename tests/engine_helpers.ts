@@ -6,7 +6,9 @@ import { generate, type GenerateParams, type GenerationSummary } from "../src/de
 import type { TokenLogprob } from "../src/sampling/logprobs.ts";
 import type { Device } from "../src/ort/ort.ts";
 import { DEFAULT_SAMPLING } from "../src/sampling/sampling.ts";
-import { EVAL_TEXT, golden, relL2, TINY_NAS } from "./helpers.ts";
+import { EVAL_TEXT, golden, HAS_NATIVE, relL2, TINY_NAS } from "./helpers.ts";
+import { UNFUSED } from "../src/fusion/plan.ts";
+import type { ModelSession } from "../src/ort/session.ts";
 
 export const FP32_INT4: GraphOptions = { dtype: "fp32", quantize: "int4" };
 export const FP32_INT8: GraphOptions = { dtype: "fp32", quantize: "int8" };
@@ -60,5 +62,38 @@ export async function planFormsMatchWasm(device: Device, formats: GraphOptions[]
         await wasm.release();
       }
     }
+  }
+}
+
+/**
+ * A test on each host device (WASM; native onnxruntime where it loads) over unfused tiny-nas's
+ * instance, with its session and the held-out text's ids; the instance is released however it ends.
+ */
+export function onHostDevices(
+  name: (device: "wasm" | "cpu") => string,
+  fn: (ctx: {
+    assets: Awaited<ReturnType<typeof loadAssets>>;
+    inst: Awaited<ReturnType<typeof buildInstance>>;
+    s: ModelSession;
+    ids: number[];
+  }) => Promise<void>,
+): void {
+  for (const device of ["wasm", "cpu"] as const) {
+    Deno.test({
+      name: name(device),
+      ignore: device === "cpu" && !HAS_NATIVE,
+      sanitizeResources: false,
+      sanitizeOps: false,
+      fn: async () => {
+        const assets = await loadAssets(TINY_NAS);
+        const inst = await buildInstance(assets, UNFUSED, device);
+        const ids = assets.tokenizer.encode(await Deno.readTextFile(EVAL_TEXT));
+        try {
+          await fn({ assets, inst, s: inst.session!, ids });
+        } finally {
+          await inst.release();
+        }
+      },
+    });
   }
 }

@@ -1,11 +1,9 @@
 import assert from "node:assert/strict";
 import { appendRows, type BatchCache, dropRows, packRows } from "../src/ort/kv_batch.ts";
 import { ort } from "../src/ort/ort.ts";
-import { buildInstance, loadAssets } from "../src/instance/build.ts";
-import { UNFUSED } from "../src/fusion/plan.ts";
 import { asBatch, freeHostArray, type KvCache } from "../src/ort/session.ts";
-import { EVAL_TEXT, HAS_NATIVE, relL2, TINY_NAS } from "./helpers.ts";
-import type { Device } from "../src/ort/ort.ts";
+import { relL2 } from "./helpers.ts";
+import { onHostDevices } from "./engine_helpers.ts";
 
 const graph = { cache: [{ layer: 0, kvHeads: 2 }], headDim: 2, floatType: "float32" as const };
 const KEY = "past_key_values.0.key";
@@ -67,82 +65,69 @@ Deno.test("kv batch: rows leave by the last row moving into their place, and joi
   );
 });
 
-for (const device of ["wasm", "cpu"] as Device[]) {
-  Deno.test({
-    name:
-      `kv batch: a batch whose rows leave and join in place decodes each row as it would alone (${device})`,
-    ignore: device === "cpu" && !HAS_NATIVE,
-    sanitizeResources: false,
-    sanitizeOps: false,
-    fn: async () => {
-      const assets = await loadAssets(TINY_NAS);
-      const inst = await buildInstance(assets, UNFUSED, device);
-      const s = inst.session!;
-      const vocab = assets.checkpoint.config.vocabSize;
-      try {
-        const ids = assets.tokenizer.encode(await Deno.readTextFile(EVAL_TEXT)).slice(0, 400);
-        const starts = [0, 40, 80, 120, 160];
-        const lengths = [30, 12, 50, 20, 9];
-        const prefill = async (i: number): Promise<KvCache> =>
-          (await s.step(ids.slice(starts[i], starts[i] + lengths[i]), s.emptyCache(), "last")).cache;
-        /** Row i's logits after it is fed `fed` of its next tokens, decoding alone. */
-        const alone = async (i: number, fed: number) => {
-          let cache = await prefill(i);
-          let logits: Float32Array = new Float32Array();
-          for (let k = 0; k <= fed; k++) {
-            const r = await s.step([ids[starts[i] + lengths[i] + k]], cache, "last");
-            cache = r.cache;
-            logits = r.logits;
-          }
-          return logits;
-        };
-        // Rows 0-2 with room for two more; two steps; row 1 leaves and rows 3 and 4 join; three steps.
-        const first = await Promise.all([0, 1, 2].map(prefill));
-        let batch = await s.regroupRows(null, [], first.map((c) => ({ cache: asBatch(c), row: 0 })), 200, 2);
-        let rows = batch.from;
-        const fed = [0, 0, 0, 0, 0];
-        const step = async () => {
-          const next = rows.map((i) => ids[starts[i] + lengths[i] + fed[i]]);
-          const r = await s.decodeBatch(next, batch.cache!, 200);
-          batch = { cache: r.cache, from: rows, redrawn: false };
-          const out = rows.map((i, b) => ({
-            i,
-            fed: fed[i],
-            logits: r.logits.slice(b * vocab, (b + 1) * vocab),
-          }));
-          for (const i of rows) fed[i]++;
-          return out;
-        };
-        const seen = [...await step(), ...await step()];
-        const buffer = (batch.cache!.tensors.values().next().value!.data as Float32Array).buffer;
-        const joining = await Promise.all([3, 4].map(prefill));
-        const all = [...rows];
-        const regrouped = await s.regroupRows(
-          batch.cache,
-          [1],
-          joining.map((c) => ({ cache: asBatch(c), row: 0 })),
-          200,
-        );
-        rows = regrouped.from.map((k) => k < all.length ? all[k] : [3, 4][k - all.length]);
-        batch = regrouped;
-        assert.deepEqual([...rows].sort(), [0, 2, 3, 4]);
-        assert.equal(batch.redrawn, false);
-        assert.equal(
-          (batch.cache!.tensors.values().next().value!.data as Float32Array).buffer,
-          buffer,
-          "the leave and the joins were done in the batch's own buffers",
-        );
-        for (let k = 0; k < 3; k++) seen.push(...await step());
-        for (const { i, fed: f, logits } of seen) {
-          const err = relL2(logits, await alone(i, f));
-          assert.ok(err < 1e-5, `row ${i} after ${f} fed: rel err ${err}`);
-        }
-      } finally {
-        await inst.release();
+onHostDevices(
+  (device) =>
+    `kv batch: a batch whose rows leave and join in place decodes each row as it would alone (${device})`,
+  async ({ assets, s, ids }) => {
+    const vocab = assets.checkpoint.config.vocabSize;
+    const starts = [0, 40, 80, 120, 160];
+    const lengths = [30, 12, 50, 20, 9];
+    const prefill = async (i: number): Promise<KvCache> =>
+      (await s.step(ids.slice(starts[i], starts[i] + lengths[i]), s.emptyCache(), "last")).cache;
+    /** Row i's logits after it is fed `fed` of its next tokens, decoding alone. */
+    const alone = async (i: number, fed: number) => {
+      let cache = await prefill(i);
+      let logits: Float32Array = new Float32Array();
+      for (let k = 0; k <= fed; k++) {
+        const r = await s.step([ids[starts[i] + lengths[i] + k]], cache, "last");
+        cache = r.cache;
+        logits = r.logits;
       }
-    },
-  });
-}
+      return logits;
+    };
+    // Rows 0-2 with room for two more; two steps; row 1 leaves and rows 3 and 4 join; three steps.
+    const first = await Promise.all([0, 1, 2].map(prefill));
+    let batch = await s.regroupRows(null, [], first.map((c) => ({ cache: asBatch(c), row: 0 })), 200, 2);
+    let rows = batch.from;
+    const fed = [0, 0, 0, 0, 0];
+    const step = async () => {
+      const next = rows.map((i) => ids[starts[i] + lengths[i] + fed[i]]);
+      const r = await s.decodeBatch(next, batch.cache!, 200);
+      batch = { cache: r.cache, from: rows, redrawn: false };
+      const out = rows.map((i, b) => ({
+        i,
+        fed: fed[i],
+        logits: r.logits.slice(b * vocab, (b + 1) * vocab),
+      }));
+      for (const i of rows) fed[i]++;
+      return out;
+    };
+    const seen = [...await step(), ...await step()];
+    const buffer = (batch.cache!.tensors.values().next().value!.data as Float32Array).buffer;
+    const joining = await Promise.all([3, 4].map(prefill));
+    const all = [...rows];
+    const regrouped = await s.regroupRows(
+      batch.cache,
+      [1],
+      joining.map((c) => ({ cache: asBatch(c), row: 0 })),
+      200,
+    );
+    rows = regrouped.from.map((k) => k < all.length ? all[k] : [3, 4][k - all.length]);
+    batch = regrouped;
+    assert.deepEqual([...rows].sort(), [0, 2, 3, 4]);
+    assert.equal(batch.redrawn, false);
+    assert.equal(
+      (batch.cache!.tensors.values().next().value!.data as Float32Array).buffer,
+      buffer,
+      "the leave and the joins were done in the batch's own buffers",
+    );
+    for (let k = 0; k < 3; k++) seen.push(...await step());
+    for (const { i, fed: f, logits } of seen) {
+      const err = relL2(logits, await alone(i, f));
+      assert.ok(err < 1e-5, `row ${i} after ${f} fed: rel err ${err}`);
+    }
+  },
+);
 
 Deno.test("freeHostArray frees an array that is its whole buffer, and never a view into a larger one", () => {
   const whole = new Float32Array(1024);
