@@ -411,6 +411,7 @@ export class BatchEngine extends EngineBase<HostSequence> {
     const seqs = rows.map((r) => r.seq);
     const width = Math.max(...rows.map((r) => r.tokens));
     const all = head.promptLogprobs !== null;
+    const maxWidth = this.widthLimit(seqs);
     let logits: Float32Array | null = null;
     try {
       const t0 = performance.now();
@@ -420,8 +421,8 @@ export class BatchEngine extends EngineBase<HostSequence> {
           from: seq.cache,
         })),
         all ? "all" : "last",
-        this.widthLimit(seqs),
-        rows.length + (this.batch ? 0 : this.spareRows(rows.length, this.widthLimit(seqs))),
+        maxWidth,
+        rows.length + (this.batch ? 0 : this.spareRows(rows.length, maxWidth)),
       );
       logits = r.logits;
       this.prefillMs = mean(this.prefillMs, (performance.now() - t0) / (rows.length * width));

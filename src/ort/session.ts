@@ -91,6 +91,8 @@ export class ModelSession {
    * each step's time with every row's length.
    */
   readonly inPlace: boolean;
+  /** The outputs every run fetches: each layer's new keys and values, or its presents. */
+  private readonly cacheOutputs: string[];
 
   private constructor(
     private readonly session: ort.InferenceSession,
@@ -100,6 +102,9 @@ export class ModelSession {
     private readonly rt: OrtApi,
   ) {
     this.inPlace = graph.newKv && (device === "cpu" || device === "wasm");
+    this.cacheOutputs = graph.cache.flatMap(({ layer }) =>
+      graph.newKv ? [newKey(layer), newValue(layer)] : [presentKey(layer), presentValue(layer)]
+    );
   }
 
   static async create(graph: DecoderGraph, device: Backend, vocabSize: number): Promise<ModelSession> {
@@ -423,9 +428,7 @@ export class ModelSession {
     if (this.graph.sampling && !feeds.sample_rows) {
       Object.assign(feeds, this.drawFeeds({ rows: [], inverseTemperature: [], logits: true }));
     }
-    const fetches = this.graph.cache.flatMap(({ layer }) =>
-      this.graph.newKv ? [newKey(layer), newValue(layer)] : [presentKey(layer), presentValue(layer)]
-    );
+    const fetches = [...this.cacheOutputs];
     if (want.logits) fetches.push("logits");
     if (want.probs) fetches.push("sample_probs");
     return await this.session.run(feeds, fetches);
