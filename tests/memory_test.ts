@@ -6,7 +6,7 @@ import { parseConfig } from "../src/model/config.ts";
 import { PUBLISHED_CONFIGS } from "../src/model/published_configs.ts";
 import { storedBytes } from "../src/onnx/builder.ts";
 import { buildDecoderGraph } from "../src/onnx/decoder.ts";
-import { FLOAT_WEIGHTS, type GraphOptions } from "../src/onnx/format.ts";
+import { FLOAT_WEIGHTS, type GraphOptions, NATIVE_QUANTIZED } from "../src/onnx/format.ts";
 import { checkModelFits, estimateMemory, kvBudgetBytes } from "../src/ort/memory.ts";
 import { InputError } from "../src/errors.ts";
 import { decodeAdvice } from "../src/ort/decode_estimate.ts";
@@ -18,17 +18,17 @@ const FP32 = FLOAT_WEIGHTS;
 
 Deno.test("memory estimate: matches the bytes of the graph actually built, per weight format", async () => {
   const ckpt = await loadCheckpoint(TINY_NAS);
-  const integer: GraphOptions[] = (["int8", "int4"] as const).map((quantize) => ({
-    dtype: "fp32",
-    quantize,
-    integer: true,
-  }));
+  // WASM's integer path and native onnxruntime's blocks, both with the int8 embedding.
+  const host: GraphOptions[] = (["int8", "int4"] as const).flatMap((quantize) => [
+    { dtype: "fp32", quantize, integer: true },
+    { dtype: "fp32", quantize, ...NATIVE_QUANTIZED },
+  ]);
   for (const dtype of ["fp32", "fp16"] as const) {
     for (const quantize of ["none", "int8", "int4"] as const) {
       for (
         const g of [
           { dtype, quantize } as GraphOptions,
-          ...(dtype === "fp32" && quantize !== "none" ? integer : []),
+          ...(dtype === "fp32" && quantize !== "none" ? host.filter((h) => h.quantize === quantize) : []),
         ]
       ) {
         const built = storedBytes(buildDecoderGraph(ckpt, unfusedBlocks(ckpt), g).model);

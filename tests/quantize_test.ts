@@ -7,7 +7,7 @@ import { referenceForward } from "../src/model/forward.ts";
 import { type Tensor, tensor } from "../src/model/tensor.ts";
 import { storedBytes } from "../src/onnx/builder.ts";
 import { buildDecoderGraph } from "../src/onnx/decoder.ts";
-import type { Quantization } from "../src/onnx/format.ts";
+import { embedsInt8, type Quantization } from "../src/onnx/format.ts";
 import {
   dequantize,
   dequantizedModel,
@@ -181,8 +181,13 @@ for (const [q, device, groups] of cases) {
       const float = buildDecoderGraph(ckpt, blocks);
       assert.ok(graph.nodeCount > 0);
       const ratio = storedBytes(graph.model) / storedBytes(float.model);
-      // Every MatMul weight shrinks (on the integer path the embedding too).
+      // Every MatMul weight shrinks, and on the host devices the embedding too (int8 a row).
       assert.ok(ratio < (q === "int4" ? 0.45 : 0.55), `weights ${ratio.toFixed(2)} of fp32`);
+      assert.equal(embedsInt8(options), device !== "webgpu");
+      assert.equal(
+        graph.model.weights.some((f) => f.path.startsWith("embed_tokens.i8r")),
+        device !== "webgpu",
+      );
       const session = await ModelSession.create(graph, await resolveDevice(device), ckpt.config.vocabSize);
       try {
         const ids = (await golden(TINY_NAS)).cases[0].input_ids as number[];

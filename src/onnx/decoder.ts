@@ -7,7 +7,7 @@ import { lazyTensor, type Tensor, transpose2d } from "../model/tensor.ts";
 import { type EncodedModel, GraphBuilder } from "./builder.ts";
 import { matmulAttention, type StepPositions, stepPositions } from "./matmul_attention.ts";
 import { splitFactor, type SplitK } from "./split_k.ts";
-import { FLOAT_WEIGHTS, formatName, type GraphOptions } from "./format.ts";
+import { embedsInt8, FLOAT_WEIGHTS, formatName, type GraphOptions } from "./format.ts";
 import {
   BITS,
   BLOCK,
@@ -272,10 +272,10 @@ export class DecoderEmitter {
     return g.op("Reshape", [y, g.op("Concat", [act.lead, g.ints([n])], { axis: 0 })]);
   }
 
-  /** Token ids to their embeddings: a Gather of the table, in int8 per row on the integer path. */
+  /** Token ids to their embeddings: a Gather of the table, in int8 per row where embedsInt8. */
   embed(ids: string, table: Tensor): string {
     const g = this.g;
-    if (!this.opts.integer || this.opts.quantize === "none") {
+    if (!embedsInt8(this.opts)) {
       return g.op("Gather", [g.weight("embed_tokens", this.floatWeight("embed_tokens", table)), ids], {
         axis: 0,
       });

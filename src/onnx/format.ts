@@ -27,7 +27,17 @@ export interface GraphOptions {
    * rounded to int8 per row, MatMulInteger's int32 sums, and the embedding in int8 per row too.
    */
   integer?: boolean;
+  /**
+   * The embedding table in int8 per row (a scale a token) in a quantized graph: a token reads one row
+   * of it, but an fp32 table is most of a quantized 1B model's bytes (1.05 GB of 128K x 2048), and
+   * onnxruntime's mapped file of it becomes resident row by row as a server sees more tokens.
+   */
+  int8Embedding?: boolean;
 }
+
+/** Whether a graph in these options gathers its embeddings from the int8-per-row table. */
+export const embedsInt8 = (g: GraphOptions): boolean =>
+  g.quantize !== "none" && (g.integer === true || g.int8Embedding === true);
 
 export const FLOAT_WEIGHTS: GraphOptions = { dtype: "fp32", quantize: "none" };
 
@@ -36,9 +46,15 @@ export const FLOAT_WEIGHTS: GraphOptions = { dtype: "fp32", quantize: "none" };
  * faster at the 1B shape (int8's fp32 path has no kernel at all) and keeps the quality table's KL
  * (bench/results/2026-12-04-cpu-tiny-nas-accuracy-level.txt). Its kernel pays per block for each row
  * of a batch: 128 a block, with zero points fitted so that int4 keeps the error it had at 32
- * (bench/results/2026-12-05-cpu-llama-3.2-1b-int4-blocks.txt).
+ * (bench/results/2026-12-05-cpu-llama-3.2-1b-int4-blocks.txt). The embedding is int8 per row, as the
+ * integer path's (bench/results/2026-12-05-cpu-llama-3.2-1b-int8-embedding.txt).
  */
-export const NATIVE_QUANTIZED = { accuracy: 4, block: 128, asymmetric: true } as const satisfies Partial<
+export const NATIVE_QUANTIZED = {
+  accuracy: 4,
+  block: 128,
+  asymmetric: true,
+  int8Embedding: true,
+} as const satisfies Partial<
   GraphOptions
 >;
 

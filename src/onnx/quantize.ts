@@ -1,6 +1,6 @@
 import type { Block, FfnBlock } from "../model/blocks.ts";
 import type { Tensor } from "../model/tensor.ts";
-import type { GraphOptions, Quantization } from "./format.ts";
+import { embedsInt8, type GraphOptions, type Quantization } from "./format.ts";
 
 /** Weight-only quantization of the MatMul weights: none (the float type), or 8 / 4 bits a weight. */
 
@@ -316,7 +316,7 @@ function dequantizedBlocks(blocks: Block[], g: GraphOptions): Block[] {
   return blocks.map(each);
 }
 
-/** An embedding table in int8, symmetric per row (one token's vector): the integer path's Gather. */
+/** An embedding table in int8, symmetric per row (one token's vector): an int8 embedding's Gather. */
 export function quantizeRows(t: Tensor): { q: Int8Array; scales: Float32Array } {
   const [rows, d] = t.shape;
   const data = t.data;
@@ -330,7 +330,7 @@ export function quantizeRows(t: Tensor): { q: Int8Array; scales: Float32Array } 
   return { q, scales };
 }
 
-/** The embedding as the integer path computes with it. */
+/** The embedding as an int8 embedding (embedsInt8) computes with it. */
 function dequantizedEmbedding(t: Tensor): Tensor {
   const { q, scales } = quantizeRows(t);
   const d = t.shape[1];
@@ -356,7 +356,7 @@ export function dequantizedModel<C extends { embed: Tensor; lmHead: Tensor }>(
   return {
     checkpoint: {
       ...checkpoint,
-      embed: g.integer ? dequantizedEmbedding(checkpoint.embed) : checkpoint.embed,
+      embed: embedsInt8(g) ? dequantizedEmbedding(checkpoint.embed) : checkpoint.embed,
       lmHead: dequantized(checkpoint.lmHead, g),
     },
     blocks: dequantizedBlocks(blocks, g),

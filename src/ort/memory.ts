@@ -1,6 +1,6 @@
 import { InputError } from "../errors.ts";
 import type { ModelConfig } from "../model/config.ts";
-import { formatName, type GraphOptions } from "../onnx/format.ts";
+import { embedsInt8, formatName, type GraphOptions } from "../onnx/format.ts";
 import { weightBytes } from "../onnx/quantize.ts";
 import type { Device } from "./ort.ts";
 
@@ -19,8 +19,8 @@ export interface MemoryEstimate {
 export function estimateMemory(cfg: ModelConfig, g: GraphOptions): MemoryEstimate {
   const d = cfg.hidden;
   const f = g.dtype === "fp16" ? 2 : 4;
-  // The integer path keeps the embedding in int8 a value and a float scale a row.
-  const embed = g.integer && g.quantize !== "none" ? cfg.vocabSize * (d + 4) : cfg.vocabSize * d * f;
+  // An int8 embedding is a byte a value and a float scale a row.
+  const embed = embedsInt8(g) ? cfg.vocabSize * (d + 4) : cfg.vocabSize * d * f;
   const head = weightBytes(cfg.vocabSize, d, g);
   let total = embed + head + d * f;
   let kv = 0;
