@@ -52,7 +52,6 @@ const WG: u32 = 256u;
 const PROMPT: u32 = 0x80000000u;
 const LP_STRIDE: u32 = 41u;
 
-var<workgroup> row_ws: Row;
 var<workgroup> red_f: array<f32, 256>;
 var<workgroup> red_u: array<u32, 256>;
 
@@ -192,10 +191,10 @@ fn bisect(lid: u32, r: Row, floor: u32, counting: bool, goal: f32, m: f32, t_inv
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-  if (lid == 0u) {
-    row_ws = rows[wid.x];
-  }
-  let r = workgroupUniformLoad(&row_ws);
+  // Every invocation loads its row itself: a read-only storage load at a uniform index is uniform.
+  // Published through workgroup memory (one invocation loading it), the row reached some invocations
+  // unset on lavapipe, once in a few hundred constrained requests: those drew over the whole vocabulary.
+  let r = rows[wid.x];
   let greedy = r.temperature == 0.0;
   let t_inv = select(1.0 / r.temperature, 1.0, greedy);
 

@@ -1,5 +1,11 @@
 import assert from "node:assert/strict";
-import { attachFiles, encodeSafetensors, releaseDecoded, SafetensorsFile } from "../src/model/safetensors.ts";
+import {
+  attachFiles,
+  encodeSafetensors,
+  releaseDecoded,
+  SafetensorsFile,
+  tensorRows,
+} from "../src/model/safetensors.ts";
 import { tensor } from "../src/model/tensor.ts";
 import { f16ToF32, f32ToF16 } from "../src/model/dtype.ts";
 import { InputError } from "../src/errors.ts";
@@ -110,6 +116,27 @@ Deno.test("safetensors: a file-backed tensor decodes on read, is posted as a ref
     await Deno.remove(path);
     await new Promise((r) => setTimeout(r, 1));
     assert.throws(() => a.data, (e: Error) => e instanceof InputError && e.message.includes(path));
+  } finally {
+    await Deno.remove(path).catch(() => {});
+  }
+});
+
+Deno.test("safetensors: rows of a file-backed tensor read alone equal those of its whole decode", async () => {
+  const path = await Deno.makeTempFile({ suffix: ".safetensors" });
+  try {
+    const rows = 37, width = 11;
+    const data = Float32Array.from({ length: rows * width }, (_, i) => Math.sin(i) * 3);
+    await Deno.writeFile(path, encodeSafetensors({ t: tensor([rows, width], data) }, "F16"));
+    const file = await SafetensorsFile.open(path);
+    const t = file.tensor("t");
+    // Read before the whole tensor is ever decoded (its bytes alone), then from the decoded copy.
+    const alone = [tensorRows(t, 0, 5), tensorRows(t, 5, 36), tensorRows(t, 36, 37)];
+    const whole = t.data;
+    assert.deepEqual(alone.flatMap((a) => [...a]), [...whole]);
+    assert.deepEqual([...tensorRows(t, 3, 9)], [...whole.subarray(3 * width, 9 * width)]);
+    assert.deepEqual([...tensorRows(tensor([rows, width], data), 2, 4)], [
+      ...data.subarray(2 * width, 4 * width),
+    ]);
   } finally {
     await Deno.remove(path).catch(() => {});
   }

@@ -1,6 +1,13 @@
 import type { TextTokenizer } from "../model/tokenizer.ts";
 import { commonPrefix, EngineBase, PREFILL_CHUNK, type Sequence } from "./engine_base.ts";
-import { RING, ringId, ringScored, type RingSnapshot } from "../ort/gpu_sampler.ts";
+import {
+  hasPenalties,
+  PROMPT_COUNT,
+  RING,
+  ringId,
+  ringScored,
+  type RingSnapshot,
+} from "../ort/gpu_sampler.ts";
 import { kvBytesPerToken } from "../ort/kv_batch.ts";
 import { describe } from "../sampling/logprobs.ts";
 import type { SlotDecoder } from "../ort/slot_decoder.ts";
@@ -48,6 +55,8 @@ export class GpuBatchEngine extends EngineBase<GpuSequence> {
   private readonly contents: SlotContent[];
   private pending: Promise<void> | null = null;
   private clock = 0;
+  /** Constrained tokens drawn again because their grammar refused them (see redraw). */
+  redrawn = 0;
 
   constructor(
     private readonly decoder: SlotDecoder,
@@ -216,10 +225,15 @@ export class GpuBatchEngine extends EngineBase<GpuSequence> {
   private async take(snap: RingSnapshot, upTo: Map<GpuSequence, number>): Promise<void> {
     for (const [s, end] of upTo) {
       if (!this.decoding.includes(s)) continue;
+      let taken = end;
       for (let i = s.read; i < end; i++) {
         const id = ringId(snap, s.slot, i);
+        if (s.grammar && !s.grammar.accept(id) && !s.cancelled) {
+          this.redraw(s, i, id);
+          taken = i;
+          break;
+        }
         s.outputs.push(id);
-        s.grammar?.accept(id);
         if (s.sink.done || s.cancelled) continue;
         const scored = s.logprobs === undefined
           ? undefined
@@ -228,9 +242,30 @@ export class GpuBatchEngine extends EngineBase<GpuSequence> {
         if (out.text || out.logprobs) s.handlers.chunk({ ...out, tokenId: id });
         if (s.sink.done) s.stopped = true;
       }
-      s.read = end;
+      s.read = taken;
       if (s.grammar && !s.stopped && !s.cancelled) await this.setMask(s);
     }
+  }
+
+  /**
+   * Takes back a constrained token its grammar refused, so that the next step draws it again under
+   * the mask. The GPU cannot have drawn it under the mask the host wrote (bench/results/
+   * 2026-12-05-webgpu-constrained-redraw.txt: once in a few hundred constrained requests on lavapipe,
+   * cause not found); unseen, it would be sent and the answer break its schema. Nothing has decoded it
+   * yet (a constrained row steps only once its last token is taken), so stepping its input again
+   * rewrites the same cache position and gives the same logits: the same draw of index `index` with
+   * the mask applied, what an undisturbed run gives.
+   */
+  private redraw(s: GpuSequence, index: number, refused: number): void {
+    const input = index > 0 ? s.outputs[index - 1] : s.prompt[s.prompt.length - 1];
+    const count = hasPenalties(s.params)
+      ? (s.prompt.includes(refused) ? PROMPT_COUNT : 0) + s.outputs.filter((id) => id === refused).length
+      : null;
+    this.decoder.sampler.rewind(s.slot, input, count === null ? null : { id: refused, count });
+    s.length--;
+    s.produced = index;
+    s.stopped = false;
+    this.redrawn++;
   }
 
   /** Writes the mask of the sequence's next token into its slot (unless it ended meanwhile: the slot may be another's). */

@@ -267,6 +267,23 @@ function attach(t: FileTensor): void {
 
 let scratch: Uint8Array | null = null;
 
+/**
+ * Rows [from, to) of a 2-D tensor's float32 data (along its first dimension), without decoding the rest:
+ * a file-backed tensor not decoded already reads just their bytes, so code that walks a large table a
+ * slice of rows at a time (quantizing an embedding or a head of 1 GB in fp32) never holds it whole.
+ */
+export function tensorRows(t: Tensor, from: number, to: number): Float32Array {
+  const width = t.shape.slice(1).reduce((a, b) => a * b, 1);
+  const file = (t as Partial<FileTensor>).file;
+  const decoded = file ? RECENT.get(t as FileTensor) : t.data;
+  if (decoded) return decoded.subarray(from * width, to * width);
+  const { entry } = file!;
+  const size = DTYPE_SIZE[entry.dtype];
+  const begin = entry.begin + from * width * size;
+  const end = begin + (to - from) * width * size;
+  return readFile({ ...file!, entry: { ...entry, shape: [to - from, width], begin, end } });
+}
+
 function readFile({ path, base, entry }: FileRef): Float32Array {
   let file: Deno.FsFile;
   try {

@@ -8,7 +8,8 @@ export const RING = 64;
 /** Words a ring entry of log-probabilities takes: the chosen token's, then 20 (id, logprob) pairs. */
 const LP_STRIDE = 1 + 2 * MAX_TOP_LOGPROBS;
 const ROW_BYTES = 48;
-const PROMPT = 0x80000000;
+/** A slot's count of a token in its prompt (bit 31; the low bits count the generated ones). */
+export const PROMPT_COUNT = 0x80000000;
 
 /** One row to sample: where its logits are, which slot it decodes in, and its parameters. */
 export interface SampleRow {
@@ -95,7 +96,7 @@ export class GpuSampler {
   startSequence(slot: number, prompt: number[], params: SamplingParams): void {
     if (!hasPenalties(params)) return;
     const row = new Uint32Array(this.vocab);
-    for (const id of prompt) row[id] = PROMPT;
+    for (const id of prompt) row[id] = PROMPT_COUNT;
     this.device.queue.writeBuffer(this.counts, slot * this.vocab * 4, row);
   }
 
@@ -108,6 +109,21 @@ export class GpuSampler {
     const row = new Int32Array(words);
     row.set(bits.subarray(0, words));
     this.device.queue.writeBuffer(this.masks, slot * words * 4, row);
+  }
+
+  /**
+   * Takes a drawn token back: `input` is again the slot's next input id, and with penalties the
+   * token's count is set back to `count` (what its sequence holds without it).
+   */
+  rewind(slot: number, input: number, uncount: { id: number; count: number } | null): void {
+    this.device.queue.writeBuffer(this.ids, slot * 4, Int32Array.of(input));
+    if (uncount) {
+      this.device.queue.writeBuffer(
+        this.counts,
+        (slot * this.vocab + uncount.id) * 4,
+        Uint32Array.of(uncount.count),
+      );
+    }
   }
 
   /** Queues the choice of a token for each row from `logits` ([rows, vocab] f32). */
