@@ -118,6 +118,7 @@ Deno.test("dtype: fp16 is refused on WASM, naming the flag", async () => {
     accuracy: 4,
     block: 128,
     asymmetric: true,
+    int8Embedding: true,
   });
   assert.deepEqual(await resolveGraphOptions("auto", "none", "cpu"), { dtype: "fp32", quantize: "none" });
 });
