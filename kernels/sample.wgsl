@@ -191,9 +191,8 @@ fn bisect(lid: u32, r: Row, floor: u32, counting: bool, goal: f32, m: f32, t_inv
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-  // Every invocation loads its row itself: a read-only storage load at a uniform index is uniform.
-  // Published through workgroup memory (one invocation loading it), the row reached some invocations
-  // unset on lavapipe, once in a few hundred constrained requests: those drew over the whole vocabulary.
+  // Every invocation loads its row itself (a read-only storage load at a uniform index is uniform), so
+  // no invocation depends on another having published it through workgroup memory.
   let r = rows[wid.x];
   let greedy = r.temperature == 0.0;
   let t_inv = select(1.0 / r.temperature, 1.0, greedy);

@@ -249,9 +249,9 @@ export class GpuBatchEngine extends EngineBase<GpuSequence> {
 
   /**
    * Takes back a constrained token its grammar refused, so that the next step draws it again under
-   * the mask. The GPU drew one against the mask the host wrote once in a few hundred constrained
-   * requests on lavapipe (bench/results/2026-12-05-webgpu-constrained-redraw.txt; the kernel's likely
-   * cause is gone): sent, it would break the answer's schema, so the check stays. Nothing has decoded
+   * the mask. The GPU drew one against the mask the host wrote about once in 250 constrained requests
+   * on lavapipe, its mask in place and its row flagged (bench/results/2026-12-05-webgpu-constrained-
+   * redraw.txt; cause not found): sent, it would break the answer's schema. Nothing has decoded
    * it yet (a constrained row steps only once its last token is taken), so stepping its input again
    * rewrites the same cache position and gives the same logits: the same draw of index `index` with
    * the mask applied, what an undisturbed run gives.
