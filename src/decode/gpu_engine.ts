@@ -1,13 +1,6 @@
 import type { TextTokenizer } from "../model/tokenizer.ts";
 import { commonPrefix, EngineBase, PREFILL_CHUNK, type Sequence } from "./engine_base.ts";
-import {
-  hasPenalties,
-  PROMPT_COUNT,
-  RING,
-  ringId,
-  ringScored,
-  type RingSnapshot,
-} from "../ort/gpu_sampler.ts";
+import { RING, ringId, ringScored, type RingSnapshot } from "../ort/gpu_sampler.ts";
 import { kvBytesPerToken } from "../ort/kv_batch.ts";
 import { describe } from "../sampling/logprobs.ts";
 import type { SlotDecoder } from "../ort/slot_decoder.ts";
@@ -258,10 +251,7 @@ export class GpuBatchEngine extends EngineBase<GpuSequence> {
    */
   private redraw(s: GpuSequence, index: number, refused: number): void {
     const input = index > 0 ? s.outputs[index - 1] : s.prompt[s.prompt.length - 1];
-    const count = hasPenalties(s.params)
-      ? (s.prompt.includes(refused) ? PROMPT_COUNT : 0) + s.outputs.filter((id) => id === refused).length
-      : null;
-    this.decoder.sampler.rewind(s.slot, input, count === null ? null : { id: refused, count });
+    this.decoder.sampler.rewind(s.slot, input, refused, s);
     s.length--;
     s.produced = index;
     s.stopped = false;

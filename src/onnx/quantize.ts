@@ -156,33 +156,31 @@ export function quantize(w: Tensor, layout: NbitsLayout): PackedWeight {
   const scales = new Float32Array(n * blocks);
   const zeros = zeroPoints ? new Uint8Array(n * zeroPointBytes(blocks)) : undefined;
   const fit = new Float64Array(2);
-  const rows = sliceRows(k);
-  let data: Float32Array = new Float32Array(0);
-  // Block i of the [N, K / block] grid starts at i * block in the row-major weight, read a slice of
-  // rows at a time.
-  for (let i = 0; i < n * blocks; i++) {
-    const row = Math.floor(i / blocks);
-    if (i % (rows * blocks) === 0) data = tensorRows(w, row, Math.min(n, row + rows));
-    const at = i * block - (row - (row % rows)) * k;
-    let scale: number;
-    let zero = implicit;
-    if (zeros) {
-      asymmetricFit(data, at, block, fit);
-      [scale, zero] = [fit[0], fit[1]];
-      zeros[zeroPointByte(i, blocks)] |= zero << zeroPointShift(i, blocks);
-    } else {
-      scale = symmetricScale(data, at, block, qmax);
+  // Block i of the [N, K / block] grid starts at i * block in the row-major weight: at i * block -
+  // from * k in the slice of rows that starts at row `from`.
+  eachRowSlice(w, (from, to, data) => {
+    for (let i = from * blocks; i < to * blocks; i++) {
+      const at = i * block - from * k;
+      let scale: number;
+      let zero = implicit;
+      if (zeros) {
+        asymmetricFit(data, at, block, fit);
+        [scale, zero] = [fit[0], fit[1]];
+        zeros[zeroPointByte(i, blocks)] |= zero << zeroPointShift(i, blocks);
+      } else {
+        scale = symmetricScale(data, at, block, qmax);
+      }
+      scales[i] = scale;
+      const out = i * blob;
+      for (let j = 0; j < block; j++) {
+        // floor(x + 0.5) is Math.round at these magnitudes, and several times faster in V8.
+        const q = Math.floor(data[at + j] / scale + 0.5) + zero;
+        const level = q < 0 ? 0 : q > top ? top : q;
+        if (bits === 8) packed[out + j] = level;
+        else packed[out + (j >> 1)] |= j & 1 ? level << 4 : level;
+      }
     }
-    scales[i] = scale;
-    const out = i * blob;
-    for (let j = 0; j < block; j++) {
-      // floor(x + 0.5) is Math.round at these magnitudes, and several times faster in V8.
-      const q = Math.floor(data[at + j] / scale + 0.5) + zero;
-      const level = q < 0 ? 0 : q > top ? top : q;
-      if (bits === 8) packed[out + j] = level;
-      else packed[out + (j >> 1)] |= j & 1 ? level << 4 : level;
-    }
-  }
+  });
   return { n, k, ...layout, packed, scales, ...(zeros ? { zeros } : {}) };
 }
 
@@ -326,24 +324,29 @@ export function quantizeRows(t: Tensor): { q: Int8Array; scales: Float32Array } 
   const [rows, d] = t.shape;
   const q = new Int8Array(rows * d);
   const scales = new Float32Array(rows);
-  const slice = sliceRows(d);
-  for (let from = 0; from < rows; from += slice) {
-    const data = tensorRows(t, from, Math.min(rows, from + slice));
-    for (let r = from; r < Math.min(rows, from + slice); r++) {
+  eachRowSlice(t, (from, to, data) => {
+    for (let r = from; r < to; r++) {
       const at = (r - from) * d;
       const scale = symmetricScale(data, at, d, 127);
       scales[r] = scale;
       for (let i = 0; i < d; i++) q[r * d + i] = Math.round(data[at + i] / scale);
     }
-  }
+  });
   return { q, scales };
 }
 
 /**
- * Rows of a [N, K] weight read at once where a whole one is not needed: 16 MB of fp32, so a tied
- * 128K-vocabulary table (1.05 GB in fp32) is quantized without being decoded whole.
+ * Walks a [N, K] weight a slice of rows at a time, 16 MB of fp32 a slice (`data` holds rows
+ * [from, to)), so a tied 128K-vocabulary table (1.05 GB in fp32) is quantized without being decoded whole.
  */
-const sliceRows = (k: number) => Math.max(1, Math.floor((4 << 20) / k));
+function eachRowSlice(t: Tensor, f: (from: number, to: number, data: Float32Array) => void): void {
+  const [n, k] = t.shape;
+  const slice = Math.max(1, Math.floor((4 << 20) / k));
+  for (let from = 0; from < n; from += slice) {
+    const to = Math.min(n, from + slice);
+    f(from, to, tensorRows(t, from, to));
+  }
+}
 
 /** The embedding as an int8 embedding (embedsInt8) computes with it. */
 function dequantizedEmbedding(t: Tensor): Tensor {

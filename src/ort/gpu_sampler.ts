@@ -8,8 +8,7 @@ export const RING = 64;
 /** Words a ring entry of log-probabilities takes: the chosen token's, then 20 (id, logprob) pairs. */
 const LP_STRIDE = 1 + 2 * MAX_TOP_LOGPROBS;
 const ROW_BYTES = 48;
-/** A slot's count of a token in its prompt (bit 31; the low bits count the generated ones). */
-export const PROMPT_COUNT = 0x80000000;
+const PROMPT = 0x80000000;
 
 /** One row to sample: where its logits are, which slot it decodes in, and its parameters. */
 export interface SampleRow {
@@ -96,7 +95,7 @@ export class GpuSampler {
   startSequence(slot: number, prompt: number[], params: SamplingParams): void {
     if (!hasPenalties(params)) return;
     const row = new Uint32Array(this.vocab);
-    for (const id of prompt) row[id] = PROMPT_COUNT;
+    for (const id of prompt) row[id] = PROMPT;
     this.device.queue.writeBuffer(this.counts, slot * this.vocab * 4, row);
   }
 
@@ -112,18 +111,20 @@ export class GpuSampler {
   }
 
   /**
-   * Takes a drawn token back: `input` is again the slot's next input id, and with penalties the
-   * token's count is set back to `count` (what its sequence holds without it).
+   * Takes back the token `drawn` of the sequence in `slot`: `input` is again the slot's next input id,
+   * and with penalties the token's count is again what the sequence's prompt and `outputs` (without
+   * it) give.
    */
-  rewind(slot: number, input: number, uncount: { id: number; count: number } | null): void {
+  rewind(
+    slot: number,
+    input: number,
+    drawn: number,
+    seq: { prompt: number[]; outputs: number[]; params: SamplingParams },
+  ): void {
     this.device.queue.writeBuffer(this.ids, slot * 4, Int32Array.of(input));
-    if (uncount) {
-      this.device.queue.writeBuffer(
-        this.counts,
-        (slot * this.vocab + uncount.id) * 4,
-        Uint32Array.of(uncount.count),
-      );
-    }
+    if (!hasPenalties(seq.params)) return;
+    const count = (seq.prompt.includes(drawn) ? PROMPT : 0) + seq.outputs.filter((id) => id === drawn).length;
+    this.device.queue.writeBuffer(this.counts, (slot * this.vocab + drawn) * 4, Uint32Array.of(count));
   }
 
   /** Queues the choice of a token for each row from `logits` ([rows, vocab] f32). */

@@ -101,7 +101,7 @@ export class ModelSession {
     readonly vocabSize: number,
     private readonly rt: OrtApi,
   ) {
-    this.inPlace = graph.newKv && (device === "cpu" || device === "wasm");
+    this.inPlace = graph.newKv && onHost(device);
     this.cacheOutputs = graph.cache.flatMap(({ layer }) =>
       graph.newKv ? [newKey(layer), newValue(layer)] : [presentKey(layer), presentValue(layer)]
     );
@@ -482,8 +482,11 @@ export class ModelSession {
  * fused operator.
  */
 export function attentionFor(device: Backend, dtype: FloatType): AttentionForm {
-  return (device === "wasm" || device === "cpu") && dtype === "fp32" ? "matmul" : "fused";
+  return onHost(device) && dtype === "fp32" ? "matmul" : "fused";
 }
+
+/** The devices whose sessions run on the host's CPU (WASM, native onnxruntime) and whose engine draws there. */
+const onHost = (device: Backend): boolean => device === "wasm" || device === "cpu";
 
 /**
  * Vocabularies from this size get the softmax of sampled rows in their host graphs
@@ -494,7 +497,7 @@ export const GRAPH_SAMPLING_VOCAB = 32768;
 
 /** Whether a device's graphs compute the softmax a host engine draws from (DecoderGraph.sampling). */
 export function samplesInGraph(device: Backend, vocabSize: number): boolean {
-  return (device === "wasm" || device === "cpu") && vocabSize >= GRAPH_SAMPLING_VOCAB;
+  return onHost(device) && vocabSize >= GRAPH_SAMPLING_VOCAB;
 }
 
 /** Empty past K/V for each cached layer of a decoder graph: what `rows` sequences start from. */
