@@ -73,6 +73,20 @@ fn key(x: f32) -> u32 {
 
 const MASKED: f32 = -3.0e38;
 
+// An Exp(1) variate from the top 23 bits of `bits`: -log(1 - w), w on a grid of 2^-23 steps strictly
+// inside (0, 1), so the Gumbel noise -log(E) stays within [-2.82, 16.64]. A grid of 2^-24 steps does not
+// fit an f32 beside its half-step offset: its top value rounds to u = 1, whose noise is +inf and
+// beats any logit and the mask (once in 2^24 / vocab draws: every ~130th token of a 128K vocabulary
+// was uniformly random, and a constrained row broke its grammar). Near w = 0, log(1 - w) may be off by
+// as much as its value (WGSL allows 2^-21 absolute error on [0.5, 2]), so a series takes over there.
+fn exponential(bits: u32) -> f32 {
+  let w = (f32(bits >> 9u) + 0.5) * (1.0 / 8388608.0);
+  if (w < 0.0009765625) {
+    return w * (1.0 + w * (0.5 + w * 0.33333334));
+  }
+  return -log(1.0 - w);
+}
+
 fn adjusted(r: Row, i: u32) -> f32 {
   if ((r.flags & 4u) != 0u) {
     let words = (c.vocab + 31u) / 32u;
@@ -232,8 +246,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for (var i = lid; i < c.vocab; i += WG) {
       let a = adjusted(r, i);
       if (key(a) >= floor) {
-        let u = (f32(hash(draw ^ i) >> 8u) + 0.5) / 16777216.0;
-        let s = a * t_inv - log(-log(u));
+        let s = a * t_inv - log(exponential(hash(draw ^ i)));
         if (s > g) {
           g = s;
           gi = i;

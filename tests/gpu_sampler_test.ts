@@ -128,3 +128,69 @@ Deno.test({
     device.destroy();
   },
 });
+
+/** kernels/sample.wgsl's hash, to find the draws whose noise is at an end of its range. */
+function kernelHash(x: number): number {
+  let h = x >>> 0;
+  h = (h ^ (h >>> 16)) >>> 0;
+  h = Math.imul(h, 0x7feb352d) >>> 0;
+  h = (h ^ (h >>> 15)) >>> 0;
+  h = Math.imul(h, 0x846ca68b) >>> 0;
+  return (h ^ (h >>> 16)) >>> 0;
+}
+
+/** Seeds whose draw of output index 0 hashes some id other than `skip` to bits `extreme` accepts, with that id. */
+function seedsWhere(
+  extreme: (bits: number) => boolean,
+  skip: number,
+  count: number,
+): { seed: number; id: number }[] {
+  const found: { seed: number; id: number }[] = [];
+  const index0 = kernelHash(0x632be5ab);
+  for (let seed = 1; found.length < count; seed++) {
+    const draw = kernelHash(seed ^ index0);
+    for (let id = 0; id < VOCAB; id++) {
+      if (id !== skip && extreme(kernelHash(draw ^ id))) found.push({ seed, id });
+    }
+  }
+  return found.slice(0, count);
+}
+
+Deno.test({
+  name:
+    "GPU sampler: the noise of a draw is finite at both ends of the hash: no token 30 below the favourite, none masked out",
+  ignore: !HAS_WEBGPU,
+  fn: async () => {
+    const favourite = 7;
+    const row = new Float32Array(VOCAB).fill(-30);
+    row[favourite] = 0;
+    // Top bits all set once rounded u to 1 (infinite noise: that id won whatever its logit or mask);
+    // top bits all clear are the largest noise now.
+    const cases = [
+      ...seedsWhere((h) => h >>> 8 === 0xffffff, favourite, 6),
+      ...seedsWhere((h) => h >>> 9 === 0, favourite, 6),
+    ];
+    const { device, sampler, buffer } = await gpuSampler(2 * cases.length, row);
+    // Half the slots are constrained to the favourite and one other id, with the extreme id outside.
+    const allowed = (id: number) => [favourite, (id + 1) % VOCAB === favourite ? id + 2 : id + 1];
+    const rows: SampleRow[] = cases.flatMap(({ seed, id }, k) => {
+      const bits = new Int32Array(Math.ceil(VOCAB / 32));
+      for (const a of allowed(id)) bits[a >> 5] |= 1 << (a & 31);
+      sampler.setMask(cases.length + k, bits);
+      const p = params({ temperature: 1 });
+      return [
+        { logitsRow: 0, slot: k, index: 0, seed, params: p },
+        { logitsRow: 0, slot: cases.length + k, index: 0, seed, params: p, masked: true },
+      ];
+    });
+    sampler.sample(buffer, rows);
+    const snap = await sampler.readBack(false);
+    cases.forEach(({ seed, id }, k) => {
+      assert.equal(ringId(snap, k, 0), favourite, `seed ${seed}: id ${id} is 30 below the favourite`);
+      const masked = ringId(snap, cases.length + k, 0);
+      assert.ok(allowed(id).includes(masked), `seed ${seed}: drew ${masked}, outside the mask`);
+    });
+    sampler.destroy();
+    device.destroy();
+  },
+});

@@ -48,8 +48,6 @@ export class GpuBatchEngine extends EngineBase<GpuSequence> {
   private readonly contents: SlotContent[];
   private pending: Promise<void> | null = null;
   private clock = 0;
-  /** Constrained tokens drawn again because their grammar refused them (see redraw). */
-  redrawn = 0;
 
   constructor(
     private readonly decoder: SlotDecoder,
@@ -218,12 +216,13 @@ export class GpuBatchEngine extends EngineBase<GpuSequence> {
   private async take(snap: RingSnapshot, upTo: Map<GpuSequence, number>): Promise<void> {
     for (const [s, end] of upTo) {
       if (!this.decoding.includes(s)) continue;
-      let taken = end;
       for (let i = s.read; i < end; i++) {
         const id = ringId(snap, s.slot, i);
         if (s.grammar && !s.grammar.accept(id) && !s.cancelled) {
-          this.redraw(s, i, id);
-          taken = i;
+          // The kernel draws only what the mask allows; a token that gets past it anyway ends the
+          // answer with an error rather than send text outside its schema.
+          this.decoding.splice(this.decoding.indexOf(s), 1);
+          this.fail(s, new Error(`the GPU drew token ${id} at output ${i}, outside the sequence's grammar`));
           break;
         }
         s.outputs.push(id);
@@ -235,27 +234,9 @@ export class GpuBatchEngine extends EngineBase<GpuSequence> {
         if (out.text || out.logprobs) s.handlers.chunk({ ...out, tokenId: id });
         if (s.sink.done) s.stopped = true;
       }
-      s.read = taken;
+      s.read = end;
       if (s.grammar && !s.stopped && !s.cancelled) await this.setMask(s);
     }
-  }
-
-  /**
-   * Takes back a constrained token its grammar refused, so that the next step draws it again under
-   * the mask. The GPU drew one against the mask the host wrote about once in 250 constrained requests
-   * on lavapipe, its mask in place and its row flagged (bench/results/2026-12-05-webgpu-constrained-
-   * redraw.txt; cause not found): sent, it would break the answer's schema. Nothing has decoded
-   * it yet (a constrained row steps only once its last token is taken), so stepping its input again
-   * rewrites the same cache position and gives the same logits: the same draw of index `index` with
-   * the mask applied, what an undisturbed run gives.
-   */
-  private redraw(s: GpuSequence, index: number, refused: number): void {
-    const input = index > 0 ? s.outputs[index - 1] : s.prompt[s.prompt.length - 1];
-    this.decoder.sampler.rewind(s.slot, input, refused, s);
-    s.length--;
-    s.produced = index;
-    s.stopped = false;
-    this.redrawn++;
   }
 
   /** Writes the mask of the sequence's next token into its slot (unless it ended meanwhile: the slot may be another's). */

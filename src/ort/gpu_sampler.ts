@@ -110,23 +110,6 @@ export class GpuSampler {
     this.device.queue.writeBuffer(this.masks, slot * words * 4, row);
   }
 
-  /**
-   * Takes back the token `drawn` of the sequence in `slot`: `input` is again the slot's next input id,
-   * and with penalties the token's count is again what the sequence's prompt and `outputs` (without
-   * it) give.
-   */
-  rewind(
-    slot: number,
-    input: number,
-    drawn: number,
-    seq: { prompt: number[]; outputs: number[]; params: SamplingParams },
-  ): void {
-    this.device.queue.writeBuffer(this.ids, slot * 4, Int32Array.of(input));
-    if (!hasPenalties(seq.params)) return;
-    const count = (seq.prompt.includes(drawn) ? PROMPT : 0) + seq.outputs.filter((id) => id === drawn).length;
-    this.device.queue.writeBuffer(this.counts, (slot * this.vocab + drawn) * 4, Uint32Array.of(count));
-  }
-
   /** Queues the choice of a token for each row from `logits` ([rows, vocab] f32). */
   sample(logits: GPUBuffer, rows: SampleRow[]): void {
     if (!rows.length) return;
