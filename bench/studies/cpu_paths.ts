@@ -9,7 +9,7 @@
  *
  *   scripts/deno run -A bench/studies/cpu_paths.ts --model DIR [--paths wasm:fp32,wasm:int8,cpu:fp32,cpu:int8,cpu:int4]
  *     [--threads N] [--max-context 1024] [--tokens 32] [--batch 8] [--prefill 128] [--rounds 3]
- *     [--temperature 0.8] [--out FILE]
+ *     [--temperature 0.8] [--kv-cache-mb MB] [--out FILE]
  *
  * A path whose server refuses the model (too big for WASM's heap, no native onnxruntime) is listed with
  * its reason. Paths are loaded one at a time and stay up together: the machine must hold all of them.
@@ -31,6 +31,7 @@ const values = scriptFlags({
   prefill: { type: "string", default: "128" },
   temperature: { type: "string", default: "0.8" },
   rounds: { type: "string", default: "3" },
+  "kv-cache-mb": { type: "string" },
   out: { type: "string" },
 });
 const tokens = positive("tokens", values.tokens!);
@@ -77,6 +78,7 @@ async function start(p: (typeof paths)[number]): Promise<Server | string> {
   args.push("--device", p.device, "--max-context", values["max-context"]!, "--max-active", String(batch));
   if (p.weights !== "fp32") args.push("--quantize", p.weights);
   if (values.threads && p.device === "cpu") args.push("--threads", values.threads);
+  if (values["kv-cache-mb"]) args.push("--kv-cache-mb", values["kv-cache-mb"]);
   const t0 = performance.now();
   const child = new Deno.Command(Deno.execPath(), { args, stdout: "piped", stderr: "piped" }).spawn();
   const stderr = new Response(child.stderr).text();

@@ -15,8 +15,7 @@ import {
 } from "../model/checkpoint.ts";
 import { attachFiles, releaseDecoded } from "../model/safetensors.ts";
 import { TextTokenizer } from "../model/tokenizer.ts";
-import { storedBytes } from "../onnx/builder.ts";
-import { buildDecoderGraph } from "../onnx/decoder.ts";
+import { buildDecoderGraph, servedWeightBytes } from "../onnx/decoder.ts";
 import { FLOAT_WEIGHTS, formatName, type GraphOptions } from "../onnx/format.ts";
 import { DEFAULT_SPLIT_K, type SplitK } from "../onnx/split_k.ts";
 import { WeightCache } from "../onnx/weight_cache.ts";
@@ -66,7 +65,7 @@ export interface ModelInstance {
   /** Of buildMs, the time onnxruntime took to create the session (the rest: fusing and converting). */
   sessionMs: number;
   graph: GraphOptions;
-  /** Bytes of the graph's weights (after quantization), as handed to onnxruntime. */
+  /** Bytes of the weights as served (after quantization): the graph's, and a table the host reads rows from. */
   weightBytes: number;
   /** Of those, the bytes this build converted, and the bytes it found converted by earlier builds. */
   rebuiltBytes: number;
@@ -315,7 +314,7 @@ export async function buildInstance(
     buildMs: performance.now() - t0,
     sessionMs: performance.now() - t1,
     graph: options,
-    weightBytes: storedBytes(graph.model),
+    weightBytes: servedWeightBytes(graph),
     rebuiltBytes: weights.builtBytes,
     reusedBytes: weights.reusedBytes,
     ...(heal ? { heal } : {}),

@@ -4,7 +4,7 @@ import type { Checkpoint, LinearWeights } from "../model/checkpoint.ts";
 import { ropeInvFreq } from "../model/rope.ts";
 import { f32ToF16 } from "../model/dtype.ts";
 import { lazyTensor, type Tensor, transpose2d } from "../model/tensor.ts";
-import { type EncodedModel, GraphBuilder } from "./builder.ts";
+import { type EncodedModel, GraphBuilder, storedBytes } from "./builder.ts";
 import { matmulAttention, type StepPositions, stepPositions } from "./matmul_attention.ts";
 import { splitFactor, type SplitK } from "./split_k.ts";
 import { embedsInt8, FLOAT_WEIGHTS, formatName, type GraphOptions } from "./format.ts";
@@ -56,6 +56,24 @@ export interface DecoderGraph {
    * ms on native onnxruntime, 2.7-3.5 on WASM, with the draw from them 0.05 ms a row).
    */
   sampling: boolean;
+  /**
+   * Where it takes its tokens' rows of an int8 embedding table (inputs `embed_rows` int8 [batch, seq,
+   * hidden] and `embed_scales` fp32 [batch, seq, 1], read by the host: src/ort/embedding_rows.ts) instead
+   * of gathering from the table itself, the table; null where it gathers.
+   */
+  embedding: HostEmbedding | null;
+}
+
+/** An int8 embedding table, a scale a row, that the host reads its tokens' rows from. */
+export interface HostEmbedding {
+  rows: StoredWeight;
+  scales: StoredWeight;
+}
+
+/** The bytes of a decoder's weights as served: the graph's, and an embedding table the host reads rows from. */
+export function servedWeightBytes(graph: DecoderGraph): number {
+  const table = graph.embedding ? graph.embedding.rows.byteLength + graph.embedding.scales.byteLength : 0;
+  return storedBytes(graph.model) + table;
 }
 
 /**
@@ -115,6 +133,8 @@ function stackRows(parts: Tensor[]): Tensor {
 
 export class DecoderEmitter {
   readonly g: GraphBuilder;
+  /** The table the host reads embedding rows from, once `embed` has taken it that way. */
+  hostEmbedding: HostEmbedding | null = null;
   /** The activations' element type: fp16 graphs compute in fp16 end to end (logits are cast to fp32). */
   readonly act: "float32" | "float16";
 
@@ -272,7 +292,7 @@ export class DecoderEmitter {
     return g.op("Reshape", [y, g.op("Concat", [act.lead, g.ints([n])], { axis: 0 })]);
   }
 
-  /** Token ids to their embeddings: a Gather of the table, in int8 per row where embedsInt8. */
+  /** Token ids to their embeddings: a Gather of the table, or where embedsInt8 its int8 rows the host reads. */
   embed(ids: string, table: Tensor): string {
     const g = this.g;
     if (!embedsInt8(this.opts)) {
@@ -291,11 +311,10 @@ export class DecoderEmitter {
       dims: [table.shape[0]],
       data: pack().scales,
     }));
-    const picked = g.op("Gather", [g.weight("embed_tokens.i8r", q), ids], { axis: 0 });
-    const scale = g.op("Unsqueeze", [
-      g.op("Gather", [g.weight("embed_tokens.i8r.scales", s), ids], { axis: 0 }),
-      g.ints([-1]),
-    ]);
+    // The table is no weight of the graph: a run's tokens' rows come in as inputs (HostEmbedding).
+    this.hostEmbedding = { rows: q, scales: s };
+    const picked = g.input("embed_rows", "int8", ["batch_size", "sequence_length", table.shape[1]]);
+    const scale = g.input("embed_scales", "float32", ["batch_size", "sequence_length", 1]);
     return g.op("Mul", [g.op("Cast", [picked], { to: CAST_TO.float32 }), scale]);
   }
 
@@ -588,6 +607,7 @@ export function buildDecoderGraph(
     newKv: matmul && cache.length > 0,
     attention: e.attentionForm,
     sampling: layout.sampling ?? false,
+    embedding: e.hostEmbedding,
   };
 }
 

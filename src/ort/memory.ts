@@ -14,6 +14,11 @@ export interface MemoryEstimate {
   largestTensorBytes: number;
   /** What a decode step reads of the weights for one token: all but the embedding (a row is gathered). */
   readBytesPerToken: number;
+  /**
+   * Of weightBytes, what a device holds: all but an int8 embedding table, whose rows the host reads from
+   * its file (src/ort/embedding_rows.ts), so it stays out of WASM's heap.
+   */
+  heldBytes: number;
 }
 
 export function estimateMemory(cfg: ModelConfig, g: GraphOptions): MemoryEstimate {
@@ -53,6 +58,7 @@ export function estimateMemory(cfg: ModelConfig, g: GraphOptions): MemoryEstimat
     kvBytesPerToken: kv,
     largestTensorBytes: largest,
     readBytesPerToken: total - embed,
+    heldBytes: embedsInt8(g) ? total - embed : total,
   };
 }
 
@@ -83,19 +89,19 @@ export function checkModelFits(
       "model",
     );
   }
-  if (device === "wasm" && est.weightBytes + kv > WASM_USABLE_BYTES) {
+  if (device === "wasm" && est.heldBytes + kv > WASM_USABLE_BYTES) {
     const options = (["int8", "int4"] as const)
       .filter((alt) => alt !== g.quantize)
       // WASM serves quantized weights on its integer path (int4 at int8's size).
       .map((alt) => ({
         alt,
-        need: estimateMemory(cfg, { ...g, quantize: alt, integer: true }).weightBytes + kv,
+        need: estimateMemory(cfg, { ...g, quantize: alt, integer: true }).heldBytes + kv,
       }))
       .filter((o) => o.need <= WASM_USABLE_BYTES)
       .map((o) => `--quantize ${o.alt} (${gb(o.need)})`);
     options.push("--device cpu (native onnxruntime: no heap limit)", "--device webgpu");
     throw new InputError(
-      `the model needs ${gb(est.weightBytes)} of ${formatName(g)} weights and ${
+      `the model needs ${gb(est.heldBytes)} of ${formatName(g)} weights and ${
         gb(kv)
       } of KV cache (${cfg.maxPositions} tokens x ${opts.sequences} sequence${
         opts.sequences > 1 ? "s" : ""
@@ -132,14 +138,14 @@ export function kvBudgetBytes(
   freeHostBytes = Deno.systemMemoryInfo().available,
 ): number {
   const est = estimateMemory(cfg, g);
-  const heapRoom = device === "wasm" ? Math.max(0, (WASM_USABLE_BYTES - est.weightBytes) / 2) : Infinity;
+  const heapRoom = device === "wasm" ? Math.max(0, (WASM_USABLE_BYTES - est.heldBytes) / 2) : Infinity;
   const oneSequence = est.kvBytesPerToken * cfg.maxPositions;
   const mb = (b: number) => `${(b / 2 ** 20).toFixed(0)} MB`;
   if (requestedMb !== undefined) {
     const bytes = requestedMb * 2 ** 20;
     if (bytes > heapRoom) {
       throw new InputError(
-        `${requestedMb} MB of KV cache does not fit WASM's heap beside ${gb(est.weightBytes)} of ${
+        `${requestedMb} MB of KV cache does not fit WASM's heap beside ${gb(est.heldBytes)} of ${
           formatName(g)
         } weights (a step holds the cache twice): at most ${mb(heapRoom)}`,
         "kv_cache_mb",

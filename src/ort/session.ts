@@ -23,6 +23,7 @@ import {
   sourceLength,
 } from "./kv_batch.ts";
 import { yieldIfBusy } from "../yield.ts";
+import { EmbeddingRows } from "./embedding_rows.ts";
 
 /**
  * One sequence's attention cache: on the GPU between steps under WebGPU, in JS memory otherwise,
@@ -93,6 +94,8 @@ export class ModelSession {
   readonly inPlace: boolean;
   /** The outputs every run fetches: each layer's new keys and values, or its presents. */
   private readonly cacheOutputs: string[];
+  /** Where the graph takes its tokens' embedding rows from the host (DecoderGraph.embedding). */
+  private readonly embedding: EmbeddingRows | null;
 
   private constructor(
     private readonly session: ort.InferenceSession,
@@ -105,6 +108,7 @@ export class ModelSession {
     this.cacheOutputs = graph.cache.flatMap(({ layer }) =>
       graph.newKv ? [newKey(layer), newValue(layer)] : [presentKey(layer), presentValue(layer)]
     );
+    this.embedding = graph.embedding ? new EmbeddingRows(graph.embedding) : null;
   }
 
   static async create(graph: DecoderGraph, device: Backend, vocabSize: number): Promise<ModelSession> {
@@ -425,6 +429,7 @@ export class ModelSession {
     await yieldIfBusy();
     if (this.released) throw new Error("session was released");
     for (const [name, tensor] of cache) feeds[name] = tensor;
+    if (this.embedding) Object.assign(feeds, this.embedding.feeds(this.rt, feeds.input_ids));
     if (this.graph.sampling && !feeds.sample_rows) {
       Object.assign(feeds, this.drawFeeds({ rows: [], inverseTemperature: [], logits: true }));
     }
@@ -470,6 +475,7 @@ export class ModelSession {
     this.released = true;
     await this.chain;
     await this.session.release();
+    this.embedding?.close();
   }
 }
 
