@@ -1,7 +1,14 @@
 import type { TextTokenizer } from "../model/tokenizer.ts";
 import type { DecoderGraph } from "../onnx/decoder.ts";
 import { commonPrefix, EngineBase, PREFILL_CHUNK, type Sequence } from "./engine_base.ts";
-import { type BatchCache, disposeBatch, kvBytesPerToken, type RowSource } from "../ort/kv_batch.ts";
+import {
+  type BatchCache,
+  type BatchRoom,
+  disposeBatch,
+  kvBytesPerToken,
+  roomFor,
+  type RowSource,
+} from "../ort/kv_batch.ts";
 import { describe } from "../sampling/logprobs.ts";
 import { Sampler } from "../sampling/sampling.ts";
 import { freeHostArray, type ModelSession } from "../ort/session.ts";
@@ -83,14 +90,6 @@ export function turnPrefillMs(decoding: boolean, stepMs: number): number {
 export function runPrefillTokens(msPerToken: number, ms: number): number {
   if (msPerToken === 0 || ms === Infinity) return PREFILL_CHUNK;
   return Math.max(1, Math.min(PREFILL_CHUNK, Math.floor(ms / msPerToken)));
-}
-
-/** A batch's rows staying, the positions each holds and the rows its buffers hold. */
-type BatchRoom = { rows: number; width: number; capacity: number };
-
-/** Whether `n` joiners, the longest `longest` positions, fit the batch's buffers without a redraw. */
-function roomFor(batch: BatchRoom, n: number, longest: number): boolean {
-  return longest <= batch.width && batch.rows + n <= batch.capacity;
 }
 
 /**

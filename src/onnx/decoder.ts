@@ -57,9 +57,9 @@ export interface DecoderGraph {
    */
   sampling: boolean;
   /**
-   * Where it takes its tokens' rows of an int8 embedding table (inputs `embed_rows` int8 [batch, seq,
-   * hidden] and `embed_scales` fp32 [batch, seq, 1], read by the host: src/ort/embedding_rows.ts) instead
-   * of gathering from the table itself, the table; null where it gathers.
+   * The int8 embedding table whose rows the host reads for each run, fed as `embed_rows` int8 [batch,
+   * seq, hidden] and `embed_scales` fp32 [batch, seq, 1] (src/ort/embedding_rows.ts); null where the
+   * graph gathers from a table of its own.
    */
   embedding: HostEmbedding | null;
 }

@@ -173,6 +173,14 @@ function wholeOf(t: ort.Tensor): FloatData {
   return roomy.get(data) ?? data;
 }
 
+/** A batch's rows, the positions each may hold and the rows its buffers hold. */
+export type BatchRoom = { rows: number; width: number; capacity: number };
+
+/** Whether `n` more rows, the longest `longest` positions, fit a batch's buffers without new ones. */
+export function roomFor(batch: BatchRoom, n: number, longest: number): boolean {
+  return longest <= batch.width && batch.rows + n <= batch.capacity;
+}
+
 /**
  * `cache` with `sources` appended as its last rows, copied into the room its buffers have (only the
  * new rows are copied); null where they do not fit its width or its capacity. `cache` is consumed.
@@ -184,7 +192,8 @@ export async function appendRows(
 ): Promise<BatchCache | null> {
   const rows = cache.lengths.length;
   const lengths = sources.map(sourceLength);
-  if (rows + sources.length > (cache.capacity ?? rows) || lengths.some((l) => l > cache.width)) return null;
+  const room = { rows, width: cache.width, capacity: cache.capacity ?? rows };
+  if (!roomFor(room, sources.length, Math.max(...lengths))) return null;
   const data = new Map<BatchCache, Map<string, FloatData>>();
   const tensors = new Map<string, ort.Tensor>();
   for (const [name, t] of cache.tensors) {

@@ -243,7 +243,7 @@ export class ModelSession {
       }
       const width = Math.max(...counts);
       const need = Math.max(...counts.map((n, b) => cached[b] + n));
-      const room = await this.roomFor(rows.map((r) => r.from), need, maxWidth, rowCapacity);
+      const room = await this.rowsWithRoom(rows.map((r) => r.from), need, maxWidth, rowCapacity);
       const ids = new Int32Array(rows.length * width);
       rows.forEach((r, b) => {
         ids.set(r.ids, b * width);
@@ -270,7 +270,7 @@ export class ModelSession {
    * where they are all of its rows in order and it is wide enough (a prompt's next chunk after its
    * last), else a copy with room up to `maxWidth`.
    */
-  private async roomFor(
+  private async rowsWithRoom(
     sources: (RowSource | null)[],
     need: number,
     maxWidth: number,
