@@ -176,10 +176,7 @@ export class GpuBatchEngine extends EngineBase<GpuSequence> {
         this.stopIfDone(s);
       }
     } catch (e) {
-      for (const s of stepping) {
-        this.decoding.splice(this.decoding.indexOf(s), 1);
-        this.fail(s, e);
-      }
+      for (const s of stepping) this.failDecoding(s, e);
     }
     this.noteKv();
   }
@@ -198,11 +195,7 @@ export class GpuBatchEngine extends EngineBase<GpuSequence> {
     const withLogprobs = due.some((s) => s.logprobs !== undefined);
     const read = this.decoder.sampler.readBack(withLogprobs).then((snap) => this.take(snap, upTo)).catch(
       (e) => {
-        for (const s of upTo.keys()) {
-          if (!this.decoding.includes(s)) continue;
-          this.decoding.splice(this.decoding.indexOf(s), 1);
-          this.fail(s, e);
-        }
+        for (const s of upTo.keys()) this.failDecoding(s, e);
       },
     );
     this.pending = read.finally(() => (this.pending = null));
@@ -221,8 +214,10 @@ export class GpuBatchEngine extends EngineBase<GpuSequence> {
         if (s.grammar && !s.grammar.accept(id) && !s.cancelled) {
           // The kernel draws only what the mask allows; a token that gets past it anyway ends the
           // answer with an error rather than send text outside its schema.
-          this.decoding.splice(this.decoding.indexOf(s), 1);
-          this.fail(s, new Error(`the GPU drew token ${id} at output ${i}, outside the sequence's grammar`));
+          this.failDecoding(
+            s,
+            new Error(`the GPU drew token ${id} at output ${i}, outside the sequence's grammar`),
+          );
           break;
         }
         s.outputs.push(id);
@@ -237,6 +232,14 @@ export class GpuBatchEngine extends EngineBase<GpuSequence> {
       s.read = end;
       if (s.grammar && !s.stopped && !s.cancelled) await this.setMask(s);
     }
+  }
+
+  /** Ends a decoding sequence with `e` (one that already ended is left as it is); its slot is free. */
+  private failDecoding(s: GpuSequence, e: unknown): void {
+    const at = this.decoding.indexOf(s);
+    if (at < 0) return;
+    this.decoding.splice(at, 1);
+    this.fail(s, e);
   }
 
   /** Writes the mask of the sequence's next token into its slot (unless it ended meanwhile: the slot may be another's). */

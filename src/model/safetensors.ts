@@ -52,19 +52,15 @@ export class SafetensorsFile {
       throw new BadCheckpointError(`cannot read ${path}: ${(e as Error).message}`);
     }
     const size = (await file.stat()).size;
-    const readAt = (at: number, n: number): Uint8Array => {
+    const read = (at: number, n: number): Uint8Array => {
       const out = new Uint8Array(n);
-      file.seekSync(at, Deno.SeekMode.Start);
-      for (let got = 0; got < n;) {
-        const k = file.readSync(out.subarray(got));
-        if (k === null) throw new BadCheckpointError(`${path}: file ended at byte ${at + got} of ${at + n}`);
-        got += k;
-      }
+      const got = readAt(file, at, out);
+      if (got < n) throw new BadCheckpointError(`${path}: file ended at byte ${at + got} of ${at + n}`);
       return out;
     };
     try {
       // The handle stays open for the tensor reads; the process (or worker) ending closes it.
-      return SafetensorsFile.fromReader(path, size, readAt, true);
+      return SafetensorsFile.fromReader(path, size, read, true);
     } catch (e) {
       file.close();
       throw e;

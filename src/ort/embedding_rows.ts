@@ -1,4 +1,5 @@
 import type { HostEmbedding } from "../onnx/decoder.ts";
+import { readAt } from "../file_io.ts";
 import { readWeight } from "../onnx/weight_cache.ts";
 import type { ort, OrtApi } from "./ort.ts";
 
@@ -46,11 +47,8 @@ export class EmbeddingRows {
       into.set(this.bytes.subarray(id * this.hidden, (id + 1) * this.hidden));
       return;
     }
-    this.file!.seekSync(id * this.hidden, Deno.SeekMode.Start);
-    for (let at = 0; at < into.length;) {
-      const n = this.file!.readSync(into.subarray(at));
-      if (!n) throw new Error(`the embedding table's file ended at row ${id}`);
-      at += n;
+    if (readAt(this.file!, id * this.hidden, into) < into.length) {
+      throw new Error(`the embedding table's file ended at row ${id}`);
     }
   }
 
