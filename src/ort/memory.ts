@@ -6,7 +6,7 @@ import type { Device } from "./ort.ts";
 
 /** What a model needs in memory under one weight format, from its config alone (nothing loaded). */
 export interface MemoryEstimate {
-  /** The graph's weights: embedding (a Gather) and norms in the float type, MatMul weights as stored. */
+  /** The weights as served: embedding (int8 a row where embedsInt8) and norms, MatMul weights as stored. */
   weightBytes: number;
   /** The KV cache of one sequence per token of context (keys and values of every attention). */
   kvBytesPerToken: number;
