@@ -686,6 +686,58 @@ Deno.test({
 
 Deno.test({
   name:
+    "prefix cache: kept prefixes hold at most their own cap of a larger budget, the least recently used out",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const { assets, inst, engine: probe } = await unfusedEngine();
+    const cfg = assets.checkpoint.config;
+    const ids = assets.tokenizer.encode(await Deno.readTextFile(EVAL_TEXT));
+    const [a, b] = [ids.slice(0, 30), ids.slice(300, 330)];
+    // Room for one finished 30 + 6-token sequence, not two, within a budget that holds dozens.
+    const cap = 50 * probe.bytesPerToken;
+    const engine = new BatchEngine(
+      inst.session!,
+      assets.tokenizer,
+      cfg.eosTokenIds,
+      cfg.maxPositions,
+      () => {},
+      2 ** 24,
+      8,
+      cap,
+    );
+    const run = async (prompt: number[]) => (await runAll(engine, [{ prompt, params: params(6) }]))[0];
+    assert.equal((await run(a)).cachedTokens, 0);
+    assert.equal((await run(a)).cachedTokens, 29, "a was kept");
+    assert.equal((await run(b)).cachedTokens, 0);
+    assert.equal((await run(a)).cachedTokens, 0, "a was dropped for b");
+    assert.equal((await run(b)).cachedTokens, 0, "b was dropped for a");
+    // A cap of 0 keeps nothing, yet a prompt still forks from a live row (the same prompt n times).
+    const none = new BatchEngine(
+      inst.session!,
+      assets.tokenizer,
+      cfg.eosTokenIds,
+      cfg.maxPositions,
+      () => {},
+      2 ** 24,
+      8,
+      0,
+    );
+    for (let i = 0; i < 2; i++) {
+      assert.equal(
+        (await runAll(none, [{ prompt: a, params: params(6) }]))[0].cachedTokens,
+        0,
+        "nothing kept",
+      );
+    }
+    const twice = await runAll(none, [a, a].map((prompt) => ({ prompt, params: params(6) })));
+    assert.deepEqual(twice.map((t) => t.cachedTokens), [0, 30]);
+    await inst.release();
+  },
+});
+
+Deno.test({
+  name:
     "chunked prefill: while a stream decodes, a turn's prefill runs end on the clock, however few tokens they took",
   sanitizeResources: false,
   sanitizeOps: false,

@@ -7,11 +7,11 @@ import { PUBLISHED_CONFIGS } from "../src/model/published_configs.ts";
 import { storedBytes } from "../src/onnx/builder.ts";
 import { buildDecoderGraph, servedWeightBytes } from "../src/onnx/decoder.ts";
 import { embedsInt8, FLOAT_WEIGHTS, type GraphOptions, NATIVE_QUANTIZED } from "../src/onnx/format.ts";
-import { checkModelFits, estimateMemory, kvBudgetBytes } from "../src/ort/memory.ts";
+import { checkModelFits, estimateMemory, kvBudgetBytes, prefixCacheBytes } from "../src/ort/memory.ts";
 import { InputError } from "../src/errors.ts";
 import { decodeAdvice } from "../src/ort/decode_estimate.ts";
 import { resolveGraphOptions } from "../src/ort/ort.ts";
-import { ROOT, TINY_NAS } from "./helpers.ts";
+import { HAS_WEBGPU, ROOT, TINY_NAS } from "./helpers.ts";
 
 const LLAMA_32_1B = PUBLISHED_CONFIGS["llama-3.2-1b"];
 const FP32 = FLOAT_WEIGHTS;
@@ -149,6 +149,28 @@ Deno.test("KV budget: the default from the device, a requested one checked again
   assert.equal(kvBudgetBytes(cfg, fp32, "wasm", undefined, 1), one);
 });
 
+Deno.test("prefix cache: an eighth of the served weights, at least 64 MB, within the KV budget; a requested one checked", async () => {
+  const cfg = parseConfig(LLAMA_32_1B);
+  const int4 = await resolveGraphOptions("fp32", "int4", "cpu");
+  const served = estimateMemory(cfg, int4).weightBytes;
+  // The 1B model's whole 131072-token context floors its budget at 8.6 GB; its kept prefixes get 116 MB.
+  const budget = kvBudgetBytes(cfg, int4, "cpu", undefined, 64 * 2 ** 30);
+  assert.ok(budget > 8e9, `budget ${budget}`);
+  assert.equal(prefixCacheBytes(cfg, int4, budget), served / 8);
+  assert.ok(served / 8 > 110e6 && served / 8 < 120e6, `${served / 8}`);
+  const tiny = { ...cfg, vocabSize: 1000, layers: cfg.layers.slice(0, 1) };
+  assert.equal(prefixCacheBytes(tiny, int4, budget), 64 * 2 ** 20, "a small model's floor");
+  assert.equal(prefixCacheBytes(tiny, int4, 2 ** 20), 2 ** 20, "never more than the budget");
+  assert.equal(prefixCacheBytes(cfg, int4, budget, 0), 0);
+  assert.equal(prefixCacheBytes(cfg, int4, 2 ** 30, 512), 2 ** 29);
+  assert.throws(
+    () => prefixCacheBytes(cfg, int4, 2 ** 28, 512),
+    (e: Error) =>
+      e instanceof InputError && e.field === "prefix_cache_mb" &&
+      /512 MB .* the 256 MB KV budget/.test(e.message),
+  );
+});
+
 Deno.test("cli: serve refuses a KV budget WASM's heap cannot hold beside the weights (exit 2, the flag named)", async () => {
   const out = await new Deno.Command(Deno.execPath(), {
     args: [
@@ -172,3 +194,32 @@ Deno.test("cli: serve refuses a KV budget WASM's heap cannot hold beside the wei
     /--kv-cache-mb: 4000 MB of KV cache does not fit WASM's heap/,
   );
 });
+
+for (
+  const [device, args, message] of [
+    [
+      "wasm",
+      ["--kv-cache-mb", "100", "--prefix-cache-mb", "200"],
+      /--prefix-cache-mb: a prefix cache of 200 MB is more than the 100 MB KV budget/,
+    ],
+    [
+      "webgpu",
+      ["--prefix-cache-mb", "10"],
+      /--prefix-cache-mb: .*on webgpu finished sequences stay in their slots/,
+    ],
+  ] as const
+) {
+  Deno.test({
+    name: `cli: serve refuses a --prefix-cache-mb it cannot honour on ${device} (exit 2, the flag named)`,
+    ignore: device === "webgpu" && !HAS_WEBGPU,
+    fn: async () => {
+      const out = await new Deno.Command(Deno.execPath(), {
+        args: ["run", "-A", join(ROOT, "main.ts"), "serve", "--port", "0", "--device", device, ...args],
+        stdout: "null",
+        stderr: "piped",
+      }).output();
+      assert.equal(out.code, 2);
+      assert.match(new TextDecoder().decode(out.stderr), message);
+    },
+  });
+}

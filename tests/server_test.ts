@@ -25,6 +25,7 @@ Deno.test({
           reserved_bytes: 0,
           used_bytes: 0,
           free_bytes: kv.budget_bytes,
+          prefix_cache_bytes: Math.min(kv.budget_bytes, 64 * 2 ** 20),
         });
         assert.deepEqual({ ...health, weight_bytes: 0, kv_cache: null }, {
           status: "ok",

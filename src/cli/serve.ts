@@ -76,7 +76,12 @@ export const serveCommand = defineCommand({
       "requests waiting for a slot (then 429)",
     ),
     kv_cache_mb: z.number().gt(0).max(2 ** 20).optional().describe(
-      "KV-cache budget in MB for all sequences (default: min(1024, free memory / 4, what WASM's heap leaves))",
+      "KV-cache budget in MB for all sequences (default: min(1024, free memory / 4, what WASM's heap leaves), " +
+        "at least one whole-context sequence)",
+    ),
+    prefix_cache_mb: z.number().min(0).max(2 ** 20).optional().describe(
+      "of the KV budget, MB finished sequences kept for prefix reuse may hold on cpu and wasm " +
+        "(default: an eighth of the served weights, at least 64; 0 keeps none)",
     ),
     request_timeout: z.number().gt(0).max(86400).default(300).describe("seconds one generation may take"),
     drain_timeout: z.number().min(0).max(86400).default(30).describe("seconds shutdown waits for streams"),
@@ -162,6 +167,7 @@ export const serveCommand = defineCommand({
       graph,
       maxContext: flags.max_context,
       kvCacheMb: flags.kv_cache_mb,
+      prefixCacheMb: flags.prefix_cache_mb,
       maxBufferBytes: await adapterMaxBuffer(device),
       calibrationText: flags.calibration,
       chat: {

@@ -152,7 +152,8 @@ interface KeptPrefix {
  *
  * Prefix reuse: before its prefill, a prompt looks for the longest run of its first tokens already
  * in a cache (a row decoding now, a prompt just prefilled, or a finished sequence kept, least recently
- * used first out, within `keepBytes` beside what the live sequences hold) and prefills only the rest.
+ * used first out, within `prefixBytes` and within `keepBytes` beside what the live sequences hold) and
+ * prefills only the rest.
  * The same prompt sent n times prefills once: the copies waiting when it is in fork from it (fork).
  */
 export class BatchEngine extends EngineBase<HostSequence> {
@@ -177,6 +178,8 @@ export class BatchEngine extends EngineBase<HostSequence> {
     private readonly keepBytes = 0,
     /** Sequences the server decodes at once (`--max-active`): the rows a batch keeps room for. */
     private readonly slots = 0,
+    /** KV bytes the kept prefixes may hold of `keepBytes` (memory.ts prefixCacheBytes). */
+    private readonly prefixBytes = keepBytes,
   ) {
     super(tokenizer, eosTokenIds, maxPositions, onKv);
     this.bytesPerToken = kvBytesPerToken(session.graph);
@@ -544,7 +547,9 @@ export class BatchEngine extends EngineBase<HostSequence> {
 
   /** Keeps a copy of the first `ids.length` positions of row `row` of `cache` for later prompts. */
   private async keep(ids: number[], cache: BatchCache, row: number): Promise<void> {
-    if (ids.length < 2 || ids.length * this.bytesPerToken > this.keepBytes) return;
+    if (ids.length < 2 || ids.length * this.bytesPerToken > Math.min(this.keepBytes, this.prefixBytes)) {
+      return;
+    }
     // A kept prefix that this one extends is redundant.
     const covered = this.kept.findIndex((k) =>
       k.ids.length <= ids.length && commonPrefix(k.ids, ids) === k.ids.length
@@ -558,9 +563,10 @@ export class BatchEngine extends EngineBase<HostSequence> {
     this.evict();
   }
 
-  /** Drops the least recently used prefixes until live and kept bytes fit `keepBytes`. */
+  /** Drops the least recently used prefixes until live and kept bytes fit `keepBytes`, kept ones `prefixBytes`. */
   private evict(): void {
-    while (this.kept.length && this.liveBytes + this.keptBytes > this.keepBytes) {
+    const over = () => this.liveBytes + this.keptBytes > this.keepBytes || this.keptBytes > this.prefixBytes;
+    while (this.kept.length && over()) {
       disposeBatch(this.kept.shift()!.cache);
     }
   }

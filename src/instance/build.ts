@@ -192,6 +192,8 @@ export interface EngineOptions {
    * on WebGPU the slot pool, preallocated. Default: the device's budget (memory.ts kvBudgetBytes).
    */
   kvBudgetBytes?: number;
+  /** On the host, what kept prefixes may hold of kvBudgetBytes (default: all of it). */
+  prefixCacheBytes?: number;
   /**
    * Sequences decoding at once: on WebGPU one KV slot each (default 8); on the host the rows a batch
    * keeps room for.
@@ -293,6 +295,7 @@ export async function buildInstance(
       serving.onKv,
       budget,
       serving.slots,
+      serving.prefixCacheBytes,
     );
   }
   const scorer = session ?? decoder!;

@@ -38,6 +38,8 @@ export interface BuildSpec {
   calibrationText?: string;
   /** KV bytes the instance's sequences and its kept prefixes may hold (0: keep no prefix). */
   kvBudgetBytes?: number;
+  /** What the kept prefixes may hold of it, on the host (EngineOptions.prefixCacheBytes). */
+  prefixCacheBytes?: number;
   /** onnxruntime's threads for this instance's session (the device's default when absent). */
   threads?: number;
   /** Sequences decoding at once (EngineOptions.slots). */

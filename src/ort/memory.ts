@@ -123,6 +123,8 @@ export function checkModelFits(
 /** The default budget's ceiling: room for dozens of long sequences of a 1B-8B model, bounded host memory. */
 const DEFAULT_KV_CAP = 2 ** 30;
 
+const mb = (b: number) => `${(b / 2 ** 20).toFixed(0)} MB`;
+
 /**
  * The KV-cache budget admission keeps to (--kv-cache-mb), checked against the device before any
  * weight is read. A decode step holds the batch's cache twice for a moment (its past in, its present
@@ -140,7 +142,6 @@ export function kvBudgetBytes(
   const est = estimateMemory(cfg, g);
   const heapRoom = device === "wasm" ? Math.max(0, (WASM_USABLE_BYTES - est.heldBytes) / 2) : Infinity;
   const oneSequence = est.kvBytesPerToken * cfg.maxPositions;
-  const mb = (b: number) => `${(b / 2 ** 20).toFixed(0)} MB`;
   if (requestedMb !== undefined) {
     const bytes = requestedMb * 2 ** 20;
     if (bytes > heapRoom) {
@@ -155,4 +156,35 @@ export function kvBudgetBytes(
   }
   const bytes = Math.min(DEFAULT_KV_CAP, freeHostBytes / 4, heapRoom);
   return Math.max(bytes, Math.min(oneSequence, heapRoom));
+}
+
+/** The default prefix cache's floor: the whole-context conversations of a small model. */
+const PREFIX_CACHE_FLOOR = 64 * 2 ** 20;
+
+/**
+ * What the finished sequences a host engine keeps for prefix reuse may hold (--prefix-cache-mb),
+ * within the KV budget, which live sequences take first. The default is an eighth of the served weights
+ * (at least 64 MB): a cache sized to the model, as llama.cpp's default 4096-token f16 context costs a
+ * 1B-8B model 0.11-0.23x its Q4 weights. The budget itself is sized for live sequences (up to 1 GiB,
+ * or a whole context: 8.6 GB for a 1B model's 131072 tokens), too much to fill with finished ones beside
+ * a 1B model's 0.9 GB of int4 weights.
+ */
+export function prefixCacheBytes(
+  cfg: ModelConfig,
+  g: GraphOptions,
+  budgetBytes: number,
+  requestedMb?: number,
+): number {
+  if (requestedMb === undefined) {
+    return Math.min(budgetBytes, Math.max(PREFIX_CACHE_FLOOR, estimateMemory(cfg, g).weightBytes / 8));
+  }
+  const bytes = requestedMb * 2 ** 20;
+  if (bytes > budgetBytes) {
+    throw new InputError(
+      `a prefix cache of ${requestedMb} MB is more than the ${mb(budgetBytes)} KV budget it is part of; ` +
+        "raise --kv-cache-mb or lower --prefix-cache-mb",
+      "prefix_cache_mb",
+    );
+  }
+  return bytes;
 }

@@ -1,9 +1,9 @@
-import { UnavailableError } from "../errors.ts";
+import { InputError, UnavailableError } from "../errors.ts";
 import { checkPlan, type FusionPlan, planId, UNFUSED } from "../fusion/plan.ts";
 import { type Checkpoint, loadConfig, modelName } from "../model/checkpoint.ts";
 import type { ModelConfig } from "../model/config.ts";
 import { FLOAT_WEIGHTS, type GraphOptions } from "../onnx/format.ts";
-import { checkModelFits, kvBudgetBytes } from "../ort/memory.ts";
+import { checkModelFits, kvBudgetBytes, prefixCacheBytes } from "../ort/memory.ts";
 import type { Device } from "../ort/ort.ts";
 import { WeightStore } from "../onnx/weight_cache.ts";
 import {
@@ -58,6 +58,8 @@ export interface HostOptions {
   maxContext?: number;
   /** The KV-cache budget in MB (--kv-cache-mb); a default from the device when absent. */
   kvCacheMb?: number;
+  /** What finished sequences kept for prefix reuse may hold, in MB (--prefix-cache-mb; host devices). */
+  prefixCacheMb?: number;
   /** The WebGPU adapter's largest buffer, when known. */
   maxBufferBytes?: number;
   /** Text the linear attentions of version 2 plans are fitted on. */
@@ -89,6 +91,8 @@ export class ModelHost {
   swaps = 0;
   /** What admission keeps the KV caches of all sequences within (see Scheduler.reserveKv). */
   kvBudgetBytes = 0;
+  /** On the host, what of it kept prefixes may hold (memory.ts prefixCacheBytes); 0 on WebGPU (its slots). */
+  prefixCacheBytes = 0;
   /** The loaded checkpoint (file-backed): every later build and background job reads its weights from it. */
   checkpoint: Checkpoint | null = null;
   /**
@@ -135,6 +139,16 @@ export class ModelHost {
       checkPlan(plan, this.config);
       checkModelFits(this.config, opts.graph, device, { sequences: 1, maxBufferBytes: opts.maxBufferBytes });
       this.kvBudgetBytes = kvBudgetBytes(this.config, opts.graph, device, opts.kvCacheMb);
+      if (device === "webgpu" && opts.prefixCacheMb !== undefined) {
+        throw new InputError(
+          "--prefix-cache-mb sizes the host devices' kept prefixes; on webgpu finished sequences stay in their " +
+            "slots until another needs one (size those with --kv-cache-mb and --max-active)",
+          "prefix_cache_mb",
+        );
+      }
+      this.prefixCacheBytes = device === "webgpu"
+        ? 0
+        : prefixCacheBytes(this.config, opts.graph, this.kvBudgetBytes, opts.prefixCacheMb);
       this.tokenizer = tokenizer ?? await RemoteTokenizer.load(dir, opts.chat);
       const spec = this.spec(null, plan, opts.maxContext);
       const built = await this.built(spec, this.builder(spec));
@@ -162,6 +176,7 @@ export class ModelHost {
       weightDir: this.weights.buildDir(),
       calibrationText: this.calibrationText,
       kvBudgetBytes: this.kvBudgetBytes,
+      ...(this.device === "webgpu" ? {} : { prefixCacheBytes: this.prefixCacheBytes }),
       threads: this.threads,
       slots: this.slots,
     };

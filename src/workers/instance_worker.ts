@@ -51,7 +51,12 @@ async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<
     req.graph,
     weights,
     (stage, done, total) => post({ type: "progress", stage, done, total }),
-    { kvBudgetBytes: req.kvBudgetBytes, slots: req.slots, onKv: (bytes) => post({ type: "kv", bytes }) },
+    {
+      kvBudgetBytes: req.kvBudgetBytes,
+      prefixCacheBytes: req.prefixCacheBytes,
+      slots: req.slots,
+      onKv: (bytes) => post({ type: "kv", bytes }),
+    },
   );
   // Serving must not wait for a batch size's first step to be recorded: all of them are, now.
   await instance.decoder?.warm();
