@@ -61,6 +61,26 @@ async function unfusedEngine(maxPositions?: number) {
   return { assets, inst, engine };
 }
 
+/** An engine over the session of `unfusedEngine`'s instance with a KV budget, slots and a prefix cache cap. */
+function budgetedEngine(
+  { assets, inst }: Awaited<ReturnType<typeof unfusedEngine>>,
+  keepBytes: number,
+  slots: number,
+  prefixBytes?: number,
+) {
+  const cfg = assets.checkpoint.config;
+  return new BatchEngine(
+    inst.session!,
+    assets.tokenizer,
+    cfg.eosTokenIds,
+    cfg.maxPositions,
+    () => {},
+    keepBytes,
+    slots,
+    prefixBytes,
+  );
+}
+
 const HALF_WEIGHTS: GraphOptions = { dtype: "fp16", quantize: "none" };
 const CASES: [string, string, FusionPlan, Device, GraphOptions][] = [
   ["tiny-nas, fused", TINY_NAS, { version: 1, ffn_groups: [[3, 4, 5]] }, "wasm", FLOAT_WEIGHTS],
@@ -642,9 +662,9 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   fn: async () => {
-    const { assets, inst, engine: unlimited } = await unfusedEngine();
+    const built = await unfusedEngine();
+    const { assets, inst, engine: unlimited } = built;
     const s = inst.session!;
-    const cfg = assets.checkpoint.config;
     const ids = assets.tokenizer.encode(await Deno.readTextFile(EVAL_TEXT));
     const prompts = [
       ids.slice(0, 20),
@@ -655,29 +675,13 @@ Deno.test({
     const reqs = prompts.map((prompt) => ({ prompt, params: params(6) }));
     const want = await runAll(unlimited, reqs);
     const { rows } = traceRuns(s);
-    const slotted = new BatchEngine(
-      s,
-      assets.tokenizer,
-      cfg.eosTokenIds,
-      cfg.maxPositions,
-      () => {},
-      2 ** 26,
-      3,
-    );
+    const slotted = budgetedEngine(built, 2 ** 26, 3);
     const got = await runAll(slotted, reqs);
     assert.equal(Math.max(...rows), 3, `rows a step: ${rows.join(",")}`);
     assert.deepEqual(got.map((g) => g.ids), want.map((w) => w.ids), "greedy: what each decodes unlimited");
     // The room a batch keeps for 8 rows is memory only once written: under a 1 MB budget (170 tokens
     // of tiny-nas' KV) a finished prompt is still kept beside a batch that could hold 4 rows of 36.
-    const tight = new BatchEngine(
-      s,
-      assets.tokenizer,
-      cfg.eosTokenIds,
-      cfg.maxPositions,
-      () => {},
-      2 ** 20,
-      8,
-    );
+    const tight = budgetedEngine(built, 2 ** 20, 8);
     const [, again] = [await runAll(tight, [reqs[4]]), await runAll(tight, [reqs[4]])];
     assert.equal(again[0].cachedTokens, 29, "the prompt's prefix came from the kept cache");
     await inst.release();
@@ -690,22 +694,13 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   fn: async () => {
-    const { assets, inst, engine: probe } = await unfusedEngine();
-    const cfg = assets.checkpoint.config;
+    const built = await unfusedEngine();
+    const { assets, inst, engine: probe } = built;
     const ids = assets.tokenizer.encode(await Deno.readTextFile(EVAL_TEXT));
     const [a, b] = [ids.slice(0, 30), ids.slice(300, 330)];
     // Room for one finished 30 + 6-token sequence, not two, within a budget that holds dozens.
     const cap = 50 * probe.bytesPerToken;
-    const engine = new BatchEngine(
-      inst.session!,
-      assets.tokenizer,
-      cfg.eosTokenIds,
-      cfg.maxPositions,
-      () => {},
-      2 ** 24,
-      8,
-      cap,
-    );
+    const engine = budgetedEngine(built, 2 ** 24, 8, cap);
     const run = async (prompt: number[]) => (await runAll(engine, [{ prompt, params: params(6) }]))[0];
     assert.equal((await run(a)).cachedTokens, 0);
     assert.equal((await run(a)).cachedTokens, 29, "a was kept");
@@ -713,16 +708,7 @@ Deno.test({
     assert.equal((await run(a)).cachedTokens, 0, "a was dropped for b");
     assert.equal((await run(b)).cachedTokens, 0, "b was dropped for a");
     // A cap of 0 keeps nothing, yet a prompt still forks from a live row (the same prompt n times).
-    const none = new BatchEngine(
-      inst.session!,
-      assets.tokenizer,
-      cfg.eosTokenIds,
-      cfg.maxPositions,
-      () => {},
-      2 ** 24,
-      8,
-      0,
-    );
+    const none = budgetedEngine(built, 2 ** 24, 8, 0);
     for (let i = 0; i < 2; i++) {
       assert.equal(
         (await runAll(none, [{ prompt: a, params: params(6) }]))[0].cachedTokens,
