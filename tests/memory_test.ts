@@ -205,7 +205,7 @@ for (
     [
       "webgpu",
       ["--prefix-cache-mb", "10"],
-      /--prefix-cache-mb: .*on webgpu finished sequences stay in their slots/,
+      /--prefix-cache-mb: it sizes what the host devices .* on webgpu they stay in their slots/,
     ],
   ] as const
 ) {

@@ -141,7 +141,7 @@ export class ModelHost {
       this.kvBudgetBytes = kvBudgetBytes(this.config, opts.graph, device, opts.kvCacheMb);
       if (device === "webgpu" && opts.prefixCacheMb !== undefined) {
         throw new InputError(
-          "--prefix-cache-mb sizes the host devices' kept prefixes; on webgpu finished sequences stay in their " +
+          "it sizes what the host devices (cpu, wasm) keep of finished sequences; on webgpu they stay in their " +
             "slots until another needs one (size those with --kv-cache-mb and --max-active)",
           "prefix_cache_mb",
         );
