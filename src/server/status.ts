@@ -31,8 +31,8 @@ export function statusRoutes({ host, scheduler, metrics, lifecycle }: Services) 
           reserved_bytes: scheduler.kvReservedBytes(),
           used_bytes: host.kvBytes,
           free_bytes: Math.max(0, host.kvBudgetBytes - scheduler.kvReservedBytes()),
-          // What finished sequences kept for reuse may hold of it; WebGPU keeps them in its slots.
-          prefix_cache_bytes: inst.device === "webgpu" ? null : host.prefixCacheBytes,
+          // What finished sequences kept for reuse may hold of it; null where slots keep them (WebGPU).
+          prefix_cache_bytes: host.prefixCacheBytes,
         },
       });
     },

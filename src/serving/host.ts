@@ -91,8 +91,8 @@ export class ModelHost {
   swaps = 0;
   /** What admission keeps the KV caches of all sequences within (see Scheduler.reserveKv). */
   kvBudgetBytes = 0;
-  /** On the host, what of it kept prefixes may hold (memory.ts prefixCacheBytes); 0 on WebGPU (its slots). */
-  prefixCacheBytes = 0;
+  /** On the host, what of it kept prefixes may hold (memory.ts prefixCacheBytes); null on WebGPU (its slots). */
+  prefixCacheBytes: number | null = null;
   /** The loaded checkpoint (file-backed): every later build and background job reads its weights from it. */
   checkpoint: Checkpoint | null = null;
   /**
@@ -147,7 +147,7 @@ export class ModelHost {
         );
       }
       this.prefixCacheBytes = device === "webgpu"
-        ? 0
+        ? null
         : prefixCacheBytes(this.config, opts.graph, this.kvBudgetBytes, opts.prefixCacheMb);
       this.tokenizer = tokenizer ?? await RemoteTokenizer.load(dir, opts.chat);
       const spec = this.spec(null, plan, opts.maxContext);
@@ -176,7 +176,7 @@ export class ModelHost {
       weightDir: this.weights.buildDir(),
       calibrationText: this.calibrationText,
       kvBudgetBytes: this.kvBudgetBytes,
-      ...(this.device === "webgpu" ? {} : { prefixCacheBytes: this.prefixCacheBytes }),
+      prefixCacheBytes: this.prefixCacheBytes ?? undefined,
       threads: this.threads,
       slots: this.slots,
     };
