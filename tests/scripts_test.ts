@@ -17,6 +17,11 @@ Deno.test("measurement scripts: an unknown flag or a bad value exits 2 naming it
       /--temperature: expected a number >= 0, got hot/,
     ],
     ["bench/studies/cpu_paths.ts", ["--paths", "gpu:fp32"], /--paths: "gpu:fp32" is not device:weights/],
+    [
+      "bench/studies/cpu_paths.ts",
+      ["--glibc-tunables", "glibc.malloc.hugetlb=1;huge pages"],
+      /--glibc-tunables: expected settings such as glibc.malloc.hugetlb=0;glibc.malloc.hugetlb=1/,
+    ],
     ["synth_checkpoint.ts", ["--bogus"], /Unknown option '--bogus'/],
     ["bench/studies/grammar_cost.ts", ["--rounds", "0"], /--rounds: expected a positive integer, got 0/],
     ["bench/studies/grammar_cost.ts", ["--model", "/nonexistent"], /--model: /],

@@ -9,7 +9,10 @@
  *
  *   scripts/deno run -A bench/studies/cpu_paths.ts --model DIR [--paths wasm:fp32,wasm:int8,cpu:fp32,cpu:int8,cpu:int4]
  *     [--threads N] [--max-context 1024] [--tokens 32] [--batch 8] [--prefill 128] [--rounds 3]
- *     [--temperature 0.8] [--kv-cache-mb MB] [--out FILE]
+ *     [--temperature 0.8] [--kv-cache-mb MB] [--glibc-tunables "A;B"] [--out FILE]
+ *
+ * `--glibc-tunables` serves each path once per setting (`;` between settings, each a GLIBC_TUNABLES value,
+ * `:` within one): a process-wide setting compared in the same rounds, each server started with it.
  *
  * A path whose server refuses the model (too big for WASM's heap, no native onnxruntime) is listed with
  * its reason. Paths are loaded one at a time and stay up together: the machine must hold all of them.
@@ -32,6 +35,7 @@ const values = scriptFlags({
   temperature: { type: "string", default: "0.8" },
   rounds: { type: "string", default: "3" },
   "kv-cache-mb": { type: "string" },
+  "glibc-tunables": { type: "string" },
   out: { type: "string" },
 });
 const tokens = positive("tokens", values.tokens!);
@@ -40,12 +44,16 @@ const prefill = positive("prefill", values.prefill!);
 const rounds = positive("rounds", values.rounds!);
 const temperature = Number(values.temperature);
 if (!(temperature >= 0)) fail(`--temperature: expected a number >= 0, got ${values.temperature}`);
-const paths = values.paths!.split(",").map((p) => {
+const tunables = values["glibc-tunables"]?.split(";") ?? [null];
+if (tunables.some((t) => t !== null && !/^[\w.]+=[^:;=\s]+(:[\w.]+=[^:;=\s]+)*$/.test(t))) {
+  fail(`--glibc-tunables: expected settings such as glibc.malloc.hugetlb=0;glibc.malloc.hugetlb=1`);
+}
+const paths = values.paths!.split(",").flatMap((p) => {
   const [device, weights] = p.split(":");
   if (!["wasm", "cpu"].includes(device) || !["fp32", "int8", "int4"].includes(weights)) {
     fail(`--paths: "${p}" is not device:weights (wasm or cpu; fp32, int8 or int4)`);
   }
-  return { device, weights, name: p };
+  return tunables.map((t) => ({ device, weights, tunables: t, name: t === null ? p : `${p} ${t}` }));
 });
 const text = await Deno.readTextFile(join(root, "data", "eval.py.txt"));
 
@@ -80,7 +88,8 @@ async function start(p: (typeof paths)[number]): Promise<Server | string> {
   if (values.threads && p.device === "cpu") args.push("--threads", values.threads);
   if (values["kv-cache-mb"]) args.push("--kv-cache-mb", values["kv-cache-mb"]);
   const t0 = performance.now();
-  const child = new Deno.Command(Deno.execPath(), { args, stdout: "piped", stderr: "piped" }).spawn();
+  const env = p.tunables === null ? undefined : { GLIBC_TUNABLES: p.tunables };
+  const child = new Deno.Command(Deno.execPath(), { args, env, stdout: "piped", stderr: "piped" }).spawn();
   const stderr = new Response(child.stderr).text();
   let port = 0;
   const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
