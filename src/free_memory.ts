@@ -27,3 +27,17 @@ function openTrim(): (() => void) | null {
     return null;
   }
 }
+
+/**
+ * Frees a host array's memory now instead of at a garbage collection, when it is the whole of its
+ * buffer (a run's output, copied out of onnxruntime); a view into a larger buffer is left alone. V8
+ * collects these late: serving the 1B shape to 8 streams of 128 tokens, each step's 4 MB of logits
+ * left behind raised the server's peak from 1.46x to 1.84x its weights (a collection after every step
+ * kept it at 1.46x).
+ */
+export function freeHostArray(a: ArrayBufferView): void {
+  const b = a.buffer;
+  if (b instanceof ArrayBuffer && !b.detached && a.byteOffset === 0 && a.byteLength === b.byteLength) {
+    b.transfer(0);
+  }
+}

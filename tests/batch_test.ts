@@ -13,6 +13,7 @@ import { PREFILL_CHUNK } from "../src/decode/engine_base.ts";
 import { buildInstance, type Engine, loadAssets } from "../src/instance/build.ts";
 import { generate, type GenerateParams, type GenerationSummary } from "../src/decode/generate.ts";
 import { asBatch, attentionFor, ModelSession, samplesInGraph } from "../src/ort/session.ts";
+import { type BatchCache, bufferOf } from "../src/ort/kv_batch.ts";
 import { buildDecoderGraph } from "../src/onnx/decoder.ts";
 import { applyPlan } from "../src/fusion/apply.ts";
 import { DEFAULT_SAMPLING } from "../src/sampling/sampling.ts";
@@ -762,6 +763,61 @@ Deno.test({
       `the one-token prompts ran while the stream decoded: ${order}`,
     );
     assert.ok(Math.max(...slow) === 1, `one slow run a turn: ${order}`);
+    await inst.release();
+  },
+});
+
+Deno.test({
+  name:
+    "KV memory: an idle engine holds no host KV buffer but its kept prefixes'; those outgrown, redrawn or done with are freed, not left to the collector",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    const built = await unfusedEngine();
+    const { assets, inst } = built;
+    const s = inst.session!;
+    const ids = assets.tokenizer.encode(await Deno.readTextFile(EVAL_TEXT));
+    // Every cache a session call hands the engine, by its buffer.
+    const made: ArrayBufferLike[] = [];
+    const note = <T extends { cache: BatchCache | null }>(r: T): T => {
+      const b = r.cache && bufferOf(r.cache);
+      if (b) made.push(b);
+      return r;
+    };
+    const [prefill, regroup, decode, pack] = [s.prefillRows, s.regroupRows, s.decodeBatch, s.packRows].map((
+      f,
+    ) => f.bind(s)) as [typeof s.prefillRows, typeof s.regroupRows, typeof s.decodeBatch, typeof s.packRows];
+    s.prefillRows = async (...a) => note(await prefill(...a));
+    s.regroupRows = async (...a) => note(await regroup(...a));
+    s.decodeBatch = async (...a) => note(await decode(...a));
+    s.packRows = async (...a) => note({ cache: await pack(...a) }).cache!;
+    const engine = budgetedEngine(built, 2 ** 24, 4);
+    // More prompts than the 4 slots, so rows join and leave: one prefilled in chunks, one answered by
+    // its prefill, the same prompt twice (a fork); then a prompt that reuses a kept prefix.
+    const prompts = [
+      ids.slice(0, 6),
+      ids.slice(100, 400),
+      ids.slice(500, 520),
+      ids.slice(600, 610),
+      ids.slice(600, 610),
+      ids.slice(0, 4),
+    ];
+    const lengths = [70, 5, 1, 12, 12, 40];
+    await runAll(engine, prompts.map((prompt, i) => ({ prompt, params: params(lengths[i]) })));
+    await engine.idle();
+    const reused = await runAll(engine, [{ prompt: ids.slice(500, 530), params: params(3) }]);
+    assert.ok(reused[0].cachedTokens >= 19, "a kept prefix was reused");
+    // Answered, the last rows leave the batch at the engine's next turn.
+    await engine.idle();
+    const kept = (engine as unknown as { kept: { cache: BatchCache }[] }).kept.map((k) => bufferOf(k.cache));
+    assert.ok(kept.length > 0);
+    const left = [...new Set(made)].filter((b) => !(b as ArrayBuffer).detached && !kept.includes(b));
+    assert.ok(made.length > 10, `${made.length} caches made`);
+    assert.equal(
+      left.length,
+      0,
+      `${left.length} of ${new Set(made).size} caches' buffers left to the collector`,
+    );
     await inst.release();
   },
 });

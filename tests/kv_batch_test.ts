@@ -1,7 +1,15 @@
 import assert from "node:assert/strict";
-import { appendRows, type BatchCache, dropRows, packRows } from "../src/ort/kv_batch.ts";
+import {
+  appendRows,
+  type BatchCache,
+  disposeBatch,
+  dropRows,
+  freeBatch,
+  packRows,
+} from "../src/ort/kv_batch.ts";
 import { ort } from "../src/ort/ort.ts";
-import { asBatch, freeHostArray, type KvCache } from "../src/ort/session.ts";
+import { freeHostArray } from "../src/free_memory.ts";
+import { asBatch, type KvCache } from "../src/ort/session.ts";
 import { relL2 } from "./helpers.ts";
 import { onHostDevices } from "./engine_helpers.ts";
 
@@ -64,6 +72,49 @@ Deno.test("kv batch: rows leave by the last row moving into their place, and joi
     "more rows than the buffers hold",
   );
 });
+
+Deno.test("kv batch: freeing a cache gives back the whole of each buffer, room included; disposing leaves host ones", async () => {
+  const packed = await packRows(ort, graph, [{ cache: row(1, 3), row: 0 }], 8, 4);
+  const view = packed.tensors.get(KEY)!.data as Float32Array;
+  assert.ok(view.length < view.buffer.byteLength / 4, "the tensor views the first of the buffer's rows");
+  const kept = await packRows(ort, graph, [{ cache: packed, row: 0 }]);
+  const keptBuffer = (kept.tensors.get(KEY)!.data as Float32Array).buffer as ArrayBuffer;
+  disposeBatch(kept);
+  assert.ok(
+    kept.tensors.size === 0 && !keptBuffer.detached,
+    "disposed, its host memory waits for a collection",
+  );
+  freeBatch(packed);
+  assert.ok((view.buffer as ArrayBuffer).detached, "freed at once");
+  assert.equal(packed.tensors.size, 0);
+});
+
+onHostDevices(
+  (device) =>
+    `kv batch: a batch that outgrows its width is copied wider and its old buffers freed (${device})`,
+  async ({ assets, s, ids }) => {
+    const vocab = assets.checkpoint.config.vocabSize;
+    const prompt = ids.slice(0, 20);
+    const alone = await s.step(prompt, s.emptyCache(), "last");
+    const first = await s.step([ids[20]], alone.cache, "last");
+    const second = await s.step([ids[21]], first.cache, "last");
+    // Room for exactly the prompt and one more position: the second step must widen the batch.
+    const prefilled = await s.prefillRows([{ ids: prompt, from: null }], "last", 21);
+    assert.equal(prefilled.cache.width, 21);
+    const batch = await s.regroupRows(null, [], [{ cache: prefilled.cache, row: 0 }], 21);
+    const one = await s.decodeBatch([ids[20]], batch.cache!, 21);
+    assert.equal(one.cache.width, 21);
+    const outgrown = (one.cache.tensors.values().next().value!.data as Float32Array).buffer as ArrayBuffer;
+    const two = await s.decodeBatch([ids[21]], one.cache, 64);
+    assert.ok(two.cache.width > 21, `widened to ${two.cache.width}`);
+    assert.ok(outgrown.detached, "the outgrown buffers are freed at once");
+    assert.ok(relL2(one.logits.slice(0, vocab), first.logits) < 1e-5);
+    assert.ok(
+      relL2(two.logits.slice(0, vocab), second.logits) < 1e-5,
+      "the widened copy holds every position",
+    );
+  },
+);
 
 onHostDevices(
   (device) =>

@@ -4,14 +4,17 @@ import { commonPrefix, EngineBase, PREFILL_CHUNK, type Sequence } from "./engine
 import {
   type BatchCache,
   type BatchRoom,
+  bufferOf,
   disposeBatch,
+  freeBatch,
   kvBytesPerToken,
   roomFor,
   type RowSource,
 } from "../ort/kv_batch.ts";
 import { describe } from "../sampling/logprobs.ts";
 import { Sampler } from "../sampling/sampling.ts";
-import { freeHostArray, type ModelSession } from "../ort/session.ts";
+import { freeHostArray } from "../free_memory.ts";
+import type { ModelSession } from "../ort/session.ts";
 
 /** Decode steps a prefilled sequence waits at most for others to join with it. */
 const JOIN_WAIT_STEPS = 3;
@@ -284,8 +287,11 @@ export class BatchEngine extends EngineBase<HostSequence> {
       this.batch = null;
       for (const s of [...stay, ...joining]) this.fail(s, e);
     } finally {
-      if (old) disposeBatch(old.cache);
+      const joined = joining.map((s) => s.cache?.cache);
       for (const s of joining) s.cache = null;
+      // The old batch where it was redrawn and the joiners' caches, copied into the new one.
+      this.freeUnheld([old?.cache, ...joined]);
+      if (old) disposeBatch(old.cache);
       for (const s of leaving) this.finish(s);
     }
     this.evict();
@@ -414,6 +420,7 @@ export class BatchEngine extends EngineBase<HostSequence> {
     const width = Math.max(...rows.map((r) => r.tokens));
     const all = head.promptLogprobs !== null;
     const maxWidth = this.widthLimit(seqs);
+    const earlier = seqs.map((s) => s.cache?.cache);
     let logits: Float32Array | null = null;
     try {
       const t0 = performance.now();
@@ -441,8 +448,11 @@ export class BatchEngine extends EngineBase<HostSequence> {
         this.fail(seq, e);
       }
       if (logits) freeHostArray(logits);
+      this.freeUnheld(earlier);
       return rows.length * width;
     }
+    // Where the run needed more room than their earlier cache had, that was copied.
+    this.freeUnheld(earlier);
     this.evict();
     const vocab = this.vocabSize;
     for (const [row, seq] of seqs.entries()) {
@@ -504,8 +514,10 @@ export class BatchEngine extends EngineBase<HostSequence> {
   /** A sequence whose prompt is in its cache and whose first token is chosen: answered, or waiting to join. */
   private async prefilled(seq: HostSequence): Promise<void> {
     if (this.ended(seq)) {
-      if (this.keepBytes > 0) await this.keep(seq.prompt, seq.cache!.cache, seq.cache!.row);
+      const cache = seq.cache!.cache;
+      if (this.keepBytes > 0) await this.keep(seq.prompt, cache, seq.cache!.row);
       seq.cache = null;
+      this.freeUnheld([cache]);
       this.finish(seq);
     } else {
       seq.prefilledAt = this.steps;
@@ -557,17 +569,40 @@ export class BatchEngine extends EngineBase<HostSequence> {
     // One that adds little to a kept one (the other choices of an n > 1 request: the same prompt, a
     // few sampled tokens apart) is not worth its copy: a later prompt re-prefills at most those tokens.
     const slack = Math.max(NEAR_PREFIX_TOKENS, ids.length >> 3);
-    if (covered >= 0) disposeBatch(this.kept.splice(covered, 1)[0].cache);
+    if (covered >= 0) freeBatch(this.kept.splice(covered, 1)[0].cache);
     else if (this.kept.some((k) => ids.length - commonPrefix(k.ids, ids) <= slack)) return;
     this.kept.push({ ids, cache: await this.session.packRows([{ cache, row, length: ids.length }]) });
     this.evict();
+  }
+
+  /**
+   * Frees those of `caches` whose buffers no sequence, batch or kept prefix holds now (see bufferOf):
+   * a batch redrawn, the caches of joiners copied into it, a prompt's cache its next run outgrew or
+   * its answer ended. At 1B widths each is tens to hundreds of MB, and V8 collected them late, after
+   * the next was drawn beside them (8 streams of 128 tokens peaked 80-130 MB higher).
+   */
+  private freeUnheld(caches: (BatchCache | null | undefined)[]): void {
+    const held = new Set<ArrayBufferLike>();
+    const hold = (c: BatchCache | null | undefined) => {
+      const b = c && bufferOf(c);
+      if (b) held.add(b);
+    };
+    hold(this.batch?.cache);
+    for (const s of [...this.prefilling, ...this.joining]) hold(s.cache?.cache);
+    for (const k of this.kept) hold(k.cache);
+    for (const c of new Set(caches)) {
+      const b = c && bufferOf(c);
+      if (!b || held.has(b)) continue;
+      held.add(b);
+      freeBatch(c);
+    }
   }
 
   /** Drops the least recently used prefixes until live and kept bytes fit `keepBytes`, kept ones `prefixBytes`. */
   private evict(): void {
     const over = () => this.liveBytes + this.keptBytes > this.keepBytes || this.keptBytes > this.prefixBytes;
     while (this.kept.length && over()) {
-      disposeBatch(this.kept.shift()!.cache);
+      freeBatch(this.kept.shift()!.cache);
     }
   }
 

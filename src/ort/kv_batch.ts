@@ -1,4 +1,5 @@
 import type { DecoderGraph } from "../onnx/decoder.ts";
+import { freeHostArray } from "../free_memory.ts";
 import { ort, type OrtApi } from "./ort.ts";
 
 /**
@@ -209,4 +210,24 @@ export async function appendRows(
 export function disposeBatch(cache: BatchCache): void {
   for (const t of cache.tensors.values()) if (t.location === "gpu-buffer") t.dispose();
   cache.tensors.clear();
+}
+
+/**
+ * The host buffer behind a cache's first tensor (null on the GPU): caches that share it share every
+ * buffer, as a batch redrawn in place shares its predecessor's and a prefill run its rows' earlier
+ * cache where that had room.
+ */
+export function bufferOf(cache: BatchCache): ArrayBufferLike | null {
+  const t = cache.tensors.values().next().value;
+  return t && t.location !== "gpu-buffer" ? (t.data as FloatData).buffer : null;
+}
+
+/**
+ * Frees a batch cache that nothing else holds, its host buffers now rather than at a collection: a
+ * batch widened, redrawn or evicted leaves a set of them (8 rows of the 1B shape at 160 positions:
+ * 32 tensors of 2.6 MB), and V8 collected them late, after the next sets were drawn beside them.
+ */
+export function freeBatch(cache: BatchCache): void {
+  for (const t of cache.tensors.values()) if (t.location !== "gpu-buffer") freeHostArray(wholeOf(t));
+  disposeBatch(cache);
 }
