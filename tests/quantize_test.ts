@@ -140,6 +140,28 @@ Deno.test("quantizeColumns: int8 [K, N] for MatMulInteger, one scale per column 
     const got = roundTripColumns(wide, quant, 64).data;
     assert.ok(got.length === back.length && got.every((x, i) => x === back[i]), `roundTripColumns ${quant}`);
   }
+  // A weight of several 16 MB row slices (16384 rows of 256), its last tile of columns partial: int8 is
+  // per column and block as if quantized whole, int4 is int8 of int4's round trip of the whole weight.
+  const [tall, k2] = [2 * 16384 + 37, 256];
+  const big = tensor([tall, k2], Float32Array.from({ length: tall * k2 }, () => (r() - 0.5) * 4));
+  const c8 = quantizeColumns(big, "int8", 64);
+  const mismatch = (got: Int8Array, want: Float32Array, scales: Float32Array) => {
+    for (let row = 0; row < tall; row++) {
+      for (let b = 0; b < k2 / 64; b++) {
+        let amax = 0;
+        for (let i = b * 64; i < (b + 1) * 64; i++) amax = Math.max(amax, Math.abs(want[row * k2 + i]));
+        const scale = Math.fround(amax / 127);
+        if (scales[b * tall + row] !== scale) return `scale ${row},${b}`;
+        for (let i = b * 64; i < (b + 1) * 64; i++) {
+          if (got[i * tall + row] !== Math.round(want[row * k2 + i] / scale)) return `${row},${i}`;
+        }
+      }
+    }
+    return null;
+  };
+  assert.equal(mismatch(c8.q, big.data, c8.scales), null);
+  const c4big = quantizeColumns(big, "int4", 64);
+  assert.equal(mismatch(c4big.q, roundTrip(big, symmetric32(4)).data, c4big.scales), null);
   // Blocks widen only where a row's int32 sums would pass 4 MB: a 128K-vocabulary head, not a layer.
   assert.equal(integerBlock(2048, 8192), 32);
   assert.equal(integerBlock(128256, 2048), 256);

@@ -131,6 +131,11 @@ Deno.test("safetensors: rows of a file-backed tensor read alone equal those of i
     const t = file.tensor("t");
     // Read before the whole tensor is ever decoded (its bytes alone), then from the decoded copy.
     const alone = [tensorRows(t, 0, 5), tensorRows(t, 5, 36), tensorRows(t, 36, 37)];
+    // Into a caller's buffer, which the rows then are (a walk over a table reuses one).
+    const into = new Float32Array(31 * width);
+    const reused = [tensorRows(t, 0, 5, into), tensorRows(t, 5, 36, into)];
+    assert.ok(reused.every((r) => r.buffer === into.buffer) && reused[1].length === 31 * width);
+    assert.deepEqual([...reused[1]], [...alone[1]]);
     const whole = t.data;
     assert.deepEqual(alone.flatMap((a) => [...a]), [...whole]);
     assert.deepEqual([...tensorRows(t, 3, 9)], [...whole.subarray(3 * width, 9 * width)]);

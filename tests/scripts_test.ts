@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { assertSpread, runScript } from "./helpers.ts";
+import { assertSpread, ROOT, runScript } from "./helpers.ts";
 
 Deno.test("measurement scripts: an unknown flag or a bad value exits 2 naming it, never a stack trace", async () => {
   const cases: [string, string[], RegExp][] = [
@@ -32,6 +32,13 @@ Deno.test("measurement scripts: an unknown flag or a bad value exits 2 naming it
       /--variants: expected a positive integer, got lots/,
     ],
     ["bench/studies/split_k.ts", ["--dtype", "fp8"], /--dtype: auto, fp32 or fp16, got fp8/],
+    ["bench/studies/start_time.ts", ["--device", "webgpu"], /--device: wasm or cpu, got webgpu/],
+    ["bench/studies/start_time.ts", ["--quantize", "int2"], /--quantize: none, int8 or int4, got int2/],
+    [
+      "bench/studies/start_time.ts",
+      ["--roots", "/nonexistent"],
+      /--roots: \/nonexistent is not a fusedge checkout/,
+    ],
     [
       "synth_checkpoint.ts",
       ["--model", "nemotron-nas-1b", "--out", "/nonexistent", "--layers", "0"],
@@ -48,6 +55,21 @@ Deno.test("measurement scripts: an unknown flag or a bad value exits 2 naming it
     assert.equal(r.code, 2, `${script} ${args.join(" ")}: ${r.stderr}`);
     assert.match(r.stderr, re, `${script} ${args.join(" ")}`);
     assert.doesNotMatch(r.stderr, /^\s+at /m, "no stack trace");
+  }
+});
+
+Deno.test("bench/studies/start_time.ts: a cold serve start in a process of its own, a checkout given twice taken in turn", async () => {
+  const r = await runScript(
+    "bench/studies/start_time.ts",
+    ...["--quantize", "int8", "--roots", `${ROOT},${ROOT}`, "--rounds", "1", "--json"],
+  );
+  assert.equal(r.code, 0, r.stderr);
+  const report = JSON.parse(r.stdout);
+  assert.equal(report.rows.length, 2);
+  for (const row of report.rows) {
+    for (const s of [row.ready_s, row.cpu_s, row.peak_rss_mb]) assertSpread(s);
+    // The server holds its runtime and tiny-nas' sessions: more than nothing, far less than a GB.
+    assert.ok(row.peak_rss_mb.median > 50 && row.peak_rss_mb.median < 1000, `${row.peak_rss_mb.median} MB`);
   }
 });
 

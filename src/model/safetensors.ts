@@ -164,10 +164,13 @@ export class SafetensorsFile {
   }
 }
 
-/** Decodes a tensor's bytes to float32, in slices: the raw bytes held at once are one slice. */
-function decode(e: TensorEntry, source: ByteSource): Float32Array {
+/**
+ * Decodes a tensor's bytes to float32 (into `into` if given, which is at least as long), in slices: the
+ * raw bytes held at once are one slice.
+ */
+function decode(e: TensorEntry, source: ByteSource, into?: Float32Array): Float32Array {
   const n = numel(e.shape);
-  const out = new Float32Array(n);
+  const out = into ? into.subarray(0, n) : new Float32Array(n);
   const size = DTYPE_SIZE[e.dtype];
   const step = Math.max(1, Math.floor(READ_SLICE_BYTES / size));
   for (let at = 0; at < n; at += step) {
@@ -265,10 +268,12 @@ let scratch: Uint8Array | null = null;
 
 /**
  * Rows [from, to) of a 2-D tensor's float32 data (along its first dimension), without decoding the rest:
- * a file-backed tensor not decoded already reads just their bytes, so code that walks a large table a
- * slice of rows at a time (quantizing an embedding or a head of 1 GB in fp32) never holds it whole.
+ * a file-backed tensor not decoded already reads just their bytes (into `into`, if given, at least
+ * (to - from) rows long), so code that walks a large table a slice of rows at a time (quantizing an
+ * embedding or a head of 1 GB in fp32) never holds it whole, and through one buffer faults its memory in
+ * once rather than once a slice. The rows may be the tensor's own data: callers do not write into them.
  */
-export function tensorRows(t: Tensor, from: number, to: number): Float32Array {
+export function tensorRows(t: Tensor, from: number, to: number, into?: Float32Array): Float32Array {
   const width = t.shape.slice(1).reduce((a, b) => a * b, 1);
   const file = (t as Partial<FileTensor>).file;
   const decoded = file ? RECENT.get(t as FileTensor) : t.data;
@@ -277,10 +282,10 @@ export function tensorRows(t: Tensor, from: number, to: number): Float32Array {
   const size = DTYPE_SIZE[entry.dtype];
   const begin = entry.begin + from * width * size;
   const end = begin + (to - from) * width * size;
-  return readFile({ ...file!, entry: { ...entry, shape: [to - from, width], begin, end } });
+  return readFile({ ...file!, entry: { ...entry, shape: [to - from, width], begin, end } }, into);
 }
 
-function readFile({ path, base, entry }: FileRef): Float32Array {
+function readFile({ path, base, entry }: FileRef, into?: Float32Array): Float32Array {
   let file: Deno.FsFile;
   try {
     file = Deno.openSync(path);
@@ -296,7 +301,7 @@ function readFile({ path, base, entry }: FileRef): Float32Array {
       const got = readAt(file, base + begin, out);
       if (got < out.length) throw new BadCheckpointError(`${path}: file ended at byte ${base + begin + got}`);
       return out;
-    });
+    }, into);
   } finally {
     file.close();
   }

@@ -213,24 +213,25 @@ export function quantizeColumns(
   q: Exclude<Quantization, "none">,
   block: number,
 ): { q: Int8Array; scales: Float32Array } {
-  const src = q === "int4" ? roundTrip(w, symmetric32(4)) : w;
   const [n, k] = w.shape;
-  const data = src.data;
   const out = new Int8Array(n * k);
   const scales = new Float32Array((k / block) * n);
-  for (let row0 = 0; row0 < n; row0 += COLUMN_TILE) {
-    const rows = Math.min(COLUMN_TILE, n - row0);
-    for (let b = 0; b < k / block; b++) {
-      for (let r = 0; r < rows; r++) {
-        scales[b * n + row0 + r] = symmetricScale(data, (row0 + r) * k + b * block, block, 127);
-      }
-      for (let i = b * block; i < (b + 1) * block; i++) {
+  eachIntegerSlice(w, q, (from, to, data) => {
+    for (let row0 = from; row0 < to; row0 += COLUMN_TILE) {
+      const rows = Math.min(COLUMN_TILE, to - row0);
+      const at = (row0 - from) * k;
+      for (let b = 0; b < k / block; b++) {
         for (let r = 0; r < rows; r++) {
-          out[i * n + row0 + r] = Math.round(data[(row0 + r) * k + i] / scales[b * n + row0 + r]);
+          scales[b * n + row0 + r] = symmetricScale(data, at + r * k + b * block, block, 127);
+        }
+        for (let i = b * block; i < (b + 1) * block; i++) {
+          for (let r = 0; r < rows; r++) {
+            out[i * n + row0 + r] = Math.floor(data[at + r * k + i] / scales[b * n + row0 + r] + 0.5);
+          }
         }
       }
     }
-  }
+  });
   return { q: out, scales };
 }
 
@@ -239,15 +240,43 @@ export function quantizeColumns(
  * scales and rounding, without the int8 copy and its transpose.
  */
 export function roundTripColumns(w: Tensor, q: Exclude<Quantization, "none">, block: number): Tensor {
-  const src = q === "int4" ? roundTrip(w, symmetric32(4)) : w;
   const [n, k] = w.shape;
-  const data = src.data;
   const out = new Float32Array(n * k);
-  for (let at = 0; at < n * k; at += block) {
-    const scale = symmetricScale(data, at, block, 127);
-    for (let i = at; i < at + block; i++) out[i] = Math.round(data[i] / scale) * scale;
-  }
+  eachIntegerSlice(w, q, (from, _to, data) => {
+    const offset = from * k;
+    for (let at = 0; at < data.length; at += block) {
+      const scale = symmetricScale(data, at, block, 127);
+      for (let i = at; i < at + block; i++) out[offset + i] = Math.floor(data[i] / scale + 0.5) * scale;
+    }
+  });
   return { shape: [n, k], data: out };
+}
+
+/**
+ * eachRowSlice over the values the integer path quantizes: an int4 weight's slice first rounded to its
+ * MatMulNBits blocks (symmetric32(4)) and back, as `roundTrip` would the whole weight, into a copy (the
+ * slice may be a decoded tensor's own data). A slice at a time, so a 128K-vocabulary head is never
+ * held in fp32 whole (1 GB, and as long again to fault in on this kind of machine).
+ */
+function eachIntegerSlice(
+  w: Tensor,
+  q: Exclude<Quantization, "none">,
+  f: (from: number, to: number, data: Float32Array) => void,
+): void {
+  if (q === "int8") return eachRowSlice(w, f);
+  let copy: Float32Array | null = null;
+  eachRowSlice(w, (from, to, data) => {
+    // The first slice is the largest.
+    const values = (copy ??= new Float32Array(data.length)).subarray(0, data.length);
+    for (let at = 0; at < data.length; at += BLOCK) {
+      const scale = symmetricScale(data, at, BLOCK, 7);
+      for (let i = at; i < at + BLOCK; i++) {
+        const level = Math.floor(data[i] / scale + 0.5);
+        values[i] = (level < -8 ? -8 : level > 7 ? 7 : level) * scale;
+      }
+    }
+    f(from, to, values);
+  });
 }
 
 /** The float weights `quantize(w, layout)` stands for: dequantize of it. */
@@ -329,7 +358,7 @@ export function quantizeRows(t: Tensor): { q: Int8Array; scales: Float32Array } 
       const at = (r - from) * d;
       const scale = symmetricScale(data, at, d, 127);
       scales[r] = scale;
-      for (let i = 0; i < d; i++) q[r * d + i] = Math.round(data[at + i] / scale);
+      for (let i = 0; i < d; i++) q[r * d + i] = Math.floor(data[at + i] / scale + 0.5);
     }
   });
   return { q, scales };
@@ -337,14 +366,17 @@ export function quantizeRows(t: Tensor): { q: Int8Array; scales: Float32Array } 
 
 /**
  * Walks a [N, K] weight a slice of rows at a time, 16 MB of fp32 a slice (`data` holds rows
- * [from, to)), so a tied 128K-vocabulary table (1.05 GB in fp32) is quantized without being decoded whole.
+ * [from, to) until `f` returns), so a tied 128K-vocabulary table (1.05 GB in fp32) is quantized without
+ * being decoded whole; a file-backed weight's slices are decoded into one buffer.
  */
 function eachRowSlice(t: Tensor, f: (from: number, to: number, data: Float32Array) => void): void {
   const [n, k] = t.shape;
   const slice = Math.max(1, Math.floor((4 << 20) / k));
+  // Not touched where the weight is in memory already (tensorRows then returns its rows).
+  const buffer = new Float32Array(Math.min(n, slice) * k);
   for (let from = 0; from < n; from += slice) {
     const to = Math.min(n, from + slice);
-    f(from, to, tensorRows(t, from, to));
+    f(from, to, tensorRows(t, from, to, buffer));
   }
 }
 
