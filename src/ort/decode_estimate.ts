@@ -5,15 +5,16 @@ import type { Device } from "./ort.ts";
 
 /**
  * Weight bytes a batch-1 decode step reads per second on the CPU paths, measured on the Llama-3.2-1B
- * shape on a 2-core x86 machine (bench/studies/cpu_paths.ts; bench/results/2026-12-04-cpu-llama-3.2-1b-paths.txt,
- * native int4 at 128 a block in bench/results/2026-12-05-cpu-llama-3.2-1b-int4-blocks.txt: 0.66 GB at 31-38
- * tokens/s), WASM fp32 on the same shape cut to 2 layers (it does not fit WASM's heap whole;
- * bench/results/2026-11-26-cpu-llama-1b-shape-2-layers-step.txt). A step reads every weight but the
- * embedding once, so tokens/s is about this over the bytes: a guide for choosing a device, not a promise.
+ * shape on a 2-core x86 machine (bench/studies/cpu_paths.ts, all paths in one run:
+ * bench/results/2026-12-06-cpu-llama-3.2-1b-paths-now.txt: WASM int8 1.40 GB a token at 2.3-2.7 tokens/s, native
+ * int4 0.70 GB at 37-43), WASM fp32 on the same shape cut to 2 layers (it does not fit WASM's heap whole;
+ * bench/results/2026-11-26-cpu-llama-1b-shape-2-layers-step.txt), native fp32 from
+ * bench/results/2026-12-04-cpu-llama-3.2-1b-paths.txt. A step reads every weight but the embedding once,
+ * so tokens/s is about this over the bytes: a guide for choosing a device, not a promise.
  */
 const READ_BYTES_PER_SECOND = {
-  wasm: { fp32: 26e9, quantized: 3.0e9 },
-  cpu: { fp32: 35e9, quantized: 23e9 },
+  wasm: { fp32: 26e9, quantized: 3.6e9 },
+  cpu: { fp32: 35e9, quantized: 26e9 },
 };
 
 /** Below this, WASM is named as too slow to serve on and `--device cpu` is suggested. */
