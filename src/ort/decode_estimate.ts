@@ -6,8 +6,8 @@ import type { Device } from "./ort.ts";
 /**
  * Weight bytes a batch-1 decode step reads per second on the CPU paths, measured on the Llama-3.2-1B
  * shape on a 2-core x86 machine (bench/studies/cpu_paths.ts, all paths in one run:
- * bench/results/2026-12-06-cpu-llama-3.2-1b-paths-now.txt: WASM int8 1.40 GB a token at 2.3-2.7 tokens/s, native
- * int4 0.70 GB at 37-43), WASM fp32 on the same shape cut to 2 layers (it does not fit WASM's heap whole;
+ * bench/results/2026-12-06-cpu-llama-3.2-1b-paths-now.txt: WASM int8 1.36 GB a token at 2.3-2.7 tokens/s, native
+ * int4 0.66 GB at 37-43), WASM fp32 on the same shape cut to 2 layers (it does not fit WASM's heap whole;
  * bench/results/2026-11-26-cpu-llama-1b-shape-2-layers-step.txt), native fp32 from
  * bench/results/2026-12-04-cpu-llama-3.2-1b-paths.txt. A step reads every weight but the embedding once,
  * so tokens/s is about this over the bytes: a guide for choosing a device, not a promise.
