@@ -13,7 +13,11 @@ const HOSTILE = "{% for m in messages %}" +
   "{% if m.content == 'MEM' %}{% for i in range(30000000) %}{% endfor %}{% endif %}" +
   "[{{ m.role }}]{{ m.content }}{% endfor %}";
 
-const rssMb = () => Deno.memoryUsage().rss / 2 ** 20;
+/**
+ * This isolate's V8 heap: the process's RSS is not the measure here, since `deno test --parallel` runs the
+ * other test modules in the same process (CI saw it grow 550 MB beside this test, from another module).
+ */
+const heapMb = () => Deno.memoryUsage().heapTotal / 2 ** 20;
 
 Deno.test({
   name:
@@ -25,7 +29,7 @@ Deno.test({
     const box = await TemplateSandbox.open(src(HOSTILE), LIMITS, null);
     try {
       assert.equal(await box.render(chat("hi"), true), "[user]hi");
-      const baseline = rssMb();
+      const baseline = heapMb();
       for (const bad of ["LOOP", "MEM"]) {
         const t0 = performance.now();
         // A good render queued behind the bad one still gets its answer.
@@ -47,8 +51,8 @@ Deno.test({
       await new Promise((r) => setTimeout(r, 500));
       // The filled heap was another process's (a 30-million-item list is gigabytes when unbounded).
       assert.ok(
-        rssMb() < baseline + 150,
-        `rss ${rssMb().toFixed(0)} MB after, ${baseline.toFixed(0)} MB before`,
+        heapMb() < baseline + 150,
+        `V8 heap ${heapMb().toFixed(0)} MB after, ${baseline.toFixed(0)} MB before`,
       );
     } finally {
       box.close();
