@@ -40,6 +40,11 @@ Deno.test("measurement scripts: an unknown flag or a bad value exits 2 naming it
       /--roots: \/nonexistent is not a fusedge checkout/,
     ],
     [
+      "bench/studies/start_time.ts",
+      ["--model", "/nonexistent", "--rounds", "1"],
+      /serve exited 2 before it was ready:\nerror: model directory \/nonexistent does not exist/,
+    ],
+    [
       "synth_checkpoint.ts",
       ["--model", "nemotron-nas-1b", "--out", "/nonexistent", "--layers", "0"],
       /--layers: expected a positive integer/,

@@ -22,6 +22,7 @@ import { fileURLToPath } from "node:url";
 import { fail, positive, scriptFlags } from "../../scripts/args.ts";
 import { sseData } from "../../src/client/sse.ts";
 import { type Spread, spread } from "../../src/numeric.ts";
+import { cpuSeconds, startServe, statusBytes } from "./serve_process.ts";
 
 const root = fileURLToPath(new URL("../..", import.meta.url));
 const values = scriptFlags({
@@ -57,19 +58,6 @@ const paths = values.paths!.split(",").flatMap((p) => {
 });
 const text = await Deno.readTextFile(join(root, "data", "eval.py.txt"));
 
-/** User and system CPU seconds of a process so far (Linux /proc; clock ticks of 1/100 s). */
-async function cpuSeconds(pid: number): Promise<number> {
-  const stat = await Deno.readTextFile(`/proc/${pid}/stat`);
-  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  return (Number(fields[11]) + Number(fields[12])) / 100;
-}
-
-/** A /proc/PID/status field in bytes (VmHWM: peak resident; VmRSS: resident now). */
-async function statusBytes(pid: number, field: string): Promise<number> {
-  const m = (await Deno.readTextFile(`/proc/${pid}/status`)).match(new RegExp(`${field}:\\s+(\\d+) kB`));
-  return m ? Number(m[1]) * 1024 : NaN;
-}
-
 interface Server {
   name: string;
   url: string;
@@ -89,44 +77,20 @@ async function start(p: (typeof paths)[number]): Promise<Server | string> {
   if (values["kv-cache-mb"]) args.push("--kv-cache-mb", values["kv-cache-mb"]);
   const t0 = performance.now();
   const env = p.tunables === null ? undefined : { GLIBC_TUNABLES: p.tunables };
-  const child = new Deno.Command(Deno.execPath(), { args, env, stdout: "piped", stderr: "piped" }).spawn();
-  const stderr = new Response(child.stderr).text();
-  let port = 0;
-  const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let buffered = "";
-  while (true) {
-    const { value, done } = await lines.read();
-    if (done) {
-      const status = await child.status;
-      return `exit ${status.code}: ${(await stderr).trim().split("\n").pop()}`;
-    }
-    buffered += value;
-    let nl;
-    while ((nl = buffered.indexOf("\n")) >= 0) {
-      const line = buffered.slice(0, nl);
-      buffered = buffered.slice(nl + 1);
-      if (!line.startsWith("{")) continue;
-      const event = JSON.parse(line);
-      if (event.event === "listening") port = event.port;
-      if (event.event === "ready") {
-        // Keep draining stdout (one line per request) so the server never blocks on a full pipe.
-        (async () => {
-          while (!(await lines.read()).done);
-        })();
-        const url = `http://127.0.0.1:${port}`;
-        const health = await (await fetch(`${url}/health`)).json();
-        return {
-          name: p.name,
-          url,
-          pid: child.pid,
-          child,
-          loadMs: performance.now() - t0,
-          weightBytes: health.weight_bytes,
-          rssLoaded: await statusBytes(child.pid, "VmRSS"),
-        };
-      }
-    }
-  }
+  const started = await startServe(args, env);
+  if (!("child" in started)) return `exit ${started.code}: ${started.stderr.split("\n").pop()}`;
+  const { child, port } = started;
+  const url = `http://127.0.0.1:${port}`;
+  const health = await (await fetch(`${url}/health`)).json();
+  return {
+    name: p.name,
+    url,
+    pid: child.pid,
+    child,
+    loadMs: performance.now() - t0,
+    weightBytes: health.weight_bytes,
+    rssLoaded: await statusBytes(child.pid, "VmRSS"),
+  };
 }
 
 let nonce = 0;

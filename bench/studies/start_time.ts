@@ -13,6 +13,7 @@ import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { fail, positive, scriptFlags } from "../../scripts/args.ts";
 import { type Spread, spread } from "../../src/numeric.ts";
+import { cpuSeconds, startServe, statusBytes } from "./serve_process.ts";
 
 const root = fileURLToPath(new URL("../..", import.meta.url));
 const values = scriptFlags({
@@ -50,27 +51,16 @@ async function startOnce(checkout: string): Promise<Start> {
   const args = ["run", "-A", "--config", join(checkout, "deno.json"), join(checkout, "main.ts"), "serve"];
   args.push("--model", model, "--port", "0", "--device", device!, "--max-context", String(maxContext));
   if (quantize !== "none") args.push("--quantize", quantize!);
-  const t0 = performance.now();
-  const child = new Deno.Command(Deno.execPath(), { args, stdout: "piped", stderr: "piped" }).spawn();
-  const stderr = new Response(child.stderr).text();
-  let buffered = "";
-  for await (const chunk of child.stdout.pipeThrough(new TextDecoderStream())) {
-    buffered += chunk;
-    if (!buffered.split("\n").some((l) => l.startsWith("{") && JSON.parse(l).event === "ready")) continue;
-    const readyS = (performance.now() - t0) / 1000;
-    const stat = await Deno.readTextFile(`/proc/${child.pid}/stat`);
-    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-    const hwm = (await Deno.readTextFile(`/proc/${child.pid}/status`)).match(/VmHWM:\s+(\d+) kB/);
-    child.kill("SIGKILL");
-    await child.status;
-    return {
-      ready_s: readyS,
-      cpu_s: (Number(fields[11]) + Number(fields[12])) / 100,
-      peak_rss_mb: Number(hwm?.[1]) / 1024,
-    };
+  const started = await startServe(args);
+  if (!("child" in started)) {
+    return fail(`${checkout}: serve exited ${started.code} before it was ready:\n${started.stderr}`);
   }
-  const status = await child.status;
-  return fail(`${checkout}: serve exited ${status.code} before it was ready:\n${(await stderr).trim()}`);
+  const { child, readyMs } = started;
+  const cpu = await cpuSeconds(child.pid);
+  const peak = await statusBytes(child.pid, "VmHWM");
+  child.kill("SIGKILL");
+  await child.status;
+  return { ready_s: readyMs / 1000, cpu_s: cpu, peak_rss_mb: peak / 2 ** 20 };
 }
 
 const starts = new Map<string, Start[]>(checkouts.map((c) => [c, []]));
