@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { loadCheckpoint } from "../src/model/checkpoint.ts";
+import { releaseDecoded } from "../src/model/safetensors.ts";
 import { InputError } from "../src/errors.ts";
 import { NAS_LIKE, TINY_NAS, writeRandomModel } from "./helpers.ts";
 
@@ -72,4 +73,12 @@ Deno.test("checkpoint: missing, corrupt and inconsistent checkpoints are InputEr
   await Deno.remove(join(dir3, "model-00001-of-00002.safetensors"));
   await rejects(loadCheckpoint(dir3), /no model.safetensors or model.safetensors.index.json/);
   for (const d of [dir, dir2, dir3]) await Deno.remove(d, { recursive: true });
+});
+
+Deno.test("checkpoint: its norms are its own, left whole when a build frees the tensors it decoded", async () => {
+  const ck = await loadCheckpoint(TINY_NAS);
+  // In the loading task, as a build that follows it at once would.
+  releaseDecoded();
+  assert.equal(ck.finalNorm.length, ck.config.hidden);
+  for (const l of ck.layers) if (l.ffn) assert.equal(l.ffn.norm.length, ck.config.hidden);
 });

@@ -14,6 +14,7 @@ import type { RemoteTokenizer } from "../src/serving/remote_tokenizer.ts";
 import { Scheduler } from "../src/serving/scheduler.ts";
 import { FLOAT_WEIGHTS } from "../src/onnx/format.ts";
 import { ROOT } from "./helpers.ts";
+import { PUBLISHED_CONFIGS } from "../src/model/published_configs.ts";
 
 const MODEL = `${ROOT}/models/tiny-nas`;
 
@@ -287,4 +288,41 @@ Deno.test("model host: the unfused reference beside a fused plan is built once, 
     "two references and the swap",
   );
   await host.close();
+});
+
+Deno.test("model host: a wide quantized model's first build quantizes on every core, a swap's on half", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify(PUBLISHED_CONFIGS["llama-3.2-1b"]));
+    const cores = navigator.hardwareConcurrency || 1;
+    for (
+      const [graph, first, swap] of [
+        [{ dtype: "fp32", quantize: "int8" }, cores, Math.max(1, Math.floor(cores / 2))],
+        [FLOAT_WEIGHTS, 1, 1],
+      ] as const
+    ) {
+      const threads: (number | undefined)[] = [];
+      const log: string[] = [];
+      const { builder, finish } = controlledBuilder(log);
+      const host = new ModelHost((spec) => (threads.push(spec.convertThreads), builder(spec)));
+      const loading = host.load(dir, UNFUSED, "cpu", { graph, maxContext: 256 }, fakeTokenizer);
+      await new Promise((r) => setTimeout(r, 50));
+      finish(UNFUSED);
+      await loading;
+      const removed: FusionPlan = {
+        version: 2,
+        attention: { remove: [4], linear: [] },
+        ffn_groups: [[3, 4]],
+        block_groups: [],
+      };
+      const swapping = host.swap(removed);
+      await new Promise((r) => setTimeout(r, 50));
+      finish(removed);
+      await swapping;
+      assert.deepEqual(threads, [first, swap], `${JSON.stringify(graph)}`);
+      await host.close();
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });

@@ -1,6 +1,8 @@
 import { z } from "zod";
 import { useThreads } from "../ort/threads.ts";
 import { DEFAULT_HEAL, type FusionPlan, loadPlanFile, UNFUSED } from "../fusion/plan.ts";
+import { quantizesWide } from "../onnx/quantize.ts";
+import { ConvertHelpers } from "../onnx/convert_pool.ts";
 import { buildInstance, loadAssets, type ModelAssets, type ModelInstance } from "../instance/build.ts";
 import type { FloatType } from "../onnx/format.ts";
 import type { Quantization } from "../onnx/format.ts";
@@ -72,5 +74,16 @@ export async function loadModel(
     flags.plan ? await loadPlanFile(flags.plan, assets.checkpoint.config) : UNFUSED,
     flags.heal,
   );
-  return { assets, instance: await buildInstance(assets, plan, device, graph) };
+  // A command has nothing else to run while it builds: every core quantizes.
+  const cores = navigator.hardwareConcurrency || 1;
+  const helpers = cores > 1 && quantizesWide(config, graph) ? await ConvertHelpers.start(cores) : null;
+  try {
+    const convert = helpers?.buffers;
+    return {
+      assets,
+      instance: await buildInstance(assets, plan, device, graph, undefined, undefined, { convert }),
+    };
+  } finally {
+    helpers?.close();
+  }
 }

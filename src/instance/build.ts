@@ -15,7 +15,9 @@ import {
 } from "../model/checkpoint.ts";
 import { attachFiles, releaseDecoded } from "../model/safetensors.ts";
 import { TextTokenizer } from "../model/tokenizer.ts";
-import { buildDecoderGraph, servedWeightBytes } from "../onnx/decoder.ts";
+import { buildDecoderGraph, type DecoderGraph, servedWeightBytes } from "../onnx/decoder.ts";
+import { convertInline, quantizesWide } from "../onnx/quantize.ts";
+import { ConvertPool, type HelperBuffers } from "../onnx/convert_pool.ts";
 import { FLOAT_WEIGHTS, formatName, type GraphOptions } from "../onnx/format.ts";
 import { DEFAULT_SPLIT_K, type SplitK } from "../onnx/split_k.ts";
 import { WeightCache } from "../onnx/weight_cache.ts";
@@ -208,6 +210,11 @@ export interface EngineOptions {
   splitK?: SplitK | false;
   /** Told the KV bytes the engine holds, after each change. */
   onKv?: (bytes: number) => void;
+  /**
+   * The buffers of helper threads that quantize the build's weights (onnx/convert_pool.ts), started
+   * by the caller, which ends them after the build. Without them the build converts in its own thread.
+   */
+  convert?: HelperBuffers[];
 }
 
 /** Sequences a WebGPU instance decodes at once when not told. */
@@ -237,18 +244,26 @@ export async function buildInstance(
   );
   const cfg = assets.checkpoint.config;
   const onWebgpu = device === "webgpu";
-  // Host caches are written in place: the MatMul form outputs only each step's own positions.
-  const graph = buildDecoderGraph(assets.checkpoint, blocks, options, weights, {
-    weightsAsInputs: onWebgpu,
-    attention: attentionFor(device, options.dtype),
-    // WebGPU samples on the GPU (gpu_sampler.ts); a host engine draws from the graph's softmax.
-    sampling: samplesInGraph(device, cfg.vocabSize),
-  });
-  // WebGPU's decode steps run a graph of their own over the same weight buffers.
-  const split = serving.splitK ?? DEFAULT_SPLIT_K;
-  const stepGraph = onWebgpu && split
-    ? buildDecoderGraph(assets.checkpoint, blocks, options, weights, { weightsAsInputs: true, step: split })
-    : graph;
+  if (serving.convert?.length && quantizesWide(cfg, options)) {
+    weights.convert = new ConvertPool(serving.convert).convert;
+  }
+  let graph: DecoderGraph, stepGraph: DecoderGraph;
+  try {
+    // Host caches are written in place: the MatMul form outputs only each step's own positions.
+    graph = buildDecoderGraph(assets.checkpoint, blocks, options, weights, {
+      weightsAsInputs: onWebgpu,
+      attention: attentionFor(device, options.dtype),
+      // WebGPU samples on the GPU (gpu_sampler.ts); a host engine draws from the graph's softmax.
+      sampling: samplesInGraph(device, cfg.vocabSize),
+    });
+    // WebGPU's decode steps run a graph of their own over the same weight buffers.
+    const split = serving.splitK ?? DEFAULT_SPLIT_K;
+    stepGraph = onWebgpu && split
+      ? buildDecoderGraph(assets.checkpoint, blocks, options, weights, { weightsAsInputs: true, step: split })
+      : graph;
+  } finally {
+    weights.convert = convertInline;
+  }
   // Nothing split (small or quantized linears): the prefill's graph serves the steps too.
   const step = stepGraph.nodeCount === graph.nodeCount ? graph : stepGraph;
   releaseDecoded();

@@ -12,6 +12,7 @@ import type { PromptLogprob } from "../sampling/logprobs.ts";
 import type { GrammarSpec } from "../sampling/grammar.ts";
 import type { Device } from "../ort/ort.ts";
 import type { WorkerError } from "../workers/worker_error.ts";
+import type { HelperBuffers } from "../onnx/convert_pool.ts";
 
 /** A static KV cache's shape (WebGPU): `count` sequences at once, `tokens` each. */
 export interface KvSlots {
@@ -44,11 +45,13 @@ export interface BuildSpec {
   threads?: number;
   /** Sequences decoding at once (EngineOptions.slots). */
   slots?: number;
+  /** Threads that quantize the build's weights (onnx/convert_pool.ts; 1 or absent: the build's own). */
+  convertThreads?: number;
 }
 
 export type InstanceRequest =
   /** The instance to build: all of its spec but its id, which the worker computes. */
-  | ({ type: "build" } & Omit<BuildSpec, "planId">)
+  | ({ type: "build"; convert?: HelperBuffers[] } & Omit<BuildSpec, "planId">)
   | { type: "generate"; id: number; promptIds: number[]; params: GenerateParams }
   | { type: "cancel"; id: number }
   /** Compile a grammar: answered `done` (compiled) or `failed`, under this id. */

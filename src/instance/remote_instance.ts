@@ -19,6 +19,7 @@ import type { Device } from "../ort/ort.ts";
 import type { PromptLogprob } from "../sampling/logprobs.ts";
 import type { GrammarSpec } from "../sampling/grammar.ts";
 import { fromWorkerError } from "../workers/worker_error.ts";
+import { ConvertHelpers } from "../onnx/convert_pool.ts";
 import { waitAtMost } from "../yield.ts";
 
 /** What a build converted and reused, and the converted weights it leaves for later builds. */
@@ -170,9 +171,17 @@ export class RemoteInstance implements PlanInstance, SequenceSink {
         };
       },
     );
+    // The helpers are this thread's: a terminated instance worker would leave workers of its own running.
+    const helpers = (spec.convertThreads ?? 1) > 1 ? ConvertHelpers.start(spec.convertThreads!) : null;
+    const endHelpers = () => helpers?.then((h) => h.close(), () => {});
     const { planId: _, ...build } = spec;
-    const request: InstanceRequest = { type: "build", ...build };
-    worker.postMessage(request);
+    (helpers ?? Promise.resolve(null)).then(
+      (h) => worker.postMessage({ type: "build", ...build, convert: h?.buffers } satisfies InstanceRequest),
+      // Without helpers the build converts in its own thread.
+      () => worker.postMessage({ type: "build", ...build } satisfies InstanceRequest),
+    );
+    // Built, failed or cancelled: the helpers' part is over either way.
+    ready.then(endHelpers, endHelpers);
     return {
       ready,
       get progress() {

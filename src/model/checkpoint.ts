@@ -120,8 +120,13 @@ class TensorSource {
     return file.tensor(name);
   }
 
+  /**
+   * A norm's gain, the checkpoint's own copy: a decoded tensor's data stays among the recent ones
+   * until the task ends, and a build's releaseDecoded frees those, which a later build would then
+   * find empty.
+   */
   vector(name: string, size: number): Float32Array {
-    return this.get(name, [size]).data;
+    return this.get(name, [size]).data.slice();
   }
 }
 

@@ -184,7 +184,7 @@ export class DecoderEmitter {
       // The layout is in the names: a cache kept across builds never hands one layout's bytes to another.
       const key = `${name}.q${bits}${block === BLOCK ? "" : `b${block}`}${zeroPoints ? "z" : ""}`;
       let packed: ReturnType<typeof quantize> | null = null;
-      const pack = () => (packed ??= quantize(w, layout));
+      const pack = () => (packed ??= quantize(w, layout, this.cache.convert));
       const b = this.cache.get(key, () => ({
         elem: "uint8",
         dims: [n, blocks, (block * bits) / 8],
@@ -261,7 +261,7 @@ export class DecoderEmitter {
     if (name === HEAD) this.rowBytes.logits = sumBytes;
     else this.rowBytes.position = Math.max(this.rowBytes.position, sumBytes);
     let cols: ReturnType<typeof quantizeColumns> | null = null;
-    const pack = () => (cols ??= quantizeColumns(w, q, block));
+    const pack = () => (cols ??= quantizeColumns(w, q, block, this.cache.convert));
     const key = `${name}.i8c${BITS[q]}`;
     const wq = this.cache.get(
       key,
@@ -301,7 +301,7 @@ export class DecoderEmitter {
       });
     }
     let rows: ReturnType<typeof quantizeRows> | null = null;
-    const pack = () => (rows ??= quantizeRows(table));
+    const pack = () => (rows ??= quantizeRows(table, this.cache.convert));
     const q = this.cache.get(
       "embed_tokens.i8r",
       () => ({ elem: "int8", dims: [...table.shape], data: pack().q }),

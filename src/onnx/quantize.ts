@@ -1,4 +1,5 @@
 import type { Block, FfnBlock } from "../model/blocks.ts";
+import type { ModelConfig } from "../model/config.ts";
 import type { Tensor } from "../model/tensor.ts";
 import { tensorRows } from "../model/safetensors.ts";
 import { embedsInt8, type GraphOptions, type Quantization } from "./format.ts";
@@ -147,46 +148,211 @@ const clampLevel = (q: number) => (q < 0 ? 0 : q > 15 ? 15 : q);
  * the implicit zero point 2^(bits-1). Asymmetric (int4 only): each block's scale and zero point from
  * asymmetricFit. int4 levels are packed two a byte, low nibble first.
  */
-export function quantize(w: Tensor, layout: NbitsLayout): PackedWeight {
+export function quantize(
+  w: Tensor,
+  layout: NbitsLayout,
+  convert: ConvertSlices = convertInline,
+): PackedWeight {
   const [n, k] = w.shape;
-  const { bits, block, zeroPoints } = layout;
+  const job: SliceJob = { kind: "nbits", layout };
+  const sizes = convertedSizes(job, k, n);
+  const out = {
+    bytes: new Uint8Array(sizes.bytes),
+    scales: new Float32Array(sizes.scales),
+    zeros: layout.zeroPoints ? new Uint8Array(sizes.zeros) : undefined,
+  };
+  convert(w, job, out);
+  return {
+    n,
+    k,
+    ...layout,
+    packed: out.bytes,
+    scales: out.scales,
+    ...(out.zeros ? { zeros: out.zeros } : {}),
+  };
+}
+
+/** Rows `data` ([rows, K], the slice's own) to MatMulNBits blocks in `out`, from its start. */
+function nbitsSlice(layout: NbitsLayout, k: number, data: Float32Array, out: Converted): void {
+  const { bits, block } = layout;
   const blocks = k / block;
   const qmax = bits === 4 ? 7 : 127;
   const implicit = 1 << (bits - 1);
   const top = (1 << bits) - 1;
   const blob = (block * bits) / 8;
-  const packed = new Uint8Array(n * blocks * blob);
-  const scales = new Float32Array(n * blocks);
-  const zeros = zeroPoints ? new Uint8Array(n * zeroPointBytes(blocks)) : undefined;
+  const { bytes: packed, scales } = out;
+  const zeros = layout.zeroPoints ? out.zeros! : null;
   const fit = new Float64Array(2);
-  // Block i of the [N, K / block] grid starts at i * block in the row-major weight: at i * block -
-  // from * k in the slice of rows that starts at row `from`.
-  eachRowSlice(w, (from, to, data) => {
-    for (let i = from * blocks; i < to * blocks; i++) {
-      const at = i * block - from * k;
-      let scale: number;
-      let zero = implicit;
-      if (zeros) {
-        asymmetricFit(data, at, block, fit);
-        [scale, zero] = [fit[0], fit[1]];
-        zeros[zeroPointByte(i, blocks)] |= zero << zeroPointShift(i, blocks);
-      } else {
-        scale = symmetricScale(data, at, block, qmax);
-      }
-      scales[i] = scale;
-      const out = i * blob;
-      const offset = zero + 0.5;
-      for (let j = 0; j < block; j++) {
-        // round(w / scale) + zero, clamped to the levels, then truncated: Math.round's and floor's
-        // result there, several times faster in V8.
-        const x = data[at + j] / scale + offset;
-        const level = x < 0 ? 0 : x >= top ? top : x | 0;
-        if (bits === 8) packed[out + j] = level;
-        else packed[out + (j >> 1)] |= j & 1 ? level << 4 : level;
-      }
+  for (let i = 0; i < data.length / block; i++) {
+    const at = i * block;
+    let scale: number;
+    let zero = implicit;
+    if (zeros) {
+      asymmetricFit(data, at, block, fit);
+      [scale, zero] = [fit[0], fit[1]];
+      zeros[zeroPointByte(i, blocks)] |= zero << zeroPointShift(i, blocks);
+    } else {
+      scale = symmetricScale(data, at, block, qmax);
     }
+    scales[i] = scale;
+    const o = i * blob;
+    const offset = zero + 0.5;
+    for (let j = 0; j < block; j++) {
+      // round(w / scale) + zero, clamped to the levels, then truncated: Math.round's and floor's
+      // result there, several times faster in V8.
+      const x = data[at + j] / scale + offset;
+      const level = x < 0 ? 0 : x >= top ? top : x | 0;
+      if (bits === 8) packed[o + j] = level;
+      else packed[o + (j >> 1)] |= j & 1 ? level << 4 : level;
+    }
+  }
+}
+
+/** fp32 values a slice of a weight holds (16 MB): the unit a conversion walks and a helper thread takes. */
+export const SLICE_ELEMS = 4 << 20;
+
+/**
+ * Whether the options quantize a weight of more than one slice, whose slices helper threads can share
+ * (onnx/convert_pool.ts): the head, or an FFN, of more than 4M weights.
+ */
+export function quantizesWide(cfg: ModelConfig, g: GraphOptions): boolean {
+  if (g.quantize === "none") return false;
+  const widths = cfg.layers.map((l) => (l.ffn.kind === "swiglu" ? l.ffn.intermediate : 0));
+  return Math.max(cfg.vocabSize, ...widths) * cfg.hidden > SLICE_ELEMS;
+}
+
+/** Rows of a [N, K] weight in a slice. */
+export const sliceRows = (k: number) => Math.max(1, Math.floor(SLICE_ELEMS / k));
+
+/**
+ * A conversion that goes a slice of rows at a time, each slice's output its rows' alone: MatMulNBits'
+ * blocks (`quantize`), the integer path's int8 columns (`quantizeColumns`), an int8 table's rows
+ * (`quantizeRows`).
+ */
+export type SliceJob =
+  | { kind: "nbits"; layout: NbitsLayout }
+  | { kind: "columns"; q: Exclude<Quantization, "none">; block: number }
+  | { kind: "rows" };
+
+/** What a conversion makes: its levels, its scales and (asymmetric int4) its zero points. */
+export interface Converted {
+  bytes: Uint8Array | Int8Array;
+  scales: Float32Array;
+  zeros?: Uint8Array;
+}
+
+/**
+ * Converts every slice of a [N, K] weight into `out` (sized by convertedSizes for N rows): here, a
+ * slice after another (convertInline), or on helper threads (onnx/convert_pool.ts).
+ */
+export type ConvertSlices = (t: Tensor, job: SliceJob, out: Converted) => void;
+
+/** Lengths of what `rows` rows of a [*, K] weight convert to. */
+export function convertedSizes(
+  job: SliceJob,
+  k: number,
+  rows: number,
+): { bytes: number; scales: number; zeros: number } {
+  switch (job.kind) {
+    case "nbits": {
+      const { bits, block, zeroPoints } = job.layout;
+      const blocks = k / block;
+      return {
+        bytes: (rows * blocks * block * bits) / 8,
+        scales: rows * blocks,
+        zeros: zeroPoints ? rows * zeroPointBytes(blocks) : 0,
+      };
+    }
+    case "columns":
+      return { bytes: rows * k, scales: (rows * k) / job.block, zeros: 0 };
+    case "rows":
+      return { bytes: rows * k, scales: rows, zeros: 0 };
+  }
+}
+
+/**
+ * Where a slice's output goes. The integer path's outputs are [K, N] (its weight transposed): the
+ * slice's rows are columns `column` onward of rows `stride` wide. Other outputs start at `out`'s start.
+ */
+export interface SliceTarget {
+  out: Converted;
+  column: number;
+  stride: number;
+}
+
+/**
+ * Converts one slice, rows `data` ([rows, K]), into `target`. An int4 weight on the integer path is
+ * first rounded to its MatMulNBits blocks and back, into `scratch` where given, else over `data`.
+ */
+export function convertSlice(
+  job: SliceJob,
+  k: number,
+  data: Float32Array,
+  target: SliceTarget,
+  scratch?: Float32Array,
+): void {
+  switch (job.kind) {
+    case "nbits":
+      return nbitsSlice(job.layout, k, data, target.out);
+    case "columns": {
+      const values = job.q === "int4" ? int4RoundTrip(data, scratch ?? data) : data;
+      return columnsSlice(job.block, k, values, target);
+    }
+    case "rows":
+      return rowsSlice(k, data, target.out);
+  }
+}
+
+/** The slice of rows [from, to) of a conversion's output laid out a row after another. */
+function rowsOf(job: SliceJob, k: number, from: number, to: number, out: Converted): Converted {
+  const at = convertedSizes(job, k, from);
+  const length = convertedSizes(job, k, to - from);
+  return {
+    bytes: out.bytes.subarray(at.bytes, at.bytes + length.bytes),
+    scales: out.scales.subarray(at.scales, at.scales + length.scales),
+    ...(out.zeros ? { zeros: out.zeros.subarray(at.zeros, at.zeros + length.zeros) } : {}),
+  };
+}
+
+/** A conversion's slices one after another, in this thread. */
+export const convertInline: ConvertSlices = (t, job, out) => {
+  const [n, k] = t.shape;
+  let scratch: Float32Array | undefined;
+  eachRowSlice(t, (from, to, data) => {
+    // The first slice is the largest. The slice may be a decoded tensor's own data: never overwritten.
+    if (job.kind === "columns" && job.q === "int4") scratch ??= new Float32Array(data.length);
+    const target = job.kind === "columns"
+      ? { out, column: from, stride: n }
+      : { out: rowsOf(job, k, from, to, out), column: 0, stride: to - from };
+    convertSlice(job, k, data, target, scratch?.subarray(0, data.length));
   });
-  return { n, k, ...layout, packed, scales, ...(zeros ? { zeros } : {}) };
+};
+
+/**
+ * Copies the output of rows [from, to) that a helper converted into `local` (a SliceTarget at column
+ * 0, `to - from` wide) to where convertInline would have written it in `out`.
+ */
+export function placeSlice(
+  job: SliceJob,
+  shape: readonly number[],
+  from: number,
+  to: number,
+  local: Converted,
+  out: Converted,
+): void {
+  const [n, k] = shape;
+  const rows = to - from;
+  if (job.kind === "columns") {
+    for (let i = 0; i < k; i++) out.bytes.set(local.bytes.subarray(i * rows, (i + 1) * rows), i * n + from);
+    for (let b = 0; b < k / job.block; b++) {
+      out.scales.set(local.scales.subarray(b * rows, (b + 1) * rows), b * n + from);
+    }
+    return;
+  }
+  const at = rowsOf(job, k, from, to, out);
+  at.bytes.set(local.bytes.subarray(0, at.bytes.length));
+  at.scales.set(local.scales.subarray(0, at.scales.length));
+  if (at.zeros) at.zeros.set(local.zeros!.subarray(0, at.zeros.length));
 }
 
 /** Bytes of int32 block sums a row of activations may produce on the integer path. */
@@ -217,27 +383,35 @@ export function quantizeColumns(
   w: Tensor,
   q: Exclude<Quantization, "none">,
   block: number,
+  convert: ConvertSlices = convertInline,
 ): { q: Int8Array; scales: Float32Array } {
   const [n, k] = w.shape;
-  const out = new Int8Array(n * k);
-  const scales = new Float32Array((k / block) * n);
-  eachIntegerSlice(w, q, (from, to, data) => {
-    for (let row0 = from; row0 < to; row0 += COLUMN_TILE) {
-      const rows = Math.min(COLUMN_TILE, to - row0);
-      const at = (row0 - from) * k;
-      for (let b = 0; b < k / block; b++) {
+  const out = { bytes: new Int8Array(n * k), scales: new Float32Array((k / block) * n) };
+  convert(w, { kind: "columns", q, block }, out);
+  return { q: out.bytes, scales: out.scales };
+}
+
+/** A slice's rows (values [rows, K]) to int8 columns of `target`, a tile of columns at a time. */
+function columnsSlice(block: number, k: number, values: Float32Array, target: SliceTarget): void {
+  const { column, stride } = target;
+  const out = target.out.bytes;
+  const scales = target.out.scales;
+  const count = values.length / k;
+  for (let row0 = 0; row0 < count; row0 += COLUMN_TILE) {
+    const rows = Math.min(COLUMN_TILE, count - row0);
+    const at = row0 * k;
+    const col = column + row0;
+    for (let b = 0; b < k / block; b++) {
+      for (let r = 0; r < rows; r++) {
+        scales[b * stride + col + r] = symmetricScale(values, at + r * k + b * block, block, 127);
+      }
+      for (let i = b * block; i < (b + 1) * block; i++) {
         for (let r = 0; r < rows; r++) {
-          scales[b * n + row0 + r] = symmetricScale(data, at + r * k + b * block, block, 127);
-        }
-        for (let i = b * block; i < (b + 1) * block; i++) {
-          for (let r = 0; r < rows; r++) {
-            out[i * n + row0 + r] = Math.floor(data[at + r * k + i] / scales[b * n + row0 + r] + 0.5);
-          }
+          out[i * stride + col + r] = Math.floor(values[at + r * k + i] / scales[b * stride + col + r] + 0.5);
         }
       }
     }
-  });
-  return { q: out, scales };
+  }
 }
 
 /**
@@ -247,8 +421,9 @@ export function quantizeColumns(
 export function roundTripColumns(w: Tensor, q: Exclude<Quantization, "none">, block: number): Tensor {
   const [n, k] = w.shape;
   const out = new Float32Array(n * k);
-  eachIntegerSlice(w, q, (from, _to, data) => {
+  eachRowSlice(w, (from, _to, slice) => {
     const offset = from * k;
+    const data = q === "int4" ? int4RoundTrip(slice, out.subarray(offset, offset + slice.length)) : slice;
     for (let at = 0; at < data.length; at += block) {
       const scale = symmetricScale(data, at, block, 127);
       for (let i = at; i < at + block; i++) out[offset + i] = Math.floor(data[i] / scale + 0.5) * scale;
@@ -258,30 +433,18 @@ export function roundTripColumns(w: Tensor, q: Exclude<Quantization, "none">, bl
 }
 
 /**
- * eachRowSlice over the values the integer path quantizes: an int4 weight's slice first rounded to its
- * MatMulNBits blocks (symmetric32(4)) and back, as `roundTrip` would the whole weight, into a copy (the
- * slice may be a decoded tensor's own data). A slice at a time, so a 128K-vocabulary head is never
- * held in fp32 whole (1 GB, and as long again to fault in on this kind of machine).
+ * Values rounded to int4 MatMulNBits blocks (symmetric32(4)) and back into `into` (which may be
+ * `data`), as `roundTrip` would the whole weight: what the integer path quantizes for an int4 model.
  */
-function eachIntegerSlice(
-  w: Tensor,
-  q: Exclude<Quantization, "none">,
-  f: (from: number, to: number, data: Float32Array) => void,
-): void {
-  if (q === "int8") return eachRowSlice(w, f);
-  let copy: Float32Array | null = null;
-  eachRowSlice(w, (from, to, data) => {
-    // The first slice is the largest.
-    const values = (copy ??= new Float32Array(data.length)).subarray(0, data.length);
-    for (let at = 0; at < data.length; at += BLOCK) {
-      const scale = symmetricScale(data, at, BLOCK, 7);
-      for (let i = at; i < at + BLOCK; i++) {
-        const level = Math.floor(data[i] / scale + 0.5);
-        values[i] = (level < -8 ? -8 : level > 7 ? 7 : level) * scale;
-      }
+function int4RoundTrip(data: Float32Array, into: Float32Array): Float32Array {
+  for (let at = 0; at < data.length; at += BLOCK) {
+    const scale = symmetricScale(data, at, BLOCK, 7);
+    for (let i = at; i < at + BLOCK; i++) {
+      const level = Math.floor(data[i] / scale + 0.5);
+      into[i] = (level < -8 ? -8 : level > 7 ? 7 : level) * scale;
     }
-    f(from, to, values);
-  });
+  }
+  return into;
 }
 
 /** The float weights `quantize(w, layout)` stands for: dequantize of it. */
@@ -354,19 +517,24 @@ function dequantizedBlocks(blocks: Block[], g: GraphOptions): Block[] {
 }
 
 /** An embedding table in int8, symmetric per row (one token's vector): an int8 embedding's Gather. */
-export function quantizeRows(t: Tensor): { q: Int8Array; scales: Float32Array } {
+export function quantizeRows(
+  t: Tensor,
+  convert: ConvertSlices = convertInline,
+): { q: Int8Array; scales: Float32Array } {
   const [rows, d] = t.shape;
-  const q = new Int8Array(rows * d);
-  const scales = new Float32Array(rows);
-  eachRowSlice(t, (from, to, data) => {
-    for (let r = from; r < to; r++) {
-      const at = (r - from) * d;
-      const scale = symmetricScale(data, at, d, 127);
-      scales[r] = scale;
-      for (let i = 0; i < d; i++) q[r * d + i] = Math.floor(data[at + i] / scale + 0.5);
-    }
-  });
-  return { q, scales };
+  const out = { bytes: new Int8Array(rows * d), scales: new Float32Array(rows) };
+  convert(t, { kind: "rows" }, out);
+  return { q: out.bytes, scales: out.scales };
+}
+
+/** A slice's rows (data [rows, d]) to int8, a scale a row, into `out` from its start. */
+function rowsSlice(d: number, data: Float32Array, out: Converted): void {
+  for (let r = 0; r < data.length / d; r++) {
+    const at = r * d;
+    const scale = symmetricScale(data, at, d, 127);
+    out.scales[r] = scale;
+    for (let i = at; i < at + d; i++) out.bytes[i] = Math.floor(data[i] / scale + 0.5);
+  }
 }
 
 /**
@@ -376,7 +544,7 @@ export function quantizeRows(t: Tensor): { q: Int8Array; scales: Float32Array } 
  */
 function eachRowSlice(t: Tensor, f: (from: number, to: number, data: Float32Array) => void): void {
   const [n, k] = t.shape;
-  const slice = Math.max(1, Math.floor((4 << 20) / k));
+  const slice = sliceRows(k);
   // Not touched where the weight is in memory already (tensorRows then returns its rows).
   const buffer = new Float32Array(Math.min(n, slice) * k);
   for (let from = 0; from < n; from += slice) {

@@ -1,4 +1,5 @@
 import { join } from "node:path";
+import { convertInline, type ConvertSlices } from "./quantize.ts";
 
 /** Element types a stored weight can have in the graph. */
 export type WeightElem = "float32" | "float16" | "uint8" | "int8";
@@ -46,6 +47,8 @@ export class WeightCache {
   readonly added: WeightEntries = new Map();
   /** Every name this build used, so the keeper knows which entries are still live. */
   readonly used = new Set<string>();
+  /** How quantization's slices run: here, or on a build's helper threads (onnx/convert_pool.ts). */
+  convert: ConvertSlices = convertInline;
   constructor(
     /** The weight format: entries of another format are never confused with these. */
     readonly format: string,

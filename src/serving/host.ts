@@ -4,6 +4,7 @@ import { type Checkpoint, loadConfig, modelName } from "../model/checkpoint.ts";
 import type { ModelConfig } from "../model/config.ts";
 import { FLOAT_WEIGHTS, type GraphOptions } from "../onnx/format.ts";
 import { checkModelFits, kvBudgetBytes, prefixCacheBytes } from "../ort/memory.ts";
+import { quantizesWide } from "../onnx/quantize.ts";
 import type { Device } from "../ort/ort.ts";
 import { WeightStore } from "../onnx/weight_cache.ts";
 import {
@@ -70,6 +71,15 @@ export interface HostOptions {
   threads?: number;
   /** Sequences decoding at once (`--max-active`; EngineOptions.slots). */
   slots?: number;
+}
+
+/**
+ * Threads a build quantizes on: every core before the server is ready; half of them once it serves,
+ * so that a swap's build leaves the streams of the live instance cores to decode on.
+ */
+function convertThreads(serving: boolean): number {
+  const cores = navigator.hardwareConcurrency || 1;
+  return serving ? Math.max(1, Math.floor(cores / 2)) : cores;
 }
 
 /**
@@ -179,6 +189,7 @@ export class ModelHost {
       prefixCacheBytes: this.prefixCacheBytes ?? undefined,
       threads: this.threads,
       slots: this.slots,
+      convertThreads: quantizesWide(this.config!, this.graph) ? convertThreads(this.active !== null) : 1,
     };
   }
 

@@ -56,6 +56,7 @@ async function build(req: Extract<InstanceRequest, { type: "build" }>): Promise<
       prefixCacheBytes: req.prefixCacheBytes,
       slots: req.slots,
       onKv: (bytes) => post({ type: "kv", bytes }),
+      convert: req.convert,
     },
   );
   // Serving must not wait for a batch size's first step to be recorded: all of them are, now.
