@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { encodeSafetensors, SafetensorsFile } from "../src/model/safetensors.ts";
+import { encodeSafetensors, rowSource, SafetensorsFile } from "../src/model/safetensors.ts";
 import { type Tensor, tensor } from "../src/model/tensor.ts";
 import { quantize, quantizeColumns, quantizeRows, sliceRows } from "../src/onnx/quantize.ts";
 import { ConvertHelpers, ConvertPool } from "../src/onnx/convert_pool.ts";
@@ -65,7 +65,7 @@ Deno.test("convert pool: every conversion on helper threads equals the one-threa
   }
 });
 
-Deno.test("convert pool: a file-backed f16 weight is decoded into the helpers' buffers", async () => {
+Deno.test("convert pool: helpers read a file-backed weight's rows themselves; a file gone fails naming it", async () => {
   const path = await Deno.makeTempFile({ suffix: ".safetensors" });
   const helpers = await ConvertHelpers.start(2);
   const pool = new ConvertPool(helpers.buffers);
@@ -74,12 +74,20 @@ Deno.test("convert pool: a file-backed f16 weight is decoded into the helpers' b
     await Deno.writeFile(path, encodeSafetensors({ w }, "F16"));
     const file = await SafetensorsFile.open(path);
     const layout = { bits: 4 as const, block: 128, zeroPoints: true };
-    const a = quantize(file.tensor("w"), layout), b = quantize(file.tensor("w"), layout, pool.convert);
+    const t = file.tensor("w");
+    assert.equal(rowSource(t)?.path, path, "the helpers are given the file, not the rows");
+    const a = quantize(t, layout), b = quantize(t, layout, pool.convert);
     same(b.packed, a.packed, "levels");
+    same(b.scales, a.scales, "scales");
     same(b.zeros!, a.zeros!, "zero points");
+    await Deno.remove(path);
+    assert.throws(
+      () => quantize(t, layout, pool.convert),
+      (e: Error) => e.message.includes(`cannot read ${path}`),
+    );
   } finally {
     helpers.close();
-    await Deno.remove(path);
+    await Deno.remove(path).catch(() => {});
   }
 });
 

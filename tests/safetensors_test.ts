@@ -3,6 +3,7 @@ import {
   attachFiles,
   encodeSafetensors,
   releaseDecoded,
+  rowSource,
   SafetensorsFile,
   tensorRows,
 } from "../src/model/safetensors.ts";
@@ -130,6 +131,7 @@ Deno.test("safetensors: rows of a file-backed tensor read alone equal those of i
     const file = await SafetensorsFile.open(path);
     const t = file.tensor("t");
     // Read before the whole tensor is ever decoded (its bytes alone), then from the decoded copy.
+    assert.equal(rowSource(t)?.path, path);
     const alone = [tensorRows(t, 0, 5), tensorRows(t, 5, 36), tensorRows(t, 36, 37)];
     // Into a caller's buffer, which the rows then are (a walk over a table reuses one).
     const into = new Float32Array(31 * width);
@@ -137,6 +139,8 @@ Deno.test("safetensors: rows of a file-backed tensor read alone equal those of i
     assert.ok(reused.every((r) => r.buffer === into.buffer) && reused[1].length === 31 * width);
     assert.deepEqual([...reused[1]], [...alone[1]]);
     const whole = t.data;
+    assert.equal(rowSource(t), null, "decoded, its rows are at hand");
+    assert.equal(rowSource(tensor([rows, width], data)), null);
     assert.deepEqual(alone.flatMap((a) => [...a]), [...whole]);
     assert.deepEqual([...tensorRows(t, 3, 9)], [...whole.subarray(3 * width, 9 * width)]);
     assert.deepEqual([...tensorRows(tensor([rows, width], data), 2, 4)], [

@@ -274,15 +274,29 @@ let scratch: Uint8Array | null = null;
  * once rather than once a slice. The rows may be the tensor's own data: callers do not write into them.
  */
 export function tensorRows(t: Tensor, from: number, to: number, into?: Float32Array): Float32Array {
+  const file = rowSource(t);
+  if (file) return fileRows(file, from, to, into);
   const width = t.shape.slice(1).reduce((a, b) => a * b, 1);
+  return t.data.subarray(from * width, to * width);
+}
+
+/**
+ * Where tensorRows reads a tensor's rows from: its file, or null where its data is at hand (a tensor
+ * in memory, or a file-backed one decoded already). Plain data: another thread can read the rows.
+ */
+export function rowSource(t: Tensor): FileRef | null {
   const file = (t as Partial<FileTensor>).file;
-  const decoded = file ? RECENT.get(t as FileTensor) : t.data;
-  if (decoded) return decoded.subarray(from * width, to * width);
-  const { entry } = file!;
+  return file && !RECENT.has(t as FileTensor) ? file : null;
+}
+
+/** Rows [from, to) of a file-backed tensor, read from its file (into `into`, if given). */
+export function fileRows(file: FileRef, from: number, to: number, into?: Float32Array): Float32Array {
+  const { entry } = file;
+  const width = entry.shape.slice(1).reduce((a, b) => a * b, 1);
   const size = DTYPE_SIZE[entry.dtype];
   const begin = entry.begin + from * width * size;
   const end = begin + (to - from) * width * size;
-  return readFile({ ...file!, entry: { ...entry, shape: [to - from, width], begin, end } }, into);
+  return readFile({ ...file, entry: { ...entry, shape: [to - from, width], begin, end } }, into);
 }
 
 function readFile({ path, base, entry }: FileRef, into?: Float32Array): Float32Array {

@@ -2,9 +2,11 @@
  * Weight conversion on every core. A build quantizes a 1B model's weights in one thread for most of a
  * start (native int4: 23 of 36 s), while the graph builder that asks for them is synchronous (its
  * weight cache's makers return bytes). So the pool keeps that shape: `convert` is synchronous too. The
- * calling thread reads and decodes each slice of rows (the checkpoint's files, bf16 to fp32) into a
- * helper's shared buffer and goes on to the next while helpers quantize, then copies each helper's
- * output into the weight's arrays; it blocks in Atomics.wait only when every helper is busy. Helpers
+ * calling thread hands each slice of rows to a free helper (where the checkpoint's file is, which the
+ * helper reads and decodes itself, or the rows, copied into the helper's shared buffer when they are in
+ * memory: a fused group's weights) and goes on to the next while helpers convert, then copies each
+ * helper's output into the weight's arrays; it blocks in Atomics.wait only when every helper is busy.
+ * Helpers
  * start before the build (`ConvertHelpers.start`, which is async) in the thread that owns the
  * building one, and end when the build does.
  *
@@ -12,7 +14,7 @@
  * its rows alone, and the same function (quantize.ts convertSlice) converts them.
  */
 import type { Tensor } from "../model/tensor.ts";
-import { tensorRows } from "../model/safetensors.ts";
+import { type FileRef, fileRows, rowSource, tensorRows } from "../model/safetensors.ts";
 import {
   type Converted,
   convertedSizes,
@@ -36,16 +38,24 @@ export interface HelperBuffers {
   scales: SharedArrayBuffer;
   zeros: SharedArrayBuffer;
   error: SharedArrayBuffer;
+  /** Where the rows are in a checkpoint's file, when the helper reads them (see writeSource). */
+  path: SharedArrayBuffer;
+  where: SharedArrayBuffer;
 }
 
-// Control words: state, the job's kind and its parameters, the error's length.
+// Control words: state, the job's kind and its parameters, the error's length, where its rows are
+// (1: in the file of `path` and `where`; 0: in the input buffer), the file's dtype, the path's length.
 const KIND = 1, K = 2, ROWS = 3, BITS = 4, BLOCK = 5, ZEROS = 6, ERROR_LENGTH = 7;
+const FROM_FILE = 8, DTYPE = 9, PATH_LENGTH = 10, CONTROL_WORDS = 11;
+const DTYPES: FileRef["entry"]["dtype"][] = ["F32", "F16", "BF16"];
+const PATH_BYTES = 4096;
 const KINDS: SliceJob["kind"][] = ["nbits", "columns", "rows"];
 const ERROR_BYTES = 1024;
 /** A helper's scales and zero points take a slice's elements over this (a scale a row, or a block, of 32 or more). */
 const MIN_K = 32;
 
 function writeJob(ctrl: Int32Array, job: SliceJob, k: number, rows: number): void {
+  ctrl[FROM_FILE] = 0;
   ctrl[KIND] = KINDS.indexOf(job.kind);
   ctrl[K] = k;
   ctrl[ROWS] = rows;
@@ -67,6 +77,34 @@ export function readJob(ctrl: Int32Array): { job: SliceJob; k: number; rows: num
     ? { kind, q: bits === 8 ? "int8" : "int4", block: ctrl[BLOCK] }
     : { kind: "rows" };
   return { job, k: ctrl[K], rows: ctrl[ROWS] };
+}
+
+/**
+ * Says that the job's rows are rows `from` onward of a checkpoint's file; false where its path is too
+ * long for the buffer (the rows are then copied in).
+ */
+function writeSource(b: HelperBuffers, ctrl: Int32Array, file: FileRef, from: number): boolean {
+  const path = new TextEncoder().encode(file.path);
+  if (path.length > PATH_BYTES) return false;
+  new Uint8Array(b.path).set(path);
+  ctrl[PATH_LENGTH] = path.length;
+  ctrl[DTYPE] = DTYPES.indexOf(file.entry.dtype);
+  // Byte offsets pass 2^31 in a large shard.
+  new Float64Array(b.where).set([file.base, file.entry.begin, from]);
+  ctrl[FROM_FILE] = 1;
+  return true;
+}
+
+/** The job's rows, read from its file into `into` or there already. */
+export function jobRows(b: HelperBuffers, ctrl: Int32Array, into: Float32Array): Float32Array {
+  const k = ctrl[K], rows = ctrl[ROWS];
+  if (ctrl[FROM_FILE] === 0) return into.subarray(0, rows * k);
+  const path = new TextDecoder().decode(new Uint8Array(b.path, 0, ctrl[PATH_LENGTH]).slice());
+  const [base, begin, from] = new Float64Array(b.where);
+  const dtype = DTYPES[ctrl[DTYPE]];
+  // The file's tensor seen as its first from + rows rows: fileRows takes the last `rows` of them.
+  const entry = { name: "", dtype, shape: [from + rows, k], begin, end: begin };
+  return fileRows({ path, base, entry }, from, from + rows, into);
 }
 
 export function writeError(b: HelperBuffers, message: string): void {
@@ -110,13 +148,15 @@ export class ConvertHelpers {
   static async start(threads: number): Promise<ConvertHelpers> {
     const signal = new SharedArrayBuffer(4);
     const buffers = Array.from({ length: threads }, (): HelperBuffers => ({
-      ctrl: new SharedArrayBuffer(8 * 4),
+      ctrl: new SharedArrayBuffer(CONTROL_WORDS * 4),
       signal,
       input: new SharedArrayBuffer(SLICE_ELEMS * 4),
       bytes: new SharedArrayBuffer(SLICE_ELEMS),
       scales: new SharedArrayBuffer((SLICE_ELEMS / MIN_K) * 4),
       zeros: new SharedArrayBuffer(SLICE_ELEMS / MIN_K),
       error: new SharedArrayBuffer(ERROR_BYTES),
+      path: new SharedArrayBuffer(PATH_BYTES),
+      where: new SharedArrayBuffer(3 * 8),
     }));
     const workers = buffers.map(() =>
       new Worker(new URL("../workers/convert_worker.ts", import.meta.url).href, { type: "module" })
@@ -182,14 +222,13 @@ export class ConvertPool {
     const rows = sliceRows(k);
     if (this.broken || n <= rows || !fits(job, k)) return convertInline(t, job, out);
     try {
+      const file = rowSource(t);
       for (let from = 0; from < n; from += rows) {
         const to = Math.min(n, from + rows);
         const h = this.idle(t, job, out);
-        const into = h.input.subarray(0, (to - from) * k);
-        const data = tensorRows(t, from, to, into);
-        // A weight held in memory gives its own rows: the helper gets a copy it may overwrite.
-        if (data.buffer !== into.buffer) into.set(data);
         writeJob(h.ctrl, job, k, to - from);
+        // A weight held in memory gives its own rows: the helper gets a copy it may overwrite.
+        if (!file || !writeSource(h.buffers, h.ctrl, file, from)) h.input.set(tensorRows(t, from, to));
         h.slice = { from, to };
         Atomics.store(h.ctrl, 0, State.Job);
         Atomics.notify(h.ctrl, 0);

@@ -6,7 +6,7 @@
  * could read no message.
  */
 import { convertedSizes, convertSlice } from "../onnx/quantize.ts";
-import { type HelperBuffers, readJob, State, writeError } from "../onnx/convert_pool.ts";
+import { type HelperBuffers, jobRows, readJob, State, writeError } from "../onnx/convert_pool.ts";
 
 self.onmessage = (e: MessageEvent<HelperBuffers>) => {
   self.onmessage = null;
@@ -34,8 +34,8 @@ self.onmessage = (e: MessageEvent<HelperBuffers>) => {
       const sizes = convertedSizes(job, k, rows);
       out.bytes.fill(0, 0, sizes.bytes);
       out.zeros.fill(0, 0, sizes.zeros);
-      // The input is this helper's own copy of the rows: an int4 round trip may overwrite it.
-      convertSlice(job, k, input.subarray(0, rows * k), { out, column: 0, stride: rows });
+      // The rows are this helper's own copy: an int4 round trip may overwrite them.
+      convertSlice(job, k, jobRows(b, ctrl, input), { out, column: 0, stride: rows });
     } catch (err) {
       writeError(b, (err as Error).message ?? String(err));
       done = State.Failed;
