@@ -16,7 +16,7 @@ import {
 import { attachFiles, releaseDecoded } from "../model/safetensors.ts";
 import { TextTokenizer } from "../model/tokenizer.ts";
 import { buildDecoderGraph, type DecoderGraph, servedWeightBytes } from "../onnx/decoder.ts";
-import { convertInline, quantizesWide } from "../onnx/quantize.ts";
+import { convertInline } from "../onnx/quantize.ts";
 import { ConvertPool, type HelperBuffers } from "../onnx/convert_pool.ts";
 import { FLOAT_WEIGHTS, formatName, type GraphOptions } from "../onnx/format.ts";
 import { DEFAULT_SPLIT_K, type SplitK } from "../onnx/split_k.ts";
@@ -244,9 +244,8 @@ export async function buildInstance(
   );
   const cfg = assets.checkpoint.config;
   const onWebgpu = device === "webgpu";
-  if (serving.convert?.length && quantizesWide(cfg, options)) {
-    weights.convert = new ConvertPool(serving.convert).convert;
-  }
+  // The pool converts a weight of one slice in this thread itself: the caller chose whether helpers pay.
+  if (serving.convert?.length) weights.convert = new ConvertPool(serving.convert).convert;
   let graph: DecoderGraph, stepGraph: DecoderGraph;
   try {
     // Host caches are written in place: the MatMul form outputs only each step's own positions.

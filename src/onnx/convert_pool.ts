@@ -79,20 +79,20 @@ export function readJob(ctrl: Int32Array): { job: SliceJob; k: number; rows: num
   return { job, k: ctrl[K], rows: ctrl[ROWS] };
 }
 
-/**
- * Says that the job's rows are rows `from` onward of a checkpoint's file; false where its path is too
- * long for the buffer (the rows are then copied in).
- */
-function writeSource(b: HelperBuffers, ctrl: Int32Array, file: FileRef, from: number): boolean {
-  const path = new TextEncoder().encode(file.path);
-  if (path.length > PATH_BYTES) return false;
+/** Says that the job's rows are rows `from` onward of a checkpoint's file, whose encoded path is `path`. */
+function writeSource(
+  b: HelperBuffers,
+  ctrl: Int32Array,
+  file: FileRef,
+  path: Uint8Array,
+  from: number,
+): void {
   new Uint8Array(b.path).set(path);
   ctrl[PATH_LENGTH] = path.length;
   ctrl[DTYPE] = DTYPES.indexOf(file.entry.dtype);
   // Byte offsets pass 2^31 in a large shard.
   new Float64Array(b.where).set([file.base, file.entry.begin, from]);
   ctrl[FROM_FILE] = 1;
-  return true;
 }
 
 /** The job's rows, read from its file into `into` or there already. */
@@ -222,13 +222,17 @@ export class ConvertPool {
     const rows = sliceRows(k);
     if (this.broken || n <= rows || !fits(job, k)) return convertInline(t, job, out);
     try {
+      // Helpers read a file-backed weight's rows themselves, unless its path is too long for their buffer.
       const file = rowSource(t);
+      const path = file && new TextEncoder().encode(file.path);
+      const fromFile = path !== null && path.length <= PATH_BYTES;
       for (let from = 0; from < n; from += rows) {
         const to = Math.min(n, from + rows);
         const h = this.idle(t, job, out);
         writeJob(h.ctrl, job, k, to - from);
+        if (fromFile) writeSource(h.buffers, h.ctrl, file!, path, from);
         // A weight held in memory gives its own rows: the helper gets a copy it may overwrite.
-        if (!file || !writeSource(h.buffers, h.ctrl, file, from)) h.input.set(tensorRows(t, from, to));
+        else h.input.set(tensorRows(t, from, to));
         h.slice = { from, to };
         Atomics.store(h.ctrl, 0, State.Job);
         Atomics.notify(h.ctrl, 0);
